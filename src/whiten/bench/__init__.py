@@ -1,0 +1,1 @@
+"""Benchmark harness for whiten optimizers: data sets, models and training protocol."""

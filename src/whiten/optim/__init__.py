@@ -1,0 +1,5 @@
+"""whiten's optimizers, one algorithm per file."""
+
+from .splus import SPlus
+
+__all__ = ["SPlus"]

@@ -1,0 +1,178 @@
+"""What every whiten optimizer shares: argument checks, the non-finite-gradient policy, stacking of same-shape
+tensors, state_dict hygiene and counters users can read."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from typing import Callable, Iterable
+
+import torch
+
+from ..roles import ROLES
+
+NONFINITE_POLICIES = ("skip", "raise")
+
+
+def check_range(name: str, value, low: float, high: float = math.inf, *, low_open: bool = False,
+                high_open: bool = False) -> None:
+    """Raise a ValueError naming ``name`` unless ``low <= value <= high`` (open ends where asked)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: expected a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}: expected a number, got {value!r}")
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if math.isnan(value) or below or above:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: {lo}{low}, {high}{hi})")
+
+
+def check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: an integer >= {low})")
+
+
+def check_role(value) -> None:
+    if value is not None and value not in ROLES:
+        raise ValueError(f"Invalid role: {value!r} (allowed: None or one of {', '.join(ROLES)})")
+
+
+def state_dtype(p: torch.Tensor) -> torch.dtype:
+    """Optimizer state is float32 whatever the parameter's dtype, float64 for float64 parameters."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def stack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """A (B, ...) stack of same-shape tensors and whether it is a copy that must be written back.
+
+    A single tensor becomes a view, so in-place work on the stack lands in the tensor itself at no copy cost.
+    """
+    if len(tensors) == 1:
+        return tensors[0].unsqueeze(0), False
+    return torch.stack(tensors), True
+
+
+def write_back(targets: list[torch.Tensor], stacked: torch.Tensor, copied: bool) -> None:
+    if copied:
+        torch._foreach_copy_(targets, list(stacked.unbind(0)))
+
+
+def bucket(items: Iterable, key: Callable) -> dict:
+    out: dict = defaultdict(list)
+    for item in items:
+        out[key(item)].append(item)
+    return out
+
+
+class WhitenOptimizer(torch.optim.Optimizer):
+    """Base class: a torch.optim.Optimizer with whiten's checks, counters and state handling.
+
+    Counters (``optimizer.counters``, saved in the state_dict): ``skipped_steps`` (steps skipped because a
+    gradient was not finite), ``eigh_retries`` (matrices whose eigendecomposition needed the float64 retry),
+    ``eigh_failures`` (matrices whose basis could not be refreshed and was kept).
+    """
+
+    def __init__(self, params, defaults: dict, nonfinite: str = "skip"):
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"Invalid nonfinite: {nonfinite!r} (allowed: {', '.join(map(repr, NONFINITE_POLICIES))})")
+        self.nonfinite = nonfinite
+        self.counters = {"skipped_steps": 0, "eigh_retries": 0, "eigh_failures": 0}
+        super().__init__(params, defaults)
+
+    # ----- construction -------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for i, p in enumerate(group["params"]):
+            where = f"parameter {i} of group {len(self.param_groups) - 1} (shape {tuple(p.shape)})"
+            if p.is_complex():
+                raise ValueError(f"{type(self).__name__} does not support complex parameters: {where}")
+            if p.is_sparse or p.layout != torch.strided:
+                raise ValueError(f"{type(self).__name__} does not support sparse parameters: {where}")
+            if not p.is_floating_point():
+                raise ValueError(f"{type(self).__name__} needs floating-point parameters: {where} is {p.dtype}")
+        try:
+            self.validate_group(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def validate_group(self, group: dict) -> None:  # overridden by each optimizer
+        pass
+
+    # ----- gradients ------------------------------------------------------------------------------------------
+    def params_with_grad(self) -> list[tuple[dict, list[torch.Tensor]]]:
+        """(group, its parameters that have a gradient), rejecting sparse gradients by name."""
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            params = []
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients: parameter {i} of group {gi} "
+                        f"(shape {tuple(p.shape)}); use nn.Embedding(sparse=False)"
+                    )
+                params.append(p)
+            out.append((group, params))
+        return out
+
+    def grads_are_finite(self, work: list[tuple[dict, list[torch.Tensor]]]) -> bool:
+        """Check every gradient before any state changes; apply the non-finite policy. True: go ahead."""
+        grads = [p.grad for _, params in work for p in params]
+        if not grads:
+            return True
+        # One fused max-abs reduction per dtype/device and a single host sync: reads each gradient once.
+        maxes = torch._foreach_norm(grads, float("inf"))
+        if bool(torch.stack([m.float() for m in maxes]).isfinite().all()):
+            return True
+        bad = [(gi, i, tuple(p.shape)) for gi, (group, params) in enumerate(work) for i, p in enumerate(params)
+               if not bool(torch.isfinite(p.grad).all())]
+        message = (f"{type(self).__name__}: non-finite gradient in {len(bad)} parameter(s) "
+                   f"(first: group {bad[0][0]}, shape {bad[0][2]})")
+        if self.nonfinite == "raise":
+            raise FloatingPointError(message)
+        self.counters["skipped_steps"] += 1
+        warnings.warn(message + "; step skipped, optimizer state untouched "
+                      f"({self.counters['skipped_steps']} skipped so far)", RuntimeWarning, stacklevel=3)
+        return False
+
+    # ----- pickling and checkpoints ----------------------------------------------------------------------------
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update(nonfinite=self.nonfinite, counters=dict(self.counters))
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("nonfinite", "skip")
+        self.__dict__.setdefault("counters", {"skipped_steps": 0, "eigh_retries": 0, "eigh_failures": 0})
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["whiten_counters"] = dict(self.counters)
+        return sd
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts floating-point state to the parameter's dtype; whiten keeps state in its own dtype (fp32
+        # factors for bf16 parameters), so restore each saved tensor with its saved dtype. Cloning also keeps this
+        # optimizer from sharing tensors with the dict it was loaded from.
+        id_to_param = {}
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            id_to_param.update(zip(saved["params"], group["params"]))
+        for pid, saved_state in state_dict["state"].items():
+            p = id_to_param.get(pid)
+            if p is None:
+                continue
+            self.state[p] = {
+                k: v.detach().to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
+                for k, v in saved_state.items()
+            }
+        self.counters.update(state_dict.get("whiten_counters", {}))

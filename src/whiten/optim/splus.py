@@ -1,0 +1,240 @@
+"""SPlus (Frans, Levine, Abbeel 2025): sign descent in a rarely refreshed Shampoo eigenbasis, with shape-aware
+scaling and iterate averaging."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..averaging import AveragingMixin
+from ..linalg import robust_eigh_basis, rotate, unrotate, update_factors, warn_eigh_failure
+from ..roles import NO_DECAY_ROLES, role_from_shape
+from ._base import WhitenOptimizer, bucket, check_int, check_range, check_role, stack, state_dtype, write_back
+
+__all__ = ["SPlus"]
+
+
+class _Layout(NamedTuple):
+    """How one parameter is treated, derived from its shape and its group (never stored)."""
+
+    matrix: tuple[int, int] | None  # the (m, n) view that is whitened, or None for plain sign descent
+    left: bool  # the m side has a factor and is rotated
+    right: bool  # the n side has a factor and is rotated
+    scale: float  # multiplies lr: 2/(m+n) for standard hidden matrices, nonstandard_constant otherwise
+    decay: bool  # weight decay applies
+
+
+def _layout(p: torch.Tensor, group: dict) -> _Layout:
+    role = group["role"] or role_from_shape(p)
+    matrix = None
+    if p.ndim == 2 and role != "vector":
+        matrix = (p.shape[0], p.shape[1])
+    elif p.ndim >= 3 and group["whiten_conv"] and role in ("conv", "hidden"):
+        matrix = (p.shape[0], p.numel() // p.shape[0])
+    left = matrix is not None and matrix[0] < group["max_dim"]
+    right = matrix is not None and matrix[1] < group["max_dim"]
+    if not (left or right):
+        matrix = None
+    standard = matrix is not None and left and right and role in ("hidden", "conv")
+    scale = 2.0 / (matrix[0] + matrix[1]) if standard else group["nonstandard_constant"]
+    return _Layout(matrix, left, right, scale, role not in NO_DECAY_ROLES)
+
+
+class SPlus(AveragingMixin, WhitenOptimizer):
+    r"""SPlus, as computed by the code behind the paper's results (kvfrans/splus, ``experiments/``).
+
+    For a matrix parameter :math:`\theta \in \mathbb{R}^{m \times n}` with gradient :math:`G`, at step :math:`t`:
+
+    .. math::
+        M &\leftarrow \beta_1 M + (1-\beta_1) G \\
+        L &\leftarrow \beta_2 L + (1-\beta_2) G G^\top, \quad R \leftarrow \beta_2 R + (1-\beta_2) G^\top G \\
+        U &= Q_L \,\mathrm{sign}(Q_L^\top M Q_R)\, Q_R^\top \\
+        \bar\theta &\leftarrow r\,\bar\theta + (1-r)\,\theta \qquad\text{(pre-update } \theta\text{)} \\
+        \theta &\leftarrow \theta - s\,(U + \lambda\,\theta), \qquad s = \eta \cdot 2/(m+n)
+
+    and after the update, at step 1 and every ``inverse_every`` steps, :math:`Q_L, Q_R` become the eigenvectors of
+    :math:`L + \epsilon I` and :math:`R + \epsilon I` (eigenvalues are discarded, so the update is bounded whatever
+    the basis: :math:`\|U\|_F \le \sqrt{mn}`). A side of size ``>= max_dim`` has no factor and is not rotated.
+    Parameters that are not hidden matrices (roles ``embedding``, ``head``, ``vector``, ``conv``; tensors that are
+    not 2-D; matrices with a side ``>= max_dim``) use :math:`s = \eta \cdot c` with ``c = nonstandard_constant``;
+    2-D embeddings and heads are still rotated. Non-matrix parameters take :math:`U = \mathrm{sign}(M)`. Weight
+    decay is off for the ``vector`` and ``embedding`` roles. ``eval()`` swaps in :math:`\bar\theta / (1-r^t)`,
+    ``train()`` swaps the live parameters back.
+
+    State per parameter (``optimizer.state[p]``), in float32 (float64 for float64 parameters):
+    ``step`` (int), ``momentum`` and ``ema`` (shape of p); for whitened matrices ``factor_left`` (m, m),
+    ``basis_left`` (m, m), ``factor_right`` (n, n), ``basis_right`` (n, n) for each side that has a factor.
+
+    Args:
+        params: parameters or param-group dicts; groups from :func:`whiten.param_groups` carry a ``role``. Without a
+            role, a parameter's role comes from its shape (2-D hidden, ≥3-D conv, else vector).
+        lr: learning rate η (default 0.2; the paper sweeps 0.01…10, about Adam's lr × width × 2).
+        betas: (β1, β2), momentum and factor EMA rates (default (0.9, 0.95), as run in the paper).
+        ema_rate: r, rate of the parameter average used by ``eval()`` (default 0.999).
+        weight_decay: λ, decoupled and scaled by the same s as the update (default 0.1).
+        inverse_every: refresh the eigenbasis every this many steps, and at step 1 (default 100).
+        eps: added to the factors' diagonal before the eigendecomposition (default 1e-30).
+        max_dim: sides of this size or more get no factor (default 10000).
+        nonstandard_constant: c, the scale of non-hidden parameters (default 1e-3).
+        whiten_conv: whiten ≥3-D ``conv`` weights as (out, in·k·k) matrices with the hidden scale instead of sign
+            descent at the non-standard scale (default False, as the paper).
+        nonfinite: ``"skip"`` (default: a step with a non-finite gradient changes nothing, is counted in
+            ``counters["skipped_steps"]`` and warns) or ``"raise"`` (FloatingPointError).
+        batched: process same-shape matrices in one batched call (default True). False does each matrix alone.
+
+    Reference: K. Frans, S. Levine, P. Abbeel, "A Stable Whitening Optimizer for Efficient Neural Network
+    Training", arXiv 2506.07254 (2025).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.95),
+        ema_rate: float = 0.999,
+        weight_decay: float = 0.1,
+        inverse_every: int = 100,
+        eps: float = 1e-30,
+        max_dim: int = 10000,
+        nonstandard_constant: float = 1e-3,
+        whiten_conv: bool = False,
+        nonfinite: str = "skip",
+        batched: bool = True,
+    ):
+        defaults = dict(lr=lr, betas=betas, ema_rate=ema_rate, weight_decay=weight_decay,
+                        inverse_every=inverse_every, eps=eps, max_dim=max_dim,
+                        nonstandard_constant=nonstandard_constant, whiten_conv=whiten_conv, role=None)
+        self.batched = bool(batched)
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def validate_group(self, group: dict) -> None:
+        check_range("lr", group["lr"], 0.0)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r} (allowed: a pair (beta1, beta2), each in [0, 1))")
+        check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+        check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        check_range("ema_rate", group["ema_rate"], 0.0, 1.0, high_open=True)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_int("inverse_every", group["inverse_every"], 1)
+        check_range("eps", group["eps"], 0.0)
+        check_int("max_dim", group["max_dim"], 1)
+        check_range("nonstandard_constant", group["nonstandard_constant"], 0.0)
+        if not isinstance(group["whiten_conv"], bool):
+            raise ValueError(f"Invalid whiten_conv: {group['whiten_conv']!r} (allowed: True or False)")
+        check_role(group["role"])
+
+    def _init_state(self, p: torch.Tensor, layout: _Layout) -> dict:
+        dtype = state_dtype(p)
+        state = {"step": 0,
+                 "momentum": torch.zeros(p.shape, dtype=dtype, device=p.device),
+                 "ema": torch.zeros(p.shape, dtype=dtype, device=p.device)}
+        for side, dim, present in (("left", 0, layout.left), ("right", 1, layout.right)):
+            if present:
+                d = layout.matrix[dim]
+                state[f"factor_{side}"] = torch.zeros(d, d, dtype=dtype, device=p.device)
+                state[f"basis_{side}"] = torch.eye(d, dtype=dtype, device=p.device)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        self._refuse_in_eval_mode("step")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self.params_with_grad()
+        if not self.grads_are_finite(work):
+            return loss
+        for group, params in work:
+            if params:
+                self._step_group(group, params)
+        return loss
+
+    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"])
+        layouts = [_layout(p, group) for p in params]
+        states = []
+        for p, layout in zip(params, layouts):
+            if not self.state[p]:
+                self.state[p] = self._init_state(p, layout)
+            state = self.state[p]
+            state["step"] += 1
+            states.append(state)
+
+        moms = [s["momentum"] for s in states]
+        grads = [p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype) for p, m in zip(params, moms)]
+        thetas = [p if p.dtype == m.dtype else p.to(m.dtype) for p, m in zip(params, moms)]
+        torch._foreach_lerp_(moms, grads, 1.0 - beta1)
+        # The average is of the pre-update parameters (the experiment code; the released torch file differs).
+        torch._foreach_lerp_([s["ema"] for s in states], thetas, 1.0 - group["ema_rate"])
+
+        updates: list[torch.Tensor | None] = [None] * len(params)
+        plain = [i for i, lay in enumerate(layouts) if lay.matrix is None]
+        if plain:
+            for i, u in zip(plain, torch._foreach_sign([moms[i] for i in plain])):
+                updates[i] = u
+        whitened = [i for i, lay in enumerate(layouts) if lay.matrix is not None]
+        key = (lambda i: (layouts[i].matrix, layouts[i].left, layouts[i].right, moms[i].dtype, moms[i].device)) \
+            if self.batched else (lambda i: i)
+        for idxs in bucket(whitened, key).values():
+            self._whiten_bucket(idxs, layouts[idxs[0]], params, states, grads, updates, beta2)
+
+        # theta <- theta - s*(U + wd*theta), written as theta*(1 - s*wd) - s*U so it is two fused passes.
+        keep = [1.0 - lr * lay.scale * group["weight_decay"] * lay.decay for lay in layouts]
+        torch._foreach_mul_(updates, [-lr * lay.scale for lay in layouts])
+        same = [i for i, p in enumerate(params) if p.dtype == moms[i].dtype]
+        if same:
+            ps = [params[i] for i in same]
+            torch._foreach_mul_(ps, [keep[i] for i in same])
+            torch._foreach_add_(ps, [updates[i] for i in same])
+        for i, p in enumerate(params):
+            if p.dtype != moms[i].dtype:  # low-precision parameter: update in the state dtype, round once
+                p.copy_(thetas[i].mul(keep[i]).add_(updates[i]))
+
+        due = [i for i in whitened
+               if states[i]["step"] == 1 or states[i]["step"] % group["inverse_every"] == 0]
+        if due:
+            self._refresh_bases([states[i] for i in due], group["eps"])
+
+    def _whiten_bucket(self, idxs, layout, params, states, grads, updates, beta2) -> None:
+        """Factor update and U = Q_L sign(Q_Lᵀ M Q_R) Q_Rᵀ for same-shape matrices, batched."""
+        m, n = layout.matrix
+        G, _ = stack([grads[i].reshape(m, n) for i in idxs])
+        M, _ = stack([states[i]["momentum"].view(m, n) for i in idxs])
+        sides = {}
+        for side, present in (("left", layout.left), ("right", layout.right)):
+            if present:
+                factors = [states[i][f"factor_{side}"] for i in idxs]
+                F, copied = stack(factors)
+                sides[side] = (factors, F, copied, stack([states[i][f"basis_{side}"] for i in idxs])[0])
+        left = sides.get("left", (None, None, None, None))
+        right = sides.get("right", (None, None, None, None))
+        update_factors(left[1], right[1], G, beta2)
+        for factors, F, copied, _ in sides.values():
+            write_back(factors, F, copied)
+        QL, QR = left[3], right[3]
+        U = unrotate(torch.sign(rotate(M, QL, QR)), QL, QR)
+        for j, i in enumerate(idxs):
+            updates[i] = U[j].view(params[i].shape)
+
+    def _refresh_bases(self, states: list[dict], eps: float) -> None:
+        """Eigenbases of the factors, one batched eigh per (size, dtype, device); keep the old basis on failure."""
+        pairs = [(s[f"factor_{side}"], s[f"basis_{side}"]) for s in states for side in ("left", "right")
+                 if f"factor_{side}" in s]
+        key = (lambda fb: (fb[0].shape, fb[0].dtype, fb[0].device)) if self.batched else id
+        for group_pairs in bucket(pairs, key).values():
+            A, _ = stack([f for f, _ in group_pairs])
+            result = robust_eigh_basis(A, eps)
+            self.counters["eigh_retries"] += result.retried
+            ok = result.ok.tolist()
+            for j, (_, basis) in enumerate(group_pairs):
+                if ok[j]:
+                    basis.copy_(result.vectors[j])
+            failed = ok.count(False)
+            if failed:
+                self.counters["eigh_failures"] += failed
+                warn_eigh_failure(type(self).__name__, failed)
