@@ -6,8 +6,9 @@ implementations, with the 6-matmul floor of the algorithm measured in the same r
 
 Every optimizer gets the same parameters and fixed random gradients. Runs are interleaved (round-robin over the
 optimizers, `--steps` steps each per round) and each step is timed alone; the table shows the median.
-`refresh ms` is the extra time of a step that refreshes the eigenbasis (every `inverse_every` = 100 steps), and
-`amortized` adds a hundredth of it to the median. The floor is the time of exactly the six matmuls SPlus needs per
+`refresh ms` is the extra time of a step that refreshes the eigenbasis (measured as the median step of a second
+instance that refreshes at every step, minus the median ordinary step); `amortized` adds a hundredth of it, since
+the basis is refreshed every `inverse_every` = 100 steps. The floor is the time of exactly the six matmuls SPlus needs per
 matrix (G Gᵀ, Gᵀ G and the four rotations, 6·(m²n + mn²) FLOPs) run back to back with torch.mm on the same shapes.
 """
 
@@ -34,7 +35,7 @@ def gpt_params(width: int, blocks: int, vocab: int, device, dtype) -> list[nn.Pa
     return [nn.Parameter(torch.randn(s, device=device, dtype=dtype) * 0.02) for s in shapes]
 
 
-def make_optimizers(names, params_for):
+def make_optimizers(names, params_for, every=100):
     """name -> (optimizer, params). Each optimizer owns a separate copy of the parameters."""
     out = {}
     for name in names:
@@ -42,11 +43,11 @@ def make_optimizers(names, params_for):
         if name == "adamw":
             opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, foreach=True)
         elif name == "whiten":
-            opt = whiten.SPlus(params, lr=0.1)
+            opt = whiten.SPlus(params, lr=0.1, inverse_every=every)
         elif name == "pytorch_optimizer":
             from pytorch_optimizer import SPlus as PoSPlus
 
-            opt = PoSPlus(params, lr=0.1, betas=(0.9, 0.95), weight_decay=0.1)
+            opt = PoSPlus(params, lr=0.1, betas=(0.9, 0.95), weight_decay=0.1, inverse_steps=every)
         else:
             raise ValueError(f"unknown optimizer {name!r}")
         out[name] = (opt, params)
@@ -135,9 +136,8 @@ def main(argv=None):
     n_params = sum(p.numel() for p in template)
     param_bytes = sum(p.numel() * p.element_size() for p in template)
 
-    # Warm-up: step 1 (which refreshes the basis) and a few more; then time a refresh step on its own.
-    refresh = {}
-    for name, (opt, _) in opts.items():
+    # Warm-up: step 1 (which refreshes the basis) and a few more.
+    for opt, _ in opts.values():
         for _ in range(3):
             opt.step()
     times = {name: [] for name in names}
@@ -145,14 +145,15 @@ def main(argv=None):
         for name, (opt, _) in opts.items():
             for _ in range(args.steps):
                 times[name].append(timed_step(opt, device))
-    for name, (opt, _) in opts.items():
-        if name == "adamw":
-            continue
-        # advance to the step before the next refresh (step counts sit in the state or in the group)
-        done = 3 + args.rounds * args.steps
-        for _ in range(100 - done % 100 - 1):
-            opt.step()
-        refresh[name] = timed_step(opt, device) - statistics.median(times[name])
+    # The refresh cost: the same optimizer refreshing at every step, minus the median ordinary step.
+    refreshing = make_optimizers([n for n in names if n != "adamw"], params_for, every=1)
+    refresh_times = {name: [] for name in refreshing}
+    for _ in range(max(3, args.rounds // 2)):
+        for name, (opt, _) in refreshing.items():
+            refresh_times[name].append(timed_step(opt, device))
+    del refreshing
+    refresh = {name: statistics.median(ts[1:] if len(ts) > 1 else ts) - statistics.median(times[name])
+               for name, ts in refresh_times.items()}
     floor_s, flops = matmul_floor(template, device, dtype, repeats=max(5, args.rounds))
 
     print(f"# step time: {args.blocks} blocks of width {args.width}"

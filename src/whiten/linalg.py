@@ -15,14 +15,14 @@ __all__ = ["EighResult", "robust_eigh_basis", "update_factors", "rotate", "unrot
 
 
 def update_factors(L: torch.Tensor | None, R: torch.Tensor | None, G: torch.Tensor, beta: float) -> None:
-    """In place: ``L = beta*L + (1-beta) G Gᵀ`` and ``R = beta*R + (1-beta) Gᵀ G`` for a stack G of shape (B, m, n).
+    """In place: ``L = beta*L + (1-beta) G Gᵀ`` and ``R = beta*R + (1-beta) Gᵀ G`` for one (m, n) matrix G.
 
     A side given as None has no factor and is skipped.
     """
     if L is not None:
-        L.baddbmm_(G, G.mT, beta=beta, alpha=1.0 - beta)
+        L.addmm_(G, G.T, beta=beta, alpha=1.0 - beta)
     if R is not None:
-        R.baddbmm_(G.mT, G, beta=beta, alpha=1.0 - beta)
+        R.addmm_(G.T, G, beta=beta, alpha=1.0 - beta)
 
 
 def rotate(X: torch.Tensor, QL: torch.Tensor | None, QR: torch.Tensor | None) -> torch.Tensor:
@@ -58,10 +58,13 @@ class EighResult:
 
 def _eigh_vectors(A: torch.Tensor) -> torch.Tensor | None:
     try:
-        _, vectors = torch.linalg.eigh(A)
+        if A.ndim == 3 and A.device.type == "cpu":
+            # LAPACK has no batched solver: torch loops anyway, and its batched path measured ~20% slower here
+            # than calling eigh matrix by matrix (16 x 256², 2 cores).
+            return torch.stack([torch.linalg.eigh(a).eigenvectors for a in A])
+        return torch.linalg.eigh(A).eigenvectors
     except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
         return None
-    return vectors
 
 
 def robust_eigh_basis(A: torch.Tensor, eps: float) -> EighResult:

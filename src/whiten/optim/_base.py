@@ -57,11 +57,6 @@ def stack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
     return torch.stack(tensors), True
 
 
-def write_back(targets: list[torch.Tensor], stacked: torch.Tensor, copied: bool) -> None:
-    if copied:
-        torch._foreach_copy_(targets, list(stacked.unbind(0)))
-
-
 def bucket(items: Iterable, key: Callable) -> dict:
     out: dict = defaultdict(list)
     for item in items:
@@ -82,6 +77,7 @@ class WhitenOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid nonfinite: {nonfinite!r} (allowed: {', '.join(map(repr, NONFINITE_POLICIES))})")
         self.nonfinite = nonfinite
         self.counters = {"skipped_steps": 0, "eigh_retries": 0, "eigh_failures": 0}
+        self._stacks: dict = {}
         super().__init__(params, defaults)
 
     # ----- construction -------------------------------------------------------------------------------------
@@ -104,6 +100,31 @@ class WhitenOptimizer(torch.optim.Optimizer):
 
     def validate_group(self, group: dict) -> None:  # overridden by each optimizer
         pass
+
+    # ----- stacked state ------------------------------------------------------------------------------------
+    def stacked_state(self, key, params: list[torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> dict:
+        """``{name: (B, *shape) tensor}`` whose slices ARE ``self.state[p][name]`` for ``params`` (in order).
+
+        The first call for a set of parameters copies their state tensors into one stack per name and makes every
+        state entry a view of it, so later steps run batched kernels on the stack in place with no copies. When the
+        members change or a state entry was replaced (``load_state_dict``), the stack is rebuilt the same way.
+        State stays per parameter for checkpoints: the views serialize as ordinary tensors.
+        """
+        entry = self._stacks.get(key)
+        if entry is not None:
+            members, stacks, views = entry
+            if len(members) == len(params) and all(a is b for a, b in zip(members, params)) and all(
+                    self.state[p][name] is views[name][j] for name in shapes for j, p in enumerate(params)):
+                return stacks
+        stacks, views = {}, {}
+        for name, shape in shapes.items():
+            originals = [self.state[p][name] for p in params]
+            stacks[name] = torch.stack([t.reshape(shape) for t in originals])
+            views[name] = [stacks[name][j].view(t.shape) for j, t in enumerate(originals)]
+            for p, v in zip(params, views[name]):
+                self.state[p][name] = v
+        self._stacks[key] = (list(params), stacks, views)
+        return stacks
 
     # ----- gradients ------------------------------------------------------------------------------------------
     def params_with_grad(self) -> list[tuple[dict, list[torch.Tensor]]]:
@@ -128,9 +149,14 @@ class WhitenOptimizer(torch.optim.Optimizer):
         grads = [p.grad for _, params in work for p in params]
         if not grads:
             return True
-        # One fused max-abs reduction per dtype/device and a single host sync: reads each gradient once.
-        maxes = torch._foreach_norm(grads, float("inf"))
-        if bool(torch.stack([m.float() for m in maxes]).isfinite().all()):
+        # Fast path, one read of each gradient and one host sync per device: a finite sum means every element is
+        # finite (NaN and ±inf all propagate into the sum). Only a non-finite sum, which overflow of huge finite
+        # values can also cause, pays for the exact elementwise check.
+        by_device = bucket(grads, lambda g: g.device)
+        if all(bool(torch.stack([g.sum(dtype=torch.float32) for g in gs]).isfinite().all())
+               for gs in by_device.values()):
+            return True
+        if all(bool(torch.isfinite(g).all()) for g in grads):
             return True
         bad = [(gi, i, tuple(p.shape)) for gi, (group, params) in enumerate(work) for i, p in enumerate(params)
                if not bool(torch.isfinite(p.grad).all())]
@@ -153,6 +179,7 @@ class WhitenOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("nonfinite", "skip")
         self.__dict__.setdefault("counters", {"skipped_steps": 0, "eigh_retries": 0, "eigh_failures": 0})
+        self._stacks = {}  # rebuilt on the next step
 
     def state_dict(self):
         sd = super().state_dict()
@@ -161,6 +188,7 @@ class WhitenOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
+        self._stacks = {}
         # torch casts floating-point state to the parameter's dtype; whiten keeps state in its own dtype (fp32
         # factors for bf16 parameters), so restore each saved tensor with its saved dtype. Cloning also keeps this
         # optimizer from sharing tensors with the dict it was loaded from.

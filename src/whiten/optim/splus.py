@@ -10,7 +10,7 @@ import torch
 from ..averaging import AveragingMixin
 from ..linalg import robust_eigh_basis, rotate, unrotate, update_factors, warn_eigh_failure
 from ..roles import NO_DECAY_ROLES, role_from_shape
-from ._base import WhitenOptimizer, bucket, check_int, check_range, check_role, stack, state_dtype, write_back
+from ._base import WhitenOptimizer, bucket, check_int, check_range, check_role, stack, state_dtype
 
 __all__ = ["SPlus"]
 
@@ -148,12 +148,12 @@ class SPlus(AveragingMixin, WhitenOptimizer):
         work = self.params_with_grad()
         if not self.grads_are_finite(work):
             return loss
-        for group, params in work:
+        for gi, (group, params) in enumerate(work):
             if params:
-                self._step_group(group, params)
+                self._step_group(gi, group, params)
         return loss
 
-    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
+    def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
         layouts = [_layout(p, group) for p in params]
@@ -178,10 +178,10 @@ class SPlus(AveragingMixin, WhitenOptimizer):
             for i, u in zip(plain, torch._foreach_sign([moms[i] for i in plain])):
                 updates[i] = u
         whitened = [i for i, lay in enumerate(layouts) if lay.matrix is not None]
-        key = (lambda i: (layouts[i].matrix, layouts[i].left, layouts[i].right, moms[i].dtype, moms[i].device)) \
-            if self.batched else (lambda i: i)
-        for idxs in bucket(whitened, key).values():
-            self._whiten_bucket(idxs, layouts[idxs[0]], params, states, grads, updates, beta2)
+        key = (lambda i: (gi, layouts[i].matrix, layouts[i].left, layouts[i].right, moms[i].dtype,
+                          moms[i].device)) if self.batched else (lambda i: ("single", gi, id(params[i])))
+        for bucket_key, idxs in bucket(whitened, key).items():
+            self._whiten_bucket(bucket_key, idxs, layouts[idxs[0]], params, grads, updates, beta2)
 
         # theta <- theta - s*(U + wd*theta), written as theta*(1 - s*wd) - s*U so it is two fused passes.
         keep = [1.0 - lr * lay.scale * group["weight_decay"] * lay.decay for lay in layouts]
@@ -200,24 +200,22 @@ class SPlus(AveragingMixin, WhitenOptimizer):
         if due:
             self._refresh_bases([states[i] for i in due], group["eps"])
 
-    def _whiten_bucket(self, idxs, layout, params, states, grads, updates, beta2) -> None:
-        """Factor update and U = Q_L sign(Q_Lᵀ M Q_R) Q_Rᵀ for same-shape matrices, batched."""
+    def _whiten_bucket(self, key, idxs, layout, params, grads, updates, beta2) -> None:
+        """Factor update and U = Q_L sign(Q_Lᵀ M Q_R) Q_Rᵀ for same-shape matrices, batched, state in place."""
         m, n = layout.matrix
-        G, _ = stack([grads[i].reshape(m, n) for i in idxs])
-        M, _ = stack([states[i]["momentum"].view(m, n) for i in idxs])
-        sides = {}
-        for side, present in (("left", layout.left), ("right", layout.right)):
+        shapes = {"momentum": (m, n)}
+        for side, d, present in (("left", m, layout.left), ("right", n, layout.right)):
             if present:
-                factors = [states[i][f"factor_{side}"] for i in idxs]
-                F, copied = stack(factors)
-                sides[side] = (factors, F, copied, stack([states[i][f"basis_{side}"] for i in idxs])[0])
-        left = sides.get("left", (None, None, None, None))
-        right = sides.get("right", (None, None, None, None))
-        update_factors(left[1], right[1], G, beta2)
-        for factors, F, copied, _ in sides.values():
-            write_back(factors, F, copied)
-        QL, QR = left[3], right[3]
-        U = unrotate(torch.sign(rotate(M, QL, QR)), QL, QR)
+                shapes[f"factor_{side}"] = shapes[f"basis_{side}"] = (d, d)
+        members = [params[i] for i in idxs]
+        S = self.stacked_state(key, members, shapes)
+        # Factor updates go matrix by matrix into the stacked factors: stacking the gradients would cost a copy
+        # of every gradient for no gain (the matmuls dominate), while the rotations run on stacks already in place.
+        for j, i in enumerate(idxs):
+            update_factors(S["factor_left"][j] if "factor_left" in S else None,
+                           S["factor_right"][j] if "factor_right" in S else None, grads[i].reshape(m, n), beta2)
+        QL, QR = S.get("basis_left"), S.get("basis_right")
+        U = unrotate(rotate(S["momentum"], QL, QR).sign_(), QL, QR)
         for j, i in enumerate(idxs):
             updates[i] = U[j].view(params[i].shape)
 

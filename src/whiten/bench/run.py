@@ -1,0 +1,212 @@
+"""One training run: a task, an optimizer at one learning rate, one seed, one starting point.
+
+Results are data: ``config.json`` (the resolved config, versions, git revision), ``evals.jsonl`` (one record per
+evaluation, written as it happens) and ``done.json`` (the summary, written last: a run without it is unfinished).
+The clock counts data, forward, backward and optimizer step (refreshes included); evaluation and compile warm-up
+do not count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .registry import build_optimizer, get_spec
+from .tasks import Task, eval_steps, lr_factor
+
+DIVERGENCE_MARGIN = 1.0  # nats above the starting validation loss
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    task: str
+    profile: str
+    optimizer: str
+    lr: float
+    seed: int
+    steps: int
+    start: str = "init"  # "init" or "adamw@N": AdamW's weights after N steps, fresh optimizer state
+    warmup: int = -1  # -1: 5% of steps
+    schedule: str = "constant"
+    evals: int = 20
+    compile: bool = False
+
+    def warmup_steps(self) -> int:
+        return max(1, int(0.05 * self.steps)) if self.warmup < 0 else self.warmup
+
+    def run_name(self) -> str:
+        return f"lr{self.lr:.3g}-seed{self.seed}"
+
+    def run_dir(self, root: Path) -> Path:
+        opt = self.optimizer.replace(":", "-")
+        return Path(root) / self.task / self.profile / self.start.replace("@", "") / opt / self.run_name()
+
+
+def parse_start(start: str) -> int:
+    """Steps of AdamW pre-training for a starting point: "init" -> 0, "adamw@N" -> N."""
+    if start == "init":
+        return 0
+    if start.startswith("adamw@") and start[6:].isdigit() and int(start[6:]) > 0:
+        return int(start[6:])
+    raise ValueError(f"invalid start {start!r}: use 'init' or 'adamw@N' with N > 0")
+
+
+def environment() -> dict:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    import whiten
+
+    env = {"whiten": whiten.__version__, "torch": torch.__version__, "python": platform.python_version(),
+           "machine": platform.machine(), "threads": torch.get_num_threads(), "git": rev,
+           "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    try:
+        from importlib.metadata import version
+
+        env["pytorch_optimizer"] = version("pytorch-optimizer")
+    except Exception:  # not installed
+        pass
+    return env
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def start_checkpoint(task: Task, seed: int, steps: int, root: Path) -> Path:
+    """AdamW's weights after ``steps`` steps at its default lr (cached under ``root/checkpoints``)."""
+    path = Path(root) / "checkpoints" / f"{task.name}-{task.profile_name}-seed{seed}-adamw{steps}.pt"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = get_spec("adamw")
+    model = task.build_model(seed)
+    opt = build_optimizer(spec, model, spec.default_lr, task.width)
+    base = [g["lr"] for g in opt.param_groups]
+    warmup = max(1, int(0.05 * steps))
+    for step in range(steps):
+        for g, lr in zip(opt.param_groups, base):
+            g["lr"] = lr * lr_factor(step, steps, warmup, "constant")
+        loss = task.loss(model, task.train_batch(seed, step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _evaluate(task, model, opt, averages: bool) -> dict:
+    model.eval()
+    if averages:
+        opt.eval()
+    try:
+        return task.evaluate(model)
+    finally:
+        if averages:
+            opt.train()
+        model.train()
+
+
+def run(cfg: RunConfig, task: Task, root: Path, progress=None) -> dict:
+    """Train and evaluate; returns the summary (also written to ``done.json``). Skips a finished run."""
+    out = cfg.run_dir(root)
+    if (out / "done.json").exists():
+        return json.loads((out / "done.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    spec = get_spec(cfg.optimizer)
+    offset = parse_start(cfg.start)
+    _write_json(out / "config.json", {"run": asdict(cfg), "task_config": task.describe(),
+                                      "optimizer_options": spec.options, "optimizer_source": spec.source,
+                                      "environment": environment()})
+
+    model = task.build_model(cfg.seed)
+    if offset:
+        model.load_state_dict(torch.load(start_checkpoint(task, cfg.seed, offset, root), map_location=task.device))
+    opt = build_optimizer(spec, model, cfg.lr, task.width)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    train_model = torch.compile(model) if cfg.compile else model
+    if cfg.compile:  # compile on a throwaway forward/backward (no step: the weights do not change)
+        task.loss(train_model, task.train_batch(cfg.seed, offset)).backward()
+        opt.zero_grad(set_to_none=True)
+
+    checkpoints = set(eval_steps(cfg.steps, cfg.evals))
+    records, clock, data_seconds, diverged = [], 0.0, 0.0, False
+    first = None
+    with open(out / "evals.jsonl", "w") as log:
+        for step in range(cfg.steps + 1):
+            if step in checkpoints:
+                metrics = _evaluate(task, model, opt, spec.averages)
+                rec = {"step": step, "seconds": clock, **metrics}
+                records.append(rec)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                first = metrics["val_loss"] if first is None else first
+                loss = metrics["val_loss"]
+                if not math.isfinite(loss) or loss > first + DIVERGENCE_MARGIN:
+                    diverged = True
+                    break
+            if step == cfg.steps:
+                break
+            _sync(task.device)
+            t0 = time.perf_counter()
+            batch = task.train_batch(cfg.seed, offset + step)
+            t1 = time.perf_counter()
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * lr_factor(step, cfg.steps, cfg.warmup_steps(), cfg.schedule)
+            loss = task.loss(train_model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            _sync(task.device)
+            clock += time.perf_counter() - t0
+            data_seconds += t1 - t0
+            if not math.isfinite(loss.item()):
+                diverged = True
+                rec = {"step": step + 1, "seconds": clock, "val_loss": float("nan"), "train_loss": float("nan")}
+                records.append(rec)
+                log.write(json.dumps(rec) + "\n")
+                break
+            if progress is not None:
+                progress(1)
+
+    summary = {"config": asdict(cfg), "diverged": diverged,
+               "final_val_loss": records[-1]["val_loss"] if not diverged else float("inf"),
+               "train_seconds": clock, "seconds_per_step": clock / max(1, records[-1]["step"]),
+               "data_seconds": data_seconds, "records": records}
+    for k, v in records[-1].items():
+        if k.startswith("val_") and k != "val_loss":
+            summary[f"final_{k}"] = v
+    _write_json(out / "done.json", summary)
+    if cfg.task == "dit":
+        torch.save({k: v.detach().cpu() for k, v in _averaged_state(model, opt, spec.averages).items()},
+                   out / "model.pt")
+    return summary
+
+
+def _averaged_state(model, opt, averages: bool) -> dict:
+    if not averages:
+        return model.state_dict()
+    opt.eval()
+    try:
+        return {k: v.clone() for k, v in model.state_dict().items()}
+    finally:
+        opt.train()

