@@ -45,54 +45,63 @@ def unrotate(X: torch.Tensor, QL: torch.Tensor | None, QR: torch.Tensor | None) 
 
 @dataclass
 class EighResult:
-    """Eigenvectors of a stack of symmetric matrices and what it took to get them.
+    """Eigenvectors of a list of symmetric matrices and what it took to get them.
 
-    ``ok[i]`` is False where no basis could be computed for matrix i; ``vectors[i]`` is then meaningless and the
-    caller keeps its previous basis. ``retried`` counts matrices that needed the float64 retry.
+    ``ok[i]`` is False where no basis could be computed for matrix i; ``vectors[i]`` is then None and the caller
+    keeps its previous basis. ``retried`` counts matrices that needed the float64 retry.
     """
 
-    vectors: torch.Tensor
-    ok: torch.Tensor
+    vectors: list
+    ok: list[bool]
     retried: int
 
 
-def _eigh_vectors(A: torch.Tensor) -> torch.Tensor | None:
+def _all_finite(tensors: list[torch.Tensor]) -> list[bool]:
+    # A finite sum means finite entries, at one reduction per matrix and one host sync; only a non-finite sum
+    # (which overflow can also cause) pays for the exact elementwise check.
+    sums = torch.stack([t.sum() for t in tensors]).isfinite().tolist()
+    return [s or bool(torch.isfinite(t).all()) for s, t in zip(sums, tensors)]
+
+
+def _eigh_vectors(A: torch.Tensor, eps: float) -> torch.Tensor | None:
     try:
-        if A.ndim == 3 and A.device.type == "cpu":
-            # LAPACK has no batched solver: torch loops anyway, and its batched path measured ~20% slower here
-            # than calling eigh matrix by matrix (16 x 256², 2 cores).
-            return torch.stack([torch.linalg.eigh(a).eigenvectors for a in A])
-        return torch.linalg.eigh(A).eigenvectors
+        shifted = A + eps * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        return torch.linalg.eigh(shifted).eigenvectors
     except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
         return None
 
 
-def robust_eigh_basis(A: torch.Tensor, eps: float) -> EighResult:
-    """Eigenvectors of ``A + eps·I`` for a stack A of symmetric (B, d, d) matrices, in A's dtype.
+def robust_eigh_basis(mats: list[torch.Tensor], eps: float) -> EighResult:
+    """Eigenvectors of ``A + eps·I`` for each symmetric matrix A in ``mats`` (same size, dtype and device).
 
-    The fallback ladder: one batched eigh in A's dtype; matrices whose result is missing or non-finite are retried
-    one by one in float64 (the solver converges on nearly every matrix there); a matrix that still fails, or whose
-    input is non-finite, is reported in ``ok`` so the caller keeps its previous basis.
+    The fallback ladder: eigh in A's dtype (one batched call on accelerators; matrix by matrix on the CPU, where
+    LAPACK has no batched solver and torch's batched path measured ~20% slower); matrices whose result is missing or
+    non-finite are retried in float64; a matrix that still fails, or whose input is not finite, is reported in
+    ``ok`` so the caller keeps its previous basis.
     """
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    shifted = A + eps * eye
-    finite_input = torch.isfinite(shifted).flatten(1).all(dim=1)
-
-    vectors = _eigh_vectors(shifted) if bool(finite_input.all()) else None
-    if vectors is not None:
-        ok = torch.isfinite(vectors).flatten(1).all(dim=1)
+    n = len(mats)
+    finite_in = _all_finite(mats)
+    vectors: list = [None] * n
+    if n > 1 and mats[0].device.type != "cpu" and all(finite_in):
+        batched = _eigh_vectors(torch.stack(mats), eps)
+        if batched is not None:
+            vectors = list(batched.unbind(0))
     else:
-        vectors = torch.empty_like(shifted)
-        ok = torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
-
+        vectors = [_eigh_vectors(a, eps) if fin else None for a, fin in zip(mats, finite_in)]
+    present = [i for i, v in enumerate(vectors) if v is not None]
+    ok = [False] * n
+    for i, fin in zip(present, _all_finite([vectors[i] for i in present]) if present else []):
+        ok[i] = fin
     retried = 0
-    if not bool(ok.all()):
-        for i in torch.nonzero(~ok & finite_input).flatten().tolist():
-            retried += 1
-            v = _eigh_vectors(shifted[i].to(torch.float64))
-            if v is not None and bool(torch.isfinite(v).all()):
-                vectors[i] = v.to(A.dtype)
-                ok[i] = True
+    for i in range(n):
+        if ok[i] or not finite_in[i]:
+            continue
+        retried += 1
+        v = _eigh_vectors(mats[i].to(torch.float64), eps)
+        if v is not None and bool(torch.isfinite(v).all()):
+            vectors[i], ok[i] = v.to(mats[i].dtype), True
+        else:
+            vectors[i] = None
     return EighResult(vectors=vectors, ok=ok, retried=retried)
 
 

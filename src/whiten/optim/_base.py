@@ -47,16 +47,6 @@ def state_dtype(p: torch.Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
-def stack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
-    """A (B, ...) stack of same-shape tensors and whether it is a copy that must be written back.
-
-    A single tensor becomes a view, so in-place work on the stack lands in the tensor itself at no copy cost.
-    """
-    if len(tensors) == 1:
-        return tensors[0].unsqueeze(0), False
-    return torch.stack(tensors), True
-
-
 def bucket(items: Iterable, key: Callable) -> dict:
     out: dict = defaultdict(list)
     for item in items:

@@ -10,7 +10,7 @@ import torch
 from ..averaging import AveragingMixin
 from ..linalg import robust_eigh_basis, rotate, unrotate, update_factors, warn_eigh_failure
 from ..roles import NO_DECAY_ROLES, role_from_shape
-from ._base import WhitenOptimizer, bucket, check_int, check_range, check_role, stack, state_dtype
+from ._base import WhitenOptimizer, bucket, check_int, check_range, check_role, state_dtype
 
 __all__ = ["SPlus"]
 
@@ -225,14 +225,12 @@ class SPlus(AveragingMixin, WhitenOptimizer):
                  if f"factor_{side}" in s]
         key = (lambda fb: (fb[0].shape, fb[0].dtype, fb[0].device)) if self.batched else id
         for group_pairs in bucket(pairs, key).values():
-            A, _ = stack([f for f, _ in group_pairs])
-            result = robust_eigh_basis(A, eps)
+            result = robust_eigh_basis([f for f, _ in group_pairs], eps)
             self.counters["eigh_retries"] += result.retried
-            ok = result.ok.tolist()
-            for j, (_, basis) in enumerate(group_pairs):
-                if ok[j]:
-                    basis.copy_(result.vectors[j])
-            failed = ok.count(False)
+            for (_, basis), ok, vectors in zip(group_pairs, result.ok, result.vectors):
+                if ok:
+                    basis.copy_(vectors)
+            failed = result.ok.count(False)
             if failed:
                 self.counters["eigh_failures"] += failed
                 warn_eigh_failure(type(self).__name__, failed)

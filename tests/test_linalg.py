@@ -1,0 +1,73 @@
+"""Kernels: factor updates, rotations, and the eigendecomposition fallback ladder."""
+
+import pytest
+import torch
+
+from whiten import linalg
+
+
+def test_update_factors_and_rotations_match_definitions():
+    torch.manual_seed(0)
+    G = torch.randn(5, 3, dtype=torch.float64)
+    L, R = torch.eye(5, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
+    linalg.update_factors(L, R, G, 0.9)
+    torch.testing.assert_close(L, 0.9 * torch.eye(5, dtype=torch.float64) + 0.1 * G @ G.T)
+    torch.testing.assert_close(R, 0.9 * torch.eye(3, dtype=torch.float64) + 0.1 * G.T @ G)
+    QL = torch.linalg.qr(torch.randn(2, 5, 5, dtype=torch.float64)).Q
+    QR = torch.linalg.qr(torch.randn(2, 3, 3, dtype=torch.float64)).Q
+    X = torch.randn(2, 5, 3, dtype=torch.float64)
+    Y = linalg.rotate(X, QL, QR)
+    torch.testing.assert_close(Y[1], QL[1].T @ X[1] @ QR[1])
+    torch.testing.assert_close(linalg.unrotate(Y, QL, QR), X)
+    torch.testing.assert_close(linalg.rotate(X, None, QR), X @ QR)
+
+
+def test_eigh_basis_diagonalizes():
+    torch.manual_seed(0)
+    mats = [(lambda g: g @ g.T)(torch.randn(6, 9)) for _ in range(3)]
+    result = linalg.robust_eigh_basis(mats, 1e-30)
+    assert result.ok == [True, True, True] and result.retried == 0
+    for A, Q in zip(mats, result.vectors):
+        D = Q.T @ A @ Q
+        assert (D - torch.diag(torch.diagonal(D))).abs().max() < 1e-4 * A.abs().max()
+
+
+def test_nonfinite_input_is_reported_not_retried():
+    good = torch.eye(4)
+    bad = torch.eye(4)
+    bad[1, 2] = float("nan")
+    result = linalg.robust_eigh_basis([good, bad, torch.zeros(4, 4)], 1e-30)
+    assert result.ok == [True, False, True] and result.vectors[1] is None and result.retried == 0
+
+
+def test_failure_in_float32_is_retried_in_float64(monkeypatch):
+    real = torch.linalg.eigh
+
+    def flaky(A, *args, **kwargs):
+        if A.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("did not converge (simulated)")
+        return real(A, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    mats = [torch.diag(torch.tensor([3.0, 1.0, 2.0])), torch.eye(3)]
+    result = linalg.robust_eigh_basis(mats, 1e-30)
+    assert result.ok == [True, True] and result.retried == 2
+    assert result.vectors[0].dtype == torch.float32
+
+
+def test_failure_everywhere_keeps_previous_basis_in_splus(monkeypatch):
+    import whiten
+
+    w = torch.nn.Parameter(torch.zeros(4, 4))
+    opt = whiten.SPlus([w], inverse_every=1)
+
+    def broken(A, *args, **kwargs):
+        raise torch.linalg.LinAlgError("did not converge (simulated)")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    w.grad = torch.randn(4, 4)
+    with pytest.warns(RuntimeWarning, match="keeping the previous eigenbasis"):
+        opt.step()
+    assert torch.equal(opt.state[w]["basis_left"], torch.eye(4))
+    assert opt.counters == {"skipped_steps": 0, "eigh_retries": 2, "eigh_failures": 2}
+    assert torch.isfinite(w).all()
