@@ -71,3 +71,20 @@ def test_failure_everywhere_keeps_previous_basis_in_splus(monkeypatch):
     assert torch.equal(opt.state[w]["basis_left"], torch.eye(4))
     assert opt.counters == {"skipped_steps": 0, "eigh_retries": 2, "eigh_failures": 2}
     assert torch.isfinite(w).all()
+
+
+@pytest.mark.parametrize("m, n", [(700, 40), (40, 1100), (520, 520)])
+def test_large_factor_updates_use_the_symmetric_split_and_match(m, n):
+    assert max(m, n) >= linalg.SYMMETRIC_SPLIT_MIN
+    torch.manual_seed(0)
+    G = torch.randn(m, n, dtype=torch.float64)
+    sym = lambda a: (a @ a.T + (a @ a.T).T) / 2  # exactly symmetric, as the optimizer's factors are
+    L0, R0 = sym(torch.randn(m, 3, dtype=torch.float64)), sym(torch.randn(n, 3, dtype=torch.float64))
+    L, R = L0.clone(), R0.clone()
+    linalg.update_factors(L, R, G, 0.95)
+    torch.testing.assert_close(L, 0.95 * L0 + 0.05 * G @ G.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(R, 0.95 * R0 + 0.05 * G.T @ G, rtol=1e-12, atol=1e-12)
+    for F in (L, R):  # the split mirrors the upper off-diagonal block into the lower one
+        h = F.shape[0] // 2
+        if F.shape[0] >= linalg.SYMMETRIC_SPLIT_MIN:
+            assert torch.equal(F[h:, :h], F[:h, h:].T)
