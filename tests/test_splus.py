@@ -385,6 +385,8 @@ def test_bad_group_option_via_add_param_group():
     opt = whiten.SPlus([nn.Parameter(torch.zeros(2))])
     with pytest.raises(ValueError, match="Invalid lr"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "lr": -3})
+    with pytest.raises(ValueError, match="complex"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, dtype=torch.complex64))]})
     assert len(opt.param_groups) == 1
 
 

@@ -1,5 +1,5 @@
-"""What every whiten optimizer shares: argument checks, the non-finite-gradient policy, stacking of same-shape
-tensors, state_dict hygiene and counters users can read."""
+"""What every whiten optimizer shares: argument checks, the non-finite-gradient policy, same-shape state kept in
+stacks, state_dict hygiene and counters users can read."""
 
 from __future__ import annotations
 
@@ -54,6 +54,10 @@ def bucket(items: Iterable, key: Callable) -> dict:
     return out
 
 
+def _new_counters() -> dict:
+    return {"skipped_steps": 0, "eigh_retries": 0, "eigh_failures": 0}
+
+
 class WhitenOptimizer(torch.optim.Optimizer):
     """Base class: a torch.optim.Optimizer with whiten's checks, counters and state handling.
 
@@ -66,27 +70,30 @@ class WhitenOptimizer(torch.optim.Optimizer):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r} (allowed: {', '.join(map(repr, NONFINITE_POLICIES))})")
         self.nonfinite = nonfinite
-        self.counters = {"skipped_steps": 0, "eigh_retries": 0, "eigh_failures": 0}
+        self.counters = _new_counters()
         self._stacks: dict = {}
         super().__init__(params, defaults)
 
     # ----- construction -------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        try:
+            self._check_group(len(self.param_groups) - 1)
+        except ValueError:
+            self.param_groups.pop()  # leave the optimizer as it was before the call
+            raise
+
+    def _check_group(self, index: int) -> None:
+        group = self.param_groups[index]
         for i, p in enumerate(group["params"]):
-            where = f"parameter {i} of group {len(self.param_groups) - 1} (shape {tuple(p.shape)})"
+            where = f"parameter {i} of group {index} (shape {tuple(p.shape)})"
             if p.is_complex():
                 raise ValueError(f"{type(self).__name__} does not support complex parameters: {where}")
             if p.is_sparse or p.layout != torch.strided:
                 raise ValueError(f"{type(self).__name__} does not support sparse parameters: {where}")
             if not p.is_floating_point():
                 raise ValueError(f"{type(self).__name__} needs floating-point parameters: {where} is {p.dtype}")
-        try:
-            self.validate_group(group)
-        except ValueError:
-            self.param_groups.pop()
-            raise
+        self.validate_group(group)
 
     def validate_group(self, group: dict) -> None:  # overridden by each optimizer
         pass
@@ -168,7 +175,7 @@ class WhitenOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("nonfinite", "skip")
-        self.__dict__.setdefault("counters", {"skipped_steps": 0, "eigh_retries": 0, "eigh_failures": 0})
+        self.__dict__.setdefault("counters", _new_counters())
         self._stacks = {}  # rebuilt on the next step
 
     def state_dict(self):
