@@ -35,6 +35,9 @@ def gpt_params(width: int, blocks: int, vocab: int, device, dtype) -> list[nn.Pa
     return [nn.Parameter(torch.randn(s, device=device, dtype=dtype) * 0.02) for s in shapes]
 
 
+OFFICIAL = None
+
+
 def make_optimizers(names, params_for, every=100):
     """name -> (optimizer, params). Each optimizer owns a separate copy of the parameters."""
     out = {}
@@ -48,6 +51,10 @@ def make_optimizers(names, params_for, every=100):
             from pytorch_optimizer import SPlus as PoSPlus
 
             opt = PoSPlus(params, lr=0.1, betas=(0.9, 0.95), weight_decay=0.1, inverse_steps=every)
+        elif name == "official":
+            # kvfrans/splus torch/splus.py, loaded from --official PATH (not shipped with whiten). Its defaults
+            # differ (b2 0.999, wd 1e-2): set to the paper's values so the work per step is the same.
+            opt = OFFICIAL(params, lr=0.1, b1=0.9, b2=0.95, weight_decay=0.1, inverse_every=every)
         else:
             raise ValueError(f"unknown optimizer {name!r}")
         out[name] = (opt, params)
@@ -117,7 +124,19 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    ap.add_argument("--official", default=None,
+                    help="path to the official torch/splus.py of kvfrans/splus: adds it as optimizer 'official'")
     args = ap.parse_args(argv)
+    if args.official:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("official_splus", args.official)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        global OFFICIAL
+        OFFICIAL = module.SPlus
+        if "official" not in args.optimizers:
+            args.optimizers += ",official"
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -121,7 +121,10 @@ def _run_plan(args) -> int:
         status = "diverged" if summary["diverged"] else f"final val loss {summary['final_val_loss']:.4f}"
         line = f"{cfg.optimizer:24s} lr {cfg.lr:<8.3g} seed {cfg.seed} {cfg.start:10s} {status}  " \
                f"({summary['seconds_per_step'] * 1e3:.0f} ms/step)"
-        (bar.write if bar is not None else print)(line)
+        if bar is not None and not bar.disable:
+            bar.write(line)
+        else:
+            print(line, flush=True)
     if bar is not None:
         bar.close()
     path = write_report(args.out, plots=not args.no_plots)
