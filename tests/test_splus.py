@@ -397,6 +397,11 @@ def test_complex_and_integer_parameters_rejected():
         whiten.SPlus([torch.zeros(2, dtype=torch.int64)])
 
 
+def test_sparse_parameter_rejected():
+    with pytest.raises(ValueError, match="sparse parameters"):
+        whiten.SPlus([torch.eye(3).to_sparse().requires_grad_()])
+
+
 def test_sparse_gradient_rejected():
     emb = nn.Embedding(10, 4, sparse=True)
     opt = whiten.SPlus(emb.parameters())
