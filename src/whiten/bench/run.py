@@ -141,7 +141,7 @@ def run(cfg: RunConfig, task: Task, root: Path, progress=None) -> dict:
     model = task.build_model(cfg.seed)
     if offset:
         model.load_state_dict(torch.load(start_checkpoint(task, cfg.seed, offset, root), map_location=task.device))
-    opt = build_optimizer(spec, model, cfg.lr, task.width)
+    opt = build_optimizer(spec, model, cfg.lr, task.width, cfg.steps)
     base_lrs = [g["lr"] for g in opt.param_groups]
     train_model = torch.compile(model) if cfg.compile else model
     if cfg.compile:  # compile on a throwaway forward/backward (no step: the weights do not change)
