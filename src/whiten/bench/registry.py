@@ -128,8 +128,9 @@ REGISTRY: dict[str, OptimizerSpec] = {
         source="torch.optim.Muon (hidden) + torch.optim.AdamW (rest)"),
     "pytorch_optimizer:SPlus": OptimizerSpec(
         "pytorch_optimizer:SPlus", _pytorch_optimizer("SPlus"), default_lr=0.464, lr_grid=lr_grid(-4, 1),
-        options=dict(betas=(0.9, 0.95), weight_decay=0.1, nonstandard_constant="1/width"), averages=True,
-        source="pytorch_optimizer.SPlus"),
+        # Same settings as whiten's splus-scaled-ema, so the two implementations are compared like for like.
+        options=dict(betas=(0.9, 0.95), weight_decay=0.1, nonstandard_constant="1/width", ema_rate="1-10/steps"),
+        averages=True, source="pytorch_optimizer.SPlus, ema_rate = 1 - 10/steps"),
     "pytorch_optimizer:SOAP": OptimizerSpec(
         "pytorch_optimizer:SOAP", _pytorch_optimizer("SOAP"), default_lr=4.64e-3, lr_grid=lr_grid(-10, -5),
         options=dict(betas=(0.95, 0.95), weight_decay=0.01), source="pytorch_optimizer.SOAP"),
