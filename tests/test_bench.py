@@ -67,7 +67,7 @@ def test_registry():
     assert registry.get_spec("splus").averages
     assert registry._resolve({"a": "1/width", "b": "1-10/steps", "c": 3}, width=128, steps=500) == \
         {"a": 1 / 128, "b": 1 - 10 / 500, "c": 3}
-    opt = registry.build_optimizer(registry.get_spec("splus-scaled-ema"), make_task("lm", "tiny").build_model(0),
+    opt = registry.build_optimizer(registry.get_spec("splus"), make_task("lm", "tiny").build_model(0),
                                    0.1, width=32, steps=500)
     assert opt.param_groups[0]["ema_rate"] == pytest.approx(0.98)
     assert opt.param_groups[0]["nonstandard_constant"] == pytest.approx(1 / 32)
