@@ -125,10 +125,6 @@ REGISTRY: dict[str, OptimizerSpec] = {
         "splus-ema0.999", _splus, default_lr=0.1, lr_grid=lr_grid(-4, 1),
         options=dict(nonstandard_constant="1/width"), averages=True,
         source="whiten.SPlus, nonstandard_constant = 1/width, ema_rate 0.999 (the paper's value at any budget)"),
-    "splus-scaled-ema": OptimizerSpec(  # TEMPORARY alias while the committed sweep finishes
-        "splus-scaled-ema", _splus, default_lr=0.464, lr_grid=lr_grid(-4, 1),
-        options=dict(nonstandard_constant="1/width", ema_rate="1-10/steps"), averages=True,
-        source="whiten.SPlus, ema_rate = 1 - 10/steps"),
     "muon": OptimizerSpec(
         "muon", _muon, default_lr=0.0215, lr_grid=lr_grid(-7, -2),
         options=dict(momentum=0.95, weight_decay=0.1, adam_lr_ratio=0.15, adam_betas=(0.9, 0.95)),

@@ -154,7 +154,9 @@ def run(cfg: RunConfig, task: Task, root: Path, progress=None) -> dict:
     with open(out / "evals.jsonl", "w") as log:
         for step in range(cfg.steps + 1):
             if step in checkpoints:
-                metrics = _evaluate(task, model, opt, spec.averages)
+                # Before the first step the average is the parameters themselves; some optimizers (the official
+                # SPlus file, pytorch-optimizer's SPlus) cannot eval() before they have state.
+                metrics = _evaluate(task, model, opt, spec.averages and step > 0)
                 rec = {"step": step, "seconds": clock, **metrics}
                 records.append(rec)
                 log.write(json.dumps(rec) + "\n")
