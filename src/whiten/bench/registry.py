@@ -35,13 +35,13 @@ class OptimizerSpec:
 
 def _resolve(options: dict, width: int, steps: int) -> dict:
     """Options may depend on the model or the budget: ``"<k>/width"`` becomes k/width of the model being trained,
-    ``"1-<k>/steps"`` becomes 1 - k/steps for a run of that many steps."""
+    ``"1-<k>/steps"`` becomes max(0, 1 - k/steps) for a run of that many steps."""
     out = {}
     for k, v in options.items():
         if isinstance(v, str) and v.endswith("/width"):
             v = float(v[: -len("/width")]) / width
         elif isinstance(v, str) and v.startswith("1-") and v.endswith("/steps"):
-            v = 1.0 - float(v[2: -len("/steps")]) / steps
+            v = max(0.0, 1.0 - float(v[2: -len("/steps")]) / steps)  # runs this short do not average
         out[k] = v
     return out
 
