@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["EighResult", "robust_eigh_basis", "update_factors", "rotate", "unrotate"]
+__all__ = ["EighResult", "finite_flags", "robust_eigh_basis", "update_factors", "rotate", "unrotate"]
 
 
 # Below this size a factor update is one matmul; above it, the symmetric product is split (see _syrk_update).
@@ -79,11 +79,22 @@ class EighResult:
     retried: int
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> list[bool]:
-    # A finite sum means finite entries, at one reduction per matrix and one host sync; only a non-finite sum
-    # (which overflow can also cause) pays for the exact elementwise check.
-    sums = torch.stack([t.sum() for t in tensors]).isfinite().tolist()
-    return [s or bool(torch.isfinite(t).all()) for s, t in zip(sums, tensors)]
+def finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
+    """Whether each tensor is entirely finite, at one reduction per tensor and one host sync per device.
+
+    A finite sum means finite entries (NaN and ±inf propagate into it); only a non-finite sum, which overflow of huge
+    finite values can also cause, pays for the exact elementwise check. Low-precision tensors are summed in float32.
+    """
+    sums: list = [None] * len(tensors)
+    by_device: dict = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for idxs in by_device.values():
+        reduced = torch.stack([tensors[i].sum(dtype=torch.promote_types(tensors[i].dtype, torch.float32))
+                               for i in idxs])
+        for i, ok in zip(idxs, reduced.isfinite().tolist()):
+            sums[i] = ok
+    return [ok or bool(torch.isfinite(t).all()) for ok, t in zip(sums, tensors)]
 
 
 def _eigh_vectors(A: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -103,7 +114,7 @@ def robust_eigh_basis(mats: list[torch.Tensor], eps: float) -> EighResult:
     ``ok`` so the caller keeps its previous basis.
     """
     n = len(mats)
-    finite_in = _all_finite(mats)
+    finite_in = finite_flags(mats)
     vectors: list = [None] * n
     if n > 1 and mats[0].device.type != "cpu" and all(finite_in):
         batched = _eigh_vectors(torch.stack(mats), eps)
@@ -113,7 +124,7 @@ def robust_eigh_basis(mats: list[torch.Tensor], eps: float) -> EighResult:
         vectors = [_eigh_vectors(a, eps) if fin else None for a, fin in zip(mats, finite_in)]
     present = [i for i, v in enumerate(vectors) if v is not None]
     ok = [False] * n
-    for i, fin in zip(present, _all_finite([vectors[i] for i in present]) if present else []):
+    for i, fin in zip(present, finite_flags([vectors[i] for i in present]) if present else []):
         ok[i] = fin
     retried = 0
     for i in range(n):

@@ -65,13 +65,6 @@ class Chain:
         for o in self.optimizers:
             o.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self):
-        return {"chain": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, sd):
-        for o, s in zip(self.optimizers, sd["chain"]):
-            o.load_state_dict(s)
-
 
 def _adamw(model, lr, options, width, steps):
     return torch.optim.AdamW(whiten.param_groups(model), lr=lr, **options)

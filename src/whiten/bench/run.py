@@ -8,6 +8,7 @@ do not count.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -102,27 +103,41 @@ def start_checkpoint(task: Task, seed: int, steps: int, root: Path) -> Path:
     base = [g["lr"] for g in opt.param_groups]
     warmup = max(1, int(0.05 * steps))
     for step in range(steps):
-        for g, lr in zip(opt.param_groups, base):
-            g["lr"] = lr * lr_factor(step, steps, warmup, "constant")
-        loss = task.loss(model, task.train_batch(seed, step))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _train_step(task, model, opt, base, lr_factor(step, steps, warmup, "constant"), task.train_batch(seed, step))
     tmp = path.with_suffix(".tmp")
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
     return path
 
 
-def _evaluate(task, model, opt, averages: bool) -> dict:
-    model.eval()
-    if averages:
+def _train_step(task, model, opt, base_lrs, factor: float, batch) -> torch.Tensor:
+    for g, lr in zip(opt.param_groups, base_lrs):
+        g["lr"] = lr * factor
+    loss = task.loss(model, batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+@contextlib.contextmanager
+def _averaged(opt, on: bool):
+    """The optimizer's averaged parameters swapped in for the duration, when ``on``."""
+    if on:
         opt.eval()
     try:
-        return task.evaluate(model)
+        yield
     finally:
-        if averages:
+        if on:
             opt.train()
+
+
+def _evaluate(task, model, opt, averages: bool) -> dict:
+    model.eval()
+    try:
+        with _averaged(opt, averages):
+            return task.evaluate(model)
+    finally:
         model.train()
 
 
@@ -172,12 +187,8 @@ def run(cfg: RunConfig, task: Task, root: Path, progress=None) -> dict:
             t0 = time.perf_counter()
             batch = task.train_batch(cfg.seed, offset + step)
             t1 = time.perf_counter()
-            for g, lr in zip(opt.param_groups, base_lrs):
-                g["lr"] = lr * lr_factor(step, cfg.steps, cfg.warmup_steps(), cfg.schedule)
-            loss = task.loss(train_model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss = _train_step(task, train_model, opt, base_lrs,
+                               lr_factor(step, cfg.steps, cfg.warmup_steps(), cfg.schedule), batch)
             _sync(task.device)
             clock += time.perf_counter() - t0
             data_seconds += t1 - t0
@@ -198,17 +209,7 @@ def run(cfg: RunConfig, task: Task, root: Path, progress=None) -> dict:
         if k.startswith("val_") and k != "val_loss":
             summary[f"final_{k}"] = v
     _write_json(out / "done.json", summary)
-    if cfg.task == "dit":
-        torch.save({k: v.detach().cpu() for k, v in _averaged_state(model, opt, spec.averages).items()},
-                   out / "model.pt")
+    if cfg.task == "dit":  # for `whiten-bench samples`
+        with _averaged(opt, spec.averages):
+            torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, out / "model.pt")
     return summary
-
-
-def _averaged_state(model, opt, averages: bool) -> dict:
-    if not averages:
-        return model.state_dict()
-    opt.eval()
-    try:
-        return {k: v.clone() for k, v in model.state_dict().items()}
-    finally:
-        opt.train()

@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..linalg import finite_flags
 from ..roles import ROLES
 
 NONFINITE_POLICIES = ("skip", "raise")
@@ -146,19 +147,13 @@ class WhitenOptimizer(torch.optim.Optimizer):
         grads = [p.grad for _, params in work for p in params]
         if not grads:
             return True
-        # Fast path, one read of each gradient and one host sync per device: a finite sum means every element is
-        # finite (NaN and ±inf all propagate into the sum). Only a non-finite sum, which overflow of huge finite
-        # values can also cause, pays for the exact elementwise check.
-        by_device = bucket(grads, lambda g: g.device)
-        if all(bool(torch.stack([g.sum(dtype=torch.float32) for g in gs]).isfinite().all())
-               for gs in by_device.values()):
+        flags = finite_flags(grads)
+        if all(flags):
             return True
-        if all(bool(torch.isfinite(g).all()) for g in grads):
-            return True
-        bad = [(gi, i, tuple(p.shape)) for gi, (group, params) in enumerate(work) for i, p in enumerate(params)
-               if not bool(torch.isfinite(p.grad).all())]
+        shapes = [(gi, tuple(p.shape)) for gi, (_, params) in enumerate(work) for p in params]
+        bad = [where for where, ok in zip(shapes, flags) if not ok]
         message = (f"{type(self).__name__}: non-finite gradient in {len(bad)} parameter(s) "
-                   f"(first: group {bad[0][0]}, shape {bad[0][2]})")
+                   f"(first: group {bad[0][0]}, shape {bad[0][1]})")
         if self.nonfinite == "raise":
             raise FloatingPointError(message)
         self.counters["skipped_steps"] += 1

@@ -187,13 +187,13 @@ class SPlus(AveragingMixin, WhitenOptimizer):
         keep = [1.0 - lr * lay.scale * group["weight_decay"] * lay.decay for lay in layouts]
         torch._foreach_mul_(updates, [-lr * lay.scale for lay in layouts])
         same = [i for i, p in enumerate(params) if p.dtype == moms[i].dtype]
+        low = [i for i, p in enumerate(params) if p.dtype != moms[i].dtype]
         if same:
             ps = [params[i] for i in same]
             torch._foreach_mul_(ps, [keep[i] for i in same])
             torch._foreach_add_(ps, [updates[i] for i in same])
-        for i, p in enumerate(params):
-            if p.dtype != moms[i].dtype:  # low-precision parameter: update in the state dtype, round once
-                p.copy_(thetas[i].mul(keep[i]).add_(updates[i]))
+        for i in low:  # low-precision parameters: update in the state dtype, round once
+            params[i].copy_(thetas[i].mul(keep[i]).add_(updates[i]))
 
         due = [i for i in whitened
                if states[i]["step"] == 1 or states[i]["step"] % group["inverse_every"] == 0]
@@ -220,7 +220,8 @@ class SPlus(AveragingMixin, WhitenOptimizer):
             updates[i] = U[j].view(params[i].shape)
 
     def _refresh_bases(self, states: list[dict], eps: float) -> None:
-        """Eigenbases of the factors, one batched eigh per (size, dtype, device); keep the old basis on failure."""
+        """Eigenbases of the factors, grouped by (size, dtype, device) for robust_eigh_basis; a matrix whose
+        eigendecomposition fails keeps its old basis."""
         pairs = [(s[f"factor_{side}"], s[f"basis_{side}"]) for s in states for side in ("left", "right")
                  if f"factor_{side}" in s]
         key = (lambda fb: (fb[0].shape, fb[0].dtype, fb[0].device)) if self.batched else id
