@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 python -m pip install --quiet "torch==2.13.0"          # pinned: the CPU wheel; an unpinned torch pulls CUDA builds
 python -m pip install --quiet -e ".[test,bench]"
+# kron-torch (the PSGD-Kron reference the tests compare against) declares triton but never imports it
+python -m pip install --quiet --no-deps "kron-torch==0.3.3"
 
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

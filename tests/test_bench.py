@@ -85,7 +85,7 @@ def tasks():
 
 
 @pytest.mark.parametrize("name", ["lm", "vit", "dit"])
-@pytest.mark.parametrize("optimizer", ["adamw", "splus", "muon", "pytorch_optimizer:SOAP", "pytorch_optimizer:SPlus"])
+@pytest.mark.parametrize("optimizer", ["adamw", "splus", "torch:Muon", "pytorch_optimizer:SOAP", "pytorch_optimizer:SPlus"])
 def test_tiny_end_to_end(tasks, tmp_path, name, optimizer):
     spec = registry.get_spec(optimizer)
     cfg = RunConfig(task=name, profile="tiny", optimizer=optimizer, lr=spec.default_lr, seed=0, steps=12, evals=4)

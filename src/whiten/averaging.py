@@ -20,7 +20,10 @@ def averaged_value(ema: torch.Tensor, ema_rate: float, step: int) -> torch.Tenso
 
 class AveragingMixin:
     """eval()/train() for a torch.optim.Optimizer whose state holds ``"ema"`` and ``"step"`` per parameter and whose
-    groups hold ``"ema_rate"``.
+    groups hold ``"ema_rate"`` (``None``: that group does not average).
+
+    An optimizer calls :meth:`update_averages` once per step with the parameters before their update; ``step`` must
+    count those calls.
 
     While in eval mode the parameters hold the averages, so ``step()``, ``state_dict()`` and ``load_state_dict()``
     raise: training or saving the averaged weights as if they were the live ones would silently corrupt the run.
@@ -39,6 +42,8 @@ class AveragingMixin:
             return self
         live = {}
         for group in self.param_groups:
+            if group.get("ema_rate") is None:
+                continue
             for p in group["params"]:
                 state = self.state.get(p)
                 if not state or "ema" not in state:
@@ -57,6 +62,22 @@ class AveragingMixin:
             p.copy_(value)
         self._live = None
         return self
+
+    @torch.no_grad()
+    def update_averages(self, group: dict, params: list[torch.Tensor], states: list[dict]) -> None:
+        """``ema = r*ema + (1-r)*p`` for the (pre-update) parameters; ``ema`` is created on first use in float32
+        (float64 for float64 parameters). Nothing happens when the group's ``ema_rate`` is None."""
+        rate = group.get("ema_rate")
+        if rate is None or not params:
+            return
+        emas = []
+        for p, state in zip(params, states):
+            if "ema" not in state:
+                dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+                state["ema"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+            emas.append(state["ema"])
+        thetas = [p if p.dtype == e.dtype else p.to(e.dtype) for p, e in zip(params, emas)]
+        torch._foreach_lerp_(emas, thetas, 1.0 - rate)
 
     def state_dict(self):
         self._refuse_in_eval_mode("state_dict")

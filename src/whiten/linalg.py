@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["EighResult", "finite_flags", "robust_eigh_basis", "update_factors", "rotate", "unrotate"]
+__all__ = ["EighResult", "finite_flags", "robust_eigh_basis", "update_factors", "rotate", "unrotate",
+           "newton_schulz", "MUON_COEFFICIENTS"]
 
 
 # Below this size a factor update is one matmul; above it, the symmetric product is split (see _syrk_update).
@@ -146,3 +147,29 @@ def warn_eigh_failure(where: str, count: int) -> None:
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+# Keller Jordan's quintic: a steep slope at 0 so few steps suffice; singular values land in about [0.7, 1.2]
+# rather than exactly 1, which does not hurt training.
+MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(G: torch.Tensor, steps: int, coefficients=MUON_COEFFICIENTS, eps: float = 1e-7,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Approximate orthogonalisation ``U Vᵀ`` of each matrix of a stack ``G`` (B, m, n) by ``steps`` iterations of
+    ``X <- a X + (b A + c A²) X`` with ``A = X Xᵀ``, after scaling X to Frobenius norm ≤ 1 (``eps`` guards 0).
+
+    Computed in ``dtype`` (default: G's) and returned in it. Tall matrices are transposed first so the Gram matrix is
+    the smaller side's, as in torch.optim.Muon; the result for each matrix is the same as computing it alone.
+    """
+    a, b, c = coefficients
+    X = G.to(dtype) if dtype is not None and G.dtype != dtype else G.clone()
+    tall = X.shape[-2] > X.shape[-1]
+    if tall:
+        X = X.mT
+    X = X / torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).clamp_min(eps)
+    for _ in range(steps):
+        A = torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    return X.mT if tall else X

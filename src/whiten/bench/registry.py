@@ -1,7 +1,7 @@
 """The benchmark's optimizers: one registry, each entry's learning-rate grid and defaults are data.
 
-Names: ``adamw`` (torch.optim.AdamW, the baseline), ``splus`` (whiten.SPlus), ``muon`` (torch.optim.Muon on hidden
-matrices, AdamW on the rest), and ``pytorch_optimizer:<Class>`` for any optimizer of the ``pytorch-optimizer``
+Names: ``adamw`` (torch.optim.AdamW, the baseline), ``splus`` (whiten.SPlus), ``torch:Muon`` (torch.optim.Muon on
+hidden matrices, AdamW on the rest), and ``pytorch_optimizer:<Class>`` for any optimizer of the ``pytorch-optimizer``
 package (``pytorch_optimizer:SPlus``, ``pytorch_optimizer:SOAP``, ...). Every optimizer gets the param groups of
 ``whiten.param_groups(model)``, so weight decay is masked the same way for all of them.
 """
@@ -74,7 +74,7 @@ def _splus(model, lr, options, width, steps):
     return whiten.SPlus(whiten.param_groups(model), lr=lr, **_resolve(options, width, steps))
 
 
-def _muon(model, lr, options, width, steps):
+def _torch_muon(model, lr, options, width, steps):
     options = dict(options)
     adam_ratio = options.pop("adam_lr_ratio")
     adam_betas = options.pop("adam_betas")
@@ -118,8 +118,8 @@ REGISTRY: dict[str, OptimizerSpec] = {
         "splus-ema0.999", _splus, default_lr=0.1, lr_grid=lr_grid(-4, 1),
         options=dict(nonstandard_constant="1/width"), averages=True,
         source="whiten.SPlus, nonstandard_constant = 1/width, ema_rate 0.999 (the paper's value at any budget)"),
-    "muon": OptimizerSpec(
-        "muon", _muon, default_lr=0.0215, lr_grid=lr_grid(-7, -2),
+    "torch:Muon": OptimizerSpec(
+        "torch:Muon", _torch_muon, default_lr=0.0215, lr_grid=lr_grid(-7, -2),
         options=dict(momentum=0.95, weight_decay=0.1, adam_lr_ratio=0.15, adam_betas=(0.9, 0.95)),
         source="torch.optim.Muon (hidden) + torch.optim.AdamW (rest)"),
     "pytorch_optimizer:SPlus": OptimizerSpec(

@@ -38,6 +38,19 @@ def check_int(name: str, value, low: int) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (allowed: an integer >= {low})")
 
 
+def check_ema_rate(value) -> None:
+    """``ema_rate`` is None (no averaging) or a rate in [0, 1)."""
+    if value is not None:
+        check_range("ema_rate", value, 0.0, 1.0, high_open=True)
+
+
+def check_betas(name: str, betas, count: int = 2) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != count:
+        raise ValueError(f"Invalid {name}: {betas!r} (allowed: a tuple of {count} numbers, each in [0, 1))")
+    for i, b in enumerate(betas):
+        check_range(f"{name}[{i}]", b, 0.0, 1.0, high_open=True)
+
+
 def check_role(value) -> None:
     if value is not None and value not in ROLES:
         raise ValueError(f"Invalid role: {value!r} (allowed: None or one of {', '.join(ROLES)})")

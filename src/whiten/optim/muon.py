@@ -1,0 +1,228 @@
+"""Muon (Jordan et al. 2024): momentum orthogonalised by Newton–Schulz for hidden matrices, AdamW for the rest,
+in one optimizer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..averaging import AveragingMixin
+from ..linalg import MUON_COEFFICIENTS, newton_schulz
+from ..roles import NO_DECAY_ROLES, role_from_shape
+from ._base import WhitenOptimizer, bucket, check_betas, check_ema_rate, check_int, check_range, check_role, state_dtype
+
+__all__ = ["Muon"]
+
+MUON_ROLES = ("hidden", "conv")  # roles stepped by Newton–Schulz; every other role is stepped by AdamW
+SCALINGS = ("original", "match_rms_adamw", "none")
+
+
+def _uses_muon(p: torch.Tensor, role: str | None) -> bool:
+    return p.ndim >= 2 and (role or role_from_shape(p)) in MUON_ROLES
+
+
+def _scale(m: int, n: int, scaling: str) -> float:
+    """Multiplier of lr for an (m, n) = (d_out, d_in·k·k) update."""
+    if scaling == "original":  # Keller Jordan's Muon and torch.optim.Muon's default
+        return math.sqrt(max(1.0, m / n))
+    if scaling == "match_rms_adamw":  # Moonlight: an update RMS like AdamW's, so AdamW's lr and decay carry over
+        return 0.2 * math.sqrt(max(m, n))
+    return 1.0
+
+
+class Muon(AveragingMixin, WhitenOptimizer):
+    r"""Muon for hidden matrices and AdamW for every other parameter, in one torch optimizer.
+
+    For a hidden matrix :math:`W \in \mathbb{R}^{m \times n}` (a conv weight is viewed as (out, in·k·k)) with gradient
+    :math:`G`:
+
+    .. math::
+        B &\leftarrow \mu B + (1-\mu) G, \qquad \tilde B = (1-\mu) G + \mu B \ \text{(Nesterov) or } B \\
+        O &= \mathrm{NS}_k(\tilde B) \approx U V^\top \quad (\tilde B = U S V^\top) \\
+        W &\leftarrow W (1 - \eta\lambda) - \eta\, s(m, n)\, O
+
+    with :math:`s = \sqrt{\max(1, m/n)}` (``scaling="original"``), :math:`0.2\sqrt{\max(m, n)}`
+    (``"match_rms_adamw"``) or 1 (``"none"``). :math:`\mathrm{NS}_k` is ``ns_steps`` Newton–Schulz iterations with
+    Keller Jordan's quintic coefficients, in ``ns_dtype``. Same-shape matrices are orthogonalised as one batch.
+
+    Parameters whose role is ``embedding``, ``head`` or ``vector`` (or, without a role, that are not ≥2-D) are
+    stepped by AdamW (decoupled decay, bias correction) with the group's ``lr``, ``adam_betas`` and ``adam_eps``.
+    A group without an explicit ``lr`` whose parameters all go to AdamW gets ``adam_lr``; a group without a role that
+    mixes both kinds (e.g. ``model.parameters()``) is split into a Muon group and an AdamW group, so learning-rate
+    schedulers scale both. Weight decay is off for the ``vector`` and ``embedding`` roles. ``p.grad`` is never
+    modified.
+
+    State per parameter (float32, float64 for float64 parameters): Muon path ``step`` (int), ``momentum`` (shape of
+    p); AdamW path ``step``, ``exp_avg``, ``exp_avg_sq`` (shape of p); ``ema`` when averaging.
+
+    Args:
+        params: parameters or param-group dicts (groups from :func:`whiten.param_groups` carry a ``role``).
+        lr: η for Muon matrices (default 0.02, Keller Jordan's).
+        momentum: μ (default 0.95). nesterov: Nesterov momentum (default True).
+        ns_steps: Newton–Schulz iterations (default 5). ns_coefficients: (a, b, c) of the quintic.
+        eps: guards the Frobenius normalisation before Newton–Schulz (default 1e-7).
+        weight_decay: λ, decoupled, ``W *= 1 - η λ`` for both paths (default 0.0).
+        scaling: ``"original"`` (default), ``"match_rms_adamw"`` or ``"none"``.
+        ns_dtype: dtype of the Newton–Schulz iteration; None (default) = bfloat16 on CUDA, the state dtype elsewhere
+            (CPUs have no fast bfloat16 matmul).
+        adam_lr: lr of groups stepped by AdamW that do not set their own (default 3e-4).
+        adam_betas, adam_eps: AdamW's (default (0.9, 0.95), 1e-10, as Keller Jordan's Muon).
+        ema_rate: iterate averaging for ``eval()``/``train()`` (default None: off).
+        nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient.
+        batched: orthogonalise same-shape matrices in one batched call (default True).
+
+    References: K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024); J. Liu et al.,
+    "Muon is Scalable for LLM Training", arXiv 2502.16982 (2025).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        ns_coefficients: tuple[float, float, float] = MUON_COEFFICIENTS,
+        eps: float = 1e-7,
+        weight_decay: float = 0.0,
+        scaling: str = "original",
+        ns_dtype: torch.dtype | None = None,
+        adam_lr: float = 3e-4,
+        adam_betas: tuple[float, float] = (0.9, 0.95),
+        adam_eps: float = 1e-10,
+        ema_rate: float | None = None,
+        nonfinite: str = "skip",
+        batched: bool = True,
+    ):
+        check_range("adam_lr", adam_lr, 0.0)
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        ns_coefficients=tuple(ns_coefficients), eps=eps, weight_decay=weight_decay, scaling=scaling,
+                        ns_dtype=ns_dtype, adam_lr=adam_lr, adam_betas=adam_betas, adam_eps=adam_eps,
+                        ema_rate=ema_rate, role=None)
+        self.batched = bool(batched)
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if param_group.get("role") is None:
+            muon = [p for p in params if _uses_muon(p, None)]
+            adam = [p for p in params if not _uses_muon(p, None)]
+            if muon and adam:  # split so each path has its own lr
+                super().add_param_group({**param_group, "params": muon})
+                self.add_param_group({**param_group, "params": adam})
+                return
+        group = {**param_group, "params": params}
+        if "lr" not in group and params and not any(_uses_muon(p, group.get("role")) for p in params):
+            group["lr"] = group.get("adam_lr", self.defaults["adam_lr"])
+        super().add_param_group(group)
+
+    def validate_group(self, group: dict) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        if not isinstance(group["nesterov"], bool):
+            raise ValueError(f"Invalid nesterov: {group['nesterov']!r} (allowed: True or False)")
+        check_int("ns_steps", group["ns_steps"], 0)
+        c = group["ns_coefficients"]
+        if not isinstance(c, (tuple, list)) or len(c) != 3 or not all(
+                isinstance(x, (int, float)) and math.isfinite(x) for x in c):
+            raise ValueError(f"Invalid ns_coefficients: {c!r} (allowed: three finite numbers (a, b, c))")
+        check_range("eps", group["eps"], 0.0, low_open=True)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        if group["scaling"] not in SCALINGS:
+            raise ValueError(f"Invalid scaling: {group['scaling']!r} (allowed: {', '.join(map(repr, SCALINGS))})")
+        if group["ns_dtype"] is not None and not (isinstance(group["ns_dtype"], torch.dtype)
+                                                  and group["ns_dtype"].is_floating_point):
+            raise ValueError(f"Invalid ns_dtype: {group['ns_dtype']!r} (allowed: None or a floating torch.dtype)")
+        check_range("adam_lr", group["adam_lr"], 0.0)
+        check_betas("adam_betas", group["adam_betas"])
+        check_range("adam_eps", group["adam_eps"], 0.0)
+        check_ema_rate(group["ema_rate"])
+        check_role(group["role"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        self._refuse_in_eval_mode("step")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self.params_with_grad()
+        if not self.grads_are_finite(work):
+            return loss
+        for gi, (group, params) in enumerate(work):
+            if not params:
+                continue
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    dtype = state_dtype(p)
+                    state["step"] = 0
+                    if _uses_muon(p, group["role"]):
+                        state["momentum"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                    else:
+                        state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                state["step"] += 1
+            self.update_averages(group, params, [self.state[p] for p in params])
+            muon = [p for p in params if "momentum" in self.state[p]]
+            adam = [p for p in params if "exp_avg" in self.state[p]]
+            if muon:
+                self._muon(gi, group, muon)
+            if adam:
+                self._adamw(group, adam)
+        return loss
+
+    def _muon(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
+        mu, lr = group["momentum"], float(group["lr"])
+        moms = [self.state[p]["momentum"] for p in params]
+        grads = [p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype) for p, m in zip(params, moms)]
+        torch._foreach_lerp_(moms, grads, 1.0 - mu)
+        # Nesterov: (1-mu) g + mu B, in new tensors (p.grad stays the user's)
+        directions = torch._foreach_lerp(grads, moms, mu) if group["nesterov"] else moms
+        matrices = [d.reshape(d.shape[0], -1) for d in directions]
+        key = (lambda i: (matrices[i].shape, matrices[i].dtype, matrices[i].device)) if self.batched else (lambda i: i)
+        for idxs in bucket(range(len(params)), key).values():
+            X = matrices[idxs[0]]
+            dtype = group["ns_dtype"] or (torch.bfloat16 if X.device.type == "cuda" else X.dtype)
+            O = newton_schulz(torch.stack([matrices[i] for i in idxs]), group["ns_steps"], group["ns_coefficients"],
+                              group["eps"], dtype)
+            m, n = X.shape
+            step = -lr * _scale(m, n, group["scaling"])
+            for j, i in enumerate(idxs):
+                p = params[i]
+                keep = 1.0 - lr * group["weight_decay"] * self._decays(p, group)
+                u = O[j].view(p.shape)
+                if p.dtype == u.dtype:
+                    p.mul_(keep).add_(u, alpha=step)
+                else:  # low-precision parameter: update in the state dtype, round once
+                    p.copy_(p.to(moms[i].dtype).mul_(keep).add_(u.to(moms[i].dtype), alpha=step))
+
+    def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["adam_betas"]
+        lr, eps = float(group["lr"]), group["adam_eps"]
+        states = [self.state[p] for p in params]
+        m = [s["exp_avg"] for s in states]
+        v = [s["exp_avg_sq"] for s in states]
+        grads = [p.grad if p.grad.dtype == x.dtype else p.grad.to(x.dtype) for p, x in zip(params, m)]
+        torch._foreach_lerp_(m, grads, 1.0 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, 1.0 - beta2)
+        # torch.optim.AdamW's arithmetic: p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
+        steps = [s["step"] for s in states]
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in steps])
+        torch._foreach_add_(denom, eps)
+        for p, mi, di, t in zip(params, m, denom, steps):
+            keep = 1.0 - lr * group["weight_decay"] * self._decays(p, group)
+            step = -lr / (1.0 - beta1**t)
+            if p.dtype == mi.dtype:
+                p.mul_(keep).addcdiv_(mi, di, value=step)
+            else:
+                p.copy_(p.to(mi.dtype).mul_(keep).addcdiv_(mi, di, value=step))
+
+    @staticmethod
+    def _decays(p: torch.Tensor, group: dict) -> bool:
+        return (group["role"] or role_from_shape(p)) not in NO_DECAY_ROLES

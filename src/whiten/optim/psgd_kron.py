@@ -1,0 +1,578 @@
+"""PSGD-Kron (Li 2015/2018; the ``kron_torch`` formulation): momentum preconditioned by a Kronecker product of
+triangular (or diagonal) factors fitted online from random probes, with a deterministic update schedule."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable, NamedTuple
+
+import torch
+
+from ..averaging import AveragingMixin
+from ..roles import NO_DECAY_ROLES, role_from_shape
+from ._base import WhitenOptimizer, bucket, check_ema_rate, check_int, check_range, check_role, state_dtype
+
+__all__ = ["PSGDKron", "UpdateProbabilitySchedule", "precond_update_prob_schedule"]
+
+MEMORY_SAVE_MODES = (None, "smart_one_diag", "one_diag", "all_diag")
+BALANCE_PROBABILITY = 0.01  # factors are rebalanced on about 1 in 100 preconditioner updates
+MAX_UPDATE_RMS = 1.1
+
+
+# ----- update-probability schedule -------------------------------------------------------------------------------
+
+
+class UpdateProbabilitySchedule:
+    """``prob(n) = clamp(max_prob * exp(-decay * (n - flat_start)), min_prob, max_prob)``, ``n`` = steps taken.
+
+    Evaluated in float32 tensors exactly as kron_torch evaluates it, so both pick the same update steps. A plain
+    class (not a closure) so that it pickles with the optimizer.
+    """
+
+    def __init__(self, max_prob: float = 1.0, min_prob: float = 0.03, decay: float = 0.001,
+                 flat_start: float = 500):
+        self.max_prob, self.min_prob, self.decay, self.flat_start = max_prob, min_prob, decay, flat_start
+
+    def __call__(self, n) -> torch.Tensor:
+        f32 = torch.float32
+        n = torch.as_tensor(n, dtype=f32)
+        prob = torch.tensor(self.max_prob, dtype=f32) * torch.exp(
+            -torch.tensor(self.decay, dtype=f32) * (n - torch.tensor(self.flat_start, dtype=f32)))
+        return prob.clamp(min=torch.tensor(self.min_prob, dtype=f32), max=torch.tensor(self.max_prob, dtype=f32))
+
+    def __repr__(self) -> str:
+        return (f"UpdateProbabilitySchedule(max_prob={self.max_prob}, min_prob={self.min_prob}, "
+                f"decay={self.decay}, flat_start={self.flat_start})")
+
+
+def precond_update_prob_schedule(max_prob: float = 1.0, min_prob: float = 0.03, decay: float = 0.001,
+                                 flat_start: float = 500) -> UpdateProbabilitySchedule:
+    """The default schedule: 1.0 for ``flat_start`` steps, then an exponential anneal down to ``min_prob``
+    (0.03, reached after about 4000 steps with the defaults)."""
+    return UpdateProbabilitySchedule(max_prob, min_prob, decay, flat_start)
+
+
+def _update_due(counter: int, prob) -> bool:
+    # The same expression as kron_torch: an int32 tensor against 1/prob, so the comparison runs in float32 (or in
+    # the schedule's tensor dtype) and rounds exactly as there.
+    return bool(torch.tensor(counter, dtype=torch.int32) >= 1 / prob)
+
+
+# ----- kernels: every tensor has a leading batch dim B (a stack of same-shape parameters) -------------------------
+# A factor q is (B, d, d) upper triangular or (B, d) diagonal and acts on one mode k of X (B, *shape).
+
+
+def _mode_view(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, pre, d_k, post) view of x: mode k in the middle, the modes before and after it flattened."""
+    shape = x.shape[1:]
+    return x.reshape(x.shape[0], math.prod(shape[:k]), shape[k], math.prod(shape[k + 1:]))
+
+
+def _bview(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A per-slice (B,) tensor shaped to broadcast against a (B, ...) tensor of ``ndim`` dims."""
+    return v.reshape(v.shape[0], *([1] * (ndim - 1)))
+
+
+def _mode_mul(x: torch.Tensor, q: torch.Tensor, k: int, transpose: bool = False) -> torch.Tensor:
+    """x ×_k q: ``y[.., a, ..] = sum_b q[a, b] x[.., b, ..]`` (q transposed if asked; elementwise if diagonal)."""
+    x4 = _mode_view(x, k)
+    if q.ndim == 2:
+        return (x4 * q[:, None, :, None]).reshape(x.shape)
+    m = q.mT if transpose else q
+    if x4.shape[1] == 1:
+        y = m @ x4[:, 0]
+    elif x4.shape[3] == 1:
+        y = x4[..., 0] @ m.mT
+    else:
+        y = m[:, None] @ x4
+    return y.reshape(x.shape)
+
+
+def _mode_solve(x: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
+    """x ×_k q⁻ᵀ, by a triangular solve (never an explicit inverse)."""
+    x4 = _mode_view(x, k)
+    if q.ndim == 2:
+        return (x4 / q[:, None, :, None]).reshape(x.shape)
+    solve = torch.linalg.solve_triangular
+    if x4.shape[3] == 1:  # mode k is last: rows times q⁻¹
+        y = solve(q, x4[..., 0], upper=True, left=False)
+    elif x4.shape[1] == 1:  # mode k is first: q⁻ᵀ times columns
+        y = solve(q.mT, x4[:, 0], upper=False)
+    else:
+        y = solve(q.mT[:, None], x4, upper=False)
+    return y.reshape(x.shape)
+
+
+def _mode_gram(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, d_k, d_k): x contracted with itself over every mode but k."""
+    x4 = _mode_view(x, k)
+    if x4.shape[1] == 1:
+        x3 = x4[:, 0]
+        return x3 @ x3.mT
+    if x4.shape[3] == 1:
+        x3 = x4[..., 0]
+        return x3.mT @ x3
+    return torch.einsum("bpiq,bpjq->bij", x4, x4)
+
+
+def _mode_sumsq(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, d_k): the diagonal of :func:`_mode_gram`."""
+    return _mode_view(x, k).square().sum(dim=(1, 3))
+
+
+def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
+    """(B,): a power of two within a factor 2 of each slice's max |x|. Dividing by a power of two is exact, so
+    quantities computed from x/s are bit-for-bit those computed from x, rescaled, unless they would overflow."""
+    amax = x.abs().amax(dim=tuple(range(1, x.ndim)))
+    _, exponent = torch.frexp(amax)
+    return torch.ldexp(torch.ones_like(amax), exponent - 1)
+
+
+def _spectral_lower_bound(a: torch.Tensor, max_abs: torch.Tensor) -> torch.Tensor:
+    """(B,): a cheap lower bound of ‖a‖₂ for symmetric PSD a (B, d, d): start from the column of largest norm and
+    take one power-iteration step. ``max_abs`` (B,) is max |a| per slice, used to keep the products in range."""
+    a = a / max_abs[:, None, None]
+    col = a.square().sum(dim=-2).argmax(dim=-1)
+    x = a.gather(-1, col[:, None, None].expand(a.shape[0], a.shape[1], 1))[..., 0]
+    x = (x[:, None, :] @ a)[:, 0]
+    x = x / x.norm(dim=-1, keepdim=True)
+    x = (a @ x[..., None])[..., 0]
+    return x.norm(dim=-1) * max_abs
+
+
+def _balance_factors_(qs: list[torch.Tensor]) -> None:
+    """Rescale the factors of each slice to a common max |q| (their geometric mean); the product is unchanged."""
+    norms = torch.stack([q.abs().amax(dim=tuple(range(1, q.ndim))) for q in qs])
+    geometric_mean = norms.log().mean(dim=0).exp()
+    for q, norm in zip(qs, norms):
+        q.mul_(_bview(geometric_mean / norm, q.ndim))
+
+
+def _fit_factors_(qs: list[torch.Tensor], g: torch.Tensor, v: torch.Tensor, precond_lr: float) -> None:
+    """One PSGD step on the Kronecker factors from the probe pair (v, g + damping·v); g is damped IN PLACE.
+
+    A = g ×_k Q_k for every k, B = v ×_k Q_k⁻ᵀ for every k; per mode k, with T1 = A_(k)A_(k)ᵀ, T2 = B_(k)B_(k)ᵀ:
+    triangular Q_k -= lr·triu(T1 - T2)/lb‖T1 + T2‖₂ · Q_k; diagonal Q_k -= lr·(T1 - T2)·Q_k/max|T1 + T2|.
+    """
+    dtype, n = g.dtype, g.ndim
+    tiny = torch.finfo(dtype).tiny
+    mean_abs = g.abs().mean(dim=tuple(range(1, n)), keepdim=True)
+    # damping noise of relative size sqrt(eps_fp32), as kron_torch: keeps the fit well posed for rank-deficient g
+    sqrt_eps = torch.tensor(torch.finfo(torch.float32).eps, dtype=dtype, device=g.device).sqrt()
+    g.add_(sqrt_eps * mean_abs * v)
+    a, conj_b = g, v
+    for k, q in enumerate(qs):
+        a = _mode_mul(a, q, k)
+        conj_b = _mode_solve(conj_b, q, k)
+    # The step is invariant to scaling A and B together: bring both to max |.| ~ 1 by an exact power of two so
+    # that their Gram matrices cannot overflow (a 1e30 gradient would make A Aᵀ inf in float32).
+    scale = _bview(torch.maximum(_pow2_scale(a), _pow2_scale(conj_b)), n)
+    a, conj_b = a / scale, conj_b / scale
+    # A slice whose g is exactly zero carries no information: its fit would only grow Q by ~precond_lr per update
+    # without bound (kron_torch lets it), so it is left as it is.
+    informative = mean_abs.reshape(-1) > 0
+    for k, q in enumerate(qs):
+        triangular = q.ndim == 3
+        gram = _mode_gram if triangular else _mode_sumsq
+        t1, t2 = gram(a, k), gram(conj_b, k)
+        t1, t2 = t1 - t2, t1 + t2
+        t1 *= precond_lr
+        norm = t2.abs().amax(dim=tuple(range(1, t2.ndim)))
+        if triangular:
+            bound = torch.where(norm > 0, _spectral_lower_bound(t2, norm), norm).clamp(min=tiny)
+            step = (t1.triu() / bound[:, None, None]) @ q
+        else:
+            step = t1 * (q / norm.clamp(min=tiny)[:, None])
+        q.copy_(torch.where(_bview(informative, q.ndim), q - step, q))
+
+
+def _precondition(qs: list[torch.Tensor], m: torch.Tensor) -> torch.Tensor:
+    """P m with P = ⊗_k Q_kᵀQ_k, applied mode by mode."""
+    x = m
+    for k, q in enumerate(qs):
+        x = _mode_mul(_mode_mul(x, q, k), q, k, transpose=True)
+    return x
+
+
+def _clip_rms_(x: torch.Tensor, max_rms: float) -> None:
+    """Scale each slice down to RMS ≤ max_rms (RMS computed on an exactly rescaled copy, so it cannot overflow)."""
+    s = _pow2_scale(x)
+    rms = (x / _bview(s, x.ndim)).square().mean(dim=tuple(range(1, x.ndim))).sqrt() * s
+    x.mul_(_bview(torch.clamp(max_rms / (rms + 1e-12), max=1.0), x.ndim))
+
+
+# ----- layout ---------------------------------------------------------------------------------------------------
+
+
+class _Layout(NamedTuple):
+    """How one parameter is treated, derived from its shape and its group (never stored)."""
+
+    shape: tuple[int, ...]  # the shape the preconditioner sees (merged dims; a scalar is (1,))
+    triangular: tuple[bool, ...]  # per dim of `shape`: triangular factor (else diagonal)
+    decay: bool  # weight decay applies
+
+
+def _work_shape(shape: tuple[int, ...], merge_dims: bool) -> tuple[int, ...]:
+    if len(shape) == 0:
+        return (1,)
+    if len(shape) > 2 and merge_dims:
+        # kron_torch's choice between the two matrix views, signed differences included
+        s1 = (math.prod(shape[:-1]), shape[-1])
+        s2 = (shape[0], math.prod(shape[1:]))
+        return s1 if s1[1] - s1[0] <= s2[1] - s2[0] else s2
+    return tuple(shape)
+
+
+def _triangular_dims(shape: tuple[int, ...], max_size: int, min_ndim: int, mode) -> tuple[bool, ...]:
+    n = len(shape)
+    diag = [mode == "all_diag"] * n
+    if mode in ("one_diag", "smart_one_diag") and n > 0:
+        # the largest dim, ties going to the last one (numpy's argsort(shape)[::-1][0] in kron_torch)
+        largest = max(range(n), key=lambda i: (shape[i], i))
+        ordered = sorted(shape)
+        if mode == "one_diag" or (n > 1 and ordered[-1] > ordered[-2]):
+            diag[largest] = True
+    return tuple(not (d == 1 or d > max_size or n < min_ndim or diag[i]) for i, d in enumerate(shape))
+
+
+def _layout(p: torch.Tensor, group: dict) -> _Layout:
+    shape = _work_shape(tuple(p.shape), group["merge_dims"])
+    tri = _triangular_dims(shape, group["max_size_triangular"], group["min_ndim_triangular"],
+                           group["memory_save_mode"])
+    return _Layout(shape, tri, (group["role"] or role_from_shape(p)) not in NO_DECAY_ROLES)
+
+
+# ----- the optimizer --------------------------------------------------------------------------------------------
+
+
+class PSGDKron(AveragingMixin, WhitenOptimizer):
+    r"""PSGD with Kronecker-factored preconditioners, as ``kron_torch.Kron`` (0.3.3) computes it.
+
+    For a parameter θ seen as a tensor of shape :math:`(d_1, \dots, d_n)` (``merge_dims``: a ≥3-D tensor is first
+    viewed as the squarer of ``(∏d_{<n}, d_n)`` and ``(d_1, ∏d_{>1})``), the preconditioner is
+    :math:`P = \bigotimes_k Q_k^\top Q_k` with each :math:`Q_k` upper triangular (:math:`d_k \times d_k`) or
+    diagonal. At step :math:`t` with gradient :math:`G`:
+
+    .. math::
+        M &\leftarrow \beta_1 M + (1-\beta_1) G, \qquad \hat M = M / (1-\beta_1^t) \\
+        &\text{on update steps: } V \sim \mathcal N(0, I),\;
+            \hat M \leftarrow \hat M + \sqrt{\epsilon_{32}}\,\overline{|\hat M|}\, V, \quad
+            A = \hat M \times_k Q_k, \quad B = V \times_k Q_k^{-\top} \\
+        &\qquad Q_k \leftarrow Q_k - \eta_Q \frac{\mathrm{triu}(A_{(k)}A_{(k)}^\top - B_{(k)}B_{(k)}^\top)}
+            {\mathrm{lb}\,\|A_{(k)}A_{(k)}^\top + B_{(k)}B_{(k)}^\top\|_2}\, Q_k
+            \quad\text{(diagonal: } \eta_Q\,(a - b)\,Q_k / \max|a + b| \text{)} \\
+        U &= P \hat M, \qquad U \leftarrow U \cdot \min(1, 1.1/\mathrm{RMS}(U)) \\
+        \bar\theta &\leftarrow r\,\bar\theta + (1-r)\,\theta \qquad\text{(pre-update } \theta\text{, if averaging)} \\
+        \theta &\leftarrow \theta - \eta\,(U + \lambda\,\theta)
+
+    ``lb`` is a cheap lower bound of the spectral norm (the column of largest norm, one power-iteration step).
+    With ``momentum_into_precond_update=False`` the probe is the gradient instead of :math:`\hat M` (and the
+    damping does not touch :math:`\hat M`). On about 1 in 100 update steps the factors of each ≥2-D parameter are
+    first rescaled to a common max-abs (``balancing``; :math:`P` is unchanged). A dim is diagonal if it has size 1,
+    exceeds ``max_size_triangular``, the tensor has fewer than ``min_ndim_triangular`` dims (so all 1-D
+    parameters), or ``memory_save_mode`` says so. Scalars are treated as 1-element vectors.
+
+    **Update schedule.** Factors are updated on the same steps for all parameters, deterministically: a counter
+    counts steps and triggers an update when ``counter >= 1/prob`` (then resets), ``prob`` being
+    ``preconditioner_update_probability``. The default schedule is 1.0 for 500 steps, then
+    ``clamp(exp(-0.001 (n - 500)), 0.03, 1)`` (see :func:`precond_update_prob_schedule`).
+
+    **Randomness and exact resume.** The probes V come from a ``torch.Generator`` per device, seeded with ``seed``
+    and drawn parameter by parameter in group and parameter order (the same numbers whatever ``batched``); the
+    balancing coin is a ``random.Random(seed)`` drawn once per step. The global RNG is never used.
+    ``state_dict()["psgd_kron"]`` holds the generator states, the coin state and the schedule counters, so a run
+    resumed from a checkpoint draws the same probes and makes the same decisions as the uninterrupted one.
+
+    **Differences from kron_torch** (none changes a result in normal conditions; the tests compare both):
+    weight decay is masked by role (``vector`` and ``embedding`` roles are not decayed; without roles this is
+    kron_torch's ``ndim >= 2``); momentum is kept in float32 (float64 for float64 parameters), not in the
+    parameter's dtype; factors are float64 for float64 parameters and the triangular solves run in the factor
+    dtype (kron_torch always solves in float32); low-precision parameters are updated in float32 and rounded once;
+    the gradient is never modified in place; the Gram matrices and the update RMS are computed on exactly rescaled
+    copies so huge gradients cannot overflow them; a parameter whose probe is exactly zero keeps its factors
+    (kron_torch grows them by ~precond_lr per update, without bound); scalars work; the update probability is an
+    optimizer setting, not a group key (kron_torch reads only the first group's anyway); the coin is seeded from
+    ``seed`` (kron_torch: ``random.Random(42)``; pass ``seed=42`` for its coin sequence).
+
+    State per parameter (``optimizer.state[p]``), in float32 (float64 for float64 parameters): ``step`` (int),
+    ``momentum`` (shape of p), ``factor_k`` for each dim k of the preconditioned shape: ``(d_k, d_k)`` upper
+    triangular or ``(d_k,)`` diagonal; ``ema`` (shape of p) when the group averages.
+
+    Args:
+        params: parameters or param-group dicts; a group may carry a ``role`` (see :func:`whiten.param_groups`),
+            otherwise a parameter's role comes from its shape.
+        lr: learning rate η (default 3e-4; the kron_torch README: about 3× smaller than Adam's).
+        b1: momentum β1 (default 0.9).
+        weight_decay: λ, decoupled, multiplied by lr (default 0.0).
+        preconditioner_update_probability: None (default: the schedule above), a probability in (0, 1], or a
+            callable of the number of steps taken so far (0, 1, ...) returning one (a float or a 0-d tensor).
+        max_size_triangular: dims larger than this get a diagonal factor (default 8192).
+        min_ndim_triangular: tensors with fewer dims get diagonal factors only (default 2).
+        memory_save_mode: None (default: triangular wherever allowed), ``"smart_one_diag"`` (the largest dim is
+            diagonal if strictly the largest), ``"one_diag"`` (the largest dim is diagonal), ``"all_diag"``.
+        momentum_into_precond_update: fit the preconditioner to the debiased momentum (default True) or to the
+            gradient.
+        precond_lr: η_Q, step size of the factor fit (default 0.1).
+        precond_init_scale: initial P is this times the identity (default 1.0).
+        merge_dims: view ≥3-D tensors as matrices (default True).
+        ema_rate: r, rate of the parameter average used by ``eval()`` (default None: no averaging).
+        seed: seed of the probe generators and of the balancing coin (default 0).
+        nonfinite: ``"skip"`` (default: a step with a non-finite gradient changes nothing, the schedule and the
+            random sources included, is counted in ``counters["skipped_steps"]`` and warns) or ``"raise"``
+            (FloatingPointError).
+        batched: process same-shape parameters of a group as one stack with batched matmuls and triangular solves
+            (default True). False does each parameter alone; the results are the same up to rounding.
+
+    References: X.-L. Li, "Preconditioned Stochastic Gradient Descent", IEEE TNNLS 2018 (arXiv 1512.04202);
+    X.-L. Li, "Black Box Lie Group Preconditioners for SGD", arXiv 2211.04422 (2022);
+    E. Walton, ``kron_torch`` (github.com/evanatyourservice/kron_torch), the reference for this class.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 3e-4,
+        b1: float = 0.9,
+        weight_decay: float = 0.0,
+        preconditioner_update_probability: float | Callable | None = None,
+        max_size_triangular: int = 8192,
+        min_ndim_triangular: int = 2,
+        memory_save_mode: str | None = None,
+        momentum_into_precond_update: bool = True,
+        precond_lr: float = 0.1,
+        precond_init_scale: float = 1.0,
+        merge_dims: bool = True,
+        ema_rate: float | None = None,
+        seed: int = 0,
+        nonfinite: str = "skip",
+        batched: bool = True,
+    ):
+        prob = preconditioner_update_probability
+        if prob is not None and not callable(prob):
+            check_range("preconditioner_update_probability", prob, 0.0, 1.0, low_open=True)
+        check_int("seed", seed, 0)
+        if not isinstance(batched, bool):
+            raise ValueError(f"Invalid batched: {batched!r} (allowed: True or False)")
+        defaults = dict(lr=lr, b1=b1, weight_decay=weight_decay, max_size_triangular=max_size_triangular,
+                        min_ndim_triangular=min_ndim_triangular, memory_save_mode=memory_save_mode,
+                        momentum_into_precond_update=momentum_into_precond_update, precond_lr=precond_lr,
+                        precond_init_scale=precond_init_scale, merge_dims=merge_dims, ema_rate=ema_rate, role=None)
+        self.preconditioner_update_probability = prob
+        self.seed = seed
+        self.batched = batched
+        self._reset_random_sources()
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def validate_group(self, group: dict) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_range("b1", group["b1"], 0.0, 1.0, high_open=True)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_int("max_size_triangular", group["max_size_triangular"], 0)
+        check_int("min_ndim_triangular", group["min_ndim_triangular"], 0)
+        if group["memory_save_mode"] not in MEMORY_SAVE_MODES:
+            raise ValueError(f"Invalid memory_save_mode: {group['memory_save_mode']!r} "
+                             f"(allowed: {', '.join(map(repr, MEMORY_SAVE_MODES))})")
+        for name in ("momentum_into_precond_update", "merge_dims"):
+            if not isinstance(group[name], bool):
+                raise ValueError(f"Invalid {name}: {group[name]!r} (allowed: True or False)")
+        check_range("precond_lr", group["precond_lr"], 0.0)
+        check_range("precond_init_scale", group["precond_init_scale"], 0.0, low_open=True)
+        check_ema_rate(group["ema_rate"])
+        check_role(group["role"])
+
+    # ----- random sources and schedule ------------------------------------------------------------------------
+    def _reset_random_sources(self) -> None:
+        self._generators: dict[str, torch.Generator] = {}
+        self._coin = random.Random(self.seed)
+        self._prob_step = 0  # steps taken (the schedule's n)
+        self._update_counter = 0  # steps since the last preconditioner update
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generators[key] = gen
+        return gen
+
+    def _draw_noise(self, out: torch.Tensor) -> None:
+        """Fill ``out`` (one parameter's probe, contiguous) with N(0, 1) from this optimizer's generator."""
+        out.normal_(generator=self._generator(out.device))
+
+    def _advance_schedule(self) -> bool:
+        """One step of the deterministic schedule: True when the factors are updated this step."""
+        prob = self.preconditioner_update_probability
+        if prob is None:
+            prob = _DEFAULT_SCHEDULE
+        if callable(prob):
+            prob = prob(self._prob_step)
+            value = float(prob)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"Invalid preconditioner_update_probability: the schedule returned {value!r} at "
+                                 f"step {self._prob_step} (allowed: (0, 1])")
+        self._update_counter += 1
+        due = _update_due(self._update_counter, prob)
+        if due:
+            self._update_counter = 0
+        self._prob_step += 1
+        return due
+
+    def _random_state(self) -> dict:
+        version, internal, gauss = self._coin.getstate()
+        return {"schedule_step": self._prob_step, "update_counter": self._update_counter,
+                "coin": (version, tuple(internal), gauss),
+                "generators": {k: g.get_state() for k, g in self._generators.items()}}
+
+    def _set_random_state(self, saved: dict) -> None:
+        self._prob_step = int(saved["schedule_step"])
+        self._update_counter = int(saved["update_counter"])
+        version, internal, gauss = saved["coin"]
+        self._coin.setstate((int(version), tuple(int(x) for x in internal), gauss))
+        self._generators = {}
+        for key, gen_state in saved["generators"].items():
+            self._generator(torch.device(key)).set_state(gen_state.detach().to("cpu", torch.uint8).clone())
+
+    # ----- step -----------------------------------------------------------------------------------------------
+    def _init_state(self, p: torch.Tensor, layout: _Layout, group: dict) -> dict:
+        dtype = state_dtype(p)
+        scale = group["precond_init_scale"] ** (1 / len(layout.shape))
+        state = {"step": 0, "momentum": torch.zeros(p.shape, dtype=dtype, device=p.device)}
+        for k, (d, tri) in enumerate(zip(layout.shape, layout.triangular)):
+            eye = torch.eye(d, dtype=dtype, device=p.device) if tri else torch.ones(d, dtype=dtype, device=p.device)
+            state[f"factor_{k}"] = scale * eye
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        self._refuse_in_eval_mode("step")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self.params_with_grad()
+        if not self.grads_are_finite(work):
+            return loss
+        update = self._advance_schedule()
+        balance = self._coin.random() < BALANCE_PROBABILITY and update  # the coin is drawn every step
+        for gi, (group, params) in enumerate(work):
+            if params:
+                self._step_group(gi, group, params, update, balance)
+        return loss
+
+    def _step_group(self, gi: int, group: dict, params: list[torch.Tensor], update: bool, balance: bool) -> None:
+        layouts = [_layout(p, group) for p in params]
+        states = []
+        for p, layout in zip(params, layouts):
+            if "momentum" not in self.state[p]:
+                self.state[p].update(self._init_state(p, layout, group))
+            states.append(self.state[p])
+        self.update_averages(group, params, states)
+        for state in states:
+            state["step"] += 1
+
+        b1 = group["b1"]
+        moms = [s["momentum"] for s in states]
+        grads = [p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype) for p, m in zip(params, moms)]
+        torch._foreach_mul_(moms, b1)
+        torch._foreach_add_(moms, grads, alpha=1.0 - b1)
+
+        def key(i):
+            if not self.batched:
+                return ("single", gi, id(params[i]))
+            return (gi, layouts[i].shape, layouts[i].triangular, moms[i].dtype, moms[i].device)
+
+        buckets = bucket(range(len(params)), key)
+        probes = {}
+        if update:
+            # Probes are drawn one parameter at a time in parameter order, straight into each bucket's stack, so
+            # every parameter gets the same numbers whether or not it is batched with others.
+            where = {}
+            for bkey, idxs in buckets.items():
+                probes[bkey] = torch.empty((len(idxs), *layouts[idxs[0]].shape), dtype=moms[idxs[0]].dtype,
+                                           device=moms[idxs[0]].device)
+                where.update({i: (bkey, j) for j, i in enumerate(idxs)})
+            for i in range(len(params)):
+                bkey, j = where[i]
+                self._draw_noise(probes[bkey][j])
+
+        updates: list = [None] * len(params)
+        for bkey, idxs in buckets.items():
+            pre = self._precondition_bucket(bkey, idxs, layouts[idxs[0]], group, params, grads, states,
+                                            probes.get(bkey), balance)
+            for j, i in enumerate(idxs):
+                updates[i] = pre[j].view(params[i].shape)
+
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        same = [i for i, p in enumerate(params) if p.dtype == updates[i].dtype]
+        decayed = [i for i in same if wd != 0 and layouts[i].decay]
+        if decayed:
+            torch._foreach_add_([updates[i] for i in decayed], [params[i] for i in decayed], alpha=wd)
+        if same:
+            torch._foreach_add_([params[i] for i in same], [updates[i] for i in same], alpha=-lr)
+        for i, p in enumerate(params):
+            if p.dtype != updates[i].dtype:  # low-precision parameter: update in the state dtype, round once
+                theta = p.to(updates[i].dtype)
+                if wd != 0 and layouts[i].decay:
+                    updates[i].add_(theta, alpha=wd)
+                p.copy_(theta.add_(updates[i], alpha=-lr))
+
+    def _precondition_bucket(self, bkey, idxs, layout: _Layout, group: dict, params, grads, states,
+                             probe: torch.Tensor | None, balance: bool) -> torch.Tensor:
+        """Factor update (on update steps) and the clipped preconditioned momentum, for a stack of same-layout
+        parameters whose state lives in persistent stacks."""
+        n = len(layout.shape)
+        shapes = {"momentum": layout.shape}
+        for k, (d, tri) in enumerate(zip(layout.shape, layout.triangular)):
+            shapes[f"factor_{k}"] = (d, d) if tri else (d,)
+        S = self.stacked_state(bkey, [params[i] for i in idxs], shapes)
+        qs = [S[f"factor_{k}"] for k in range(n)]
+        mom = S["momentum"]
+        b1 = group["b1"]
+        debias = torch.tensor([1.0 - b1 ** states[i]["step"] for i in idxs], dtype=mom.dtype, device=mom.device)
+        m_hat = mom / _bview(debias, mom.ndim)
+        if balance and n > 1:
+            _balance_factors_(qs)
+        if probe is not None:
+            if group["momentum_into_precond_update"]:
+                # the damping lands in m_hat too, which is then preconditioned: kron_torch does the same
+                probe_g = m_hat
+            else:
+                probe_g = torch.stack([grads[i].reshape(layout.shape) for i in idxs])
+            _fit_factors_(qs, probe_g, probe, group["precond_lr"])
+        pre = _precondition(qs, m_hat)
+        _clip_rms_(pre, MAX_UPDATE_RMS)
+        return pre
+
+    # ----- checkpoints and pickling -----------------------------------------------------------------------------
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["psgd_kron"] = self._random_state()
+        return sd
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        saved = state_dict.get("psgd_kron")
+        if saved is not None:
+            self._set_random_state(saved)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update(preconditioner_update_probability=self.preconditioner_update_probability, seed=self.seed,
+                     batched=self.batched, psgd_kron=self._random_state())
+        return state
+
+    def __setstate__(self, state):
+        saved = state.pop("psgd_kron", None)
+        super().__setstate__(state)
+        self.__dict__.setdefault("preconditioner_update_probability", None)
+        self.__dict__.setdefault("seed", 0)
+        self.__dict__.setdefault("batched", True)
+        self._reset_random_sources()
+        if saved is not None:
+            self._set_random_state(saved)
+
+
+_DEFAULT_SCHEDULE = precond_update_prob_schedule()

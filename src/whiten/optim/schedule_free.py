@@ -1,0 +1,175 @@
+"""Schedule-Free AdamW (Defazio et al. 2024): no learning-rate decay schedule; the evaluation point is an average
+of the iterates that the optimizer maintains itself."""
+
+from __future__ import annotations
+
+import torch
+
+from ..roles import NO_DECAY_ROLES, role_from_shape
+from ._base import WhitenOptimizer, check_betas, check_int, check_range, check_role, state_dtype
+
+__all__ = ["ScheduleFreeAdamW"]
+
+
+class ScheduleFreeAdamW(WhitenOptimizer):
+    r"""Schedule-Free AdamW, as ``schedulefree.AdamWScheduleFree`` (facebookresearch/schedule_free) computes it.
+
+    The parameters hold :math:`y` while training and :math:`x` while evaluating; the state holds :math:`z`. At step
+    :math:`k` (from 0), with :math:`\gamma_k` = lr × linear warm-up factor:
+
+    .. math::
+        v &\leftarrow \beta_2 v + (1-\beta_2) g^2, \qquad
+        \hat g = g / (\sqrt{v / (1-\beta_2^{k+1})} + \epsilon) + \lambda y \\
+        w_k &= (k+1)^r \,(\max_{j\le k}\gamma_j)^{p}, \qquad c = w_k / \textstyle\sum_{j\le k} w_j \\
+        y &\leftarrow (1-c)\,y + c\,z + \gamma_k(\beta_1(1-c) - 1)\,\hat g, \qquad z \leftarrow z - \gamma_k \hat g
+
+    which keeps :math:`y = (1-\beta_1) z + \beta_1 x` for the average :math:`x` of the :math:`z` iterates.
+    ``eval()`` puts :math:`x` into the parameters and ``train()`` puts :math:`y` back, bit for bit when the
+    optimizer still holds the :math:`y` it replaced (after ``load_state_dict`` it is recomputed from x and z). The
+    mode is saved in each param group, so a checkpoint taken in either mode matches the weights saved with it.
+
+    Unlike the reference, the optimizer starts in train mode (no ``train()`` call is needed before the first step),
+    never modifies ``p.grad``, keeps its state in float32 for low-precision parameters, and does not decay the
+    ``vector`` and ``embedding`` roles. Calling ``step()`` in eval mode raises.
+
+    State per parameter: ``z`` and ``exp_avg_sq`` (shape of p, float32; float64 for float64 parameters).
+    Per group: ``k`` (steps taken), ``train_mode``, ``weight_sum``, ``lr_max``, ``scheduled_lr``.
+
+    Args:
+        params: parameters or param-group dicts (groups from :func:`whiten.param_groups` carry a ``role``).
+        lr: γ (default 0.0025). betas: (β1, β2) (default (0.9, 0.999)). eps: ε (default 1e-8).
+        weight_decay: λ, applied at y through the gradient as the reference does (default 0).
+        warmup_steps: linear warm-up of γ over this many steps (default 0).
+        r: polynomial weighting power of the average (default 0).
+        weight_lr_power: weights of the average ∝ max lr so far to this power (default 2).
+        nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient.
+
+    Reference: A. Defazio et al., "The Road Less Scheduled", NeurIPS 2024.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.0025,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2.0,
+        nonfinite: str = "skip",
+    ):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
+                        weight_lr_power=weight_lr_power, role=None, k=0, train_mode=True, weight_sum=0.0,
+                        lr_max=-1.0, scheduled_lr=0.0)
+        self._y: dict = {}  # the train-mode parameters replaced by eval(), for an exact train()
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def validate_group(self, group: dict) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_betas("betas", group["betas"])
+        if group["betas"][0] == 0:
+            raise ValueError("Invalid betas[0]: 0 (allowed: (0, 1); eval() divides by beta1)")
+        check_range("eps", group["eps"], 0.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_int("warmup_steps", group["warmup_steps"], 0)
+        check_range("r", group["r"], 0.0)
+        check_range("weight_lr_power", group["weight_lr_power"], 0.0)
+        check_role(group["role"])
+
+    @property
+    def in_eval_mode(self) -> bool:
+        return any(not g["train_mode"] for g in self.param_groups)
+
+    @torch.no_grad()
+    def eval(self):
+        """Put the averaged point x = (y - (1-β1) z) / β1 into the parameters."""
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                continue
+            beta1 = group["betas"][0]
+            for p in group["params"]:
+                z = self.state[p].get("z") if p in self.state else None
+                if z is not None:
+                    self._y[p] = p.detach().clone()
+                    p.copy_(p.to(z.dtype).lerp_(z, 1.0 - 1.0 / beta1))
+            group["train_mode"] = False
+        return self
+
+    @torch.no_grad()
+    def train(self):
+        """Put the training point y back: exactly the one eval() replaced, else y = (1-β1) z + β1 x."""
+        for group in self.param_groups:
+            if group["train_mode"]:
+                continue
+            beta1 = group["betas"][0]
+            for p in group["params"]:
+                z = self.state[p].get("z") if p in self.state else None
+                if z is None:
+                    continue
+                y = self._y.pop(p, None)
+                p.copy_(y if y is not None else p.to(z.dtype).lerp_(z, 1.0 - beta1))
+            group["train_mode"] = True
+        return self
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self._y = {}  # the modes now come from the checkpoint; y is recomputed by train()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._y = {}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step (train mode only). ``closure`` re-evaluates the model, returns the loss."""
+        if self.in_eval_mode:
+            raise RuntimeError("ScheduleFreeAdamW.step() called in eval mode: the parameters hold the averaged "
+                               "point x, not the training point y. Call optimizer.train() first.")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self.params_with_grad()
+        if not self.grads_are_finite(work):
+            return loss
+        for group, params in work:
+            self._step_group(group, params)
+        return loss
+
+    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        k = group["k"]
+        lr = float(group["lr"]) * ((k + 1) / group["warmup_steps"] if k < group["warmup_steps"] else 1.0)
+        group["scheduled_lr"] = lr
+        group["lr_max"] = lr_max = max(lr, group["lr_max"])
+        weight = (k + 1) ** group["r"] * lr_max ** group["weight_lr_power"]
+        group["weight_sum"] += weight
+        c = weight / group["weight_sum"] if group["weight_sum"] > 0 else 0.0
+        group["k"] = k + 1
+        if not params:
+            return
+        for p in params:
+            if not self.state[p]:
+                self.state[p] = {"z": p.detach().to(state_dtype(p), copy=True),
+                                 "exp_avg_sq": torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)}
+        z = [self.state[p]["z"] for p in params]
+        v = [self.state[p]["exp_avg_sq"] for p in params]
+        grads = [p.grad.to(zi.dtype, copy=True) for p, zi in zip(params, z)]  # normalised in place below
+        y = [p if p.dtype == zi.dtype else p.to(zi.dtype) for p, zi in zip(params, z)]
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, 1.0 - beta2)
+        denom = torch._foreach_div(v, 1.0 - beta2 ** (k + 1))
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_div_(grads, denom)
+        if group["weight_decay"] != 0:
+            decayed = [i for i, p in enumerate(params) if (group["role"] or role_from_shape(p)) not in NO_DECAY_ROLES]
+            if decayed:
+                torch._foreach_add_([grads[i] for i in decayed], [y[i] for i in decayed], alpha=group["weight_decay"])
+        torch._foreach_lerp_(y, z, c)
+        torch._foreach_add_(y, grads, alpha=lr * (beta1 * (1.0 - c) - 1.0))
+        torch._foreach_sub_(z, grads, alpha=lr)
+        for p, yi in zip(params, y):
+            if yi is not p:  # low-precision parameter: computed in the state dtype, rounded once
+                p.copy_(yi)

@@ -1,0 +1,573 @@
+"""Shampoo (Gupta, Koren, Singer 2018) as Distributed Shampoo computes it (Shi et al. 2023,
+facebookresearch/optimizers): blocked Kronecker-factored preconditioning by inverse roots refreshed every few
+steps, with the step size grafted block by block from Adam (or AdaGrad, RMSprop)."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..averaging import AveragingMixin
+from ..roles import NO_DECAY_ROLES, role_from_shape
+from ._base import WhitenOptimizer, bucket, check_ema_rate, check_int, check_range, check_role, state_dtype
+
+__all__ = ["Shampoo", "InverseRootResult", "block_layout", "matrix_inverse_root", "merge_small_dims"]
+
+GRAFTING_TYPES = (None, "adagrad", "rmsprop", "adam")
+# grafting_beta2=None takes Distributed Shampoo's default of each grafting config.
+DEFAULT_GRAFTING_BETA2 = {"adagrad": 1.0, "rmsprop": 0.99, "adam": 0.999}
+# Distributed Shampoo's guard on the Shampoo direction's norm when grafting.
+GRAFT_NORM_EPS = 1e-16
+
+
+# ----- kernels (pure functions: no optimizer state) -------------------------------------------------------------
+
+
+def merge_small_dims(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
+    """Drop size-1 dims, then merge adjacent dims from the last one backwards while their product stays
+    ``<= max_dim`` (Distributed Shampoo's ``merge_small_dims`` with target dimensionality 1). A tensor whose dims are
+    all 1 (or a 0-d tensor) becomes ``(1,)``; ``(32, 3, 64, 64)`` with 8192 becomes ``(96, 4096)``."""
+    dims = [d for d in shape if d != 1] or [1]
+    merged = [dims[-1]]
+    for d in reversed(dims[:-1]):
+        if merged[-1] * d <= max_dim:
+            merged[-1] *= d
+        else:
+            merged.append(d)
+    return tuple(reversed(merged))
+
+
+class Block(NamedTuple):
+    """One independent Shampoo problem: a slice of a parameter's merged view."""
+
+    index: tuple[slice, ...]  # into ``tensor.reshape(merged_shape)``
+    dims: tuple[int, ...]
+    factor_keys: tuple[str, ...]  # state names, one per mode
+    root_keys: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=4096)
+def block_layout(shape: tuple[int, ...], max_dim: int) -> tuple[tuple[int, ...], tuple[Block, ...]]:
+    """``(merged_shape, blocks)``: the merged shape (:func:`merge_small_dims`) cut along every dim into chunks of
+    ``max_dim`` (Distributed Shampoo's ``multi_dim_split``), blocks numbered in row-major order of the chunks."""
+    merged = merge_small_dims(shape, max_dim)
+    blocks = []
+    for i, offsets in enumerate(itertools.product(*(range(0, d, max_dim) for d in merged))):
+        dims = tuple(min(max_dim, d - o) for o, d in zip(offsets, merged))
+        blocks.append(Block(index=tuple(slice(o, o + n) for o, n in zip(offsets, dims)), dims=dims,
+                            factor_keys=tuple(f"factor_{i}_{j}" for j in range(len(dims))),
+                            root_keys=tuple(f"root_{i}_{j}" for j in range(len(dims)))))
+    return merged, tuple(blocks)
+
+
+@dataclass
+class InverseRootResult:
+    """``roots[i] = A_i^(-1/root)`` where ``ok[i]``; elsewhere ``roots[i]`` is meaningless and the caller keeps its
+    previous root. ``retried`` counts matrices whose eigendecomposition needed the float64 retry."""
+
+    roots: torch.Tensor
+    ok: list[bool]
+    retried: int
+
+
+def _root_from_eigh(L: torch.Tensor, Q: torch.Tensor, root: float, eps: float) -> torch.Tensor:
+    # Round-off can leave A + eps*I with eigenvalues below eps, even negative ones: shift the whole spectrum so the
+    # smallest is eps (Distributed Shampoo's two-step perturbation, -lam_min then +eps).
+    lam_min = L.amin(dim=-1, keepdim=True)
+    L = torch.where(lam_min < eps, L - lam_min + eps, L)
+    return (Q * L.pow(-1.0 / root).unsqueeze(-2)) @ Q.mT
+
+
+def matrix_inverse_root(A: torch.Tensor, root: float, eps: float) -> InverseRootResult:
+    """``(A_i + eps I)^(-1/root)`` for each symmetric matrix of a ``(B, d, d)`` stack, as Distributed Shampoo's
+    default ``EigenConfig``: eigendecomposition of ``A + eps I``, eigenvalues shifted up to ``eps`` when the smallest
+    is below it, ``Q diag(L^(-1/root)) Qᵀ``.
+
+    The fallback ladder: eigh in A's dtype (one batched call on accelerators; matrix by matrix on the CPU, where
+    LAPACK has no batched solver); a matrix whose eigh raises or returns non-finite values is retried in float64
+    (its root is then formed in float64 and cast back); a matrix whose input is not finite, whose retry fails too, or
+    whose root is not finite is reported in ``ok``. Never raises on bad values.
+    """
+    B, d = A.shape[0], A.shape[-1]
+    finite_in = A.isfinite().flatten(1).all(1).tolist()
+    A_r = A + eps * torch.eye(d, dtype=A.dtype, device=A.device)
+    L = torch.ones(B, d, dtype=A.dtype, device=A.device)
+    Q = torch.eye(d, dtype=A.dtype, device=A.device).expand(B, d, d).clone()
+    done = [False] * B
+    if A.device.type != "cpu" and B > 1 and all(finite_in):
+        try:
+            L, Q = torch.linalg.eigh(A_r)
+            done = [True] * B
+        except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+            pass
+    if not all(done):
+        for i in range(B):
+            if finite_in[i]:
+                try:
+                    L[i], Q[i] = torch.linalg.eigh(A_r[i])
+                    done[i] = True
+                except RuntimeError:
+                    pass
+    good = (L.isfinite().all(-1) & Q.isfinite().flatten(1).all(1)).tolist()
+    ok = [a and b for a, b in zip(done, good)]
+    X = _root_from_eigh(L, Q, root, eps)
+    retried = 0
+    for i in range(B):
+        if ok[i] or not finite_in[i]:
+            continue
+        retried += 1
+        try:
+            L64, Q64 = torch.linalg.eigh(A_r[i].to(torch.float64))
+        except RuntimeError:
+            continue
+        X[i] = _root_from_eigh(L64, Q64, root, eps).to(A.dtype)
+        ok[i] = True
+    ok = [a and b for a, b in zip(ok, X.isfinite().flatten(1).all(1).tolist())]
+    return InverseRootResult(roots=X, ok=ok, retried=retried)
+
+
+def _contract_all_but(G: torch.Tensor, j: int) -> torch.Tensor:
+    """The mode-j factor statistic: G contracted with itself over every dim except j (G Gᵀ, Gᵀ G for matrices)."""
+    others = [k for k in range(G.ndim) if k != j]
+    return torch.tensordot(G, G, dims=(others, others))
+
+
+def _precondition_block(X: torch.Tensor, roots: list[torch.Tensor]) -> torch.Tensor:
+    """``X ×_1 R_1 ×_2 R_2 ...`` for symmetric R: contracting dim 0 each time rotates the dims, so after one
+    contraction per mode they are back in order (``R_1 X R_2`` for matrices)."""
+    for R in roots:
+        X = torch.tensordot(X, R, dims=([0], [0]))
+    return X
+
+
+# ----- the optimizer -----------------------------------------------------------------------------------------------
+
+
+class Shampoo(AveragingMixin, WhitenOptimizer):
+    r"""Shampoo with Distributed Shampoo's defaults and step order (facebookresearch/optimizers, single process).
+
+    Every parameter is cut into blocks: size-1 dims dropped, adjacent dims merged while their product stays
+    ``<= max_preconditioner_dim``, every dim split into chunks of ``max_preconditioner_dim``. Each block
+    :math:`G` of order :math:`k` (dims :math:`d_1 \dots d_k`) is its own Shampoo problem, with one factor per mode.
+    At step :math:`t` (per parameter):
+
+    .. math::
+        F_i &\leftarrow \beta_2 F_i + w\, G_{(i)} G_{(i)}^\top \qquad (w = 1 \text{ if } \beta_2 = 1 \text{ else }
+            1-\beta_2;\ G_{(i)}: G \text{ unfolded along mode } i) \\
+        \hat F_i &= (F_i / b_2 + \epsilon I)^{-1/(2k)} \quad\text{when refreshed, else the previous one
+            (identity at first)},\quad b_2 = 1-\beta_2^t \\
+        M &\leftarrow \beta_1 M + (1-\beta_1) G, \qquad \bar G = M / (1-\beta_1^t) \\
+        V &\leftarrow \beta_g V + w_g\, G \odot G, \qquad D = \bar G / (\sqrt{V / b_g} + \epsilon_g) \\
+        P &= \bar G \times_1 \hat F_1 \cdots \times_k \hat F_k
+            \;\cdot\; \frac{\|D\|_F}{\|\bar G \times_1 \hat F_1 \cdots \times_k \hat F_k\|_F + 10^{-16}}
+            \qquad (P = D \text{ while } t < \texttt{start\_preconditioning\_step}) \\
+        W &\leftarrow W - \eta\,(P + \lambda W)
+
+    :math:`\hat F_i` are refreshed, after the factor update and before preconditioning, when ``t ==
+    start_preconditioning_step`` or when ``t % precondition_frequency == 0`` and ``t > start_preconditioning_step``.
+    The root (Distributed Shampoo's default ``EigenConfig``): eigendecomposition of :math:`F_i/b_2 + \epsilon I`
+    (retried in float64 on failure), eigenvalues shifted so the smallest is :math:`\epsilon` when it is below,
+    :math:`Q \mathrm{diag}(L^{-1/(2k)}) Q^\top` — so matrices get :math:`L^{-1/4} G R^{-1/4}` and vectors full-matrix
+    AdaGrad :math:`F^{-1/2} g`. The norms in the grafting ratio are per block. Grafting: ``"adam"`` (:math:`\beta_g`,
+    :math:`w_g = 1-\beta_g`, :math:`b_g = 1-\beta_g^t`), ``"rmsprop"`` (same, :math:`b_g = 1`), ``"adagrad"``
+    (:math:`\beta_g = w_g = b_g = 1`), ``None`` (:math:`P` is the Shampoo direction unscaled, and :math:`\bar G`
+    before preconditioning starts). :math:`b_2 = 1` when ``use_bias_correction`` is False or :math:`\beta_2 = 1`;
+    :math:`\bar G = G` when :math:`\beta_1 = 0`, and :math:`\bar G = M` without bias correction. Weight decay
+    :math:`\lambda` is decoupled (added to the direction) and off for the ``vector`` and ``embedding`` roles.
+
+    With ``start_preconditioning_step=math.inf`` and ``grafting="adam"`` this is exactly AdamW (the Muon
+    example of Distributed Shampoo's README routes non-hidden parameters this way); no factors are then kept.
+
+    Choices where whiten differs from Distributed Shampoo (DS):
+
+    - ``grafting="adam"`` by default. DS's constructor default is no grafting, but every example in its README
+      grafts Adam, and without grafting the step size of Shampoo has nothing to do with Adam's learning rates.
+    - A factor that is not finite, an eigendecomposition that fails even in float64, or a root that is not finite
+      keeps the previous root (identity before the first), warns, and is counted in ``counters["eigh_failures"]``
+      (float64 retries in ``counters["eigh_retries"]``). DS raises on non-finite factors or roots and after more than
+      3 consecutive failed refreshes.
+    - A block whose Shampoo direction has a non-finite norm (overflow) takes the grafted direction (or
+      :math:`\bar G` without grafting) instead, so finite gradients never produce NaN.
+    - With ``start_preconditioning_step=math.inf`` no factors are stored or updated (DS updates them anyway).
+    - Non-finite gradients skip the whole step (``nonfinite="skip"``) or raise FloatingPointError.
+    - The step count is per parameter (a parameter without a gradient does not advance); DS counts per group.
+    - 0-d parameters and parameters whose dims are all 1 are 1-element vectors, as in DS: a 1×1 factor and
+      exponent -1/2, so with grafting their update is the grafted one.
+    - Empty parameters are left alone (no state).
+
+    State per parameter (``optimizer.state[p]``), in float32 (float64 for float64 parameters): ``step`` (int);
+    ``momentum`` (shape of p; only if β1 > 0); ``graft`` (shape of p, the grafting second moment V; only with
+    grafting); for block i (numbered as :func:`block_layout` does, a function of the shape and
+    ``max_preconditioner_dim`` only) and mode j: ``factor_{i}_{j}`` and ``root_{i}_{j}`` (d_j, d_j) (not with
+    ``start_preconditioning_step=math.inf``); ``ema`` (shape of p) when averaging.
+
+    Args:
+        params: parameters or param-group dicts; groups from :func:`whiten.param_groups` carry a ``role``, which
+            decides weight decay only. Without a role, a parameter's role comes from its shape.
+        lr: learning rate η (default 1e-2).
+        betas: (β1, β2): the first-moment rate (0 disables it) and the factor rate; β2 = 1 sums the factors like
+            AdaGrad, β2 < 1 is an EMA (default (0.9, 1.0), as DS).
+        epsilon: ε added to the factors before the inverse root, > 0 (default 1e-12).
+        weight_decay: λ, decoupled (default 0.0).
+        max_preconditioner_dim: the largest block side (default 1024; DS's README suggests 8192).
+        precondition_frequency: refresh the roots every this many steps (default 1; DS's README suggests 100).
+        start_preconditioning_step: the first step that preconditions; before it the update is the grafted one.
+            None means ``precondition_frequency``; it may not be smaller; ``math.inf`` never preconditions
+            (default None).
+        use_bias_correction: divide M by 1-β1^t and the factors by 1-β2^t (default True).
+        grafting: ``"adam"``, ``"rmsprop"``, ``"adagrad"`` or None (default ``"adam"``, see above).
+        grafting_beta2: β_g, the second-moment rate of RMSprop/Adam grafting in [0, 1); None takes DS's default
+            of each config: 0.999 for Adam, 0.99 for RMSprop, and 1 (a sum) for AdaGrad, which accepts only None
+            or 1.0 (default None).
+        grafting_epsilon: ε_g, > 0 (default 1e-10, DS; its README suggests the old Adam eps, e.g. 1e-8).
+        ema_rate: rate of the parameter average used by ``eval()``; None averages nothing (default None).
+        nonfinite: ``"skip"`` (default: a step with a non-finite gradient changes nothing, is counted in
+            ``counters["skipped_steps"]`` and warns) or ``"raise"`` (FloatingPointError).
+        batched: process same-shape matrix and vector blocks of a group as stacks: batched factor updates, root
+            computations and ``torch.bmm`` preconditioning (default True). False does each block alone; blocks of
+            order 3 or more always go one by one.
+
+    References: V. Gupta, T. Koren, Y. Singer, "Shampoo: Preconditioned Stochastic Tensor Optimization", ICML 2018;
+    H.-J. M. Shi et al., "A Distributed Data-Parallel PyTorch Implementation of the Distributed Shampoo Optimizer
+    for Training Neural Networks At-Scale", arXiv 2309.06497 (2023); facebookresearch/optimizers,
+    ``distributed_shampoo/``.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 1.0),
+        epsilon: float = 1e-12,
+        weight_decay: float = 0.0,
+        max_preconditioner_dim: int = 1024,
+        precondition_frequency: int = 1,
+        start_preconditioning_step: int | float | None = None,
+        use_bias_correction: bool = True,
+        grafting: str | None = "adam",
+        grafting_beta2: float | None = None,
+        grafting_epsilon: float = 1e-10,
+        ema_rate: float | None = None,
+        nonfinite: str = "skip",
+        batched: bool = True,
+    ):
+        defaults = dict(lr=lr, betas=betas, epsilon=epsilon, weight_decay=weight_decay,
+                        max_preconditioner_dim=max_preconditioner_dim, precondition_frequency=precondition_frequency,
+                        start_preconditioning_step=start_preconditioning_step,
+                        use_bias_correction=use_bias_correction, grafting=grafting, grafting_beta2=grafting_beta2,
+                        grafting_epsilon=grafting_epsilon, ema_rate=ema_rate, role=None)
+        if not isinstance(batched, bool):
+            raise ValueError(f"Invalid batched: {batched!r} (allowed: True or False)")
+        self.batched = batched
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def validate_group(self, group: dict) -> None:
+        check_range("lr", group["lr"], 0.0)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r} (allowed: a pair (beta1 in [0, 1), beta2 in (0, 1]))")
+        check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+        check_range("betas[1]", betas[1], 0.0, 1.0, low_open=True)
+        check_range("epsilon", group["epsilon"], 0.0, low_open=True)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_int("max_preconditioner_dim", group["max_preconditioner_dim"], 1)
+        check_int("precondition_frequency", group["precondition_frequency"], 1)
+        start, freq = group["start_preconditioning_step"], group["precondition_frequency"]
+        if start is not None and start != math.inf:
+            if isinstance(start, bool) or not isinstance(start, int) or start < freq:
+                raise ValueError(f"Invalid start_preconditioning_step: {start!r} (allowed: None, math.inf or an "
+                                 f"integer >= precondition_frequency = {freq})")
+        if not isinstance(group["use_bias_correction"], bool):
+            raise ValueError(f"Invalid use_bias_correction: {group['use_bias_correction']!r} (allowed: True or False)")
+        grafting = group["grafting"]
+        if grafting not in GRAFTING_TYPES:
+            raise ValueError(f"Invalid grafting: {grafting!r} (allowed: {', '.join(map(repr, GRAFTING_TYPES))})")
+        gb2 = group["grafting_beta2"]
+        if gb2 is not None:
+            if grafting == "adagrad":
+                if gb2 != 1.0:
+                    raise ValueError(f"Invalid grafting_beta2: {gb2!r} (allowed with AdaGrad grafting: None or 1.0)")
+            else:
+                check_range("grafting_beta2", gb2, 0.0, 1.0, high_open=True)
+        check_range("grafting_epsilon", group["grafting_epsilon"], 0.0, low_open=True)
+        check_ema_rate(group["ema_rate"])
+        check_role(group["role"])
+
+    # ----- stacks of blocks ---------------------------------------------------------------------------------------
+    def _block_stacks(self, key, slots: list[tuple[torch.Tensor, dict[str, str]]],
+                      shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """``{slot: (B, *shape) stack}`` whose j-th slice IS ``self.state[p_j][names_j[slot]]``.
+
+        :meth:`WhitenOptimizer.stacked_state` for state entries whose names differ between members (the blocks of
+        one parameter share a shape but not a name); rebuilt the same way when members or entries change.
+        """
+        entry = self._stacks.get(key)
+        if entry is not None:
+            members, stacks, views = entry
+            if (len(members) == len(slots)
+                    and all(a is p and an == names for (a, an), (p, names) in zip(members, slots))
+                    and all(self.state[p][names[s]] is views[s][j]
+                            for s in shapes for j, (p, names) in enumerate(slots))):
+                return stacks
+        stacks, views = {}, {}
+        for s, shape in shapes.items():
+            stacks[s] = torch.stack([self.state[p][names[s]].reshape(shape) for p, names in slots])
+            views[s] = list(stacks[s].unbind(0))
+            for (p, names), v in zip(slots, views[s]):
+                self.state[p][names[s]] = v
+        self._stacks[key] = (list(slots), stacks, views)
+        return stacks
+
+    # ----- the step -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        self._refuse_in_eval_mode("step")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self.params_with_grad()
+        if not self.grads_are_finite(work):
+            return loss
+        failures = 0
+        for gi, (group, params) in enumerate(work):
+            params = [p for p in params if p.numel() > 0]
+            if params:
+                failures += self._step_group(gi, group, params)
+        if failures:
+            warnings.warn(
+                f"{type(self).__name__}: inverse root failed for {failures} factor(s) (non-finite factor or "
+                "eigendecomposition failure even in float64); keeping their previous root (identity before the "
+                f"first). {self.counters['eigh_failures']} failures so far; persistent failures usually mean "
+                "exploding gradients.", RuntimeWarning, stacklevel=2)
+        return loss
+
+    def _init_state(self, p: torch.Tensor, state: dict, blocks, group: dict, precondition: bool) -> None:
+        """Create missing entries (all on the first step; later ones if a group option was changed)."""
+        dtype = state_dtype(p)
+        state.setdefault("step", 0)
+        if group["betas"][0] > 0 and "momentum" not in state:
+            state["momentum"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        if group["grafting"] is not None and "graft" not in state:
+            state["graft"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        if precondition and blocks[0].factor_keys[0] not in state:
+            for blk in blocks:
+                for d, fk, rk in zip(blk.dims, blk.factor_keys, blk.root_keys):
+                    state[fk] = torch.zeros(d, d, dtype=dtype, device=p.device)
+                    state[rk] = torch.eye(d, dtype=dtype, device=p.device)
+
+    def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> int:
+        """One step for the parameters of a group; returns how many root computations failed."""
+        beta1, beta2 = group["betas"]
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        freq = group["precondition_frequency"]
+        start = group["start_preconditioning_step"]
+        start = freq if start is None else start
+        precondition = start != math.inf
+        grafting = group["grafting"]
+        gb2 = group["grafting_beta2"]
+        gb2 = DEFAULT_GRAFTING_BETA2.get(grafting, 1.0) if gb2 is None else gb2
+        bias_correction = group["use_bias_correction"]
+
+        layouts = [block_layout(tuple(p.shape), group["max_preconditioner_dim"]) for p in params]
+        states = []
+        for p, (_, blocks) in zip(params, layouts):
+            state = self.state[p]
+            self._init_state(p, state, blocks, group, precondition)
+            state["step"] += 1
+            states.append(state)
+        self.update_averages(group, params, states)  # the pre-update parameters
+        steps = [s["step"] for s in states]
+        dtypes = [state_dtype(p) for p in params]
+        grads = [p.grad if p.grad.dtype == dt else p.grad.to(dt) for p, dt in zip(params, dtypes)]
+
+        # Grafting second moment, from the raw gradient.
+        graft_dirs = None
+        if grafting is not None:
+            V = [s["graft"] for s in states]
+            if gb2 == 1.0:
+                torch._foreach_addcmul_(V, grads, grads, value=1.0)
+            else:
+                torch._foreach_mul_(V, gb2)
+                torch._foreach_addcmul_(V, grads, grads, value=1.0 - gb2)
+        # First moment ("filtered gradient").
+        if beta1 > 0:
+            moms = [s["momentum"] for s in states]
+            torch._foreach_lerp_(moms, grads, 1.0 - beta1)
+            gbar = torch._foreach_div(moms, [1.0 - beta1**t for t in steps]) if bias_correction else moms
+        else:
+            gbar = grads
+        fresh_gbar = beta1 > 0 and bias_correction  # gbar[i] is not a state tensor or a gradient
+        if grafting is not None:
+            denom = (torch._foreach_div(V, [1.0 - gb2**t for t in steps]) if grafting == "adam"
+                     else torch._foreach_sqrt(V))
+            if grafting == "adam":
+                torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, group["grafting_epsilon"])
+            graft_dirs = torch._foreach_div(gbar, denom)
+
+        # Directions: grafted before preconditioning starts, Shampoo (grafted block by block) after.
+        directions: list = [None] * len(params)
+        active = []  # parameters preconditioned this step
+        for i, t in enumerate(steps):
+            if grafting is not None and t < start:
+                directions[i] = graft_dirs[i]
+            elif not precondition:  # no grafting, never preconditioned: the identity preconditioner
+                directions[i] = gbar[i] if fresh_gbar else gbar[i].clone()
+            else:
+                directions[i] = torch.empty(params[i].shape, dtype=dtypes[i], device=params[i].device)
+                active.append(i)
+        failures = 0
+        if precondition:
+            ctx = _Ctx(params, states, layouts, grads, gbar, graft_dirs, directions,
+                       active=set(active), beta2=beta2, w=1.0 if beta2 == 1.0 else 1.0 - beta2,
+                       bc2=[1.0 - beta2**t if bias_correction and beta2 < 1.0 else 1.0 for t in steps],
+                       due=[(t % freq == 0 and t > start) or t == start for t in steps], eps=group["epsilon"])
+            entries = [(i, b) for i, (_, blocks) in enumerate(layouts) for b in range(len(blocks))]
+            stackable = (lambda e: len(layouts[e[0]][1][e[1]].dims) <= 2) if self.batched else (lambda e: False)
+            alone = [e for e in entries if not stackable(e)]
+            key = lambda e: ("shampoo", gi, layouts[e[0]][1][e[1]].dims, dtypes[e[0]], params[e[0]].device)
+            for k, bucket_entries in bucket([e for e in entries if stackable(e)], key).items():
+                failures += self._stacked_blocks(k, bucket_entries, ctx)
+            for e in alone:
+                failures += self._single_block(e, ctx)
+
+        # W <- W - lr*(P + wd*W), wd masked by role.
+        for i, p in enumerate(params):
+            P = directions[i]
+            decay = wd if (group["role"] or role_from_shape(p)) not in NO_DECAY_ROLES else 0.0
+            if p.dtype == dtypes[i]:
+                if decay:
+                    P.add_(p, alpha=decay)
+                p.add_(P, alpha=-lr)
+            else:  # low-precision parameters: update in the state dtype, round once
+                theta = p.to(dtypes[i])
+                if decay:
+                    P.add_(theta, alpha=decay)
+                p.copy_(theta.add_(P, alpha=-lr))
+        return failures
+
+    def _refresh(self, factors: torch.Tensor, roots: torch.Tensor, bc2: list[float], eps: float, order: int) -> int:
+        """New roots for a (B, d, d) stack of factors, written into ``roots`` where they could be computed."""
+        scale = torch.tensor(bc2, dtype=factors.dtype, device=factors.device).view(-1, 1, 1)
+        result = matrix_inverse_root(factors / scale, 2 * order, eps)
+        self.counters["eigh_retries"] += result.retried
+        if all(result.ok):
+            roots.copy_(result.roots)
+            return 0
+        for j, ok in enumerate(result.ok):
+            if ok:
+                roots[j].copy_(result.roots[j])
+        failed = result.ok.count(False)
+        self.counters["eigh_failures"] += failed
+        return failed
+
+    def _stacked_blocks(self, key, entries: list[tuple[int, int]], c: "_Ctx") -> int:
+        """Same-shape order-1 and order-2 blocks as stacks: factors by baddbmm, roots, preconditioning by bmm."""
+        i0, b0 = entries[0]
+        dims = c.layouts[i0][1][b0].dims
+        order = len(dims)
+        blocks = [c.layouts[i][1][b] for i, b in entries]
+        slots = [(c.params[i], {**{f"F{j}": blk.factor_keys[j] for j in range(order)},
+                                **{f"R{j}": blk.root_keys[j] for j in range(order)}})
+                 for (i, _), blk in zip(entries, blocks)]
+        shapes = {**{f"F{j}": (d, d) for j, d in enumerate(dims)}, **{f"R{j}": (d, d) for j, d in enumerate(dims)}}
+        S = self._block_stacks(key, slots, shapes)
+
+        G = torch.stack([c.block(c.grads, i, b) for i, b in entries])
+        if order == 1:
+            S["F0"].baddbmm_(G.unsqueeze(2), G.unsqueeze(1), beta=c.beta2, alpha=c.w)
+        else:
+            S["F0"].baddbmm_(G, G.mT, beta=c.beta2, alpha=c.w)
+            S["F1"].baddbmm_(G.mT, G, beta=c.beta2, alpha=c.w)
+        del G
+
+        failures = 0
+        due = [j for j, (i, _) in enumerate(entries) if c.due[i]]
+        if due:
+            idx = None if len(due) == len(entries) else torch.tensor(due, device=S["F0"].device)
+            bc2 = [c.bc2[entries[j][0]] for j in due]
+            for m in range(order):
+                F, R = S[f"F{m}"], S[f"R{m}"]
+                if idx is None:
+                    failures += self._refresh(F, R, bc2, c.eps, order)
+                else:
+                    sub = R[idx]
+                    failures += self._refresh(F[idx], sub, bc2, c.eps, order)
+                    R.index_copy_(0, idx, sub)
+
+        act = [j for j, (i, _) in enumerate(entries) if i in c.active]
+        if not act:
+            return failures
+        roots = [S[f"R{m}"] for m in range(order)]
+        if len(act) != len(entries):
+            idx = torch.tensor(act, device=roots[0].device)
+            roots = [R[idx] for R in roots]
+        act_entries = [entries[j] for j in act]
+        X = torch.stack([c.block(c.gbar, i, b) for i, b in act_entries])
+        if order == 1:
+            P = torch.bmm(roots[0], X.unsqueeze(2)).squeeze(2)
+        else:
+            P = torch.bmm(torch.bmm(roots[0], X), roots[1])
+        D = torch.stack([c.block(c.graft_dirs, i, b) for i, b in act_entries]) if c.graft_dirs is not None else X
+        P = _graft(P, D, c.graft_dirs is not None, tuple(range(1, order + 1)))
+        for (i, b), Pj in zip(act_entries, P.unbind(0)):
+            c.block(c.directions, i, b).copy_(Pj)
+        return failures
+
+    def _single_block(self, entry: tuple[int, int], c: "_Ctx") -> int:
+        """One block of any order, by tensordot."""
+        i, b = entry
+        blk = c.layouts[i][1][b]
+        state = c.states[i]
+        G = c.block(c.grads, i, b)
+        failures = 0
+        for j, fk in enumerate(blk.factor_keys):
+            F = state[fk]
+            if c.beta2 != 1.0:
+                F.mul_(c.beta2)
+            F.add_(_contract_all_but(G, j), alpha=c.w)
+        if c.due[i]:
+            for fk, rk in zip(blk.factor_keys, blk.root_keys):
+                failures += self._refresh(state[fk].unsqueeze(0), state[rk].unsqueeze(0), [c.bc2[i]], c.eps,
+                                          len(blk.dims))
+        if i in c.active:
+            X = c.block(c.gbar, i, b)
+            P = _precondition_block(X, [state[rk] for rk in blk.root_keys])
+            D = c.block(c.graft_dirs, i, b) if c.graft_dirs is not None else X
+            c.block(c.directions, i, b).copy_(_graft(P, D, c.graft_dirs is not None, None))
+        return failures
+
+
+def _graft(P: torch.Tensor, D: torch.Tensor, grafting: bool, dims) -> torch.Tensor:
+    """``P ||D|| / (||P|| + 1e-16)`` per block (dims: the block dims of a stack, None for one block); a block whose
+    Shampoo direction overflowed (non-finite norm) takes D, the grafted direction (Ḡ without grafting)."""
+    p_norm = torch.linalg.vector_norm(P, dim=dims, keepdim=dims is not None)
+    if grafting:
+        d_norm = torch.linalg.vector_norm(D, dim=dims, keepdim=dims is not None)
+        scaled = P * (d_norm / (p_norm + GRAFT_NORM_EPS))
+    else:
+        scaled = P
+    return torch.where(p_norm.isfinite(), scaled, D)
+
+
+class _Ctx:
+    """What the block routines of one group step share (plain holder, never stored)."""
+
+    def __init__(self, params, states, layouts, grads, gbar, graft_dirs, directions, *, active, beta2, w, bc2, due,
+                 eps):
+        self.params, self.states, self.layouts = params, states, layouts
+        self.grads, self.gbar, self.graft_dirs, self.directions = grads, gbar, graft_dirs, directions
+        self.active, self.beta2, self.w, self.bc2, self.due, self.eps = active, beta2, w, bc2, due, eps
+
+    def block(self, tensors: list[torch.Tensor], i: int, b: int) -> torch.Tensor:
+        """Block b of parameter i's tensor in ``tensors`` (a view when the tensor is contiguous)."""
+        merged, blocks = self.layouts[i]
+        return tensors[i].reshape(merged)[blocks[b].index]

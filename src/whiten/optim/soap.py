@@ -1,0 +1,285 @@
+"""SOAP (Vyas et al. 2024): Adam run in the eigenbasis of Shampoo's factors, the basis refreshed by one step of
+power iteration and QR."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..averaging import AveragingMixin
+from ..linalg import finite_flags, robust_eigh_basis, rotate, unrotate, update_factors, warn_eigh_failure
+from ..roles import NO_DECAY_ROLES, role_from_shape
+from ._base import (WhitenOptimizer, bucket, check_betas, check_ema_rate, check_int, check_range, check_role,
+                    state_dtype)
+
+__all__ = ["SOAP"]
+
+
+class _Layout(NamedTuple):
+    matrix: tuple[int, int] | None  # the (m, n) view whose sides may be rotated; None = plain Adam
+    left: bool
+    right: bool
+    decay: bool
+
+
+def _layout(p: torch.Tensor, group: dict) -> _Layout:
+    role = group["role"] or role_from_shape(p)
+    decay = role not in NO_DECAY_ROLES
+    limit = group["max_precond_dim"]
+    if p.ndim >= 2:
+        m, n = p.shape[0], p.numel() // p.shape[0]
+        left, right = m <= limit, n <= limit
+    elif p.ndim == 1 and group["precondition_1d"]:
+        m, n = p.shape[0], 1
+        left, right = m <= limit, False
+    else:
+        return _Layout(None, False, False, decay)
+    if not (left or right):
+        return _Layout(None, False, False, decay)
+    return _Layout((m, n), left, right, decay)
+
+
+class SOAP(AveragingMixin, WhitenOptimizer):
+    r"""SOAP, with the update rule of the authors' code (nikhilvyas/SOAP, ``soap.py``).
+
+    For a matrix parameter with gradient :math:`G`, factors :math:`L, R` and their eigenbases :math:`Q_L, Q_R`:
+
+    .. math::
+        \tilde G &= Q_L^\top G Q_R, \quad m \leftarrow \beta_1 m + (1-\beta_1)\tilde G, \quad
+        v \leftarrow \beta_2 v + (1-\beta_2)\tilde G^2 \\
+        \theta &\leftarrow \theta - \eta \tfrac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,
+            Q_L \tfrac{m}{\sqrt v + \epsilon} Q_R^\top, \qquad \theta \leftarrow \theta (1 - \eta\lambda) \\
+        L &\leftarrow \beta_s L + (1-\beta_s) G G^\top, \quad R \leftarrow \beta_s R + (1-\beta_s) G^\top G
+
+    The first step only builds the factors and takes :math:`Q` from ``eigh`` (columns in descending eigenvalue
+    order); it does not move the parameters, as the reference ("so that we never use the current gradients in the
+    projection"). Every ``precondition_frequency`` updates each basis is refreshed by one power-iteration step,
+    :math:`Q \leftarrow \mathrm{qr}(F\,Q_s)`, where :math:`Q_s` is Q with its columns sorted by the estimated
+    eigenvalues :math:`\mathrm{diag}(Q^\top F Q)`; :math:`v` is permuted with the columns and :math:`m` is carried
+    into the new basis. (The reference rotates m out of and back into the basis on every step; whiten does it only
+    when the basis changes, which is the same in exact arithmetic and saves two of four rotations per step.)
+
+    A side longer than ``max_precond_dim`` gets no factor and is not rotated (one-sided SOAP; e.g. the vocabulary
+    side of embeddings). Tensors with more than 2 dims are treated as (d0, d1·d2·…) matrices (the reference keeps a
+    factor per dim). 1-D parameters take plain Adam unless ``precondition_1d``. Weight decay is off for the
+    ``vector`` and ``embedding`` roles.
+
+    State per parameter (float32, float64 for float64 parameters): ``step`` (int, counts calls including the first),
+    ``exp_avg``, ``exp_avg_sq`` (shape of p; in the eigenbasis), ``factor_left`` / ``basis_left`` (m, m) and
+    ``factor_right`` / ``basis_right`` (n, n) for each rotated side, ``ema`` when averaging.
+
+    Args:
+        params: parameters or param-group dicts (groups from :func:`whiten.param_groups` carry a ``role``).
+        lr: η (default 3e-3). betas: (β1, β2) (default (0.95, 0.95)).
+        shampoo_beta: β_s for the factors (default None: β2).
+        eps: ε (default 1e-8). weight_decay: λ, decoupled, after the update (default 0.01).
+        precondition_frequency: refresh the bases every this many updates (default 10).
+        max_precond_dim: longest side that gets a factor (default 10000).
+        precondition_1d: give 1-D parameters a factor (default False).
+        normalize_grads: divide the update by its RMS (default False).
+        correct_bias: Adam's bias correction (default True).
+        ema_rate: iterate averaging for ``eval()``/``train()`` (default None: off).
+        nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient.
+        batched: process same-shape matrices as one stack (default True).
+
+    Reference: N. Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", arXiv 2409.11321 (2024).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.95, 0.95),
+        shampoo_beta: float | None = None,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        precondition_frequency: int = 10,
+        max_precond_dim: int = 10000,
+        precondition_1d: bool = False,
+        normalize_grads: bool = False,
+        correct_bias: bool = True,
+        ema_rate: float | None = None,
+        nonfinite: str = "skip",
+        batched: bool = True,
+    ):
+        defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
+                        precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
+                        precondition_1d=precondition_1d, normalize_grads=normalize_grads, correct_bias=correct_bias,
+                        ema_rate=ema_rate, role=None)
+        self.batched = bool(batched)
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def validate_group(self, group: dict) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_betas("betas", group["betas"])
+        if group["shampoo_beta"] is not None:
+            check_range("shampoo_beta", group["shampoo_beta"], 0.0, 1.0, high_open=True)
+        check_range("eps", group["eps"], 0.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_int("precondition_frequency", group["precondition_frequency"], 1)
+        check_int("max_precond_dim", group["max_precond_dim"], 1)
+        for flag in ("precondition_1d", "normalize_grads", "correct_bias"):
+            if not isinstance(group[flag], bool):
+                raise ValueError(f"Invalid {flag}: {group[flag]!r} (allowed: True or False)")
+        check_ema_rate(group["ema_rate"])
+        check_role(group["role"])
+
+    def _init_state(self, p: torch.Tensor, layout: _Layout) -> dict:
+        dtype = state_dtype(p)
+        state = {"step": 0,
+                 "exp_avg": torch.zeros(p.shape, dtype=dtype, device=p.device),
+                 "exp_avg_sq": torch.zeros(p.shape, dtype=dtype, device=p.device)}
+        for side, dim, present in (("left", 0, layout.left), ("right", 1, layout.right)):
+            if present:
+                d = layout.matrix[dim]
+                state[f"factor_{side}"] = torch.zeros(d, d, dtype=dtype, device=p.device)
+                state[f"basis_{side}"] = torch.eye(d, dtype=dtype, device=p.device)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        self._refuse_in_eval_mode("step")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self.params_with_grad()
+        if not self.grads_are_finite(work):
+            return loss
+        for gi, (group, params) in enumerate(work):
+            if params:
+                self._step_group(gi, group, params)
+        return loss
+
+    def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
+        layouts = [_layout(p, group) for p in params]
+        states = []
+        for p, layout in zip(params, layouts):
+            if not self.state[p]:
+                self.state[p] = self._init_state(p, layout)
+            self.state[p]["step"] += 1
+            states.append(self.state[p])
+        self.update_averages(group, params, states)
+        dtype_of = [s["exp_avg"].dtype for s in states]
+        grads = [p.grad if p.grad.dtype == d else p.grad.to(d) for p, d in zip(params, dtype_of)]
+
+        # Adam in the eigenbasis; the first call of a parameter only builds its factors and basis.
+        rest = [i for i, s in enumerate(states) if s["step"] > 1]
+        key = (lambda i: (gi, layouts[i], dtype_of[i], grads[i].device)) if self.batched else (lambda i: ("one", i))
+        buckets = {bkey: (idxs, self._stacks_for(bkey, [params[i] for i in idxs], layouts[idxs[0]]))
+                   for bkey, idxs in bucket([i for i in rest if layouts[i].matrix is not None], key).items()}
+        rotated: list = list(grads)
+        for idxs, S in buckets.values():
+            G = torch.stack([grads[i].reshape(layouts[i].matrix) for i in idxs])
+            R = rotate(G, S.get("basis_left"), S.get("basis_right"))
+            for j, i in enumerate(idxs):
+                rotated[i] = R[j].view(params[i].shape)
+        if rest:
+            direction = dict(zip(rest, self._adam_direction(group, [states[i] for i in rest],
+                                                            [rotated[i] for i in rest])))
+            for idxs, S in buckets.values():  # back to the parameter's basis
+                D = torch.stack([direction[i].reshape(layouts[i].matrix) for i in idxs])
+                D = unrotate(D, S.get("basis_left"), S.get("basis_right"))
+                for j, i in enumerate(idxs):
+                    direction[i] = D[j].view(params[i].shape)
+            self._apply(group, [(params[i], states[i], direction[i], layouts[i]) for i in rest])
+
+        # Factors take the raw gradient; new bases at the first call (eigh) and every precondition_frequency
+        # updates (power iteration + QR).
+        beta_s = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
+        for i, (p, lay) in enumerate(zip(params, layouts)):
+            if lay.matrix is not None:
+                s = states[i]
+                update_factors(s.get("factor_left"), s.get("factor_right"), grads[i].reshape(lay.matrix), beta_s)
+        first = [i for i, s in enumerate(states) if s["step"] == 1]
+        if first:
+            self._eigh_bases([states[i] for i in first if layouts[i].matrix is not None])
+        freq = group["precondition_frequency"]
+        due = [i for i in rest if layouts[i].matrix is not None and (states[i]["step"] - 1) % freq == 0]
+        if due:
+            self._qr_refresh(gi, params, states, layouts, due)
+
+    def _stacks_for(self, key, members: list[torch.Tensor], layout: _Layout) -> dict:
+        m, n = layout.matrix
+        shapes = {"exp_avg": (m, n), "exp_avg_sq": (m, n)}
+        for side, d, present in (("left", m, layout.left), ("right", n, layout.right)):
+            if present:
+                shapes[f"factor_{side}"] = shapes[f"basis_{side}"] = (d, d)
+        return self.stacked_state(key, members, shapes)
+
+    @staticmethod
+    def _adam_direction(group, states, rotated) -> list[torch.Tensor]:
+        """m and v updated with the rotated gradients; returns m / (sqrt(v) + eps), still rotated."""
+        beta1, beta2 = group["betas"]
+        m = [s["exp_avg"] for s in states]
+        v = [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(m, rotated, 1.0 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, rotated, rotated, 1.0 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_add_(denom, group["eps"])
+        return torch._foreach_div(m, denom)
+
+    @staticmethod
+    def _apply(group, items) -> None:
+        """theta <- (theta - step_size * direction) * (1 - lr*wd), in the state dtype for low-precision params."""
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"])
+        for p, s, d, lay in items:
+            if group["normalize_grads"]:
+                d = d / (1e-30 + d.square().mean().sqrt())
+            t = s["step"] - 1  # Adam's step count: the first call made no update
+            step_size = lr * ((1.0 - beta2**t) ** 0.5 / (1.0 - beta1**t) if group["correct_bias"] else 1.0)
+            keep = 1.0 - lr * group["weight_decay"] * lay.decay
+            if p.dtype == d.dtype:
+                p.add_(d, alpha=-step_size).mul_(keep)
+            else:  # low-precision parameter: update in the state dtype, round once
+                p.copy_(p.to(d.dtype).add_(d, alpha=-step_size).mul_(keep))
+
+    def _eigh_bases(self, states: list[dict]) -> None:
+        pairs = [(s[f"factor_{side}"], s[f"basis_{side}"]) for s in states for side in ("left", "right")
+                 if f"factor_{side}" in s]
+        key = (lambda fb: (fb[0].shape, fb[0].dtype, fb[0].device)) if self.batched else id
+        for group_pairs in bucket(pairs, key).values():
+            result = robust_eigh_basis([f for f, _ in group_pairs], 1e-30)
+            self.counters["eigh_retries"] += result.retried
+            for (_, basis), ok, vectors in zip(group_pairs, result.ok, result.vectors):
+                if ok:
+                    basis.copy_(vectors.flip(-1))  # descending eigenvalues, as the reference
+            failed = result.ok.count(False)
+            if failed:
+                self.counters["eigh_failures"] += failed
+                warn_eigh_failure(type(self).__name__, failed)
+
+    def _qr_refresh(self, gi, params, states, layouts, due) -> None:
+        """One power-iteration step per basis, ``Q <- qr(F Q_sorted)``, with v permuted and m carried over."""
+        key = (lambda i: (gi, layouts[i], states[i]["exp_avg"].dtype, params[i].device)) if self.batched else (
+            lambda i: ("one", i))
+        for bkey, idxs in bucket(due, key).items():
+            S = self._stacks_for(bkey, [params[i] for i in idxs], layouts[idxs[0]])
+            exp_avg, exp_avg_sq = S["exp_avg"], S["exp_avg_sq"]
+            old = {side: S[f"basis_{side}"].clone() for side in ("left", "right") if f"basis_{side}" in S}
+            for side, dim in (("left", 1), ("right", 2)):
+                if side not in old:
+                    continue
+                F, Q = S[f"factor_{side}"], S[f"basis_{side}"]
+                estimate = torch.einsum("bij,bik,bkj->bj", Q, F, Q)  # diag(Qᵀ F Q)
+                order = estimate.argsort(dim=-1, descending=True)
+                sorted_Q = torch.gather(Q, 2, order.unsqueeze(1).expand_as(Q))
+                new_Q = torch.linalg.qr(torch.bmm(F, sorted_Q)).Q
+                ok = finite_flags(list(new_Q.unbind(0)))
+                for j, good in enumerate(ok):
+                    if not good:  # a factor that overflowed: keep this basis and the order of v
+                        order[j] = torch.arange(order.shape[-1], device=order.device)
+                        new_Q[j] = Q[j]
+                        self.counters["eigh_failures"] += 1
+                if not all(ok):
+                    warn_eigh_failure(type(self).__name__, ok.count(False))
+                index = order.unsqueeze(1) if dim == 2 else order.unsqueeze(2)
+                exp_avg_sq.copy_(torch.gather(exp_avg_sq, dim, index.expand_as(exp_avg_sq)))
+                Q.copy_(new_Q)
+            # m into the new basis: Q_newᵀ Q_old m Q_oldᵀ Q_new
+            QL, QR = S.get("basis_left"), S.get("basis_right")
+            exp_avg.copy_(rotate(unrotate(exp_avg, old.get("left"), old.get("right")), QL, QR))
