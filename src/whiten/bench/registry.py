@@ -1,7 +1,7 @@
 """The benchmark's optimizers: one registry, each entry's learning-rate grid and defaults are data.
 
-Names: ``adamw`` (torch.optim.AdamW, the baseline), ``splus`` (whiten.SPlus), ``torch:Muon`` (torch.optim.Muon on
-hidden matrices, AdamW on the rest), and ``pytorch_optimizer:<Class>`` for any optimizer of the ``pytorch-optimizer``
+Names: ``adamw`` (torch.optim.AdamW, the baseline); whiten's ``splus``, ``soap``, ``shampoo``, ``psgd-kron``,
+``muon`` and ``schedule-free-adamw``; ``torch:Muon`` (torch.optim.Muon on hidden matrices, AdamW on the rest); and ``pytorch_optimizer:<Class>`` for any optimizer of the ``pytorch-optimizer``
 package (``pytorch_optimizer:SPlus``, ``pytorch_optimizer:SOAP``, ...). Every optimizer gets the param groups of
 ``whiten.param_groups(model)``, so weight decay is masked the same way for all of them.
 """
@@ -74,6 +74,20 @@ def _splus(model, lr, options, width, steps):
     return whiten.SPlus(whiten.param_groups(model), lr=lr, **_resolve(options, width, steps))
 
 
+def _whiten(class_name: str):
+    def build(model, lr, options, width, steps):
+        return getattr(whiten, class_name)(whiten.param_groups(model), lr=lr, **_resolve(options, width, steps))
+
+    return build
+
+
+def _whiten_muon(model, lr, options, width, steps):
+    options = _resolve(options, width, steps)
+    # one knob for the sweep: the AdamW part (embeddings, head, vectors) moves with Muon's lr
+    adam_lr = lr * options.pop("adam_lr_ratio")
+    return whiten.Muon(whiten.param_groups(model), lr=lr, adam_lr=adam_lr, **options)
+
+
 def _torch_muon(model, lr, options, width, steps):
     options = dict(options)
     adam_ratio = options.pop("adam_lr_ratio")
@@ -118,6 +132,32 @@ REGISTRY: dict[str, OptimizerSpec] = {
         "splus-ema0.999", _splus, default_lr=0.1, lr_grid=lr_grid(-4, 1),
         options=dict(nonstandard_constant="1/width"), averages=True,
         source="whiten.SPlus, nonstandard_constant = 1/width, ema_rate 0.999 (the paper's value at any budget)"),
+    # The Shampoo family and the paper's other baselines. Defaults are the authors' unless a comment says why not;
+    # weight decay is AdamW's 0.1 where the authors leave it to the user.
+    "soap": OptimizerSpec(
+        "soap", _whiten("SOAP"), default_lr=4.64e-3, lr_grid=lr_grid(-10, -5),
+        options=dict(betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10),
+        source="whiten.SOAP (authors' defaults)"),
+    # Shampoo: Adam grafting with AdamW's betas and eps so its lr lives on AdamW's scale; refreshed every 10 steps
+    # (the paper saw Shampoo diverge at every 100).
+    "shampoo": OptimizerSpec(
+        "shampoo", _whiten("Shampoo"), default_lr=4.64e-3, lr_grid=lr_grid(-10, -5),
+        options=dict(betas=(0.9, 0.95), weight_decay=0.1, grafting="adam", grafting_beta2=0.95,
+                     grafting_epsilon=1e-8, precondition_frequency=10),
+        source="whiten.Shampoo, Adam grafting, precondition_frequency 10"),
+    # PSGD-Kron: kron_torch's defaults; its README: lr about 3x below Adam's
+    "psgd-kron": OptimizerSpec(
+        "psgd-kron", _whiten("PSGDKron"), default_lr=1e-3, lr_grid=lr_grid(-11, -6),
+        options=dict(b1=0.9, weight_decay=0.1), source="whiten.PSGDKron (kron_torch defaults)"),
+    "muon": OptimizerSpec(
+        "muon", _whiten_muon, default_lr=0.0215, lr_grid=lr_grid(-7, -2),
+        options=dict(momentum=0.95, weight_decay=0.1, adam_lr_ratio=0.15, adam_betas=(0.9, 0.95)),
+        source="whiten.Muon (hidden) with its AdamW (rest) at 0.15 x lr"),
+    # The harness's warm-up replaces schedulefree's own; eval() evaluates the averaged point.
+    "schedule-free-adamw": OptimizerSpec(
+        "schedule-free-adamw", _whiten("ScheduleFreeAdamW"), default_lr=1e-2, lr_grid=lr_grid(-9, -4),
+        options=dict(betas=(0.9, 0.95), weight_decay=0.1), averages=True,
+        source="whiten.ScheduleFreeAdamW, betas (0.9, 0.95) as AdamW's"),
     "torch:Muon": OptimizerSpec(
         "torch:Muon", _torch_muon, default_lr=0.0215, lr_grid=lr_grid(-7, -2),
         options=dict(momentum=0.95, weight_decay=0.1, adam_lr_ratio=0.15, adam_betas=(0.9, 0.95)),
