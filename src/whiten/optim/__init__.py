@@ -1,8 +1,10 @@
 """whiten's optimizers, one algorithm per file."""
 
 from .muon import Muon
+from .psgd_kron import PSGDKron
 from .schedule_free import ScheduleFreeAdamW
+from .shampoo import Shampoo
 from .soap import SOAP
 from .splus import SPlus
 
-__all__ = ["SPlus", "Muon", "ScheduleFreeAdamW", "SOAP"]
+__all__ = ["SPlus", "Muon", "ScheduleFreeAdamW", "SOAP", "Shampoo", "PSGDKron"]

@@ -177,13 +177,14 @@ class WhitenOptimizer(torch.optim.Optimizer):
     # ----- pickling and checkpoints ----------------------------------------------------------------------------
     def __getstate__(self):
         state = super().__getstate__()
-        state.update(nonfinite=self.nonfinite, counters=dict(self.counters))
+        state.update(nonfinite=self.nonfinite, counters=dict(self.counters), batched=getattr(self, "batched", True))
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("nonfinite", "skip")
         self.__dict__.setdefault("counters", _new_counters())
+        self.__dict__.setdefault("batched", True)
         self._stacks = {}  # rebuilt on the next step
 
     def state_dict(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from typing import Callable, NamedTuple
 
 import torch
@@ -181,7 +182,10 @@ def _fit_factors_(qs: list[torch.Tensor], g: torch.Tensor, v: torch.Tensor, prec
         norm = t2.abs().amax(dim=tuple(range(1, t2.ndim)))
         if triangular:
             bound = torch.where(norm > 0, _spectral_lower_bound(t2, norm), norm).clamp(min=tiny)
-            step = (t1.triu() / bound[:, None, None]) @ q
+            # triu through a mask: Tensor.triu can cost milliseconds on a busy CPU (a parallel loop per call)
+            idx = torch.arange(t1.shape[-1], device=t1.device)
+            upper = idx[:, None] <= idx
+            step = (torch.where(upper, t1, 0.0) / bound[:, None, None]) @ q
         else:
             step = t1 * (q / norm.clamp(min=tiny)[:, None])
         q.copy_(torch.where(_bview(informative, q.ndim), q - step, q))
@@ -432,7 +436,14 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         self._coin.setstate((int(version), tuple(int(x) for x in internal), gauss))
         self._generators = {}
         for key, gen_state in saved["generators"].items():
-            self._generator(torch.device(key)).set_state(gen_state.detach().to("cpu", torch.uint8).clone())
+            try:
+                gen = self._generator(torch.device(key))
+            except RuntimeError:  # saved on a device this process does not have
+                warnings.warn(f"{type(self).__name__}: the checkpoint's random state for device {key!r} cannot be "
+                              "restored here; that device's probes restart from the seed", RuntimeWarning,
+                              stacklevel=3)
+                continue
+            gen.set_state(gen_state.detach().to("cpu", torch.uint8).clone())
 
     # ----- step -----------------------------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, layout: _Layout, group: dict) -> dict:

@@ -215,7 +215,8 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
             AdaGrad, β2 < 1 is an EMA (default (0.9, 1.0), as DS).
         epsilon: ε added to the factors before the inverse root, > 0 (default 1e-12).
         weight_decay: λ, decoupled (default 0.0).
-        max_preconditioner_dim: the largest block side (default 1024; DS's README suggests 8192).
+        max_preconditioner_dim: the largest block side (default 1024; DS's README suggests 8192). It decides the
+            blocks, hence the state keys: do not change it once a parameter has state.
         precondition_frequency: refresh the roots every this many steps (default 1; DS's README suggests 100).
         start_preconditioning_step: the first step that preconditions; before it the update is the grafted one.
             None means ``precondition_frequency``; it may not be smaller; ``math.inf`` never preconditions
@@ -346,7 +347,8 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                 f"{type(self).__name__}: inverse root failed for {failures} factor(s) (non-finite factor or "
                 "eigendecomposition failure even in float64); keeping their previous root (identity before the "
                 f"first). {self.counters['eigh_failures']} failures so far; persistent failures usually mean "
-                "exploding gradients.", RuntimeWarning, stacklevel=2)
+                "exploding gradients.", RuntimeWarning,
+                stacklevel=4)  # past torch.no_grad and torch.optim's step hooks: the caller of step()
         return loss
 
     def _init_state(self, p: torch.Tensor, state: dict, blocks, group: dict, precondition: bool) -> None:

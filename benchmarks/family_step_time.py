@@ -1,0 +1,203 @@
+"""Milliseconds per optimizer.step() of whiten's Shampoo-family and baseline optimizers against the PyTorch
+implementations users would otherwise pick, at the same settings, on a GPT-shaped parameter set.
+
+    python benchmarks/family_step_time.py --width 256 --blocks 4
+    python benchmarks/family_step_time.py --width 256 --blocks 4 --algorithms soap,muon --rounds 5
+
+For each algorithm every implementation gets a copy of the same parameters and fixed random gradients; runs are
+interleaved (round-robin over all implementations) and each round runs one full refresh period (`--period` steps,
+so a basis/root refresh happens once per round at frequency `--period`). The table shows the median step (an
+ordinary step) and the mean step (refreshes amortized), each over all rounds, and the ratio to torch.optim.AdamW
+measured in the same rounds. Peers that are not installed are listed as such. heavyball compiles its steps with
+torch.compile by default; `--heavyball-compile` keeps that (compile time is excluded by the warm-up), otherwise it
+runs eagerly.
+
+PSGD-Kron runs with preconditioner_update_probability=1, the first 500 steps of its default schedule (and all of the
+benchmark's 500-step runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import whiten
+
+FREQ = 10
+
+
+def gpt_params(width: int, blocks: int) -> list[tuple[tuple[int, ...], str]]:
+    shapes = []
+    for _ in range(blocks):
+        shapes += [((width, width), "hidden")] * 4 + [((4 * width, width), "hidden"), ((width, 4 * width), "hidden"),
+                                                      ((width,), "vector"), ((width,), "vector")]
+    return shapes + [((width,), "vector")]
+
+
+def _maybe(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def implementations(algorithm: str, heavyball_compile: bool):
+    """[(label, factory(list of (param, role)) -> optimizer or None if not installed)]."""
+    po, hb, kron, sf = _maybe("pytorch_optimizer"), _maybe("heavyball"), _maybe("kron_torch"), _maybe("schedulefree")
+    if hb is not None and not heavyball_compile:
+        hb.utils.compile_mode = None
+
+    def plain(ps):
+        return [p for p, _ in ps]
+
+    def roles(ps):
+        return [{"params": [p], "role": r} for p, r in ps]
+
+    if algorithm == "soap":
+        return [
+            ("whiten.SOAP", lambda ps: whiten.SOAP(roles(ps), precondition_frequency=FREQ)),
+            ("pytorch_optimizer.SOAP", po and (lambda ps: po.SOAP(plain(ps), precondition_frequency=FREQ))),
+            ("heavyball.SOAP", hb and (lambda ps: hb.SOAP(plain(ps), betas=(0.95, 0.95), precondition_frequency=FREQ,
+                                                          max_precond_dim=10000, merge_dims=False,
+                                                          use_precond_schedule=False))),
+        ]
+    if algorithm == "shampoo":
+        return [
+            ("whiten.Shampoo", lambda ps: whiten.Shampoo(roles(ps), precondition_frequency=FREQ)),
+            ("pytorch_optimizer.ScalableShampoo", po and (lambda ps: po.ScalableShampoo(
+                plain(ps), preconditioning_compute_steps=FREQ, start_preconditioning_step=1, block_size=1024))),
+            ("pytorch_optimizer.Shampoo", po and (lambda ps: po.Shampoo(plain(ps), preconditioning_compute_steps=FREQ))),
+        ]
+    if algorithm == "psgd-kron":
+        return [
+            ("whiten.PSGDKron", lambda ps: whiten.PSGDKron(roles(ps), preconditioner_update_probability=1.0)),
+            ("kron_torch.Kron", kron and (lambda ps: kron.Kron(plain(ps), preconditioner_update_probability=1.0))),
+            ("pytorch_optimizer.Kron", po and (lambda ps: po.Kron(plain(ps), pre_conditioner_update_probability=1.0))),
+            ("heavyball.PSGDKron", hb and (lambda ps: hb.PSGDKron(plain(ps), preconditioner_update_probability=1.0))),
+        ]
+    if algorithm == "muon":
+        def torch_muon(ps):
+            hidden = [p for p, r in ps if r == "hidden"]
+            rest = [p for p, r in ps if r != "hidden"]
+            muon = torch.optim.Muon(hidden, lr=0.02, weight_decay=0.0)
+            adam = torch.optim.AdamW(rest, lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)
+            return _Both(muon, adam)
+
+        return [
+            ("whiten.Muon (fp32 NS)", lambda ps: whiten.Muon(roles(ps))),
+            ("whiten.Muon (bf16 NS)", lambda ps: whiten.Muon(roles(ps), ns_dtype=torch.bfloat16)),
+            ("torch.optim.Muon + AdamW", torch_muon),
+            ("heavyball.MuonAdamW", hb and (lambda ps: hb.MuonAdamW(plain(ps)))),
+        ]
+    if algorithm == "schedule-free-adamw":
+        def sf_opt(ps):
+            opt = sf.AdamWScheduleFree(plain(ps))
+            opt.train()
+            return opt
+
+        return [
+            ("whiten.ScheduleFreeAdamW", lambda ps: whiten.ScheduleFreeAdamW(roles(ps))),
+            ("schedulefree.AdamWScheduleFree", sf and sf_opt),
+        ]
+    raise ValueError(f"unknown algorithm {algorithm!r}")
+
+
+class _Both:
+    def __init__(self, *opts):
+        self.opts = opts
+
+    def step(self):
+        for o in self.opts:
+            o.step()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--algorithms", default="soap,shampoo,psgd-kron,muon,schedule-free-adamw")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--period", type=int, default=FREQ, help="steps per round (one refresh period)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--heavyball-compile", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    spec = gpt_params(args.width, args.blocks)
+    template = [torch.randn(s) * 0.02 for s, _ in spec]
+    grads = [torch.randn_like(p) for p in template]
+
+    def params_for():
+        ps = [nn.Parameter(p.clone()) for p in template]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        return list(zip(ps, [r for _, r in spec]))
+
+    runs, owned, missing = {}, {}, []
+    adamw_params = params_for()
+    runs["torch.optim.AdamW"] = torch.optim.AdamW([p for p, _ in adamw_params], lr=1e-3, weight_decay=0.1)
+    owned["torch.optim.AdamW"] = [p for p, _ in adamw_params]
+    order = [("adamw", "torch.optim.AdamW")]
+    for algorithm in args.algorithms.split(","):
+        for label, factory in implementations(algorithm, args.heavyball_compile):
+            if not factory:
+                missing.append(label)
+                continue
+            ps = params_for()
+            owned[label] = [p for p, _ in ps]
+            try:
+                runs[label] = factory(ps)
+            except Exception as e:  # a peer that does not run here is reported, not fatal
+                missing.append(f"{label} ({type(e).__name__}: {e})")
+                continue
+            order.append((algorithm, label))
+    def set_grads(label):  # some peers (heavyball) clear p.grad in step(); not timed
+        for p, g in zip(owned[label], grads):
+            if p.grad is None:
+                p.grad = g.clone()
+
+    failed = {}
+    for label, opt in list(runs.items()):  # warm-up: first steps, compile, one refresh
+        try:
+            for _ in range(args.period + 2):
+                set_grads(label)
+                opt.step()
+        except Exception as e:
+            failed[label] = f"{type(e).__name__}: {str(e)[:80]}"
+            del runs[label]
+    times = {label: [] for label in runs}
+    for _ in range(args.rounds):
+        for label, opt in runs.items():
+            for _ in range(args.period):
+                set_grads(label)
+                t0 = time.perf_counter()
+                opt.step()
+                times[label].append(time.perf_counter() - t0)
+    n = sum(p.numel() for p in template)
+    print(f"# step time: {args.blocks} blocks of width {args.width}, {n / 1e6:.2f} M params, float32, cpu; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
+    print(f"# {args.rounds} interleaved rounds x {args.period} steps; refresh period {FREQ}\n")
+    print("| algorithm | implementation | median ms/step | mean ms/step (refresh amortized) | mean vs AdamW |")
+    print("|---|---|---|---|---|")
+    base = statistics.mean(times["torch.optim.AdamW"])
+    for algorithm, label in order:
+        if label not in times:
+            continue
+        ts = times[label]
+        print(f"| {algorithm} | {label} | {statistics.median(ts) * 1e3:.1f} | {statistics.mean(ts) * 1e3:.1f} | "
+              f"{statistics.mean(ts) / base:.1f}x |")
+    for label, why in failed.items():
+        print(f"| | {label} | failed: {why} | | |")
+    for label in missing:
+        print(f"| | {label} | not installed | | |")
+
+
+if __name__ == "__main__":
+    main()
