@@ -103,6 +103,14 @@ def test_tiny_end_to_end(tasks, tmp_path, name, optimizer):
         assert (out / "model.pt").exists()
 
 
+@pytest.mark.parametrize("optimizer", ["soap", "soap-ema", "shampoo", "psgd-kron", "muon", "schedule-free-adamw"])
+def test_tiny_lm_with_whiten_family(tasks, tmp_path, optimizer):
+    spec = registry.get_spec(optimizer)
+    cfg = RunConfig(task="lm", profile="tiny", optimizer=optimizer, lr=spec.default_lr, seed=0, steps=12, evals=4)
+    summary = run(cfg, tasks["lm"], tmp_path)
+    assert not summary["diverged"] and summary["final_val_loss"] < summary["records"][0]["val_loss"]
+
+
 def test_same_data_for_every_optimizer(tasks):
     a, b = tasks["dit"].train_batch(3, 17), tasks["dit"].train_batch(3, 17)
     assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -138,6 +138,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
         "soap", _whiten("SOAP"), default_lr=4.64e-3, lr_grid=lr_grid(-10, -5),
         options=dict(betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10),
         source="whiten.SOAP (authors' defaults)"),
+    # The SPlus paper's ablation: SOAP with iterate averaging was about as good as SPlus.
+    "soap-ema": OptimizerSpec(
+        "soap-ema", _whiten("SOAP"), default_lr=4.64e-3, lr_grid=lr_grid(-10, -5),
+        options=dict(betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10, ema_rate="1-10/steps"),
+        averages=True, source="whiten.SOAP with iterate averaging, ema_rate = 1 - 10/steps"),
     # Shampoo: Adam grafting with AdamW's betas and eps so its lr lives on AdamW's scale; refreshed every 10 steps
     # (the paper saw Shampoo diverge at every 100).
     "shampoo": OptimizerSpec(
