@@ -30,13 +30,13 @@ def _grads(steps, dtype=torch.float64, seed=1):
     return [[torch.randn(s, generator=g, dtype=dtype) for s, _ in CASES] for _ in range(steps)]
 
 
-@pytest.mark.parametrize("batched", [True, False])
-def test_parity_with_float64_reference(batched):
+@pytest.mark.parametrize("batched, precondition_1d", [(True, False), (False, False), (True, True)])
+def test_parity_with_float64_reference(batched, precondition_1d):
     init, params, groups = _setup()
-    opt = whiten.SOAP(groups, batched=batched, **HYPER)
+    opt = whiten.SOAP(groups, batched=batched, precondition_1d=precondition_1d, **HYPER)
     ref = ReferenceSOAP([s for s, _ in CASES], HYPER["lr"], HYPER["betas"], HYPER["betas"][1], HYPER["eps"],
                         HYPER["weight_decay"], HYPER["precondition_frequency"], HYPER["max_precond_dim"],
-                        [r not in ("vector", "embedding") for _, r in CASES])
+                        [r not in ("vector", "embedding") for _, r in CASES], precondition_1d=precondition_1d)
     theta = [w.clone() for w in init]
     for gs in _grads(20):  # 6 QR refreshes
         for p, g in zip(params, gs):
@@ -45,6 +45,8 @@ def test_parity_with_float64_reference(batched):
         theta = ref.step(theta, gs)
     for p, t in zip(params, theta):
         assert torch.allclose(p.detach(), t, atol=1e-12, rtol=0)
+    assert ("factor_left" in opt.state[params[3]]) == precondition_1d  # the vector
+    assert "factor_left" not in opt.state[params[4]] and "factor_right" in opt.state[params[4]]  # one-sided
 
 
 def test_first_step_does_not_move_parameters():
