@@ -245,7 +245,6 @@ def test_checkpoint_does_not_alias_and_survives_pickle(name):
     assert type(clone) is type(opt2) and clone.nonfinite == opt2.nonfinite
     if hasattr(opt2, "batched"):
         assert clone.batched == opt2.batched
-    twin_model = copy.deepcopy(model)
     twin = copy.deepcopy(opt2)  # steps on its own copies of the parameters
     assert twin.param_groups[0]["params"][0] is not opt2.param_groups[0]["params"][0]
     twin.step()

@@ -8,12 +8,12 @@ import functools
 import itertools
 import math
 import warnings
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from ..averaging import AveragingMixin
+from ..linalg import InverseRootResult, matrix_inverse_root
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import WhitenOptimizer, bucket, check_ema_rate, check_int, check_range, check_role, state_dtype
 
@@ -64,72 +64,6 @@ def block_layout(shape: tuple[int, ...], max_dim: int) -> tuple[tuple[int, ...],
                             factor_keys=tuple(f"factor_{i}_{j}" for j in range(len(dims))),
                             root_keys=tuple(f"root_{i}_{j}" for j in range(len(dims)))))
     return merged, tuple(blocks)
-
-
-@dataclass
-class InverseRootResult:
-    """``roots[i] = A_i^(-1/root)`` where ``ok[i]``; elsewhere ``roots[i]`` is meaningless and the caller keeps its
-    previous root. ``retried`` counts matrices whose eigendecomposition needed the float64 retry."""
-
-    roots: torch.Tensor
-    ok: list[bool]
-    retried: int
-
-
-def _root_from_eigh(L: torch.Tensor, Q: torch.Tensor, root: float, eps: float) -> torch.Tensor:
-    # Round-off can leave A + eps*I with eigenvalues below eps, even negative ones: shift the whole spectrum so the
-    # smallest is eps (Distributed Shampoo's two-step perturbation, -lam_min then +eps).
-    lam_min = L.amin(dim=-1, keepdim=True)
-    L = torch.where(lam_min < eps, L - lam_min + eps, L)
-    return (Q * L.pow(-1.0 / root).unsqueeze(-2)) @ Q.mT
-
-
-def matrix_inverse_root(A: torch.Tensor, root: float, eps: float) -> InverseRootResult:
-    """``(A_i + eps I)^(-1/root)`` for each symmetric matrix of a ``(B, d, d)`` stack, as Distributed Shampoo's
-    default ``EigenConfig``: eigendecomposition of ``A + eps I``, eigenvalues shifted up to ``eps`` when the smallest
-    is below it, ``Q diag(L^(-1/root)) Qᵀ``.
-
-    The fallback ladder: eigh in A's dtype (one batched call on accelerators; matrix by matrix on the CPU, where
-    LAPACK has no batched solver); a matrix whose eigh raises or returns non-finite values is retried in float64
-    (its root is then formed in float64 and cast back); a matrix whose input is not finite, whose retry fails too, or
-    whose root is not finite is reported in ``ok``. Never raises on bad values.
-    """
-    B, d = A.shape[0], A.shape[-1]
-    finite_in = A.isfinite().flatten(1).all(1).tolist()
-    A_r = A + eps * torch.eye(d, dtype=A.dtype, device=A.device)
-    L = torch.ones(B, d, dtype=A.dtype, device=A.device)
-    Q = torch.eye(d, dtype=A.dtype, device=A.device).expand(B, d, d).clone()
-    done = [False] * B
-    if A.device.type != "cpu" and B > 1 and all(finite_in):
-        try:
-            L, Q = torch.linalg.eigh(A_r)
-            done = [True] * B
-        except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
-            pass
-    if not all(done):
-        for i in range(B):
-            if finite_in[i]:
-                try:
-                    L[i], Q[i] = torch.linalg.eigh(A_r[i])
-                    done[i] = True
-                except RuntimeError:
-                    pass
-    good = (L.isfinite().all(-1) & Q.isfinite().flatten(1).all(1)).tolist()
-    ok = [a and b for a, b in zip(done, good)]
-    X = _root_from_eigh(L, Q, root, eps)
-    retried = 0
-    for i in range(B):
-        if ok[i] or not finite_in[i]:
-            continue
-        retried += 1
-        try:
-            L64, Q64 = torch.linalg.eigh(A_r[i].to(torch.float64))
-        except RuntimeError:
-            continue
-        X[i] = _root_from_eigh(L64, Q64, root, eps).to(A.dtype)
-        ok[i] = True
-    ok = [a and b for a, b in zip(ok, X.isfinite().flatten(1).all(1).tolist())]
-    return InverseRootResult(roots=X, ok=ok, retried=retried)
 
 
 def _contract_all_but(G: torch.Tensor, j: int) -> torch.Tensor:
