@@ -22,19 +22,6 @@ def _uses_muon(p: torch.Tensor, role: str | None) -> bool:
     return p.ndim >= 2 and (role or role_from_shape(p)) in MUON_ROLES
 
 
-def _fast_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 matmuls run natively here: CUDA, or a CPU with AVX512-BF16/AMX (through oneDNN). Elsewhere
-    bfloat16 is emulated and slower than float32."""
-    if device.type == "cuda":
-        return True
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
 def _scale(m: int, n: int, scaling: str) -> float:
     """Multiplier of lr for an (m, n) = (d_out, d_in·k·k) update."""
     if scaling == "original":  # Keller Jordan's Muon and torch.optim.Muon's default
@@ -77,10 +64,10 @@ class Muon(AveragingMixin, WhitenOptimizer):
         eps: guards the Frobenius normalisation before Newton–Schulz (default 1e-7).
         weight_decay: λ, decoupled, ``W *= 1 - η λ`` for both paths (default 0.0).
         scaling: ``"original"`` (default), ``"match_rms_adamw"`` or ``"none"``.
-        ns_dtype: dtype of the Newton–Schulz iteration; None (default) = bfloat16 where bfloat16 matmuls are native
-            (CUDA; CPUs with AVX512-BF16 or AMX, where it measured 2x faster than float32), else the state dtype
-            (float32), since emulated bfloat16 is slower; float64 parameters keep float64. bfloat16 is what
-            torch.optim.Muon always uses.
+        ns_dtype: dtype of the Newton–Schulz iteration; None (default) = bfloat16 on CUDA, the state dtype
+            elsewhere (float32; float64 for float64 parameters). On the 2-core AVX512-BF16 CPU of
+            docs/performance.md both took the same time at 2 threads, so the CPU keeps the more accurate one.
+            bfloat16 is what torch.optim.Muon always uses.
         adam_lr: lr of groups stepped by AdamW that do not set their own (default 3e-4).
         adam_betas, adam_eps: AdamW's (default (0.9, 0.95), 1e-10, as Keller Jordan's Muon).
         ema_rate: iterate averaging for ``eval()``/``train()`` (default None: off).
@@ -201,9 +188,7 @@ class Muon(AveragingMixin, WhitenOptimizer):
         key = (lambda i: (matrices[i].shape, matrices[i].dtype, matrices[i].device)) if self.batched else (lambda i: i)
         for idxs in bucket(range(len(params)), key).values():
             X = matrices[idxs[0]]
-            # float64 parameters ask for precision: they keep float64 unless ns_dtype says otherwise
-            fast = X.dtype != torch.float64 and _fast_bf16(X.device)
-            dtype = group["ns_dtype"] or (torch.bfloat16 if fast else X.dtype)
+            dtype = group["ns_dtype"] or (torch.bfloat16 if X.device.type == "cuda" else X.dtype)
             O = newton_schulz(torch.stack([matrices[i] for i in idxs]), group["ns_steps"], group["ns_coefficients"],
                               group["eps"], dtype)
             m, n = X.shape
