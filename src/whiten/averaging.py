@@ -79,6 +79,9 @@ class AveragingMixin:
         thetas = [p if p.dtype == e.dtype else p.to(e.dtype) for p, e in zip(params, emas)]
         torch._foreach_lerp_(emas, thetas, 1.0 - rate)
 
+    def check_can_step(self) -> None:
+        self._refuse_in_eval_mode("step")
+
     def state_dict(self):
         self._refuse_in_eval_mode("state_dict")
         return super().state_dict()

@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..linalg import finite_flags
+from ..linalg import finite_flags, robust_eigh_basis, warn_eigh_failure
 from ..roles import ROLES
 
 NONFINITE_POLICIES = ("skip", "raise")
@@ -136,6 +136,61 @@ class WhitenOptimizer(torch.optim.Optimizer):
                 self.state[p][name] = v
         self._stacks[key] = (list(params), stacks, views)
         return stacks
+
+    # ----- the step -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        self.check_can_step()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self.params_with_grad()
+        if self.grads_are_finite(work):  # checked before any state changes
+            self.apply_step(work)
+        return loss
+
+    def check_can_step(self) -> None:  # raises where stepping now would corrupt the run (eval mode)
+        pass
+
+    def apply_step(self, work: list[tuple[dict, list[torch.Tensor]]]) -> None:
+        """The update, given (group, parameters with a gradient) for every group; all gradients are finite."""
+        for gi, (group, params) in enumerate(work):
+            if params:
+                self._step_group(gi, group, params)
+
+    def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:  # each optimizer's math
+        raise NotImplementedError
+
+    # ----- Shampoo factors and their eigenbases ---------------------------------------------------------------
+    @staticmethod
+    def factor_state(state: dict, matrix: tuple[int, int], left: bool, right: bool, dtype, device) -> dict:
+        """Add zero factors ``factor_left`` (m, m) / ``factor_right`` (n, n) and identity bases ``basis_*`` for the
+        sides of an (m, n) matrix view that have a factor; returns ``state``."""
+        for side, d, present in (("left", matrix[0], left), ("right", matrix[1], right)):
+            if present:
+                state[f"factor_{side}"] = torch.zeros(d, d, dtype=dtype, device=device)
+                state[f"basis_{side}"] = torch.eye(d, dtype=dtype, device=device)
+        return state
+
+    def refresh_bases(self, states: list[dict], eps: float, descending: bool = False) -> None:
+        """``basis_*`` = eigenvectors of ``factor_* + eps·I`` (ascending eigenvalues, or descending), grouped by
+        (size, dtype, device) for robust_eigh_basis; a matrix whose eigendecomposition fails keeps its old basis and
+        is counted."""
+        pairs = [(s[f"factor_{side}"], s[f"basis_{side}"]) for s in states for side in ("left", "right")
+                 if f"factor_{side}" in s]
+        key = (lambda fb: (fb[0].shape, fb[0].dtype, fb[0].device)) if getattr(self, "batched", True) else id
+        for group_pairs in bucket(pairs, key).values():
+            result = robust_eigh_basis([f for f, _ in group_pairs], eps)
+            self.counters["eigh_retries"] += result.retried
+            for (_, basis), ok, vectors in zip(group_pairs, result.ok, result.vectors):
+                if ok:
+                    basis.copy_(vectors.flip(-1) if descending else vectors)
+            failed = result.ok.count(False)
+            if failed:
+                self.counters["eigh_failures"] += failed
+                warn_eigh_failure(type(self).__name__, failed)
 
     # ----- gradients ------------------------------------------------------------------------------------------
     def params_with_grad(self) -> list[tuple[dict, list[torch.Tensor]]]:

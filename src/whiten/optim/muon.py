@@ -143,39 +143,25 @@ class Muon(AveragingMixin, WhitenOptimizer):
         check_ema_rate(group["ema_rate"])
         check_role(group["role"])
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
-        self._refuse_in_eval_mode("step")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = self.params_with_grad()
-        if not self.grads_are_finite(work):
-            return loss
-        for gi, (group, params) in enumerate(work):
-            if not params:
-                continue
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    dtype = state_dtype(p)
-                    state["step"] = 0
-                    if _uses_muon(p, group["role"]):
-                        state["momentum"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-                    else:
-                        state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-                        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-                state["step"] += 1
-            self.update_averages(group, params, [self.state[p] for p in params])
-            muon = [p for p in params if "momentum" in self.state[p]]
-            adam = [p for p in params if "exp_avg" in self.state[p]]
-            if muon:
-                self._muon(gi, group, muon)
-            if adam:
-                self._adamw(group, adam)
-        return loss
+    def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
+        for p in params:
+            state = self.state[p]
+            if not state:
+                dtype = state_dtype(p)
+                state["step"] = 0
+                if _uses_muon(p, group["role"]):
+                    state["momentum"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                else:
+                    state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                    state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+            state["step"] += 1
+        self.update_averages(group, params, [self.state[p] for p in params])
+        muon = [p for p in params if "momentum" in self.state[p]]
+        adam = [p for p in params if "exp_avg" in self.state[p]]
+        if muon:
+            self._muon(gi, group, muon)
+        if adam:
+            self._adamw(group, adam)
 
     def _muon(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         mu, lr = group["momentum"], float(group["lr"])

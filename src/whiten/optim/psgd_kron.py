@@ -455,23 +455,12 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
             state[f"factor_{k}"] = scale * eye
         return state
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
-        self._refuse_in_eval_mode("step")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = self.params_with_grad()
-        if not self.grads_are_finite(work):
-            return loss
+    def apply_step(self, work) -> None:
         update = self._advance_schedule()
         balance = self._coin.random() < BALANCE_PROBABILITY and update  # the coin is drawn every step
         for gi, (group, params) in enumerate(work):
             if params:
                 self._step_group(gi, group, params, update, balance)
-        return loss
 
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor], update: bool, balance: bool) -> None:
         layouts = [_layout(p, group) for p in params]

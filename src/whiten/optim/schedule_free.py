@@ -120,24 +120,16 @@ class ScheduleFreeAdamW(WhitenOptimizer):
         super().__setstate__(state)
         self._y = {}
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step (train mode only). ``closure`` re-evaluates the model, returns the loss."""
+    def check_can_step(self) -> None:
         if self.in_eval_mode:
             raise RuntimeError("ScheduleFreeAdamW.step() called in eval mode: the parameters hold the averaged "
                                "point x, not the training point y. Call optimizer.train() first.")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = self.params_with_grad()
-        if not self.grads_are_finite(work):
-            return loss
-        for group, params in work:
-            self._step_group(group, params)
-        return loss
 
-    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
+    def apply_step(self, work) -> None:
+        for gi, (group, params) in enumerate(work):  # every group advances its k, with or without gradients
+            self._step_group(gi, group, params)
+
+    def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]
         k = group["k"]
         lr = float(group["lr"]) * ((k + 1) / group["warmup_steps"] if k < group["warmup_steps"] else 1.0)

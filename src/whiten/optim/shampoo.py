@@ -260,17 +260,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         return stacks
 
     # ----- the step -----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
-        self._refuse_in_eval_mode("step")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = self.params_with_grad()
-        if not self.grads_are_finite(work):
-            return loss
+    def apply_step(self, work) -> None:
         failures = 0
         for gi, (group, params) in enumerate(work):
             params = [p for p in params if p.numel() > 0]
@@ -282,8 +272,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                 "eigendecomposition failure even in float64); keeping their previous root (identity before the "
                 f"first). {self.counters['eigh_failures']} failures so far; persistent failures usually mean "
                 "exploding gradients.", RuntimeWarning,
-                stacklevel=4)  # past torch.no_grad and torch.optim's step hooks: the caller of step()
-        return loss
+                stacklevel=5)  # past apply_step, step, torch.no_grad and torch.optim's hooks: the caller of step()
 
     def _init_state(self, p: torch.Tensor, state: dict, blocks, group: dict, precondition: bool) -> None:
         """Create missing entries (all on the first step; later ones if a group option was changed)."""

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from ..averaging import AveragingMixin
-from ..linalg import finite_flags, robust_eigh_basis, rotate, unrotate, update_factors, warn_eigh_failure
+from ..linalg import finite_flags, rotate, unrotate, update_factors, warn_eigh_failure
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import (WhitenOptimizer, bucket, check_betas, check_ema_rate, check_int, check_range, check_role,
                     state_dtype)
@@ -130,28 +130,9 @@ class SOAP(AveragingMixin, WhitenOptimizer):
         state = {"step": 0,
                  "exp_avg": torch.zeros(p.shape, dtype=dtype, device=p.device),
                  "exp_avg_sq": torch.zeros(p.shape, dtype=dtype, device=p.device)}
-        for side, dim, present in (("left", 0, layout.left), ("right", 1, layout.right)):
-            if present:
-                d = layout.matrix[dim]
-                state[f"factor_{side}"] = torch.zeros(d, d, dtype=dtype, device=p.device)
-                state[f"basis_{side}"] = torch.eye(d, dtype=dtype, device=p.device)
-        return state
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
-        self._refuse_in_eval_mode("step")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = self.params_with_grad()
-        if not self.grads_are_finite(work):
-            return loss
-        for gi, (group, params) in enumerate(work):
-            if params:
-                self._step_group(gi, group, params)
-        return loss
+        if layout.matrix is None:
+            return state
+        return self.factor_state(state, layout.matrix, layout.left, layout.right, dtype, p.device)
 
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         layouts = [_layout(p, group) for p in params]
@@ -195,7 +176,8 @@ class SOAP(AveragingMixin, WhitenOptimizer):
                 update_factors(s.get("factor_left"), s.get("factor_right"), grads[i].reshape(lay.matrix), beta_s)
         first = [i for i, s in enumerate(states) if s["step"] == 1]
         if first:
-            self._eigh_bases([states[i] for i in first if layouts[i].matrix is not None])
+            # descending eigenvalue order, as the reference
+            self.refresh_bases([states[i] for i in first if layouts[i].matrix is not None], 1e-30, descending=True)
         freq = group["precondition_frequency"]
         due = [i for i in rest if layouts[i].matrix is not None and (states[i]["step"] - 1) % freq == 0]
         if due:
@@ -237,21 +219,6 @@ class SOAP(AveragingMixin, WhitenOptimizer):
                 p.add_(d, alpha=-step_size).mul_(keep)
             else:  # low-precision parameter: update in the state dtype, round once
                 p.copy_(p.to(d.dtype).add_(d, alpha=-step_size).mul_(keep))
-
-    def _eigh_bases(self, states: list[dict]) -> None:
-        pairs = [(s[f"factor_{side}"], s[f"basis_{side}"]) for s in states for side in ("left", "right")
-                 if f"factor_{side}" in s]
-        key = (lambda fb: (fb[0].shape, fb[0].dtype, fb[0].device)) if self.batched else id
-        for group_pairs in bucket(pairs, key).values():
-            result = robust_eigh_basis([f for f, _ in group_pairs], 1e-30)
-            self.counters["eigh_retries"] += result.retried
-            for (_, basis), ok, vectors in zip(group_pairs, result.ok, result.vectors):
-                if ok:
-                    basis.copy_(vectors.flip(-1))  # descending eigenvalues, as the reference
-            failed = result.ok.count(False)
-            if failed:
-                self.counters["eigh_failures"] += failed
-                warn_eigh_failure(type(self).__name__, failed)
 
     def _qr_refresh(self, gi, params, states, layouts, due) -> None:
         """One power-iteration step per basis, ``Q <- qr(F Q_sorted)``, with v permuted and m carried over."""

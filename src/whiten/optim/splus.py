@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from ..averaging import AveragingMixin
-from ..linalg import robust_eigh_basis, rotate, unrotate, update_factors, warn_eigh_failure
+from ..linalg import rotate, unrotate, update_factors
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import WhitenOptimizer, bucket, check_int, check_range, check_role, state_dtype
 
@@ -130,28 +130,9 @@ class SPlus(AveragingMixin, WhitenOptimizer):
         state = {"step": 0,
                  "momentum": torch.zeros(p.shape, dtype=dtype, device=p.device),
                  "ema": torch.zeros(p.shape, dtype=dtype, device=p.device)}
-        for side, dim, present in (("left", 0, layout.left), ("right", 1, layout.right)):
-            if present:
-                d = layout.matrix[dim]
-                state[f"factor_{side}"] = torch.zeros(d, d, dtype=dtype, device=p.device)
-                state[f"basis_{side}"] = torch.eye(d, dtype=dtype, device=p.device)
-        return state
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
-        self._refuse_in_eval_mode("step")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = self.params_with_grad()
-        if not self.grads_are_finite(work):
-            return loss
-        for gi, (group, params) in enumerate(work):
-            if params:
-                self._step_group(gi, group, params)
-        return loss
+        if layout.matrix is None:
+            return state
+        return self.factor_state(state, layout.matrix, layout.left, layout.right, dtype, p.device)
 
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]
@@ -198,7 +179,7 @@ class SPlus(AveragingMixin, WhitenOptimizer):
         due = [i for i in whitened
                if states[i]["step"] == 1 or states[i]["step"] % group["inverse_every"] == 0]
         if due:
-            self._refresh_bases([states[i] for i in due], group["eps"])
+            self.refresh_bases([states[i] for i in due], group["eps"])
 
     def _whiten_bucket(self, key, idxs, layout, params, grads, updates, beta2) -> None:
         """Factor update and U = Q_L sign(Q_Lᵀ M Q_R) Q_Rᵀ for same-shape matrices, batched, state in place."""
@@ -218,20 +199,3 @@ class SPlus(AveragingMixin, WhitenOptimizer):
         U = unrotate(rotate(S["momentum"], QL, QR).sign_(), QL, QR)
         for j, i in enumerate(idxs):
             updates[i] = U[j].view(params[i].shape)
-
-    def _refresh_bases(self, states: list[dict], eps: float) -> None:
-        """Eigenbases of the factors, grouped by (size, dtype, device) for robust_eigh_basis; a matrix whose
-        eigendecomposition fails keeps its old basis."""
-        pairs = [(s[f"factor_{side}"], s[f"basis_{side}"]) for s in states for side in ("left", "right")
-                 if f"factor_{side}" in s]
-        key = (lambda fb: (fb[0].shape, fb[0].dtype, fb[0].device)) if self.batched else id
-        for group_pairs in bucket(pairs, key).values():
-            result = robust_eigh_basis([f for f, _ in group_pairs], eps)
-            self.counters["eigh_retries"] += result.retried
-            for (_, basis), ok, vectors in zip(group_pairs, result.ok, result.vectors):
-                if ok:
-                    basis.copy_(vectors)
-            failed = result.ok.count(False)
-            if failed:
-                self.counters["eigh_failures"] += failed
-                warn_eigh_failure(type(self).__name__, failed)
