@@ -56,8 +56,11 @@ def implementations(algorithm: str, heavyball_compile: bool):
     def plain(ps):
         return [p for p, _ in ps]
 
-    def roles(ps):
-        return [{"params": [p], "role": r} for p, r in ps]
+    def roles(ps):  # one group per role, as whiten.param_groups gives them
+        groups: dict = {}
+        for p, r in ps:
+            groups.setdefault(r, []).append(p)
+        return [{"params": group, "role": r} for r, group in groups.items()]
 
     if algorithm == "soap":
         return [

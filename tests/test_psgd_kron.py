@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import whiten
+from whiten.optim import psgd_kron
 from whiten.optim.psgd_kron import PSGDKron, precond_update_prob_schedule
 
 @pytest.fixture(autouse=True)
@@ -102,13 +103,15 @@ def test_balancing_and_schedule_are_covered():
     assert all(due[:26]) and 6 < sum(due[26:]) < 20
 
 
-@pytest.mark.parametrize("dtype, mode, into, merge", [
-    (torch.float64, None, True, True),
-    (torch.float64, "one_diag", False, False),  # gradient probe; 3-D factors on the middle mode
-    (torch.float64, "smart_one_diag", True, True),
-    (torch.float32, None, True, True),
+@pytest.mark.parametrize("dtype, mode, into, merge, tri_block", [
+    (torch.float64, None, True, True, 128),
+    (torch.float64, None, True, True, 1),  # every triangular product split into blocks, recursively
+    (torch.float64, "one_diag", False, False, 2),  # gradient probe; 3-D factors on the middle mode
+    (torch.float64, "smart_one_diag", True, True, 128),
+    (torch.float32, None, True, True, 128),
 ])
-def test_parity_with_kron_torch(kron, dtype, mode, into, merge):
+def test_parity_with_kron_torch(kron, monkeypatch, dtype, mode, into, merge, tri_block):
+    monkeypatch.setattr(psgd_kron, "TRI_BLOCK", tri_block)
     opts = dict(HYPER, memory_save_mode=mode, momentum_into_precond_update=into, merge_dims=merge)
     pa, pb = make_params(dtype), make_params(dtype)
     ref = kron.Kron(list(pa.values()), preconditioner_update_probability=short_schedule(kron), precond_dtype=dtype,
@@ -149,6 +152,24 @@ def test_default_schedule_matches_kron_torch(kron):
     assert ours == theirs
     # every step while flat; at steps 3500-4000 prob falls from 0.050 to 0.030: one update in 20 to 33 steps
     assert all(ours[:501]) and 15 <= sum(ours[3500:]) <= 25
+
+
+@pytest.mark.parametrize("tri_block", [1, 2, 3, 16])
+@pytest.mark.parametrize("d", [7, 8, 33, 100])
+def test_blocked_triangular_products_equal_dense(monkeypatch, d, tri_block):
+    """The triangular products skip the zero blocks of the factors; the results are the dense products."""
+    monkeypatch.setattr(psgd_kron, "TRI_BLOCK", tri_block)
+    g = torch.Generator().manual_seed(d)
+    u, v = (torch.randn(3, d, d, generator=g, dtype=torch.float64).triu() for _ in range(2))
+    x, y = torch.randn(3, d, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, d, generator=g, dtype=torch.float64)
+    cases = [(psgd_kron._tri_mm(u, x, upper=True), u @ x), (psgd_kron._tri_mm(u.mT, x, upper=False), u.mT @ x),
+             (psgd_kron._mm_tri(y, u, upper=True), y @ u), (psgd_kron._mm_tri(y, u.mT, upper=False), y @ u.mT),
+             (psgd_kron._upper_times_upper(u, v), u @ v), (psgd_kron._gram(x), x @ x.mT),
+             (psgd_kron._gram(y.mT), y.mT @ y)]
+    for got, want in cases:
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        assert got.is_contiguous()
+    assert torch.equal(psgd_kron._upper_times_upper(u, v).tril(-1), torch.zeros_like(u))
 
 
 # ----- batching, randomness, resume ----------------------------------------------------------------------------------

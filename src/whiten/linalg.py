@@ -155,23 +155,38 @@ MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz(G: torch.Tensor, steps: int, coefficients=MUON_COEFFICIENTS, eps: float = 1e-7,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
+                  dtype: torch.dtype | None = None, overwrite: bool = False) -> torch.Tensor:
     """Approximate orthogonalisation ``U Vᵀ`` of each matrix of a stack ``G`` (B, m, n) by ``steps`` iterations of
     ``X <- a X + (b A + c A²) X`` with ``A = X Xᵀ``, after scaling X to Frobenius norm ≤ 1 (``eps`` guards 0).
 
     Computed in ``dtype`` (default: G's) and returned in it. Tall matrices are transposed first so the Gram matrix is
     the smaller side's, as in torch.optim.Muon; the result for each matrix is the same as computing it alone.
+    ``overwrite=True`` lets the iteration use G as its first buffer when G already has ``dtype`` (a caller that
+    built G for this call saves a copy); G's contents are then undefined.
     """
     a, b, c = coefficients
-    X = G.to(dtype) if dtype is not None and G.dtype != dtype else G.clone()
+    if dtype is not None and G.dtype != dtype:
+        X, owned = G.to(dtype), True
+    else:
+        X, owned = G, overwrite
     tall = X.shape[-2] > X.shape[-1]
     if tall:
         X = X.mT
-    X = X / torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).clamp_min(eps)
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).clamp_min_(eps)
+    X = X.div_(norm) if owned else X / norm
+    if steps == 0:
+        return X.mT if tall else X
+    # Three buffers for the whole iteration instead of three new tensors per step: on the CPU a fresh multi-MB
+    # tensor costs page faults, which were a visible part of a step at width 256.
+    batch, rows, cols = X.shape
+    A = torch.empty(batch, rows, rows, dtype=X.dtype, device=X.device)
+    B = torch.empty_like(A)
+    Y = torch.empty(batch, rows, cols, dtype=X.dtype, device=X.device)
     for _ in range(steps):
-        A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a)
+        torch.bmm(X, X.mT, out=A)
+        torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)
+        torch.baddbmm(X, B, X, beta=a, out=Y)
+        X, Y = Y, (X if X.is_contiguous() else torch.empty_like(Y))
     return X.mT if tall else X
 
 

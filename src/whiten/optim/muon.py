@@ -168,25 +168,31 @@ class Muon(AveragingMixin, WhitenOptimizer):
         moms = [self.state[p]["momentum"] for p in params]
         grads = [p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype) for p, m in zip(params, moms)]
         torch._foreach_lerp_(moms, grads, 1.0 - mu)
-        # Nesterov: (1-mu) g + mu B, in new tensors (p.grad stays the user's)
-        directions = torch._foreach_lerp(grads, moms, mu) if group["nesterov"] else moms
-        matrices = [d.reshape(d.shape[0], -1) for d in directions]
-        key = (lambda i: (matrices[i].shape, matrices[i].dtype, matrices[i].device)) if self.batched else (lambda i: i)
+        shapes = [(p.shape[0], math.prod(p.shape[1:])) for p in params]  # conv weights as (out, in·k·k)
+        key = (lambda i: (shapes[i], moms[i].dtype, moms[i].device)) if self.batched else (lambda i: i)
         for idxs in bucket(range(len(params)), key).values():
-            X = matrices[idxs[0]]
+            # The direction is written straight into the stack Newton–Schulz works in (no per-matrix temporaries,
+            # no stacking copy); Nesterov's is (1-mu) g + mu B, so p.grad stays the user's.
+            X = torch.empty((len(idxs), *shapes[idxs[0]]), dtype=moms[idxs[0]].dtype, device=moms[idxs[0]].device)
+            for j, i in enumerate(idxs):
+                if group["nesterov"]:
+                    torch.lerp(grads[i].reshape(X.shape[1:]), moms[i].reshape(X.shape[1:]), mu, out=X[j])
+                else:
+                    X[j].copy_(moms[i].reshape(X.shape[1:]))
             dtype = group["ns_dtype"] or (torch.bfloat16 if X.device.type == "cuda" else X.dtype)
-            O = newton_schulz(torch.stack([matrices[i] for i in idxs]), group["ns_steps"], group["ns_coefficients"],
-                              group["eps"], dtype)
-            m, n = X.shape
+            O = newton_schulz(X, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype, overwrite=True)
+            m, n = shapes[idxs[0]]
             step = -lr * _scale(m, n, group["scaling"])
             for j, i in enumerate(idxs):
                 p = params[i]
                 keep = 1.0 - lr * group["weight_decay"] * self._decays(p, group)
-                u = O[j].view(p.shape)
-                if p.dtype == u.dtype:
-                    p.mul_(keep).add_(u, alpha=step)
+                u = O[j].view(p.shape)  # in ns_dtype: add_ promotes it, as torch.optim.Muon's update
+                if p.dtype == moms[i].dtype:
+                    if keep != 1.0:
+                        p.mul_(keep)
+                    p.add_(u, alpha=step)
                 else:  # low-precision parameter: update in the state dtype, round once
-                    p.copy_(p.to(moms[i].dtype).mul_(keep).add_(u.to(moms[i].dtype), alpha=step))
+                    p.copy_(p.to(moms[i].dtype).mul_(keep).add_(u, alpha=step))
 
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["adam_betas"]

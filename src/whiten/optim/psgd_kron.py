@@ -75,16 +75,83 @@ def _bview(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.reshape(v.shape[0], *([1] * (ndim - 1)))
 
 
+# Products with a (d, d) triangular factor skip its zero half: the factor is split into 2x2 blocks, one of them
+# zero, recursively while the halves are at least TRI_BLOCK wide. That is 3/4 of the dense work per level for
+# triangular x dense and 1/2 for triangular x triangular; Gram matrices x xᵀ likewise compute each off-diagonal
+# block once (3/4). Below TRI_BLOCK one dense GEMM is faster than more, smaller calls. The results equal the dense
+# products up to the summation order.
+TRI_BLOCK = 128
+
+
+def _tri_mm(t: torch.Tensor, x: torch.Tensor, upper: bool) -> torch.Tensor:
+    """t @ x for a stack t (B, d, d) of upper (or lower) triangular matrices and x (B, d, n)."""
+    h = t.shape[-1] // 2
+    if h < TRI_BLOCK:
+        return t @ x
+    x1, x2 = x[:, :h], x[:, h:]
+    if upper:  # [t11 t12; 0 t22] [x1; x2] = [t11 x1 + t12 x2; t22 x2]
+        top = _tri_mm(t[:, :h, :h], x1, True).baddbmm_(t[:, :h, h:], x2)
+        bottom = _tri_mm(t[:, h:, h:], x2, True)
+    else:  # [t11 0; t21 t22] [x1; x2] = [t11 x1; t21 x1 + t22 x2]
+        top = _tri_mm(t[:, :h, :h], x1, False)
+        bottom = _tri_mm(t[:, h:, h:], x2, False).baddbmm_(t[:, h:, :h], x1)
+    return torch.cat([top, bottom], dim=1)
+
+
+def _mm_tri(x: torch.Tensor, t: torch.Tensor, upper: bool) -> torch.Tensor:
+    """x @ t for x (B, n, d) and a stack t (B, d, d) of upper (or lower) triangular matrices."""
+    h = t.shape[-1] // 2
+    if h < TRI_BLOCK:
+        return x @ t
+    x1, x2 = x[:, :, :h], x[:, :, h:]
+    if upper:  # [x1 x2] [t11 t12; 0 t22] = [x1 t11, x1 t12 + x2 t22]
+        left = _mm_tri(x1, t[:, :h, :h], True)
+        right = _mm_tri(x2, t[:, h:, h:], True).baddbmm_(x1, t[:, :h, h:])
+    else:  # [x1 x2] [t11 0; t21 t22] = [x1 t11 + x2 t21, x2 t22]
+        left = _mm_tri(x1, t[:, :h, :h], False).baddbmm_(x2, t[:, h:, :h])
+        right = _mm_tri(x2, t[:, h:, h:], False)
+    return torch.cat([left, right], dim=2)
+
+
+def _upper_times_upper(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for stacks of upper triangular (B, d, d) matrices (the result is upper triangular)."""
+    h = a.shape[-1] // 2
+    if h < TRI_BLOCK:
+        return a @ b
+    out = a.new_zeros(a.shape)
+    out[:, :h, :h] = _upper_times_upper(a[:, :h, :h], b[:, :h, :h])
+    out[:, h:, h:] = _upper_times_upper(a[:, h:, h:], b[:, h:, h:])
+    out[:, :h, h:] = _tri_mm(a[:, :h, :h], b[:, :h, h:], True).add_(
+        _mm_tri(a[:, :h, h:], b[:, h:, h:], True))  # a11 b12 + a12 b22
+    return out
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """x @ xᵀ for x (B, d, n), computing each off-diagonal block once."""
+    h = x.shape[1] // 2
+    if h < TRI_BLOCK:
+        return x @ x.mT
+    x1, x2 = x[:, :h], x[:, h:]
+    out = x.new_empty(x.shape[0], x.shape[1], x.shape[1])
+    out[:, :h, :h] = _gram(x1)
+    out[:, h:, h:] = _gram(x2)
+    corner = x1 @ x2.mT
+    out[:, :h, h:] = corner
+    out[:, h:, :h] = corner.mT
+    return out
+
+
 def _mode_mul(x: torch.Tensor, q: torch.Tensor, k: int, transpose: bool = False) -> torch.Tensor:
-    """x ×_k q: ``y[.., a, ..] = sum_b q[a, b] x[.., b, ..]`` (q transposed if asked; elementwise if diagonal)."""
+    """x ×_k q: ``y[.., a, ..] = sum_b q[a, b] x[.., b, ..]`` (q transposed if asked; elementwise if diagonal).
+    q is upper triangular, so qᵀ is lower."""
     x4 = _mode_view(x, k)
     if q.ndim == 2:
         return (x4 * q[:, None, :, None]).reshape(x.shape)
     m = q.mT if transpose else q
     if x4.shape[1] == 1:
-        y = m @ x4[:, 0]
+        y = _tri_mm(m, x4[:, 0], upper=not transpose)
     elif x4.shape[3] == 1:
-        y = x4[..., 0] @ m.mT
+        y = _mm_tri(x4[..., 0], m.mT, upper=transpose)
     else:
         y = m[:, None] @ x4
     return y.reshape(x.shape)
@@ -109,11 +176,9 @@ def _mode_gram(x: torch.Tensor, k: int) -> torch.Tensor:
     """(B, d_k, d_k): x contracted with itself over every mode but k."""
     x4 = _mode_view(x, k)
     if x4.shape[1] == 1:
-        x3 = x4[:, 0]
-        return x3 @ x3.mT
+        return _gram(x4[:, 0])
     if x4.shape[3] == 1:
-        x3 = x4[..., 0]
-        return x3.mT @ x3
+        return _gram(x4[..., 0].mT)
     return torch.einsum("bpiq,bpjq->bij", x4, x4)
 
 
@@ -185,7 +250,7 @@ def _fit_factors_(qs: list[torch.Tensor], g: torch.Tensor, v: torch.Tensor, prec
             # triu through a mask: Tensor.triu can cost milliseconds on a busy CPU (a parallel loop per call)
             idx = torch.arange(t1.shape[-1], device=t1.device)
             upper = idx[:, None] <= idx
-            step = (torch.where(upper, t1, 0.0) / bound[:, None, None]) @ q
+            step = _upper_times_upper(torch.where(upper, t1, 0.0) / bound[:, None, None], q)
         else:
             step = t1 * (q / norm.clamp(min=tiny)[:, None])
         q.copy_(torch.where(_bview(informative, q.ndim), q - step, q))

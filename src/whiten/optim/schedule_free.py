@@ -147,21 +147,21 @@ class ScheduleFreeAdamW(WhitenOptimizer):
                                  "exp_avg_sq": torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)}
         z = [self.state[p]["z"] for p in params]
         v = [self.state[p]["exp_avg_sq"] for p in params]
-        grads = [p.grad.to(zi.dtype, copy=True) for p, zi in zip(params, z)]  # normalised in place below
+        grads = [p.grad if p.grad.dtype == zi.dtype else p.grad.to(zi.dtype) for p, zi in zip(params, z)]
         y = [p if p.dtype == zi.dtype else p.to(zi.dtype) for p, zi in zip(params, z)]
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, grads, grads, 1.0 - beta2)
         denom = torch._foreach_div(v, 1.0 - beta2 ** (k + 1))
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, group["eps"])
-        torch._foreach_div_(grads, denom)
+        step = torch._foreach_div(grads, denom)  # new tensors: p.grad stays the user's (the reference divides it)
         if group["weight_decay"] != 0:
             decayed = [i for i, p in enumerate(params) if (group["role"] or role_from_shape(p)) not in NO_DECAY_ROLES]
             if decayed:
-                torch._foreach_add_([grads[i] for i in decayed], [y[i] for i in decayed], alpha=group["weight_decay"])
+                torch._foreach_add_([step[i] for i in decayed], [y[i] for i in decayed], alpha=group["weight_decay"])
         torch._foreach_lerp_(y, z, c)
-        torch._foreach_add_(y, grads, alpha=lr * (beta1 * (1.0 - c) - 1.0))
-        torch._foreach_sub_(z, grads, alpha=lr)
+        torch._foreach_add_(y, step, alpha=lr * (beta1 * (1.0 - c) - 1.0))
+        torch._foreach_sub_(z, step, alpha=lr)
         for p, yi in zip(params, y):
             if yi is not p:  # low-precision parameter: computed in the state dtype, rounded once
                 p.copy_(yi)
