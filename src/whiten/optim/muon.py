@@ -65,9 +65,9 @@ class Muon(AveragingMixin, WhitenOptimizer):
         weight_decay: λ, decoupled, ``W *= 1 - η λ`` for both paths (default 0.0).
         scaling: ``"original"`` (default), ``"match_rms_adamw"`` or ``"none"``.
         ns_dtype: dtype of the Newton–Schulz iteration; None (default) = bfloat16 on CUDA, the state dtype
-            elsewhere (float32; float64 for float64 parameters). On the 2-core AVX512-BF16 CPU of
-            docs/performance.md both took the same time at 2 threads, so the CPU keeps the more accurate one.
-            bfloat16 is what torch.optim.Muon always uses.
+            elsewhere (float32; float64 for float64 parameters), the more accurate choice. bfloat16 is what
+            torch.optim.Muon always uses; on a CPU with bfloat16 matrix units it is faster (2.2x on the
+            AVX512-BF16 CPU of docs/performance.md), so pass ``ns_dtype=torch.bfloat16`` there for speed.
         adam_lr: lr of groups stepped by AdamW that do not set their own (default 3e-4).
         adam_betas, adam_eps: AdamW's (default (0.9, 0.95), 1e-10, as Keller Jordan's Muon).
         ema_rate: iterate averaging for ``eval()``/``train()`` (default None: off).
