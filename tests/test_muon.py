@@ -96,6 +96,23 @@ def test_newton_schulz_zero_matrix_stays_zero():
     assert torch.equal(newton_schulz(torch.zeros(2, 4, 3), 5), torch.zeros(2, 4, 3))
 
 
+@pytest.mark.parametrize("shape", [(3, 12, 7), (3, 7, 12), (2, 5, 5)])
+@pytest.mark.parametrize("steps", [0, 1, 5])
+def test_newton_schulz_input_is_kept_unless_overwrite(shape, steps):
+    torch.manual_seed(4)
+    G = torch.randn(shape, dtype=torch.float64)
+    kept = G.clone()
+    X = newton_schulz(G, steps)
+    assert torch.equal(G, kept)
+    assert torch.equal(newton_schulz(G.clone(), steps, overwrite=True), X)
+    in_fp32 = newton_schulz(G, steps, dtype=torch.float32)
+    assert torch.equal(newton_schulz(G, steps, dtype=torch.float32, overwrite=True), in_fp32)
+    assert torch.equal(G, kept)  # a dtype change copies whatever overwrite says
+    # each matrix of the stack as if alone
+    for i in range(shape[0]):
+        assert torch.allclose(newton_schulz(G[i:i + 1], steps)[0], X[i], atol=1e-14, rtol=0)
+
+
 def test_conv_weight_equals_the_2d_result():
     torch.manual_seed(3)
     w4 = torch.randn(6, 3, 2, 2, dtype=torch.float64)

@@ -161,7 +161,8 @@ def test_blocked_triangular_products_equal_dense(monkeypatch, d, tri_block):
     monkeypatch.setattr(psgd_kron, "TRI_BLOCK", tri_block)
     g = torch.Generator().manual_seed(d)
     u, v = (torch.randn(3, d, d, generator=g, dtype=torch.float64).triu() for _ in range(2))
-    x, y = torch.randn(3, d, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, d, generator=g, dtype=torch.float64)
+    x = torch.randn(3, d, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(3, 5, d, generator=g, dtype=torch.float64)
     cases = [(psgd_kron._tri_mm(u, x, upper=True), u @ x), (psgd_kron._tri_mm(u.mT, x, upper=False), u.mT @ x),
              (psgd_kron._mm_tri(y, u, upper=True), y @ u), (psgd_kron._mm_tri(y, u.mT, upper=False), y @ u.mT),
              (psgd_kron._upper_times_upper(u, v), u @ v), (psgd_kron._gram(x), x @ x.mT),

@@ -176,8 +176,7 @@ def newton_schulz(G: torch.Tensor, steps: int, coefficients=MUON_COEFFICIENTS, e
     X = X.div_(norm) if owned else X / norm
     if steps == 0:
         return X.mT if tall else X
-    # Three buffers for the whole iteration instead of three new tensors per step: on the CPU a fresh multi-MB
-    # tensor costs page faults, which were a visible part of a step at width 256.
+    # Three buffers for the whole iteration instead of three new tensors per iteration.
     batch, rows, cols = X.shape
     A = torch.empty(batch, rows, rows, dtype=X.dtype, device=X.device)
     B = torch.empty_like(A)
