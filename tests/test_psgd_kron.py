@@ -193,6 +193,37 @@ def test_blocked_products_at_real_sizes_float32(monkeypatch):
     torch.testing.assert_close(finals[0], finals[1], rtol=0, atol=1e-6)
 
 
+def test_cached_preconditioner_equals_uncached_float64(monkeypatch):
+    """Steps that do not update the factors precondition with a cached QᵀQ, computed once per factor change."""
+    recomputed = []  # per call on a non-update step: whether the bucket's products were computed anew
+    original = PSGDKron._factor_grams
+
+    def recording(self, bkey, qs):
+        before = self._grams.get(bkey)
+        out = original(self, bkey, qs)
+        recomputed.append(self._grams[bkey] is not before)
+        return out
+
+    monkeypatch.setattr(PSGDKron, "_factor_grams", recording)
+    results = []
+    for cache in (True, False):
+        P = make_params()
+        opt = PSGDKron(list(P.values()), preconditioner_update_probability=short_schedule(),
+                       cache_preconditioner=cache, **HYPER)
+        train(P, opt, 0, 60)
+        results.append((P, opt))
+    (pa, oa), (pb, ob) = results
+    for k in SHAPES:
+        torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=1e-12, msg=k)
+    assert ob._grams == {}
+    # the schedule skips updates on most of steps 26-60; the products are recomputed after each update only
+    assert len(recomputed) > 10 * len(oa._grams) and 0 < sum(recomputed) < len(recomputed) / 2
+    for entries in oa._grams.values():  # and what is cached is the product of the factors as they are now
+        for q, version, gram in entries:
+            if gram is not None:
+                assert q._version == version and torch.equal(gram, q.mT @ q)
+
+
 # ----- batching, randomness, resume ----------------------------------------------------------------------------------
 
 
@@ -294,14 +325,18 @@ def test_resume_without_random_state_differs():
 
 def test_deepcopy_keeps_settings_and_random_state():
     P, opt = mixed()
-    train(P, opt, 0, 3)
-    opt2 = copy.deepcopy(opt)  # copies the parameters with it
+    train(P, opt, 0, 30)  # past the flat part of the schedule: the cached QᵀQ is in use
+    assert opt._grams
+    opt2 = copy.deepcopy(opt)  # copies the parameters with it; the cache is not copied but recomputed
     P2 = dict(zip(SHAPES, opt2.param_groups[0]["params"]))
-    assert opt2.seed == 3 and opt2.batched and opt2._prob_step == 3
-    train(P, opt, 3, 6)
-    train(P2, opt2, 3, 6)
+    assert opt2.seed == 3 and opt2.batched and opt2.cache_preconditioner and opt2._prob_step == 30
+    assert opt2._grams == {}
+    train(P, opt, 30, 40)
+    train(P2, opt2, 30, 40)
     for k in SHAPES:
         assert torch.equal(P[k], P2[k]), k
+    plain = PSGDKron([nn.Parameter(torch.zeros(2, 2))], cache_preconditioner=False)
+    assert not copy.deepcopy(plain).cache_preconditioner
 
 
 # ----- robustness ------------------------------------------------------------------------------------------------
@@ -423,6 +458,7 @@ def test_weight_decay_masked_by_role_and_shape():
     (dict(precond_init_scale=0.0), "precond_init_scale"), (dict(merge_dims="yes"), "merge_dims"),
     (dict(ema_rate=1.0), "ema_rate"), (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"),
     (dict(nonfinite="ignore"), "nonfinite"), (dict(batched="no"), "batched"),
+    (dict(cache_preconditioner=1), "cache_preconditioner"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=f"Invalid {name}"):

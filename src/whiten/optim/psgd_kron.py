@@ -256,11 +256,27 @@ def _fit_factors_(qs: list[torch.Tensor], g: torch.Tensor, v: torch.Tensor, prec
         q.copy_(torch.where(_bview(informative, q.ndim), q - step, q))
 
 
-def _precondition(qs: list[torch.Tensor], m: torch.Tensor) -> torch.Tensor:
-    """P m with P = ⊗_k Q_kᵀQ_k, applied mode by mode."""
+def _mode_mul_dense(x: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor:
+    """x ×_k a for a stack a (B, d_k, d_k) of dense matrices."""
+    x4 = _mode_view(x, k)
+    if x4.shape[1] == 1:
+        y = a @ x4[:, 0]
+    elif x4.shape[3] == 1:
+        y = x4[..., 0] @ a.mT
+    else:
+        y = a[:, None] @ x4
+    return y.reshape(x.shape)
+
+
+def _precondition(qs: list[torch.Tensor], m: torch.Tensor, grams: list | None = None) -> torch.Tensor:
+    """P m with P = ⊗_k Q_kᵀQ_k, applied mode by mode: as Q_kᵀ(Q_k x), or as (Q_kᵀQ_k) x where ``grams[k]``
+    holds that product."""
     x = m
     for k, q in enumerate(qs):
-        x = _mode_mul(_mode_mul(x, q, k), q, k, transpose=True)
+        if grams is not None and grams[k] is not None:
+            x = _mode_mul_dense(x, grams[k], k)
+        else:
+            x = _mode_mul(_mode_mul(x, q, k), q, k, transpose=True)
     return x
 
 
@@ -392,6 +408,12 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
             (FloatingPointError).
         batched: process same-shape parameters of a group as one stack with batched matmuls and triangular solves
             (default True). False does each parameter alone; the results are the same up to rounding.
+        cache_preconditioner: on steps that do not update the factors, precondition with a cached
+            :math:`Q_k^\top Q_k` (one dense product per triangular factor) instead of :math:`Q_k^\top (Q_k x)`
+            (two triangular ones); it is recomputed on the first such step after the factors change (default True).
+            It costs one more (d_k, d_k) matrix per triangular factor, kept outside the state dict (a checkpoint
+            is unchanged, and a resumed run recomputes it from the factors, bit for bit). It pays once the update
+            probability falls below 1: from step 500 on with the default schedule.
 
     References: X.-L. Li, "Preconditioned Stochastic Gradient Descent", IEEE TNNLS 2018 (arXiv 1512.04202);
     X.-L. Li, "Black Box Lie Group Preconditioners for SGD", arXiv 2211.04422 (2022);
@@ -416,13 +438,15 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         seed: int = 0,
         nonfinite: str = "skip",
         batched: bool = True,
+        cache_preconditioner: bool = True,
     ):
         prob = preconditioner_update_probability
         if prob is not None and not callable(prob):
             check_range("preconditioner_update_probability", prob, 0.0, 1.0, low_open=True)
         check_int("seed", seed, 0)
-        if not isinstance(batched, bool):
-            raise ValueError(f"Invalid batched: {batched!r} (allowed: True or False)")
+        for name, value in (("batched", batched), ("cache_preconditioner", cache_preconditioner)):
+            if not isinstance(value, bool):
+                raise ValueError(f"Invalid {name}: {value!r} (allowed: True or False)")
         defaults = dict(lr=lr, b1=b1, weight_decay=weight_decay, max_size_triangular=max_size_triangular,
                         min_ndim_triangular=min_ndim_triangular, memory_save_mode=memory_save_mode,
                         momentum_into_precond_update=momentum_into_precond_update, precond_lr=precond_lr,
@@ -430,6 +454,8 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         self.preconditioner_update_probability = prob
         self.seed = seed
         self.batched = batched
+        self.cache_preconditioner = cache_preconditioner
+        self._grams: dict = {}  # bucket -> [(factor stack, its version, QᵀQ or None)]
         self._reset_random_sources()
         super().__init__(params, defaults, nonfinite=nonfinite)
 
@@ -607,9 +633,20 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
             else:
                 probe_g = torch.stack([grads[i].reshape(layout.shape) for i in idxs])
             _fit_factors_(qs, probe_g, probe, group["precond_lr"])
-        pre = _precondition(qs, m_hat)
+        grams = self._factor_grams(bkey, qs) if self.cache_preconditioner and probe is None else None
+        pre = _precondition(qs, m_hat, grams)
         _clip_rms_(pre, MAX_UPDATE_RMS)
         return pre
+
+    def _factor_grams(self, bkey, qs: list[torch.Tensor]) -> list:
+        """Q_kᵀQ_k of each triangular factor stack (None for diagonal ones), cached while the stacks are the same
+        tensors and unmodified: any in-place change (the fit, balancing, a load) bumps a tensor's version."""
+        cached = self._grams.get(bkey)
+        if cached is not None and all(q is cq and q._version == version for q, (cq, version, _) in zip(qs, cached)):
+            return [gram for _, _, gram in cached]
+        entries = [(q, q._version, q.mT @ q if q.ndim == 3 else None) for q in qs]
+        self._grams[bkey] = entries
+        return [gram for _, _, gram in entries]
 
     # ----- checkpoints and pickling -----------------------------------------------------------------------------
     def state_dict(self):
@@ -626,7 +663,8 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
     def __getstate__(self):
         state = super().__getstate__()
         state.update(preconditioner_update_probability=self.preconditioner_update_probability, seed=self.seed,
-                     batched=self.batched, psgd_kron=self._random_state())
+                     batched=self.batched, cache_preconditioner=self.cache_preconditioner,
+                     psgd_kron=self._random_state())
         return state
 
     def __setstate__(self, state):
@@ -635,6 +673,8 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         self.__dict__.setdefault("preconditioner_update_probability", None)
         self.__dict__.setdefault("seed", 0)
         self.__dict__.setdefault("batched", True)
+        self.__dict__.setdefault("cache_preconditioner", True)
+        self._grams = {}
         self._reset_random_sources()
         if saved is not None:
             self._set_random_state(saved)
