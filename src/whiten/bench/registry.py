@@ -1,7 +1,7 @@
 """The benchmark's optimizers: one registry, each entry's learning-rate grid and defaults are data.
 
 Names: ``adamw`` (torch.optim.AdamW, the baseline); whiten's ``splus``, ``soap``, ``shampoo``, ``psgd-kron``,
-``muon`` and ``schedule-free-adamw``; ``torch:Muon`` (torch.optim.Muon on hidden matrices, AdamW on the rest); and ``pytorch_optimizer:<Class>`` for any optimizer of the ``pytorch-optimizer``
+``muon``, ``schedule-free-adamw`` and ``schedule-free-adamw-b0.999``; ``torch:Muon`` (torch.optim.Muon on hidden matrices, AdamW on the rest); and ``pytorch_optimizer:<Class>`` for any optimizer of the ``pytorch-optimizer``
 package (``pytorch_optimizer:SPlus``, ``pytorch_optimizer:SOAP``, ...). Every optimizer gets the param groups of
 ``whiten.param_groups(model)``, so weight decay is masked the same way for all of them.
 """
@@ -163,6 +163,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
         "schedule-free-adamw", _whiten("ScheduleFreeAdamW"), default_lr=1e-2, lr_grid=lr_grid(-9, -4),
         options=dict(betas=(0.9, 0.95), weight_decay=0.1), averages=True,
         source="whiten.ScheduleFreeAdamW, betas (0.9, 0.95) as AdamW's"),
+    # The reference's own β2 (0.999), to tell its β2 apart from its averaging as the cause of a gap to AdamW.
+    "schedule-free-adamw-b0.999": OptimizerSpec(
+        "schedule-free-adamw-b0.999", _whiten("ScheduleFreeAdamW"), default_lr=1e-2, lr_grid=lr_grid(-9, -4),
+        options=dict(betas=(0.9, 0.999), weight_decay=0.1), averages=True,
+        source="whiten.ScheduleFreeAdamW, betas (0.9, 0.999) as the reference's"),
     "torch:Muon": OptimizerSpec(
         "torch:Muon", _torch_muon, default_lr=0.0215, lr_grid=lr_grid(-7, -2),
         options=dict(momentum=0.95, weight_decay=0.1, adam_lr_ratio=0.15, adam_betas=(0.9, 0.95)),
