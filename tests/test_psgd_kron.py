@@ -173,6 +173,12 @@ def test_blocked_triangular_products_equal_dense(monkeypatch, d, tri_block):
     assert torch.equal(psgd_kron._upper_times_upper(u, v).tril(-1), torch.zeros_like(u))
 
 
+def test_blocking_only_on_the_cpu_and_above_the_threshold():
+    assert psgd_kron._halve(torch.empty(1, 300, 300), 300) == 150
+    assert psgd_kron._halve(torch.empty(1, 200, 200), 200) == 0  # halves below TRI_BLOCK (128)
+    assert psgd_kron._halve(torch.empty(1, 300, 300, device="meta"), 300) == 0  # not measured off the CPU
+
+
 def test_blocked_products_at_real_sizes_float32(monkeypatch):
     """A 300x260 weight (both factors split into 150/130-wide blocks) trained in float32 follows the dense-product
     run to rounding."""

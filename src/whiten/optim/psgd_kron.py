@@ -79,14 +79,20 @@ def _bview(v: torch.Tensor, ndim: int) -> torch.Tensor:
 # zero, recursively while the halves are at least TRI_BLOCK wide. That is 3/4 of the dense work per level for
 # triangular x dense and 1/2 for triangular x triangular; Gram matrices x xᵀ likewise compute each off-diagonal
 # block once (3/4). Below TRI_BLOCK one dense GEMM is faster than more, smaller calls. The results equal the dense
-# products up to the summation order.
+# products up to the summation order. Measured on the CPU only: on accelerators, where a dense product of this size
+# is a single fast kernel and each extra call costs a launch, the dense product is kept until measured there.
 TRI_BLOCK = 128
+
+
+def _halve(x: torch.Tensor, d: int) -> int:
+    """The split point of a d-wide product, or 0 to compute it dense."""
+    return d // 2 if d // 2 >= TRI_BLOCK and x.device.type == "cpu" else 0
 
 
 def _tri_mm(t: torch.Tensor, x: torch.Tensor, upper: bool) -> torch.Tensor:
     """t @ x for a stack t (B, d, d) of upper (or lower) triangular matrices and x (B, d, n)."""
-    h = t.shape[-1] // 2
-    if h < TRI_BLOCK:
+    h = _halve(t, t.shape[-1])
+    if not h:
         return t @ x
     x1, x2 = x[:, :h], x[:, h:]
     if upper:  # [t11 t12; 0 t22] [x1; x2] = [t11 x1 + t12 x2; t22 x2]
@@ -100,8 +106,8 @@ def _tri_mm(t: torch.Tensor, x: torch.Tensor, upper: bool) -> torch.Tensor:
 
 def _mm_tri(x: torch.Tensor, t: torch.Tensor, upper: bool) -> torch.Tensor:
     """x @ t for x (B, n, d) and a stack t (B, d, d) of upper (or lower) triangular matrices."""
-    h = t.shape[-1] // 2
-    if h < TRI_BLOCK:
+    h = _halve(t, t.shape[-1])
+    if not h:
         return x @ t
     x1, x2 = x[:, :, :h], x[:, :, h:]
     if upper:  # [x1 x2] [t11 t12; 0 t22] = [x1 t11, x1 t12 + x2 t22]
@@ -115,8 +121,8 @@ def _mm_tri(x: torch.Tensor, t: torch.Tensor, upper: bool) -> torch.Tensor:
 
 def _upper_times_upper(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for stacks of upper triangular (B, d, d) matrices (the result is upper triangular)."""
-    h = a.shape[-1] // 2
-    if h < TRI_BLOCK:
+    h = _halve(a, a.shape[-1])
+    if not h:
         return a @ b
     out = a.new_zeros(a.shape)
     out[:, :h, :h] = _upper_times_upper(a[:, :h, :h], b[:, :h, :h])
@@ -128,8 +134,8 @@ def _upper_times_upper(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
     """x @ xᵀ for x (B, d, n), computing each off-diagonal block once."""
-    h = x.shape[1] // 2
-    if h < TRI_BLOCK:
+    h = _halve(x, x.shape[1])
+    if not h:
         return x @ x.mT
     x1, x2 = x[:, :h], x[:, h:]
     out = x.new_empty(x.shape[0], x.shape[1], x.shape[1])
