@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import whiten
+from state_checks import assert_same_state
 from whiten.optim import psgd_kron
 from whiten.optim.psgd_kron import PSGDKron, precond_update_prob_schedule
 
@@ -266,14 +267,6 @@ def checkpoint(P, opt) -> bytes:
     torch.save({"params": {k: v.detach() for k, v in P.items()}, "opt": opt.state_dict()}, buf)
     return buf.getvalue()
 
-
-def assert_same_state(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
 
 
 def mixed():

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from shampoo_reference import ReferenceShampoo, reference_merge, reference_split
+from state_checks import assert_same_state
 from whiten.optim.shampoo import Shampoo, block_layout, matrix_inverse_root, merge_small_dims
 
 F64 = torch.float64
@@ -307,14 +308,6 @@ def train(params, opt, start, stop):
             params[k].grad = g
         opt.step()
 
-
-def assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
 
 
 @pytest.mark.parametrize("stop_at", [1, 3, 4, 8])  # 3: right after the first root refresh

@@ -13,6 +13,7 @@ from torch import nn
 
 import whiten
 from splus_reference import ReferenceSPlus
+from state_checks import assert_same_state
 
 VOCAB, WIDTH, CTX = 40, 16, 8
 
@@ -176,14 +177,6 @@ def checkpoint(model, opt) -> bytes:
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     return buf.getvalue()
 
-
-def assert_same_state(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
 
 
 def mixed_precision_model():

@@ -266,3 +266,11 @@ def test_plain_parameters_and_lr_scheduler(name):
     if hasattr(opt, "eval"):
         opt.eval()
     assert loss_of(model, 0).item() < first
+
+
+def test_an_optimizer_without_its_step_math_is_refused_when_defined():
+    from whiten.optim._base import WhitenOptimizer
+
+    with pytest.raises(TypeError, match="must define _step_group"):
+        class NoMath(WhitenOptimizer):  # noqa: F841 (the class statement itself must fail)
+            pass

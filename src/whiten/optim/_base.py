@@ -51,6 +51,11 @@ def check_betas(name: str, betas, count: int = 2) -> None:
         check_range(f"{name}[{i}]", b, 0.0, 1.0, high_open=True)
 
 
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: True or False)")
+
+
 def check_role(value) -> None:
     if value is not None and value not in ROLES:
         raise ValueError(f"Invalid role: {value!r} (allowed: None or one of {', '.join(ROLES)})")
@@ -79,6 +84,12 @@ class WhitenOptimizer(torch.optim.Optimizer):
     gradient was not finite), ``eigh_retries`` (matrices whose eigendecomposition needed the float64 retry),
     ``eigh_failures`` (matrices whose basis could not be refreshed and was kept).
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # apply_step's default loops over _step_group(gi, group, params), each optimizer's own math
+        if cls.apply_step is WhitenOptimizer.apply_step and not hasattr(cls, "_step_group"):
+            raise TypeError(f"{cls.__name__} must define _step_group(gi, group, params) or override apply_step")
 
     def __init__(self, params, defaults: dict, nonfinite: str = "skip"):
         if nonfinite not in NONFINITE_POLICIES:
@@ -160,8 +171,6 @@ class WhitenOptimizer(torch.optim.Optimizer):
             if params:
                 self._step_group(gi, group, params)
 
-    def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:  # each optimizer's math
-        raise NotImplementedError
 
     # ----- Shampoo factors and their eigenbases ---------------------------------------------------------------
     @staticmethod

@@ -10,7 +10,8 @@ import torch
 from ..averaging import AveragingMixin
 from ..linalg import MUON_COEFFICIENTS, newton_schulz
 from ..roles import NO_DECAY_ROLES, role_from_shape
-from ._base import WhitenOptimizer, bucket, check_betas, check_ema_rate, check_int, check_range, check_role, state_dtype
+from ._base import (WhitenOptimizer, bucket, check_betas, check_bool, check_ema_rate, check_int, check_range,
+                    check_role, state_dtype)
 
 __all__ = ["Muon"]
 
@@ -123,8 +124,7 @@ class Muon(AveragingMixin, WhitenOptimizer):
     def validate_group(self, group: dict) -> None:
         check_range("lr", group["lr"], 0.0)
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
-        if not isinstance(group["nesterov"], bool):
-            raise ValueError(f"Invalid nesterov: {group['nesterov']!r} (allowed: True or False)")
+        check_bool("nesterov", group["nesterov"])
         check_int("ns_steps", group["ns_steps"], 0)
         c = group["ns_coefficients"]
         if not isinstance(c, (tuple, list)) or len(c) != 3 or not all(

@@ -12,7 +12,8 @@ import torch
 
 from ..averaging import AveragingMixin
 from ..roles import NO_DECAY_ROLES, role_from_shape
-from ._base import WhitenOptimizer, bucket, check_ema_rate, check_int, check_range, check_role, state_dtype
+from ._base import (WhitenOptimizer, bucket, check_bool, check_ema_rate, check_int, check_range, check_role,
+                    state_dtype)
 
 __all__ = ["PSGDKron", "UpdateProbabilitySchedule", "precond_update_prob_schedule"]
 
@@ -450,9 +451,8 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         if prob is not None and not callable(prob):
             check_range("preconditioner_update_probability", prob, 0.0, 1.0, low_open=True)
         check_int("seed", seed, 0)
-        for name, value in (("batched", batched), ("cache_preconditioner", cache_preconditioner)):
-            if not isinstance(value, bool):
-                raise ValueError(f"Invalid {name}: {value!r} (allowed: True or False)")
+        check_bool("batched", batched)
+        check_bool("cache_preconditioner", cache_preconditioner)
         defaults = dict(lr=lr, b1=b1, weight_decay=weight_decay, max_size_triangular=max_size_triangular,
                         min_ndim_triangular=min_ndim_triangular, memory_save_mode=memory_save_mode,
                         momentum_into_precond_update=momentum_into_precond_update, precond_lr=precond_lr,
@@ -475,8 +475,7 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
             raise ValueError(f"Invalid memory_save_mode: {group['memory_save_mode']!r} "
                              f"(allowed: {', '.join(map(repr, MEMORY_SAVE_MODES))})")
         for name in ("momentum_into_precond_update", "merge_dims"):
-            if not isinstance(group[name], bool):
-                raise ValueError(f"Invalid {name}: {group[name]!r} (allowed: True or False)")
+            check_bool(name, group[name])
         check_range("precond_lr", group["precond_lr"], 0.0)
         check_range("precond_init_scale", group["precond_init_scale"], 0.0, low_open=True)
         check_ema_rate(group["ema_rate"])

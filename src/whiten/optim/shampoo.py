@@ -15,7 +15,8 @@ import torch
 from ..averaging import AveragingMixin
 from ..linalg import InverseRootResult, matrix_inverse_root
 from ..roles import NO_DECAY_ROLES, role_from_shape
-from ._base import WhitenOptimizer, bucket, check_ema_rate, check_int, check_range, check_role, state_dtype
+from ._base import (WhitenOptimizer, bucket, check_bool, check_ema_rate, check_int, check_range, check_role,
+                    state_dtype)
 
 __all__ = ["Shampoo", "InverseRootResult", "block_layout", "matrix_inverse_root", "merge_small_dims"]
 
@@ -197,8 +198,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                         start_preconditioning_step=start_preconditioning_step,
                         use_bias_correction=use_bias_correction, grafting=grafting, grafting_beta2=grafting_beta2,
                         grafting_epsilon=grafting_epsilon, ema_rate=ema_rate, role=None)
-        if not isinstance(batched, bool):
-            raise ValueError(f"Invalid batched: {batched!r} (allowed: True or False)")
+        check_bool("batched", batched)
         self.batched = batched
         super().__init__(params, defaults, nonfinite=nonfinite)
 
@@ -218,8 +218,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
             if isinstance(start, bool) or not isinstance(start, int) or start < freq:
                 raise ValueError(f"Invalid start_preconditioning_step: {start!r} (allowed: None, math.inf or an "
                                  f"integer >= precondition_frequency = {freq})")
-        if not isinstance(group["use_bias_correction"], bool):
-            raise ValueError(f"Invalid use_bias_correction: {group['use_bias_correction']!r} (allowed: True or False)")
+        check_bool("use_bias_correction", group["use_bias_correction"])
         grafting = group["grafting"]
         if grafting not in GRAFTING_TYPES:
             raise ValueError(f"Invalid grafting: {grafting!r} (allowed: {', '.join(map(repr, GRAFTING_TYPES))})")

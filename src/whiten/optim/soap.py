@@ -10,8 +10,8 @@ import torch
 from ..averaging import AveragingMixin
 from ..linalg import finite_flags, rotate, unrotate, update_factors, warn_eigh_failure
 from ..roles import NO_DECAY_ROLES, role_from_shape
-from ._base import (WhitenOptimizer, bucket, check_betas, check_ema_rate, check_int, check_range, check_role,
-                    state_dtype)
+from ._base import (WhitenOptimizer, bucket, check_betas, check_bool, check_ema_rate, check_int, check_range,
+                    check_role, state_dtype)
 
 __all__ = ["SOAP"]
 
@@ -120,8 +120,7 @@ class SOAP(AveragingMixin, WhitenOptimizer):
         check_int("precondition_frequency", group["precondition_frequency"], 1)
         check_int("max_precond_dim", group["max_precond_dim"], 1)
         for flag in ("precondition_1d", "normalize_grads", "correct_bias"):
-            if not isinstance(group[flag], bool):
-                raise ValueError(f"Invalid {flag}: {group[flag]!r} (allowed: True or False)")
+            check_bool(flag, group[flag])
         check_ema_rate(group["ema_rate"])
         check_role(group["role"])
 

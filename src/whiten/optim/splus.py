@@ -10,7 +10,7 @@ import torch
 from ..averaging import AveragingMixin
 from ..linalg import rotate, unrotate, update_factors
 from ..roles import NO_DECAY_ROLES, role_from_shape
-from ._base import WhitenOptimizer, bucket, check_int, check_range, check_role, state_dtype
+from ._base import WhitenOptimizer, bucket, check_betas, check_bool, check_int, check_range, check_role, state_dtype
 
 __all__ = ["SPlus"]
 
@@ -110,19 +110,14 @@ class SPlus(AveragingMixin, WhitenOptimizer):
 
     def validate_group(self, group: dict) -> None:
         check_range("lr", group["lr"], 0.0)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas!r} (allowed: a pair (beta1, beta2), each in [0, 1))")
-        check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
-        check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        check_betas("betas", group["betas"])
         check_range("ema_rate", group["ema_rate"], 0.0, 1.0, high_open=True)
         check_range("weight_decay", group["weight_decay"], 0.0)
         check_int("inverse_every", group["inverse_every"], 1)
         check_range("eps", group["eps"], 0.0)
         check_int("max_dim", group["max_dim"], 1)
         check_range("nonstandard_constant", group["nonstandard_constant"], 0.0)
-        if not isinstance(group["whiten_conv"], bool):
-            raise ValueError(f"Invalid whiten_conv: {group['whiten_conv']!r} (allowed: True or False)")
+        check_bool("whiten_conv", group["whiten_conv"])
         check_role(group["role"])
 
     def _init_state(self, p: torch.Tensor, layout: _Layout) -> dict:
