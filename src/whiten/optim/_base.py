@@ -124,28 +124,37 @@ class WhitenOptimizer(torch.optim.Optimizer):
         pass
 
     # ----- stacked state ------------------------------------------------------------------------------------
-    def stacked_state(self, key, params: list[torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> dict:
-        """``{name: (B, *shape) tensor}`` whose slices ARE ``self.state[p][name]`` for ``params`` (in order).
+    def stacked_state(self, key, params: list[torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                      names: list[dict[str, str]] | None = None) -> dict:
+        """``{slot: (B, *shape) tensor}`` whose slices ARE ``self.state[p][slot]`` for ``params`` (in order).
 
-        The first call for a set of parameters copies their state tensors into one stack per name and makes every
+        The first call for a set of parameters copies their state tensors into one stack per slot and makes every
         state entry a view of it, so later steps run batched kernels on the stack in place with no copies. When the
         members change or a state entry was replaced (``load_state_dict``), the stack is rebuilt the same way.
         State stays per parameter for checkpoints: the views serialize as ordinary tensors.
+
+        ``names`` (one ``{slot: state key}`` per member) stacks entries whose keys differ between members, such as
+        the blocks of one parameter in Shampoo; a parameter may then appear more than once. By default each slot is
+        the state key of the same name.
         """
+        if names is None:
+            names = [{slot: slot for slot in shapes}] * len(params)
         entry = self._stacks.get(key)
         if entry is not None:
             members, stacks, views = entry
-            if len(members) == len(params) and all(a is b for a, b in zip(members, params)) and all(
-                    self.state[p][name] is views[name][j] for name in shapes for j, p in enumerate(params)):
+            if (len(members) == len(params)
+                    and all(a is p and an == n for (a, an), p, n in zip(members, params, names))
+                    and all(self.state[p][n[slot]] is views[slot][j]
+                            for slot in shapes for j, (p, n) in enumerate(zip(params, names)))):
                 return stacks
         stacks, views = {}, {}
-        for name, shape in shapes.items():
-            originals = [self.state[p][name] for p in params]
-            stacks[name] = torch.stack([t.reshape(shape) for t in originals])
-            views[name] = [stacks[name][j].view(t.shape) for j, t in enumerate(originals)]
-            for p, v in zip(params, views[name]):
-                self.state[p][name] = v
-        self._stacks[key] = (list(params), stacks, views)
+        for slot, shape in shapes.items():
+            originals = [self.state[p][n[slot]] for p, n in zip(params, names)]
+            stacks[slot] = torch.stack([t.reshape(shape) for t in originals])
+            views[slot] = [stacks[slot][j].view(t.shape) for j, t in enumerate(originals)]
+            for p, n, v in zip(params, names, views[slot]):
+                self.state[p][n[slot]] = v
+        self._stacks[key] = (list(zip(params, names)), stacks, views)
         return stacks
 
     # ----- the step -------------------------------------------------------------------------------------------

@@ -233,31 +233,6 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         check_ema_rate(group["ema_rate"])
         check_role(group["role"])
 
-    # ----- stacks of blocks ---------------------------------------------------------------------------------------
-    def _block_stacks(self, key, slots: list[tuple[torch.Tensor, dict[str, str]]],
-                      shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-        """``{slot: (B, *shape) stack}`` whose j-th slice IS ``self.state[p_j][names_j[slot]]``.
-
-        :meth:`WhitenOptimizer.stacked_state` for state entries whose names differ between members (the blocks of
-        one parameter share a shape but not a name); rebuilt the same way when members or entries change.
-        """
-        entry = self._stacks.get(key)
-        if entry is not None:
-            members, stacks, views = entry
-            if (len(members) == len(slots)
-                    and all(a is p and an == names for (a, an), (p, names) in zip(members, slots))
-                    and all(self.state[p][names[s]] is views[s][j]
-                            for s in shapes for j, (p, names) in enumerate(slots))):
-                return stacks
-        stacks, views = {}, {}
-        for s, shape in shapes.items():
-            stacks[s] = torch.stack([self.state[p][names[s]].reshape(shape) for p, names in slots])
-            views[s] = list(stacks[s].unbind(0))
-            for (p, names), v in zip(slots, views[s]):
-                self.state[p][names[s]] = v
-        self._stacks[key] = (list(slots), stacks, views)
-        return stacks
-
     # ----- the step -----------------------------------------------------------------------------------------------
     def apply_step(self, work) -> None:
         failures = 0
@@ -399,11 +374,10 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         dims = c.layouts[i0][1][b0].dims
         order = len(dims)
         blocks = [c.layouts[i][1][b] for i, b in entries]
-        slots = [(c.params[i], {**{f"F{j}": blk.factor_keys[j] for j in range(order)},
-                                **{f"R{j}": blk.root_keys[j] for j in range(order)}})
-                 for (i, _), blk in zip(entries, blocks)]
+        names = [{**{f"F{j}": blk.factor_keys[j] for j in range(order)},
+                  **{f"R{j}": blk.root_keys[j] for j in range(order)}} for blk in blocks]
         shapes = {**{f"F{j}": (d, d) for j, d in enumerate(dims)}, **{f"R{j}": (d, d) for j, d in enumerate(dims)}}
-        S = self._block_stacks(key, slots, shapes)
+        S = self.stacked_state(key, [c.params[i] for i, _ in entries], shapes, names)
 
         G = torch.stack([c.block(c.grads, i, b) for i, b in entries])
         if order == 1:
