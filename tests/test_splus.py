@@ -345,7 +345,7 @@ def test_nonfinite_gradient_skips_step_and_keeps_state():
         assert torch.equal(v, params_before[k])
     for pid, st in opt.state_dict()["state"].items():
         assert_same_state(st, state_before["state"][pid])
-    assert opt.state_dict()["whiten_counters"]["skipped_steps"] == 1
+    assert opt.state_dict()["param_groups"][0]["whiten_counters"]["skipped_steps"] == 1
 
 
 def test_nonfinite_gradient_raise_policy():

@@ -3,6 +3,7 @@ stacks, state_dict hygiene and counters users can read."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections import defaultdict
@@ -10,6 +11,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from .. import distributed as wdist
 from ..linalg import finite_flags, robust_eigh_basis, warn_eigh_failure
 from ..roles import ROLES
 
@@ -80,9 +82,14 @@ def _new_counters() -> dict:
 class WhitenOptimizer(torch.optim.Optimizer):
     """Base class: a torch.optim.Optimizer with whiten's checks, counters and state handling.
 
-    Counters (``optimizer.counters``, saved in the state_dict): ``skipped_steps`` (steps skipped because a
-    gradient was not finite), ``eigh_retries`` (matrices whose eigendecomposition needed the float64 retry),
-    ``eigh_failures`` (matrices whose basis could not be refreshed and was kept).
+    Counters (``optimizer.counters``, saved in the state_dict's first param group, where
+    ``torch.distributed.checkpoint`` keeps them): ``skipped_steps`` (steps skipped because a gradient was not
+    finite), ``eigh_retries`` (matrices whose eigendecomposition needed the float64 retry), ``eigh_failures``
+    (matrices whose basis could not be refreshed and was kept).
+
+    Distributed runs (see :mod:`whiten.distributed`): with ``process_group`` (DDP, replicated parameters) or with
+    DTensor parameters (FSDP2, their mesh is used), each parameter's whole step runs on one owner rank and the new
+    values are sent to the others; the numbers are those of one process.
     """
 
     def __init_subclass__(cls, **kwargs):
@@ -91,12 +98,17 @@ class WhitenOptimizer(torch.optim.Optimizer):
         if cls.apply_step is WhitenOptimizer.apply_step and not hasattr(cls, "_step_group"):
             raise TypeError(f"{cls.__name__} must define _step_group(gi, group, params) or override apply_step")
 
-    def __init__(self, params, defaults: dict, nonfinite: str = "skip"):
+    def __init__(self, params, defaults: dict, nonfinite: str = "skip", process_group=None):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r} (allowed: {', '.join(map(repr, NONFINITE_POLICIES))})")
+        if process_group is not None and not isinstance(process_group, torch.distributed.ProcessGroup):
+            raise ValueError(f"Invalid process_group: {process_group!r} (allowed: None or a "
+                             "torch.distributed.ProcessGroup, e.g. torch.distributed.group.WORLD)")
         self.nonfinite = nonfinite
+        self.process_group = process_group
         self.counters = _new_counters()
         self._stacks: dict = {}
+        self._dist = None  # (parameter identities, DistributedContext or None), rebuilt when parameters change
         super().__init__(params, defaults)
 
     # ----- construction -------------------------------------------------------------------------------------
@@ -157,6 +169,41 @@ class WhitenOptimizer(torch.optim.Optimizer):
         self._stacks[key] = (list(zip(params, names)), stacks, views)
         return stacks
 
+    # ----- distribution ---------------------------------------------------------------------------------------
+    def work_cost(self, p: torch.Tensor, group: dict) -> float:
+        """Relative cost of one parameter's optimizer work, for balancing owners over ranks: ``m·n·(m+n)`` for a
+        matrix view (m, n) (factor products, rotations, Newton–Schulz), the element count otherwise."""
+        if p.ndim < 2:
+            return float(p.numel())
+        m = p.shape[0]
+        n = p.numel() // max(m, 1)
+        return float(m * n * (m + n) + p.numel())
+
+    def stack_invariant(self, p: torch.Tensor, group: dict) -> bool:
+        """Whether this parameter's results are the same bits in any stack of same-shape parameters. CPU BLAS
+        kernels round differently for a matrix that does not start on a 64-byte boundary, and element j of a stack
+        starts at j times its size: sizes that are multiples of 16 elements (the (m, n) view and its m×m and n×n
+        factors) keep every member aligned. Parameters that fail this are planned with the rest of their group
+        on one rank, so a distributed run still batches them exactly as one process does."""
+        if p.numel() == 0:
+            return True
+        m = p.shape[0] if p.ndim else 1
+        n = p.numel() // m
+        return all(size % 16 == 0 for size in (m * n, m * m, n * n))
+
+    def distributed_context(self):
+        """The :class:`whiten.distributed.DistributedContext` of this optimizer, or None on one process."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        key = tuple(map(id, params))
+        if self._dist is not None and self._dist[0] == key:
+            return self._dist[1]
+        ctx = None
+        group = wdist.process_group_of(params, self.process_group)
+        if group is not None:
+            ctx = wdist.DistributedContext(self, group)
+        self._dist = (key, ctx)
+        return ctx
+
     # ----- the step -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
@@ -167,19 +214,66 @@ class WhitenOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self.params_with_grad()
-        if self.grads_are_finite(work):  # checked before any state changes
-            self.apply_step(work)
+        ctx = self.distributed_context()
+        if ctx is None:
+            if self.grads_are_finite(work):  # checked before any state changes
+                self.before_step(work)
+                self.apply_step(work)
+        else:
+            self._distributed_step(ctx, work)
         return loss
+
+    def _distributed_step(self, ctx, work) -> None:
+        # Each rank checks the gradients it holds: its owned ones (replicated) or its shards (sharded).
+        mine = [p.grad for _, params in work for p in params if p in ctx.rows or ctx.owns(p)]
+        local_bad = bool(mine) and not all(finite_flags([wdist._local(g) for g in mine]))
+        present, bad = ctx.agree([p for _, params in work for p in params], local_bad)
+        if bad:
+            self._nonfinite(f"{type(self).__name__}: non-finite gradient on at least one rank", stacklevel=4)
+            return
+        has = dict(zip(ctx.params, present))
+        everyone = [(g, [p for p in g["params"] if has[p]]) for g in self.param_groups]
+        ctx.gather_full([p for _, params in everyone for p in params], with_grad=True)
+        for p in ctx.params:  # an empty entry marks a parameter another rank owns (DCP keys stay per owner)
+            if not ctx.owns(p):
+                self.state[p] = {}
+        owned = [(g, [ctx.view(p) for p in params if ctx.owns(p)]) for g, params in everyone]
+        before = (self.counters["eigh_retries"], self.counters["eigh_failures"])
+        with self._owned_state(ctx):
+            self.before_step([(g, [ctx.view(p) if ctx.owns(p) else p for p in params]) for g, params in everyone])
+            self.apply_step(owned)
+        ctx.publish([p for _, params in everyone for p in params])
+        for full in ctx.full.values():
+            full.grad = None
+        retries, failures = ctx.all_reduce([self.counters["eigh_retries"] - before[0],
+                                            self.counters["eigh_failures"] - before[1]])
+        self.counters["eigh_retries"] = before[0] + int(retries)
+        self.counters["eigh_failures"] = before[1] + int(failures)
+
+    @contextlib.contextmanager
+    def _owned_state(self, ctx):
+        """While the step runs, the state of an owned sharded parameter is keyed by its full-size stand-in."""
+        moved = [(p, full) for p, full in ctx.full.items()]
+        for p, full in moved:
+            self.state[full] = self.state.pop(p, {})
+        try:
+            yield
+        finally:
+            for p, full in moved:
+                self.state[p] = self.state.pop(full, {})
 
     def check_can_step(self) -> None:  # raises where stepping now would corrupt the run (eval mode)
         pass
+
+    def before_step(self, work: list[tuple[dict, list[torch.Tensor]]]) -> None:
+        """Called on every rank with every parameter that has a gradient (owned or not) before :meth:`apply_step`,
+        for work that must be the same everywhere, such as drawing random numbers in one order."""
 
     def apply_step(self, work: list[tuple[dict, list[torch.Tensor]]]) -> None:
         """The update, given (group, parameters with a gradient) for every group; all gradients are finite."""
         for gi, (group, params) in enumerate(work):
             if params:
                 self._step_group(gi, group, params)
-
 
     # ----- Shampoo factors and their eigenbases ---------------------------------------------------------------
     @staticmethod
@@ -238,19 +332,22 @@ class WhitenOptimizer(torch.optim.Optimizer):
             return True
         shapes = [(gi, tuple(p.shape)) for gi, (_, params) in enumerate(work) for p in params]
         bad = [where for where, ok in zip(shapes, flags) if not ok]
-        message = (f"{type(self).__name__}: non-finite gradient in {len(bad)} parameter(s) "
-                   f"(first: group {bad[0][0]}, shape {bad[0][1]})")
+        self._nonfinite(f"{type(self).__name__}: non-finite gradient in {len(bad)} parameter(s) "
+                        f"(first: group {bad[0][0]}, shape {bad[0][1]})", stacklevel=4)
+        return False
+
+    def _nonfinite(self, message: str, stacklevel: int) -> None:
         if self.nonfinite == "raise":
             raise FloatingPointError(message)
         self.counters["skipped_steps"] += 1
         warnings.warn(message + "; step skipped, optimizer state untouched "
-                      f"({self.counters['skipped_steps']} skipped so far)", RuntimeWarning, stacklevel=3)
-        return False
+                      f"({self.counters['skipped_steps']} skipped so far)", RuntimeWarning, stacklevel=stacklevel)
 
     # ----- pickling and checkpoints ----------------------------------------------------------------------------
     def __getstate__(self):
         state = super().__getstate__()
         state.update(nonfinite=self.nonfinite, counters=dict(self.counters), batched=getattr(self, "batched", True))
+        state.pop("_dist", None)  # communicators do not pickle; a copy plans its own
         return state
 
     def __setstate__(self, state):
@@ -258,15 +355,23 @@ class WhitenOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("nonfinite", "skip")
         self.__dict__.setdefault("counters", _new_counters())
         self.__dict__.setdefault("batched", True)
+        self.__dict__.setdefault("process_group", None)
         self._stacks = {}  # rebuilt on the next step
+        self._dist = None
 
     def state_dict(self):
+        """torch's state dict; the counters travel in the first param group, which DCP keeps. In a distributed
+        run each rank's dict holds the full state of the parameters it owns and ``{}`` for the others."""
         sd = super().state_dict()
-        sd["whiten_counters"] = dict(self.counters)
+        sd["param_groups"][0]["whiten_counters"] = dict(self.counters)
         return sd
 
     def load_state_dict(self, state_dict) -> None:
+        groups = state_dict.get("param_groups") or [{}]
+        counters = groups[0].get("whiten_counters", state_dict.get("whiten_counters", {}))  # top level: 0.1
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.pop("whiten_counters", None)
         self._stacks = {}
         # torch casts floating-point state to the parameter's dtype; whiten keeps state in its own dtype (fp32
         # factors for bf16 parameters), so restore each saved tensor with its saved dtype. Cloning also keeps this
@@ -274,12 +379,17 @@ class WhitenOptimizer(torch.optim.Optimizer):
         id_to_param = {}
         for saved, group in zip(state_dict["param_groups"], self.param_groups):
             id_to_param.update(zip(saved["params"], group["params"]))
+        ctx = self.distributed_context()
         for pid, saved_state in state_dict["state"].items():
             p = id_to_param.get(pid)
             if p is None:
+                continue
+            if ctx is not None and not ctx.owns(p):
+                self.state[p] = {}  # another rank owns it (a checkpoint from fewer ranks may carry its state)
                 continue
             self.state[p] = {
                 k: v.detach().to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
                 for k, v in saved_state.items()
             }
-        self.counters.update(state_dict.get("whiten_counters", {}))
+        self.counters = _new_counters()
+        self.counters.update({k: int(v) for k, v in counters.items()})

@@ -73,6 +73,9 @@ class Muon(AveragingMixin, WhitenOptimizer):
         adam_betas, adam_eps: AdamW's (default (0.9, 0.95), 1e-10, as Keller Jordan's Muon).
         ema_rate: iterate averaging for ``eval()``/``train()`` (default None: off).
         nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient.
+        process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
+            averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
+            Each parameter's step runs on one owner rank; the numbers are those of one process.
         batched: orthogonalise same-shape matrices in one batched call (default True).
 
     References: K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024); J. Liu et al.,
@@ -96,6 +99,7 @@ class Muon(AveragingMixin, WhitenOptimizer):
         adam_eps: float = 1e-10,
         ema_rate: float | None = None,
         nonfinite: str = "skip",
+        process_group=None,
         batched: bool = True,
     ):
         check_range("adam_lr", adam_lr, 0.0)
@@ -104,7 +108,7 @@ class Muon(AveragingMixin, WhitenOptimizer):
                         ns_dtype=ns_dtype, adam_lr=adam_lr, adam_betas=adam_betas, adam_eps=adam_eps,
                         ema_rate=ema_rate, role=None)
         self.batched = bool(batched)
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]

@@ -413,6 +413,9 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         nonfinite: ``"skip"`` (default: a step with a non-finite gradient changes nothing, the schedule and the
             random sources included, is counted in ``counters["skipped_steps"]`` and warns) or ``"raise"``
             (FloatingPointError).
+        process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
+            averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
+            Each parameter's step runs on one owner rank; the numbers are those of one process.
         batched: process same-shape parameters of a group as one stack with batched matmuls and triangular solves
             (default True). False does each parameter alone; the results are the same up to rounding.
         cache_preconditioner: on steps that do not update the factors, precondition with a cached
@@ -444,6 +447,7 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         ema_rate: float | None = None,
         seed: int = 0,
         nonfinite: str = "skip",
+        process_group=None,
         batched: bool = True,
         cache_preconditioner: bool = True,
     ):
@@ -463,7 +467,7 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         self.cache_preconditioner = cache_preconditioner
         self._grams: dict = {}  # bucket -> [(factor stack, its version, QᵀQ or None)]
         self._reset_random_sources()
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
         check_range("lr", group["lr"], 0.0)
@@ -490,7 +494,7 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
-        gen = self._generators.get(key)
+        gen = self._generators.get(key, self._generators.get(device.type))
         if gen is None:
             gen = torch.Generator(device=device)
             gen.manual_seed(self.seed)
@@ -520,15 +524,25 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         return due
 
     def _random_state(self) -> dict:
-        version, internal, gauss = self._coin.getstate()
+        """Schedule counters, coin and generators as ints and tensors (what DCP and ``weights_only`` load keep).
+        Generators are keyed by device type where a process has one device of that type (``"cuda"``, not
+        ``"cuda:3"``), so ranks of a distributed run, which draw the same numbers, save the same entry."""
+        version, internal, _ = self._coin.getstate()  # random() never sets the cached gauss value
+        types = [torch.device(k).type for k in self._generators]
         return {"schedule_step": self._prob_step, "update_counter": self._update_counter,
-                "coin": (version, tuple(internal), gauss),
-                "generators": {k: g.get_state() for k, g in self._generators.items()}}
+                "coin": torch.tensor([version, *internal], dtype=torch.int64),
+                "generators": {(torch.device(k).type if types.count(torch.device(k).type) == 1 else k): g.get_state()
+                               for k, g in self._generators.items()}}
 
     def _set_random_state(self, saved: dict) -> None:
         self._prob_step = int(saved["schedule_step"])
         self._update_counter = int(saved["update_counter"])
-        version, internal, gauss = saved["coin"]
+        coin = saved["coin"]
+        if isinstance(coin, torch.Tensor):
+            version, *internal = coin.tolist()
+            gauss = None
+        else:  # checkpoints of whiten 0.1: (version, internal, gauss)
+            version, internal, gauss = coin
         self._coin.setstate((int(version), tuple(int(x) for x in internal), gauss))
         self._generators = {}
         for key, gen_state in saved["generators"].items():
@@ -551,12 +565,27 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
             state[f"factor_{k}"] = scale * eye
         return state
 
+    def before_step(self, work) -> None:
+        """The schedule, the coin and, on update steps, the probes of every parameter with a gradient, drawn one
+        parameter at a time in group and parameter order: every rank of a distributed run draws the same numbers
+        in the same order, and each parameter gets the ones it gets on one process."""
+        self._update = self._advance_schedule()
+        self._balance = self._coin.random() < BALANCE_PROBABILITY and self._update  # drawn every step
+        self._probes = {}
+        if self._update:
+            for group, params in work:
+                for p in params:
+                    probe = torch.empty(_layout(p, group).shape, dtype=state_dtype(p), device=p.device)
+                    self._draw_noise(probe)
+                    self._probes[p] = probe
+
     def apply_step(self, work) -> None:
-        update = self._advance_schedule()
-        balance = self._coin.random() < BALANCE_PROBABILITY and update  # the coin is drawn every step
-        for gi, (group, params) in enumerate(work):
-            if params:
-                self._step_group(gi, group, params, update, balance)
+        try:
+            for gi, (group, params) in enumerate(work):
+                if params:
+                    self._step_group(gi, group, params, self._update, self._balance)
+        finally:
+            self._probes = {}
 
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor], update: bool, balance: bool) -> None:
         layouts = [_layout(p, group) for p in params]
@@ -582,17 +611,8 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
 
         buckets = bucket(range(len(params)), key)
         probes = {}
-        if update:
-            # Probes are drawn one parameter at a time in parameter order, straight into each bucket's stack, so
-            # every parameter gets the same numbers whether or not it is batched with others.
-            where = {}
-            for bkey, idxs in buckets.items():
-                probes[bkey] = torch.empty((len(idxs), *layouts[idxs[0]].shape), dtype=moms[idxs[0]].dtype,
-                                           device=moms[idxs[0]].device)
-                where.update({i: (bkey, j) for j, i in enumerate(idxs)})
-            for i in range(len(params)):
-                bkey, j = where[i]
-                self._draw_noise(probes[bkey][j])
+        if update:  # drawn in before_step, so the numbers do not depend on batching or on the rank
+            probes = {bkey: torch.stack([self._probes[params[i]] for i in idxs]) for bkey, idxs in buckets.items()}
 
         updates: list = [None] * len(params)
         for bkey, idxs in buckets.items():
@@ -655,13 +675,17 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
 
     # ----- checkpoints and pickling -----------------------------------------------------------------------------
     def state_dict(self):
+        # in the first param group, which torch.distributed.checkpoint keeps (it drops other top-level keys)
         sd = super().state_dict()
-        sd["psgd_kron"] = self._random_state()
+        sd["param_groups"][0]["psgd_kron"] = self._random_state()
         return sd
 
     def load_state_dict(self, state_dict) -> None:
+        groups = state_dict.get("param_groups") or [{}]
+        saved = groups[0].get("psgd_kron", state_dict.get("psgd_kron"))  # top level: whiten 0.1 checkpoints
         super().load_state_dict(state_dict)
-        saved = state_dict.get("psgd_kron")
+        for group in self.param_groups:
+            group.pop("psgd_kron", None)
         if saved is not None:
             self._set_random_state(saved)
 

@@ -43,6 +43,9 @@ class ScheduleFreeAdamW(WhitenOptimizer):
         r: polynomial weighting power of the average (default 0).
         weight_lr_power: weights of the average ∝ max lr so far to this power (default 2).
         nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient.
+        process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
+            averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
+            Each parameter's step runs on one owner rank; the numbers are those of one process.
 
     Reference: A. Defazio et al., "The Road Less Scheduled", NeurIPS 2024.
     """
@@ -58,12 +61,13 @@ class ScheduleFreeAdamW(WhitenOptimizer):
         r: float = 0.0,
         weight_lr_power: float = 2.0,
         nonfinite: str = "skip",
+        process_group=None,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
                         weight_lr_power=weight_lr_power, role=None, k=0, train_mode=True, weight_sum=0.0,
                         lr_max=-1.0, scheduled_lr=0.0)
         self._y: dict = {}  # the train-mode parameters replaced by eval(), for an exact train()
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
         check_range("lr", group["lr"], 0.0)

@@ -165,6 +165,9 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         ema_rate: rate of the parameter average used by ``eval()``; None averages nothing (default None).
         nonfinite: ``"skip"`` (default: a step with a non-finite gradient changes nothing, is counted in
             ``counters["skipped_steps"]`` and warns) or ``"raise"`` (FloatingPointError).
+        process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
+            averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
+            Each parameter's step runs on one owner rank; the numbers are those of one process.
         batched: process same-shape matrix and vector blocks of a group as stacks: batched factor updates, root
             computations and ``torch.bmm`` preconditioning (default True). False does each block alone; blocks of
             order 3 or more always go one by one.
@@ -191,6 +194,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         grafting_epsilon: float = 1e-10,
         ema_rate: float | None = None,
         nonfinite: str = "skip",
+        process_group=None,
         batched: bool = True,
     ):
         defaults = dict(lr=lr, betas=betas, epsilon=epsilon, weight_decay=weight_decay,
@@ -200,7 +204,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                         grafting_epsilon=grafting_epsilon, ema_rate=ema_rate, role=None)
         check_bool("batched", batched)
         self.batched = batched
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
         check_range("lr", group["lr"], 0.0)

@@ -81,6 +81,9 @@ class SOAP(AveragingMixin, WhitenOptimizer):
         correct_bias: Adam's bias correction (default True).
         ema_rate: iterate averaging for ``eval()``/``train()`` (default None: off).
         nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient.
+        process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
+            averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
+            Each parameter's step runs on one owner rank; the numbers are those of one process.
         batched: process same-shape matrices as one stack (default True).
 
     Reference: N. Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", arXiv 2409.11321 (2024).
@@ -101,6 +104,7 @@ class SOAP(AveragingMixin, WhitenOptimizer):
         correct_bias: bool = True,
         ema_rate: float | None = None,
         nonfinite: str = "skip",
+        process_group=None,
         batched: bool = True,
     ):
         defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
@@ -108,7 +112,7 @@ class SOAP(AveragingMixin, WhitenOptimizer):
                         precondition_1d=precondition_1d, normalize_grads=normalize_grads, correct_bias=correct_bias,
                         ema_rate=ema_rate, role=None)
         self.batched = bool(batched)
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
         check_range("lr", group["lr"], 0.0)

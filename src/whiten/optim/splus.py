@@ -81,6 +81,9 @@ class SPlus(AveragingMixin, WhitenOptimizer):
             descent at the non-standard scale (default False, as the paper).
         nonfinite: ``"skip"`` (default: a step with a non-finite gradient changes nothing, is counted in
             ``counters["skipped_steps"]`` and warns) or ``"raise"`` (FloatingPointError).
+        process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
+            averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
+            Each parameter's step runs on one owner rank; the numbers are those of one process.
         batched: process same-shape matrices in one batched call (default True). False does each matrix alone.
 
     Reference: K. Frans, S. Levine, P. Abbeel, "A Stable Whitening Optimizer for Efficient Neural Network
@@ -100,13 +103,14 @@ class SPlus(AveragingMixin, WhitenOptimizer):
         nonstandard_constant: float = 1e-3,
         whiten_conv: bool = False,
         nonfinite: str = "skip",
+        process_group=None,
         batched: bool = True,
     ):
         defaults = dict(lr=lr, betas=betas, ema_rate=ema_rate, weight_decay=weight_decay,
                         inverse_every=inverse_every, eps=eps, max_dim=max_dim,
                         nonstandard_constant=nonstandard_constant, whiten_conv=whiten_conv, role=None)
         self.batched = bool(batched)
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
         check_range("lr", group["lr"], 0.0)

@@ -1,0 +1,271 @@
+"""Running a whiten optimizer on several processes: DDP (replicated parameters) and FSDP2 (``fully_shard``, DTensor
+parameters sharded along dim 0), with the numbers of a single process.
+
+The unit of work is a parameter. Every parameter has one owner rank, chosen by a deterministic, cost-balanced plan
+(greedy, largest first, on :meth:`WhitenOptimizer.work_cost`), recomputed from the shapes whenever it is needed and
+never stored. The owner keeps the parameter's whole optimizer state, full size, and runs exactly the single-process
+step for it: the factor statistics, the refreshes (eigh, QR, inverse roots, Newton–Schulz) and the elementwise
+work. The new values then go back to the other ranks:
+
+* replicated parameters (DDP; the gradients are already averaged): each owner broadcasts its updated parameters,
+  one flat buffer per owner and dtype;
+* sharded parameters (FSDP2): before the step, one padded-free ``all_to_all`` per dtype brings every shard of an
+  owned parameter's gradient and value to its owner, which assembles the full tensors; after the step a second one
+  sends each rank its rows of the new value.
+
+Why whole parameters rather than only the refreshes: a whitening step's per-step matrix work (factor updates,
+rotations, Newton–Schulz) costs as much as its refreshes, so splitting only the refreshes would leave every rank
+doing most of the work; and the owner holding the full state is what lets it run the single-device math with no
+extra communication of momenta or factors. The state of the optimizer is then split over the ranks (1/N each),
+like ZeRO-1.
+
+Checkpoints: each rank's ``state_dict()`` holds the full state of the parameters it owns and an empty entry for the
+others, so ``torch.distributed.checkpoint`` saves every entry once and, on load, each rank reads the entries of the
+parameters it owns under the new world size. Anything global (counters, random generators) is identical on every
+rank and travels in ``param_groups``.
+
+The non-finite check is global: all ranks skip (or raise) together, and counters agree across ranks.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["plan_owners", "shard_rows", "DistributedContext"]
+
+
+def plan_owners(costs: list[float], world: int) -> list[int]:
+    """The owner of each unit: greedy, largest cost first (ties by position), onto the least loaded rank (ties by
+    rank). Deterministic, so every rank computes the same plan."""
+    load = [0.0] * world
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = r
+        load[r] += costs[i]
+    return owners
+
+
+def shard_rows(rows: int, world: int) -> list[int]:
+    """Rows of each rank's shard under ``Shard(0)`` as FSDP2 lays them out: ``torch.chunk`` sizes, empty shards
+    at the end where the rows run out."""
+    size = -(-rows // world) if rows else 0
+    return [max(0, min(size, rows - r * size)) for r in range(world)]
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    return type(p).__name__ == "DTensor" or hasattr(p, "device_mesh") and hasattr(p, "to_local")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def process_group_of(params: list[torch.Tensor], process_group):
+    """The group a run spans: the one given, else the mesh of DTensor parameters, else None (one process)."""
+    if process_group is not None:
+        return process_group
+    meshes = {id(p.device_mesh): p.device_mesh for p in params if _is_dtensor(p)}
+    if not meshes:
+        return None
+    if len(meshes) > 1:
+        raise ValueError("parameters are sharded over more than one device mesh; pass process_group= explicitly")
+    mesh = next(iter(meshes.values()))
+    if mesh.ndim != 1:
+        raise ValueError(f"parameters are sharded over a {mesh.ndim}-D device mesh; whiten supports 1-D meshes "
+                         "(FSDP2 fully_shard); pass process_group= for the data-parallel dimension")
+    return mesh.get_group()
+
+
+class DistributedContext:
+    """The plan for one optimizer on one process group: owners, shard layouts, full-size stand-ins for owned
+    sharded parameters, and the collectives. Rebuilt when the parameters change; holds no training state."""
+
+    def __init__(self, optimizer, group):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.params: list[torch.Tensor] = []
+        self.costs: dict = {}
+        units: dict = {}  # unit key -> its parameters
+        for gi, g in enumerate(optimizer.param_groups):
+            for p in g["params"]:
+                self.params.append(p)
+                self.costs[p] = float(optimizer.work_cost(p, g))
+                # A parameter is a unit of its own when its batched matrix products give the same bits in any
+                # stack; the others of its group stay together, so their stacks are those of one process.
+                key = ("param", len(self.params)) if optimizer.stack_invariant(p, g) else ("group", gi)
+                units.setdefault(key, []).append(p)
+        unit_list = list(units.values())
+        unit_owner = plan_owners([sum(self.costs[p] for p in u) for u in unit_list], self.world)
+        self.owner = {p: r for u, r in zip(unit_list, unit_owner) for p in u}
+        self.rows: dict = {}  # sharded parameter -> rows of each rank's shard
+        for p in self.params:
+            if _is_dtensor(p):
+                placements = tuple(p.placements)
+                if len(placements) != 1 or not placements[0].is_shard() or placements[0].dim != 0:
+                    raise ValueError(f"{type(optimizer).__name__}: a DTensor parameter of shape {tuple(p.shape)} is "
+                                     f"placed as {placements}; whiten supports Shard(0) (FSDP2's fully_shard)")
+                rows = shard_rows(p.shape[0], self.world)
+                if p.to_local().shape[0] != rows[self.rank]:
+                    raise ValueError(f"{type(optimizer).__name__}: a shard of shape {tuple(p.to_local().shape)} "
+                                     f"does not follow FSDP2's Shard(0) layout {rows}")
+                self.rows[p] = rows
+        self.full: dict = {}  # owned sharded parameter -> full-size plain tensor the step works on
+        for p in self.params:
+            if p in self.rows and self.owner[p] == self.rank:
+                local = p.to_local()
+                self.full[p] = torch.empty(p.shape, dtype=local.dtype, device=local.device)
+
+    # ----- who does what ------------------------------------------------------------------------------------------
+    def owns(self, p) -> bool:
+        return self.owner[p] == self.rank
+
+    def view(self, p):
+        """What the optimizer's math works on for an owned parameter: the parameter, or its full stand-in."""
+        return self.full.get(p, p)
+
+    def ranks_work(self) -> list[float]:
+        load = [0.0] * self.world
+        for p, r in self.owner.items():
+            load[r] += self.costs[p]
+        return load
+
+    # ----- collectives ---------------------------------------------------------------------------------------------
+    def all_reduce(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=op, group=self.group)
+        return t.tolist()
+
+    def _device(self) -> torch.device:
+        backend = dist.get_backend(self.group)
+        if backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def agree(self, present: list[torch.Tensor], nonfinite_local: bool) -> tuple[list[bool], bool]:
+        """One collective before a step: which parameters have a gradient (their owner's for replicated ones, any
+        shard's for sharded ones) and whether any rank saw a non-finite gradient."""
+        mask = [0.0] * (len(self.params) + 1)
+        mine = set(map(id, present))
+        for i, p in enumerate(self.params):
+            if id(p) in mine and (p in self.rows or self.owns(p)):
+                mask[i] = 1.0
+        mask[-1] = 1.0 if nonfinite_local else 0.0
+        t = torch.tensor(mask, device=self._device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        flags = (t > 0).tolist()
+        return flags[:-1], flags[-1]
+
+    def _exchange(self, dtypes: list, outgoing: dict[int, list[torch.Tensor]],
+                  incoming: dict[int, list[tuple]]) -> dict:
+        """Send ``outgoing[r]`` (tensors, flattened) to rank r and receive ``incoming[r]`` (``(numel, dtype)``
+        pieces) from rank r: one ``all_to_all_single`` per dtype in ``dtypes``, which must be the same list on every
+        rank (it comes from the plan). Returns ``{r: [flat tensors]}`` in the order of ``incoming[r]``."""
+        device = self._device()
+        received: dict = {r: [None] * len(incoming.get(r, [])) for r in range(self.world)}
+        for dtype in dtypes:
+            send_parts, send_sizes = [], []
+            for r in range(self.world):
+                parts = [t.reshape(-1) for t in outgoing.get(r, []) if t.dtype == dtype]
+                send_parts += parts
+                send_sizes.append(sum(t.numel() for t in parts))
+            recv_sizes = [sum(n for n, dt in incoming.get(r, []) if dt == dtype) for r in range(self.world)]
+            if send_parts:
+                send = torch.cat([t.to(device) for t in send_parts])
+            else:
+                send = torch.empty(0, dtype=dtype, device=device)
+            recv = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
+            dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group)
+            offset = 0
+            for r in range(self.world):
+                for j, (n, dt) in enumerate(incoming.get(r, [])):
+                    if dt == dtype:
+                        received[r][j] = recv[offset:offset + n]
+                        offset += n
+        return received
+
+    def gather_full(self, params: list[torch.Tensor], with_grad: bool) -> None:
+        """Bring the shards of ``params`` (sharded ones; the same list on every rank) to their owners, who assemble
+        the full value (and gradient) in their stand-ins. Replicated parameters need nothing."""
+        sharded = [p for p in params if p in self.rows]
+        if not sharded:
+            return
+        outgoing: dict = defaultdict(list)
+        incoming: dict = defaultdict(list)
+        for p in sharded:
+            local = p.to_local()
+            o = self.owner[p]
+            tail = local.shape[1:].numel()
+            if with_grad:
+                # torch keeps a gradient in its parameter's dtype; a rank without one sends zeros
+                grad = _local(p.grad) if p.grad is not None else torch.zeros_like(local)
+                outgoing[o].append(grad)
+            outgoing[o].append(local)
+            if o == self.rank:
+                for r, n in enumerate(self.rows[p]):
+                    if with_grad:
+                        incoming[r].append((n * tail, local.dtype))
+                    incoming[r].append((n * tail, local.dtype))
+        received = self._exchange(sorted({p.dtype for p in sharded}, key=str), outgoing, incoming)
+        cursor = {r: 0 for r in range(self.world)}
+        for p in sharded:
+            if self.owner[p] != self.rank:
+                continue
+            full = self.full[p]
+            grad_parts, value_parts = [], []
+            for r in range(self.world):
+                if with_grad:
+                    grad_parts.append(received[r][cursor[r]])
+                    cursor[r] += 1
+                value_parts.append(received[r][cursor[r]])
+                cursor[r] += 1
+            full.copy_(torch.cat(value_parts).view(full.shape))
+            if with_grad:
+                full.grad = torch.cat(grad_parts).view(full.shape)
+
+    def publish(self, params: list[torch.Tensor]) -> None:
+        """Give every rank the new values of ``params`` (the same list on every rank) from their owners."""
+        replicated = [p for p in params if p not in self.rows]
+        sharded = [p for p in params if p in self.rows]
+        for owner in range(self.world):
+            mine = [p for p in replicated if self.owner[p] == owner]
+            by_dtype: dict = defaultdict(list)
+            for p in mine:
+                by_dtype[p.dtype].append(p)
+            for dtype, ps in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
+                if owner == self.rank:
+                    flat = torch.cat([p.detach().reshape(-1) for p in ps])
+                else:
+                    flat = torch.empty(sum(p.numel() for p in ps), dtype=dtype, device=ps[0].device)
+                dist.broadcast(flat, src=dist.get_global_rank(self.group, owner), group=self.group)
+                if owner != self.rank:
+                    offset = 0
+                    for p in ps:
+                        p.detach().copy_(flat[offset:offset + p.numel()].view(p.shape))
+                        offset += p.numel()
+        if not sharded:
+            return
+        outgoing: dict = defaultdict(list)
+        incoming: dict = defaultdict(list)
+        for p in sharded:
+            local = p.to_local()
+            tail = local.shape[1:].numel()
+            o = self.owner[p]
+            if o == self.rank:
+                rows = self.rows[p]
+                start = 0
+                for r, n in enumerate(rows):
+                    outgoing[r].append(self.full[p][start:start + n])
+                    start += n
+            incoming[o].append((local.numel(), local.dtype))
+        received = self._exchange(sorted({p.dtype for p in sharded}, key=str), outgoing, incoming)
+        cursor = {r: 0 for r in range(self.world)}
+        for p in sharded:
+            o = self.owner[p]
+            local = p.to_local()
+            local.copy_(received[o][cursor[o]].view(local.shape))
+            cursor[o] += 1

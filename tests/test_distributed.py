@@ -1,0 +1,333 @@
+"""Distributed runs on CPU with gloo: DDP-style replicated parameters (``process_group=``) and FSDP2 (``fully_shard``)
+give the single-process numbers bit for bit for every optimizer, DCP checkpoints resume exactly on another number of
+ranks and in another mode, the non-finite policy is global, and the work is split over the ranks."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+import whiten
+import whiten.distributed
+from dist_utils import launch
+from test_suite import OPTIMIZERS
+
+ALL = list(OPTIMIZERS)
+VOCAB, WIDTH, HIDDEN = 11, 6, 10  # odd sizes: uneven and empty shards on 3 and 4 ranks
+STEPS = 7
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, WIDTH)
+        self.fc1 = nn.Linear(WIDTH, HIDDEN)
+        self.norm = nn.LayerNorm(HIDDEN)
+        self.fc2 = nn.Linear(HIDDEN, WIDTH)
+        self.fc3 = nn.Linear(WIDTH, WIDTH, bias=False)
+        self.fc4 = nn.Linear(WIDTH, WIDTH, bias=False)  # same shape as fc3: a batched stack
+        self.head = nn.Linear(WIDTH, VOCAB, bias=False)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        x = x + self.fc2(F.gelu(self.norm(self.fc1(x))))
+        x = x + self.fc4(F.gelu(self.fc3(x)))
+        return self.head(x)
+
+
+def make_net(dtype=torch.float32) -> Net:
+    torch.manual_seed(0)
+    return Net().to(dtype)
+
+
+def batch(t: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(1000 + t))
+
+
+def loss_of(model, idx):
+    return F.cross_entropy(model(idx).float().reshape(-1, VOCAB), idx.roll(1, 1).reshape(-1))
+
+
+def build(name, model, **kw):
+    return OPTIMIZERS[name](whiten.param_groups(model), **kw)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class Runner:
+    """One model and optimizer in a mode: "single" (no group), "ddp" (replicated, process_group=WORLD) or "fsdp"
+    (fully_shard). Every mode is fed the full-batch gradient, computed the same way everywhere, so the optimizer
+    is the only thing that can differ."""
+
+    def __init__(self, name, mode, dtype=torch.float32, **kw):
+        self.mode = mode
+        self.model = make_net(dtype)
+        self.ref = make_net(dtype)  # a plain replica the gradient is computed on
+        group = dist.group.WORLD if mode == "ddp" else None
+        if mode == "fsdp":
+            fully_shard(self.model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+        self.opt = build(name, self.model, process_group=group, **kw)
+
+    def step(self, t, corrupt=False):
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, q in self.ref.named_parameters():
+                q.copy_(full(params[n]))
+        self.ref.zero_grad()
+        loss_of(self.ref, batch(t)).backward()
+        for n, q in self.ref.named_parameters():
+            g = q.grad.clone()
+            if corrupt and n == "fc1.weight":
+                g[-1, -1] = float("inf")  # the last rows: on the last rank with rows under FSDP2
+            p = params[n]
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g
+        self.opt.step()
+
+    def params(self):
+        return {n: full(p).detach().clone() for n, p in self.model.named_parameters()}
+
+
+def control(name, steps=STEPS, dtype=torch.float32, **kw):
+    r = Runner(name, "single", dtype, **kw)
+    for t in range(steps):
+        r.step(t)
+    return r.params()
+
+
+def same(a: dict, b: dict) -> list[str]:
+    return [n for n in a if not torch.equal(a[n], b[n])]
+
+
+# ----- the same numbers as one process ------------------------------------------------------------------------------
+
+
+def _equal_to_one_process(rank, world, mode, names, dtype):
+    out = {}
+    for name in names:
+        r = Runner(name, mode, dtype)
+        for t in range(STEPS):
+            r.step(t)
+        got = r.params()
+        out[name] = (same(got, control(name, dtype=dtype)), dict(r.opt.counters),
+                     r.opt.distributed_context().ranks_work())
+    return out
+
+
+@pytest.mark.parametrize("mode,world", [("ddp", 2), ("ddp", 3), ("fsdp", 2), ("fsdp", 3), ("fsdp", 4)])
+def test_bit_identical_to_one_process(mode, world):
+    results = launch(_equal_to_one_process, world, mode, ALL, torch.float32)
+    for name in ALL:
+        for rank, res in enumerate(results):
+            differ, counters, work = res[name]
+            assert differ == [], f"{name}, {mode} on {world} ranks, rank {rank}: {differ} differ from one process"
+            assert counters == results[0][name][1]  # counters agree across ranks
+        assert sum(w > 0 for w in results[0][name][2]) == world  # every rank owns work
+
+
+def test_bf16_parameters_with_fp32_state_under_fsdp():
+    names = ["SPlus", "Muon", "SOAP"]
+    results = launch(_equal_to_one_process, 3, "fsdp", names, torch.bfloat16)
+    for name in names:
+        for res in results:
+            assert res[name][0] == [], name
+
+
+def _skip_branch_forward(model, idx, use_branch):
+    x = model.emb(idx)
+    x = x + model.fc2(F.gelu(model.norm(model.fc1(x))))
+    if use_branch:
+        x = x + model.fc4(F.gelu(model.fc3(x)))
+    return model.head(x)
+
+
+class Branchy(Net):
+    use_branch = True
+
+    def forward(self, idx):
+        return _skip_branch_forward(self, idx, self.use_branch)
+
+
+def _ddp_unused(rank, world, names):
+    out = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = Branchy()
+        model.use_branch = rank == 0
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        opt = build(name, model, process_group=dist.group.WORLD)
+        for t in range(STEPS):
+            idx = batch(t)[2 * rank:2 * rank + 2]
+            opt.zero_grad()
+            loss_of(ddp, idx).backward()
+            opt.step()
+        out[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return out
+
+
+def _halves_control(name):
+    """One process given the mean of the two halves' gradients (zeros for what a half does not use)."""
+    torch.manual_seed(0)
+    halves = [Branchy(), Branchy()]
+    halves[1].load_state_dict(halves[0].state_dict())
+    halves[1].use_branch = False
+    model = Branchy()
+    model.load_state_dict(halves[0].state_dict())
+    opt = build(name, model)
+    for t in range(STEPS):
+        grads = []
+        for k, h in enumerate(halves):
+            h.load_state_dict(model.state_dict())
+            h.zero_grad()
+            loss_of(h, batch(t)[2 * k:2 * k + 2]).backward()
+            grads.append({n: q.grad for n, q in h.named_parameters()})
+        for n, p in model.named_parameters():
+            g0, g1 = grads[0][n], grads[1][n]
+            p.grad = g0 / 2 + (g1 / 2 if g1 is not None else torch.zeros_like(g0))
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _ddp_unused_vs_control(rank, world, names):
+    got = _ddp_unused(rank, world, names)
+    # the control runs here too: one thread, as the workers (a LayerNorm gradient's sum depends on the threads)
+    return {name: same(got[name], _halves_control(name)) for name in names}
+
+
+def test_real_ddp_with_a_rank_that_skips_parameters():
+    """Rank 1 never uses fc3/fc4. DDP averages (g0 + 0)/2; one process given the mean of the two halves' gradients
+    must match bit for bit (with 2 ranks the mean of two gradients is exact)."""
+    results = launch(_ddp_unused_vs_control, 2, ALL)
+    for name in ALL:
+        for rank, differ in enumerate(results):
+            assert differ[name] == [], f"{name}, rank {rank}: {differ[name]}"
+
+
+# ----- the non-finite policy is global -------------------------------------------------------------------------------
+
+
+def _nonfinite(rank, world, names):
+    out = {}
+    for name in names:
+        r = Runner(name, "fsdp")
+        for t in range(3):
+            r.step(t)
+        before = r.params()
+        with pytest.warns(RuntimeWarning, match="non-finite"):
+            r.step(3, corrupt=True)
+        skipped = r.opt.counters["skipped_steps"]
+        unchanged = same(before, r.params()) == []
+        raising = Runner(name, "fsdp", nonfinite="raise")
+        try:
+            raising.step(0, corrupt=True)
+            raised = False
+        except FloatingPointError:
+            raised = True
+        out[name] = (skipped, unchanged, raised)
+    return out
+
+
+def test_nonfinite_gradient_on_one_rank_skips_everywhere_under_fsdp():
+    results = launch(_nonfinite, 3, ALL)
+    for name in ALL:
+        for rank, res in enumerate(results):
+            assert res[name] == (1, True, True), f"{name}, rank {rank}: {res[name]}"
+
+
+# ----- DCP checkpoints across world sizes and modes -------------------------------------------------------------------
+
+SAVE_AT = 4
+
+
+def _save(rank, world, mode, names, root):
+    for name in names:
+        r = Runner(name, mode)
+        for t in range(SAVE_AT):
+            r.step(t)
+        sd = {"model": get_model_state_dict(r.model), "optim": get_optimizer_state_dict(r.model, r.opt)}
+        dcp.save(sd, checkpoint_id=f"{root}/{name}")
+    return True
+
+
+def _resume(rank, world, mode, names, root):
+    out = {}
+    for name in names:
+        r = Runner(name, mode)
+        sd = {"model": get_model_state_dict(r.model), "optim": get_optimizer_state_dict(r.model, r.opt)}
+        dcp.load(sd, checkpoint_id=f"{root}/{name}")
+        set_model_state_dict(r.model, sd["model"])
+        set_optimizer_state_dict(r.model, r.opt, sd["optim"])
+        for t in range(SAVE_AT, STEPS):
+            r.step(t)
+        out[name] = (same(r.params(), control(name)), dict(r.opt.counters))
+    return out
+
+
+def _resume_single(name, root):
+    r = Runner(name, "single")
+    sd = {"model": get_model_state_dict(r.model), "optim": get_optimizer_state_dict(r.model, r.opt)}
+    dcp.load(sd, checkpoint_id=f"{root}/{name}")
+    set_model_state_dict(r.model, sd["model"])
+    set_optimizer_state_dict(r.model, r.opt, sd["optim"])
+    for t in range(SAVE_AT, STEPS):
+        r.step(t)
+    return r.params()
+
+
+@pytest.fixture(scope="module")
+def checkpoints():
+    roots = {}
+    for mode in ("fsdp", "ddp"):
+        roots[mode] = tempfile.mkdtemp(prefix=f"whiten-dcp-{mode}-")
+        launch(_save, 2, mode, ALL, roots[mode])
+    yield roots
+    for root in roots.values():
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("saved,mode,world", [("fsdp", "ddp", 1), ("fsdp", "fsdp", 3), ("fsdp", "ddp", 4),
+                                              ("ddp", "fsdp", 4), ("ddp", "ddp", 3)])
+def test_dcp_resume_on_another_world_size(checkpoints, saved, mode, world):
+    results = launch(_resume, world, mode, ALL, checkpoints[saved])
+    for name in ALL:
+        for rank, res in enumerate(results):
+            differ, counters = res[name]
+            assert differ == [], f"{name}: saved {saved}@2, resumed {mode}@{world}, rank {rank}: {differ}"
+            assert counters == results[0][name][1]
+
+
+@pytest.mark.parametrize("saved", ["fsdp", "ddp"])
+def test_dcp_resume_in_one_process(checkpoints, saved):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers that saved: some gradient sums depend on the thread count
+    try:
+        for name in ALL:
+            assert same(_resume_single(name, checkpoints[saved]), control(name)) == [], name
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_work_is_balanced_over_ranks():
+    """The greedy plan on the benchmark's GPT shapes (cpu profile: width 256, 4 blocks): max/mean ≤ 1.15."""
+    from whiten.bench.models import GPT  # the shapes come from the real model
+
+    model = GPT(vocab_size=65, ctx=128, width=256, depth=4, heads=4)
+    opt = whiten.SPlus(whiten.param_groups(model))
+    costs = [opt.work_cost(p, g) for g in opt.param_groups for p in g["params"]]
+    for world in (2, 4):
+        owners = whiten.distributed.plan_owners(costs, world)
+        load = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(world)]
+        assert max(load) / (sum(load) / world) <= 1.15, (world, load)
