@@ -331,3 +331,33 @@ def test_work_is_balanced_over_ranks():
         owners = whiten.distributed.plan_owners(costs, world)
         load = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(world)]
         assert max(load) / (sum(load) / world) <= 1.15, (world, load)
+
+
+# ----- eval()/train() swaps ------------------------------------------------------------------------------------------
+
+SWAPS = {"SPlus": {}, "ScheduleFreeAdamW": {}, "Muon": {"ema_rate": 0.9}, "Shampoo": {"ema_rate": 0.9}}
+
+
+def _swaps(rank, world, mode):
+    out = {}
+    for name, kw in SWAPS.items():
+        runs = {m: Runner(name, m, **kw) for m in (mode, "single")}
+        for r in runs.values():
+            for t in range(STEPS):
+                r.step(t)
+        for r in runs.values():
+            r.opt.eval()
+        averaged = same(runs[mode].params(), runs["single"].params())
+        moved = same(runs[mode].params(), control(name, **kw))  # eval() did change the weights
+        for r in runs.values():
+            r.opt.train()
+        live = same(runs[mode].params(), control(name, **kw))
+        out[name] = (averaged, moved != [], live)
+    return out
+
+
+@pytest.mark.parametrize("mode,world", [("fsdp", 3), ("ddp", 2)])
+def test_eval_and_train_swap_the_single_process_weights(mode, world):
+    for rank, res in enumerate(launch(_swaps, world, mode)):
+        for name in SWAPS:
+            assert res[name] == ([], True, []), f"{name}, {mode}@{world}, rank {rank}: {res[name]}"

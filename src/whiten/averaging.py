@@ -40,16 +40,16 @@ class AveragingMixin:
         """Swap the averaged parameters in. Parameters that were never stepped are their own average."""
         if self._live is not None:
             return self
-        live = {}
-        for group in self.param_groups:
-            if group.get("ema_rate") is None:
-                continue
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state or "ema" not in state:
-                    continue
-                live[p] = p.detach().clone()
-                p.copy_(averaged_value(state["ema"], group["ema_rate"], state["step"]))
+        rates = {p: g["ema_rate"] for g in self.param_groups if g.get("ema_rate") is not None for p in g["params"]}
+        if self.distributed_context() is None:  # distributed: the owners know which have an average
+            rates = {p: r for p, r in rates.items() if "ema" in self.state.get(p, {})}
+        live = {p: p.detach().clone() for p in rates}
+
+        def put_average(p, value, state):
+            if "ema" in state:
+                value.copy_(averaged_value(state["ema"], rates[p], state["step"]))
+
+        self.owner_update(list(rates), put_average)
         self._live = live
         return self
 

@@ -108,6 +108,7 @@ class WhitenOptimizer(torch.optim.Optimizer):
         self.process_group = process_group
         self.counters = _new_counters()
         self._stacks: dict = {}
+        self.stack_builds = 0  # how many times stacks were (re)built: after the first steps, only when members change
         self._dist = None  # (parameter identities, DistributedContext or None), rebuilt when parameters change
         super().__init__(params, defaults)
 
@@ -136,6 +137,28 @@ class WhitenOptimizer(torch.optim.Optimizer):
         pass
 
     # ----- stacked state ------------------------------------------------------------------------------------
+    def group_members(self, gi: int) -> list[torch.Tensor]:
+        """The tensors this process steps for group ``gi``'s parameters: all of them on one process; in a
+        distributed run the ones it owns (their full-size stand-ins while a step runs)."""
+        params = self.param_groups[gi]["params"]
+        ctx = self.distributed_context()
+        if ctx is None:
+            return params
+        return [ctx.view(p) for p in params if ctx.owns(p)]
+
+    def bucket_stacks(self, gi: int, key, present: list[torch.Tensor], key_of: Callable,
+                      shapes: dict[str, tuple[int, ...]]) -> tuple[dict, torch.Tensor | None]:
+        """Stable stacks: :meth:`stacked_state` over every parameter of group ``gi`` with state whose bucket key
+        (``key_of(p)``) is ``key``, with or without a gradient this step, so a missing gradient neither rebuilds
+        the stacks nor keeps an old stack alive. Returns the stacks and the positions of ``present`` in them
+        (None when they are all the members, in order)."""
+        members = [q for q in self.group_members(gi) if self.state.get(q) and key_of(q) == key]
+        stacks = self.stacked_state(key, members, shapes)
+        if len(members) == len(present) and all(a is b for a, b in zip(members, present)):
+            return stacks, None
+        where = {id(q): j for j, q in enumerate(members)}
+        return stacks, torch.tensor([where[id(p)] for p in present], device=present[0].device)
+
     def stacked_state(self, key, params: list[torch.Tensor], shapes: dict[str, tuple[int, ...]],
                       names: list[dict[str, str]] | None = None) -> dict:
         """``{slot: (B, *shape) tensor}`` whose slices ARE ``self.state[p][slot]`` for ``params`` (in order).
@@ -159,6 +182,7 @@ class WhitenOptimizer(torch.optim.Optimizer):
                     and all(self.state[p][n[slot]] is views[slot][j]
                             for slot in shapes for j, (p, n) in enumerate(zip(params, names)))):
                 return stacks
+        self.stack_builds += 1
         stacks, views = {}, {}
         for slot, shape in shapes.items():
             originals = [self.state[p][n[slot]] for p, n in zip(params, names)]
@@ -249,6 +273,22 @@ class WhitenOptimizer(torch.optim.Optimizer):
                                             self.counters["eigh_failures"] - before[1]])
         self.counters["eigh_retries"] = before[0] + int(retries)
         self.counters["eigh_failures"] = before[1] + int(failures)
+
+    @torch.no_grad()
+    def owner_update(self, params: list[torch.Tensor], fn) -> None:
+        """``fn(p, tensor, state)`` writes a new value of each parameter into ``tensor`` from its optimizer state;
+        in a distributed run it runs on the owner, on the full tensor, and every rank gets the result (eval() and
+        train() swaps). ``params`` must be the same list on every rank."""
+        ctx = self.distributed_context()
+        if ctx is None:
+            for p in params:
+                fn(p, p, self.state.get(p, {}))
+            return
+        ctx.gather_full(params, with_grad=False)
+        for p in params:
+            if ctx.owns(p):
+                fn(p, ctx.view(p), self.state.get(p, {}))
+        ctx.publish(params)
 
     @contextlib.contextmanager
     def _owned_state(self, ctx):
@@ -357,6 +397,7 @@ class WhitenOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("batched", True)
         self.__dict__.setdefault("process_group", None)
         self._stacks = {}  # rebuilt on the next step
+        self.stack_builds = 0
         self._dist = None
 
     def state_dict(self):

@@ -88,32 +88,39 @@ class ScheduleFreeAdamW(WhitenOptimizer):
     @torch.no_grad()
     def eval(self):
         """Put the averaged point x = (y - (1-β1) z) / β1 into the parameters."""
-        for group in self.param_groups:
-            if not group["train_mode"]:
-                continue
-            beta1 = group["betas"][0]
-            for p in group["params"]:
-                z = self.state[p].get("z") if p in self.state else None
-                if z is not None:
-                    self._y[p] = p.detach().clone()
-                    p.copy_(p.to(z.dtype).lerp_(z, 1.0 - 1.0 / beta1))
-            group["train_mode"] = False
+        groups = [g for g in self.param_groups if g["train_mode"]]
+        beta1 = {p: g["betas"][0] for g in groups for p in g["params"]}
+        self._y.update({p: p.detach().clone() for p in beta1})
+
+        def to_x(p, value, state):
+            z = state.get("z")
+            if z is not None:
+                value.copy_(value.to(z.dtype).lerp_(z, 1.0 - 1.0 / beta1[p]))
+
+        self.owner_update(list(beta1), to_x)
+        for g in groups:
+            g["train_mode"] = False
         return self
 
     @torch.no_grad()
     def train(self):
         """Put the training point y back: exactly the one eval() replaced, else y = (1-β1) z + β1 x."""
-        for group in self.param_groups:
-            if group["train_mode"]:
-                continue
-            beta1 = group["betas"][0]
-            for p in group["params"]:
-                z = self.state[p].get("z") if p in self.state else None
-                if z is None:
-                    continue
-                y = self._y.pop(p, None)
-                p.copy_(y if y is not None else p.to(z.dtype).lerp_(z, 1.0 - beta1))
-            group["train_mode"] = True
+        groups = [g for g in self.param_groups if not g["train_mode"]]
+        beta1 = {p: g["betas"][0] for g in groups for p in g["params"]}
+        kept = {id(p) for p in beta1 if p in self._y}
+        for p in beta1:
+            if id(p) in kept:
+                p.copy_(self._y.pop(p))
+
+        def to_y(p, value, state):
+            z = state.get("z")
+            if z is not None:
+                value.copy_(value.to(z.dtype).lerp_(z, 1.0 - beta1[p]))
+
+        # the same list on every rank: eval() kept a copy of every parameter, or load_state_dict() dropped them all
+        self.owner_update([p for p in beta1 if id(p) not in kept], to_y)
+        for g in groups:
+            g["train_mode"] = True
         return self
 
     def load_state_dict(self, state_dict) -> None:

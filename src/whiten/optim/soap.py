@@ -151,9 +151,11 @@ class SOAP(AveragingMixin, WhitenOptimizer):
 
         # Adam in the eigenbasis; the first call of a parameter only builds its factors and basis.
         rest = [i for i, s in enumerate(states) if s["step"] > 1]
-        key = (lambda i: (gi, layouts[i], dtype_of[i], grads[i].device)) if self.batched else (lambda i: ("one", i))
-        buckets = {bkey: (idxs, self._stacks_for(bkey, [params[i] for i in idxs], layouts[idxs[0]]))
-                   for bkey, idxs in bucket([i for i in rest if layouts[i].matrix is not None], key).items()}
+        buckets = {}
+        for bkey, idxs in bucket([i for i in rest if layouts[i].matrix is not None],
+                                 lambda i: self._bucket_key(gi, group, params[i])).items():
+            S, pos = self._stacks_for(gi, group, bkey, [params[i] for i in idxs], layouts[idxs[0]])
+            buckets[bkey] = (idxs, {k: v if pos is None else v[pos] for k, v in S.items() if k.startswith("basis")})
         rotated: list = list(grads)
         for idxs, S in buckets.values():
             G = torch.stack([grads[i].reshape(layouts[i].matrix) for i in idxs])
@@ -184,15 +186,21 @@ class SOAP(AveragingMixin, WhitenOptimizer):
         freq = group["precondition_frequency"]
         due = [i for i in rest if layouts[i].matrix is not None and (states[i]["step"] - 1) % freq == 0]
         if due:
-            self._qr_refresh(gi, params, states, layouts, due)
+            self._qr_refresh(gi, group, params, layouts, due)
 
-    def _stacks_for(self, key, members: list[torch.Tensor], layout: _Layout) -> dict:
+    def _bucket_key(self, gi: int, group: dict, p: torch.Tensor):
+        if not self.batched:
+            return ("one", id(p))
+        return (gi, _layout(p, group), self.state[p]["exp_avg"].dtype, p.device)
+
+    def _stacks_for(self, gi: int, group: dict, key, present: list[torch.Tensor], layout: _Layout):
+        """The bucket's stable stacks and the positions of ``present`` in them (None: all of them)."""
         m, n = layout.matrix
         shapes = {"exp_avg": (m, n), "exp_avg_sq": (m, n)}
-        for side, d, present in (("left", m, layout.left), ("right", n, layout.right)):
-            if present:
+        for side, d, has in (("left", m, layout.left), ("right", n, layout.right)):
+            if has:
                 shapes[f"factor_{side}"] = shapes[f"basis_{side}"] = (d, d)
-        return self.stacked_state(key, members, shapes)
+        return self.bucket_stacks(gi, key, present, lambda q: self._bucket_key(gi, group, q), shapes)
 
     @staticmethod
     def _adam_direction(group, states, rotated) -> list[torch.Tensor]:
@@ -223,33 +231,38 @@ class SOAP(AveragingMixin, WhitenOptimizer):
             else:  # low-precision parameter: update in the state dtype, round once
                 p.copy_(p.to(d.dtype).add_(d, alpha=-step_size).mul_(keep))
 
-    def _qr_refresh(self, gi, params, states, layouts, due) -> None:
+    def _qr_refresh(self, gi, group, params, layouts, due) -> None:
         """One power-iteration step per basis, ``Q <- qr(F Q_sorted)``, with v permuted and m carried over."""
-        key = (lambda i: (gi, layouts[i], states[i]["exp_avg"].dtype, params[i].device)) if self.batched else (
-            lambda i: ("one", i))
-        for bkey, idxs in bucket(due, key).items():
-            S = self._stacks_for(bkey, [params[i] for i in idxs], layouts[idxs[0]])
-            exp_avg, exp_avg_sq = S["exp_avg"], S["exp_avg_sq"]
-            old = {side: S[f"basis_{side}"].clone() for side in ("left", "right") if f"basis_{side}" in S}
-            for side, dim in (("left", 1), ("right", 2)):
-                if side not in old:
-                    continue
-                F, Q = S[f"factor_{side}"], S[f"basis_{side}"]
-                estimate = torch.einsum("bij,bik,bkj->bj", Q, F, Q)  # diag(Qᵀ F Q)
-                order = estimate.argsort(dim=-1, descending=True)
-                sorted_Q = torch.gather(Q, 2, order.unsqueeze(1).expand_as(Q))
-                new_Q = torch.linalg.qr(torch.bmm(F, sorted_Q)).Q
-                ok = finite_flags(list(new_Q.unbind(0)))
-                for j, good in enumerate(ok):
-                    if not good:  # a factor that overflowed: keep this basis and the order of v
-                        order[j] = torch.arange(order.shape[-1], device=order.device)
-                        new_Q[j] = Q[j]
-                        self.counters["eigh_failures"] += 1
-                if not all(ok):
-                    warn_eigh_failure(type(self).__name__, ok.count(False))
-                index = order.unsqueeze(1) if dim == 2 else order.unsqueeze(2)
-                exp_avg_sq.copy_(torch.gather(exp_avg_sq, dim, index.expand_as(exp_avg_sq)))
-                Q.copy_(new_Q)
-            # m into the new basis: Q_newᵀ Q_old m Q_oldᵀ Q_new
-            QL, QR = S.get("basis_left"), S.get("basis_right")
-            exp_avg.copy_(rotate(unrotate(exp_avg, old.get("left"), old.get("right")), QL, QR))
+        for bkey, idxs in bucket(due, lambda i: self._bucket_key(gi, group, params[i])).items():
+            stacks, pos = self._stacks_for(gi, group, bkey, [params[i] for i in idxs], layouts[idxs[0]])
+            S = stacks if pos is None else {k: v[pos] for k, v in stacks.items()}  # the due members, copied
+            self._qr_refresh_stacks(S)
+            if pos is not None:
+                for k, v in S.items():
+                    stacks[k].index_copy_(0, pos, v)
+
+    def _qr_refresh_stacks(self, S: dict) -> None:
+        exp_avg, exp_avg_sq = S["exp_avg"], S["exp_avg_sq"]
+        old = {side: S[f"basis_{side}"].clone() for side in ("left", "right") if f"basis_{side}" in S}
+        for side, dim in (("left", 1), ("right", 2)):
+            if side not in old:
+                continue
+            F, Q = S[f"factor_{side}"], S[f"basis_{side}"]
+            estimate = torch.einsum("bij,bik,bkj->bj", Q, F, Q)  # diag(Qᵀ F Q)
+            order = estimate.argsort(dim=-1, descending=True)
+            sorted_Q = torch.gather(Q, 2, order.unsqueeze(1).expand_as(Q))
+            new_Q = torch.linalg.qr(torch.bmm(F, sorted_Q)).Q
+            ok = finite_flags(list(new_Q.unbind(0)))
+            for j, good in enumerate(ok):
+                if not good:  # a factor that overflowed: keep this basis and the order of v
+                    order[j] = torch.arange(order.shape[-1], device=order.device)
+                    new_Q[j] = Q[j]
+                    self.counters["eigh_failures"] += 1
+            if not all(ok):
+                warn_eigh_failure(type(self).__name__, ok.count(False))
+            index = order.unsqueeze(1) if dim == 2 else order.unsqueeze(2)
+            exp_avg_sq.copy_(torch.gather(exp_avg_sq, dim, index.expand_as(exp_avg_sq)))
+            Q.copy_(new_Q)
+        # m into the new basis: Q_newᵀ Q_old m Q_oldᵀ Q_new
+        QL, QR = S.get("basis_left"), S.get("basis_right")
+        exp_avg.copy_(rotate(unrotate(exp_avg, old.get("left"), old.get("right")), QL, QR))

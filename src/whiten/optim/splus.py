@@ -158,10 +158,9 @@ class SPlus(AveragingMixin, WhitenOptimizer):
             for i, u in zip(plain, torch._foreach_sign([moms[i] for i in plain])):
                 updates[i] = u
         whitened = [i for i, lay in enumerate(layouts) if lay.matrix is not None]
-        key = (lambda i: (gi, layouts[i].matrix, layouts[i].left, layouts[i].right, moms[i].dtype,
-                          moms[i].device)) if self.batched else (lambda i: ("single", gi, id(params[i])))
-        for bucket_key, idxs in bucket(whitened, key).items():
-            self._whiten_bucket(bucket_key, idxs, layouts[idxs[0]], params, grads, updates, beta2)
+        key_of = lambda q: self._bucket_key(gi, group, q)  # noqa: E731
+        for bucket_key, idxs in bucket(whitened, lambda i: key_of(params[i])).items():
+            self._whiten_bucket(gi, bucket_key, key_of, idxs, layouts[idxs[0]], params, grads, updates, beta2)
 
         # theta <- theta - s*(U + wd*theta), written as theta*(1 - s*wd) - s*U so it is two fused passes.
         keep = [1.0 - lr * lay.scale * group["weight_decay"] * lay.decay for lay in layouts]
@@ -180,20 +179,28 @@ class SPlus(AveragingMixin, WhitenOptimizer):
         if due:
             self.refresh_bases([states[i] for i in due], group["eps"])
 
-    def _whiten_bucket(self, key, idxs, layout, params, grads, updates, beta2) -> None:
+    def _bucket_key(self, gi: int, group: dict, p: torch.Tensor):
+        if not self.batched:
+            return ("single", gi, id(p))
+        lay = _layout(p, group)
+        return (gi, lay.matrix, lay.left, lay.right, self.state[p]["momentum"].dtype, p.device)
+
+    def _whiten_bucket(self, gi, key, key_of, idxs, layout, params, grads, updates, beta2) -> None:
         """Factor update and U = Q_L sign(Q_Lᵀ M Q_R) Q_Rᵀ for same-shape matrices, batched, state in place."""
         m, n = layout.matrix
         shapes = {"momentum": (m, n)}
         for side, d, present in (("left", m, layout.left), ("right", n, layout.right)):
             if present:
                 shapes[f"factor_{side}"] = shapes[f"basis_{side}"] = (d, d)
-        members = [params[i] for i in idxs]
-        S = self.stacked_state(key, members, shapes)
+        S, pos = self.bucket_stacks(gi, key, [params[i] for i in idxs], key_of, shapes)
+        rows = range(len(idxs)) if pos is None else pos.tolist()
         # Factor updates go matrix by matrix into the stacked factors: stacking the gradients would cost a copy
         # of every gradient for no gain (the matmuls dominate), while the rotations run on stacks already in place.
-        for j, i in enumerate(idxs):
+        for j, i in zip(rows, idxs):
             update_factors(S["factor_left"][j] if "factor_left" in S else None,
                            S["factor_right"][j] if "factor_right" in S else None, grads[i].reshape(m, n), beta2)
+        if pos is not None:  # some members have no gradient this step: rotate the others' copies
+            S = {k: v[pos] for k, v in S.items() if k != "factor_left" and k != "factor_right"}
         QL, QR = S.get("basis_left"), S.get("basis_right")
         U = unrotate(rotate(S["momentum"], QL, QR).sign_(), QL, QR)
         for j, i in enumerate(idxs):
