@@ -1,7 +1,7 @@
 """whiten as a user installs it: a wheel built from the sources, installed (not editable) into a fresh virtual
 environment with the repository off the path, runs `whiten-bench list` and a tiny `compare`. The environment sees
-this interpreter's packages (--system-site-packages), so torch is not installed again and nothing is downloaded.
-And the metadata declares every third-party module the package imports."""
+this interpreter's packages, so torch is not installed again and nothing is downloaded. And the metadata declares
+every third-party module the package imports."""
 
 from __future__ import annotations
 
@@ -37,9 +37,14 @@ def installed(tmp_path_factory):
     _sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", tmp / "dist", src)
     wheel = next((tmp / "dist").glob("whiten-*.whl"))
     venv = tmp / "venv"
-    # No pip of its own: the pip of the system site-packages installs into the environment that runs it.
-    _sh(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv)
+    _sh(sys.executable, "-m", "venv", "--without-pip", venv)
     python = venv / "bin" / "python"
+    # The environment sees the packages of the interpreter running the tests (torch, numpy, pip, ...) through a .pth
+    # file: unlike --system-site-packages this also works when that interpreter is itself a venv, and the .pth
+    # files there (the editable install of this repository) are not read. Its own site-packages come first.
+    own = Path(_sh(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
+    outer = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+    (own / "outer.pth").write_text("\n".join(outer) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the repository's src/ must not be seen
     _sh(python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", wheel, env=env)
     return {"tmp": tmp, "wheel": wheel, "venv": venv, "python": python, "env": env}
