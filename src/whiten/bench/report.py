@@ -186,10 +186,7 @@ def _plots(key, best, by_opt, fractions, plots_dir: Path) -> list[str]:
                             textcoords="offset points", ha="right" if right else "left", fontsize=10,
                             color=colors[name], fontweight="bold")
         if math.isfinite(target):
-            ax.axhline(target, color="black", ls="--", lw=1)
-            # at the left, where every curve is still far above it
-            ax.annotate(f"AdamW's final loss {target:.3f}", (0, target), xycoords=("axes fraction", "data"),
-                        xytext=(6, 4), textcoords="offset points", fontsize=10)
+            ax.axhline(target, color="black", ls="--", lw=1)  # named in the legend: a label here hides curves
         ax.set_yscale("log")
         ax.set_ylim(lo, hi)
         ax.yaxis.set_major_locator(FixedLocator(_log_ticks(lo, hi)))
@@ -225,8 +222,12 @@ def _plots(key, best, by_opt, fractions, plots_dir: Path) -> list[str]:
         return text + (f": {s:.2f}× steps, {t:.2f}× time" if math.isfinite(s) else ": never reaches AdamW")
 
     handles = [plt.Line2D([], [], color=colors[n], lw=2.5) for n in names]
-    fig.legend(handles, [label(n) for n in names], loc="upper center", bbox_to_anchor=(0.5, 0.0),
-               ncol=min(3, len(names)), fontsize=11, frameon=False)
+    labels = [label(n) for n in names]
+    if math.isfinite(target):
+        handles.append(plt.Line2D([], [], color="black", ls="--", lw=1))
+        labels.append(f"AdamW's final loss {target:.3f}")
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(labels)),
+               fontsize=11, frameon=False)
     fig.suptitle(f"{key[0]} · {key[1]} profile · start {key[2]}: validation loss at each optimizer's best lr",
                  fontsize=13)
     fig.tight_layout()
