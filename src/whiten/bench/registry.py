@@ -154,22 +154,24 @@ REGISTRY: dict[str, OptimizerSpec] = {
     "psgd-kron": OptimizerSpec(
         "psgd-kron", _whiten("PSGDKron"), default_lr=1e-3, lr_grid=lr_grid(-11, -6),
         options=dict(b1=0.9, weight_decay=0.1), source="whiten.PSGDKron (kron_torch defaults)"),
+    # Default lrs of muon, torch:Muon and schedule-free-adamw(-b0.999): the best of the lm/cpu sweep in docs/results
+    # (as splus's), so `compare` and the README's "which optimizer, which lr" table agree.
     "muon": OptimizerSpec(
-        "muon", _whiten_muon, default_lr=0.0215, lr_grid=lr_grid(-7, -2),
+        "muon", _whiten_muon, default_lr=0.01, lr_grid=lr_grid(-7, -2),
         options=dict(momentum=0.95, weight_decay=0.1, adam_lr_ratio=0.15, adam_betas=(0.9, 0.95)),
         source="whiten.Muon (hidden) with its AdamW (rest) at 0.15 x lr"),
     # The harness's warm-up replaces schedulefree's own; eval() evaluates the averaged point.
     "schedule-free-adamw": OptimizerSpec(
-        "schedule-free-adamw", _whiten("ScheduleFreeAdamW"), default_lr=1e-2, lr_grid=lr_grid(-9, -4),
+        "schedule-free-adamw", _whiten("ScheduleFreeAdamW"), default_lr=4.64e-3, lr_grid=lr_grid(-9, -4),
         options=dict(betas=(0.9, 0.95), weight_decay=0.1), averages=True,
         source="whiten.ScheduleFreeAdamW, betas (0.9, 0.95) as AdamW's"),
     # The reference's own β2 (0.999), to tell its β2 apart from its averaging as the cause of a gap to AdamW.
     "schedule-free-adamw-b0.999": OptimizerSpec(
-        "schedule-free-adamw-b0.999", _whiten("ScheduleFreeAdamW"), default_lr=1e-2, lr_grid=lr_grid(-9, -4),
+        "schedule-free-adamw-b0.999", _whiten("ScheduleFreeAdamW"), default_lr=2.15e-3, lr_grid=lr_grid(-9, -4),
         options=dict(betas=(0.9, 0.999), weight_decay=0.1), averages=True,
         source="whiten.ScheduleFreeAdamW, betas (0.9, 0.999) as the reference's"),
     "torch:Muon": OptimizerSpec(
-        "torch:Muon", _torch_muon, default_lr=0.0215, lr_grid=lr_grid(-7, -2),
+        "torch:Muon", _torch_muon, default_lr=0.01, lr_grid=lr_grid(-7, -2),
         options=dict(momentum=0.95, weight_decay=0.1, adam_lr_ratio=0.15, adam_betas=(0.9, 0.95)),
         source="torch.optim.Muon (hidden) + torch.optim.AdamW (rest)"),
     "pytorch_optimizer:SPlus": OptimizerSpec(

