@@ -361,3 +361,62 @@ def test_eval_and_train_swap_the_single_process_weights(mode, world):
     for rank, res in enumerate(launch(_swaps, world, mode)):
         for name in SWAPS:
             assert res[name] == ([], True, []), f"{name}, {mode}@{world}, rank {rank}: {res[name]}"
+
+
+# ----- real FSDP2 training with evaluation swaps, and the benchmark under a process group ----------------------------
+
+
+def _real_fsdp(rank, world, names):
+    """fully_shard forward/backward on the same full batch on every rank (2 ranks: (g + g)/2 = g exactly), with an
+    averaged-weights evaluation every 3 steps, against one process doing the same."""
+    out = {}
+    for name in names:
+        models = {}
+        for mode in ("fsdp", "single"):
+            model = make_net()
+            if mode == "fsdp":
+                fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+            opt = build(name, model, **SWAPS.get(name, {}))
+            for t in range(STEPS):
+                opt.zero_grad()
+                loss_of(model, batch(t)).backward()
+                opt.step()
+                if t % 3 == 2 and hasattr(opt, "eval"):
+                    opt.eval()
+                    with torch.no_grad():
+                        loss_of(model, batch(100 + t))
+                    if hasattr(model, "reshard"):
+                        model.reshard()  # FSDP2 keeps the root gathered after a forward without backward
+                    opt.train()
+            models[mode] = {n: full(p).detach().clone() for n, p in model.named_parameters()}
+        out[name] = same(models["fsdp"], models["single"])
+    return out
+
+
+def test_real_fsdp2_training_with_evaluation_swaps():
+    for rank, res in enumerate(launch(_real_fsdp, 2, ALL)):
+        for name in ALL:
+            assert res[name] == [], f"{name}, rank {rank}: {res[name]}"
+
+
+def _bench_run(rank, world, mode, root):
+    from whiten.bench.parallel import Parallel
+    from whiten.bench.run import RunConfig, run
+    from whiten.bench.tasks import make_task
+
+    task = make_task("lm", "tiny")
+    cfg = RunConfig(task="lm", profile="tiny", optimizer="splus", lr=0.1, seed=0, steps=12, evals=4)
+    summary = run(cfg, task, root, parallel=Parallel(world=world, rank=rank, mode=mode))
+    return summary["final_val_loss"]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_benchmark_runs_over_a_process_group(mode, tmp_path):
+    import json
+
+    losses = launch(_bench_run, 2, mode, str(tmp_path))
+    assert losses[0] == losses[1]  # every rank evaluated the same weights
+    run_dir = tmp_path / "lm" / "tiny" / "init" / "splus" / "lr0.1-seed0"
+    env = json.loads((run_dir / "config.json").read_text())["environment"]
+    assert (env["world_size"], env["parallel"], env["backend"]) == (2, mode, "gloo")
+    assert json.loads((run_dir / "done.json").read_text())["final_val_loss"] == losses[0]

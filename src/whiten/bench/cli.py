@@ -109,6 +109,9 @@ def _common(p: argparse.ArgumentParser, out: str, steps: int):
     p.add_argument("--data-root", default=None,
                    help="vit/dit: directory with the Fashion-MNIST IDX files (default: the Debian package's, "
                         "then ~/.cache/whiten)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                   help="under torchrun --nproc_per_node N: DDP or FSDP2 (fully_shard) over the N processes, the same "
+                        "global batch split between them (default: ddp; ignored in one process)")
     p.add_argument("--out", type=Path, default=Path(out), help=f"results directory (default: {out})")
     p.add_argument("--no-plots", action="store_true", help="write the report without plots (no matplotlib needed)")
 
@@ -351,17 +354,23 @@ def _run_plan(args) -> int:
     from .run import checkpoint_path, parse_start, run
     from .tasks import make_task
 
+    from .parallel import from_environment
+
     pending = [cfg for cfg in plan if not (cfg.run_dir(args.out) / "done.json").exists()]
+    par, args.device = from_environment(args.parallel, args.device)
+    if not par.main:  # rank 0 speaks for the run
+        sys.stdout = open(os.devnull, "w")
     task = make_task(args.task, args.profile, args.device, text_path=args.text, data_root=args.data_root)
     done = f" ({len(plan) - len(pending)} already done, skipped)" if len(pending) < len(plan) else ""
     print(f"{len(plan)} runs of {args.steps} steps{done}: task {args.task}, profile {args.profile}, "
           f"device {args.device}, optimizers {','.join(args.optimizers)}, seeds {','.join(map(str, args.seeds))}, "
-          f"starts {','.join(args.starts)} -> {args.out}", flush=True)
+          f"starts {','.join(args.starts)} -> {args.out}"
+          + (f" ({args.parallel} over {par.world} processes)" if par.world > 1 else ""), flush=True)
     if task.note():
         print(f"note: {task.note()}", flush=True)
     if args.profile == "gpu" and args.device.type == "cpu":
         print("note: the gpu profile on a CPU takes hours per run; --profile cpu is sized for 2 cores", flush=True)
-    progress = Progress(pending)
+    progress = Progress(pending, stream=None if par.main else open(os.devnull, "w"))
     try:
         for cfg in pending:
             progress.start_run(cfg)
@@ -369,12 +378,14 @@ def _run_plan(args) -> int:
             if offset and not checkpoint_path(task, cfg.seed, offset, args.out).exists():
                 progress.message(f"  training the {cfg.start} starting point (AdamW, {offset} steps, seed "
                                  f"{cfg.seed}; kept in {args.out / 'checkpoints'})")
-            summary = run(cfg, task, args.out, progress=progress.step)
+            summary = run(cfg, task, args.out, progress=progress.step, parallel=par)
             status = "diverged" if summary["diverged"] else f"final val loss {summary['final_val_loss']:.4f}"
             progress.end_run(cfg, f"{cfg.optimizer:24s} lr {cfg.lr:<8.3g} seed {cfg.seed} {cfg.start:10s} {status}  "
                                   f"({summary['seconds_per_step'] * 1e3:.0f} ms/step)")
     finally:
         progress.close()
+    if not par.main:
+        return 0
     path = write_report(args.out, plots=not args.no_plots)
     print(f"\nreport: {path}" + ("" if args.no_plots else f"\nplots:  {args.out / 'plots'}"))
     print(path.read_text())

@@ -78,6 +78,7 @@ def _whiten(class_name: str):
     def build(model, lr, options, width, steps):
         return getattr(whiten, class_name)(whiten.param_groups(model), lr=lr, **_resolve(options, width, steps))
 
+    build.whiten = True
     return build
 
 
@@ -86,6 +87,9 @@ def _whiten_muon(model, lr, options, width, steps):
     # one knob for the sweep: the AdamW part (embeddings, head, vectors) moves with Muon's lr
     adam_lr = lr * options.pop("adam_lr_ratio")
     return whiten.Muon(whiten.param_groups(model), lr=lr, adam_lr=adam_lr, **options)
+
+
+_splus.whiten = _whiten_muon.whiten = True  # builders of whiten's optimizers: they take process_group
 
 
 def _torch_muon(model, lr, options, width, steps):
@@ -199,8 +203,13 @@ def get_spec(name: str) -> OptimizerSpec:
     raise ValueError(f"unknown optimizer {name!r}; known: {known}, or pytorch_optimizer:<Class>")
 
 
-def build_optimizer(spec: OptimizerSpec, model, lr: float, width: int, steps: int = 10_000):
-    opt = spec.build(model, lr, dict(spec.options), width, steps)
+def build_optimizer(spec: OptimizerSpec, model, lr: float, width: int, steps: int = 10_000, process_group=None):
+    """The optimizer of ``spec`` for ``model``. ``process_group`` (a DDP run) reaches whiten's optimizers, which
+    split their work over it; others run replicated."""
+    options = dict(spec.options)
+    if process_group is not None and getattr(spec.build, "whiten", False):
+        options["process_group"] = process_group
+    opt = spec.build(model, lr, options, width, steps)
     if spec.averages and not (hasattr(opt, "eval") and hasattr(opt, "train")):
         raise TypeError(f"{spec.name} is registered as averaging but has no eval()/train()")
     return opt

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .parallel import Parallel
 from .registry import build_optimizer, get_spec
 from .tasks import Task, eval_steps, lr_factor
 
@@ -140,40 +141,52 @@ def _evaluate(task, model, opt, averages: bool) -> dict:
     model.eval()
     try:
         with _averaged(opt, averages):
-            return task.evaluate(model)
+            metrics = task.evaluate(model)
+            if hasattr(model, "reshard"):
+                # FSDP2 keeps the root's parameters gathered after a forward with no backward; without this the
+                # next training forward would reuse the gathered averaged weights instead of the live ones
+                model.reshard()
+            return metrics
     finally:
         model.train()
 
 
-def run(cfg: RunConfig, task: Task, root: Path, progress=None) -> dict:
+def run(cfg: RunConfig, task: Task, root: Path, progress=None, parallel: Parallel | None = None) -> dict:
     """Train and evaluate; returns the summary (also written to ``done.json``). Skips a finished run.
 
     ``progress(step, loss)``, when given, is called after every training step with the number of steps done in
-    this run and that step's training loss."""
+    this run and that step's training loss. ``parallel``: a run under torchrun (see :mod:`.parallel`); rank 0
+    writes the files."""
+    par = parallel or Parallel()
     out = cfg.run_dir(root)
     if (out / "done.json").exists():
         return json.loads((out / "done.json").read_text())
-    out.mkdir(parents=True, exist_ok=True)
     spec = get_spec(cfg.optimizer)
     offset = parse_start(cfg.start)
-    _write_json(out / "config.json", {"run": asdict(cfg), "task_config": task.describe(),
-                                      "optimizer_options": spec.options, "optimizer_source": spec.source,
-                                      "environment": environment()})
+    if par.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", {"run": asdict(cfg), "task_config": task.describe(),
+                                          "optimizer_options": spec.options, "optimizer_source": spec.source,
+                                          "environment": {**environment(), **par.describe()}})
 
     model = task.build_model(cfg.seed)
     if offset:
-        model.load_state_dict(torch.load(start_checkpoint(task, cfg.seed, offset, root), map_location=task.device))
-    opt = build_optimizer(spec, model, cfg.lr, task.width, cfg.steps)
+        if par.main:
+            start_checkpoint(task, cfg.seed, offset, root)
+        par.barrier()
+        model.load_state_dict(torch.load(checkpoint_path(task, cfg.seed, offset, root), map_location=task.device))
+    wrapped = par.wrap(model)
+    opt = build_optimizer(spec, model, cfg.lr, task.width, cfg.steps, process_group=par.optimizer_group())
     base_lrs = [g["lr"] for g in opt.param_groups]
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = torch.compile(wrapped) if cfg.compile else wrapped
     if cfg.compile:  # compile on a throwaway forward/backward (no step: the weights do not change)
-        task.loss(train_model, task.train_batch(cfg.seed, offset)).backward()
+        task.loss(train_model, par.shard(task.train_batch(cfg.seed, offset))).backward()
         opt.zero_grad(set_to_none=True)
 
     checkpoints = set(eval_steps(cfg.steps, cfg.evals))
     records, clock, data_seconds, diverged = [], 0.0, 0.0, False
     first = None
-    with open(out / "evals.jsonl", "w") as log:
+    with open(out / "evals.jsonl", "w") if par.main else open(os.devnull, "w") as log:
         for step in range(cfg.steps + 1):
             if step in checkpoints:
                 # Before the first step the average is the parameters themselves; some optimizers (the official
@@ -192,14 +205,14 @@ def run(cfg: RunConfig, task: Task, root: Path, progress=None) -> dict:
                 break
             _sync(task.device)
             t0 = time.perf_counter()
-            batch = task.train_batch(cfg.seed, offset + step)
+            batch = par.shard(task.train_batch(cfg.seed, offset + step))
             t1 = time.perf_counter()
             loss = _train_step(task, train_model, opt, base_lrs,
                                lr_factor(step, cfg.steps, cfg.warmup_steps(), cfg.schedule), batch)
             _sync(task.device)
             clock += time.perf_counter() - t0
             data_seconds += t1 - t0
-            loss = loss.item()
+            loss = par.mean(loss.item())  # every rank takes the same decision below
             if not math.isfinite(loss):
                 diverged = True
                 rec = {"step": step + 1, "seconds": clock, "val_loss": float("nan"), "train_loss": float("nan")}
@@ -216,8 +229,13 @@ def run(cfg: RunConfig, task: Task, root: Path, progress=None) -> dict:
     for k, v in records[-1].items():
         if k.startswith("val_") and k != "val_loss":
             summary[f"final_{k}"] = v
-    _write_json(out / "done.json", summary)
     if cfg.task == "dit":  # for `whiten-bench samples`
         with _averaged(opt, spec.averages):
-            torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, out / "model.pt")
+            weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
+                       for k, v in model.state_dict().items()}
+        if par.main:
+            torch.save(weights, out / "model.pt")
+    if par.main:
+        _write_json(out / "done.json", summary)
+    par.barrier()
     return summary
