@@ -34,7 +34,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-__all__ = ["plan_owners", "shard_rows", "DistributedContext"]
+__all__ = ["plan", "plan_owners", "shard_rows", "DistributedContext"]
 
 
 def plan_owners(costs: list[float], world: int) -> list[int]:
@@ -47,6 +47,24 @@ def plan_owners(costs: list[float], world: int) -> list[int]:
         owners[i] = r
         load[r] += costs[i]
     return owners
+
+
+def plan(optimizer, world: int) -> tuple[dict, dict]:
+    """``({parameter: owner rank}, {parameter: cost})`` for ``optimizer`` over ``world`` ranks.
+
+    A parameter is a unit of its own when its batched matrix products give the same bits in any stack
+    (:meth:`WhitenOptimizer.stack_invariant`); the others of a group form one unit, so their stacks are those of
+    one process and the run stays bit-identical to it."""
+    costs: dict = {}
+    units: dict = {}  # unit key -> its parameters
+    for gi, g in enumerate(optimizer.param_groups):
+        for p in g["params"]:
+            costs[p] = float(optimizer.work_cost(p, g))
+            key = ("param", len(costs)) if optimizer.stack_invariant(p, g) else ("group", gi)
+            units.setdefault(key, []).append(p)
+    unit_list = list(units.values())
+    owners = plan_owners([sum(costs[p] for p in u) for u in unit_list], world)
+    return {p: r for u, r in zip(unit_list, owners) for p in u}, costs
 
 
 def shard_rows(rows: int, world: int) -> list[int]:
@@ -88,20 +106,8 @@ class DistributedContext:
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.params: list[torch.Tensor] = []
-        self.costs: dict = {}
-        units: dict = {}  # unit key -> its parameters
-        for gi, g in enumerate(optimizer.param_groups):
-            for p in g["params"]:
-                self.params.append(p)
-                self.costs[p] = float(optimizer.work_cost(p, g))
-                # A parameter is a unit of its own when its batched matrix products give the same bits in any
-                # stack; the others of its group stay together, so their stacks are those of one process.
-                key = ("param", len(self.params)) if optimizer.stack_invariant(p, g) else ("group", gi)
-                units.setdefault(key, []).append(p)
-        unit_list = list(units.values())
-        unit_owner = plan_owners([sum(self.costs[p] for p in u) for u in unit_list], self.world)
-        self.owner = {p: r for u, r in zip(unit_list, unit_owner) for p in u}
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.owner, self.costs = plan(optimizer, self.world)
         self.rows: dict = {}  # sharded parameter -> rows of each rank's shard
         for p in self.params:
             if _is_dtensor(p):

@@ -405,14 +405,55 @@ class WhitenOptimizer(torch.optim.Optimizer):
         run each rank's dict holds the full state of the parameters it owns and ``{}`` for the others."""
         sd = super().state_dict()
         sd["param_groups"][0]["whiten_counters"] = dict(self.counters)
+        sd["param_groups"][0]["whiten_optimizer"] = type(self).__name__
         return sd
 
+    # state entries with the parameter's shape, whatever the optimizer
+    PARAMETER_SHAPED = ("momentum", "exp_avg", "exp_avg_sq", "ema", "z", "graft", "live")
+
+    def check_state_dict(self, state_dict) -> None:
+        """Refuse, before anything changes, a checkpoint of another optimizer or of another model, or one whose
+        hyperparameters this optimizer would refuse: a ValueError that names what is wrong."""
+        name = type(self).__name__
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or "state" not in state_dict:
+            raise ValueError(f"{name}.load_state_dict: not an optimizer state dict (needs 'state' and 'param_groups')")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{name}.load_state_dict: the checkpoint has {len(saved_groups)} param groups, this "
+                             f"optimizer {len(self.param_groups)} (another model or another grouping)")
+        saved_by = saved_groups[0].get("whiten_optimizer") if saved_groups else None
+        if saved_by is not None and saved_by != name:
+            raise ValueError(f"{name}.load_state_dict: the checkpoint is a {saved_by}'s, not a {name}'s")
+        id_to_param = {}
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"{name}.load_state_dict: group {gi} has {len(saved['params'])} parameters in the "
+                                 f"checkpoint and {len(group['params'])} here (another model?)")
+            id_to_param.update(zip(saved["params"], group["params"]))
+            candidate = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            try:
+                self.validate_group(candidate)
+            except (ValueError, KeyError) as e:
+                raise ValueError(f"{name}.load_state_dict: group {gi} of the checkpoint: {e}") from None
+        for pid, entry in state_dict["state"].items():
+            p = id_to_param.get(pid)
+            if p is None:
+                raise ValueError(f"{name}.load_state_dict: state for parameter {pid!r}, which no group lists")
+            for key, value in entry.items():
+                if key in self.PARAMETER_SHAPED and isinstance(value, torch.Tensor) and value.numel() != p.numel():
+                    raise ValueError(f"{name}.load_state_dict: state '{key}' of parameter {pid!r} has shape "
+                                     f"{tuple(value.shape)}, the parameter {tuple(p.shape)} (another model?)")
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all()):
+                    raise ValueError(f"{name}.load_state_dict: state '{key}' of parameter {pid!r} is not finite")
+
     def load_state_dict(self, state_dict) -> None:
+        self.check_state_dict(state_dict)
         groups = state_dict.get("param_groups") or [{}]
         counters = groups[0].get("whiten_counters", state_dict.get("whiten_counters", {}))  # top level: 0.1
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.pop("whiten_counters", None)
+            group.pop("whiten_optimizer", None)
         self._stacks = {}
         # torch casts floating-point state to the parameter's dtype; whiten keeps state in its own dtype (fp32
         # factors for bf16 parameters), so restore each saved tensor with its saved dtype. Cloning also keeps this

@@ -1,0 +1,184 @@
+"""How whiten's distributed optimizers split the work: per rank, the planned work (the cost model the plan balances,
+~FLOPs), the measured optimizer-step time, and the bytes received per step against the minimum the owner scheme
+needs; load balance as max/mean over ranks.
+
+    python benchmarks/distributed_scaling.py                       # GPT cpu shapes, DDP and FSDP2, 1/2/4 ranks
+    python benchmarks/distributed_scaling.py --optimizers SPlus,Muon --worlds 2 --modes fsdp --steps 20
+
+Gradients are synthetic (seeded, the same on every rank): only the optimizer step is timed. Processes are forked
+gloo workers with one thread each, so on a machine with fewer cores than ranks the times show oversubscription,
+not scaling; the planned work and the bytes do not depend on the machine.
+
+Minimum bytes received per step by one rank (the owner scheme: each parameter's whole step on one rank):
+DDP, the parameters it does not own (sent by their owners); FSDP2, for each owned parameter the other ranks' rows
+of its gradient and value, and for each parameter owned elsewhere its own rows of the new value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import pickle
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+import whiten
+from whiten.bench.models import GPT
+
+FACTORIES = {
+    "SPlus": lambda g, pg, r: whiten.SPlus(g, lr=0.1, inverse_every=r, process_group=pg),
+    "SOAP": lambda g, pg, r: whiten.SOAP(g, precondition_frequency=r, process_group=pg),
+    "Shampoo": lambda g, pg, r: whiten.Shampoo(g, precondition_frequency=r, process_group=pg),
+    "Muon": lambda g, pg, r: whiten.Muon(g, process_group=pg),
+    "PSGDKron": lambda g, pg, r: whiten.PSGDKron(g, preconditioner_update_probability=1.0, process_group=pg),
+    "ScheduleFreeAdamW": lambda g, pg, r: whiten.ScheduleFreeAdamW(g, process_group=pg),
+}
+
+
+class ByteCounter:
+    """Counts the bytes this rank receives through the collectives whiten's distributed layer uses."""
+
+    def __init__(self):
+        self.received = 0
+        self._orig = {}
+
+    def __enter__(self):
+        rank = dist.get_rank()
+        orig = self._orig = {k: getattr(dist, k) for k in ("broadcast", "all_to_all_single", "all_reduce")}
+
+        def broadcast(tensor, src, group=None, **kw):
+            if src != rank:
+                self.received += tensor.numel() * tensor.element_size()
+            return orig["broadcast"](tensor, src, group=group, **kw)
+
+        def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None, **kw):
+            sizes = output_split_sizes or [output.numel() // dist.get_world_size(group)] * dist.get_world_size(group)
+            self.received += (sum(sizes) - sizes[dist.get_rank(group)]) * output.element_size()
+            return orig["all_to_all_single"](output, input, output_split_sizes, input_split_sizes, group=group, **kw)
+
+        def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, **kw):
+            self.received += tensor.numel() * tensor.element_size()
+            return orig["all_reduce"](tensor, op=op, group=group, **kw)
+
+        dist.broadcast, dist.all_to_all_single, dist.all_reduce = broadcast, all_to_all_single, all_reduce
+        return self
+
+    def __exit__(self, *exc):
+        for k, v in self._orig.items():
+            setattr(dist, k, v)
+
+
+def minimum_bytes(ctx, mode: str) -> int:
+    rank, total = ctx.rank, 0
+    for p in ctx.params:
+        elt = p.element_size() if mode == "ddp" else p.to_local().element_size()
+        if mode == "ddp":
+            total += 0 if ctx.owns(p) else p.numel() * elt
+            continue
+        tail = p.numel() // max(p.shape[0], 1)
+        mine = ctx.rows[p][rank] * tail
+        total += 2 * (p.numel() - mine) * elt if ctx.owns(p) else mine * elt
+    return total
+
+
+def model(args):
+    torch.manual_seed(0)
+    return GPT(vocab_size=65, ctx=args.ctx, width=args.width, depth=args.depth, heads=args.heads)
+
+
+def worker(rank, world, store_path, args, mode, name, queue):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        net = model(args)
+        if mode == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(net, mesh=init_device_mesh("cpu", (world,)))
+        opt = FACTORIES[name](whiten.param_groups(net), dist.group.WORLD if mode == "ddp" else None, args.refresh)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        times = []
+        with ByteCounter() as counter:
+            for t in range(args.warmup + args.steps):
+                gen = torch.Generator().manual_seed(t)
+                for p in params:
+                    g = torch.randn(p.shape, generator=gen) * 1e-2
+                    if mode == "fsdp":
+                        from torch.distributed.tensor import distribute_tensor
+
+                        g = distribute_tensor(g, p.device_mesh, p.placements)
+                    p.grad = g
+                if t == args.warmup:
+                    counter.received = 0
+                dist.barrier()
+                t0 = time.perf_counter()
+                opt.step()
+                if t >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+        ctx = opt.distributed_context()
+        work = ctx.ranks_work()
+        queue.put((rank, pickle.dumps({"work": work[rank], "step_ms": statistics.median(times) * 1e3,
+                                       "mean_ms": statistics.mean(times) * 1e3,
+                                       "bytes": counter.received / args.steps,
+                                       "minimum": minimum_bytes(ctx, mode)})))
+    finally:
+        dist.destroy_process_group()
+
+
+def measure(args, mode, name, world):
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    fd, store = tempfile.mkstemp(prefix="whiten-scaling-")
+    os.close(fd)
+    os.unlink(store)
+    procs = [ctx.Process(target=worker, args=(r, world, store, args, mode, name, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = {}
+    for _ in range(world):
+        rank, blob = queue.get(timeout=args.timeout)
+        out[rank] = pickle.loads(blob)
+    for p in procs:
+        p.join(timeout=10)
+    return [out[r] for r in range(world)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--optimizers", default=",".join(FACTORIES))
+    ap.add_argument("--modes", default="ddp,fsdp")
+    ap.add_argument("--worlds", default="1,2,4")
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--refresh", type=int, default=10, help="refresh interval (SPlus, SOAP, Shampoo)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps (two refresh periods by default)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=900)
+    args = ap.parse_args()
+    print(f"GPT width {args.width}, depth {args.depth}, vocabulary 65; {args.steps} timed steps, refresh every "
+          f"{args.refresh}; torch {torch.__version__}, {os.cpu_count()} cores, 1 thread per rank\n")
+    print("| optimizer | mode | ranks | planned work max/mean | step ms per rank (median) | step time max/mean "
+          "| MB received per step per rank (max) | bytes / minimum |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.optimizers.split(","):
+        for mode in args.modes.split(","):
+            for world in map(int, args.worlds.split(",")):
+                res = measure(args, mode, name, world)
+                work = [r["work"] for r in res]
+                ms = [r["step_ms"] for r in res]
+                ratio = max(r["bytes"] / r["minimum"] for r in res if r["minimum"]) if world > 1 else float("nan")
+                print(f"| {name} | {mode} | {world} | {max(work) / (sum(work) / world):.3f} | "
+                      f"{', '.join(f'{m:.0f}' for m in ms)} | {max(ms) / statistics.mean(ms):.2f} | "
+                      f"{max(r['bytes'] for r in res) / 1e6:.2f} | {ratio:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
