@@ -604,19 +604,20 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         torch._foreach_mul_(moms, b1)
         torch._foreach_add_(moms, grads, alpha=1.0 - b1)
 
-        def key(i):
+        def key_of(q):
             if not self.batched:
-                return ("single", gi, id(params[i]))
-            return (gi, layouts[i].shape, layouts[i].triangular, moms[i].dtype, moms[i].device)
+                return ("single", gi, id(q))
+            lay = _layout(q, group)
+            return (gi, lay.shape, lay.triangular, self.state[q]["momentum"].dtype, q.device)
 
-        buckets = bucket(range(len(params)), key)
+        buckets = bucket(range(len(params)), lambda i: key_of(params[i]))
         probes = {}
         if update:  # drawn in before_step, so the numbers do not depend on batching or on the rank
             probes = {bkey: torch.stack([self._probes[params[i]] for i in idxs]) for bkey, idxs in buckets.items()}
 
         updates: list = [None] * len(params)
         for bkey, idxs in buckets.items():
-            pre = self._precondition_bucket(bkey, idxs, layouts[idxs[0]], group, params, grads, states,
+            pre = self._precondition_bucket(gi, bkey, key_of, idxs, layouts[idxs[0]], group, params, grads, states,
                                             probes.get(bkey), balance)
             for j, i in enumerate(idxs):
                 updates[i] = pre[j].view(params[i].shape)
@@ -635,15 +636,26 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
                     updates[i].add_(theta, alpha=wd)
                 p.copy_(theta.add_(updates[i], alpha=-lr))
 
-    def _precondition_bucket(self, bkey, idxs, layout: _Layout, group: dict, params, grads, states,
+    def _precondition_bucket(self, gi, bkey, key_of, idxs, layout: _Layout, group: dict, params, grads, states,
                              probe: torch.Tensor | None, balance: bool) -> torch.Tensor:
         """Factor update (on update steps) and the clipped preconditioned momentum, for a stack of same-layout
-        parameters whose state lives in persistent stacks."""
+        parameters whose state lives in persistent stacks (every member of the group with state; the ones without
+        a gradient this step are left out by index)."""
         n = len(layout.shape)
         shapes = {"momentum": layout.shape}
         for k, (d, tri) in enumerate(zip(layout.shape, layout.triangular)):
             shapes[f"factor_{k}"] = (d, d) if tri else (d,)
-        S = self.stacked_state(bkey, [params[i] for i in idxs], shapes)
+        S, pos = self.bucket_stacks(gi, bkey, [params[i] for i in idxs], key_of, shapes)
+        if pos is None:
+            return self._precondition_stacks(bkey, S, idxs, layout, group, grads, states, probe, balance)
+        sub = {k: v[pos] for k, v in S.items()}  # copies of the members with a gradient
+        pre = self._precondition_stacks(None, sub, idxs, layout, group, grads, states, probe, balance)
+        for k in range(n):  # the fit and the balancing changed the copies' factors
+            S[f"factor_{k}"].index_copy_(0, pos, sub[f"factor_{k}"])
+        return pre
+
+    def _precondition_stacks(self, bkey, S, idxs, layout, group, grads, states, probe, balance) -> torch.Tensor:
+        n = len(layout.shape)
         qs = [S[f"factor_{k}"] for k in range(n)]
         mom = S["momentum"]
         b1 = group["b1"]
@@ -658,7 +670,8 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
             else:
                 probe_g = torch.stack([grads[i].reshape(layout.shape) for i in idxs])
             _fit_factors_(qs, probe_g, probe, group["precond_lr"])
-        grams = self._factor_grams(bkey, qs) if self.cache_preconditioner and probe is None else None
+        # no cache for copies (bkey None): they are new tensors at every step
+        grams = self._factor_grams(bkey, qs) if self.cache_preconditioner and probe is None and bkey else None
         pre = _precondition(qs, m_hat, grams)
         _clip_rms_(pre, MAX_UPDATE_RMS)
         return pre
