@@ -262,29 +262,28 @@ def _save(rank, world, mode, names, root):
     return True
 
 
-def _resume(rank, world, mode, names, root):
-    out = {}
-    for name in names:
-        r = Runner(name, mode)
-        sd = {"model": get_model_state_dict(r.model), "optim": get_optimizer_state_dict(r.model, r.opt)}
-        dcp.load(sd, checkpoint_id=f"{root}/{name}")
-        set_model_state_dict(r.model, sd["model"])
-        set_optimizer_state_dict(r.model, r.opt, sd["optim"])
-        for t in range(SAVE_AT, STEPS):
-            r.step(t)
-        out[name] = (same(r.params(), control(name)), dict(r.opt.counters))
-    return out
-
-
-def _resume_single(name, root):
-    r = Runner(name, "single")
+def _resumed(name, mode, root) -> Runner:
+    """A fresh model and optimizer loaded from the DCP checkpoint and trained to the end."""
+    r = Runner(name, mode)
     sd = {"model": get_model_state_dict(r.model), "optim": get_optimizer_state_dict(r.model, r.opt)}
     dcp.load(sd, checkpoint_id=f"{root}/{name}")
     set_model_state_dict(r.model, sd["model"])
     set_optimizer_state_dict(r.model, r.opt, sd["optim"])
     for t in range(SAVE_AT, STEPS):
         r.step(t)
-    return r.params()
+    return r
+
+
+def _resume(rank, world, mode, names, root):
+    out = {}
+    for name in names:
+        r = _resumed(name, mode, root)
+        out[name] = (same(r.params(), control(name)), dict(r.opt.counters))
+    return out
+
+
+def _resume_single(name, root):
+    return _resumed(name, "single", root).params()
 
 
 @pytest.fixture(scope="module")

@@ -74,8 +74,14 @@ def shard_rows(rows: int, world: int) -> list[int]:
     return [max(0, min(size, rows - r * size)) for r in range(world)]
 
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch < 2.5
+    from torch.distributed._tensor import DTensor
+
+
 def _is_dtensor(p: torch.Tensor) -> bool:
-    return type(p).__name__ == "DTensor" or hasattr(p, "device_mesh") and hasattr(p, "to_local")
+    return isinstance(p, DTensor)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

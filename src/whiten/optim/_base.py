@@ -110,6 +110,7 @@ class WhitenOptimizer(torch.optim.Optimizer):
         self._stacks: dict = {}
         self.stack_builds = 0  # how many times stacks were (re)built: after the first steps, only when members change
         self._dist = None  # (parameter identities, DistributedContext or None), rebuilt when parameters change
+        self._member_keys: dict = {}  # group index -> [(member, bucket key)], valid for one step
         super().__init__(params, defaults)
 
     # ----- construction -------------------------------------------------------------------------------------
@@ -152,7 +153,10 @@ class WhitenOptimizer(torch.optim.Optimizer):
         (``key_of(p)``) is ``key``, with or without a gradient this step, so a missing gradient neither rebuilds
         the stacks nor keeps an old stack alive. Returns the stacks and the positions of ``present`` in them
         (None when they are all the members, in order)."""
-        members = [q for q in self.group_members(gi) if self.state.get(q) and key_of(q) == key]
+        keyed = self._member_keys.get(gi)  # the group's members and their keys, once per step
+        if keyed is None:
+            keyed = self._member_keys[gi] = [(q, key_of(q)) for q in self.group_members(gi) if self.state.get(q)]
+        members = [q for q, k in keyed if k == key]
         stacks = self.stacked_state(key, members, shapes)
         if len(members) == len(present) and all(a is b for a, b in zip(members, present)):
             return stacks, None
@@ -239,6 +243,7 @@ class WhitenOptimizer(torch.optim.Optimizer):
                 loss = closure()
         work = self.params_with_grad()
         ctx = self.distributed_context()
+        self._member_keys = {}
         if ctx is None:
             if self.grads_are_finite(work):  # checked before any state changes
                 self.before_step(work)
@@ -399,6 +404,7 @@ class WhitenOptimizer(torch.optim.Optimizer):
         self._stacks = {}  # rebuilt on the next step
         self.stack_builds = 0
         self._dist = None
+        self._member_keys = {}
 
     def state_dict(self):
         """torch's state dict; the counters travel in the first param group, which DCP keeps. In a distributed
