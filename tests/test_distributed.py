@@ -420,3 +420,35 @@ def test_benchmark_runs_over_a_process_group(mode, tmp_path):
     env = json.loads((run_dir / "config.json").read_text())["environment"]
     assert (env["world_size"], env["parallel"], env["backend"]) == (2, mode, "gloo")
     assert json.loads((run_dir / "done.json").read_text())["final_val_loss"] == losses[0]
+
+
+def _full_state(rank, world, names, root):
+    out = {}
+    for name in names:
+        r = Runner(name, "ddp")
+        for t in range(SAVE_AT):
+            r.step(t)
+        full_sd = whiten.distributed.full_state_dict(r.opt)  # every rank calls it
+        if rank == 0:
+            torch.save({"model": r.model.state_dict(), "opt": full_sd}, f"{root}/{name}.pt")
+        dist.barrier()
+        # rank 0's file resumes one process and every rank of a 3-rank-style reload (here: this group) exactly
+        saved = torch.load(f"{root}/{name}.pt")
+        again = Runner(name, "ddp")
+        again.model.load_state_dict(saved["model"])
+        again.opt.load_state_dict(saved["opt"])
+        single = Runner(name, "single")
+        single.model.load_state_dict(saved["model"])
+        single.opt.load_state_dict(saved["opt"])
+        for t in range(SAVE_AT, STEPS):
+            again.step(t)
+            single.step(t)
+        out[name] = (same(again.params(), control(name)), same(single.params(), control(name)),
+                     len(full_sd["state"]) == len(list(r.model.parameters())))
+    return out
+
+
+def test_full_state_dict_saves_with_torch_save_on_rank_0(tmp_path):
+    for rank, res in enumerate(launch(_full_state, 2, ALL, str(tmp_path))):
+        for name in ALL:
+            assert res[name] == ([], [], True), f"{name}, rank {rank}: {res[name]}"
