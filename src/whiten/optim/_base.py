@@ -39,8 +39,8 @@ def check_int(name: str, value, low: int) -> None:
 
 
 def check_ema_rate(value) -> None:
-    """``ema_rate`` is None (no averaging) or a rate in [0, 1)."""
-    if value is not None:
+    """``ema_rate`` is None (no averaging), ``"auto"`` (whiten.averaging) or a rate in [0, 1)."""
+    if value is not None and value != "auto":
         check_range("ema_rate", value, 0.0, 1.0, high_open=True)
 
 

@@ -24,15 +24,17 @@ class ScheduleFreeAdamW(WhitenOptimizer):
         y &\leftarrow (1-c)\,y + c\,z + \gamma_k(\beta_1(1-c) - 1)\,\hat g, \qquad z \leftarrow z - \gamma_k \hat g
 
     which keeps :math:`y = (1-\beta_1) z + \beta_1 x` for the average :math:`x` of the :math:`z` iterates.
-    ``eval()`` puts :math:`x` into the parameters and ``train()`` puts :math:`y` back, bit for bit when the
-    optimizer still holds the :math:`y` it replaced (after ``load_state_dict`` it is recomputed from x and z). The
-    mode is saved in each param group, so a checkpoint taken in either mode matches the weights saved with it.
+    ``eval()`` puts :math:`x` into the parameters and keeps :math:`y` in ``state["live"]``; ``train()`` puts
+    :math:`y` back, bit for bit. This is the convention of whiten's averaging optimizers (:mod:`whiten.averaging`):
+    the mode is saved in each param group (``train_mode``) and :math:`y` in the state, so a checkpoint taken in
+    either mode, with the model's weights saved beside it, resumes exactly.
 
     Unlike the reference, the optimizer starts in train mode (no ``train()`` call is needed before the first step),
     never modifies ``p.grad``, keeps its state in float32 for low-precision parameters, and does not decay the
     ``vector`` and ``embedding`` roles. Calling ``step()`` in eval mode raises.
 
-    State per parameter: ``z`` and ``exp_avg_sq`` (shape of p, float32; float64 for float64 parameters).
+    State per parameter: ``z`` and ``exp_avg_sq`` (shape of p, float32; float64 for float64 parameters); ``live``
+    (y, dtype of p) while in eval mode.
     Per group: ``k`` (steps taken), ``train_mode``, ``weight_sum``, ``lr_max``, ``scheduled_lr``.
 
     Args:
@@ -62,7 +64,6 @@ class ScheduleFreeAdamW(WhitenOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
                         weight_lr_power=weight_lr_power, role=None, k=0, train_mode=True, weight_sum=0.0,
                         lr_max=-1.0, scheduled_lr=0.0)
-        self._y: dict = {}  # the train-mode parameters replaced by eval(), for an exact train()
         super().__init__(params, defaults, nonfinite=nonfinite)
 
     def validate_group(self, group: dict) -> None:
@@ -91,14 +92,15 @@ class ScheduleFreeAdamW(WhitenOptimizer):
             for p in group["params"]:
                 z = self.state[p].get("z") if p in self.state else None
                 if z is not None:
-                    self._y[p] = p.detach().clone()
+                    self.state[p]["live"] = p.detach().clone()
                     p.copy_(p.to(z.dtype).lerp_(z, 1.0 - 1.0 / beta1))
             group["train_mode"] = False
         return self
 
     @torch.no_grad()
     def train(self):
-        """Put the training point y back: exactly the one eval() replaced, else y = (1-β1) z + β1 x."""
+        """Put the training point y back: exactly the one eval() replaced (kept in ``state["live"]``, checkpoints
+        included); recomputed as y = (1-β1) z + β1 x for a checkpoint that lacks it."""
         for group in self.param_groups:
             if group["train_mode"]:
                 continue
@@ -107,18 +109,10 @@ class ScheduleFreeAdamW(WhitenOptimizer):
                 z = self.state[p].get("z") if p in self.state else None
                 if z is None:
                     continue
-                y = self._y.pop(p, None)
+                y = self.state[p].pop("live", None)
                 p.copy_(y if y is not None else p.to(z.dtype).lerp_(z, 1.0 - beta1))
             group["train_mode"] = True
         return self
-
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        self._y = {}  # the modes now come from the checkpoint; y is recomputed by train()
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._y = {}
 
     def check_can_step(self) -> None:
         if self.in_eval_mode:
