@@ -139,7 +139,8 @@ def test_non_hidden_roles_are_exactly_adamw():
     opt = whiten.Muon([{"params": [ours[0]], "role": "embedding", "weight_decay": 0.0},
                        {"params": [ours[1]], "role": "vector", "weight_decay": 0.0},
                        {"params": [ours[2]], "role": "head", "weight_decay": 0.1}], adam_lr=0.01)
-    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.01, 0.01]
+    # the AdamW groups share Muon's lr and step at lr × lr_scale = adam_lr
+    assert [g["lr"] * g["lr_scale"] for g in opt.param_groups] == [0.01, 0.01, 0.01]
     torch_opt = torch.optim.AdamW([{"params": ref[:2], "weight_decay": 0.0}, {"params": ref[2:]}], lr=0.01,
                                   betas=(0.9, 0.95), eps=1e-10, weight_decay=0.1)
     _run(opt, ours, grads)
@@ -154,10 +155,10 @@ def test_plain_parameters_split_into_muon_and_adamw_groups():
     assert len(opt.param_groups) == 2
     muon_group, adam_group = opt.param_groups
     assert all(p.ndim == 2 for p in muon_group["params"]) and muon_group["lr"] == 0.02
-    assert all(p.ndim == 1 for p in adam_group["params"]) and adam_group["lr"] == 1e-3
+    assert all(p.ndim == 1 for p in adam_group["params"]) and adam_group["lr"] * adam_group["lr_scale"] == 1e-3
     # schedulers scale both paths
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5)
-    assert [g["lr"] for g in opt.param_groups] == [0.01, 5e-4]
+    assert [g["lr"] * g["lr_scale"] for g in opt.param_groups] == pytest.approx([0.01, 5e-4])
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
     sched.step()
@@ -166,7 +167,7 @@ def test_plain_parameters_split_into_muon_and_adamw_groups():
 def test_param_groups_roles_route_embeddings_and_heads_to_adamw():
     model = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 20))
     opt = whiten.Muon(whiten.param_groups(model), lr=0.02, adam_lr=2e-3)
-    lrs = {g["role"]: g["lr"] for g in opt.param_groups}
+    lrs = {g["role"]: g["lr"] * g["lr_scale"] for g in opt.param_groups}
     assert lrs["hidden"] == 0.02 and lrs["embedding"] == 2e-3 and lrs["head"] == 2e-3
     model(torch.randint(0, 20, (3, 5))).sum().backward()
     opt.step()

@@ -128,3 +128,198 @@ def test_groups_work_with_torch_adamw():
     opt = torch.optim.AdamW(whiten.param_groups(model), lr=1e-3)
     model(torch.randint(0, 50, (2, 8))).sum().backward()
     opt.step()
+
+
+# ----- the models people use, built from small configs ------------------------------------------------------------
+
+def _hidden_matrices_are_hidden(roles, names):
+    for n in names:
+        assert roles[n] == "hidden", n
+
+
+def test_hf_gpt2_conv1d_weights_are_hidden_and_transposed():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+    groups, plan = whiten.param_groups(model, return_plan=True)
+    roles = {e.name: e.role for e in plan.entries}
+    assert roles["transformer.wte.weight"] == "head"  # tied to lm_head
+    assert roles["transformer.wpe.weight"] == "embedding"
+    _hidden_matrices_are_hidden(roles, [f"transformer.h.{i}.{m}.weight" for i in range(2)
+                                        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")])
+    assert roles["transformer.h.0.attn.c_attn.bias"] == "vector" and roles["transformer.ln_f.weight"] == "vector"
+    assert_partition(model, groups)
+    transposed = [g for g in groups if g.get("transposed")]
+    assert len(transposed) == 1 and transposed[0]["role"] == "hidden"
+    assert {id(p) for p in transposed[0]["params"]} == {
+        id(e.param) for e in plan.entries if e.reason == "weight of Conv1D, stored (in, out)"}
+    # SPlus's shape scale uses the real (out, in): c_fc is stored (16, 64) and maps 16 -> 64
+    from whiten.optim.splus import _layout
+    c_fc = model.transformer.h[0].mlp.c_fc.weight
+    opt = whiten.SPlus(groups)
+    lay = _layout(c_fc, next(g for g in opt.param_groups if any(p is c_fc for p in g["params"])))
+    assert lay.scale == 2.0 / (64 + 16) and lay.left and lay.right
+
+
+def test_muon_scales_conv1d_weights_by_their_real_shape():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    c_fc = model.transformer.h[0].mlp.c_fc.weight  # stored (16, 64): out = 64, in = 16
+    linear = nn.Linear(16, 64, bias=False)  # the same map stored (out, in)
+    with torch.no_grad():
+        linear.weight.copy_(c_fc.T)
+    grad = torch.randn(16, 64)
+    c_fc.grad, linear.weight.grad = grad.clone(), grad.T.clone()
+    opt_a = whiten.Muon([g for g in whiten.param_groups(model) if g.get("transposed")], lr=0.02)
+    opt_b = whiten.Muon([{"params": [linear.weight], "role": "hidden"}], lr=0.02)
+    opt_a.step()
+    opt_b.step()
+    torch.testing.assert_close(c_fc.detach().T, linear.weight.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_hf_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg)
+    roles = roles_of(model)
+    assert roles["model.embed_tokens.weight"] == "embedding" and roles["lm_head.weight"] == "head"
+    assert roles["model.norm.weight"] == "vector" and roles["model.layers.0.input_layernorm.weight"] == "vector"
+    _hidden_matrices_are_hidden(roles, [f"model.layers.{i}.{m}.weight" for i in range(2) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")])
+    assert_partition(model, whiten.param_groups(model))
+
+
+def test_hf_bert_masked_lm():
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32)
+    model = BertForMaskedLM(cfg)
+    roles = roles_of(model)
+    for e in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        assert roles[f"bert.embeddings.{e}.weight"] in ("embedding", "head"), e
+    assert roles["bert.embeddings.word_embeddings.weight"] == "head"  # tied to the MLM decoder
+    assert roles["bert.embeddings.LayerNorm.weight"] == "vector"
+    _hidden_matrices_are_hidden(roles, [f"bert.encoder.layer.0.{m}.weight" for m in (
+        "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+        "intermediate.dense", "output.dense")])
+    # the MLM head's transform is a hidden matrix, not an embedding ("cls" names the module, not a token)
+    assert roles["cls.predictions.transform.dense.weight"] == "hidden"
+    assert roles["cls.predictions.bias"] == "vector"
+    assert_partition(model, whiten.param_groups(model))
+
+
+def test_hf_vit_classifier():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+                    num_attention_heads=2, intermediate_size=32, num_labels=3)
+    model = ViTForImageClassification(cfg)
+    roles = roles_of(model)
+    assert roles["vit.embeddings.cls_token"] == "embedding"
+    assert roles["vit.embeddings.position_embeddings"] == "embedding"
+    assert roles["vit.embeddings.patch_embeddings.projection.weight"] == "conv"
+    assert roles["classifier.weight"] == "head"
+    # every matrix of the encoder blocks (their module names changed across transformers versions)
+    block_matrices = [e.name for e in whiten.plan_roles(model).entries
+                      if len(e.shape) == 2 and any(part.isdigit() for part in e.name.split("."))]
+    assert len(block_matrices) == 6
+    _hidden_matrices_are_hidden(roles, block_matrices)
+    assert_partition(model, whiten.param_groups(model))
+
+
+class _TimmAttention(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+
+class _TimmMlp(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+
+class _TimmBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = nn.LayerNorm(d), _TimmAttention(d), nn.LayerNorm(d), _TimmMlp(d)
+
+
+class _TimmPatchEmbed(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.proj = nn.Conv2d(3, d, 4, 4)
+
+
+class TimmStyleViT(nn.Module):
+    """The parameter layout of timm's VisionTransformer (names and module types)."""
+
+    def __init__(self, d=16, depth=2, classes=5):
+        super().__init__()
+        self.patch_embed = _TimmPatchEmbed(d)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, d))
+        self.blocks = nn.Sequential(*[_TimmBlock(d) for _ in range(depth)])
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+
+class _TimmBasicBlock(nn.Module):
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
+        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
+        self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+
+class TimmStyleResNet(nn.Module):
+    """The parameter layout of timm's / torchvision's ResNet."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8)
+        self.layer1 = nn.Sequential(_TimmBasicBlock(8, 8), _TimmBasicBlock(8, 8))
+        self.layer2 = nn.Sequential(_TimmBasicBlock(8, 16))
+        self.fc = nn.Linear(16, classes)
+
+
+def test_timm_style_vit():
+    roles = roles_of(TimmStyleViT())
+    assert roles["patch_embed.proj.weight"] == "conv" and roles["patch_embed.proj.bias"] == "vector"
+    assert roles["cls_token"] == "embedding" and roles["pos_embed"] == "embedding"
+    assert roles["head.weight"] == "head" and roles["norm.weight"] == "vector"
+    _hidden_matrices_are_hidden(roles, [f"blocks.{i}.{m}.weight" for i in range(2)
+                                        for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")])
+
+
+def test_timm_style_resnet():
+    model = TimmStyleResNet()
+    roles = roles_of(model)
+    assert roles["fc.weight"] == "head" and roles["fc.bias"] == "vector"
+    assert roles["conv1.weight"] == "conv" and roles["layer2.0.downsample.0.weight"] == "conv"
+    assert all(r == "vector" for n, r in roles.items() if ".bn" in n or n.startswith("bn1")
+               or n.endswith("downsample.1.weight") or n.endswith("downsample.1.bias"))
+    assert_partition(model, whiten.param_groups(model))
+
+
+def test_nanogpt_gpt_with_tied_head():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import nanogpt_style as mod
+    model = mod.GPT(mod.GPTConfig(vocab_size=30, block_size=8, n_layer=2, n_head=2, n_embd=16))
+    roles = roles_of(model)
+    # named_parameters lists the tied weight once, under its first name
+    assert roles["transformer.wte.weight"] == "head"
+    assert "lm_head.weight" not in roles
+    assert roles["transformer.wpe.weight"] == "embedding"
+    _hidden_matrices_are_hidden(roles, [f"transformer.h.{i}.{m}.weight" for i in range(2)
+                                        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")])
+    assert roles["transformer.h.0.attn.c_attn.bias"] == "vector" and roles["transformer.ln_f.bias"] == "vector"
+    assert_partition(model, whiten.param_groups(model))

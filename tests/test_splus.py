@@ -248,14 +248,18 @@ def test_eval_train_round_trip_is_bit_exact():
     train(model, opt, 10, 12)
 
 
-def test_eval_mode_refuses_step_and_checkpoint():
+def test_eval_mode_refuses_step_and_checkpoints_record_the_mode():
+    # Changed with issue 10: state_dict() works in eval mode (trainers save right after evaluating) and records the
+    # mode and the live weights; tests/test_averaging.py checks that such a checkpoint resumes exactly.
     model = make_model()
     opt = whiten.SPlus(whiten.param_groups(model), **HYPER)
     train(model, opt, 0, 2)
     opt.eval()
-    for call in (opt.step, opt.state_dict, lambda: opt.load_state_dict({})):
-        with pytest.raises(RuntimeError, match="eval mode"):
-            call()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        opt.step()
+    sd = opt.state_dict()
+    assert all(not g["train_mode"] for g in sd["param_groups"])
+    assert all("live" in s for s in sd["state"].values())
     opt.train()
     opt.step()
 

@@ -1,98 +1,143 @@
-"""Iterate averaging: an EMA of the parameters that evaluation uses, and the eval()/train() swap.
+"""Iterate averaging: an average of the parameters that evaluation uses, and the eval()/train() swap.
 
 Training at a high learning rate leaves the live parameters noisy; their average is what should be evaluated
-(SPlus paper, §3.3). The optimizer keeps ``state["ema"]`` (an EMA of the pre-update parameters, in the state
-dtype) and ``state["step"]``; ``eval()`` puts the bias-corrected average ``ema / (1 - ema_rate**step)`` into the
-parameters and ``train()`` puts the live ones back, bit for bit.
+(SPlus paper, §3.3). The optimizer keeps ``state["ema"]`` (the average of the pre-update parameters, in the state
+dtype) and ``state["step"]``. A group's ``ema_rate`` says which average:
+
+- ``"auto"``: an average over about the last 10% of the steps taken, whose horizon shrinks with the learning rate
+  when a schedule decays it (``avg <- avg + c_t (theta - avg)``, ``c_t = min(1, 1 / (0.1 t rho_t))``, ``rho_t`` =
+  the group's lr / the largest lr it has had). At constant lr this is the paper's rule (0.999 at 10k steps) without
+  knowing the run's length; under a decaying schedule the average becomes the live parameters as the lr goes to 0,
+  so evaluating it is never worse than the live weights there (docs/averaging.md has the measurements).
+  ``state["ema"]`` is the average itself.
+- a float ``r`` in [0, 1): the fixed EMA ``ema <- r ema + (1-r) theta`` from zero, used bias-corrected,
+  ``ema / (1 - r^t)``.
+- ``None``: no average.
+
+Modes follow the convention of torch.optim users (Hugging Face's Trainer calls ``optimizer.eval()`` before
+evaluating and ``optimizer.train()`` before each training step) and of Schedule-Free: each param group has a
+``train_mode`` flag. ``eval()`` puts the average into the parameters of the groups that average, keeps the live
+values in ``state["live"]`` and sets ``train_mode=False``; ``train()`` puts them back, bit for bit. Both modes are
+ordinary optimizer state, so ``state_dict()`` works in either mode and a checkpoint taken in eval mode (together
+with the model's weights, which then hold the average that was scored) resumes exactly: ``load_state_dict`` takes
+the mode and the live values from the checkpoint and the next ``train()`` restores the live weights. An optimizer
+none of whose groups average has no eval mode: ``eval()`` and ``train()`` change nothing.
+
+Buffers (BatchNorm's running statistics) are not parameters and are not averaged: after ``eval()`` they are the
+ones the live weights produced. :func:`whiten.integrations.recompute_batchnorm` recomputes them for the averaged
+weights from a few training batches.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["AveragingMixin", "averaged_value"]
+__all__ = ["AUTO", "HORIZON", "AveragingMixin", "average_weight", "averaged_value", "check_ema_rate"]
+
+AUTO = "auto"
+# The "auto" average covers about this fraction of the steps taken: the paper's ema_rate 0.999 over 10k steps.
+HORIZON = 0.1
 
 
-def averaged_value(ema: torch.Tensor, ema_rate: float, step: int) -> torch.Tensor:
-    """The bias-corrected average after ``step`` updates of an EMA that started at zero."""
+def check_ema_rate(value) -> None:
+    """``ema_rate`` is None (no averaging), ``"auto"`` or a rate in [0, 1)."""
+    if value is None or value == AUTO:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"Invalid ema_rate: {value!r} (allowed: None, 'auto' or a number in [0, 1))")
+
+
+def average_weight(step: int, lr_ratio: float = 1.0) -> float:
+    """``c_t`` of the ``"auto"`` average at ``step`` (from 1), with ``lr_ratio`` = lr / the largest lr so far."""
+    window = HORIZON * step * lr_ratio
+    return 1.0 if window <= 1.0 else 1.0 / window
+
+
+def averaged_value(ema: torch.Tensor, ema_rate, step: int) -> torch.Tensor:
+    """The average that ``eval()`` puts into a parameter, from its ``state["ema"]`` and ``state["step"]``."""
+    if ema_rate == AUTO:
+        return ema
     return ema / (1.0 - ema_rate**step)
 
 
 class AveragingMixin:
     """eval()/train() for a torch.optim.Optimizer whose state holds ``"ema"`` and ``"step"`` per parameter and whose
-    groups hold ``"ema_rate"`` (``None``: that group does not average).
+    groups hold ``"ema_rate"`` (see the module's docstring).
 
     An optimizer calls :meth:`update_averages` once per step with the parameters before their update; ``step`` must
-    count those calls.
-
-    While in eval mode the parameters hold the averages, so ``step()``, ``state_dict()`` and ``load_state_dict()``
-    raise: training or saving the averaged weights as if they were the live ones would silently corrupt the run.
+    count those calls (it is incremented before the call). ``step()`` in eval mode raises: the gradient would have
+    been taken at the averaged weights and the update applied to them.
     """
-
-    _live: dict | None = None
 
     @property
     def in_eval_mode(self) -> bool:
-        return self._live is not None
+        return any(not group.get("train_mode", True) for group in self.param_groups)
 
     @torch.no_grad()
     def eval(self):
-        """Swap the averaged parameters in. Parameters that were never stepped are their own average."""
-        if self._live is not None:
-            return self
-        rates = {p: g["ema_rate"] for g in self.param_groups if g.get("ema_rate") is not None for p in g["params"]}
-        if self.distributed_context() is None:  # distributed: the owners know which have an average
+        """Swap the averaged parameters in (groups that average). Parameters never stepped are their own average."""
+        groups = [g for g in self.param_groups if g.get("ema_rate") is not None and g.get("train_mode", True)]
+        rates = {p: g["ema_rate"] for g in groups for p in g["params"]}
+        if self.distributed_context() is None:  # distributed: every rank keeps its copy, the owners know the average
             rates = {p: r for p, r in rates.items() if "ema" in self.state.get(p, {})}
-        live = {p: p.detach().clone() for p in rates}
+        for p in rates:
+            self.state[p]["live"] = p.detach().clone()
 
         def put_average(p, value, state):
             if "ema" in state:
                 value.copy_(averaged_value(state["ema"], rates[p], state["step"]))
 
         self.owner_update(list(rates), put_average)
-        self._live = live
+        for g in groups:
+            g["train_mode"] = False
         return self
 
     @torch.no_grad()
     def train(self):
-        """Put the live parameters back exactly as they were before ``eval()``."""
-        if self._live is None:
-            return self
-        for p, value in self._live.items():
-            p.copy_(value)
-        self._live = None
+        """Put the live parameters back exactly as they were before ``eval()`` (or as the checkpoint saved them)."""
+        for group in self.param_groups:
+            if group.get("train_mode", True):
+                continue
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "live" in state:
+                    p.copy_(state.pop("live"))
+            group["train_mode"] = True
         return self
 
     @torch.no_grad()
     def update_averages(self, group: dict, params: list[torch.Tensor], states: list[dict]) -> None:
-        """``ema = r*ema + (1-r)*p`` for the (pre-update) parameters; ``ema`` is created on first use in float32
-        (float64 for float64 parameters). Nothing happens when the group's ``ema_rate`` is None."""
+        """Fold the (pre-update) parameters into ``state["ema"]``, created on first use in float32 (float64 for
+        float64 parameters). Nothing happens when the group's ``ema_rate`` is None."""
         rate = group.get("ema_rate")
         if rate is None or not params:
             return
-        emas = []
+        if rate == AUTO:
+            # The largest lr the group has had lives in the group, so checkpoints (DCP included) keep it.
+            lr = float(group["lr"])
+            group["ema_lr_max"] = lr_max = max(lr, group.get("ema_lr_max", 0.0))
+            ratio = lr / lr_max if lr_max > 0 else 1.0
+        emas, thetas, weights = [], [], []
         for p, state in zip(params, states):
+            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             if "ema" not in state:
-                dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
                 state["ema"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
             emas.append(state["ema"])
-        thetas = [p if p.dtype == e.dtype else p.to(e.dtype) for p, e in zip(params, emas)]
-        torch._foreach_lerp_(emas, thetas, 1.0 - rate)
+            thetas.append(p if p.dtype == dtype else p.to(dtype))
+            weights.append(average_weight(state["step"], ratio) if rate == AUTO else 1.0 - rate)
+        if rate != AUTO:
+            torch._foreach_lerp_(emas, thetas, 1.0 - rate)
+            return
+        # Parameters of one group can be at different steps (one that had no gradient for a while); bucket by weight.
+        by_weight: dict[float, list[int]] = {}
+        for i, w in enumerate(weights):
+            by_weight.setdefault(w, []).append(i)
+        for w, idx in by_weight.items():
+            torch._foreach_lerp_([emas[i] for i in idx], [thetas[i] for i in idx], w)
 
     def check_can_step(self) -> None:
-        self._refuse_in_eval_mode("step")
-
-    def state_dict(self):
-        self._refuse_in_eval_mode("state_dict")
-        return super().state_dict()
-
-    def load_state_dict(self, state_dict) -> None:
-        self._refuse_in_eval_mode("load_state_dict")
-        super().load_state_dict(state_dict)
-
-    def _refuse_in_eval_mode(self, what: str) -> None:
-        if self._live is not None:
+        if self.in_eval_mode:
             raise RuntimeError(
-                f"{type(self).__name__}.{what}() called in eval mode: the parameters hold the averaged weights. "
+                f"{type(self).__name__}.step() called in eval mode: the parameters hold the averaged weights. "
                 "Call optimizer.train() first."
             )

@@ -22,6 +22,9 @@ NO_DECAY_ROLES = ("vector", "embedding")
 
 _HEAD_NAMES = re.compile(r"(^|[._])(lm_head|head|heads|classifier|fc_out|output|out_head|logits)$")
 _EMBED_NAMES = re.compile(r"(emb|embed|embedding|token|tok|wpe|wte|cls)", re.IGNORECASE)
+# Modules whose Linear layers belong to an embedder (DiT's t_embedder.mlp). Not "cls": BERT's MLM head lives
+# under ``cls.predictions`` and its transform is a hidden matrix.
+_EMBEDDER_NAMES = re.compile(r"(emb|embed|embedding|token|tok|wpe|wte)", re.IGNORECASE)
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
 _CONV_TYPES = (nn.modules.conv._ConvNd,)
 
@@ -42,6 +45,9 @@ class RoleEntry:
     role: str
     reason: str
     param: torch.Tensor = field(repr=False)
+    # True for a matrix stored as (in, out), as Hugging Face's Conv1D (GPT-2) stores its weight; whiten's
+    # optimizers read the group key ``transposed`` where the orientation matters (Muon's scale).
+    transposed: bool = False
 
 
 @dataclass
@@ -83,6 +89,12 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
         for attr, p in module.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append((mod_name, module, attr))
     return owners
+
+
+def _is_transposed_linear(module: nn.Module, attr: str, p: torch.Tensor) -> bool:
+    """Hugging Face's Conv1D (GPT-2, GPT-Neo's ancestors): a Linear whose weight is stored (in, out)."""
+    return (type(module).__name__ == "Conv1D" and attr == "weight" and p.ndim == 2
+            and getattr(module, "nf", None) == p.shape[1])
 
 
 def _in_repeated_block(mod_name: str) -> bool:
@@ -163,14 +175,18 @@ def plan_roles(model: nn.Module, overrides: dict[str, str] | None = None) -> Rol
                 role, reason = "conv", f"weight of {type(module).__name__}"
             elif isinstance(module, nn.Linear) and mod_name == head_module:
                 role, reason = "head", "output Linear of the model"
-            elif isinstance(module, nn.Linear) and _EMBED_NAMES.search(mod_name.rsplit(".", 1)[0] if "." in mod_name else ""):
+            elif isinstance(module, nn.Linear) and _EMBEDDER_NAMES.search(mod_name.rsplit(".", 1)[0] if "." in mod_name else ""):
                 role, reason = "embedding", "Linear inside an embedder module"
             elif not isinstance(module, (nn.Linear, nn.Bilinear)) and _EMBED_NAMES.search(attr):
                 role, reason = "embedding", "free tensor named like an embedding"
+            elif _is_transposed_linear(module, attr, p):
+                role, reason = "hidden", "weight of Conv1D, stored (in, out)"
             else:
                 role = role_from_shape(p)
                 reason = {"hidden": "2-D weight", "conv": f"{p.ndim}-D weight"}[role]
-        entries.append(RoleEntry(name=name, shape=tuple(p.shape), role=role, reason=reason, param=p))
+        transposed = role != "vector" and _is_transposed_linear(module, attr, p)
+        entries.append(RoleEntry(name=name, shape=tuple(p.shape), role=role, reason=reason, param=p,
+                                 transposed=transposed))
 
     unused = set(overrides) - used_patterns
     if unused:
@@ -200,7 +216,8 @@ def param_groups(
         return_plan: return ``(groups, plan)`` instead of ``groups``.
         **options: group options for every group (``lr=...``, ``weight_decay=...``).
 
-    Every trainable parameter lands in exactly one group.
+    Every trainable parameter lands in exactly one group. Matrices stored as (in, out) (Hugging Face's Conv1D)
+    get a group of their own with ``"transposed": True``.
     """
     role_options = dict(role_options or {})
     for role in role_options:
@@ -211,10 +228,16 @@ def param_groups(
         print(plan)
     groups = []
     for role, entries in plan.by_role().items():
-        group = {"params": [e.param for e in entries], "role": role, **options}
-        if role in NO_DECAY_ROLES and not decay_embeddings_and_vectors:
-            group["weight_decay"] = 0.0
-        group.update(role_options.get(role, {}))
-        groups.append(group)
-    groups.sort(key=lambda g: ROLES.index(g["role"]))
+        for transposed in (False, True):
+            params = [e.param for e in entries if e.transposed == transposed]
+            if not params:
+                continue
+            group = {"params": params, "role": role, **options}
+            if transposed:
+                group["transposed"] = True
+            if role in NO_DECAY_ROLES and not decay_embeddings_and_vectors:
+                group["weight_decay"] = 0.0
+            group.update(role_options.get(role, {}))
+            groups.append(group)
+    groups.sort(key=lambda g: (ROLES.index(g["role"]), g.get("transposed", False)))
     return (groups, plan) if return_plan else groups

@@ -41,8 +41,8 @@ def check_int(name: str, value, low: int) -> None:
 
 
 def check_ema_rate(value) -> None:
-    """``ema_rate`` is None (no averaging) or a rate in [0, 1)."""
-    if value is not None:
+    """``ema_rate`` is None (no averaging), ``"auto"`` (whiten.averaging) or a rate in [0, 1)."""
+    if value is not None and value != "auto":
         check_range("ema_rate", value, 0.0, 1.0, high_open=True)
 
 
@@ -473,7 +473,10 @@ class WhitenOptimizer(torch.optim.Optimizer):
             if p is None:
                 continue
             if ctx is not None and not ctx.owns(p):
-                self.state[p] = {}  # another rank owns it (a checkpoint from fewer ranks may carry its state)
+                # another rank owns it (a checkpoint from fewer ranks may carry its state); every rank keeps its
+                # own copy of the live weights of an eval-mode checkpoint
+                self.state[p] = {k: v.detach().to(device=p.device, copy=True)
+                                 for k, v in saved_state.items() if k == "live"}
                 continue
             self.state[p] = {
                 k: v.detach().to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v

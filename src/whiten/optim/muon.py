@@ -45,14 +45,21 @@ class Muon(AveragingMixin, WhitenOptimizer):
 
     with :math:`s = \sqrt{\max(1, m/n)}` (``scaling="original"``), :math:`0.2\sqrt{\max(m, n)}`
     (``"match_rms_adamw"``) or 1 (``"none"``). :math:`\mathrm{NS}_k` is ``ns_steps`` Newton–Schulz iterations with
-    Keller Jordan's quintic coefficients, in ``ns_dtype``. Same-shape matrices are orthogonalised as one batch.
+    Keller Jordan's quintic coefficients, in ``ns_dtype``. Same-shape matrices are orthogonalised as one batch. A
+    group with ``"transposed": True`` (from :func:`whiten.param_groups` for Hugging Face's Conv1D, which stores
+    (in, out)) takes :math:`s` of the real (out, in) shape.
 
     Parameters whose role is ``embedding``, ``head`` or ``vector`` (or, without a role, that are not ≥2-D) are
-    stepped by AdamW (decoupled decay, bias correction) with the group's ``lr``, ``adam_betas`` and ``adam_eps``.
-    A group without an explicit ``lr`` whose parameters all go to AdamW gets ``adam_lr``; a group without a role that
-    mixes both kinds (e.g. ``model.parameters()``) is split into a Muon group and an AdamW group, so learning-rate
-    schedulers scale both. Weight decay is off for the ``vector`` and ``embedding`` roles. ``p.grad`` is never
-    modified.
+    stepped by AdamW (decoupled decay, bias correction) with β1 = the group's ``momentum``, β2 =
+    ``adam_betas[1]`` and ``adam_eps``. A group without a role that mixes both kinds (e.g. ``model.parameters()``)
+    is split into a Muon group and an AdamW group.
+
+    Every group steps with ``lr × lr_scale`` (``lr_scale`` defaults to 1). A group whose parameters all go to AdamW
+    and that sets no ``lr`` of its own keeps the shared ``lr`` and gets ``lr_scale = adam_lr / lr``, and, unless it
+    sets ``momentum``, ``momentum = adam_betas[0]``. So every group carries the same ``lr`` and ``momentum`` keys:
+    a loop that writes one lr into every group (nanoGPT's ``g['lr'] = lr``) keeps AdamW's ratio to Muon, and
+    ``OneCycleLR(cycle_momentum=True)`` cycles Muon's μ and AdamW's β1 alike. Weight decay is off for the
+    ``vector`` and ``embedding`` roles. ``p.grad`` is never modified.
 
     State per parameter (float32, float64 for float64 parameters): Muon path ``step`` (int), ``momentum`` (shape of
     p); AdamW path ``step``, ``exp_avg``, ``exp_avg_sq`` (shape of p); ``ema`` when averaging.
@@ -69,8 +76,10 @@ class Muon(AveragingMixin, WhitenOptimizer):
             elsewhere (float32; float64 for float64 parameters), the more accurate choice. bfloat16 is what
             torch.optim.Muon always uses; on a CPU with bfloat16 matrix units it is faster (2.2x on the
             AVX512-BF16 CPU of docs/performance.md), so pass ``ns_dtype=torch.bfloat16`` there for speed.
-        adam_lr: lr of groups stepped by AdamW that do not set their own (default 3e-4).
-        adam_betas, adam_eps: AdamW's (default (0.9, 0.95), 1e-10, as Keller Jordan's Muon).
+        adam_lr: lr of groups stepped by AdamW that do not set their own (default 3e-4), applied as
+            ``lr_scale = adam_lr / lr`` so that it follows the schedule of ``lr``.
+        adam_betas, adam_eps: AdamW's (default (0.9, 0.95), 1e-10, as Keller Jordan's Muon); ``adam_betas[0]``
+            becomes the ``momentum`` of groups stepped by AdamW.
         ema_rate: iterate averaging for ``eval()``/``train()`` (default None: off).
         nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient.
         process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
@@ -106,7 +115,7 @@ class Muon(AveragingMixin, WhitenOptimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, weight_decay=weight_decay, scaling=scaling,
                         ns_dtype=ns_dtype, adam_lr=adam_lr, adam_betas=adam_betas, adam_eps=adam_eps,
-                        ema_rate=ema_rate, role=None)
+                        ema_rate=ema_rate, role=None, lr_scale=1.0)
         self.batched = bool(batched)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
@@ -121,8 +130,17 @@ class Muon(AveragingMixin, WhitenOptimizer):
                 self.add_param_group({**param_group, "params": adam})
                 return
         group = {**param_group, "params": params}
-        if "lr" not in group and params and not any(_uses_muon(p, group.get("role")) for p in params):
-            group["lr"] = group.get("adam_lr", self.defaults["adam_lr"])
+        if params and not any(_uses_muon(p, group.get("role")) for p in params):  # stepped by AdamW
+            if "lr" not in group and "lr_scale" not in group:
+                # A ratio to the shared lr, not an lr of its own: schedulers and loops that write g["lr"] into
+                # every group then move AdamW with Muon instead of overwriting adam_lr.
+                lr, adam_lr = self.defaults["lr"], group.get("adam_lr", self.defaults["adam_lr"])
+                if isinstance(lr, (int, float)) and lr > 0:
+                    group["lr_scale"] = adam_lr / lr
+                else:
+                    group["lr"] = adam_lr
+            if "momentum" not in group:
+                group["momentum"] = group.get("adam_betas", self.defaults["adam_betas"])[0]
         super().add_param_group(group)
 
     def validate_group(self, group: dict) -> None:
@@ -146,6 +164,7 @@ class Muon(AveragingMixin, WhitenOptimizer):
         check_range("adam_eps", group["adam_eps"], 0.0)
         check_ema_rate(group["ema_rate"])
         check_role(group["role"])
+        check_range("lr_scale", group["lr_scale"], 0.0)
 
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         for p in params:
@@ -168,7 +187,7 @@ class Muon(AveragingMixin, WhitenOptimizer):
             self._adamw(group, adam)
 
     def _muon(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
-        mu, lr = group["momentum"], float(group["lr"])
+        mu, lr = group["momentum"], float(group["lr"]) * group["lr_scale"]
         moms = [self.state[p]["momentum"] for p in params]
         grads = [p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype) for p, m in zip(params, moms)]
         torch._foreach_lerp_(moms, grads, 1.0 - mu)
@@ -186,6 +205,8 @@ class Muon(AveragingMixin, WhitenOptimizer):
             dtype = group["ns_dtype"] or (torch.bfloat16 if X.device.type == "cuda" else X.dtype)
             O = newton_schulz(X, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype, overwrite=True)
             m, n = shapes[idxs[0]]
+            if group.get("transposed"):  # stored (in, out) (Conv1D); NS commutes with the transpose, the scale not
+                m, n = n, m
             step = -lr * _scale(m, n, group["scaling"])
             for j, i in enumerate(idxs):
                 p = params[i]
@@ -199,8 +220,8 @@ class Muon(AveragingMixin, WhitenOptimizer):
                     p.copy_(p.to(moms[i].dtype).mul_(keep).add_(u, alpha=step))
 
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
-        beta1, beta2 = group["adam_betas"]
-        lr, eps = float(group["lr"]), group["adam_eps"]
+        beta1, beta2 = group["momentum"], group["adam_betas"][1]
+        lr, eps = float(group["lr"]) * group["lr_scale"], group["adam_eps"]
         states = [self.state[p] for p in params]
         m = [s["exp_avg"] for s in states]
         v = [s["exp_avg_sq"] for s in states]

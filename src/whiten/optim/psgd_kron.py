@@ -395,7 +395,8 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         params: parameters or param-group dicts; a group may carry a ``role`` (see :func:`whiten.param_groups`),
             otherwise a parameter's role comes from its shape.
         lr: learning rate η (default 3e-4; the kron_torch README: about 3× smaller than Adam's).
-        b1: momentum β1 (default 0.9).
+        b1: momentum β1 (default 0.9), kept in each group as ``momentum`` (torch's name, which
+            ``OneCycleLR(cycle_momentum=True)`` cycles).
         weight_decay: λ, decoupled, multiplied by lr (default 0.0).
         preconditioner_update_probability: None (default: the schedule above), a probability in (0, 1], or a
             callable of the number of steps taken so far (0, 1, ...) returning one (a float or a 0-d tensor).
@@ -457,7 +458,7 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         check_int("seed", seed, 0)
         check_bool("batched", batched)
         check_bool("cache_preconditioner", cache_preconditioner)
-        defaults = dict(lr=lr, b1=b1, weight_decay=weight_decay, max_size_triangular=max_size_triangular,
+        defaults = dict(lr=lr, momentum=b1, weight_decay=weight_decay, max_size_triangular=max_size_triangular,
                         min_ndim_triangular=min_ndim_triangular, memory_save_mode=memory_save_mode,
                         momentum_into_precond_update=momentum_into_precond_update, precond_lr=precond_lr,
                         precond_init_scale=precond_init_scale, merge_dims=merge_dims, ema_rate=ema_rate, role=None)
@@ -468,10 +469,13 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         self._grams: dict = {}  # bucket -> [(factor stack, its version, QᵀQ or None)]
         self._reset_random_sources()
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+        # every device's generator exists from the start, so a checkpoint template (DCP's) always has its entry
+        for device in {p.device for g in self.param_groups for p in g["params"]}:
+            self._generator(device)
 
     def validate_group(self, group: dict) -> None:
         check_range("lr", group["lr"], 0.0)
-        check_range("b1", group["b1"], 0.0, 1.0, high_open=True)
+        check_range("b1 (momentum)", group["momentum"], 0.0, 1.0, high_open=True)
         check_range("weight_decay", group["weight_decay"], 0.0)
         check_int("max_size_triangular", group["max_size_triangular"], 0)
         check_int("min_ndim_triangular", group["min_ndim_triangular"], 0)
@@ -598,7 +602,7 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         for state in states:
             state["step"] += 1
 
-        b1 = group["b1"]
+        b1 = group["momentum"]
         moms = [s["momentum"] for s in states]
         grads = [p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype) for p, m in zip(params, moms)]
         torch._foreach_mul_(moms, b1)
@@ -658,7 +662,7 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         n = len(layout.shape)
         qs = [S[f"factor_{k}"] for k in range(n)]
         mom = S["momentum"]
-        b1 = group["b1"]
+        b1 = group["momentum"]
         debias = torch.tensor([1.0 - b1 ** states[i]["step"] for i in idxs], dtype=mom.dtype, device=mom.device)
         m_hat = mom / _bview(debias, mom.ndim)
         if balance and n > 1:

@@ -24,15 +24,17 @@ class ScheduleFreeAdamW(WhitenOptimizer):
         y &\leftarrow (1-c)\,y + c\,z + \gamma_k(\beta_1(1-c) - 1)\,\hat g, \qquad z \leftarrow z - \gamma_k \hat g
 
     which keeps :math:`y = (1-\beta_1) z + \beta_1 x` for the average :math:`x` of the :math:`z` iterates.
-    ``eval()`` puts :math:`x` into the parameters and ``train()`` puts :math:`y` back, bit for bit when the
-    optimizer still holds the :math:`y` it replaced (after ``load_state_dict`` it is recomputed from x and z). The
-    mode is saved in each param group, so a checkpoint taken in either mode matches the weights saved with it.
+    ``eval()`` puts :math:`x` into the parameters and keeps :math:`y` in ``state["live"]``; ``train()`` puts
+    :math:`y` back, bit for bit. This is the convention of whiten's averaging optimizers (:mod:`whiten.averaging`):
+    the mode is saved in each param group (``train_mode``) and :math:`y` in the state, so a checkpoint taken in
+    either mode, with the model's weights saved beside it, resumes exactly.
 
     Unlike the reference, the optimizer starts in train mode (no ``train()`` call is needed before the first step),
     never modifies ``p.grad``, keeps its state in float32 for low-precision parameters, and does not decay the
     ``vector`` and ``embedding`` roles. Calling ``step()`` in eval mode raises.
 
-    State per parameter: ``z`` and ``exp_avg_sq`` (shape of p, float32; float64 for float64 parameters).
+    State per parameter: ``z`` and ``exp_avg_sq`` (shape of p, float32; float64 for float64 parameters); ``live``
+    (y, dtype of p) while in eval mode.
     Per group: ``k`` (steps taken), ``train_mode``, ``weight_sum``, ``lr_max``, ``scheduled_lr``.
 
     Args:
@@ -66,7 +68,6 @@ class ScheduleFreeAdamW(WhitenOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
                         weight_lr_power=weight_lr_power, role=None, k=0, train_mode=True, weight_sum=0.0,
                         lr_max=-1.0, scheduled_lr=0.0)
-        self._y: dict = {}  # the train-mode parameters replaced by eval(), for an exact train()
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
@@ -90,7 +91,10 @@ class ScheduleFreeAdamW(WhitenOptimizer):
         """Put the averaged point x = (y - (1-β1) z) / β1 into the parameters."""
         groups = [g for g in self.param_groups if g["train_mode"]]
         beta1 = {p: g["betas"][0] for g in groups for p in g["params"]}
-        self._y.update({p: p.detach().clone() for p in beta1})
+        if self.distributed_context() is None:  # distributed: every rank keeps its copy, the owners know z
+            beta1 = {p: b for p, b in beta1.items() if "z" in self.state.get(p, {})}
+        for p in beta1:
+            self.state[p]["live"] = p.detach().clone()
 
         def to_x(p, value, state):
             z = state.get("z")
@@ -104,32 +108,25 @@ class ScheduleFreeAdamW(WhitenOptimizer):
 
     @torch.no_grad()
     def train(self):
-        """Put the training point y back: exactly the one eval() replaced, else y = (1-β1) z + β1 x."""
+        """Put the training point y back: exactly the one eval() replaced (kept in ``state["live"]``, checkpoints
+        included); recomputed as y = (1-β1) z + β1 x for a checkpoint that lacks it."""
         groups = [g for g in self.param_groups if not g["train_mode"]]
         beta1 = {p: g["betas"][0] for g in groups for p in g["params"]}
-        kept = {id(p) for p in beta1 if p in self._y}
+        kept = {id(p) for p in beta1 if "live" in self.state.get(p, {})}
         for p in beta1:
             if id(p) in kept:
-                p.copy_(self._y.pop(p))
+                p.copy_(self.state[p].pop("live"))
 
         def to_y(p, value, state):
             z = state.get("z")
             if z is not None:
                 value.copy_(value.to(z.dtype).lerp_(z, 1.0 - beta1[p]))
 
-        # the same list on every rank: eval() kept a copy of every parameter, or load_state_dict() dropped them all
+        # the same list on every rank: eval() kept a copy of every parameter, or the checkpoint had none
         self.owner_update([p for p in beta1 if id(p) not in kept], to_y)
         for g in groups:
             g["train_mode"] = True
         return self
-
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        self._y = {}  # the modes now come from the checkpoint; y is recomputed by train()
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._y = {}
 
     def check_can_step(self) -> None:
         if self.in_eval_mode:

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..averaging import AveragingMixin
+from ..averaging import AUTO, AveragingMixin, check_ema_rate
 from ..linalg import rotate, unrotate, update_factors
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import WhitenOptimizer, bucket, check_betas, check_bool, check_int, check_range, check_role, state_dtype
@@ -59,11 +59,12 @@ class SPlus(AveragingMixin, WhitenOptimizer):
     Parameters that are not hidden matrices (roles ``embedding``, ``head``, ``vector``, ``conv``; tensors that are
     not 2-D; matrices with a side ``>= max_dim``) use :math:`s = \eta \cdot c` with ``c = nonstandard_constant``;
     2-D embeddings and heads are still rotated. Non-matrix parameters take :math:`U = \mathrm{sign}(M)`. Weight
-    decay is off for the ``vector`` and ``embedding`` roles. ``eval()`` swaps in :math:`\bar\theta / (1-r^t)`,
-    ``train()`` swaps the live parameters back.
+    decay is off for the ``vector`` and ``embedding`` roles. ``eval()`` swaps in :math:`\bar\theta / (1-r^t)`
+    for a fixed rate r (with ``ema_rate="auto"`` the rate follows the step count and the lr, see
+    :mod:`whiten.averaging`), ``train()`` swaps the live parameters back.
 
     State per parameter (``optimizer.state[p]``), in float32 (float64 for float64 parameters):
-    ``step`` (int), ``momentum`` and ``ema`` (shape of p); for whitened matrices ``factor_left`` (m, m),
+    ``step`` (int), ``momentum`` and ``ema`` (shape of p; ``live`` too while in eval mode); for whitened matrices ``factor_left`` (m, m),
     ``basis_left`` (m, m), ``factor_right`` (n, n), ``basis_right`` (n, n) for each side that has a factor.
 
     Args:
@@ -71,7 +72,9 @@ class SPlus(AveragingMixin, WhitenOptimizer):
             role, a parameter's role comes from its shape (2-D hidden, ≥3-D conv, else vector).
         lr: learning rate η (default 0.2; the paper sweeps 0.01…10, about Adam's lr × width × 2).
         betas: (β1, β2), momentum and factor EMA rates (default (0.9, 0.95), as run in the paper).
-        ema_rate: r, rate of the parameter average used by ``eval()`` (default 0.999).
+        ema_rate: the parameter average used by ``eval()`` (default ``"auto"``: about the last 10% of the steps,
+            shrinking to the live parameters as a schedule decays the lr; see :mod:`whiten.averaging`), a fixed
+            EMA rate r (the paper's 0.999 at 10k steps), or None (no average).
         weight_decay: λ, decoupled and scaled by the same s as the update (default 0.1).
         inverse_every: refresh the eigenbasis every this many steps, and at step 1 (default 100).
         eps: added to the factors' diagonal before the eigendecomposition (default 1e-30).
@@ -95,7 +98,7 @@ class SPlus(AveragingMixin, WhitenOptimizer):
         params,
         lr: float = 0.2,
         betas: tuple[float, float] = (0.9, 0.95),
-        ema_rate: float = 0.999,
+        ema_rate: float | str | None = AUTO,
         weight_decay: float = 0.1,
         inverse_every: int = 100,
         eps: float = 1e-30,
@@ -115,7 +118,7 @@ class SPlus(AveragingMixin, WhitenOptimizer):
     def validate_group(self, group: dict) -> None:
         check_range("lr", group["lr"], 0.0)
         check_betas("betas", group["betas"])
-        check_range("ema_rate", group["ema_rate"], 0.0, 1.0, high_open=True)
+        check_ema_rate(group["ema_rate"])
         check_range("weight_decay", group["weight_decay"], 0.0)
         check_int("inverse_every", group["inverse_every"], 1)
         check_range("eps", group["eps"], 0.0)
@@ -126,9 +129,7 @@ class SPlus(AveragingMixin, WhitenOptimizer):
 
     def _init_state(self, p: torch.Tensor, layout: _Layout) -> dict:
         dtype = state_dtype(p)
-        state = {"step": 0,
-                 "momentum": torch.zeros(p.shape, dtype=dtype, device=p.device),
-                 "ema": torch.zeros(p.shape, dtype=dtype, device=p.device)}
+        state = {"step": 0, "momentum": torch.zeros(p.shape, dtype=dtype, device=p.device)}
         if layout.matrix is None:
             return state
         return self.factor_state(state, layout.matrix, layout.left, layout.right, dtype, p.device)
@@ -150,7 +151,7 @@ class SPlus(AveragingMixin, WhitenOptimizer):
         thetas = [p if p.dtype == m.dtype else p.to(m.dtype) for p, m in zip(params, moms)]
         torch._foreach_lerp_(moms, grads, 1.0 - beta1)
         # The average is of the pre-update parameters (the experiment code; the released torch file differs).
-        torch._foreach_lerp_([s["ema"] for s in states], thetas, 1.0 - group["ema_rate"])
+        self.update_averages(group, params, states)
 
         updates: list[torch.Tensor | None] = [None] * len(params)
         plain = [i for i, lay in enumerate(layouts) if lay.matrix is None]
