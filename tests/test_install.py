@@ -94,15 +94,19 @@ def _third_party_imports(path: Path) -> set[str]:
 
 
 def test_every_imported_package_is_declared(installed):
-    """The optimizers may import only the runtime dependencies; the benchmark also its `bench` extra."""
+    """The optimizers may import only the runtime dependencies; the benchmark also its `bench` extra, the Lightning
+    integration its `lightning` extra."""
     def name(requirement: str) -> str:
         return re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower().replace("-", "_")
 
     requires = _requires(installed["wheel"])
     runtime = {name(r) for r in requires if "extra ==" not in r}
     bench = runtime | {name(r) for r in requires if 'extra == "bench"' in r}
+    lightning = runtime | {name(r) for r in requires if 'extra == "lightning"' in r}
+    assert "lightning" in lightning
     package = ROOT / "src" / "whiten"
     for path in package.rglob("*.py"):
-        declared = bench if "bench" in path.relative_to(package).parts else runtime
+        parts = path.relative_to(package).parts
+        declared = bench if "bench" in parts else lightning if parts[-1] == "lightning.py" else runtime
         undeclared = _third_party_imports(path) - declared
         assert not undeclared, f"{path.relative_to(ROOT)} imports {undeclared}, not declared in pyproject.toml"

@@ -1,11 +1,8 @@
-"""Lightning: validation on the averaged weights (``lightning`` must be installed)."""
+"""Lightning: validation on the averaged weights (``pip install whiten[lightning]``)."""
 
 from __future__ import annotations
 
-try:
-    from lightning.pytorch.callbacks import Callback
-except ImportError:  # the standalone package name
-    from pytorch_lightning.callbacks import Callback
+from lightning.pytorch.callbacks import Callback
 
 __all__ = ["AveragedValidation"]
 
