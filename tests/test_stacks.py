@@ -9,7 +9,7 @@ from torch import nn
 
 from test_suite import OPTIMIZERS
 
-STABLE = {"SPlus": "momentum", "SOAP": "exp_avg", "PSGDKron": "momentum"}
+STABLE = {"SPlus": "momentum", "SOAP": "exp_avg", "PSGDKron": "momentum", "Shampoo": "factor_0_0"}
 
 
 def run(name, batched, steps=30, dtype=torch.float64):

@@ -337,7 +337,18 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
             stackable = (lambda e: len(layouts[e[0]][1][e[1]].dims) <= 2) if self.batched else (lambda e: False)
             alone = [e for e in entries if not stackable(e)]
             key = lambda e: ("shampoo", gi, layouts[e[0]][1][e[1]].dims, dtypes[e[0]], params[e[0]].device)
-            for k, bucket_entries in bucket([e for e in entries if stackable(e)], key).items():
+            stacked = bucket([e for e in entries if stackable(e)], key)
+            if stacked:
+                # Stable stacks: every stackable block of the group's parameters with state, with or without a
+                # gradient this step (those without are left out by index), so a missing gradient rebuilds nothing.
+                ctx.members = []
+                for q in self.group_members(gi):
+                    sq = self.state.get(q)
+                    blocks_q = block_layout(tuple(q.shape), group["max_preconditioner_dim"])[1]
+                    for b, blk in enumerate(blocks_q):
+                        if sq and blk.factor_keys[0] in sq and len(blk.dims) <= 2:
+                            ctx.members.append((q, b, blk, ("shampoo", gi, blk.dims, state_dtype(q), q.device)))
+            for k, bucket_entries in stacked.items():
                 failures += self._stacked_blocks(k, bucket_entries, ctx)
             for e in alone:
                 failures += self._single_block(e, ctx)
@@ -377,24 +388,35 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         i0, b0 = entries[0]
         dims = c.layouts[i0][1][b0].dims
         order = len(dims)
-        blocks = [c.layouts[i][1][b] for i, b in entries]
+        members = [(q, b, blk) for q, b, blk, k in c.members if k == key]
         names = [{**{f"F{j}": blk.factor_keys[j] for j in range(order)},
-                  **{f"R{j}": blk.root_keys[j] for j in range(order)}} for blk in blocks]
+                  **{f"R{j}": blk.root_keys[j] for j in range(order)}} for _, _, blk in members]
         shapes = {**{f"F{j}": (d, d) for j, d in enumerate(dims)}, **{f"R{j}": (d, d) for j, d in enumerate(dims)}}
-        S = self.stacked_state(key, [c.params[i] for i, _ in entries], shapes, names)
+        S = self.stacked_state(key, [q for q, _, _ in members], shapes, names)
+        where = {(id(q), b): j for j, (q, b, _) in enumerate(members)}
+        rows = [where[(id(c.params[i]), b)] for i, b in entries]  # each entry's position in the stacks
+
+        def index(js):  # stack positions of entries js, or None when they are the whole stack in order
+            sel = [rows[j] for j in js]
+            return None if sel == list(range(len(members))) else torch.tensor(sel, device=S["F0"].device)
 
         G = torch.stack([c.block(c.grads, i, b) for i, b in entries])
+        present = index(range(len(entries)))
+        Fs = [S[f"F{m}"] if present is None else S[f"F{m}"][present] for m in range(order)]
         if order == 1:
-            S["F0"].baddbmm_(G.unsqueeze(2), G.unsqueeze(1), beta=c.beta2, alpha=c.w)
+            Fs[0].baddbmm_(G.unsqueeze(2), G.unsqueeze(1), beta=c.beta2, alpha=c.w)
         else:
-            S["F0"].baddbmm_(G, G.mT, beta=c.beta2, alpha=c.w)
-            S["F1"].baddbmm_(G.mT, G, beta=c.beta2, alpha=c.w)
-        del G
+            Fs[0].baddbmm_(G, G.mT, beta=c.beta2, alpha=c.w)
+            Fs[1].baddbmm_(G.mT, G, beta=c.beta2, alpha=c.w)
+        if present is not None:
+            for m in range(order):
+                S[f"F{m}"].index_copy_(0, present, Fs[m])
+        del G, Fs
 
         failures = 0
         due = [j for j, (i, _) in enumerate(entries) if c.due[i]]
         if due:
-            idx = None if len(due) == len(entries) else torch.tensor(due, device=S["F0"].device)
+            idx = index(due)
             bc2 = [c.bc2[entries[j][0]] for j in due]
             for m in range(order):
                 F, R = S[f"F{m}"], S[f"R{m}"]
@@ -409,8 +431,8 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         if not act:
             return failures
         roots = [S[f"R{m}"] for m in range(order)]
-        if len(act) != len(entries):
-            idx = torch.tensor(act, device=roots[0].device)
+        idx = index(act)
+        if idx is not None:
             roots = [R[idx] for R in roots]
         act_entries = [entries[j] for j in act]
         X = torch.stack([c.block(c.gbar, i, b) for i, b in act_entries])
