@@ -76,7 +76,7 @@ def bucket(items: Iterable, key: Callable) -> dict:
 
 
 def _new_counters() -> dict:
-    return {"skipped_steps": 0, "eigh_retries": 0, "eigh_failures": 0}
+    return {"skipped_steps": 0, "eigh_retries": 0, "eigh_failures": 0, "factor_restarts": 0}
 
 
 class WhitenOptimizer(torch.optim.Optimizer):
@@ -85,7 +85,8 @@ class WhitenOptimizer(torch.optim.Optimizer):
     Counters (``optimizer.counters``, saved in the state_dict's first param group, where
     ``torch.distributed.checkpoint`` keeps them): ``skipped_steps`` (steps skipped because a gradient was not
     finite), ``eigh_retries`` (matrices whose eigendecomposition needed the float64 retry), ``eigh_failures``
-    (matrices whose basis could not be refreshed and was kept).
+    (matrices whose basis could not be refreshed and was kept), ``factor_restarts`` (statistics that overflowed,
+    e.g. after one huge finite gradient, and were restarted from zero; see :meth:`restart_nonfinite`).
 
     Distributed runs (see :mod:`whiten.distributed`): with ``process_group`` (DDP, replicated parameters) or with
     DTensor parameters (FSDP2, their mesh is used), each parameter's whole step runs on one owner rank and the new
@@ -315,6 +316,31 @@ class WhitenOptimizer(torch.optim.Optimizer):
             if params:
                 self._step_group(gi, group, params)
 
+    # ----- recovery from overflow ---------------------------------------------------------------------------------
+    def restart_nonfinite(self, tensors: list[torch.Tensor]) -> list[bool]:
+        """Zero, in place, each statistic of ``tensors`` (factors, second moments) that is not finite; returns
+        which were restarted. One huge but finite gradient (1e20) overflows float32 factors to inf; an inf factor
+        never decays, so without a restart every later refresh fails and the basis is frozen for good. Callers
+        run this before each refresh and keep the previous basis/root for a restarted factor at that refresh:
+        the statistic rebuilds from the next gradients and the following refresh is a normal one, so one spike
+        costs at most one refresh period. Counted in ``counters["factor_restarts"]``; warns once per optimizer."""
+        if not tensors:
+            return []
+        bad = [not ok for ok in finite_flags(tensors)]
+        restarted = bad.count(True)
+        if restarted:
+            for t, b in zip(tensors, bad):
+                if b:
+                    t.zero_()
+            self.counters["factor_restarts"] += restarted
+            if not getattr(self, "_warned_restart", False):
+                self._warned_restart = True
+                warnings.warn(f"{type(self).__name__}: {restarted} preconditioner statistic(s) overflowed (a huge "
+                              "finite gradient?) and were restarted from zero; the previous basis is kept until "
+                              "the next refresh. Counted in counters['factor_restarts']; this warning is shown once.",
+                              RuntimeWarning, stacklevel=3)
+        return bad
+
     # ----- Shampoo factors and their eigenbases ---------------------------------------------------------------
     @staticmethod
     def factor_state(state: dict, matrix: tuple[int, int], left: bool, right: bool, dtype, device) -> dict:
@@ -332,6 +358,9 @@ class WhitenOptimizer(torch.optim.Optimizer):
         is counted."""
         pairs = [(s[f"factor_{side}"], s[f"basis_{side}"]) for s in states for side in ("left", "right")
                  if f"factor_{side}" in s]
+        # an overflowed factor restarts from zero and keeps its basis this time (not an eigh failure)
+        restarted = self.restart_nonfinite([f for f, _ in pairs])
+        pairs = [fb for fb, r in zip(pairs, restarted) if not r]
         key = (lambda fb: (fb[0].shape, fb[0].dtype, fb[0].device)) if getattr(self, "batched", True) else id
         for group_pairs in bucket(pairs, key).values():
             result = robust_eigh_basis([f for f, _ in group_pairs], eps)

@@ -300,6 +300,12 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
             else:
                 torch._foreach_mul_(V, gb2)
                 torch._foreach_addcmul_(V, grads, grads, value=1.0 - gb2)
+            # An overflowed V (a huge gradient) would zero the grafted step for good: every precondition_frequency
+            # steps restart it, and the momentum with it (M / (0 + eps) would be a huge step).
+            check = [i for i, t in enumerate(steps) if t % freq == 0]
+            for i, bad in zip(check, self.restart_nonfinite([V[i] for i in check])):
+                if bad and "momentum" in states[i]:
+                    states[i]["momentum"].zero_()
         # First moment ("filtered gradient").
         if beta1 > 0:
             moms = [s["momentum"] for s in states]
@@ -359,16 +365,19 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
 
     def _refresh(self, factors: torch.Tensor, roots: torch.Tensor, bc2: list[float], eps: float, order: int) -> int:
         """New roots for a (B, d, d) stack of factors, written into ``roots`` where they could be computed."""
+        # An overflowed factor (a huge finite gradient) restarts from zero and keeps its root this time; its next
+        # refresh is a normal one (with β2 = 1 an inf sum would otherwise block every refresh for good).
+        restarted = self.restart_nonfinite(list(factors.unbind(0)))
         scale = torch.tensor(bc2, dtype=factors.dtype, device=factors.device).view(-1, 1, 1)
         result = matrix_inverse_root(factors / scale, 2 * order, eps)
         self.counters["eigh_retries"] += result.retried
-        if all(result.ok):
+        if all(result.ok) and not any(restarted):
             roots.copy_(result.roots)
             return 0
         for j, ok in enumerate(result.ok):
-            if ok:
+            if ok and not restarted[j]:
                 roots[j].copy_(result.roots[j])
-        failed = result.ok.count(False)
+        failed = sum(1 for ok, r in zip(result.ok, restarted) if not ok and not r)
         self.counters["eigh_failures"] += failed
         return failed
 
@@ -401,9 +410,10 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                 if idx is None:
                     failures += self._refresh(F, R, bc2, c.eps, order)
                 else:
-                    sub = R[idx]
-                    failures += self._refresh(F[idx], sub, bc2, c.eps, order)
+                    sub, subF = R[idx], F[idx]
+                    failures += self._refresh(subF, sub, bc2, c.eps, order)
                     R.index_copy_(0, idx, sub)
+                    F.index_copy_(0, idx, subF)  # a restarted factor was zeroed in the copy
 
         act = [j for j, (i, _) in enumerate(entries) if i in c.active]
         if not act:
