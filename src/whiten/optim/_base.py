@@ -18,9 +18,16 @@ from ..roles import ROLES
 NONFINITE_POLICIES = ("skip", "raise")
 
 
+# Upper bounds: no run trains with a larger step or decay, and beyond ~1e38 the step sizes no longer fit the
+# float32 scalars of in-place kernels (a float-conversion error mid-step); inf gives NaN parameters in one step.
+LR_MAX = 1e6
+WEIGHT_DECAY_MAX = 1e6
+
+
 def check_range(name: str, value, low: float, high: float = math.inf, *, low_open: bool = False,
                 high_open: bool = False) -> None:
-    """Raise a ValueError naming ``name`` unless ``low <= value <= high`` (open ends where asked)."""
+    """Raise a ValueError naming ``name`` unless ``low <= value <= high`` (open ends where asked). Infinity is never
+    accepted: no hyperparameter of these optimizers works at inf (the step or the decay becomes NaN)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"Invalid {name}: expected a number, got a tensor of shape {tuple(value.shape)}")
@@ -29,10 +36,18 @@ def check_range(name: str, value, low: float, high: float = math.inf, *, low_ope
         raise ValueError(f"Invalid {name}: expected a number, got {value!r}")
     below = value <= low if low_open else value < low
     above = value >= high if high_open else value > high
-    if math.isnan(value) or below or above:
+    if math.isnan(value) or math.isinf(value) or below or above:
         lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
+        hi = ")" if high_open or math.isinf(high) else "]"
         raise ValueError(f"Invalid {name}: {value!r} (allowed: {lo}{low}, {high}{hi})")
+
+
+def check_lr(name: str, value) -> None:
+    check_range(name, value, 0.0, LR_MAX)
+
+
+def check_weight_decay(value) -> None:
+    check_range("weight_decay", value, 0.0, WEIGHT_DECAY_MAX)
 
 
 def check_int(name: str, value, low: int) -> None:
@@ -115,7 +130,9 @@ class WhitenOptimizer(torch.optim.Optimizer):
 
     # ----- construction -------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
+        with warnings.catch_warnings():  # torch only warns on duplicates; _check_group refuses them
+            warnings.filterwarnings("ignore", message=".*duplicate parameters.*")
+            super().add_param_group(param_group)
         try:
             self._check_group(len(self.param_groups) - 1)
         except ValueError:
@@ -124,8 +141,13 @@ class WhitenOptimizer(torch.optim.Optimizer):
 
     def _check_group(self, index: int) -> None:
         group = self.param_groups[index]
+        seen: dict[int, int] = {}
         for i, p in enumerate(group["params"]):
             where = f"parameter {i} of group {index} (shape {tuple(p.shape)})"
+            if id(p) in seen:  # it would be stepped twice per step
+                raise ValueError(f"{type(self).__name__}: {where} is listed twice in its group (also as parameter "
+                                 f"{seen[id(p)]}); pass each parameter once")
+            seen[id(p)] = i
             if p.is_complex():
                 raise ValueError(f"{type(self).__name__} does not support complex parameters: {where}")
             if p.is_sparse or p.layout != torch.strided:
@@ -380,7 +402,7 @@ class WhitenOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             params = []
             for i, p in enumerate(group["params"]):
-                if p.grad is None:
+                if p.grad is None or p.numel() == 0:  # an empty tensor has nothing to update: a no-op
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(

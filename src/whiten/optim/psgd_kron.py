@@ -14,6 +14,7 @@ from ..averaging import AveragingMixin
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import (WhitenOptimizer, bucket, check_bool, check_ema_rate, check_int, check_range, check_role,
                     state_dtype)
+from ._base import check_lr, check_weight_decay
 
 __all__ = ["PSGDKron", "UpdateProbabilitySchedule", "precond_update_prob_schedule"]
 
@@ -470,9 +471,9 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
-        check_range("lr", group["lr"], 0.0)
+        check_lr("lr", group["lr"])
         check_range("b1", group["b1"], 0.0, 1.0, high_open=True)
-        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_weight_decay(group["weight_decay"])
         check_int("max_size_triangular", group["max_size_triangular"], 0)
         check_int("min_ndim_triangular", group["min_ndim_triangular"], 0)
         if group["memory_save_mode"] not in MEMORY_SAVE_MODES:

@@ -7,6 +7,7 @@ import torch
 
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import WhitenOptimizer, check_betas, check_int, check_range, check_role, state_dtype
+from ._base import check_lr, check_weight_decay
 
 __all__ = ["ScheduleFreeAdamW"]
 
@@ -70,12 +71,12 @@ class ScheduleFreeAdamW(WhitenOptimizer):
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
-        check_range("lr", group["lr"], 0.0)
+        check_lr("lr", group["lr"])
         check_betas("betas", group["betas"])
         if group["betas"][0] == 0:
             raise ValueError("Invalid betas[0]: 0 (allowed: (0, 1); eval() divides by beta1)")
         check_range("eps", group["eps"], 0.0)
-        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_weight_decay(group["weight_decay"])
         check_int("warmup_steps", group["warmup_steps"], 0)
         check_range("r", group["r"], 0.0)
         check_range("weight_lr_power", group["weight_lr_power"], 0.0)

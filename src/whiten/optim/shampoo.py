@@ -17,6 +17,7 @@ from ..linalg import InverseRootResult, matrix_inverse_root
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import (WhitenOptimizer, bucket, check_bool, check_ema_rate, check_int, check_range, check_role,
                     state_dtype)
+from ._base import check_lr, check_weight_decay
 
 __all__ = ["Shampoo", "InverseRootResult", "block_layout", "matrix_inverse_root", "merge_small_dims"]
 
@@ -207,14 +208,14 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
-        check_range("lr", group["lr"], 0.0)
+        check_lr("lr", group["lr"])
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Invalid betas: {betas!r} (allowed: a pair (beta1 in [0, 1), beta2 in (0, 1]))")
         check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
         check_range("betas[1]", betas[1], 0.0, 1.0, low_open=True)
         check_range("epsilon", group["epsilon"], 0.0, low_open=True)
-        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_weight_decay(group["weight_decay"])
         check_int("max_preconditioner_dim", group["max_preconditioner_dim"], 1)
         check_int("precondition_frequency", group["precondition_frequency"], 1)
         start, freq = group["start_preconditioning_step"], group["precondition_frequency"]

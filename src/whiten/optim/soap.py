@@ -12,6 +12,7 @@ from ..linalg import finite_flags, rotate, unrotate, update_factors, warn_eigh_f
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import (WhitenOptimizer, bucket, check_betas, check_bool, check_ema_rate, check_int, check_range,
                     check_role, state_dtype)
+from ._base import check_lr, check_weight_decay
 
 __all__ = ["SOAP"]
 
@@ -115,12 +116,12 @@ class SOAP(AveragingMixin, WhitenOptimizer):
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
-        check_range("lr", group["lr"], 0.0)
+        check_lr("lr", group["lr"])
         check_betas("betas", group["betas"])
         if group["shampoo_beta"] is not None:
             check_range("shampoo_beta", group["shampoo_beta"], 0.0, 1.0, high_open=True)
         check_range("eps", group["eps"], 0.0)
-        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_weight_decay(group["weight_decay"])
         check_int("precondition_frequency", group["precondition_frequency"], 1)
         check_int("max_precond_dim", group["max_precond_dim"], 1)
         for flag in ("precondition_1d", "normalize_grads", "correct_bias"):

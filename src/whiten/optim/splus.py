@@ -11,6 +11,7 @@ from ..averaging import AveragingMixin
 from ..linalg import rotate, unrotate, update_factors
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import WhitenOptimizer, bucket, check_betas, check_bool, check_int, check_range, check_role, state_dtype
+from ._base import check_lr, check_weight_decay
 
 __all__ = ["SPlus"]
 
@@ -113,10 +114,10 @@ class SPlus(AveragingMixin, WhitenOptimizer):
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
-        check_range("lr", group["lr"], 0.0)
+        check_lr("lr", group["lr"])
         check_betas("betas", group["betas"])
         check_range("ema_rate", group["ema_rate"], 0.0, 1.0, high_open=True)
-        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_weight_decay(group["weight_decay"])
         check_int("inverse_every", group["inverse_every"], 1)
         check_range("eps", group["eps"], 0.0)
         check_int("max_dim", group["max_dim"], 1)
