@@ -486,16 +486,42 @@ class WhitenOptimizer(torch.optim.Optimizer):
                 self.validate_group(candidate)
             except (ValueError, KeyError) as e:
                 raise ValueError(f"{name}.load_state_dict: group {gi} of the checkpoint: {e}") from None
+        group_of = {pid: gi for gi, saved in enumerate(saved_groups) for pid in saved["params"]}
         for pid, entry in state_dict["state"].items():
             p = id_to_param.get(pid)
             if p is None:
                 raise ValueError(f"{name}.load_state_dict: state for parameter {pid!r}, which no group lists")
+            if not isinstance(entry, dict):
+                raise ValueError(f"{name}.load_state_dict: state of parameter {pid!r} is not a dict")
+            gi = group_of[pid]
+            expected = self.expected_state(p, {**self.param_groups[gi], **{
+                k: v for k, v in saved_groups[gi].items() if k != "params"}}) if entry else None
+            for key, shape in (expected or {}).items():
+                # a missing entry would silently stop the parameter's training (or fail mid-step)
+                if key not in entry:
+                    raise ValueError(f"{name}.load_state_dict: state of parameter {pid!r} (shape {tuple(p.shape)}) "
+                                     f"lacks '{key}', which {name} keeps for it (another optimizer's settings?)")
+                value = entry[key]
+                if shape is not None and (not isinstance(value, torch.Tensor) or tuple(value.shape) != shape):
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ValueError(f"{name}.load_state_dict: state '{key}' of parameter {pid!r} is {got}, "
+                                     f"expected {shape} (another model or other settings?)")
             for key, value in entry.items():
                 if key in self.PARAMETER_SHAPED and isinstance(value, torch.Tensor) and value.numel() != p.numel():
                     raise ValueError(f"{name}.load_state_dict: state '{key}' of parameter {pid!r} has shape "
                                      f"{tuple(value.shape)}, the parameter {tuple(p.shape)} (another model?)")
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all()):
                     raise ValueError(f"{name}.load_state_dict: state '{key}' of parameter {pid!r} is not finite")
+
+    def expected_state(self, p: torch.Tensor, group: dict) -> dict | None:
+        """``{key: shape (None for a non-tensor)}`` of the state this optimizer creates for ``p`` in ``group``,
+        which a checkpoint's non-empty entry must have; None: not checked. Optimizers build it by running their
+        state initialiser on a meta tensor (no memory)."""
+        return None
+
+    @staticmethod
+    def _shapes_of(state: dict) -> dict:
+        return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
 
     def load_state_dict(self, state_dict) -> None:
         self.check_state_dict(state_dict)
@@ -520,8 +546,14 @@ class WhitenOptimizer(torch.optim.Optimizer):
             if ctx is not None and not ctx.owns(p):
                 self.state[p] = {}  # another rank owns it (a checkpoint from fewer ranks may carry its state)
                 continue
+            # Floating state takes the dtype this optimizer creates for p (float32, float64 for float64
+            # parameters), whatever it was saved in: an fp32 checkpoint loaded into a float64 model would
+            # otherwise keep float32 state that later kernels mix with float64 (a mid-step failure).
+            dtype = state_dtype(p)
             self.state[p] = {
-                k: v.detach().to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
+                k: v.detach().to(device=p.device, dtype=(p.dtype if k == "live" else dtype)
+                                 if v.is_floating_point() else None, copy=True)
+                if isinstance(v, torch.Tensor) else v
                 for k, v in saved_state.items()
             }
         self.counters = _new_counters()

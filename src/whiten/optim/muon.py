@@ -152,6 +152,10 @@ class Muon(AveragingMixin, WhitenOptimizer):
         check_ema_rate(group["ema_rate"])
         check_role(group["role"])
 
+    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
+        keys = ("momentum",) if _uses_muon(p, group["role"]) else ("exp_avg", "exp_avg_sq")
+        return {"step": None, **{k: tuple(p.shape) for k in keys}}
+
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         for p in params:
             state = self.state[p]

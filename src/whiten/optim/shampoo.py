@@ -253,6 +253,15 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                 "exploding gradients.", RuntimeWarning,
                 stacklevel=5)  # past apply_step, step, torch.no_grad and torch.optim's hooks: the caller of step()
 
+    def expected_state(self, p: torch.Tensor, group: dict) -> dict | None:
+        if p.numel() == 0:
+            return None
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        state: dict = {}
+        _, blocks = block_layout(tuple(p.shape), group["max_preconditioner_dim"])
+        self._init_state(meta, state, blocks, group, group["start_preconditioning_step"] != math.inf)
+        return self._shapes_of(state)
+
     def _init_state(self, p: torch.Tensor, state: dict, blocks, group: dict, precondition: bool) -> None:
         """Create missing entries (all on the first step; later ones if a group option was changed)."""
         dtype = state_dtype(p)

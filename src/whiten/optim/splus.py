@@ -125,6 +125,10 @@ class SPlus(AveragingMixin, WhitenOptimizer):
         check_bool("whiten_conv", group["whiten_conv"])
         check_role(group["role"])
 
+    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        return self._shapes_of(self._init_state(meta, _layout(meta, group)))
+
     def _init_state(self, p: torch.Tensor, layout: _Layout) -> dict:
         dtype = state_dtype(p)
         state = {"step": 0,
