@@ -132,6 +132,9 @@ class ScheduleFreeAdamW(WhitenOptimizer):
         super().__setstate__(state)
         self._y = {}
 
+    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
+        return {"z": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+
     def check_can_step(self) -> None:
         if self.in_eval_mode:
             raise RuntimeError("ScheduleFreeAdamW.step() called in eval mode: the parameters hold the averaged "
