@@ -305,17 +305,19 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         graft_dirs = None
         if grafting is not None:
             V = [s["graft"] for s in states]
+            # An overflowed V (a huge gradient) would zero the grafted step for good: every precondition_frequency
+            # steps restart it, and the momentum with it (M / (0 + eps) would be a huge step), before this step's
+            # gradient goes in, so V is never zero under a gradient (a gradient that overflows again gives inf
+            # again: a zero step, never NaN).
+            check = [i for i, t in enumerate(steps) if t % freq == 0]
+            for i, bad in zip(check, self.restart_nonfinite([V[i] for i in check])):
+                if bad and "momentum" in states[i]:
+                    states[i]["momentum"].zero_()
             if gb2 == 1.0:
                 torch._foreach_addcmul_(V, grads, grads, value=1.0)
             else:
                 torch._foreach_mul_(V, gb2)
                 torch._foreach_addcmul_(V, grads, grads, value=1.0 - gb2)
-            # An overflowed V (a huge gradient) would zero the grafted step for good: every precondition_frequency
-            # steps restart it, and the momentum with it (M / (0 + eps) would be a huge step).
-            check = [i for i, t in enumerate(steps) if t % freq == 0]
-            for i, bad in zip(check, self.restart_nonfinite([V[i] for i in check])):
-                if bad and "momentum" in states[i]:
-                    states[i]["momentum"].zero_()
         # First moment ("filtered gradient").
         if beta1 > 0:
             moms = [s["momentum"] for s in states]
