@@ -186,3 +186,20 @@ def test_float32_checkpoint_into_a_float64_model(name):
             q.grad = torch.randn(q.shape, dtype=torch.float64)
         opt.step()
     assert all(q.dtype == torch.float64 and torch.isfinite(q).all() for q in params)
+
+
+def test_disproportionate_state_is_warned_about_once():
+    v = nn.Parameter(torch.randn(20000))  # Shampoo: 20 blocks of 1024 x 1024 factors and roots for 78 KiB
+    opt = OPTIMIZERS["Shampoo"]([v], precondition_frequency=100)
+    v.grad = torch.randn(20000)
+    with pytest.warns(RuntimeWarning, match=r"exceeds 16x their memory \(largest: shape \(20000,\)"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once
+    small = nn.Parameter(torch.randn(64, 32))
+    opt = OPTIMIZERS["SPlus"]([small])
+    small.grad = torch.randn(64, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # factors a few times a small matrix: no warning

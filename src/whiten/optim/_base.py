@@ -268,7 +268,34 @@ class WhitenOptimizer(torch.optim.Optimizer):
                 self.apply_step(work)
         else:
             self._distributed_step(ctx, work)
+        if not getattr(self, "_memory_checked", False) and self.state:
+            self._memory_checked = True
+            self.check_state_memory()
         return loss
+
+    # a parameter whose state exceeds this multiple of its own memory (and STATE_WARN_MIN_BYTES) is warned about
+    STATE_WARN_RATIO = 16
+    STATE_WARN_MIN_BYTES = 64 * 2**20
+
+    def check_state_memory(self) -> None:
+        """Warn, once (after the first step that creates state), about parameters whose optimizer state exceeds
+        ``STATE_WARN_RATIO`` times the parameter's memory and ``STATE_WARN_MIN_BYTES``: e.g. Shampoo's 1024-sided
+        blocks on a long vector. Small matrices, whose factors are a few times their size, are not worth a
+        warning."""
+        worst = []
+        for p, state in list(self.state.items()):
+            if not isinstance(p, torch.Tensor) or not state:
+                continue
+            size = sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+            own = p.numel() * p.element_size()
+            if size > self.STATE_WARN_MIN_BYTES and size > self.STATE_WARN_RATIO * own:
+                worst.append((size, own, tuple(p.shape)))
+        if worst:
+            size, own, shape = max(worst)
+            warnings.warn(f"{type(self).__name__}: the state of {len(worst)} parameter(s) exceeds "
+                          f"{self.STATE_WARN_RATIO}x their memory (largest: shape {shape}, {size / 2**20:.0f} MiB of "
+                          f"state for {own / 2**20:.1f} MiB); see the optimizer's options that limit preconditioned "
+                          "sizes", RuntimeWarning, stacklevel=3)
 
     def _distributed_step(self, ctx, work) -> None:
         # Each rank checks the gradients it holds: its owned ones (replicated) or its shards (sharded).
