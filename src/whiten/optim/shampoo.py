@@ -137,6 +137,12 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
       exponent -1/2, so with grafting their update is the grafted one.
     - Empty parameters are left alone (no state).
 
+    Memory: as in DS, a long vector or a tall matrix is cut into ``max_preconditioner_dim``-sided blocks, each with
+    a d×d factor and root per mode: a (50000,) vector gets 49 blocks of 1024² (about 390 MiB of float32 state for
+    a 0.2 MiB parameter). whiten keeps DS's blocking (so its numbers match DS) and warns once when a parameter's
+    state exceeds 16× its memory; for such parameters pass a group with ``start_preconditioning_step=math.inf``
+    (Adam-grafted, no factors) or a smaller ``max_preconditioner_dim``.
+
     State per parameter (``optimizer.state[p]``), in float32 (float64 for float64 parameters): ``step`` (int);
     ``momentum`` (shape of p; only if β1 > 0); ``graft`` (shape of p, the grafting second moment V; only with
     grafting); for block i (numbered as :func:`block_layout` does, a function of the shape and
