@@ -359,8 +359,9 @@ def _run_plan(args) -> int:
     par, args.device = from_environment(args.parallel, args.device)
     if not par.main:  # rank 0 speaks for the run
         sys.stdout = open(os.devnull, "w")
+    # the data first: a bad --text or data set is refused before --out is created
+    task = make_task(args.task, args.profile, args.device, text_path=args.text, data_root=args.data_root)
     with _sweep_lock(args.out, par.main):
-        task = make_task(args.task, args.profile, args.device, text_path=args.text, data_root=args.data_root)
         # every finished record is checked before any run starts: one of other settings stops the sweep here
         pending = [cfg for cfg in plan if finished(cfg, task, args.out) is None]
         return _run_pending(args, plan, pending, task, par, checkpoint_path, parse_start, run)
