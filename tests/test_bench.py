@@ -191,3 +191,59 @@ def test_list(capsys):
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
     assert "adamw" in out and "splus" in out and "pytorch_optimizer:<Class>" in out
+
+
+# ---------------------------------------------------------------------------- run identity, records, the lock
+
+def _letters(n: int, seed: int) -> str:
+    g = torch.Generator().manual_seed(seed)
+    return "".join("abcdefgh \n"[int(i)] for i in torch.randint(0, 10, (n,), generator=g))
+
+
+def test_a_finished_run_is_reused_only_with_the_same_identity(tasks, tmp_path, monkeypatch):
+    cfg = RunConfig(task="lm", profile="tiny", optimizer="adamw", lr=1e-3, seed=0, steps=3, evals=1)
+    first = run(cfg, tasks["lm"], tmp_path)
+    assert first["identity"]["data_sha256"] == run_mod.data_hash(tasks["lm"])
+    monkeypatch.setattr(run_mod, "_train_step", lambda *a, **k: pytest.fail("a finished run was redone"))
+    assert run(cfg, tasks["lm"], tmp_path) == first  # same identity: reused
+    for other in (dict(steps=4), dict(schedule="cosine"), dict(warmup=2), dict(evals=2)):
+        changed = RunConfig(**{**run_mod.asdict(cfg), **other})
+        assert changed.run_dir(tmp_path) == cfg.run_dir(tmp_path)  # the same folder...
+        with pytest.raises(ValueError, match=f"other settings.*{next(iter(other))}") as e:
+            run(changed, tasks["lm"], tmp_path)  # ...is never reused for other settings
+        assert str(cfg.run_dir(tmp_path)) in str(e.value)
+
+
+def test_another_text_at_the_same_path_is_not_reused(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(_letters(6000, 0))
+    cfg = RunConfig(task="lm", profile="tiny", optimizer="adamw", lr=1e-3, seed=0, steps=2, evals=1)
+    run(cfg, make_task("lm", "tiny", text_path=text), tmp_path / "out")
+    text.write_text(_letters(6000, 1))
+    with pytest.raises(ValueError, match="data_sha256"):
+        run(cfg, make_task("lm", "tiny", text_path=text), tmp_path / "out")
+
+
+def test_an_unreadable_record_is_named_and_the_run_redone(tasks, tmp_path):
+    cfg = RunConfig(task="lm", profile="tiny", optimizer="adamw", lr=1e-3, seed=0, steps=2, evals=1)
+    run(cfg, tasks["lm"], tmp_path)
+    done = cfg.run_dir(tmp_path) / "done.json"
+    done.write_text('{"config": ')  # a torn write
+    with pytest.warns(RuntimeWarning, match=f"unreadable run record {done}"):
+        summary = run(cfg, tasks["lm"], tmp_path)
+    assert json.loads(done.read_text()) == json.loads(json.dumps(summary))
+
+
+def test_a_sweep_into_a_locked_directory_is_refused(tmp_path, capsys):
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".whiten-bench.lock", "a") as held:  # another sweep is writing there
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        args = ["sweep", "--task", "lm", "--profile", "tiny", "--optimizers", "adamw", "--lrs", "0.001",
+                "--steps", "2", "--evals", "1", "--out", str(tmp_path), "--no-plots"]
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert str(tmp_path) in err and "another whiten-bench sweep" in err
+        assert not list(tmp_path.glob("**/evals.jsonl"))  # nothing was run
+    assert cli.main(args) == 0  # released: the sweep runs

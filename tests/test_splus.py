@@ -325,12 +325,12 @@ def test_rank_deficient_gradients_stay_finite():
 
 
 def test_huge_finite_gradients_never_produce_nan():
-    # G Gᵀ overflows float32: the refresh cannot run, the previous basis is kept with a warning, the update stays
-    # bounded and finite.
-    with pytest.warns(RuntimeWarning, match="keeping the previous eigenbasis"):
+    # G Gᵀ overflows float32: the overflowed factors restart from zero at each refresh (issue 11; they used to stay
+    # inf and count as eigh failures), the previous basis is kept, the update stays bounded and finite.
+    with pytest.warns(RuntimeWarning, match="restarted from zero"):
         w, opt = run_steps(lambda t: torch.full((6, 4), 1e30) * torch.randn(6, 4).sign())
     assert torch.isfinite(w).all()
-    assert opt.counters["eigh_failures"] > 0
+    assert opt.counters["factor_restarts"] > 0 and opt.counters["eigh_failures"] == 0
 
 
 def test_nonfinite_gradient_skips_step_and_keeps_state():

@@ -14,6 +14,7 @@ pip install -e ".[bench]"). Every mistake on the command line ends with one line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
 import os
@@ -350,17 +351,49 @@ class Progress:
 def _run_plan(args) -> int:
     _check_run_args(args)
     plan = _plan(args)
-    from .report import write_report
-    from .run import checkpoint_path, parse_start, run
+    from .run import checkpoint_path, finished, parse_start, run
     from .tasks import make_task
 
     from .parallel import from_environment
 
-    pending = [cfg for cfg in plan if not (cfg.run_dir(args.out) / "done.json").exists()]
     par, args.device = from_environment(args.parallel, args.device)
     if not par.main:  # rank 0 speaks for the run
         sys.stdout = open(os.devnull, "w")
+    # the data first: a bad --text or data set is refused before --out is created
     task = make_task(args.task, args.profile, args.device, text_path=args.text, data_root=args.data_root)
+    with _sweep_lock(args.out, par.main):
+        # every finished record is checked before any run starts: one of other settings stops the sweep here
+        pending = [cfg for cfg in plan if finished(cfg, task, args.out) is None]
+        return _run_pending(args, plan, pending, task, par, checkpoint_path, parse_start, run)
+
+
+@contextlib.contextmanager
+def _sweep_lock(out: Path, main: bool):
+    """An exclusive lock on ``out/.whiten-bench.lock`` while a sweep writes there: a second sweep into the same
+    directory would run the same runs and interleave their ``evals.jsonl``. Released when the process ends, even
+    killed. Only rank 0 of a torchrun job takes it (it alone writes)."""
+    if not main:
+        yield
+        return
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ".whiten-bench.lock"
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"--out {out}: another whiten-bench sweep is writing there (it holds {path}); wait "
+                             "for it to finish or use another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_pending(args, plan, pending, task, par, checkpoint_path, parse_start, run) -> int:
+    from .report import write_report
+
     done = f" ({len(plan) - len(pending)} already done, skipped)" if len(pending) < len(plan) else ""
     print(f"{len(plan)} runs of {args.steps} steps{done}: task {args.task}, profile {args.profile}, "
           f"device {args.device}, optimizers {','.join(args.optimizers)}, seeds {','.join(map(str, args.seeds))}, "

@@ -9,6 +9,7 @@ do not count.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UsageError
 from .parallel import Parallel
 from .registry import build_optimizer, get_spec
 from .tasks import Task, eval_steps, lr_factor
@@ -50,6 +52,80 @@ class RunConfig:
     def run_dir(self, root: Path) -> Path:
         opt = self.optimizer.replace(":", "-")
         return Path(root) / self.task / self.profile / self.start.replace("@", "") / opt / self.run_name()
+
+
+def data_hash(task: Task) -> str:
+    """sha256 of the task's data as loaded (every tensor the task holds, the text corpus included), computed once
+    per task object: another --text or data set must never pass for the one a finished run used."""
+    cached = getattr(task, "_data_sha256", None)
+    if cached is not None:
+        return cached
+    h = hashlib.sha256()
+
+    def add(name: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            h.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+            h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                add(f"{name}[{i}]", v)
+        elif hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, torch.device)):
+            for k in sorted(vars(value)):
+                if not k.startswith("_"):
+                    add(f"{name}.{k}", vars(value)[k])
+
+    add("task", task)
+    task._data_sha256 = h.hexdigest()
+    return task._data_sha256
+
+
+def run_identity(cfg: RunConfig, task: Task, spec) -> dict:
+    """Everything that changes a run's result: the task and its data (hash), profile, steps, schedule, warm-up,
+    evaluations, optimizer and its options, start and seed (``compile`` does not: the same numbers, faster).
+    Recorded in ``done.json``; a finished run is reused only when the identity is the same."""
+    ident = {"run": {k: v for k, v in asdict(cfg).items() if k != "compile"}, "task": task.describe(),
+             "data_sha256": data_hash(task), "optimizer_options": spec.options, "optimizer_source": spec.source}
+    return json.loads(json.dumps(ident, default=repr))  # as it reads back from JSON (tuples become lists)
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def finished(cfg: RunConfig, task: Task, root: Path) -> dict | None:
+    """The summary of this run's finished record when it can be reused; None when the run must be done (no
+    record, or an unreadable one: named in a warning). A finished record of another identity raises UsageError:
+    its folder belongs to other settings and is never reused or overwritten."""
+    path = cfg.run_dir(root) / "done.json"
+    if not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+        if not isinstance(summary, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+        import warnings
+
+        warnings.warn(f"unreadable run record {path} ({e}); the run is done again", RuntimeWarning, stacklevel=2)
+        return None
+    identity = run_identity(cfg, task, get_spec(cfg.optimizer))
+    saved = summary.get("identity")
+    if saved == identity:
+        return summary
+    if saved is None:
+        why = "it records no settings to compare (an older whiten-bench)"
+    else:
+        a, b = _flat(saved), _flat(identity)
+        diff = [f"{k}: {a.get(k, '-')!r} there, {b.get(k, '-')!r} now" for k in sorted(set(a) | set(b))
+                if a.get(k, "-") != b.get(k, "-")]
+        why = "its settings differ: " + "; ".join(diff[:5]) + ("; ..." if len(diff) > 5 else "")
+    raise UsageError(f"{path.parent} holds a finished run made with other settings ({why}); it is not reused. "
+                     "Use another --out for these settings, or move that folder away to redo the run.")
 
 
 def parse_start(start: str) -> int:
@@ -152,15 +228,17 @@ def _evaluate(task, model, opt, averages: bool) -> dict:
 
 
 def run(cfg: RunConfig, task: Task, root: Path, progress=None, parallel: Parallel | None = None) -> dict:
-    """Train and evaluate; returns the summary (also written to ``done.json``). Skips a finished run.
+    """Train and evaluate; returns the summary (also written to ``done.json``). Skips a finished run of the same
+    identity (:func:`run_identity`); refuses one of another (:func:`finished`).
 
     ``progress(step, loss)``, when given, is called after every training step with the number of steps done in
     this run and that step's training loss. ``parallel``: a run under torchrun (see :mod:`.parallel`); rank 0
     writes the files."""
     par = parallel or Parallel()
     out = cfg.run_dir(root)
-    if (out / "done.json").exists():
-        return json.loads((out / "done.json").read_text())
+    previous = finished(cfg, task, root)
+    if previous is not None:
+        return previous
     spec = get_spec(cfg.optimizer)
     offset = parse_start(cfg.start)
     if par.main:
@@ -222,7 +300,7 @@ def run(cfg: RunConfig, task: Task, root: Path, progress=None, parallel: Paralle
             if progress is not None:
                 progress(step + 1, loss)
 
-    summary = {"config": asdict(cfg), "diverged": diverged,
+    summary = {"config": asdict(cfg), "identity": run_identity(cfg, task, spec), "diverged": diverged,
                "final_val_loss": records[-1]["val_loss"] if not diverged else float("inf"),
                "train_seconds": clock, "seconds_per_step": clock / max(1, records[-1]["step"]),
                "data_seconds": data_seconds, "records": records}

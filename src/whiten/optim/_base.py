@@ -18,9 +18,16 @@ from ..roles import ROLES
 NONFINITE_POLICIES = ("skip", "raise")
 
 
+# Upper bounds: no run trains with a larger step or decay, and beyond ~1e38 the step sizes no longer fit the
+# float32 scalars of in-place kernels (a float-conversion error mid-step); inf gives NaN parameters in one step.
+LR_MAX = 1e6
+WEIGHT_DECAY_MAX = 1e6
+
+
 def check_range(name: str, value, low: float, high: float = math.inf, *, low_open: bool = False,
                 high_open: bool = False) -> None:
-    """Raise a ValueError naming ``name`` unless ``low <= value <= high`` (open ends where asked)."""
+    """Raise a ValueError naming ``name`` unless ``low <= value <= high`` (open ends where asked). Infinity is never
+    accepted: no hyperparameter of these optimizers works at inf (the step or the decay becomes NaN)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"Invalid {name}: expected a number, got a tensor of shape {tuple(value.shape)}")
@@ -29,10 +36,18 @@ def check_range(name: str, value, low: float, high: float = math.inf, *, low_ope
         raise ValueError(f"Invalid {name}: expected a number, got {value!r}")
     below = value <= low if low_open else value < low
     above = value >= high if high_open else value > high
-    if math.isnan(value) or below or above:
+    if math.isnan(value) or math.isinf(value) or below or above:
         lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
+        hi = ")" if high_open or math.isinf(high) else "]"
         raise ValueError(f"Invalid {name}: {value!r} (allowed: {lo}{low}, {high}{hi})")
+
+
+def check_lr(name: str, value) -> None:
+    check_range(name, value, 0.0, LR_MAX)
+
+
+def check_weight_decay(value) -> None:
+    check_range("weight_decay", value, 0.0, WEIGHT_DECAY_MAX)
 
 
 def check_int(name: str, value, low: int) -> None:
@@ -76,7 +91,7 @@ def bucket(items: Iterable, key: Callable) -> dict:
 
 
 def _new_counters() -> dict:
-    return {"skipped_steps": 0, "eigh_retries": 0, "eigh_failures": 0}
+    return {"skipped_steps": 0, "eigh_retries": 0, "eigh_failures": 0, "factor_restarts": 0}
 
 
 class WhitenOptimizer(torch.optim.Optimizer):
@@ -85,7 +100,8 @@ class WhitenOptimizer(torch.optim.Optimizer):
     Counters (``optimizer.counters``, saved in the state_dict's first param group, where
     ``torch.distributed.checkpoint`` keeps them): ``skipped_steps`` (steps skipped because a gradient was not
     finite), ``eigh_retries`` (matrices whose eigendecomposition needed the float64 retry), ``eigh_failures``
-    (matrices whose basis could not be refreshed and was kept).
+    (matrices whose basis could not be refreshed and was kept), ``factor_restarts`` (statistics that overflowed,
+    e.g. after one huge finite gradient, and were restarted from zero; see :meth:`restart_nonfinite`).
 
     Distributed runs (see :mod:`whiten.distributed`): with ``process_group`` (DDP, replicated parameters) or with
     DTensor parameters (FSDP2, their mesh is used), each parameter's whole step runs on one owner rank and the new
@@ -115,7 +131,9 @@ class WhitenOptimizer(torch.optim.Optimizer):
 
     # ----- construction -------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
+        with warnings.catch_warnings():  # torch only warns on duplicates; _check_group refuses them
+            warnings.filterwarnings("ignore", message=".*duplicate parameters.*")
+            super().add_param_group(param_group)
         try:
             self._check_group(len(self.param_groups) - 1)
         except ValueError:
@@ -124,8 +142,13 @@ class WhitenOptimizer(torch.optim.Optimizer):
 
     def _check_group(self, index: int) -> None:
         group = self.param_groups[index]
+        seen: dict[int, int] = {}
         for i, p in enumerate(group["params"]):
             where = f"parameter {i} of group {index} (shape {tuple(p.shape)})"
+            if id(p) in seen:  # it would be stepped twice per step
+                raise ValueError(f"{type(self).__name__}: {where} is listed twice in its group (also as parameter "
+                                 f"{seen[id(p)]}); pass each parameter once")
+            seen[id(p)] = i
             if p.is_complex():
                 raise ValueError(f"{type(self).__name__} does not support complex parameters: {where}")
             if p.is_sparse or p.layout != torch.strided:
@@ -250,7 +273,34 @@ class WhitenOptimizer(torch.optim.Optimizer):
                 self.apply_step(work)
         else:
             self._distributed_step(ctx, work)
+        if not getattr(self, "_memory_checked", False) and self.state:
+            self._memory_checked = True
+            self.check_state_memory()
         return loss
+
+    # a parameter whose state exceeds this multiple of its own memory (and STATE_WARN_MIN_BYTES) is warned about
+    STATE_WARN_RATIO = 16
+    STATE_WARN_MIN_BYTES = 64 * 2**20
+
+    def check_state_memory(self) -> None:
+        """Warn, once (after the first step that creates state), about parameters whose optimizer state exceeds
+        ``STATE_WARN_RATIO`` times the parameter's memory and ``STATE_WARN_MIN_BYTES``: e.g. Shampoo's 1024-sided
+        blocks on a long vector. Small matrices, whose factors are a few times their size, are not worth a
+        warning."""
+        worst = []
+        for p, state in list(self.state.items()):
+            if not isinstance(p, torch.Tensor) or not state:
+                continue
+            size = sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+            own = p.numel() * p.element_size()
+            if size > self.STATE_WARN_MIN_BYTES and size > self.STATE_WARN_RATIO * own:
+                worst.append((size, own, tuple(p.shape)))
+        if worst:
+            size, own, shape = max(worst)
+            warnings.warn(f"{type(self).__name__}: the state of {len(worst)} parameter(s) exceeds "
+                          f"{self.STATE_WARN_RATIO}x their memory (largest: shape {shape}, {size / 2**20:.0f} MiB of "
+                          f"state for {own / 2**20:.1f} MiB); see the optimizer's options that limit preconditioned "
+                          "sizes", RuntimeWarning, stacklevel=3)
 
     def _distributed_step(self, ctx, work) -> None:
         # Each rank checks the gradients it holds: its owned ones (replicated) or its shards (sharded).
@@ -267,17 +317,17 @@ class WhitenOptimizer(torch.optim.Optimizer):
             if not ctx.owns(p):
                 self.state[p] = {}
         owned = [(g, [ctx.view(p) for p in params if ctx.owns(p)]) for g, params in everyone]
-        before = (self.counters["eigh_retries"], self.counters["eigh_failures"])
+        owner_counters = [k for k in self.counters if k != "skipped_steps"]  # counted where the work runs
+        before = {k: self.counters[k] for k in owner_counters}
         with self._owned_state(ctx):
             self.before_step([(g, [ctx.view(p) if ctx.owns(p) else p for p in params]) for g, params in everyone])
             self.apply_step(owned)
         ctx.publish([p for _, params in everyone for p in params])
         for full in ctx.full.values():
             full.grad = None
-        retries, failures = ctx.all_reduce([self.counters["eigh_retries"] - before[0],
-                                            self.counters["eigh_failures"] - before[1]])
-        self.counters["eigh_retries"] = before[0] + int(retries)
-        self.counters["eigh_failures"] = before[1] + int(failures)
+        deltas = ctx.all_reduce([self.counters[k] - before[k] for k in owner_counters])
+        for k, d in zip(owner_counters, deltas):
+            self.counters[k] = before[k] + int(d)
 
     @torch.no_grad()
     def owner_update(self, params: list[torch.Tensor], fn) -> None:
@@ -320,6 +370,31 @@ class WhitenOptimizer(torch.optim.Optimizer):
             if params:
                 self._step_group(gi, group, params)
 
+    # ----- recovery from overflow ---------------------------------------------------------------------------------
+    def restart_nonfinite(self, tensors: list[torch.Tensor]) -> list[bool]:
+        """Zero, in place, each statistic of ``tensors`` (factors, second moments) that is not finite; returns
+        which were restarted. One huge but finite gradient (1e20) overflows float32 factors to inf; an inf factor
+        never decays, so without a restart every later refresh fails and the basis is frozen for good. Callers
+        run this before each refresh and keep the previous basis/root for a restarted factor at that refresh:
+        the statistic rebuilds from the next gradients and the following refresh is a normal one, so one spike
+        costs at most one refresh period. Counted in ``counters["factor_restarts"]``; warns once per optimizer."""
+        if not tensors:
+            return []
+        bad = [not ok for ok in finite_flags(tensors)]
+        restarted = bad.count(True)
+        if restarted:
+            for t, b in zip(tensors, bad):
+                if b:
+                    t.zero_()
+            self.counters["factor_restarts"] += restarted
+            if not getattr(self, "_warned_restart", False):
+                self._warned_restart = True
+                warnings.warn(f"{type(self).__name__}: {restarted} preconditioner statistic(s) overflowed (a huge "
+                              "finite gradient?) and were restarted from zero; the previous basis is kept until "
+                              "the next refresh. Counted in counters['factor_restarts']; this warning is shown once.",
+                              RuntimeWarning, stacklevel=3)
+        return bad
+
     # ----- Shampoo factors and their eigenbases ---------------------------------------------------------------
     @staticmethod
     def factor_state(state: dict, matrix: tuple[int, int], left: bool, right: bool, dtype, device) -> dict:
@@ -337,6 +412,9 @@ class WhitenOptimizer(torch.optim.Optimizer):
         is counted."""
         pairs = [(s[f"factor_{side}"], s[f"basis_{side}"]) for s in states for side in ("left", "right")
                  if f"factor_{side}" in s]
+        # an overflowed factor restarts from zero and keeps its basis this time (not an eigh failure)
+        restarted = self.restart_nonfinite([f for f, _ in pairs])
+        pairs = [fb for fb, r in zip(pairs, restarted) if not r]
         key = (lambda fb: (fb[0].shape, fb[0].dtype, fb[0].device)) if getattr(self, "batched", True) else id
         for group_pairs in bucket(pairs, key).values():
             result = robust_eigh_basis([f for f, _ in group_pairs], eps)
@@ -356,7 +434,7 @@ class WhitenOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             params = []
             for i, p in enumerate(group["params"]):
-                if p.grad is None:
+                if p.grad is None or p.numel() == 0:  # an empty tensor has nothing to update: a no-op
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(
@@ -441,16 +519,45 @@ class WhitenOptimizer(torch.optim.Optimizer):
                 self.validate_group(candidate)
             except (ValueError, KeyError) as e:
                 raise ValueError(f"{name}.load_state_dict: group {gi} of the checkpoint: {e}") from None
+        group_of = {pid: gi for gi, saved in enumerate(saved_groups) for pid in saved["params"]}
         for pid, entry in state_dict["state"].items():
             p = id_to_param.get(pid)
             if p is None:
                 raise ValueError(f"{name}.load_state_dict: state for parameter {pid!r}, which no group lists")
+            if not isinstance(entry, dict):
+                raise ValueError(f"{name}.load_state_dict: state of parameter {pid!r} is not a dict")
+            gi = group_of[pid]
+            # an empty entry, or one with only live weights, marks a parameter another rank owned (distributed)
+            owned_elsewhere = set(entry) <= {"live"}
+            expected = None if owned_elsewhere else self.expected_state(p, {**self.param_groups[gi], **{
+                k: v for k, v in saved_groups[gi].items() if k != "params"}})
+            for key, shape in (expected or {}).items():
+                # a missing entry would silently stop the parameter's training (or fail mid-step)
+                if key not in entry:
+                    raise ValueError(f"{name}.load_state_dict: state of parameter {pid!r} (shape {tuple(p.shape)}) "
+                                     f"lacks '{key}', which {name} keeps for it (another optimizer's settings?)")
+                value = entry[key]
+                if shape is not None and (not isinstance(value, torch.Tensor) or tuple(value.shape) != shape):
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ValueError(f"{name}.load_state_dict: state '{key}' of parameter {pid!r} is {got}, "
+                                     f"expected {shape} (another model or other settings?)")
             for key, value in entry.items():
                 if key in self.PARAMETER_SHAPED and isinstance(value, torch.Tensor) and value.numel() != p.numel():
                     raise ValueError(f"{name}.load_state_dict: state '{key}' of parameter {pid!r} has shape "
                                      f"{tuple(value.shape)}, the parameter {tuple(p.shape)} (another model?)")
-                if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all()):
+                if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                        and not bool(wdist._local(value).isfinite().all())):  # a DTensor: this rank's shard
                     raise ValueError(f"{name}.load_state_dict: state '{key}' of parameter {pid!r} is not finite")
+
+    def expected_state(self, p: torch.Tensor, group: dict) -> dict | None:
+        """``{key: shape (None for a non-tensor)}`` of the state this optimizer creates for ``p`` in ``group``,
+        which a checkpoint's non-empty entry must have; None: not checked. Optimizers build it by running their
+        state initialiser on a meta tensor (no memory)."""
+        return None
+
+    @staticmethod
+    def _shapes_of(state: dict) -> dict:
+        return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
 
     def load_state_dict(self, state_dict) -> None:
         self.check_state_dict(state_dict)
@@ -478,8 +585,14 @@ class WhitenOptimizer(torch.optim.Optimizer):
                 self.state[p] = {k: v.detach().to(device=p.device, copy=True)
                                  for k, v in saved_state.items() if k == "live"}
                 continue
+            # Floating state takes the dtype this optimizer creates for p (float32, float64 for float64
+            # parameters), whatever it was saved in: an fp32 checkpoint loaded into a float64 model would
+            # otherwise keep float32 state that later kernels mix with float64 (a mid-step failure).
+            dtype = state_dtype(p)
             self.state[p] = {
-                k: v.detach().to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
+                k: v.detach().to(device=p.device, dtype=(p.dtype if k == "live" else dtype)
+                                 if v.is_floating_point() else None, copy=True)
+                if isinstance(v, torch.Tensor) else v
                 for k, v in saved_state.items()
             }
         self.counters = _new_counters()

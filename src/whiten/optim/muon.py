@@ -12,6 +12,7 @@ from ..linalg import MUON_COEFFICIENTS, newton_schulz
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import (WhitenOptimizer, bucket, check_betas, check_bool, check_ema_rate, check_int, check_range,
                     check_role, state_dtype)
+from ._base import check_lr, check_weight_decay
 
 __all__ = ["Muon"]
 
@@ -111,7 +112,7 @@ class Muon(AveragingMixin, WhitenOptimizer):
         process_group=None,
         batched: bool = True,
     ):
-        check_range("adam_lr", adam_lr, 0.0)
+        check_lr("adam_lr", adam_lr)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, weight_decay=weight_decay, scaling=scaling,
                         ns_dtype=ns_dtype, adam_lr=adam_lr, adam_betas=adam_betas, adam_eps=adam_eps,
@@ -127,7 +128,11 @@ class Muon(AveragingMixin, WhitenOptimizer):
             adam = [p for p in params if not _uses_muon(p, None)]
             if muon and adam:  # split so each path has its own lr
                 super().add_param_group({**param_group, "params": muon})
-                self.add_param_group({**param_group, "params": adam})
+                try:
+                    self.add_param_group({**param_group, "params": adam})
+                except Exception:
+                    self.param_groups.pop()  # all or nothing: not the Muon half alone
+                    raise
                 return
         group = {**param_group, "params": params}
         if params and not any(_uses_muon(p, group.get("role")) for p in params):  # stepped by AdamW
@@ -144,7 +149,7 @@ class Muon(AveragingMixin, WhitenOptimizer):
         super().add_param_group(group)
 
     def validate_group(self, group: dict) -> None:
-        check_range("lr", group["lr"], 0.0)
+        check_lr("lr", group["lr"])
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         check_bool("nesterov", group["nesterov"])
         check_int("ns_steps", group["ns_steps"], 0)
@@ -153,18 +158,22 @@ class Muon(AveragingMixin, WhitenOptimizer):
                 isinstance(x, (int, float)) and math.isfinite(x) for x in c):
             raise ValueError(f"Invalid ns_coefficients: {c!r} (allowed: three finite numbers (a, b, c))")
         check_range("eps", group["eps"], 0.0, low_open=True)
-        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_weight_decay(group["weight_decay"])
         if group["scaling"] not in SCALINGS:
             raise ValueError(f"Invalid scaling: {group['scaling']!r} (allowed: {', '.join(map(repr, SCALINGS))})")
         if group["ns_dtype"] is not None and not (isinstance(group["ns_dtype"], torch.dtype)
                                                   and group["ns_dtype"].is_floating_point):
             raise ValueError(f"Invalid ns_dtype: {group['ns_dtype']!r} (allowed: None or a floating torch.dtype)")
-        check_range("adam_lr", group["adam_lr"], 0.0)
+        check_lr("adam_lr", group["adam_lr"])
         check_betas("adam_betas", group["adam_betas"])
         check_range("adam_eps", group["adam_eps"], 0.0)
         check_ema_rate(group["ema_rate"])
         check_role(group["role"])
         check_range("lr_scale", group["lr_scale"], 0.0)
+
+    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
+        keys = ("momentum",) if _uses_muon(p, group["role"]) else ("exp_avg", "exp_avg_sq")
+        return {"step": None, **{k: tuple(p.shape) for k in keys}}
 
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         for p in params:

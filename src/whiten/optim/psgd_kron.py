@@ -14,6 +14,7 @@ from ..averaging import AveragingMixin
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import (WhitenOptimizer, bucket, check_bool, check_ema_rate, check_int, check_range, check_role,
                     state_dtype)
+from ._base import check_lr, check_weight_decay
 
 __all__ = ["PSGDKron", "UpdateProbabilitySchedule", "precond_update_prob_schedule"]
 
@@ -474,9 +475,9 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
             self._generator(device)
 
     def validate_group(self, group: dict) -> None:
-        check_range("lr", group["lr"], 0.0)
+        check_lr("lr", group["lr"])
         check_range("b1 (momentum)", group["momentum"], 0.0, 1.0, high_open=True)
-        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_weight_decay(group["weight_decay"])
         check_int("max_size_triangular", group["max_size_triangular"], 0)
         check_int("min_ndim_triangular", group["min_ndim_triangular"], 0)
         if group["memory_save_mode"] not in MEMORY_SAVE_MODES:
@@ -560,6 +561,10 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
             gen.set_state(gen_state.detach().to("cpu", torch.uint8).clone())
 
     # ----- step -----------------------------------------------------------------------------------------------
+    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        return self._shapes_of(self._init_state(meta, _layout(meta, group), group))
+
     def _init_state(self, p: torch.Tensor, layout: _Layout, group: dict) -> dict:
         dtype = state_dtype(p)
         scale = group["precond_init_scale"] ** (1 / len(layout.shape))
@@ -696,6 +701,28 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         sd = super().state_dict()
         sd["param_groups"][0]["psgd_kron"] = self._random_state()
         return sd
+
+    def check_state_dict(self, state_dict) -> None:
+        super().check_state_dict(state_dict)
+        groups = state_dict.get("param_groups") or [{}]
+        saved = groups[0].get("psgd_kron", state_dict.get("psgd_kron"))
+        if saved is None:
+            return
+        # checked here, before anything changes: _set_random_state runs after the state was replaced
+        name = type(self).__name__
+        missing = [k for k in ("schedule_step", "update_counter", "coin", "generators") if k not in saved]
+        if not isinstance(saved, dict) or missing:
+            raise ValueError(f"{name}.load_state_dict: the checkpoint's random state lacks {missing or 'everything'}")
+        coin = saved["coin"]
+        try:
+            version, *internal = coin.tolist() if isinstance(coin, torch.Tensor) else [coin[0], *coin[1]]
+            random.Random().setstate((int(version), tuple(int(x) for x in internal), None))
+            int(saved["schedule_step"]), int(saved["update_counter"])
+        except (TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"{name}.load_state_dict: the checkpoint's random state is unreadable ({e})") from None
+        if not isinstance(saved["generators"], dict) or not all(
+                isinstance(g, torch.Tensor) for g in saved["generators"].values()):
+            raise ValueError(f"{name}.load_state_dict: the checkpoint's generator states are not tensors")
 
     def load_state_dict(self, state_dict) -> None:
         groups = state_dict.get("param_groups") or [{}]

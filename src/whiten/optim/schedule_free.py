@@ -7,6 +7,7 @@ import torch
 
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import WhitenOptimizer, check_betas, check_int, check_range, check_role, state_dtype
+from ._base import check_lr, check_weight_decay
 
 __all__ = ["ScheduleFreeAdamW"]
 
@@ -71,12 +72,12 @@ class ScheduleFreeAdamW(WhitenOptimizer):
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
-        check_range("lr", group["lr"], 0.0)
+        check_lr("lr", group["lr"])
         check_betas("betas", group["betas"])
         if group["betas"][0] == 0:
             raise ValueError("Invalid betas[0]: 0 (allowed: (0, 1); eval() divides by beta1)")
         check_range("eps", group["eps"], 0.0)
-        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_weight_decay(group["weight_decay"])
         check_int("warmup_steps", group["warmup_steps"], 0)
         check_range("r", group["r"], 0.0)
         check_range("weight_lr_power", group["weight_lr_power"], 0.0)
@@ -127,6 +128,9 @@ class ScheduleFreeAdamW(WhitenOptimizer):
         for g in groups:
             g["train_mode"] = True
         return self
+
+    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
+        return {"z": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
 
     def check_can_step(self) -> None:
         if self.in_eval_mode:

@@ -17,6 +17,7 @@ from ..linalg import InverseRootResult, matrix_inverse_root
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import (WhitenOptimizer, bucket, check_bool, check_ema_rate, check_int, check_range, check_role,
                     state_dtype)
+from ._base import check_lr, check_weight_decay
 
 __all__ = ["Shampoo", "InverseRootResult", "block_layout", "matrix_inverse_root", "merge_small_dims"]
 
@@ -136,6 +137,12 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
       exponent -1/2, so with grafting their update is the grafted one.
     - Empty parameters are left alone (no state).
 
+    Memory: as in DS, a long vector or a tall matrix is cut into ``max_preconditioner_dim``-sided blocks, each with
+    a d×d factor and root per mode: a (50000,) vector gets 49 blocks of 1024² (about 390 MiB of float32 state for
+    a 0.2 MiB parameter). whiten keeps DS's blocking (so its numbers match DS) and warns once when a parameter's
+    state exceeds 16× its memory; for such parameters pass a group with ``start_preconditioning_step=math.inf``
+    (Adam-grafted, no factors) or a smaller ``max_preconditioner_dim``.
+
     State per parameter (``optimizer.state[p]``), in float32 (float64 for float64 parameters): ``step`` (int);
     ``momentum`` (shape of p; only if β1 > 0); ``graft`` (shape of p, the grafting second moment V; only with
     grafting); for block i (numbered as :func:`block_layout` does, a function of the shape and
@@ -207,14 +214,14 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
-        check_range("lr", group["lr"], 0.0)
+        check_lr("lr", group["lr"])
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Invalid betas: {betas!r} (allowed: a pair (beta1 in [0, 1), beta2 in (0, 1]))")
         check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
         check_range("betas[1]", betas[1], 0.0, 1.0, low_open=True)
         check_range("epsilon", group["epsilon"], 0.0, low_open=True)
-        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_weight_decay(group["weight_decay"])
         check_int("max_preconditioner_dim", group["max_preconditioner_dim"], 1)
         check_int("precondition_frequency", group["precondition_frequency"], 1)
         start, freq = group["start_preconditioning_step"], group["precondition_frequency"]
@@ -251,6 +258,15 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                 f"first). {self.counters['eigh_failures']} failures so far; persistent failures usually mean "
                 "exploding gradients.", RuntimeWarning,
                 stacklevel=5)  # past apply_step, step, torch.no_grad and torch.optim's hooks: the caller of step()
+
+    def expected_state(self, p: torch.Tensor, group: dict) -> dict | None:
+        if p.numel() == 0:
+            return None
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        state: dict = {}
+        _, blocks = block_layout(tuple(p.shape), group["max_preconditioner_dim"])
+        self._init_state(meta, state, blocks, group, group["start_preconditioning_step"] != math.inf)
+        return self._shapes_of(state)
 
     def _init_state(self, p: torch.Tensor, state: dict, blocks, group: dict, precondition: bool) -> None:
         """Create missing entries (all on the first step; later ones if a group option was changed)."""
@@ -295,6 +311,14 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         graft_dirs = None
         if grafting is not None:
             V = [s["graft"] for s in states]
+            # An overflowed V (a huge gradient) would zero the grafted step for good: every precondition_frequency
+            # steps restart it, and the momentum with it (M / (0 + eps) would be a huge step), before this step's
+            # gradient goes in, so V is never zero under a gradient (a gradient that overflows again gives inf
+            # again: a zero step, never NaN).
+            check = [i for i, t in enumerate(steps) if t % freq == 0]
+            for i, bad in zip(check, self.restart_nonfinite([V[i] for i in check])):
+                if bad and "momentum" in states[i]:
+                    states[i]["momentum"].zero_()
             if gb2 == 1.0:
                 torch._foreach_addcmul_(V, grads, grads, value=1.0)
             else:
@@ -370,16 +394,19 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
 
     def _refresh(self, factors: torch.Tensor, roots: torch.Tensor, bc2: list[float], eps: float, order: int) -> int:
         """New roots for a (B, d, d) stack of factors, written into ``roots`` where they could be computed."""
+        # An overflowed factor (a huge finite gradient) restarts from zero and keeps its root this time; its next
+        # refresh is a normal one (with β2 = 1 an inf sum would otherwise block every refresh for good).
+        restarted = self.restart_nonfinite(list(factors.unbind(0)))
         scale = torch.tensor(bc2, dtype=factors.dtype, device=factors.device).view(-1, 1, 1)
         result = matrix_inverse_root(factors / scale, 2 * order, eps)
         self.counters["eigh_retries"] += result.retried
-        if all(result.ok):
+        if all(result.ok) and not any(restarted):
             roots.copy_(result.roots)
             return 0
         for j, ok in enumerate(result.ok):
-            if ok:
+            if ok and not restarted[j]:
                 roots[j].copy_(result.roots[j])
-        failed = result.ok.count(False)
+        failed = sum(1 for ok, r in zip(result.ok, restarted) if not ok and not r)
         self.counters["eigh_failures"] += failed
         return failed
 
@@ -423,9 +450,10 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                 if idx is None:
                     failures += self._refresh(F, R, bc2, c.eps, order)
                 else:
-                    sub = R[idx]
-                    failures += self._refresh(F[idx], sub, bc2, c.eps, order)
+                    sub, subF = R[idx], F[idx]
+                    failures += self._refresh(subF, sub, bc2, c.eps, order)
                     R.index_copy_(0, idx, sub)
+                    F.index_copy_(0, idx, subF)  # a restarted factor was zeroed in the copy
 
         act = [j for j, (i, _) in enumerate(entries) if i in c.active]
         if not act:

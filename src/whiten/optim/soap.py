@@ -12,6 +12,7 @@ from ..linalg import finite_flags, rotate, unrotate, update_factors, warn_eigh_f
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import (WhitenOptimizer, bucket, check_betas, check_bool, check_ema_rate, check_int, check_range,
                     check_role, state_dtype)
+from ._base import check_lr, check_weight_decay
 
 __all__ = ["SOAP"]
 
@@ -115,18 +116,22 @@ class SOAP(AveragingMixin, WhitenOptimizer):
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
-        check_range("lr", group["lr"], 0.0)
+        check_lr("lr", group["lr"])
         check_betas("betas", group["betas"])
         if group["shampoo_beta"] is not None:
             check_range("shampoo_beta", group["shampoo_beta"], 0.0, 1.0, high_open=True)
         check_range("eps", group["eps"], 0.0)
-        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_weight_decay(group["weight_decay"])
         check_int("precondition_frequency", group["precondition_frequency"], 1)
         check_int("max_precond_dim", group["max_precond_dim"], 1)
         for flag in ("precondition_1d", "normalize_grads", "correct_bias"):
             check_bool(flag, group[flag])
         check_ema_rate(group["ema_rate"])
         check_role(group["role"])
+
+    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        return self._shapes_of(self._init_state(meta, _layout(meta, group)))
 
     def _init_state(self, p: torch.Tensor, layout: _Layout) -> dict:
         dtype = state_dtype(p)
@@ -243,23 +248,31 @@ class SOAP(AveragingMixin, WhitenOptimizer):
 
     def _qr_refresh_stacks(self, S: dict) -> None:
         exp_avg, exp_avg_sq = S["exp_avg"], S["exp_avg_sq"]
+        # v overflowed by a huge gradient makes every later update m/inf = 0: restart it, and m with it (m/eps
+        # from a zero v would be a huge step).
+        for j, bad in enumerate(self.restart_nonfinite(list(exp_avg_sq.unbind(0)))):
+            if bad:
+                exp_avg[j].zero_()
         old = {side: S[f"basis_{side}"].clone() for side in ("left", "right") if f"basis_{side}" in S}
         for side, dim in (("left", 1), ("right", 2)):
             if side not in old:
                 continue
             F, Q = S[f"factor_{side}"], S[f"basis_{side}"]
+            restarted = self.restart_nonfinite(list(F.unbind(0)))  # overflowed: zero, keep the basis this time
             estimate = torch.einsum("bij,bik,bkj->bj", Q, F, Q)  # diag(Qᵀ F Q)
             order = estimate.argsort(dim=-1, descending=True)
             sorted_Q = torch.gather(Q, 2, order.unsqueeze(1).expand_as(Q))
             new_Q = torch.linalg.qr(torch.bmm(F, sorted_Q)).Q
             ok = finite_flags(list(new_Q.unbind(0)))
             for j, good in enumerate(ok):
-                if not good:  # a factor that overflowed: keep this basis and the order of v
+                if not good or restarted[j]:  # keep this basis and the order of v
                     order[j] = torch.arange(order.shape[-1], device=order.device)
                     new_Q[j] = Q[j]
-                    self.counters["eigh_failures"] += 1
-            if not all(ok):
-                warn_eigh_failure(type(self).__name__, ok.count(False))
+                    if not restarted[j]:
+                        self.counters["eigh_failures"] += 1
+            failed = sum(1 for good, r in zip(ok, restarted) if not good and not r)
+            if failed:
+                warn_eigh_failure(type(self).__name__, failed)
             index = order.unsqueeze(1) if dim == 2 else order.unsqueeze(2)
             exp_avg_sq.copy_(torch.gather(exp_avg_sq, dim, index.expand_as(exp_avg_sq)))
             Q.copy_(new_Q)

@@ -11,6 +11,7 @@ from ..averaging import AUTO, AveragingMixin, check_ema_rate
 from ..linalg import rotate, unrotate, update_factors
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import WhitenOptimizer, bucket, check_betas, check_bool, check_int, check_range, check_role, state_dtype
+from ._base import check_lr, check_weight_decay
 
 __all__ = ["SPlus"]
 
@@ -116,16 +117,20 @@ class SPlus(AveragingMixin, WhitenOptimizer):
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
-        check_range("lr", group["lr"], 0.0)
+        check_lr("lr", group["lr"])
         check_betas("betas", group["betas"])
         check_ema_rate(group["ema_rate"])
-        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_weight_decay(group["weight_decay"])
         check_int("inverse_every", group["inverse_every"], 1)
         check_range("eps", group["eps"], 0.0)
         check_int("max_dim", group["max_dim"], 1)
         check_range("nonstandard_constant", group["nonstandard_constant"], 0.0)
         check_bool("whiten_conv", group["whiten_conv"])
         check_role(group["role"])
+
+    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        return self._shapes_of(self._init_state(meta, _layout(meta, group)))
 
     def _init_state(self, p: torch.Tensor, layout: _Layout) -> dict:
         dtype = state_dtype(p)

@@ -1,0 +1,205 @@
+"""The fault campaign of issue 11, run for every optimizer of the suite's registry (a new optimizer inherits it):
+a huge finite gradient spike, empty and one-element parameters, out-of-range hyperparameters, duplicated
+parameters, and checkpoints that must load all or nothing."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from test_suite import ALL, OPTIMIZERS
+
+
+def float_state(opt):
+    return {(id(p), k): v for p, s in opt.state.items() for k, v in s.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+
+def bases(opt):
+    return {key: v.clone() for key, v in float_state(opt).items() if key[1].startswith(("basis_", "root_"))}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_one_finite_spike_is_recovered(name):
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(8, 6))
+    opt = OPTIMIZERS[name]([p])
+    snapshots = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for t in range(60):
+            p.grad = torch.randn(8, 6) * (1e20 if t == 5 else 1.0)
+            opt.step()
+            if t in (30, 59):
+                snapshots[t] = bases(opt)
+    assert torch.isfinite(p).all()
+    assert all(torch.isfinite(v).all() for v in float_state(opt).values())
+    assert opt.counters["eigh_failures"] == 0  # no refresh failed: the overflowed factors were restarted
+    if snapshots[59]:  # refreshed optimizers: the basis/root still moves after the spike
+        assert opt.counters["factor_restarts"] >= 1
+        assert any(not torch.equal(snapshots[30][k], snapshots[59][k]) for k in snapshots[59])
+
+
+@pytest.mark.parametrize("name", ["SPlus", "SOAP", "Shampoo"])
+def test_spike_costs_at_most_one_refresh_period(name):
+    """The refresh after the spike restarts the factor and keeps a finite basis; the one after is a new basis."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(8, 6))
+    period = {"SPlus": dict(inverse_every=10), "SOAP": dict(precondition_frequency=10),
+              "Shampoo": dict(precondition_frequency=10)}[name]
+    opt = OPTIMIZERS[name]([p], **period)
+    seen = {}
+    with pytest.warns(RuntimeWarning, match="restarted"):
+        for t in range(1, 23):  # step t
+            p.grad = torch.randn(8, 6) * (1e20 if t == 5 else 1.0)
+            opt.step()
+            seen[t] = bases(opt)
+    assert all(torch.isfinite(v).all() for v in seen[11].values())
+    assert opt.counters["factor_restarts"] >= 1 and opt.counters["eigh_failures"] == 0
+    assert any(not torch.equal(seen[11][k], seen[22][k]) for k in seen[22])  # refreshed at step 20
+
+
+EMPTY_AND_TINY = [(0, 5), (5, 0), (0,), (3, 0, 2), (1,), (1, 1), ()]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_empty_and_one_element_parameters_step(name):
+    torch.manual_seed(0)
+    normal = nn.Parameter(torch.randn(4, 3))
+    odd = [nn.Parameter(torch.randn(s)) for s in EMPTY_AND_TINY]
+    opt = OPTIMIZERS[name]([{"params": [normal]}, {"params": odd}])
+    before = normal.detach().clone()
+    for _ in range(4):
+        for q in [normal, *odd]:
+            q.grad = torch.randn(q.shape)
+        opt.step()
+    assert not torch.equal(normal, before)
+    assert all(torch.isfinite(q).all() for q in [normal, *odd])
+    assert [tuple(q.shape) for q in odd] == EMPTY_AND_TINY
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("bad", [dict(lr=math.inf), dict(weight_decay=math.inf), dict(lr=1e38),
+                                 dict(lr=math.nan), dict(weight_decay=-1.0)])
+def test_out_of_range_hyperparameters_rejected(name, bad):
+    p = nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        OPTIMIZERS[name]([p], **bad)
+    opt = OPTIMIZERS[name]([p])
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(3))], **bad})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_duplicate_parameters_rejected_and_add_param_group_is_atomic(name):
+    p, v = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="listed twice"):
+        OPTIMIZERS[name]([p, v, p])
+    opt = OPTIMIZERS[name]([nn.Parameter(torch.randn(2, 2))])
+    with pytest.raises(ValueError, match="listed twice"):
+        opt.add_param_group({"params": [p, v, p]})
+    # one bad tensor among a matrix and a vector (Muon splits such a group in two): nothing is added
+    with pytest.raises(ValueError, match="floating-point"):
+        opt.add_param_group({"params": [p, v, torch.zeros(3, dtype=torch.int64)]})
+    assert len(opt.param_groups) == 1
+
+
+def trained(name, dtype=torch.float32, steps=3):
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(6, 4, dtype=dtype)), nn.Parameter(torch.randn(4, dtype=dtype))]
+    opt = OPTIMIZERS[name]([{"params": [params[0]]}, {"params": [params[1]]}])
+    for _ in range(steps):
+        for q in params:
+            q.grad = torch.randn(q.shape, dtype=dtype)
+        opt.step()
+    return params, opt
+
+
+def same(a, b) -> bool:
+    """Bitwise equality of nested state dicts."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+
+
+def corruptions(name, sd):
+    """(label, corrupted copy of sd) for every fault of the campaign that applies to this optimizer."""
+    out = []
+    for key in [k for k, v in sd["state"][0].items() if isinstance(v, torch.Tensor)]:
+        bad = copy.deepcopy(sd)
+        del bad["state"][0][key]
+        out.append((f"missing {key}", bad))
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][1]["lr"] = math.inf
+    out.append(("lr inf", bad))
+    bad = copy.deepcopy(sd)
+    tensor_key = next(k for k, v in bad["state"][1].items() if isinstance(v, torch.Tensor))
+    bad["state"][1][tensor_key] = torch.full_like(bad["state"][1][tensor_key], math.nan)
+    out.append(("nan state", bad))
+    bad = copy.deepcopy(sd)
+    bad["param_groups"] = bad["param_groups"][:1]
+    out.append(("group count", bad))
+    if "psgd_kron" in sd["param_groups"][0]:
+        bad = copy.deepcopy(sd)
+        del bad["param_groups"][0]["psgd_kron"]["coin"]
+        out.append(("no coin", bad))
+    return out
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_rejected_checkpoints_leave_the_optimizer_bit_identical(name):
+    _, source = trained(name, steps=4)
+    sd = source.state_dict()
+    params, opt = trained(name, steps=2)
+    before = copy.deepcopy(opt.state_dict())
+    values = [q.detach().clone() for q in params]
+    for label, bad in corruptions(name, sd):
+        with pytest.raises(ValueError):
+            opt.load_state_dict(bad)
+        assert same(opt.state_dict(), before), label
+        assert all(torch.equal(q, v) for q, v in zip(params, values)), label
+    opt.load_state_dict(sd)  # the intact checkpoint still loads
+    assert same(opt.state_dict()["state"], sd["state"])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_float32_checkpoint_into_a_float64_model(name):
+    _, source = trained(name, torch.float32)
+    params, opt = trained(name, torch.float64, steps=0)
+    opt.load_state_dict(source.state_dict())
+    for s in opt.state.values():
+        for key, v in s.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                assert v.dtype == torch.float64, key
+    for _ in range(3):
+        for q in params:
+            q.grad = torch.randn(q.shape, dtype=torch.float64)
+        opt.step()
+    assert all(q.dtype == torch.float64 and torch.isfinite(q).all() for q in params)
+
+
+def test_disproportionate_state_is_warned_about_once():
+    v = nn.Parameter(torch.randn(20000))  # Shampoo: 20 blocks of 1024 x 1024 factors and roots for 78 KiB
+    opt = OPTIMIZERS["Shampoo"]([v], precondition_frequency=100)
+    v.grad = torch.randn(20000)
+    with pytest.warns(RuntimeWarning, match=r"exceeds 16x their memory \(largest: shape \(20000,\)"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once
+    small = nn.Parameter(torch.randn(64, 32))
+    opt = OPTIMIZERS["SPlus"]([small])
+    small.grad = torch.randn(64, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # factors a few times a small matrix: no warning
