@@ -531,6 +531,12 @@ class WhitenOptimizer(torch.optim.Optimizer):
             owned_elsewhere = set(entry) <= {"live"}
             expected = None if owned_elsewhere else self.expected_state(p, {**self.param_groups[gi], **{
                 k: v for k, v in saved_groups[gi].items() if k != "params"}})
+            averaging = {**self.param_groups[gi], **saved_groups[gi]}.get("ema_rate") is not None
+            if (not owned_elsewhere and averaging and hasattr(self, "update_averages") and "ema" not in entry
+                    and isinstance(entry.get("step"), int) and entry["step"] > 0):
+                # the average would restart from zero in the middle of the run
+                raise ValueError(f"{name}.load_state_dict: state of parameter {pid!r} (shape {tuple(p.shape)}) "
+                                 f"lacks 'ema', the average its group keeps (another optimizer's settings?)")
             for key, shape in (expected or {}).items():
                 # a missing entry would silently stop the parameter's training (or fail mid-step)
                 if key not in entry:
