@@ -9,7 +9,7 @@ work. The new values then go back to the other ranks:
 
 * replicated parameters (DDP; the gradients are already averaged): each owner broadcasts its updated parameters,
   one flat buffer per owner and dtype;
-* sharded parameters (FSDP2): before the step, one padded-free ``all_to_all`` per dtype brings every shard of an
+* sharded parameters (FSDP2): before the step, one ``all_to_all_single`` per dtype (exact sizes, no padding) brings every shard of an
   owned parameter's gradient and value to its owner, which assembles the full tensors; after the step a second one
   sends each rank its rows of the new value.
 
