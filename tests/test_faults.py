@@ -203,3 +203,19 @@ def test_disproportionate_state_is_warned_about_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()  # factors a few times a small matrix: no warning
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_an_lr_written_after_construction_is_checked_at_the_step(name):
+    """A scheduler or a loop writing param_groups bypasses the constructor: the step refuses inf/NaN/negative lrs
+    before anything changes."""
+    p = nn.Parameter(torch.randn(6, 4))
+    opt = OPTIMIZERS[name]([p])
+    p.grad = torch.randn(6, 4)
+    opt.step()
+    before = p.detach().clone()
+    for bad in (math.inf, math.nan, -1.0):
+        opt.param_groups[0]["lr"] = bad
+        with pytest.raises(ValueError, match="lr"):
+            opt.step()
+        assert torch.equal(p, before)

@@ -141,3 +141,4 @@ class AveragingMixin:
                 f"{type(self).__name__}.step() called in eval mode: the parameters hold the averaged weights. "
                 "Call optimizer.train() first."
             )
+        super().check_can_step()

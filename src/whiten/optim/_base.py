@@ -357,8 +357,14 @@ class WhitenOptimizer(torch.optim.Optimizer):
             for p, full in moved:
                 self.state[p] = self.state.pop(full, {})
 
-    def check_can_step(self) -> None:  # raises where stepping now would corrupt the run (eval mode)
-        pass
+    def check_can_step(self) -> None:
+        """Raises where stepping now would corrupt the run: eval mode (averaging optimizers), or an lr that a
+        scheduler or a user wrote into a group after construction and that the constructor would refuse."""
+        for gi, group in enumerate(self.param_groups):
+            lr = group.get("lr")
+            if isinstance(lr, (int, float)) and not isinstance(lr, bool) and not 0.0 <= lr <= LR_MAX:
+                raise ValueError(f"{type(self).__name__}.step(): group {gi} has lr {lr!r} (allowed: [0, {LR_MAX:g}]); "
+                                 "a scheduler or a write to param_groups set it")
 
     def before_step(self, work: list[tuple[dict, list[torch.Tensor]]]) -> None:
         """Called on every rank with every parameter that has a gradient (owned or not) before :meth:`apply_step`,

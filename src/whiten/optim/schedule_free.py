@@ -136,6 +136,7 @@ class ScheduleFreeAdamW(WhitenOptimizer):
         if self.in_eval_mode:
             raise RuntimeError("ScheduleFreeAdamW.step() called in eval mode: the parameters hold the averaged "
                                "point x, not the training point y. Call optimizer.train() first.")
+        super().check_can_step()
 
     def apply_step(self, work) -> None:
         for gi, (group, params) in enumerate(work):  # every group advances its k, with or without gradients
