@@ -27,6 +27,14 @@ def snapshot(opt):
             for p, s in opt.state.items()}, [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
 
 
+def assert_refused(opt, sd, match):
+    """load_state_dict(sd) raises a ValueError matching ``match`` and leaves the optimizer as it was."""
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, before)
+
+
 def assert_unchanged(opt, before):
     state, groups = before
     assert set(state) == set(opt.state)
@@ -40,10 +48,7 @@ def test_another_optimizers_checkpoint_is_refused(name):
     other = "SOAP" if name != "SOAP" else "SPlus"
     _, source = trained(other)
     _, opt = trained(name)
-    before = snapshot(opt)
-    with pytest.raises(ValueError, match=f"{other}'s, not a {name}'s"):
-        opt.load_state_dict(source.state_dict())
-    assert_unchanged(opt, before)
+    assert_refused(opt, source.state_dict(), f"{other}'s, not a {name}'s")
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -53,10 +58,7 @@ def test_another_models_checkpoint_is_refused(name):
     pid = next(pid for pid, s in sd["state"].items() if any(k in s for k in opt.PARAMETER_SHAPED))
     key = next(k for k in sd["state"][pid] if k in opt.PARAMETER_SHAPED)
     sd["state"][pid][key] = torch.zeros(3, 3, 3)
-    before = snapshot(opt)
-    with pytest.raises(ValueError, match="another model"):
-        opt.load_state_dict(sd)
-    assert_unchanged(opt, before)
+    assert_refused(opt, sd, "another model")
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -64,10 +66,7 @@ def test_bad_saved_hyperparameters_are_refused(name):
     _, opt = trained(name)
     sd = copy.deepcopy(opt.state_dict())  # torch's state_dict shares the live state dicts
     sd["param_groups"][1]["lr"] = -1.0
-    before = snapshot(opt)
-    with pytest.raises(ValueError, match="group 1 of the checkpoint: Invalid lr"):
-        opt.load_state_dict(sd)
-    assert_unchanged(opt, before)
+    assert_refused(opt, sd, "group 1 of the checkpoint: Invalid lr")
 
 
 def test_non_finite_saved_state_is_refused():
@@ -75,10 +74,7 @@ def test_non_finite_saved_state_is_refused():
     sd = copy.deepcopy(opt.state_dict())  # torch's state_dict shares the live state dicts
     pid = next(iter(sd["state"]))
     sd["state"][pid]["momentum"] = torch.full_like(sd["state"][pid]["momentum"], float("nan"))
-    before = snapshot(opt)
-    with pytest.raises(ValueError, match="not finite"):
-        opt.load_state_dict(sd)
-    assert_unchanged(opt, before)
+    assert_refused(opt, sd, "not finite")
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -265,14 +265,10 @@ class DistributedContext:
         incoming: dict = defaultdict(list)
         for p in sharded:
             local = p.to_local()
-            tail = local.shape[1:].numel()
             o = self.owner[p]
-            if o == self.rank:
-                rows = self.rows[p]
-                start = 0
-                for r, n in enumerate(rows):
-                    outgoing[r].append(self.full[p][start:start + n])
-                    start += n
+            if o == self.rank:  # each rank's rows of the new value
+                for r, rows in enumerate(self.full[p].split(self.rows[p])):
+                    outgoing[r].append(rows)
             incoming[o].append((local.numel(), local.dtype))
         received = self._exchange(sorted({p.dtype for p in sharded}, key=str), outgoing, incoming)
         cursor = {r: 0 for r in range(self.world)}

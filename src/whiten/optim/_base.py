@@ -165,7 +165,8 @@ class WhitenOptimizer(torch.optim.Optimizer):
         """The tensors this process steps for group ``gi``'s parameters: all of them on one process; in a
         distributed run the ones it owns (their full-size stand-ins while a step runs)."""
         params = self.param_groups[gi]["params"]
-        ctx = self.distributed_context()
+        # step() planned this step already: reuse its context rather than re-derive it for every group
+        ctx = self._dist[1] if self._dist is not None else self.distributed_context()
         if ctx is None:
             return params
         return [ctx.view(p) for p in params if ctx.owns(p)]
@@ -313,7 +314,9 @@ class WhitenOptimizer(torch.optim.Optimizer):
         has = dict(zip(ctx.params, present))
         everyone = [(g, [p for p in g["params"] if has[p]]) for g in self.param_groups]
         ctx.gather_full([p for _, params in everyone for p in params], with_grad=True)
-        for p in ctx.params:  # an empty entry marks a parameter another rank owns (DCP keys stay per owner)
+        # An empty entry marks a parameter another rank owns (DCP keys stay per owner). Set at every step, not once:
+        # a new plan (add_param_group) must not leave a full state behind on its former owner.
+        for p in ctx.params:
             if not ctx.owns(p):
                 self.state[p] = {}
         owned = [(g, [ctx.view(p) for p in params if ctx.owns(p)]) for g, params in everyone]
