@@ -26,6 +26,16 @@ def reference_merge(shape, max_dim):
     return tuple(reversed(out))
 
 
+def reference_modes(dims, ratio=None):
+    """The preconditioned modes of a block: all (DS); with a ratio, drop the largest (the first of equal ones)
+    while 2 Σ_kept d² > ratio · Π d and 2^16."""
+    kept = list(range(len(dims)))
+    while ratio is not None and kept and 2 * sum(dims[j] ** 2 for j in kept) > max(ratio * math.prod(dims), 2**16):
+        sizes = [dims[j] for j in kept]
+        kept.pop(sizes.index(max(sizes)))
+    return kept
+
+
 def reference_split(X, max_dim):
     """Split along dim 0, then every piece along dim 1, ... (DS multi_dim_split); returns views of X."""
     pieces = [X]
@@ -54,12 +64,12 @@ def mode_product(X, R, j):
 
 class ReferenceShampoo:
     def __init__(self, named_params, decay, lr=1e-2, betas=(0.9, 1.0), epsilon=1e-12, weight_decay=0.0,
-                 max_preconditioner_dim=1024, precondition_frequency=1, start_preconditioning_step=None,
+                 max_preconditioner_dim=1024, max_factor_ratio=None, precondition_frequency=1, start_preconditioning_step=None,
                  use_bias_correction=True, grafting="adam", grafting_beta2=None, grafting_epsilon=1e-10):
         self.theta = {k: v.detach().to(torch.float64).clone() for k, v in named_params.items()}
         self.decay = decay  # name -> bool
         self.lr, self.b1, self.b2, self.eps, self.wd = lr, betas[0], betas[1], epsilon, weight_decay
-        self.max_dim, self.freq = max_preconditioner_dim, precondition_frequency
+        self.max_dim, self.ratio, self.freq = max_preconditioner_dim, max_factor_ratio, precondition_frequency
         self.start = precondition_frequency if start_preconditioning_step is None else start_preconditioning_step
         self.bc, self.grafting, self.geps = use_bias_correction, grafting, grafting_epsilon
         if grafting_beta2 is None:
@@ -102,8 +112,9 @@ class ReferenceShampoo:
                          reference_split(P, self.max_dim), self.F[k], self.Finv[k])
             for Gb, Gbarb, Db, Pb, Fs, Finvs in blocks:
                 order = Gb.ndim
+                kept = reference_modes(tuple(Gb.shape), self.ratio)  # the others: identity, never updated
                 if self.start != math.inf:
-                    for j in range(order):
+                    for j in kept:
                         others = [i for i in range(order) if i != j]
                         outer = torch.tensordot(Gb, Gb, dims=(others, others))
                         if self.b2 == 1.0:
@@ -112,13 +123,13 @@ class ReferenceShampoo:
                             Fs[j] = self.b2 * Fs[j] + (1 - self.b2) * outer
                     if due:
                         bc2 = 1 - self.b2**t if self.bc and self.b2 < 1 else 1.0
-                        for j in range(order):
+                        for j in kept:
                             Finvs[j] = reference_inverse_root(Fs[j] / bc2, 2 * order, self.eps)
-                if self.grafting is not None and t < self.start:
+                if self.grafting is not None and (t < self.start or not kept):
                     Pb.copy_(Db)
                     continue
                 X = Gbarb
-                for j in range(order):
+                for j in kept:
                     X = mode_product(X, Finvs[j], j)
                 if self.grafting is not None:
                     X = X * (torch.linalg.vector_norm(Db) / (torch.linalg.vector_norm(X) + 1e-16))

@@ -64,6 +64,25 @@ def test_spike_costs_at_most_one_refresh_period(name):
     assert any(not torch.equal(seen[11][k], seen[22][k]) for k in seen[22])  # refreshed at step 20
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_a_spike_does_not_freeze_vectors_and_adam_paths(name):
+    """A vector (Adam-style paths: Muon's AdamW, Schedule-Free, grafting) keeps moving after a 1e20 gradient: an
+    overflowed second moment restarts instead of dividing every later step by inf."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(16))
+    opt = OPTIMIZERS[name]([p])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for t in range(40):
+            p.grad = torch.randn(16) * (1e30 if t == 5 else 1.0)  # squares overflow in float32 for any beta2
+            opt.step()
+            if t == 30:
+                before = p.detach().clone()
+    assert torch.isfinite(p).all()
+    assert all(torch.isfinite(v).all() for v in float_state(opt).values())
+    assert (p.detach() != before).all()  # every entry still moves
+
+
 EMPTY_AND_TINY = [(0, 5), (5, 0), (0,), (3, 0, 2), (1,), (1, 1), ()]
 
 
@@ -190,7 +209,7 @@ def test_float32_checkpoint_into_a_float64_model(name):
 
 def test_disproportionate_state_is_warned_about_once():
     v = nn.Parameter(torch.randn(20000))  # Shampoo: 20 blocks of 1024 x 1024 factors and roots for 78 KiB
-    opt = OPTIMIZERS["Shampoo"]([v], precondition_frequency=100)
+    opt = OPTIMIZERS["Shampoo"]([v], precondition_frequency=100, max_factor_ratio=None)  # DS's blocking
     v.grad = torch.randn(20000)
     with pytest.warns(RuntimeWarning, match=r"exceeds 16x their memory \(largest: shape \(20000,\)"):
         opt.step()

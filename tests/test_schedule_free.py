@@ -3,6 +3,7 @@ mode."""
 
 from __future__ import annotations
 
+import copy
 import pytest
 import torch
 
@@ -127,3 +128,45 @@ def test_no_decay_for_vectors_and_embeddings():
 def test_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         whiten.ScheduleFreeAdamW([torch.zeros(3, requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize("saved_in_eval", [False, True])
+def test_load_while_in_eval_mode_takes_the_checkpoints_mode_and_resumes(saved_in_eval):
+    """An optimizer in eval mode (its parameters hold x, y kept aside) loads a checkpoint: the checkpoint's mode and
+    y win, this optimizer's own y is dropped, and with the checkpoint's weights loaded (before or after) the run
+    resumes as if uninterrupted."""
+    grads = _grads(10)
+    params = [w.requires_grad_() for w in _init()]
+    opt = whiten.ScheduleFreeAdamW(params, lr=0.05, weight_decay=0.1)
+    for t, gs in enumerate(grads):
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+        if t == 4:
+            if saved_in_eval:
+                opt.eval()
+            model_sd = [p.detach().clone() for p in params]
+            opt_sd = copy.deepcopy(opt.state_dict())
+            if saved_in_eval:
+                opt.train()
+    expected = [p.detach().clone() for p in params]
+
+    params2 = [w.requires_grad_() for w in _init(seed=9)]
+    opt2 = whiten.ScheduleFreeAdamW(params2, lr=0.05, weight_decay=0.1)
+    for p, g in zip(params2, grads[0]):
+        p.grad = g.clone()
+    opt2.step()
+    opt2.eval()  # the state being replaced is in eval mode, with its own y aside
+    with torch.no_grad():
+        for p, w in zip(params2, model_sd):
+            p.copy_(w)
+    opt2.load_state_dict(opt_sd)
+    assert opt2.in_eval_mode == saved_in_eval
+    assert all(("live" in s) == saved_in_eval for s in opt2.state.values())
+    opt2.train()
+    for gs in grads[5:]:
+        for p, g in zip(params2, gs):
+            p.grad = g.clone()
+        opt2.step()
+    for p, w in zip(params2, expected):
+        assert torch.equal(p, w)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from shampoo_reference import ReferenceShampoo, reference_merge, reference_split
+from shampoo_reference import ReferenceShampoo, reference_merge, reference_modes, reference_split
 from state_checks import assert_same_state
 from whiten.optim.shampoo import Shampoo, block_layout, matrix_inverse_root, merge_small_dims
 
@@ -59,14 +59,69 @@ def test_merge_small_dims_matches_distributed_shampoo_examples():
         assert merge_small_dims(shape, MAX_DIM) == reference_merge(shape, MAX_DIM)
 
 
-def test_block_layout_matches_multi_dim_split():
-    for shape in list(SHAPES.values()) + [(2048, 3), (17, 17, 3)]:
-        merged, blocks = block_layout(shape, MAX_DIM)
+@pytest.mark.parametrize("ratio", [None, 20.0, 3.0])
+def test_block_layout_matches_multi_dim_split(ratio):
+    for shape in list(SHAPES.values()) + [(2048, 3), (17, 17, 3), (50, 7), (1025,), (300, 10), (600,), (40, 30, 20)]:
+        merged, blocks = block_layout(shape, MAX_DIM, ratio)
         X = torch.arange(math.prod(shape), dtype=F64).reshape(merged)
         expected = reference_split(X, MAX_DIM)
         assert len(blocks) == len(expected)
         for blk, e in zip(blocks, expected):
             assert blk.dims == tuple(e.shape) and torch.equal(X[blk.index], e)
+            assert list(blk.modes) == reference_modes(blk.dims, ratio)
+            assert len(blk.factor_keys) == len(blk.root_keys) == len(blk.modes)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("config", ["adam", "no_grafting"])
+def test_parity_with_left_out_modes(config, batched):
+    """Blocks whose factors would take more than max_factor_ratio times their memory (and 2^16 numbers) leave out
+    their largest modes: a (256, 10) block keeps its 10-side factor, a 256-vector block none (the grafted step, or Ḡ
+    without grafting); the reference applies the identity on those modes."""
+    shapes = {"tall": (300, 10), "wide": (10, 300), "vec": (600,), "small": (12, 9)}
+    g = torch.Generator().manual_seed(0)
+    params = {k: nn.Parameter(torch.randn(s, generator=g, dtype=F64)) for k, s in shapes.items()}
+    # epsilon 1e-3: the 256-sided factors are rank-deficient for these few steps (see CONFIGS)
+    hyper = dict(max_preconditioner_dim=256, max_factor_ratio=20.0, **{**CONFIGS[config], "epsilon": 1e-3})
+    ref = ReferenceShampoo(params, decay_of(params), **hyper)
+    opt = Shampoo(list(params.values()), batched=batched, **hyper)
+    worst = 0.0
+    for t in range(9):
+        grads = grads_at(t, params)
+        for k, p in params.items():
+            p.grad = grads[k]
+        ref.step(grads)
+        opt.step()
+        worst = max(worst, max_diff(params, ref.theta))
+    assert worst < 1e-10, worst
+    st = opt.state[params["tall"]]
+    assert {k for k in st if k.startswith("factor_")} == {"factor_0_1", "factor_1_0", "factor_1_1"}  # (44, 10) keeps both
+    assert {k for k in opt.state[params["vec"]] if k.startswith("factor_")} == {"factor_2_0"}  # 88² is small
+
+
+def test_factor_ratio_keeps_state_proportionate_on_long_and_tall_tensors():
+    """The issue's shapes: DS gives a (50000,) vector 49 blocks of 1024² and a (50000, 64) embedding 49 (1024, 64)
+    blocks with a 1024² factor each; the default ratio leaves those modes out, and keeps every factor of square and
+    1:4 matrices and of a (64, 64, 3, 3) conv weight (merged to (64, 576))."""
+    def factor_numbers(shape, ratio):
+        return sum(2 * sum(b.dims[j] ** 2 for j in b.modes) for b in block_layout(shape, 1024, ratio)[1])
+
+    for shape in [(50000,), (50000, 64), (1025, 64)]:
+        assert factor_numbers(shape, None) > 20 * math.prod(shape)
+        assert factor_numbers(shape, 20.0) <= 20 * math.prod(shape)
+    assert [b.modes for b in block_layout((50000, 64), 1024, 20.0)[1]] == [(1,)] * 49
+    assert [b.modes for b in block_layout((50000,), 1024, 20.0)[1]] == [()] * 49
+    for shape in [(128, 128), (128, 512), (512, 128), (4096, 4096), (65, 128), (64, 64, 3, 3), (10,)]:
+        assert block_layout(shape, 1024, 20.0) == block_layout(shape, 1024, None)
+    for shape in [(50000,), (50000, 64)]:
+        p = nn.Parameter(torch.zeros(shape))
+        p.grad = torch.randn(shape)
+        opt = Shampoo([p])  # the defaults
+        opt.step()
+        state_numbers = sum(t.numel() for t in opt.state[p].values() if torch.is_tensor(t))
+        assert state_numbers <= 3 * p.numel()  # momentum, the grafting moment and small factors
+
+
     _, blocks = block_layout((20, 9), MAX_DIM)
     assert [b.dims for b in blocks] == [(8, 8), (8, 1), (8, 8), (8, 1), (4, 8), (4, 1)]
     assert blocks[3].factor_keys == ("factor_3_0", "factor_3_1")
@@ -92,6 +147,7 @@ CONFIGS = {
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_parity_with_float64_reference(config, batched):
+    # these blocks' factors are all small: whiten's default max_factor_ratio keeps every mode, as DS
     hyper = dict(max_preconditioner_dim=MAX_DIM, **CONFIGS[config])
     params = make_params()
     ref = ReferenceShampoo(params, decay_of(params), **hyper)

@@ -404,6 +404,31 @@ class WhitenOptimizer(torch.optim.Optimizer):
                               RuntimeWarning, stacklevel=3)
         return bad
 
+    def restart_overflowed_moments(self, second: list[torch.Tensor], first: list[torch.Tensor] | None = None) -> None:
+        """Adam-style second moments: entries that overflowed to inf (a huge finite gradient squared) restart at
+        zero, with the same entries of the first moment. Called before this step's gradient goes in: the spike's own
+        step was a zero update (m / inf), and without the restart every later one would be too, for good (inf never
+        decays), while the first moment's huge entry would meet a small denominator once v were finite again.
+        Counted in ``counters["factor_restarts"]``; warns once per optimizer."""
+        if not second:
+            return
+        restarted = 0
+        for i, ok in enumerate(finite_flags(second)):
+            if not ok:
+                bad = ~torch.isfinite(second[i])
+                second[i].masked_fill_(bad, 0.0)
+                if first is not None:
+                    first[i].masked_fill_(bad, 0.0)
+                restarted += 1
+        if restarted:
+            self.counters["factor_restarts"] += restarted
+            if not getattr(self, "_warned_moment_restart", False):  # apart from the factors' warning
+                self._warned_moment_restart = True
+                warnings.warn(f"{type(self).__name__}: the second moment of {restarted} parameter(s) overflowed (a "
+                              "huge finite gradient?); the overflowed entries restart from zero. Counted in "
+                              "counters['factor_restarts']; this warning is shown once.", RuntimeWarning,
+                              stacklevel=4)
+
     # ----- Shampoo factors and their eigenbases ---------------------------------------------------------------
     @staticmethod
     def factor_state(state: dict, matrix: tuple[int, int], left: bool, right: bool, dtype, device) -> dict:

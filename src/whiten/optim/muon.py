@@ -235,6 +235,7 @@ class Muon(AveragingMixin, WhitenOptimizer):
         m = [s["exp_avg"] for s in states]
         v = [s["exp_avg_sq"] for s in states]
         grads = [p.grad if p.grad.dtype == x.dtype else p.grad.to(x.dtype) for p, x in zip(params, m)]
+        self.restart_overflowed_moments(v, m)
         torch._foreach_lerp_(m, grads, 1.0 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, grads, grads, 1.0 - beta2)

@@ -24,6 +24,9 @@ __all__ = ["Shampoo", "InverseRootResult", "block_layout", "matrix_inverse_root"
 GRAFTING_TYPES = (None, "adagrad", "rmsprop", "adam")
 # grafting_beta2=None takes Distributed Shampoo's default of each grafting config.
 DEFAULT_GRAFTING_BETA2 = {"adagrad": 1.0, "rmsprop": 0.99, "adam": 0.999}
+# Factors and roots of at most this many numbers (256 KiB in float32) are kept whatever max_factor_ratio says: they
+# cost nothing worth saving, and small parameters keep DS's preconditioning.
+SMALL_FACTORS = 2**16
 # Distributed Shampoo's guard on the Shampoo direction's norm when grafting.
 GRAFT_NORM_EPS = 1e-16
 
@@ -50,21 +53,39 @@ class Block(NamedTuple):
 
     index: tuple[slice, ...]  # into ``tensor.reshape(merged_shape)``
     dims: tuple[int, ...]
-    factor_keys: tuple[str, ...]  # state names, one per mode
+    modes: tuple[int, ...]  # the preconditioned modes (identity on the others)
+    factor_keys: tuple[str, ...]  # state names, one per preconditioned mode
     root_keys: tuple[str, ...]
 
 
+def preconditioned_modes(dims: tuple[int, ...], max_factor_ratio: float | None) -> tuple[int, ...]:
+    """The modes of a block that get a factor. All of them in Distributed Shampoo (``max_factor_ratio=None``).
+    With a ratio r, the largest mode is left out (identity on it) while the factors and roots of the others
+    (``2 Σ d_j²`` numbers) exceed r times the block's ``Π d_j`` and :data:`SMALL_FACTORS`: a vector longer than 181
+    keeps no factor, a (1024, 64) block only its 64-side one, while square and 1:4 matrices keep both (4× and
+    8.5×), and so does every block whose factors are small anyway."""
+    modes = list(range(len(dims)))
+    if max_factor_ratio is not None:
+        numel = math.prod(dims)
+        while modes and 2 * sum(dims[j] ** 2 for j in modes) > max(max_factor_ratio * numel, SMALL_FACTORS):
+            modes.remove(max(modes, key=lambda j: dims[j]))
+    return tuple(modes)
+
+
 @functools.lru_cache(maxsize=4096)
-def block_layout(shape: tuple[int, ...], max_dim: int) -> tuple[tuple[int, ...], tuple[Block, ...]]:
+def block_layout(shape: tuple[int, ...], max_dim: int,
+                 max_factor_ratio: float | None = None) -> tuple[tuple[int, ...], tuple[Block, ...]]:
     """``(merged_shape, blocks)``: the merged shape (:func:`merge_small_dims`) cut along every dim into chunks of
-    ``max_dim`` (Distributed Shampoo's ``multi_dim_split``), blocks numbered in row-major order of the chunks."""
+    ``max_dim`` (Distributed Shampoo's ``multi_dim_split``), blocks numbered in row-major order of the chunks, each
+    with its :func:`preconditioned_modes`."""
     merged = merge_small_dims(shape, max_dim)
     blocks = []
     for i, offsets in enumerate(itertools.product(*(range(0, d, max_dim) for d in merged))):
         dims = tuple(min(max_dim, d - o) for o, d in zip(offsets, merged))
-        blocks.append(Block(index=tuple(slice(o, o + n) for o, n in zip(offsets, dims)), dims=dims,
-                            factor_keys=tuple(f"factor_{i}_{j}" for j in range(len(dims))),
-                            root_keys=tuple(f"root_{i}_{j}" for j in range(len(dims)))))
+        modes = preconditioned_modes(dims, max_factor_ratio)
+        blocks.append(Block(index=tuple(slice(o, o + n) for o, n in zip(offsets, dims)), dims=dims, modes=modes,
+                            factor_keys=tuple(f"factor_{i}_{j}" for j in modes),
+                            root_keys=tuple(f"root_{i}_{j}" for j in modes)))
     return merged, tuple(blocks)
 
 
@@ -74,11 +95,11 @@ def _contract_all_but(G: torch.Tensor, j: int) -> torch.Tensor:
     return torch.tensordot(G, G, dims=(others, others))
 
 
-def _precondition_block(X: torch.Tensor, roots: list[torch.Tensor]) -> torch.Tensor:
-    """``X ×_1 R_1 ×_2 R_2 ...`` for symmetric R: contracting dim 0 each time rotates the dims, so after one
-    contraction per mode they are back in order (``R_1 X R_2`` for matrices)."""
+def _precondition_block(X: torch.Tensor, roots: list[torch.Tensor | None]) -> torch.Tensor:
+    """``X ×_1 R_1 ×_2 R_2 ...`` for symmetric R (None: the identity): contracting dim 0 each time rotates the dims,
+    so after one contraction per mode they are back in order (``R_1 X R_2`` for matrices)."""
     for R in roots:
-        X = torch.tensordot(X, R, dims=([0], [0]))
+        X = X.movedim(0, -1) if R is None else torch.tensordot(X, R, dims=([0], [0]))
     return X
 
 
@@ -137,11 +158,18 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
       exponent -1/2, so with grafting their update is the grafted one.
     - Empty parameters are left alone (no state).
 
-    Memory: as in DS, a long vector or a tall matrix is cut into ``max_preconditioner_dim``-sided blocks, each with
-    a d×d factor and root per mode: a (50000,) vector gets 49 blocks of 1024² (about 390 MiB of float32 state for
-    a 0.2 MiB parameter). whiten keeps DS's blocking (so its numbers match DS) and warns once when a parameter's
-    state exceeds 16× its memory; for such parameters pass a group with ``start_preconditioning_step=math.inf``
-    (Adam-grafted, no factors) or a smaller ``max_preconditioner_dim``.
+    Memory. DS cuts every dim into ``max_preconditioner_dim``-sided blocks and gives every mode of every block a
+    d×d factor and root: a (50000,) vector gets 49 blocks of 1024² (390 MiB of float32 state for a 0.2 MiB
+    parameter, and 49 eigendecompositions of 1024² per refresh), a (50000, 64) embedding 415 MiB for 12 MiB.
+    whiten departs from DS here: with ``max_factor_ratio`` r (default 20) a block leaves out its largest mode
+    (identity on that mode; the root exponent stays -1/(2k) for a block of order k) while the factors and roots of
+    the others take more than r times the block's own memory and more than 2^16 numbers
+    (:func:`preconditioned_modes`). Square and 1:4 matrices and conv weights such as (64, 576) keep every factor
+    (they take 4×, 8.5× and 18×); a (1024, 64) block keeps only its 64-side factor, so the (50000, 64) embedding
+    has 1.5 MiB of factors; a vector (or a small matrix merged into one) longer than 181 keeps none, and a block
+    without factors takes the grafted direction (Adam's, with the default grafting; Ḡ without grafting), which is
+    where DS's README routes vectors. ``max_factor_ratio=None`` is DS's behaviour.
+    Either way whiten warns once when a parameter's state exceeds 16× its memory and 64 MiB.
 
     State per parameter (``optimizer.state[p]``), in float32 (float64 for float64 parameters): ``step`` (int);
     ``momentum`` (shape of p; only if β1 > 0); ``graft`` (shape of p, the grafting second moment V; only with
@@ -159,6 +187,9 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         weight_decay: λ, decoupled (default 0.0).
         max_preconditioner_dim: the largest block side (default 1024; DS's README suggests 8192). It decides the
             blocks, hence the state keys: do not change it once a parameter has state.
+        max_factor_ratio: r in [2, 1e6], or None for DS's behaviour: a block leaves out its largest modes until
+            the factors and roots of the others take at most r times its memory (default 20, see Memory above).
+            It decides the state keys: do not change it once a parameter has state.
         precondition_frequency: refresh the roots every this many steps (default 1; DS's README suggests 100).
         start_preconditioning_step: the first step that preconditions; before it the update is the grafted one.
             None means ``precondition_frequency``; it may not be smaller; ``math.inf`` never preconditions
@@ -193,6 +224,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         epsilon: float = 1e-12,
         weight_decay: float = 0.0,
         max_preconditioner_dim: int = 1024,
+        max_factor_ratio: float | None = 20.0,
         precondition_frequency: int = 1,
         start_preconditioning_step: int | float | None = None,
         use_bias_correction: bool = True,
@@ -205,7 +237,8 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         batched: bool = True,
     ):
         defaults = dict(lr=lr, betas=betas, epsilon=epsilon, weight_decay=weight_decay,
-                        max_preconditioner_dim=max_preconditioner_dim, precondition_frequency=precondition_frequency,
+                        max_preconditioner_dim=max_preconditioner_dim, max_factor_ratio=max_factor_ratio,
+                        precondition_frequency=precondition_frequency,
                         start_preconditioning_step=start_preconditioning_step,
                         use_bias_correction=use_bias_correction, grafting=grafting, grafting_beta2=grafting_beta2,
                         grafting_epsilon=grafting_epsilon, ema_rate=ema_rate, role=None)
@@ -223,6 +256,8 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         check_range("epsilon", group["epsilon"], 0.0, low_open=True)
         check_weight_decay(group["weight_decay"])
         check_int("max_preconditioner_dim", group["max_preconditioner_dim"], 1)
+        if group["max_factor_ratio"] is not None:
+            check_range("max_factor_ratio", group["max_factor_ratio"], 2.0, 1e6)
         check_int("precondition_frequency", group["precondition_frequency"], 1)
         start, freq = group["start_preconditioning_step"], group["precondition_frequency"]
         if start is not None and start != math.inf:
@@ -264,7 +299,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
             return None
         meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
         state: dict = {}
-        _, blocks = block_layout(tuple(p.shape), group["max_preconditioner_dim"])
+        _, blocks = block_layout(tuple(p.shape), group["max_preconditioner_dim"], group["max_factor_ratio"])
         self._init_state(meta, state, blocks, group, group["start_preconditioning_step"] != math.inf)
         return self._shapes_of(state)
 
@@ -276,11 +311,12 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
             state["momentum"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
         if group["grafting"] is not None and "graft" not in state:
             state["graft"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-        if precondition and blocks[0].factor_keys[0] not in state:
+        keys = [k for blk in blocks for k in blk.factor_keys]
+        if precondition and keys and keys[0] not in state:
             for blk in blocks:
-                for d, fk, rk in zip(blk.dims, blk.factor_keys, blk.root_keys):
-                    state[fk] = torch.zeros(d, d, dtype=dtype, device=p.device)
-                    state[rk] = torch.eye(d, dtype=dtype, device=p.device)
+                for j, fk, rk in zip(blk.modes, blk.factor_keys, blk.root_keys):
+                    state[fk] = torch.zeros(blk.dims[j], blk.dims[j], dtype=dtype, device=p.device)
+                    state[rk] = torch.eye(blk.dims[j], dtype=dtype, device=p.device)
 
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> int:
         """One step for the parameters of a group; returns how many root computations failed."""
@@ -295,7 +331,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         gb2 = DEFAULT_GRAFTING_BETA2.get(grafting, 1.0) if gb2 is None else gb2
         bias_correction = group["use_bias_correction"]
 
-        layouts = [block_layout(tuple(p.shape), group["max_preconditioner_dim"]) for p in params]
+        layouts = [block_layout(tuple(p.shape), group["max_preconditioner_dim"], group["max_factor_ratio"]) for p in params]
         states = []
         for p, (_, blocks) in zip(params, layouts):
             state = self.state[p]
@@ -357,10 +393,17 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                        active=set(active), beta2=beta2, w=1.0 if beta2 == 1.0 else 1.0 - beta2,
                        bc2=[1.0 - beta2**t if bias_correction and beta2 < 1.0 else 1.0 for t in steps],
                        due=[(t % freq == 0 and t > start) or t == start for t in steps], eps=group["epsilon"])
-            entries = [(i, b) for i, (_, blocks) in enumerate(layouts) for b in range(len(blocks))]
+            entries = [(i, b) for i, (_, blocks) in enumerate(layouts) for b, blk in enumerate(blocks) if blk.modes]
+            for i, (_, blocks) in enumerate(layouts):  # blocks without a factor take the grafted direction (Ḡ)
+                if i in ctx.active:
+                    for b, blk in enumerate(blocks):
+                        if not blk.modes:
+                            ctx.block(directions, i, b).copy_(ctx.block(graft_dirs if graft_dirs is not None
+                                                                        else gbar, i, b))
             stackable = (lambda e: len(layouts[e[0]][1][e[1]].dims) <= 2) if self.batched else (lambda e: False)
             alone = [e for e in entries if not stackable(e)]
-            key = lambda e: ("shampoo", gi, layouts[e[0]][1][e[1]].dims, dtypes[e[0]], params[e[0]].device)
+            key = lambda e: ("shampoo", gi, layouts[e[0]][1][e[1]].dims, layouts[e[0]][1][e[1]].modes, dtypes[e[0]],
+                             params[e[0]].device)
             stacked = bucket([e for e in entries if stackable(e)], key)
             if stacked:
                 # Stable stacks: every stackable block of the group's parameters with state, with or without a
@@ -368,10 +411,11 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                 ctx.members = []
                 for q in self.group_members(gi):
                     sq = self.state.get(q)
-                    blocks_q = block_layout(tuple(q.shape), group["max_preconditioner_dim"])[1]
+                    blocks_q = block_layout(tuple(q.shape), group["max_preconditioner_dim"], group["max_factor_ratio"])[1]
                     for b, blk in enumerate(blocks_q):
-                        if sq and blk.factor_keys[0] in sq and len(blk.dims) <= 2:
-                            ctx.members.append((q, b, blk, ("shampoo", gi, blk.dims, state_dtype(q), q.device)))
+                        if sq and blk.factor_keys and blk.factor_keys[0] in sq and len(blk.dims) <= 2:
+                            ctx.members.append((q, b, blk, ("shampoo", gi, blk.dims, blk.modes, state_dtype(q),
+                                                            q.device)))
             for k, bucket_entries in stacked.items():
                 failures += self._stacked_blocks(k, bucket_entries, ctx)
             for e in alone:
@@ -413,12 +457,12 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
     def _stacked_blocks(self, key, entries: list[tuple[int, int]], c: "_Ctx") -> int:
         """Same-shape order-1 and order-2 blocks as stacks: factors by baddbmm, roots, preconditioning by bmm."""
         i0, b0 = entries[0]
-        dims = c.layouts[i0][1][b0].dims
-        order = len(dims)
+        dims, modes = c.layouts[i0][1][b0].dims, c.layouts[i0][1][b0].modes
+        order = len(dims)  # the root's exponent is -1/(2·order) also when a mode is left out (identity on it)
         members = [(q, b, blk) for q, b, blk, k in c.members if k == key]
-        names = [{**{f"F{j}": blk.factor_keys[j] for j in range(order)},
-                  **{f"R{j}": blk.root_keys[j] for j in range(order)}} for _, _, blk in members]
-        shapes = {**{f"F{j}": (d, d) for j, d in enumerate(dims)}, **{f"R{j}": (d, d) for j, d in enumerate(dims)}}
+        names = [{**{f"F{j}": fk for j, fk in zip(modes, blk.factor_keys)},
+                  **{f"R{j}": rk for j, rk in zip(modes, blk.root_keys)}} for _, _, blk in members]
+        shapes = {**{f"F{j}": (dims[j], dims[j]) for j in modes}, **{f"R{j}": (dims[j], dims[j]) for j in modes}}
         S = self.stacked_state(key, [q for q, _, _ in members], shapes, names)
         where = {(id(q), b): j for j, (q, b, _) in enumerate(members)}
         rows = [where[(id(c.params[i]), b)] for i, b in entries]  # each entry's position in the stacks
@@ -429,14 +473,16 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
 
         G = torch.stack([c.block(c.grads, i, b) for i, b in entries])
         present = index(range(len(entries)))
-        Fs = [S[f"F{m}"] if present is None else S[f"F{m}"][present] for m in range(order)]
+        Fs = {m: S[f"F{m}"] if present is None else S[f"F{m}"][present] for m in modes}
         if order == 1:
             Fs[0].baddbmm_(G.unsqueeze(2), G.unsqueeze(1), beta=c.beta2, alpha=c.w)
         else:
-            Fs[0].baddbmm_(G, G.mT, beta=c.beta2, alpha=c.w)
-            Fs[1].baddbmm_(G.mT, G, beta=c.beta2, alpha=c.w)
+            if 0 in Fs:
+                Fs[0].baddbmm_(G, G.mT, beta=c.beta2, alpha=c.w)
+            if 1 in Fs:
+                Fs[1].baddbmm_(G.mT, G, beta=c.beta2, alpha=c.w)
         if present is not None:
-            for m in range(order):
+            for m in modes:
                 S[f"F{m}"].index_copy_(0, present, Fs[m])
         del G, Fs
 
@@ -445,7 +491,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         if due:
             idx = index(due)
             bc2 = [c.bc2[entries[j][0]] for j in due]
-            for m in range(order):
+            for m in modes:
                 F, R = S[f"F{m}"], S[f"R{m}"]
                 if idx is None:
                     failures += self._refresh(F, R, bc2, c.eps, order)
@@ -458,16 +504,17 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         act = [j for j, (i, _) in enumerate(entries) if i in c.active]
         if not act:
             return failures
-        roots = [S[f"R{m}"] for m in range(order)]
+        roots = {m: S[f"R{m}"] for m in modes}
         idx = index(act)
         if idx is not None:
-            roots = [R[idx] for R in roots]
+            roots = {m: R[idx] for m, R in roots.items()}
         act_entries = [entries[j] for j in act]
         X = torch.stack([c.block(c.gbar, i, b) for i, b in act_entries])
         if order == 1:
             P = torch.bmm(roots[0], X.unsqueeze(2)).squeeze(2)
         else:
-            P = torch.bmm(torch.bmm(roots[0], X), roots[1])
+            P = torch.bmm(roots[0], X) if 0 in roots else X
+            P = torch.bmm(P, roots[1]) if 1 in roots else P.clone()
         D = torch.stack([c.block(c.graft_dirs, i, b) for i, b in act_entries]) if c.graft_dirs is not None else X
         P = _graft(P, D, c.graft_dirs is not None, tuple(range(1, order + 1)))
         for (i, b), Pj in zip(act_entries, P.unbind(0)):
@@ -481,7 +528,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         state = c.states[i]
         G = c.block(c.grads, i, b)
         failures = 0
-        for j, fk in enumerate(blk.factor_keys):
+        for j, fk in zip(blk.modes, blk.factor_keys):
             F = state[fk]
             if c.beta2 != 1.0:
                 F.mul_(c.beta2)
@@ -492,7 +539,8 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                                           len(blk.dims))
         if i in c.active:
             X = c.block(c.gbar, i, b)
-            P = _precondition_block(X, [state[rk] for rk in blk.root_keys])
+            roots = dict(zip(blk.modes, blk.root_keys))
+            P = _precondition_block(X, [state[roots[j]] if j in roots else None for j in range(len(blk.dims))])
             D = c.block(c.graft_dirs, i, b) if c.graft_dirs is not None else X
             c.block(c.directions, i, b).copy_(_graft(P, D, c.graft_dirs is not None, None))
         return failures

@@ -207,12 +207,14 @@ class SOAP(AveragingMixin, WhitenOptimizer):
                 shapes[f"factor_{side}"] = shapes[f"basis_{side}"] = (d, d)
         return self.bucket_stacks(gi, key, present, lambda q: self._bucket_key(gi, group, q), shapes)
 
-    @staticmethod
-    def _adam_direction(group, states, rotated) -> list[torch.Tensor]:
+    def _adam_direction(self, group, states, rotated) -> list[torch.Tensor]:
         """m and v updated with the rotated gradients; returns m / (sqrt(v) + eps), still rotated."""
         beta1, beta2 = group["betas"]
         m = [s["exp_avg"] for s in states]
         v = [s["exp_avg_sq"] for s in states]
+        # an overflowed v would zero every later step of the plain-Adam parameters (vectors), which have no
+        # refresh to restart it; matrices get the same restart here, before their next refresh would
+        self.restart_overflowed_moments(v, m)
         torch._foreach_lerp_(m, rotated, 1.0 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, rotated, rotated, 1.0 - beta2)
