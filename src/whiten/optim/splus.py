@@ -93,8 +93,8 @@ class SPlus(AveragingMixin, WhitenOptimizer):
             four per-step rotations :math:`Q_L^\top M Q_R` and :math:`Q_L\,\mathrm{sign}(\cdot)\,Q_R^\top` (M and
             the bases are cast for the step; torch accumulates in float32, the product is rounded to bfloat16).
             Factors, bases, their eigendecompositions and all other state stay in the state dtype. Off by default:
-            it is faster only where bfloat16 matmuls are native (tensor-core GPUs, CPUs with AMX or AVX512-BF16)
-            and many times slower elsewhere (an AVX2 CPU); docs/performance.md has the step times and the loss.
+            the loss stays within seed noise (lm, 4 seeds), the step is 13-28% faster on an H200 at width 768, no
+            faster at width 128, and 9x slower on a CPU without bfloat16 units; see docs/performance.md.
 
     Reference: K. Frans, S. Levine, P. Abbeel, "A Stable Whitening Optimizer for Efficient Neural Network
     Training", arXiv 2506.07254 (2025).
@@ -220,7 +220,7 @@ class SPlus(AveragingMixin, WhitenOptimizer):
         QL, QR, M = S.get("basis_left"), S.get("basis_right"), S["momentum"]
         low = rotation_dtype(group.get("rotation_dtype"))
         if low is not None:
-            # cast per step, not cached: a cast is O(d²) against the rotations' O(d²n), and a cached copy would be
+            # cast per step, not cached: the casts cost ~1% of a step (H200, width 768), and a cached copy would be
             # state to keep in step with the basis and in checkpoints
             QL, QR = (None if Q is None else Q.to(low) for Q in (QL, QR))
         U = unrotate(rotate(M if low is None else M.to(low), QL, QR).sign_(), QL, QR)
