@@ -1,7 +1,8 @@
 """The benchmark's optimizers: one registry, each entry's learning-rate grid and defaults are data.
 
 Names: ``adamw`` (torch.optim.AdamW, the baseline); whiten's ``splus``, ``soap``, ``shampoo``, ``psgd-kron``,
-``muon``, ``schedule-free-adamw`` and ``schedule-free-adamw-b0.999``; ``torch:Muon`` (torch.optim.Muon on hidden matrices, AdamW on the rest); and ``pytorch_optimizer:<Class>`` for any optimizer of the ``pytorch-optimizer``
+``muon``, ``schedule-free-adamw`` and ``schedule-free-adamw-b0.999``; ``splus-bf16`` and ``soap-bf16`` (the same
+with bfloat16 rotations); ``torch:Muon`` (torch.optim.Muon on hidden matrices, AdamW on the rest); and ``pytorch_optimizer:<Class>`` for any optimizer of the ``pytorch-optimizer``
 package (``pytorch_optimizer:SPlus``, ``pytorch_optimizer:SOAP``, ...). Every optimizer gets the param groups of
 ``whiten.param_groups(model)``, so weight decay is masked the same way for all of them.
 """
@@ -178,6 +179,16 @@ REGISTRY: dict[str, OptimizerSpec] = {
         "torch:Muon", _torch_muon, default_lr=0.01, lr_grid=lr_grid(-7, -2),
         options=dict(momentum=0.95, weight_decay=0.1, adam_lr_ratio=0.15, adam_betas=(0.9, 0.95)),
         source="torch.optim.Muon (hidden) + torch.optim.AdamW (rest)"),
+    # bfloat16 rotations (rotation_dtype): the same settings as splus / soap otherwise, to measure what the speed
+    # knob costs in loss (docs/performance.md). A string, so config.json records it as written.
+    "splus-bf16": OptimizerSpec(
+        "splus-bf16", _splus, default_lr=0.1, lr_grid=lr_grid(-4, 1),
+        options=dict(nonstandard_constant="1/width", ema_rate="1-10/steps", rotation_dtype="bf16"), averages=True,
+        source="whiten.SPlus as splus, rotations in bfloat16"),
+    "soap-bf16": OptimizerSpec(
+        "soap-bf16", _whiten("SOAP"), default_lr=4.64e-3, lr_grid=lr_grid(-10, -5),
+        options=dict(betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10, rotation_dtype="bf16"),
+        source="whiten.SOAP as soap, rotations in bfloat16"),
     "pytorch_optimizer:SPlus": OptimizerSpec(
         "pytorch_optimizer:SPlus", _pytorch_optimizer("SPlus"), default_lr=0.1, lr_grid=lr_grid(-4, 1),
         # Same settings as whiten's splus entry, so the two implementations are compared like for like.

@@ -78,6 +78,20 @@ def check_role(value) -> None:
         raise ValueError(f"Invalid role: {value!r} (allowed: None or one of {', '.join(ROLES)})")
 
 
+# What ``rotation_dtype`` (SPlus, SOAP) accepts: None (off) or bfloat16, spelled as a dtype or as a string.
+ROTATION_DTYPES = {None: None, torch.bfloat16: torch.bfloat16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def rotation_dtype(value) -> torch.dtype | None:
+    """The dtype of the rotations into and out of the eigenbasis: None (the state dtype) or torch.bfloat16.
+    Raises a ValueError naming ``rotation_dtype`` for anything else."""
+    try:
+        return ROTATION_DTYPES[value]
+    except (KeyError, TypeError):  # TypeError: an unhashable value
+        raise ValueError(f"Invalid rotation_dtype: {value!r} (allowed: None, torch.bfloat16, 'bf16' or "
+                         "'bfloat16')") from None
+
+
 def state_dtype(p: torch.Tensor) -> torch.dtype:
     """Optimizer state is float32 whatever the parameter's dtype, float64 for float64 parameters."""
     return torch.float64 if p.dtype == torch.float64 else torch.float32

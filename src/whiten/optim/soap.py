@@ -11,7 +11,7 @@ from ..averaging import AveragingMixin
 from ..linalg import finite_flags, rotate, unrotate, update_factors, warn_eigh_failure
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import (WhitenOptimizer, bucket, check_betas, check_bool, check_ema_rate, check_int, check_range,
-                    check_role, state_dtype)
+                    check_role, rotation_dtype, state_dtype)
 from ._base import check_lr, check_weight_decay
 
 __all__ = ["SOAP"]
@@ -86,6 +86,13 @@ class SOAP(AveragingMixin, WhitenOptimizer):
             averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
             Each parameter's step runs on one owner rank; the numbers are those of one process.
         batched: process same-shape matrices as one stack (default True).
+        rotation_dtype: None (default) or ``torch.bfloat16`` (also ``"bf16"``/``"bfloat16"``): the dtype of the two
+            per-step rotations, the gradient into the eigenbasis and the Adam direction out of it (the gradient,
+            the direction and the bases are cast for the step; torch accumulates in float32, the product is
+            rounded to bfloat16). Factors, bases, their refreshes (including carrying m into a new basis), m and v
+            stay in the state dtype. Off by default: the loss stays within seed noise (lm, 4 seeds), but the step
+            is no faster on an H200 (the refreshes dominate it) and 6x slower on a CPU without bfloat16 units;
+            see docs/performance.md.
 
     Reference: N. Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", arXiv 2409.11321 (2024).
     """
@@ -107,11 +114,12 @@ class SOAP(AveragingMixin, WhitenOptimizer):
         nonfinite: str = "skip",
         process_group=None,
         batched: bool = True,
+        rotation_dtype: torch.dtype | str | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                         precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
                         precondition_1d=precondition_1d, normalize_grads=normalize_grads, correct_bias=correct_bias,
-                        ema_rate=ema_rate, role=None)
+                        ema_rate=ema_rate, role=None, rotation_dtype=rotation_dtype)
         self.batched = bool(batched)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
@@ -128,6 +136,7 @@ class SOAP(AveragingMixin, WhitenOptimizer):
             check_bool(flag, group[flag])
         check_ema_rate(group["ema_rate"])
         check_role(group["role"])
+        rotation_dtype(group.get("rotation_dtype"))
 
     def expected_state(self, p: torch.Tensor, group: dict) -> dict:
         meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
@@ -156,25 +165,31 @@ class SOAP(AveragingMixin, WhitenOptimizer):
 
         # Adam in the eigenbasis; the first call of a parameter only builds its factors and basis.
         rest = [i for i, s in enumerate(states) if s["step"] > 1]
+        # rotation_dtype: the bases are cast once per step for both rotations (a cast is O(d²), the rotations
+        # O(d²n): ~1% of a step; a cached copy would be state to keep in step with the basis and in checkpoints)
+        low = rotation_dtype(group.get("rotation_dtype"))
         buckets = {}
         for bkey, idxs in bucket([i for i in rest if layouts[i].matrix is not None],
                                  lambda i: self._bucket_key(gi, group, params[i])).items():
             S, pos = self._stacks_for(gi, group, bkey, [params[i] for i in idxs], layouts[idxs[0]])
-            buckets[bkey] = (idxs, {k: v if pos is None else v[pos] for k, v in S.items() if k.startswith("basis")})
+            bases = {k: v if pos is None else v[pos] for k, v in S.items() if k.startswith("basis")}
+            if low is not None:
+                bases = {k: v.to(low) for k, v in bases.items()}
+            buckets[bkey] = (idxs, bases)
         rotated: list = list(grads)
         for idxs, S in buckets.values():
             G = torch.stack([grads[i].reshape(layouts[i].matrix) for i in idxs])
-            R = rotate(G, S.get("basis_left"), S.get("basis_right"))
+            R = rotate(G if low is None else G.to(low), S.get("basis_left"), S.get("basis_right"))
             for j, i in enumerate(idxs):
-                rotated[i] = R[j].view(params[i].shape)
+                rotated[i] = R[j].view(params[i].shape).to(dtype_of[i])
         if rest:
             direction = dict(zip(rest, self._adam_direction(group, [states[i] for i in rest],
                                                             [rotated[i] for i in rest])))
             for idxs, S in buckets.values():  # back to the parameter's basis
                 D = torch.stack([direction[i].reshape(layouts[i].matrix) for i in idxs])
-                D = unrotate(D, S.get("basis_left"), S.get("basis_right"))
+                D = unrotate(D if low is None else D.to(low), S.get("basis_left"), S.get("basis_right"))
                 for j, i in enumerate(idxs):
-                    direction[i] = D[j].view(params[i].shape)
+                    direction[i] = D[j].view(params[i].shape).to(dtype_of[i])
             self._apply(group, [(params[i], states[i], direction[i], layouts[i]) for i in rest])
 
         # Factors take the raw gradient; new bases at the first call (eigh) and every precondition_frequency
