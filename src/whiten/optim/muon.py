@@ -76,7 +76,8 @@ class Muon(AveragingMixin, WhitenOptimizer):
         ns_dtype: dtype of the Newton–Schulz iteration; None (default) = bfloat16 on CUDA, the state dtype
             elsewhere (float32; float64 for float64 parameters), the more accurate choice. bfloat16 is what
             torch.optim.Muon always uses; on a CPU with bfloat16 matrix units it is faster (2.2x on the
-            AVX512-BF16 CPU of docs/performance.md; on CPUs without native bfloat16 it is many times slower), so pass ``ns_dtype=torch.bfloat16`` there for speed.
+            AVX512-BF16 CPU of docs/performance.md; on CPUs without native bfloat16 it is many times slower),
+            so pass ``ns_dtype=torch.bfloat16`` there for speed.
         adam_lr: lr of groups stepped by AdamW that do not set their own (default 3e-4), applied as
             ``lr_scale = adam_lr / lr`` so that it follows the schedule of ``lr``.
         adam_betas, adam_eps: AdamW's (default (0.9, 0.95), 1e-10, as Keller Jordan's Muon); ``adam_betas[0]``
