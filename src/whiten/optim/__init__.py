@@ -8,3 +8,6 @@ from .soap import SOAP
 from .splus import SPlus
 
 __all__ = ["SPlus", "Muon", "ScheduleFreeAdamW", "SOAP", "Shampoo", "PSGDKron"]
+from .kfac import EKFAC, KFAC  # noqa: E402
+
+__all__ += ["KFAC", "EKFAC"]
