@@ -196,3 +196,193 @@ def test_sampled_fisher_factors_match_curvlinops_on_the_same_labels(kind, monkey
         torch.testing.assert_close(opt.state[m.weight]["factor_a"], A[name], rtol=1e-12, atol=1e-14)
         # whiten.fisher forms the sampled loss in float32 (logits.float()), so G agrees to float32 precision
         torch.testing.assert_close(opt.state[m.weight]["factor_g"], G[name], rtol=1e-6, atol=1e-9)
+
+
+# ----- EKFAC's eigenvalue correction -----------------------------------------------------------------------------------
+
+def ekfac_scale_after_one_correction(model, x, y):
+    """EKFAC's scale after one refresh (step 0) and one correction on the same batch at lr 0 with factor_decay 0:
+    exactly this batch's correction in the eigenbasis of this batch's factors."""
+    opt = EKFAC(model.parameters(), model=model, factor_every=1, scale_every=1, inverse_every=100, lr=0.0,
+                factor_decay=0.0)
+    one_step(opt, model, x, y)
+    one_step(opt, model, x, y)
+    return opt
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_ekfac_correction_matches_curvlinops(kind):
+    model = MODELS[kind]()
+    x, y = data(kind)
+    ref = copy.deepcopy(model)
+    op = curvlinops.EKFACLinearOperator(ref, nn.CrossEntropyLoss(), list(ref.parameters()), [(x, y)],
+                                        fisher_type="empirical", separate_weight_and_bias=False,
+                                        check_deterministic=False)
+    op._maybe_compute_ekfac()
+    opt = ekfac_scale_after_one_correction(model, x, y)
+    for name, m in layers_of(model):
+        s = opt.state[m.weight]
+        torch.testing.assert_close(s["scale"], op._corrected_eigenvalues[name], rtol=1e-9, atol=1e-14)
+
+
+def per_example_correction(model, x, y, opt):
+    """L Σ_n (Q_Gᵀ ∇W_n Q_A)², with ∇W_n the gradient of example n's share of the mean loss, computed by one
+    backward per example (no hooks involved)."""
+    terms = y.numel()
+    out = {}
+    for n in range(x.shape[0]):
+        model.zero_grad()
+        logits = model(x[n:n + 1])
+        (F.cross_entropy(logits, y[n:n + 1], reduction="sum") / terms).backward()
+        for name, m in layers_of(model):
+            s = opt.state[m.weight]
+            if isinstance(m, nn.Embedding):
+                R = s["basis_g"].T @ m.weight.grad.T
+            else:
+                M = m.weight.grad.reshape(m.weight.shape[0], -1)
+                if m.bias is not None:
+                    M = torch.cat([M, m.bias.grad.reshape(-1, 1)], 1)
+                R = s["basis_g"].T @ M @ s["basis_a"]
+            out[name] = out.get(name, 0) + terms * R.square()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["seq", "emb", "cnn", "mlp"])
+def test_ekfac_correction_matches_per_example_gradients(kind):
+    """Sequences and embeddings sum their positions within an example (curvlinops' EKFAC takes 2-d outputs only)."""
+    model = MODELS[kind]()
+    x, y = data(kind)
+    opt = ekfac_scale_after_one_correction(model, x, y)
+    direct = per_example_correction(model, x, y, opt)
+    for name, m in layers_of(model):
+        torch.testing.assert_close(opt.state[m.weight]["scale"], direct[name], rtol=1e-9, atol=1e-14)
+
+
+def test_ekfac_weight_sharing_correction_is_independent_of_the_chunk(monkeypatch):
+    model = Seq()
+    x, y = data("seq")
+    whole = ekfac_scale_after_one_correction(copy.deepcopy(model), x, y)
+    monkeypatch.setattr("whiten.optim.kfac.CHUNK_ELEMENTS", 1)  # one example at a time
+    chunked = ekfac_scale_after_one_correction(copy.deepcopy(model), x, y)
+    for (_, a), (_, b) in zip(layers_of(whole.model), layers_of(chunked.model)):
+        torch.testing.assert_close(whole.state[a.weight]["scale"], chunked.state[b.weight]["scale"])
+
+
+# ----- float64 references of the published rules --------------------------------------------------------------------
+
+def kron_reference(A, G, M, damping):
+    """(A_π ⊗ G_π)⁻¹ vec(M) with an explicit Kronecker matrix (column-major vec), π-split Tikhonov damping."""
+    pi = math.sqrt((A.trace() / A.shape[0]) / (G.trace() / G.shape[0]))
+    Ad = A + pi * math.sqrt(damping) * torch.eye(A.shape[0])
+    Gd = G + math.sqrt(damping) / pi * torch.eye(G.shape[0])
+    v = torch.linalg.solve(torch.kron(Ad, Gd), M.T.reshape(-1))
+    return v.reshape(M.shape[1], M.shape[0]).T
+
+
+def test_kfac_direction_is_the_damped_kronecker_inverse():
+    model = mlp()
+    x, y = data("mlp")
+    opt = KFAC(model.parameters(), model=model, factor_every=1, lr=0.0, damping=0.03)
+    one_step(opt, model, x, y)
+    for _, m in layers_of(model):
+        s = opt.state[m.weight]
+        M = torch.cat([m.weight.grad, m.bias.grad.reshape(-1, 1)], 1)
+        got = opt._precondition(opt.plan().role[id(m.weight)][1], s, M, opt.param_groups[0])
+        torch.testing.assert_close(got, kron_reference(s["factor_a"], s["factor_g"], M, 0.03), rtol=1e-10,
+                                   atol=1e-12)
+
+
+class Reference:
+    """A slow K-FAC / EKFAC for an MLP of Linear layers (tanh between them), written from the papers: factors
+    from the layers' inputs and the outputs' gradients (autograd's retain_grad), EMA every Tf steps (the first
+    copies), π-damped inverses (K-FAC) or eigenbases with a scale restarted from λ_G λ_Aᵀ and corrected from
+    per-example gradients (EKFAC) every Ti steps, KL clip, SGD momentum and L2 decay on the weights."""
+
+    def __init__(self, model, eigen, lr, momentum, damping, decay, kl_clip, wd, Tf, Ti, Ts):
+        self.model, self.eigen = model, eigen
+        self.lr, self.mu, self.lam, self.beta, self.kl, self.wd = lr, momentum, damping, decay, kl_clip, wd
+        self.Tf, self.Ti, self.Ts = Tf, Ti, Ts
+        self.lin = [m for m in model if isinstance(m, nn.Linear)]
+        self.S = {}  # per layer: A, G, inverses or bases and scale, momentum buffers
+        self.t = 0
+        self.nus = []
+
+    def forward(self, x):
+        acts, outs, h = [], [], x
+        for i, m in enumerate(self.lin):
+            acts.append(h)
+            s = m(h)
+            s.retain_grad()
+            outs.append(s)
+            h = torch.tanh(s) if i + 1 < len(self.lin) else s
+        return h, acts, outs
+
+    def step(self, x, y):
+        for m in self.lin:
+            m.zero_grad()
+        logits, acts, outs = self.forward(x)
+        F.cross_entropy(logits, y).backward()
+        N = x.shape[0]
+        for i, m in enumerate(self.lin):
+            S = self.S.setdefault(i, {"refreshed": False})
+            a = torch.cat([acts[i].detach(), torch.ones(N, 1)], 1)
+            d = outs[i].grad
+            if self.t % self.Tf == 0:
+                A, G = a.T @ a / N, N * d.T @ d
+                S["A"] = A if "A" not in S else self.beta * S["A"] + (1 - self.beta) * A
+                S["G"] = G if "G" not in S else self.beta * S["G"] + (1 - self.beta) * G
+            if self.eigen and self.t % self.Ts == 0 and S["refreshed"]:
+                per = torch.stack([(S["QG"].T @ (N * torch.outer(d[n], a[n])) @ S["QA"]) ** 2 for n in range(N)])
+                S["s"] = self.beta * S["s"] + (1 - self.beta) * per.sum(0) / N
+            if self.t % self.Ti == 0 or not S["refreshed"]:
+                if self.eigen:
+                    la, S["QA"] = torch.linalg.eigh(S["A"])
+                    lg, S["QG"] = torch.linalg.eigh(S["G"])
+                    S["s"] = torch.outer(lg.clamp_min(0), la.clamp_min(0))
+                else:
+                    A, G = S["A"], S["G"]
+                    pi = math.sqrt((A.trace() / A.shape[0]) / (G.trace() / G.shape[0]))
+                    S["Ai"] = torch.linalg.inv(A + pi * math.sqrt(self.lam) * torch.eye(A.shape[0]))
+                    S["Gi"] = torch.linalg.inv(G + math.sqrt(self.lam) / pi * torch.eye(G.shape[0]))
+                S["refreshed"] = True
+        dirs, vg = [], 0.0
+        for i, m in enumerate(self.lin):
+            S = self.S[i]
+            M = torch.cat([m.weight.grad, m.bias.grad.reshape(-1, 1)], 1)
+            if self.eigen:
+                V = S["QG"] @ ((S["QG"].T @ M @ S["QA"]) / (S["s"] + self.lam)) @ S["QA"].T
+            else:
+                V = S["Gi"] @ M @ S["Ai"]
+            dirs.append(V)
+            vg += self.lr ** 2 * float((V * M).sum())
+        nu = min(1.0, math.sqrt(self.kl / abs(vg)))
+        self.nus.append(nu)
+        with torch.no_grad():
+            for i, (m, V) in enumerate(zip(self.lin, dirs)):
+                S = self.S[i]
+                dw = nu * V[:, :-1] + self.wd * m.weight  # decay on weights (role hidden), not on biases
+                db = nu * V[:, -1]
+                S["bw"] = dw if "bw" not in S else self.mu * S["bw"] + dw
+                S["bb"] = db if "bb" not in S else self.mu * S["bb"] + db
+                m.weight -= self.lr * S["bw"]
+                m.bias -= self.lr * S["bb"]
+        self.t += 1
+
+
+@pytest.mark.parametrize("cls", BOTH)
+def test_whole_run_matches_the_float64_reference(cls):
+    """Nine steps with factors every 2, refreshes every 3 (EKFAC: scales every 2), momentum, decay and an active
+    KL clip, on a fresh batch each step."""
+    hyper = dict(lr=0.3, momentum=0.9, damping=0.01, factor_decay=0.8, kl_clip=0.2, weight_decay=0.01,
+                 factor_every=2, inverse_every=3)
+    model, twin = mlp(), mlp()
+    extra = dict(scale_every=2) if cls is EKFAC else {}
+    opt = cls(model.parameters(), model=model, **hyper, **extra)
+    ref = Reference(twin, cls is EKFAC, 0.3, 0.9, 0.01, 0.8, 0.2, 0.01, 2, 3, 2)
+    for t in range(9):
+        x, y = data("mlp", seed=10 + t)
+        one_step(opt, model, x, y)
+        ref.step(x, y)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+    assert min(ref.nus) < 0.7 and max(ref.nus) == 1.0  # the clip acted on some steps and not on others
