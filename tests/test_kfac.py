@@ -386,3 +386,264 @@ def test_whole_run_matches_the_float64_reference(cls):
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
     assert min(ref.nus) < 0.7 and max(ref.nus) == 1.0  # the clip acted on some steps and not on others
+
+
+# ----- hooks: lifecycle and memory ---------------------------------------------------------------------------------
+
+def lm(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Embedding(11, 6), nn.Linear(6, 6), nn.LayerNorm(6), nn.ReLU(inplace=True),
+                         nn.Linear(6, 11, bias=False))
+
+
+def lm_batch(t):
+    g = torch.Generator().manual_seed(100 + t)
+    idx = torch.randint(0, 11, (4, 5), generator=g)
+    return idx, idx.roll(1, 1)
+
+
+def lm_step(opt, model, t, sampled=False):
+    idx, y = lm_batch(t)
+    logits = model(idx)
+    if sampled:
+        opt.sample_fisher(logits)
+    opt.zero_grad()
+    F.cross_entropy(logits.reshape(-1, 11), y.reshape(-1)).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("cls", BOTH)
+def test_hooks_keep_nothing_outside_factor_steps_and_under_no_grad(cls):
+    model = lm()
+    opt = cls(whiten.param_groups(model), model=model, factor_every=3, **({"scale_every": 3} if cls is EKFAC else {}))
+    idx, _ = lm_batch(0)
+    with torch.no_grad():
+        model(idx)
+    model(idx).detach()  # an output nobody backpropagates: the A statistic only, no tensor kept
+    assert all(s.corr is None for s in opt._pending.values())
+    opt._pending.clear()
+    lm_step(opt, model, 0)  # step 0: a factor step
+    lm_step(opt, model, 1)
+    model(idx).sum()  # step 2: not a factor step, so the hooks do nothing
+    assert opt._pending == {} and opt._ready == {}
+
+
+def test_remove_and_register_hooks():
+    model = lm()
+    opt = KFAC(whiten.param_groups(model), model=model, factor_every=1)
+    n = len(model[1]._forward_hooks)
+    opt.remove_hooks()
+    assert not opt.hooks_registered and all(not m._forward_hooks for m in model.modules())
+    with pytest.warns(RuntimeWarning, match="caught no activations"):
+        lm_step(opt, model, 0)  # nothing caught: raw gradients, said once
+    assert opt.state[model[1].weight]["factor_updates"] == 0
+    opt.register_hooks()
+    assert len(model[1]._forward_hooks) == n
+    lm_step(opt, model, 1)
+    assert opt.state[model[1].weight]["factor_updates"] == 1
+
+
+def test_a_dropped_optimizer_leaves_no_working_hooks():
+    model = lm()
+    opt = KFAC(whiten.param_groups(model), model=model, factor_every=1)
+    ref = __import__("weakref").ref(opt)
+    del opt
+    gc.collect()
+    assert ref() is None  # the hooks do not keep it alive
+    assert all(not m._forward_hooks for m in model.modules())  # and they were removed with it
+    lm_step(torch.optim.SGD(model.parameters(), lr=0.1), model, 0)
+
+
+def test_copies_of_the_model_and_optimizer():
+    model = lm()
+    opt = KFAC(whiten.param_groups(model), model=model, factor_every=1)
+    lm_step(opt, model, 0)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the hooks pickle as no-ops
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    copied = copy.deepcopy(model)  # e.g. an EMA copy of the weights: feeds nothing into opt
+    loaded(lm_batch(0)[0]).sum().backward()
+    copied(lm_batch(0)[0]).sum().backward()
+    assert opt._pending == {}
+    twin = copy.deepcopy(opt)  # hooks its own copy of the model
+    assert twin.model is not model and twin.param_groups[0]["params"][0] is not opt.param_groups[0]["params"][0]
+    lm_step(twin, twin.model, 1)
+    clone = pickle.loads(pickle.dumps(opt))
+    assert clone.fisher == opt.fisher and clone.factor_every == 1 and clone.hooks_registered
+    lm_step(clone, clone.model, 1)
+
+
+# ----- arguments, layers and the fallback ----------------------------------------------------------------------------
+
+def test_arguments_are_checked():
+    model = lm()
+    with pytest.raises(TypeError, match="model must be"):
+        KFAC(model.parameters(), model=None)
+    for bad, match in ((dict(fisher="true"), "fisher"), (dict(loss_average="tokens"), "loss_average"),
+                       (dict(damping=0.0), "damping"), (dict(factor_decay=1.0), "factor_decay"),
+                       (dict(kl_clip=-1.0), "kl_clip"), (dict(factor_every=0), "factor_every"),
+                       (dict(inverse_every=1.5), "inverse_every"), (dict(momentum=1.0), "momentum")):
+        with pytest.raises(ValueError, match=match):
+            KFAC(model.parameters(), model=model, **bad)
+    with pytest.raises(ValueError, match="scale_every"):
+        EKFAC(model.parameters(), model=model, scale_every=0)
+    other = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="not a parameter of model"):
+        KFAC([*model.parameters(), other.weight], model=model)
+    opt = KFAC(model.parameters(), model=model)
+    with pytest.raises(ValueError, match="not a parameter of model"):
+        opt.add_param_group({"params": [other.bias]})
+    assert len(opt.param_groups) == 1
+
+
+class Mixed(nn.Module):
+    """Layers of every kind, and parameters K-FAC does not precondition."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(9, 6)
+        self.pos = nn.Parameter(torch.randn(5, 6) * 0.1)  # a free tensor
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)  # out_proj's hooks never fire
+        self.norm = nn.LayerNorm(6)
+        self.fc = nn.Linear(6, 6)
+        self.frozen = nn.Linear(6, 6)
+        self.frozen.weight.requires_grad_(False)  # its bias is trained without its weight
+        self.head = nn.Linear(6, 9, bias=False)
+        self.head.weight = self.emb.weight  # tied
+
+    def forward(self, idx):
+        x = self.emb(idx) + self.pos
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        x = self.frozen(torch.relu(self.fc(self.norm(x))))
+        return self.head(x)
+
+
+def test_layers_and_fallback_parameters():
+    model = Mixed()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = KFAC(params, model=model)
+    plan = opt.plan()
+    assert [layer.name for layer in plan.layers] == ["fc"]  # the embedding is tied to the head
+    assert plan.layers[0].bias is model.fc.bias
+    fallback = {id(p) for p in opt.fallback_parameters()}
+    expected = [model.emb.weight, model.pos, model.attn.in_proj_weight, model.attn.in_proj_bias,
+                model.attn.out_proj.weight, model.attn.out_proj.bias, model.norm.weight, model.norm.bias,
+                model.frozen.bias]
+    assert fallback == {id(p) for p in expected}
+    for t in range(3):
+        idx = torch.randint(0, 9, (3, 5), generator=torch.Generator().manual_seed(t))
+        opt.zero_grad()
+        F.cross_entropy(model(idx).reshape(-1, 9), idx.reshape(-1)).backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_fallback_is_sgd_with_momentum():
+    """Parameters outside the K-FAC layers take torch.optim.SGD(momentum, weight_decay)'s step on their raw
+    gradient, whatever the K-FAC layers do."""
+    model = lm()
+    twin = copy.deepcopy(model)
+    opt = KFAC([{"params": list(model[1].parameters()) + [model[4].weight]},
+                {"params": list(model[2].parameters()), "weight_decay": 0.1, "role": "hidden"}], model=model,
+               lr=0.05, momentum=0.8, factor_every=1)
+    sgd = torch.optim.SGD(twin[2].parameters(), lr=0.05, momentum=0.8, weight_decay=0.1)
+    for t in range(4):
+        lm_step(opt, model, t)
+        idx, y = lm_batch(t)
+        sgd.zero_grad()
+        F.cross_entropy(twin(idx).reshape(-1, 11), y.reshape(-1)).backward()
+        sgd.step()
+        with torch.no_grad():  # the other parameters follow K-FAC's path
+            for name in ("1.weight", "1.bias", "4.weight"):
+                dict(twin.named_parameters())[name].copy_(dict(model.named_parameters())[name])
+    for p, q in zip(model[2].parameters(), twin[2].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+# ----- checkpoints and faults -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cls,sampled", [(KFAC, False), (KFAC, True), (EKFAC, False), (EKFAC, True)])
+def test_exact_resume(cls, sampled, dtype):
+    kw = dict(factor_every=2, inverse_every=3, fisher="sampled" if sampled else "empirical")
+    if cls is EKFAC:
+        kw["scale_every"] = 2
+
+    def run(model, opt, start, stop):
+        for t in range(start, stop):
+            lm_step(opt, model, t, sampled)
+
+    model = lm().to(dtype)
+    opt = cls(whiten.param_groups(model), model=model, **kw)
+    run(model, opt, 0, 10)
+    expected = copy.deepcopy(model.state_dict())
+    model2 = lm().to(dtype)
+    opt2 = cls(whiten.param_groups(model2), model=model2, **kw)
+    run(model2, opt2, 0, 5)
+    model_sd, opt_sd = copy.deepcopy(model2.state_dict()), copy.deepcopy(opt2.state_dict())
+    del opt2
+    model3 = lm(seed=1).to(dtype)
+    model3.load_state_dict(model_sd)
+    opt3 = cls(whiten.param_groups(model3), model=model3, **kw)
+    opt3.load_state_dict(opt_sd)
+    run(model3, opt3, 5, 10)
+    for k, v in model3.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+
+
+@pytest.mark.parametrize("cls", BOTH)
+def test_a_huge_finite_loss_restarts_the_factors(cls):
+    """A loss scaled by 1e20 at one step overflows float32 G statistics: the factors restart from the next
+    statistics, the previous inverses/bases are kept meanwhile, and nothing becomes NaN."""
+    model = lm().float()
+    opt = cls(whiten.param_groups(model), model=model, factor_every=1, inverse_every=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for t in range(12):
+            idx, y = lm_batch(t)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(idx).reshape(-1, 11), y.reshape(-1))
+            (loss * (1e20 if t == 4 else 1.0)).backward()
+            opt.step()
+    assert opt.counters["factor_restarts"] >= 1 and opt.counters["eigh_failures"] == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(v).all() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    assert all(s["refreshes"] > 2 for s in opt.state.values() if "refreshes" in s)  # refreshed after the spike
+
+
+@pytest.mark.parametrize("cls", BOTH)
+@pytest.mark.parametrize("kind", ["zero", "rank1", "nan"])
+def test_degenerate_gradients_stay_finite(cls, kind):
+    model = lm().float()
+    opt = cls(whiten.param_groups(model), model=model, factor_every=1, inverse_every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for t in range(5):
+            idx, y = lm_batch(t)
+            opt.zero_grad()
+            logits = model(idx)
+            if kind == "zero":
+                (logits * 0).sum().backward()
+            elif kind == "rank1":
+                (logits[0, 0, 0] * 3).backward()
+            else:
+                (logits.sum() * float("nan")).backward()
+            opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if kind == "nan":
+        assert opt.counters["skipped_steps"] == 5 and opt.fisher_steps == 0 and opt._pending == {}
+
+
+def test_sampled_mode_without_sample_fisher_says_so():
+    model = lm()
+    opt = KFAC(whiten.param_groups(model), model=model, factor_every=1, fisher="sampled")
+    with pytest.warns(RuntimeWarning, match="sample_fisher"):
+        lm_step(opt, model, 0)
+    assert opt.state[model[1].weight]["factor_updates"] == 0
+    lm_step(opt, model, 1, sampled=True)
+    assert opt.state[model[1].weight]["factor_updates"] == 1
+    assert opt.sample_fisher(model(lm_batch(0)[0])) is True  # factor_every=1: every step samples
+    empirical = KFAC(whiten.param_groups(model), model=model)
+    assert empirical.sample_fisher(model(lm_batch(0)[0])) is False  # the empirical Fisher never samples

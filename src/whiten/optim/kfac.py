@@ -453,13 +453,15 @@ class KFAC(FisherMixin, WhitenOptimizer):
         """K-FAC takes the sampled backward's output gradients in its hooks; the parameter gradients are dropped."""
 
     def _on_forward(self, module, args, kwargs, output) -> None:
-        layer = self.plan().by_module.get(id(module))
-        if (layer is None or layer.module is not module or not torch.is_grad_enabled()
-                or not isinstance(output, torch.Tensor) or not output.requires_grad):
-            return
         step = self.fisher_steps
-        factors = self._factor_step(step)
-        basis = self._scale_basis(layer) if self._scale_step(step) else None
+        factors, scale = self._factor_step(step), self._scale_step(step)
+        if not (factors or scale) or not torch.is_grad_enabled():  # most steps, and evaluation: nothing to do
+            return
+        layer = self._plan.by_module.get(id(module))  # the plan is rebuilt whenever the param groups change
+        if (layer is None or layer.module is not module or not isinstance(output, torch.Tensor)
+                or not output.requires_grad):
+            return
+        basis = self._scale_basis(layer) if scale else None
         if not factors and basis is None:
             return
         x = args[0] if args else kwargs.get("input")
@@ -500,6 +502,10 @@ class KFAC(FisherMixin, WhitenOptimizer):
         return None
 
     # ----- which parameter is what ----------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self.plan()
+
     def plan(self) -> _Plan:
         """The K-FAC layers and the roles of the parameters, rebuilt when the param groups change."""
         params = [p for g in self.param_groups for p in g["params"]]
@@ -608,8 +614,9 @@ class KFAC(FisherMixin, WhitenOptimizer):
         names = ("a", "g", "corr")
         ready = {}
         if ctx is None:
+            current = {id(layer) for layer in layers}
             for layer, s in pending.items():
-                if layer in self.plan().by_module.values():
+                if id(layer) in current:
                     ready[layer] = _Ready(*(getattr(s, k).div_(getattr(s, k + "_calls")) if getattr(s, k) is not None
                                             else None for k in names))
         else:
@@ -847,8 +854,9 @@ class KFAC(FisherMixin, WhitenOptimizer):
 
     # ----- checkpoints and copies ---------------------------------------------------------------------------------
     def __getstate__(self):
-        state = super().__getstate__()
-        state["model"] = self.model  # so a copy re-hooks its own copy of the model
+        state = super().__getstate__()  # torch keeps defaults, state and param_groups only
+        # the model travels with the optimizer so that a copy hooks its own copy of the model
+        state.update({k: getattr(self, k) for k in ("model", *self.PICKLED_SETTINGS)})
         return state
 
     def __setstate__(self, state):
@@ -856,6 +864,7 @@ class KFAC(FisherMixin, WhitenOptimizer):
         self._model_params = {id(p) for p in self.model.parameters()}
         self._plan_key, self._plan = None, _Plan()
         self._pending, self._ready, self._handles, self._warned, self._replicas = {}, {}, [], set(), {}
+        self.plan()
         self.register_hooks()
 
     def load_state_dict(self, state_dict) -> None:
