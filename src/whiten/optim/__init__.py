@@ -6,5 +6,7 @@ from .schedule_free import ScheduleFreeAdamW
 from .shampoo import Shampoo
 from .soap import SOAP
 from .splus import SPlus
+from .sophia import Sophia
+from .tnt import TNT
 
-__all__ = ["SPlus", "Muon", "ScheduleFreeAdamW", "SOAP", "Shampoo", "PSGDKron"]
+__all__ = ["SPlus", "Muon", "ScheduleFreeAdamW", "SOAP", "Shampoo", "PSGDKron", "TNT", "Sophia"]
