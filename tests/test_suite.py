@@ -26,13 +26,18 @@ OPTIMIZERS = {
     "PSGDKron": lambda params, **kw: whiten.PSGDKron(params, **{"lr": 0.01, **kw}),
     "Muon": lambda params, **kw: whiten.Muon(params, **{"lr": 0.02, "adam_lr": 0.01, **kw}),
     "ScheduleFreeAdamW": lambda params, **kw: whiten.ScheduleFreeAdamW(params, **{"lr": 0.01, **kw}),
+    # the suite calls plain backward only: no curvature is sampled, so TNT runs SGD with momentum and Sophia its
+    # clipped sign step (h = 0); tests/test_tnt.py and tests/test_sophia.py sample it
+    "TNT": lambda params, **kw: whiten.TNT(params, **{"lr": 0.01, **kw}),
+    "Sophia": lambda params, **kw: whiten.Sophia(params, **{"lr": 0.01, **kw}),
 }
 # learning rates that solve the two small problems below in a few hundred steps
 QUADRATIC = {"SPlus": dict(lr=0.1), "SOAP": dict(lr=0.03), "Shampoo": dict(lr=0.03), "PSGDKron": dict(lr=0.03),
-             "Muon": dict(lr=0.03), "ScheduleFreeAdamW": dict(lr=0.1)}
+             "Muon": dict(lr=0.03), "ScheduleFreeAdamW": dict(lr=0.1), "TNT": dict(lr=0.01),
+             "Sophia": dict(lr=0.03)}
 ROSENBROCK = {"SPlus": dict(lr=0.01, nonstandard_constant=1.0, ema_rate=0.99), "SOAP": {}, "Shampoo": dict(lr=0.03),
-              "PSGDKron": {}, "Muon": {}, "ScheduleFreeAdamW": dict(lr=0.1)}
-AVERAGING = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "Muon"]  # ema_rate = iterate averaging via AveragingMixin
+              "PSGDKron": {}, "Muon": {}, "ScheduleFreeAdamW": dict(lr=0.1), "TNT": dict(lr=1e-3), "Sophia": {}}
+AVERAGING = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "Muon", "TNT", "Sophia"]  # ema_rate = iterate averaging via AveragingMixin
 BATCHED = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "Muon"]
 ALL = list(OPTIMIZERS)
 

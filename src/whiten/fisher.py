@@ -56,7 +56,8 @@ otherwise stays AdamW's::
   mean, as DDP averages ``p.grad``. Ranks draw independent labels (the rank is part of the stream: labels shared
   between ranks would correlate the examples of different ranks and bias the outer products), and the numbers are
   those of one process that takes the ranks' batches as micro-batches in the order of the streams (rank r's call
-  c is one process's call ``c·world + r``). FSDP2 (DTensor parameters) is not supported: ``sample_fisher`` raises.
+  c is one process's call ``c·world + r``). Call it on every rank: the ranks that sampled meet in one all-reduce
+  at the step. FSDP2 (DTensor parameters) is not supported: ``sample_fisher`` raises.
 
 **Without sample_fisher** (a loop that only calls ``backward``) an optimizer never gets curvature; each one says
 what it does then (TNT: the identity preconditioner, i.e. SGD with momentum; Sophia: its clipping with a zero
@@ -123,6 +124,7 @@ class FisherMixin:
         self._fisher_sums = None  # per fisher_params() entry: sum over calls of n_call * mean gradient, or None
         self._fisher_n = 0  # labels kept since the last step
         self._fisher_calls = 0  # calls since the last step
+        self._fisher_sync = None  # the group the kept gradients are averaged over at the step
         self._fisher: dict = {}  # parameter -> mean sampled gradient, during the step that captured it
         self.fisher_n = 0  # labels behind the captured gradients of this step
 
@@ -143,6 +145,7 @@ class FisherMixin:
         return self._fisher.get(p)
 
     def _fisher_group(self):
+        """The group sampled gradients are averaged over (None: one process)."""
         params = self.fisher_params()
         if any(type(p).__name__ == "DTensor" for p in params):
             raise NotImplementedError(f"{type(self).__name__}.sample_fisher does not support DTensor (FSDP2) "
@@ -175,8 +178,11 @@ class FisherMixin:
         group = self._fisher_group()
         world, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
         n = logits.numel() // logits.shape[-1] if kind == "ce" else logits.numel()
+        # every rank that samples meets the others in the step's all-reduce, even with no labels this time
+        self._fisher_sync = group
         if n == 0:
-            return False
+            self._fisher_calls += 1
+            return True
         labels = sample_labels(logits, kind, _mix(self.fisher_seed, self.fisher_steps,
                                                    self._fisher_calls * world + rank))
         self._fisher_calls += 1
@@ -219,15 +225,15 @@ class FisherMixin:
         self.fisher_n = n
 
     def _consume_fisher(self) -> None:
-        """Turn the kept sums into mean gradients (over every rank's labels) and capture them; every rank of a
-        distributed run calls this at the same steps."""
-        due = self.fisher_due()
+        """Turn the kept sums into mean gradients (over every rank's labels) and capture them. Every rank that
+        called sample_fisher since the last step joins the all-reduce (so it must be called on every rank)."""
+        if self._fisher_calls == 0:  # nothing sampled on this rank since the last step: no collective
+            return
         sums, n = self._fisher_sums, self._fisher_n
         params = self.fisher_params()
-        group = self._fisher_group() if due else None
-        if group is not None:
-            sums, n = self._all_reduce_fisher(group, params, sums, n)
-        if not due or sums is None or n == 0:
+        if self._fisher_sync is not None:
+            sums, n = self._all_reduce_fisher(self._fisher_sync, params, sums, n)
+        if sums is None or n == 0:
             return
         grads = [None if s is None else s.div_(n) for s in sums]
         present = [g for g in grads if g is not None]
@@ -280,7 +286,7 @@ class FisherMixin:
         try:
             return super().step(closure)
         finally:  # consumed by the step, or dropped with a skipped one
-            self._fisher_sums, self._fisher_n, self._fisher_calls = None, 0, 0
+            self._fisher_sums, self._fisher_n, self._fisher_calls, self._fisher_sync = None, 0, 0, None
             self._fisher, self.fisher_n = {}, 0
 
     # ----- checkpoints and pickling ---------------------------------------------------------------------------------
@@ -318,11 +324,14 @@ class FisherMixin:
                 int(saved["seed"]), int(saved["steps"]), int(saved["skipped"]))
         self._reset_fisher_transient()
 
+    # settings kept as attributes (not group keys) that a pickled copy must keep; subclasses extend it
+    PICKLED_SETTINGS: tuple[str, ...] = ()
+
     def __getstate__(self):
-        state = super().__getstate__()
-        for key in ("_fisher_sums", "_fisher"):  # transient: between a sample_fisher and its step only
-            state.pop(key, None)
-        return state
+        state = super().__getstate__()  # torch keeps defaults, state and param_groups only
+        state.update({k: getattr(self, k) for k in ("fisher_seed", "fisher_steps", "fisher_skipped",
+                                                   *self.PICKLED_SETTINGS)})
+        return state  # kept gradients are transient (between a sample_fisher and its step): not pickled
 
     def __setstate__(self, state):
         super().__setstate__(state)
