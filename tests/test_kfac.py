@@ -647,3 +647,85 @@ def test_sampled_mode_without_sample_fisher_says_so():
     assert opt.sample_fisher(model(lm_batch(0)[0])) is True  # factor_every=1: every step samples
     empirical = KFAC(whiten.param_groups(model), model=model)
     assert empirical.sample_fisher(model(lm_batch(0)[0])) is False  # the empirical Fisher never samples
+
+
+# ----- DDP: the numbers of one process on the full batch -------------------------------------------------------------
+
+DDP_STEPS, DDP_SAVE = 8, 4
+
+
+def ddp_settings(cls, sampled):
+    kw = dict(factor_every=2, inverse_every=3, lr=0.05, fisher="sampled" if sampled else "empirical")
+    if cls is EKFAC:
+        kw["scale_every"] = 2
+    return kw
+
+
+def ddp_batch(t):
+    idx, y = lm_batch(t)
+    return torch.cat([idx, lm_batch(50 + t)[0]]), torch.cat([y, lm_batch(50 + t)[1]])  # 8 sequences
+
+
+def _ddp_worker(rank, world, cls, sampled):
+    import torch.distributed as dist
+
+    torch.set_default_dtype(torch.float64)
+    model = lm()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = cls(whiten.param_groups(model), model=model, process_group=dist.group.WORLD, **ddp_settings(cls, sampled))
+    rows = slice(4 * rank, 4 * rank + 4)
+    saved = None
+    for t in range(DDP_STEPS):
+        if t == DDP_SAVE:
+            saved = copy.deepcopy((model.state_dict(), whiten.distributed.full_state_dict(opt)))
+        idx, y = ddp_batch(t)
+        logits = ddp(idx[rows])
+        if sampled:
+            opt.sample_fisher(logits)
+        opt.zero_grad()
+        F.cross_entropy(logits.reshape(-1, 11), y[rows].reshape(-1)).backward()
+        opt.step()
+    owned = sum(1 for p in model.parameters() if opt.state.get(p))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, saved, owned
+
+
+def one_process(cls, sampled, start=0, resume=None):
+    """The full batch in one process: one forward for the empirical Fisher; the two halves as micro-batches
+    (sample_fisher on each, half of each loss) for the sampled one, as DDP's ranks draw their labels."""
+    model = lm()
+    opt = cls(whiten.param_groups(model), model=model, **ddp_settings(cls, sampled))
+    if resume is not None:
+        model.load_state_dict(resume[0])
+        opt.load_state_dict(resume[1])
+    for t in range(start, DDP_STEPS):
+        idx, y = ddp_batch(t)
+        opt.zero_grad()
+        if sampled:
+            for k in range(2):
+                logits = model(idx[4 * k:4 * k + 4])
+                opt.sample_fisher(logits)
+                (F.cross_entropy(logits.reshape(-1, 11), y[4 * k:4 * k + 4].reshape(-1)) / 2).backward()
+        else:
+            F.cross_entropy(model(idx).reshape(-1, 11), y.reshape(-1)).backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("cls,sampled", [(KFAC, False), (EKFAC, False), (KFAC, True), (EKFAC, True)])
+def test_ddp_equals_one_process_on_the_full_batch(cls, sampled):
+    from dist_utils import launch
+
+    results = launch(_ddp_worker, 2, cls, sampled)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = one_process(cls, sampled)
+        resumed = one_process(cls, sampled, start=DDP_SAVE, resume=results[0][1])
+    finally:
+        torch.set_num_threads(threads)
+    for rank, (params, _, owned) in enumerate(results):
+        assert 0 < owned < len(params)  # the layers were split over the ranks
+        for n in expected:
+            torch.testing.assert_close(params[n], expected[n], rtol=1e-9, atol=1e-12, msg=f"rank {rank}: {n}")
+    for n in expected:  # rank 0's full_state_dict resumes one process
+        torch.testing.assert_close(resumed[n], expected[n], rtol=1e-9, atol=1e-12, msg=n)

@@ -677,14 +677,15 @@ class KFAC(FisherMixin, WhitenOptimizer):
             warnings.warn(f"{type(self).__name__}(fisher='sampled'): no sampled backward reached {len(half)} "
                           f"layer(s) (first: {half[0]!r}) at a factor step, so their factors were not updated; "
                           "call opt.sample_fisher(logits) after the forward and before loss.backward()",
-                          RuntimeWarning, stacklevel=5)
+                          RuntimeWarning, stacklevel=8)
         if missing and "missing" not in self._warned:
             self._warned.add("missing")
             warnings.warn(f"{type(self).__name__}: the hooks caught no activations for {len(missing)} layer(s) "
                           f"with a gradient (first: {missing[0]!r}) at a factor step (hooks removed, the forward "
                           "run under no_grad, a gradient set by hand, or a module whose forward bypasses its own "
-                          "call); they keep their factors, and a layer that never had any steps with its raw "
-                          "gradient. This warning is shown once.", RuntimeWarning, stacklevel=5)
+                          "call); such a layer keeps its current factors, and one that never caught any is "
+                          "stepped with its raw gradient. This warning is shown once.", RuntimeWarning,
+                          stacklevel=8)
 
     def apply_step(self, work) -> None:
         ctx = self._dist[1] if self._dist is not None else None
