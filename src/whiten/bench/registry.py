@@ -82,6 +82,16 @@ def _whiten(class_name: str):
     return build
 
 
+def _whiten_hooked(class_name: str):
+    """Optimizers that hook the model's layers themselves (K-FAC, EKFAC): they take ``model=`` too."""
+    def build(model, lr, options, width, steps):
+        return getattr(whiten, class_name)(whiten.param_groups(model), model=model, lr=lr,
+                                           **_resolve(options, width, steps))
+
+    build.whiten = True
+    return build
+
+
 def _whiten_muon(model, lr, options, width, steps):
     options = _resolve(options, width, steps)
     # one knob for the sweep: the AdamW part (embeddings, head, vectors) moves with Muon's lr
@@ -186,6 +196,31 @@ REGISTRY: dict[str, OptimizerSpec] = {
     "pytorch_optimizer:SOAP": OptimizerSpec(
         "pytorch_optimizer:SOAP", _pytorch_optimizer("SOAP"), default_lr=4.64e-3, lr_grid=lr_grid(-10, -5),
         options=dict(betas=(0.95, 0.95), weight_decay=0.01), source="pytorch_optimizer.SOAP"),
+    # K-FAC and EKFAC (whiten.KFAC/EKFAC, with model=): the references' settings (alecwangcq/KFAC-Pytorch: factors
+    # every 10 steps, inversions every 100, damping 1e-3, factor decay 0.95, KL clip 1e-3, momentum 0.9). Weight
+    # decay is L2 on the natural-gradient direction inside SGD's momentum, so 0.01 decays about as AdamW's 0.1.
+    # Empirical Fisher: AdamW's loop. "-sampled": the true Fisher, the harness calling sample_fisher every 10 steps.
+    # loss_average "batch" on vit (a classifier of token sequences) is only needed for the empirical Fisher: the
+    # default treats every token as a loss term, right for lm; sampled labels count themselves.
+    "kfac": OptimizerSpec(
+        "kfac", _whiten_hooked("KFAC"), default_lr=0.01, lr_grid=lr_grid(-9, -1),
+        options=dict(momentum=0.9, damping=1e-3, weight_decay=0.01, factor_every=10, inverse_every=100),
+        source="whiten.KFAC (alecwangcq/KFAC-Pytorch settings), empirical Fisher"),
+    "ekfac": OptimizerSpec(
+        "ekfac", _whiten_hooked("EKFAC"), default_lr=0.01, lr_grid=lr_grid(-9, -1),
+        options=dict(momentum=0.9, damping=1e-3, weight_decay=0.01, factor_every=10, inverse_every=100,
+                     scale_every=10),
+        source="whiten.EKFAC (alecwangcq/KFAC-Pytorch settings), empirical Fisher"),
+    "kfac-sampled": OptimizerSpec(
+        "kfac-sampled", _whiten_hooked("KFAC"), default_lr=0.01, lr_grid=lr_grid(-9, -1),
+        options=dict(momentum=0.9, damping=1e-3, weight_decay=0.01, factor_every=10, inverse_every=100,
+                     fisher="sampled"),
+        source="whiten.KFAC (alecwangcq/KFAC-Pytorch settings), sampled-label (true) Fisher every 10 steps"),
+    "ekfac-sampled": OptimizerSpec(
+        "ekfac-sampled", _whiten_hooked("EKFAC"), default_lr=0.01, lr_grid=lr_grid(-9, -1),
+        options=dict(momentum=0.9, damping=1e-3, weight_decay=0.01, factor_every=10, inverse_every=100,
+                     scale_every=10, fisher="sampled"),
+        source="whiten.EKFAC (alecwangcq/KFAC-Pytorch settings), sampled-label (true) Fisher every 10 steps"),
 }
 
 

@@ -249,7 +249,7 @@ class KFAC(FisherMixin, WhitenOptimizer):
     .. math::
         A &\leftarrow \beta A + (1-\beta)\,\overline{a a^\top}, \qquad
         G \leftarrow \beta G + (1-\beta)\, L\,\textstyle\sum_{rows} \delta \delta^\top
-        \qquad \text{(every factor\_every steps; the first update copies)} \\
+        \qquad \text{(every factor\_every steps, from } A_0 = G_0 = I) \\
         \pi &= \sqrt{\tfrac{\mathrm{tr}(A)/d_{in}}{\mathrm{tr}(G)/d_{out}}}, \quad
         A^{-1}_\lambda = (A + \pi\sqrt\lambda I)^{-1}, \quad G^{-1}_\lambda = (G + \tfrac{\sqrt\lambda}{\pi} I)^{-1}
         \qquad \text{(every inverse\_every steps)} \\
@@ -553,6 +553,8 @@ class KFAC(FisherMixin, WhitenOptimizer):
         if kind is not None and kind[0] == "weight":
             for key, shape in self._layer_shapes(kind[1]).items():
                 state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+            for key in ("factor_a", "factor_g"):
+                _set_identity(state[key])
             state["factor_updates"] = 0
             state["refreshes"] = 0
         return state
@@ -774,17 +776,14 @@ class KFAC(FisherMixin, WhitenOptimizer):
 
     # ----- factors, inverses, preconditioning (K-FAC) ----------------------------------------------------------------
     def _fold(self, layer: _Layer, state: dict, ready: _Ready, group: dict) -> None:
-        """Factor EMA: the first update copies the statistics (kfac-pytorch's rule), later ones average. A and G
-        enter together or not at all."""
+        """Factor EMA from the identity (alecwangcq's initialisation): the first steps stay close to SGD while the
+        averages fill, where copying the first statistics (kfac-pytorch) preconditions with one batch's rank-
+        deficient factors until the next inversion. A and G enter together or not at all."""
         if ready.a is None or ready.g is None:
             return
         beta = group["factor_decay"]
         for key, value in (("factor_a", ready.a), ("factor_g", ready.g)):
-            value = value.to(state[key].dtype)
-            if state["factor_updates"] == 0:
-                state[key].copy_(value)
-            else:
-                state[key].mul_(beta).add_(value, alpha=1.0 - beta)
+            state[key].mul_(beta).add_(value.to(state[key].dtype), alpha=1.0 - beta)
         state["factor_updates"] += 1
 
     def _refresh_due(self, step: int, items) -> None:
@@ -797,7 +796,9 @@ class KFAC(FisherMixin, WhitenOptimizer):
         restarted = self.restart_nonfinite([s[k] for _, s, _ in due for k in ("factor_a", "factor_g")])
         for i, (layer, s, group) in enumerate(due):
             if restarted[2 * i] or restarted[2 * i + 1]:
-                s["factor_updates"] = 0
+                for key, bad in (("factor_a", restarted[2 * i]), ("factor_g", restarted[2 * i + 1])):
+                    if bad:
+                        _set_identity(s[key])  # where a fresh factor starts
                 continue
             if self._refresh(layer, s, group):
                 s["refreshes"] += 1
@@ -871,6 +872,14 @@ class KFAC(FisherMixin, WhitenOptimizer):
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
         self._replicas = {}
+
+
+def _set_identity(F: torch.Tensor) -> None:
+    """A factor's starting value: I, or ones for a diagonal factor stored as a vector."""
+    if F.ndim == 1:
+        F.fill_(1.0)
+    else:
+        F.zero_().diagonal().fill_(1.0)
 
 
 def _remove_handles(handles) -> None:
