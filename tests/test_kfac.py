@@ -773,3 +773,42 @@ def test_registry_entries_build_with_the_model_and_run(tmp_path, task, name):
         warnings.simplefilter("error", RuntimeWarning)  # e.g. hooks that caught nothing
         summary = run(cfg, t, tmp_path)
     assert not summary["diverged"] and math.isfinite(summary["final_val_loss"])
+
+
+def _fsdp_worker(rank, world, classes):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_default_dtype(torch.float64)
+    out = {}
+    for cls in classes:
+        model = lm()
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        opt = cls(whiten.param_groups(model), model=model, **ddp_settings(cls, False))
+        rows = slice(4 * rank, 4 * rank + 4)
+        for t in range(DDP_STEPS):
+            idx, y = ddp_batch(t)
+            opt.zero_grad()
+            F.cross_entropy(model(idx[rows]).reshape(-1, 11), y[rows].reshape(-1)).backward()
+            opt.step()
+        out[cls.__name__] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    return out
+
+
+def test_fsdp2_equals_one_process_on_the_full_batch():
+    """fully_shard (DTensor parameters), empirical Fisher: the parameters' mesh is used by itself. (The sampled
+    Fisher is DDP-only: whiten.fisher's sample_fisher refuses DTensor parameters.)"""
+    from dist_utils import launch
+
+    results = launch(_fsdp_worker, 2, BOTH)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for cls in BOTH:
+            expected = one_process(cls, False)
+            for rank, res in enumerate(results):
+                for n in expected:
+                    torch.testing.assert_close(res[cls.__name__][n], expected[n], rtol=1e-9, atol=1e-12,
+                                               msg=f"{cls.__name__}, rank {rank}: {n}")
+    finally:
+        torch.set_num_threads(threads)

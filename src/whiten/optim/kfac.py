@@ -76,7 +76,7 @@ class _Layer:
     def d_in(self) -> int:
         if self.kind == "embedding":
             return self.weight.shape[0]
-        return self.weight[0].numel() + (self.bias is not None)
+        return math.prod(self.weight.shape[1:]) + (self.bias is not None)  # shapes only: no DTensor indexing
 
     @property
     def diagonal_a(self) -> bool:
