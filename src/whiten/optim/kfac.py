@@ -308,11 +308,13 @@ class KFAC(FisherMixin, WhitenOptimizer):
     resumed run builds a new optimizer on the model (new hooks) and loads the state dict: factors, inverses,
     momenta and the step clock come back exactly.
 
-    **Distributed.** With ``process_group`` (DDP), every rank's statistics are averaged over the group before
-    they enter the factors (one all-reduce per factor step), so the factors are those of one process on the full
-    batch (equal local batches); each layer (weight and bias together) is then stepped by one owner rank (whiten's
-    cost-balanced plan), which also inverts its factors, and the new values are broadcast. The KL clip's sum is
-    all-reduced.
+    **Distributed.** With ``process_group`` (DDP) or DTensor parameters (FSDP2 ``fully_shard``, empirical Fisher
+    only: ``sample_fisher`` refuses DTensors), every rank's statistics are averaged over the group before they
+    enter the factors (a count vector and one flat buffer, on factor steps), so the factors are those of one
+    process on the full batch (equal local batches); each layer (weight and bias together) is then stepped by
+    one owner rank (whiten's cost-balanced plan), which also inverts its factors, and the new values are sent to
+    the others. The KL clip's sum is all-reduced. A sampled-Fisher DDP run equals one process that takes the
+    ranks' batches as micro-batches (:mod:`whiten.fisher`).
 
     State per K-FAC weight (float32; float64 for float64 parameters): ``step`` (int), ``momentum`` (shape of p),
     ``factor_a`` (d_in, d_in) or (vocabulary,) for an embedding, ``factor_g`` (d_out, d_out), ``inverse_a``,
