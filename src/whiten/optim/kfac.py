@@ -21,7 +21,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed as wdist
 from ..fisher import FisherMixin
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import (WhitenOptimizer, check_int, check_lr, check_range, check_role, check_weight_decay,
@@ -344,7 +343,7 @@ class KFAC(FisherMixin, WhitenOptimizer):
     Architectures", NeurIPS 2023.
     """
 
-    EIGEN = False  # EKFAC keeps eigenbases and scales instead of inverses
+    scale_every: int | None = None  # EKFAC's
     PICKLED_SETTINGS = ("fisher", "loss_average", "kl_clip", "factor_every", "inverse_every", "scale_every")
 
     def __init__(
@@ -364,7 +363,6 @@ class KFAC(FisherMixin, WhitenOptimizer):
         fisher_seed: int = 0,
         nonfinite: str = "skip",
         process_group=None,
-        scale_every: int | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__}: model must be the torch.nn.Module whose layers it "
@@ -378,15 +376,12 @@ class KFAC(FisherMixin, WhitenOptimizer):
             check_range("kl_clip", kl_clip, 0.0)
         check_int("factor_every", factor_every, 1)
         check_int("inverse_every", inverse_every, 1)
-        if scale_every is not None:
-            check_int("scale_every", scale_every, 1)
         self.model = model
         self.fisher = fisher
         self.loss_average = loss_average
         self.kl_clip = float(kl_clip) if kl_clip else 0.0
         self.factor_every = factor_every
         self.inverse_every = inverse_every
-        self.scale_every = scale_every
         self._model_params = {id(p) for p in model.parameters()}
         self._plan_key = None
         self._plan = _Plan()
@@ -449,7 +444,8 @@ class KFAC(FisherMixin, WhitenOptimizer):
     def fisher_params(self) -> list[torch.Tensor]:
         # Asking autograd for every layer's weight makes the sampled backward reach every layer's output, where
         # the hooks are; the gradients themselves are not used.
-        return [layer.weight for layer in self.plan().layers]
+        weights = [layer.weight for layer in self.plan().layers]
+        return weights or [p for g in self.param_groups for p in g["params"]]
 
     def capture_fisher(self, grads: list, n: int) -> None:
         """K-FAC takes the sampled backward's output gradients in its hooks; the parameter gradients are dropped."""
@@ -929,19 +925,18 @@ class EKFAC(KFAC):
     Descent in a Kronecker-factored Eigenbasis", NeurIPS 2018.
     """
 
-    EIGEN = True
-
     def __init__(self, params, model: nn.Module, lr: float = 0.01, momentum: float = 0.9, damping: float = 1e-3,
                  factor_decay: float = 0.95, kl_clip: float | None = 1e-3, weight_decay: float = 0.0,
                  factor_every: int = 10, inverse_every: int = 100, scale_every: int = 10,
                  fisher: str = "empirical", loss_average: str = "batch+sequence", fisher_seed: int = 0,
                  nonfinite: str = "skip", process_group=None):
+        check_int("scale_every", scale_every, 1)
+        self.scale_every = scale_every  # before the hooks exist
         self._replicas_stale = True
         super().__init__(params, model, lr=lr, momentum=momentum, damping=damping, factor_decay=factor_decay,
                          kl_clip=kl_clip, weight_decay=weight_decay, factor_every=factor_every,
                          inverse_every=inverse_every, fisher=fisher, loss_average=loss_average,
-                         fisher_seed=fisher_seed, nonfinite=nonfinite, process_group=process_group,
-                         scale_every=scale_every)
+                         fisher_seed=fisher_seed, nonfinite=nonfinite, process_group=process_group)
 
     def _scale_step(self, step: int) -> bool:
         return step % self.scale_every == 0
