@@ -308,10 +308,28 @@ def _one_process(name, world, steps, sample=True):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def _real_ddp_run(rank, world, name, steps):
+    """torch's DistributedDataParallel around the model, and no process_group: the sampled gradients are averaged
+    over the default group, as DDP averages p.grad (the extra autograd.grad does not disturb DDP's reducer)."""
+    model = net().double()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = FISHER_OPTIMIZERS[name](whiten.param_groups(model))
+    for t in range(steps):
+        x, y = _global_batch(t, world)
+        x, y = x[rank * RANK_ROWS:(rank + 1) * RANK_ROWS], y[rank * RANK_ROWS:(rank + 1) * RANK_ROWS]
+        logits = ddp(x)
+        opt.sample_fisher(logits)
+        opt.zero_grad()
+        F.cross_entropy(logits, y).backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, opt.state_dict()["param_groups"][0]["fisher"]
+
+
+@pytest.mark.parametrize("runner", ["process_group", "DistributedDataParallel"])
 @pytest.mark.parametrize("name", list(FISHER_OPTIMIZERS))
-def test_ddp_sampling_on_every_rank_matches_one_process(name):
+def test_ddp_sampling_on_every_rank_matches_one_process(name, runner):
     world, steps = 2, 6
-    results = launch(_ddp_run, world, name, steps)
+    results = launch(_ddp_run if runner == "process_group" else _real_ddp_run, world, name, steps)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -321,7 +339,34 @@ def test_ddp_sampling_on_every_rank_matches_one_process(name):
     for rank, (params, fisher_state) in enumerate(results):
         assert fisher_state == results[0][1]  # the same sampling state on every rank
         for n, v in params.items():
-            torch.testing.assert_close(v, expected[n], rtol=1e-12, atol=1e-13, msg=f"{name} rank {rank}: {n}")
+            torch.testing.assert_close(v, expected[n], rtol=1e-11, atol=1e-12, msg=f"{name} rank {rank}: {n}")
     # and the sampled curvature mattered: a run without it ends elsewhere
     plain = _one_process(name, world, steps, sample=False)
     assert any(not torch.allclose(v, plain[n], rtol=1e-4, atol=1e-6) for n, v in expected.items())
+
+
+@pytest.mark.parametrize("name", list(FISHER_OPTIMIZERS))
+def test_dcp_round_trip_resumes_the_label_stream(name, tmp_path):
+    """torch.distributed.checkpoint keeps only the first param group's extra keys: the sampling state travels
+    there, so a DCP resume samples the same labels as the uninterrupted run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def factory(model):
+        return FISHER_OPTIMIZERS[name](whiten.param_groups(model), fisher_seed=4)
+
+    model = net()
+    opt = run(factory, model, 0, 5)
+    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp_path)
+    run(factory, model, 5, 9, opt=opt)
+
+    model2 = net(seed=1)
+    opt2 = FISHER_OPTIMIZERS[name](whiten.param_groups(model2))
+    state = {"model": model2.state_dict(), "optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(state, checkpoint_id=tmp_path)
+    model2.load_state_dict(state["model"])
+    set_optimizer_state_dict(model2, opt2, state["optim"])
+    assert (opt2.fisher_seed, opt2.fisher_steps) == (4, 5)
+    run(factory, model2, 5, 9, opt=opt2)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)

@@ -180,14 +180,14 @@ class FisherMixin:
         n = logits.numel() // logits.shape[-1] if kind == "ce" else logits.numel()
         # every rank that samples meets the others in the step's all-reduce, even with no labels this time
         self._fisher_sync = group
-        if n == 0:
+        params = self.fisher_params()
+        wanted = [i for i, p in enumerate(params) if p.requires_grad]
+        if n == 0 or not wanted:
             self._fisher_calls += 1
             return True
         labels = sample_labels(logits, kind, _mix(self.fisher_seed, self.fisher_steps,
                                                    self._fisher_calls * world + rank))
         self._fisher_calls += 1
-        params = self.fisher_params()
-        wanted = [i for i, p in enumerate(params) if p.requires_grad]
         with torch.enable_grad():
             if kind == "ce":
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))

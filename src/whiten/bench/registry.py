@@ -1,7 +1,8 @@
 """The benchmark's optimizers: one registry, each entry's learning-rate grid and defaults are data.
 
 Names: ``adamw`` (torch.optim.AdamW, the baseline); whiten's ``splus``, ``soap``, ``shampoo``, ``psgd-kron``,
-``muon``, ``schedule-free-adamw`` and ``schedule-free-adamw-b0.999``; ``torch:Muon`` (torch.optim.Muon on hidden matrices, AdamW on the rest); and ``pytorch_optimizer:<Class>`` for any optimizer of the ``pytorch-optimizer``
+``muon``, ``schedule-free-adamw`` and ``schedule-free-adamw-b0.999``; ``tnt`` and ``sophia`` (sampled-label
+curvature: the harness calls their ``sample_fisher``); ``torch:Muon`` (torch.optim.Muon on hidden matrices, AdamW on the rest); and ``pytorch_optimizer:<Class>`` for any optimizer of the ``pytorch-optimizer``
 package (``pytorch_optimizer:SPlus``, ``pytorch_optimizer:SOAP``, ...). Every optimizer gets the param groups of
 ``whiten.param_groups(model)``, so weight decay is masked the same way for all of them.
 """
@@ -184,6 +185,19 @@ REGISTRY: dict[str, OptimizerSpec] = {
         "schedule-free-adamw-b0.999", _whiten("ScheduleFreeAdamW"), default_lr=2.15e-3, lr_grid=lr_grid(-9, -4),
         options=dict(betas=(0.9, 0.999), weight_decay=0.1), averages=True,
         source="whiten.ScheduleFreeAdamW, betas (0.9, 0.999) as the reference's"),
+    # The Fisher family: the harness calls opt.sample_fisher(logits) on the steps they ask for it (run.py), inside
+    # the timed step. TNT: the authors' CIFAR-10 settings (lr 1e-4, damping 0.01, weight decay 10, T1 10, T2 100);
+    # its step is m·(F/N + ε)⁻¹-sized, far from AdamW's scale, hence the wide grid.
+    "tnt": OptimizerSpec(
+        "tnt", _whiten("TNT"), default_lr=1e-4, lr_grid=lr_grid(-18, -6),
+        options=dict(momentum=0.9, damping=0.01, weight_decay=10.0, update_freq=10, inverse_freq=100),
+        source="whiten.TNT (the authors' CIFAR-10 settings), sampled-label Fisher every 10 steps"),
+    # Sophia: SophiaG's class defaults (betas, rho 0.04, weight decay 0.1) and the script's k = 10; its clipped
+    # step is at most lr per coordinate, so its lr lives on AdamW's scale.
+    "sophia": OptimizerSpec(
+        "sophia", _whiten("Sophia"), default_lr=1e-3, lr_grid=lr_grid(-12, -6),
+        options=dict(betas=(0.965, 0.99), rho=0.04, weight_decay=0.1, k=10),
+        source="whiten.Sophia (SophiaG defaults), Gauss-Newton-Bartlett Hessian every 10 steps"),
     "torch:Muon": OptimizerSpec(
         "torch:Muon", _torch_muon, default_lr=0.01, lr_grid=lr_grid(-7, -2),
         options=dict(momentum=0.95, weight_decay=0.1, adam_lr_ratio=0.15, adam_betas=(0.9, 0.95)),

@@ -130,13 +130,17 @@ class Sophia(FisherMixin, AveragingMixin, WhitenOptimizer):
             hs, gs = [h for h, _ in sampled], [g for _, g in sampled]
             torch._foreach_mul_(hs, beta2)
             torch._foreach_addcmul_(hs, gs, gs, value=(1.0 - beta2) * self.fisher_n)
-        ms = [s["exp_avg"] for s in states]
+        ms, hs = [s["exp_avg"] for s in states], [s["hessian"] for s in states]
         grads = [p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype) for p, m in zip(params, ms)]
         torch._foreach_lerp_(ms, grads, 1.0 - beta1)
-        for p, s in zip(params, states):
-            m, h = s["exp_avg"], s["hessian"]
-            ratio = (m.abs() / (rho * h + HESSIAN_EPS)).clamp_(max=1.0)
-            step = ratio.mul_(m.sign())
+        # sign(m) · min(1, |m| / (ρh + 1e-15)), the reference's arithmetic, with foreach kernels
+        denom = torch._foreach_mul(hs, rho)
+        torch._foreach_add_(denom, HESSIAN_EPS)
+        steps = torch._foreach_abs(ms)
+        torch._foreach_div_(steps, denom)
+        torch._foreach_clamp_max_(steps, 1.0)
+        torch._foreach_mul_(steps, torch._foreach_sign(ms))
+        for p, m, step in zip(params, ms, steps):
             keep = 1.0 - lr * group["weight_decay"] * self._decays(p, group)
             if p.dtype == m.dtype:
                 p.mul_(keep).add_(step, alpha=-lr)
