@@ -757,8 +757,10 @@ def test_fits_a_fixed_batch(kind, cls, sampled):
 # ----- the benchmark's registry --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("task", ["lm", "vit", "dit"])
-@pytest.mark.parametrize("name", ["kfac", "ekfac"])
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "kfac-sampled", "ekfac-sampled"])
 def test_registry_entries_build_with_the_model_and_run(tmp_path, task, name):
+    """The harness builds them with model= and, for the sampled Fisher, calls sample_fisher on factor steps (a
+    missed call would warn: warnings are errors here)."""
     from whiten.bench import registry
     from whiten.bench.run import RunConfig, run
     from whiten.bench.tasks import make_task
@@ -768,6 +770,7 @@ def test_registry_entries_build_with_the_model_and_run(tmp_path, task, name):
     spec = registry.get_spec(name)
     opt = registry.build_optimizer(spec, t.build_model(0), spec.default_lr, t.width, steps=12)
     assert isinstance(opt, KFAC) and opt.plan().layers and opt.hooks_registered
+    assert opt.fisher == ("sampled" if name.endswith("sampled") else "empirical")
     cfg = RunConfig(task=task, profile="tiny", optimizer=name, lr=spec.default_lr, seed=0, steps=12, evals=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # e.g. hooks that caught nothing
