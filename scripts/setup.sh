@@ -34,6 +34,10 @@ fi
 "$PY" -m pip install --quiet -e ".[test,bench]"
 # kron-torch (the PSGD-Kron reference the tests compare against) declares triton but never imports it
 "$PY" -m pip install --quiet --no-deps "kron-torch==0.3.3"
+# curvlinops-for-pytorch (the K-FAC/EKFAC reference of tests/test_kfac.py) declares backpack-for-pytorch, whose
+# torchvision pin pulls a CUDA torch; curvlinops' KFAC/EKFAC never import it. Its imported dependencies (einops,
+# einconv, linear_operator) are pinned in the test extra.
+"$PY" -m pip install --quiet --no-deps "curvlinops-for-pytorch==3.0.1"
 
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   SUDO=""

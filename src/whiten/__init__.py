@@ -5,8 +5,10 @@
 
 from .averaging import averaged_value
 from .optim import SOAP, Muon, PSGDKron, ScheduleFreeAdamW, Shampoo, SPlus
+from .optim import TNT, Sophia
+from .optim import EKFAC, KFAC
 from .roles import ROLES, RolePlan, param_groups, plan_roles
 
 __version__ = "0.1.0"
 
-__all__ = ["SPlus", "Muon", "ScheduleFreeAdamW", "SOAP", "Shampoo", "PSGDKron", "param_groups", "plan_roles", "RolePlan", "ROLES", "averaged_value", "__version__"]
+__all__ = ["SPlus", "Muon", "ScheduleFreeAdamW", "SOAP", "Shampoo", "PSGDKron", "TNT", "Sophia", "KFAC", "EKFAC", "param_groups", "plan_roles", "RolePlan", "ROLES", "averaged_value", "__version__"]

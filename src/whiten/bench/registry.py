@@ -2,7 +2,9 @@
 
 Names: ``adamw`` (torch.optim.AdamW, the baseline); whiten's ``splus``, ``soap``, ``shampoo``, ``psgd-kron``,
 ``muon``, ``schedule-free-adamw`` and ``schedule-free-adamw-b0.999``; ``splus-bf16`` and ``soap-bf16`` (the same
-with bfloat16 rotations); ``torch:Muon`` (torch.optim.Muon on hidden matrices, AdamW on the rest); and ``pytorch_optimizer:<Class>`` for any optimizer of the ``pytorch-optimizer``
+with bfloat16 rotations); ``tnt`` and ``sophia`` (sampled-label curvature: the harness calls their
+``sample_fisher``); ``torch:Muon`` (torch.optim.Muon on hidden matrices, AdamW on the rest); and
+``pytorch_optimizer:<Class>`` for any optimizer of the ``pytorch-optimizer``
 package (``pytorch_optimizer:SPlus``, ``pytorch_optimizer:SOAP``, ...). Every optimizer gets the param groups of
 ``whiten.param_groups(model)``, so weight decay is masked the same way for all of them.
 """
@@ -78,6 +80,16 @@ def _splus(model, lr, options, width, steps):
 def _whiten(class_name: str):
     def build(model, lr, options, width, steps):
         return getattr(whiten, class_name)(whiten.param_groups(model), lr=lr, **_resolve(options, width, steps))
+
+    build.whiten = True
+    return build
+
+
+def _whiten_hooked(class_name: str):
+    """Optimizers that hook the model's layers themselves (K-FAC, EKFAC): they take ``model=`` too."""
+    def build(model, lr, options, width, steps):
+        return getattr(whiten, class_name)(whiten.param_groups(model), model=model, lr=lr,
+                                           **_resolve(options, width, steps))
 
     build.whiten = True
     return build
@@ -175,6 +187,19 @@ REGISTRY: dict[str, OptimizerSpec] = {
         "schedule-free-adamw-b0.999", _whiten("ScheduleFreeAdamW"), default_lr=2.15e-3, lr_grid=lr_grid(-9, -4),
         options=dict(betas=(0.9, 0.999), weight_decay=0.1), averages=True,
         source="whiten.ScheduleFreeAdamW, betas (0.9, 0.999) as the reference's"),
+    # The Fisher family: the harness calls opt.sample_fisher(logits) on the steps they ask for it (run.py), inside
+    # the timed step. TNT: the authors' CIFAR-10 settings (lr 1e-4, damping 0.01, weight decay 10, T1 10, T2 100);
+    # its step is m·(F/N + ε)⁻¹-sized, far from AdamW's scale, hence the wide grid.
+    "tnt": OptimizerSpec(
+        "tnt", _whiten("TNT"), default_lr=1e-4, lr_grid=lr_grid(-18, -6),
+        options=dict(momentum=0.9, damping=0.01, weight_decay=10.0, update_freq=10, inverse_freq=100),
+        source="whiten.TNT (the authors' CIFAR-10 settings), sampled-label Fisher every 10 steps"),
+    # Sophia: SophiaG's class defaults (betas, rho 0.04, weight decay 0.1) and the script's k = 10; its clipped
+    # step is at most lr per coordinate, so its lr lives on AdamW's scale.
+    "sophia": OptimizerSpec(
+        "sophia", _whiten("Sophia"), default_lr=1e-3, lr_grid=lr_grid(-12, -6),
+        options=dict(betas=(0.965, 0.99), rho=0.04, weight_decay=0.1, k=10),
+        source="whiten.Sophia (SophiaG defaults), Gauss-Newton-Bartlett Hessian every 10 steps"),
     "torch:Muon": OptimizerSpec(
         "torch:Muon", _torch_muon, default_lr=0.01, lr_grid=lr_grid(-7, -2),
         options=dict(momentum=0.95, weight_decay=0.1, adam_lr_ratio=0.15, adam_betas=(0.9, 0.95)),
@@ -197,6 +222,31 @@ REGISTRY: dict[str, OptimizerSpec] = {
     "pytorch_optimizer:SOAP": OptimizerSpec(
         "pytorch_optimizer:SOAP", _pytorch_optimizer("SOAP"), default_lr=4.64e-3, lr_grid=lr_grid(-10, -5),
         options=dict(betas=(0.95, 0.95), weight_decay=0.01), source="pytorch_optimizer.SOAP"),
+    # K-FAC and EKFAC (whiten.KFAC/EKFAC, with model=): the references' settings (alecwangcq/KFAC-Pytorch: factors
+    # every 10 steps, inversions every 100, damping 1e-3, factor decay 0.95, KL clip 1e-3, momentum 0.9). Weight
+    # decay is L2 on the natural-gradient direction inside SGD's momentum, so 0.01 decays about as AdamW's 0.1.
+    # Empirical Fisher: AdamW's loop. "-sampled": the true Fisher, the harness calling sample_fisher every 10 steps.
+    # loss_average "batch" on vit (a classifier of token sequences) is only needed for the empirical Fisher: the
+    # default treats every token as a loss term, right for lm; sampled labels count themselves.
+    "kfac": OptimizerSpec(
+        "kfac", _whiten_hooked("KFAC"), default_lr=0.01, lr_grid=lr_grid(-9, -1),
+        options=dict(momentum=0.9, damping=1e-3, weight_decay=0.01, factor_every=10, inverse_every=100),
+        source="whiten.KFAC (alecwangcq/KFAC-Pytorch settings), empirical Fisher"),
+    "ekfac": OptimizerSpec(
+        "ekfac", _whiten_hooked("EKFAC"), default_lr=0.01, lr_grid=lr_grid(-9, -1),
+        options=dict(momentum=0.9, damping=1e-3, weight_decay=0.01, factor_every=10, inverse_every=100,
+                     scale_every=10),
+        source="whiten.EKFAC (alecwangcq/KFAC-Pytorch settings), empirical Fisher"),
+    "kfac-sampled": OptimizerSpec(
+        "kfac-sampled", _whiten_hooked("KFAC"), default_lr=0.01, lr_grid=lr_grid(-9, -1),
+        options=dict(momentum=0.9, damping=1e-3, weight_decay=0.01, factor_every=10, inverse_every=100,
+                     fisher="sampled"),
+        source="whiten.KFAC (alecwangcq/KFAC-Pytorch settings), sampled-label (true) Fisher every 10 steps"),
+    "ekfac-sampled": OptimizerSpec(
+        "ekfac-sampled", _whiten_hooked("EKFAC"), default_lr=0.01, lr_grid=lr_grid(-9, -1),
+        options=dict(momentum=0.9, damping=1e-3, weight_decay=0.01, factor_every=10, inverse_every=100,
+                     scale_every=10, fisher="sampled"),
+        source="whiten.EKFAC (alecwangcq/KFAC-Pytorch settings), sampled-label (true) Fisher every 10 steps"),
 }
 
 

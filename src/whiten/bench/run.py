@@ -194,7 +194,13 @@ def start_checkpoint(task: Task, seed: int, steps: int, root: Path) -> Path:
 def _train_step(task, model, opt, base_lrs, factor: float, batch) -> torch.Tensor:
     for g, lr in zip(opt.param_groups, base_lrs):
         g["lr"] = lr * factor
-    loss = task.loss(model, batch)
+    if hasattr(opt, "sample_fisher") and opt.fisher_due():
+        # the Fisher family (whiten.fisher): the extra backward on labels sampled from the model, on the steps the
+        # optimizer asks for it, inside the timed step like the rest of its cost
+        loss, output = task.loss_and_output(model, batch)
+        opt.sample_fisher(output, kind=task.fisher_kind)
+    else:
+        loss = task.loss(model, batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

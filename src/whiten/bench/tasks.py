@@ -49,6 +49,9 @@ class Task:
     def width(self) -> int:
         return self.config["width"]
 
+    # how sample_fisher reads loss_and_output's output: "ce" (class logits in the last dim) or "mse"
+    fisher_kind = "ce"
+
     def build_model(self, seed: int) -> torch.nn.Module:
         torch.manual_seed(seed)
         return build_model(self.name, self.config, **self._model_kwargs()).to(self.device)
@@ -106,9 +109,13 @@ class LMTask(Task):
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def loss(self, model, batch):
+        return self.loss_and_output(model, batch)[0]
+
+    def loss_and_output(self, model, batch):
+        """The loss and the logits it came from (for ``sample_fisher``; see :attr:`Task.fisher_kind`)."""
         x, y = batch
         logits = model(x)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), logits
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
@@ -144,8 +151,12 @@ class ViTTask(_ImageTask):
         return self.train_images[idx].to(self.device), self.train_labels[idx].to(self.device)
 
     def loss(self, model, batch):
+        return self.loss_and_output(model, batch)[0]
+
+    def loss_and_output(self, model, batch):
         x, y = batch
-        return F.cross_entropy(model(x).float(), y)
+        logits = model(x)
+        return F.cross_entropy(logits.float(), y), logits
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
@@ -181,9 +192,18 @@ class DiTTask(_ImageTask):
         noise = torch.randn(x.shape, generator=g)
         return tuple(v.to(self.device) for v in (x, y, t, noise))
 
+    fisher_kind = "mse"  # flow matching is a squared-error regression of the velocity
+
     def loss(self, model, batch):
         x, y, t, noise = batch
         return flow_matching_loss(model, x, y, t, noise).float()
+
+    def loss_and_output(self, model, batch):
+        """flow_matching_loss, keeping the predicted velocity (what ``sample_fisher(kind="mse")`` samples around)."""
+        x1, y, t, noise = batch
+        tb = t.view(-1, *([1] * (x1.dim() - 1))).to(x1.dtype)
+        velocity = model((1 - tb) * noise + tb * x1, t, y)
+        return F.mse_loss(velocity, x1 - noise).float(), velocity
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:

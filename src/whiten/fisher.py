@@ -1,0 +1,341 @@
+r"""Curvature from the model itself: gradients of labels sampled from the model's predictive distribution.
+
+Optimizers of the Fisher family (TNT, Sophia's Gauss–Newton–Bartlett estimator, K-FAC's true Fisher) need, every
+few steps, the gradient of the loss on labels drawn from the model's own predictions
+:math:`y \sim p_\theta(y \mid x)` rather than on the data's labels. Its outer products estimate the Fisher
+information (:math:`E_y[\hat g \hat g^\top]`), whatever the true labels are. They all expose one call,
+``opt.sample_fisher(logits)``, made after the forward and before the ordinary backward; the training loop
+otherwise stays AdamW's::
+
+    for x, y in loader:
+        logits = model(x)
+        opt.sample_fisher(logits)          # an extra backward on the steps that need it; a no-op otherwise
+        loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
+        opt.zero_grad()                    # p.grad is never touched by sample_fisher: zeroing here is fine
+        loss.backward()
+        opt.step()
+
+**The contract** (:class:`FisherMixin`, which such optimizers inherit):
+
+- ``sample_fisher(logits, kind="ce") -> bool``. When :meth:`FisherMixin.fisher_due` is False (the optimizer does
+  not need curvature at this step) it returns False and costs nothing. Otherwise it draws labels, forms the MEAN
+  loss over the ``n`` sampled labels, runs ``torch.autograd.grad(loss, params, retain_graph=True,
+  allow_unused=True)`` (so the graph survives for the ordinary backward and ``p.grad`` is never read or written),
+  keeps the gradients (summed, weighted by ``n``) until the next ``step()`` and returns True.
+
+  - ``kind="ce"`` (default): classification. The last dim of ``logits`` holds the classes, any leading dims are
+    examples (a language model's (batch, time, vocab) logits give batch·time labels);
+    :math:`y \sim \mathrm{Categorical}(\mathrm{softmax}(z))` and the loss is the mean cross-entropy.
+  - ``kind="mse"``: regression with the squared error ``F.mse_loss`` (mean over elements). Each output element is
+    a label :math:`y \sim \mathcal N(z, 1/2)`, the Gaussian whose negative log-likelihood is the squared error
+    up to a constant, so the estimate is the Gauss–Newton matrix of ``mse_loss`` (:math:`2 J^\top J` per element,
+    as for cross-entropy's Fisher). ``n`` = the number of elements.
+
+- **When.** ``fisher_due()`` asks the optimizer's own schedule (:meth:`FisherMixin.fisher_schedule`, e.g. every
+  ``T1`` steps for TNT, every ``k`` for Sophia) at the number of steps the optimizer has taken (``fisher_steps``,
+  which a step skipped for a non-finite gradient does not advance). Several calls before one ``step()``
+  (gradient accumulation) are combined into the mean over all their labels.
+- **Where the gradients go.** At the next ``step()`` (before any state changes, in ``before_step``) the kept
+  gradients become the mean over all sampled labels and are handed to :meth:`FisherMixin.capture_fisher`
+  ``(grads, n)`` — ``grads`` aligned with :meth:`FisherMixin.fisher_params` (None where a parameter got no
+  gradient), ``n`` the total number of labels. The default keeps them for the step (:meth:`fisher_grad`) and
+  drops them after it; optimizers may override it. A step with a non-finite gradient drops them unused. Sampled
+  gradients that are not finite follow the optimizer's ``nonfinite`` policy (``"raise"``: FloatingPointError;
+  ``"skip"``: no curvature this time, a warning, counted in ``opt.fisher_skipped``).
+- **Module hooks.** While the extra backward runs, ``opt.sampling_fisher`` is True and ``opt.fisher_batch_n`` is
+  the number of labels of that call, so an optimizer with its own module hooks (K-FAC) can send the output
+  gradients of that backward to its sampled-Fisher statistic rather than to the ordinary one.
+- **Randomness and exact resume.** The labels of a call come from a ``torch.Generator`` on the logits' device
+  seeded with a hash of (``fisher_seed``, ``fisher_steps``, stream), stream = ``call · world + rank`` (``call``
+  counts the calls since the last step). Nothing else is random and the global RNG is never used, so the state is
+  two integers, saved in ``state_dict()["param_groups"][0]["fisher"]`` (where torch.distributed.checkpoint keeps
+  it): a resumed run samples the same labels as the uninterrupted one.
+- **Distributed (DDP).** The kept gradients are summed over the optimizer's ``process_group`` (or over the default
+  group when ``torch.distributed`` is initialised with several ranks and no group was given: under DDP every rank
+  steps the same replicated parameters) and divided by the total label count, so every rank captures the same
+  mean, as DDP averages ``p.grad``. Ranks draw independent labels (the rank is part of the stream: labels shared
+  between ranks would correlate the examples of different ranks and bias the outer products), and the numbers are
+  those of one process that takes the ranks' batches as micro-batches in the order of the streams (rank r's call
+  c is one process's call ``c·world + r``). Call it on every rank: the ranks that sampled meet in one all-reduce
+  at the step. FSDP2 (DTensor parameters) is not supported: ``sample_fisher`` raises.
+
+**Without sample_fisher** (a loop that only calls ``backward``) an optimizer never gets curvature; each one says
+what it does then (TNT: the identity preconditioner, i.e. SGD with momentum; Sophia: its clipping with a zero
+Hessian, a sign step, as the reference before its first Hessian update).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = ["FISHER_KINDS", "FisherMixin"]
+
+FISHER_KINDS = ("ce", "mse")
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 rounds): nearby inputs give unrelated seeds."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+def sample_labels(logits: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
+    """Labels drawn from the predictive distribution of ``logits`` (detached), with a generator seeded by ``seed``
+    on the logits' device: class indices (leading shape) for ``"ce"``, Gaussian targets (shape of ``logits``) for
+    ``"mse"``."""
+    z = logits.detach()
+    gen = torch.Generator(device=z.device)
+    gen.manual_seed(seed)
+    if kind == "ce":
+        probs = torch.softmax(z.reshape(-1, z.shape[-1]).float(), dim=-1)
+        return torch.multinomial(probs, 1, generator=gen).view(z.shape[:-1])
+    noise = torch.randn(z.shape, generator=gen, device=z.device, dtype=torch.float32)
+    return (z.float() + noise * 0.5**0.5).to(z.dtype)
+
+
+class FisherMixin:
+    """Sampled-label curvature for a :class:`whiten.optim._base.WhitenOptimizer` (see the module docstring for the
+    contract). Subclasses call :meth:`_init_fisher` before ``WhitenOptimizer.__init__``, define
+    :meth:`fisher_schedule` and read :meth:`fisher_grad` (or override :meth:`capture_fisher`) in their step."""
+
+    # ----- setup and schedule ---------------------------------------------------------------------------------
+    def _init_fisher(self, seed: int) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"Invalid fisher_seed: {seed!r} (allowed: an integer >= 0)")
+        self.fisher_seed = seed
+        self.fisher_steps = 0  # optimizer steps taken: the schedule's clock
+        self.fisher_skipped = 0  # captures dropped because the sampled gradients were not finite
+        self._reset_fisher_transient()
+
+    def _reset_fisher_transient(self) -> None:
+        self.sampling_fisher = False  # True while the extra backward runs (for module hooks)
+        self.fisher_batch_n = 0  # labels of the call in progress
+        self._fisher_sums = None  # per fisher_params() entry: sum over calls of n_call * mean gradient, or None
+        self._fisher_n = 0  # labels kept since the last step
+        self._fisher_calls = 0  # calls since the last step
+        self._fisher_sync = None  # the group the kept gradients are averaged over at the step
+        self._fisher: dict = {}  # parameter -> mean sampled gradient, during the step that captured it
+        self.fisher_n = 0  # labels behind the captured gradients of this step
+
+    def fisher_schedule(self, step: int) -> bool:
+        """Whether the optimizer needs curvature at the step that follows ``step`` steps taken."""
+        raise NotImplementedError
+
+    def fisher_due(self) -> bool:
+        """Whether the coming ``step()`` wants sampled gradients (what ``sample_fisher`` checks)."""
+        return bool(self.fisher_schedule(self.fisher_steps))
+
+    def fisher_params(self) -> list[torch.Tensor]:
+        """Every parameter of every group, in order (the alignment of ``capture_fisher``'s ``grads``)."""
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def fisher_grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The mean sampled-label gradient of ``p`` captured for the step in progress, or None."""
+        return self._fisher.get(p)
+
+    def _fisher_group(self):
+        """The group sampled gradients are averaged over (None: one process)."""
+        params = self.fisher_params()
+        if any(type(p).__name__ == "DTensor" for p in params):
+            raise NotImplementedError(f"{type(self).__name__}.sample_fisher does not support DTensor (FSDP2) "
+                                      "parameters; use DDP (replicated parameters) with process_group=")
+        if self.process_group is not None:
+            return self.process_group
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.group.WORLD
+        return None
+
+    # ----- the call users make ----------------------------------------------------------------------------------
+    def sample_fisher(self, logits: torch.Tensor, kind: str = "ce") -> bool:
+        """Sample labels from ``logits`` and keep the gradient of their mean loss for the next ``step()``, if the
+        optimizer needs curvature at this step (returns True); otherwise do nothing (returns False). Call it after
+        the forward and before ``loss.backward()`` (the graph is kept for it)."""
+        if kind not in FISHER_KINDS:
+            raise ValueError(f"Invalid kind: {kind!r} (allowed: {', '.join(map(repr, FISHER_KINDS))}; 'ce' for "
+                             "logits over classes in the last dim, 'mse' for a squared-error regression output)")
+        if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+            raise TypeError(f"{type(self).__name__}.sample_fisher: logits must be a floating-point tensor, got "
+                            f"{type(logits).__name__ if not isinstance(logits, torch.Tensor) else logits.dtype}")
+        if not self.fisher_due():
+            return False
+        if not logits.requires_grad:
+            raise ValueError(f"{type(self).__name__}.sample_fisher: logits do not require grad; pass the output of "
+                             "a forward run with gradients enabled, before calling backward on it")
+        if kind == "ce" and (logits.ndim < 1 or logits.shape[-1] < 1):
+            raise ValueError(f"{type(self).__name__}.sample_fisher: kind='ce' needs class logits in the last dim, "
+                             f"got shape {tuple(logits.shape)}")
+        group = self._fisher_group()
+        world, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
+        n = logits.numel() // logits.shape[-1] if kind == "ce" else logits.numel()
+        # every rank that samples meets the others in the step's all-reduce, even with no labels this time
+        self._fisher_sync = group
+        params = self.fisher_params()
+        wanted = [i for i, p in enumerate(params) if p.requires_grad]
+        if n == 0 or not wanted:
+            self._fisher_calls += 1
+            return True
+        labels = sample_labels(logits, kind, _mix(self.fisher_seed, self.fisher_steps,
+                                                   self._fisher_calls * world + rank))
+        self._fisher_calls += 1
+        with torch.enable_grad():
+            if kind == "ce":
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+            else:
+                loss = F.mse_loss(logits.float(), labels.float())
+            self.sampling_fisher, self.fisher_batch_n = True, n
+            try:
+                grads = torch.autograd.grad(loss, [params[i] for i in wanted], retain_graph=True, allow_unused=True)
+            except RuntimeError as e:
+                if "backward through the graph a second time" in str(e):
+                    raise RuntimeError(f"{type(self).__name__}.sample_fisher needs the forward's graph: call it "
+                                       "before loss.backward() (or keep the graph with retain_graph=True)") from e
+                raise
+            finally:
+                self.sampling_fisher, self.fisher_batch_n = False, 0
+        if self._fisher_sums is None:
+            self._fisher_sums = [None] * len(params)
+        for i, g in zip(wanted, grads):
+            if g is None:
+                continue
+            dtype = torch.float64 if params[i].dtype == torch.float64 else torch.float32
+            g = g.to(dtype) if g.dtype != dtype else g
+            if self._fisher_sums[i] is None:
+                self._fisher_sums[i] = g.mul_(n)  # autograd's fresh tensor: no copy
+            else:
+                self._fisher_sums[i].add_(g, alpha=n)
+        self._fisher_n += n
+        return True
+
+    # ----- at the step --------------------------------------------------------------------------------------------
+    def capture_fisher(self, grads: list, n: int) -> None:
+        """Receive the mean sampled-label gradients of this step (aligned with :meth:`fisher_params`, None where a
+        parameter has none) and the number of labels behind them. Default: keep them for :meth:`fisher_grad`."""
+        self._fisher = {p: g for p, g in zip(self.fisher_params(), grads) if g is not None}
+        self.fisher_n = n
+
+    def _consume_fisher(self) -> None:
+        """Turn the kept sums into mean gradients (over every rank's labels) and capture them. Every rank that
+        called sample_fisher since the last step joins the all-reduce (so it must be called on every rank)."""
+        if self._fisher_calls == 0:  # nothing sampled on this rank since the last step: no collective
+            return
+        sums, n = self._fisher_sums, self._fisher_n
+        params = self.fisher_params()
+        if self._fisher_sync is not None:
+            sums, n = self._all_reduce_fisher(self._fisher_sync, params, sums, n)
+        if sums is None or n == 0:
+            return
+        grads = [None if s is None else s.div_(n) for s in sums]
+        present = [g for g in grads if g is not None]
+        if present and not all(bool(torch.isfinite(g).all()) for g in present):
+            message = (f"{type(self).__name__}: the sampled-label gradients are not finite; no curvature is "
+                       f"captured this step")
+            if self.nonfinite == "raise":
+                raise FloatingPointError(message)
+            self.fisher_skipped += 1
+            warnings.warn(message + f" ({self.fisher_skipped} dropped so far, opt.fisher_skipped)", RuntimeWarning,
+                          stacklevel=5)
+            return
+        self.capture_fisher(grads, n)
+
+    @staticmethod
+    def _all_reduce_fisher(group, params, sums, n):
+        """Sum the kept sums and label counts over ``group``; a parameter no rank has a gradient for stays None.
+        One flat buffer per dtype plus a float64 vector of (label count, presence flags)."""
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+            else torch.device("cpu")
+        local = sums if sums is not None else [None] * len(params)
+        meta = torch.tensor([float(n)] + [0.0 if s is None else 1.0 for s in local], dtype=torch.float64,
+                            device=device)
+        dist.all_reduce(meta, group=group)
+        total = int(round(meta[0].item()))
+        present = (meta[1:] > 0).tolist()
+        if total == 0:
+            return None, 0
+        out = [None] * len(params)
+        dtypes = {i: torch.float64 if params[i].dtype == torch.float64 else torch.float32
+                  for i in range(len(params)) if present[i]}
+        for dtype in sorted(set(dtypes.values()), key=str):
+            idx = [i for i, d in dtypes.items() if d == dtype]
+            flat = torch.cat([(local[i] if local[i] is not None else torch.zeros(params[i].shape, dtype=dtype,
+                               device=params[i].device)).reshape(-1).to(device) for i in idx])
+            dist.all_reduce(flat, group=group)
+            offset = 0
+            for i in idx:
+                k = params[i].numel()
+                out[i] = flat[offset:offset + k].view(params[i].shape).to(params[i].device)
+                offset += k
+        return out, total
+
+    def before_step(self, work) -> None:
+        super().before_step(work)
+        self._consume_fisher()
+        self.fisher_steps += 1
+
+    def step(self, closure=None):
+        try:
+            return super().step(closure)
+        finally:  # consumed by the step, or dropped with a skipped one
+            self._fisher_sums, self._fisher_n, self._fisher_calls, self._fisher_sync = None, 0, 0, None
+            self._fisher, self.fisher_n = {}, 0
+
+    # ----- checkpoints and pickling ---------------------------------------------------------------------------------
+    def _fisher_state(self) -> dict:
+        return {"seed": self.fisher_seed, "steps": self.fisher_steps, "skipped": self.fisher_skipped}
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["param_groups"][0]["fisher"] = self._fisher_state()
+        return sd
+
+    def check_state_dict(self, state_dict) -> None:
+        super().check_state_dict(state_dict)
+        groups = state_dict.get("param_groups") or [{}]
+        saved = groups[0].get("fisher")
+        if saved is None:
+            return
+        name = type(self).__name__
+        try:
+            values = [int(saved[k]) for k in ("seed", "steps", "skipped")]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{name}.load_state_dict: the checkpoint's sampling state is unreadable ({e!r}); "
+                             "expected {'seed', 'steps', 'skipped'} integers") from None
+        if min(values) < 0:
+            raise ValueError(f"{name}.load_state_dict: the checkpoint's sampling state has a negative entry {saved}")
+
+    def load_state_dict(self, state_dict) -> None:
+        groups = state_dict.get("param_groups") or [{}]
+        saved = groups[0].get("fisher")
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.pop("fisher", None)
+        if saved is not None:
+            self.fisher_seed, self.fisher_steps, self.fisher_skipped = (
+                int(saved["seed"]), int(saved["steps"]), int(saved["skipped"]))
+        self._reset_fisher_transient()
+
+    # settings kept as attributes (not group keys) that a pickled copy must keep; subclasses extend it
+    PICKLED_SETTINGS: tuple[str, ...] = ()
+
+    def __getstate__(self):
+        state = super().__getstate__()  # torch keeps defaults, state and param_groups only
+        state.update({k: getattr(self, k) for k in ("fisher_seed", "fisher_steps", "fisher_skipped",
+                                                   *self.PICKLED_SETTINGS)})
+        return state  # kept gradients are transient (between a sample_fisher and its step): not pickled
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("fisher_seed", 0)
+        self.__dict__.setdefault("fisher_steps", 0)
+        self.__dict__.setdefault("fisher_skipped", 0)
+        self._reset_fisher_transient()

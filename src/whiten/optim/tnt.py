@@ -1,0 +1,282 @@
+"""TNT, Tensor Normal Training (Ren & Goldfarb 2021): a Kronecker-factored Fisher estimated from gradients of labels
+sampled from the model's own predictions, one factor per mode of each parameter, inverted (power -1) every few
+steps: Shampoo's cost, natural-gradient meaning."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..averaging import AveragingMixin
+from ..fisher import FisherMixin
+from ..roles import NO_DECAY_ROLES, role_from_shape
+from ._base import (WhitenOptimizer, check_bool, check_ema_rate, check_int, check_range, check_role, state_dtype)
+from ._base import check_lr, check_weight_decay
+
+__all__ = ["TNT", "CONV_RESHAPES"]
+
+# How a 4-D conv weight (out, in, kh, kw) is seen: "filter" (out, in, kh·kw), the authors' CIFAR setting
+# (filterFlattening); "kfac" (out, in·kh·kw), their autoencoder setting (KFACReshaping); "none" (out, in, kh, kw).
+CONV_RESHAPES = ("filter", "kfac", "none")
+
+
+class _Layout(NamedTuple):
+    modes: tuple[int, ...]  # the tensor shape the factors act on
+    factored: tuple[bool, ...]  # which modes get a factor (the others: a scalar, see TNT's docstring)
+    decay: bool
+
+
+def _layout(p: torch.Tensor, group: dict) -> _Layout:
+    role = group["role"] or role_from_shape(p)
+    shape = tuple(p.shape)
+    if p.ndim == 0:
+        shape = (1,)
+    elif p.ndim == 4 and group["conv_reshape"] == "filter":
+        shape = (shape[0], shape[1], shape[2] * shape[3])
+    elif p.ndim >= 3 and group["conv_reshape"] == "kfac":
+        shape = (shape[0], math.prod(shape[1:]))
+    limit = group["max_precond_dim"]
+    return _Layout(shape, tuple(d <= limit for d in shape), role not in NO_DECAY_ROLES)
+
+
+def mode_contraction(G: torch.Tensor, k: int) -> torch.Tensor:
+    """``tensordot(G, G, all dims but k)``: the (d_k, d_k) Gram matrix of G's mode-k unfolding."""
+    unfolded = G.movedim(k, 0).reshape(G.shape[k], -1)
+    return unfolded @ unfolded.T
+
+
+def precondition(M: torch.Tensor, inverses: list[torch.Tensor | None], scale: torch.Tensor) -> torch.Tensor:
+    """``M ×_1 Inv_1 ×_2 Inv_2 … · scale``: each step contracts dim 0 with an inverse (symmetric) and moves the
+    result to the end, so after every mode the dims are back in order (the authors' ``tensordot(Δ, Inv, ([0], [0]))``);
+    a mode without a factor (None) is only moved."""
+    for inv in inverses:
+        M = torch.tensordot(M, inv, dims=([0], [0])) if inv is not None else M.movedim(0, -1)
+    return M * scale
+
+
+class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
+    r"""TNT (Tensor Normal Training), as the authors run it (renyiryry/tnt_neurips_2021: ``utils_shampoo.py``,
+    algorithm ``matrix-normal-correctFisher-same-trace-allVariables-…-momentum-grad``; the paper's Algorithm 3).
+
+    Every parameter, viewed as a tensor of shape :math:`(n_1, \dots, n_k)` (conv weights per ``conv_reshape``, a
+    bias as one mode), has one factor :math:`U_i` (:math:`n_i \times n_i`) per mode. With :math:`\hat G` the
+    gradient of the mean loss on labels sampled from the model (``opt.sample_fisher(logits)``, see
+    :mod:`whiten.fisher`), :math:`G` the ordinary gradient and :math:`t` the steps taken before this one:
+
+    .. math::
+        &\text{every } T_1 \text{ steps (when sampled): } U_i \leftarrow \beta U_i + \max(w, \tfrac{1}{t+1})\,
+            \hat G_{(i)} \hat G_{(i)}^\top \quad (\text{the first capture sets } U_i = \hat G_{(i)} \hat G_{(i)}^\top)\\
+        &\text{every } T_2 \text{ steps (every } T_1 \text{ while } t < T_2\text{): }
+            c = \big(\mathrm{tr}(U_i) / \textstyle\prod_j n_j\big)^{1/k}, \quad
+            \tilde U_i = \frac{U_i}{c^{k-1} \prod_{j \ne i} n_j}, \quad
+            \mathrm{Inv}_i = (\tilde U_i + \epsilon I)^{-1} \\
+        &m \leftarrow \mu m + G, \qquad \Delta = m \times_1 \mathrm{Inv}_1 \cdots \times_k \mathrm{Inv}_k, \qquad
+            \theta \leftarrow \theta (1 - \eta\lambda) - \eta \Delta
+
+    "Same trace": every :math:`\tilde U_i` has mean eigenvalue :math:`c`, so :math:`\otimes_i \tilde U_i` has the
+    mean eigenvalue of :math:`\hat G^2` (the Fisher's scale) and the damping :math:`\epsilon` acts equally on every
+    mode. A mode longer than ``max_precond_dim`` gets no factor: it stands for :math:`c I` (inverse
+    :math:`1/(c+\epsilon)`, a scalar kept in ``inverse_scale``), which keeps that scale. Inverses are exact
+    (Cholesky, float64 retry; a failure keeps the previous inverse and is counted in ``counters["eigh_failures"]``).
+
+    **Curvature.** ``sample_fisher`` is due every ``T1`` steps (the optimizer's steps: 0, T1, 2·T1, …). Until a
+    parameter's first capture its inverses are the identity, so a loop that never calls ``sample_fisher`` runs SGD
+    with momentum (:math:`\theta \leftarrow \theta(1-\eta\lambda) - \eta m`); at TNT's lrs that is a small step.
+
+    **Where whiten departs from the authors' code, and why.** No warm-start pass over the training set (it needs
+    the data loader; the authors' own code path without it is the one above: the first capture sets the factors,
+    then weight :math:`\max(w, 1/(t+1))`). Weight decay is off for the ``vector`` and ``embedding`` roles (whiten's
+    convention; the authors decay everything). Modes longer than ``max_precond_dim`` are unfactored (the authors
+    factor every mode, which for a vocabulary-sized embedding is a V×V inverse). Inverses by Cholesky rather than LU
+    (the same matrix up to rounding: :math:`\tilde U_i + \epsilon I` is symmetric positive definite). A factor that
+    overflowed (a huge finite gradient) restarts from the next capture and keeps its inverse meanwhile
+    (``counters["factor_restarts"]``). The sampled labels for ``kind="mse"`` have variance 1/2 (the Gaussian whose
+    log-likelihood is ``mse_loss``; the authors' code passes ``scale=1/2``, a standard deviation).
+
+    State per parameter (float32, float64 for float64 parameters): ``step`` (int), ``captures`` (int: sampled
+    gradients folded into the factors), ``momentum`` (shape of p), ``factor_i`` and ``inverse_i``
+    (:math:`n_i \times n_i`) for each factored mode i of the layout, ``trace`` (0-d: the factors' common trace, the EMA of
+    :math:`\|\hat G\|^2`, which gives c), ``inverse_scale`` (0-d: the product of the
+    unfactored modes' :math:`1/(c+\epsilon)`, 1 when every mode is factored), ``ema`` when averaging.
+
+    Args:
+        params: parameters or param-group dicts (groups from :func:`whiten.param_groups` carry a ``role``).
+        lr: η (default 1e-4, the authors' CIFAR-10 and MNIST setting).
+        momentum: μ of :math:`m \leftarrow \mu m + G` (default 0.9; no dampening, as the authors).
+        damping: ε added after the same-trace normalization (default 0.01: CIFAR-10; the authors use 0.1 on
+            MNIST).
+        weight_decay: λ, decoupled, ``θ *= 1 - ηλ`` before the update (default 0.0; the authors use 10 on CIFAR-10
+            with lr 1e-4).
+        factor_decay: β (default 0.9). factor_weight: w (default 0.1).
+        update_freq: T1, steps between factor updates, i.e. between sampled backwards (default 10, CIFAR; the
+            autoencoders use 1).
+        inverse_freq: T2, steps between inversions after the first T2 steps (default 100, CIFAR; autoencoders 20).
+        conv_reshape: ``"filter"`` (default), ``"kfac"`` or ``"none"`` (see ``CONV_RESHAPES``).
+        max_precond_dim: longest mode that gets a factor (default 10000).
+        ema_rate: iterate averaging for ``eval()``/``train()`` (default None: off).
+        fisher_seed: seed of the sampled labels (default 0).
+        nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient (ordinary or sampled).
+        process_group: a ``torch.distributed`` group (DDP: replicated parameters, averaged gradients); each
+            parameter's step runs on one owner rank and the sampled gradients are averaged over the group.
+
+    Reference: Y. Ren and D. Goldfarb, "Tensor Normal Training for Deep Learning Models", NeurIPS 2021
+    (arXiv 2106.02925); code github.com/renyiryry/tnt_neurips_2021.
+    """
+
+    PICKLED_SETTINGS = ("update_freq", "inverse_freq")
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-4,
+        momentum: float = 0.9,
+        damping: float = 0.01,
+        weight_decay: float = 0.0,
+        factor_decay: float = 0.9,
+        factor_weight: float = 0.1,
+        update_freq: int = 10,
+        inverse_freq: int = 100,
+        conv_reshape: str = "filter",
+        max_precond_dim: int = 10000,
+        ema_rate: float | None = None,
+        fisher_seed: int = 0,
+        nonfinite: str = "skip",
+        process_group=None,
+    ):
+        check_int("update_freq", update_freq, 1)
+        check_int("inverse_freq", inverse_freq, 1)
+        self.update_freq, self.inverse_freq = update_freq, inverse_freq
+        self._init_fisher(fisher_seed)
+        defaults = dict(lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay,
+                        factor_decay=factor_decay, factor_weight=factor_weight, conv_reshape=conv_reshape,
+                        max_precond_dim=max_precond_dim, ema_rate=ema_rate, role=None)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+
+    def validate_group(self, group: dict) -> None:
+        check_lr("lr", group["lr"])
+        check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        check_range("damping", group["damping"], 0.0, low_open=True)
+        check_weight_decay(group["weight_decay"])
+        check_range("factor_decay", group["factor_decay"], 0.0, 1.0)
+        check_range("factor_weight", group["factor_weight"], 0.0, 1.0, low_open=True)
+        if group["conv_reshape"] not in CONV_RESHAPES:
+            raise ValueError(f"Invalid conv_reshape: {group['conv_reshape']!r} "
+                             f"(allowed: {', '.join(map(repr, CONV_RESHAPES))})")
+        check_int("max_precond_dim", group["max_precond_dim"], 1)
+        check_ema_rate(group["ema_rate"])
+        check_role(group["role"])
+
+    def fisher_schedule(self, step: int) -> bool:
+        return step % self.update_freq == 0
+
+    def stack_invariant(self, p: torch.Tensor, group: dict) -> bool:
+        return True  # every parameter is stepped on its own: its numbers never depend on others
+
+    def work_cost(self, p: torch.Tensor, group: dict) -> float:
+        lay = _layout(p, group)
+        n = p.numel()
+        return float(n + sum(n * d + d**3 / max(self.inverse_freq, 1) for d, f in zip(lay.modes, lay.factored) if f))
+
+    # ----- state --------------------------------------------------------------------------------------------
+    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        return self._shapes_of(self._init_state(meta, _layout(meta, group)))
+
+    @staticmethod
+    def _init_state(p: torch.Tensor, layout: _Layout) -> dict:
+        dtype = state_dtype(p)
+        state = {"step": 0, "captures": 0, "momentum": torch.zeros(p.shape, dtype=dtype, device=p.device),
+                 "trace": torch.zeros((), dtype=dtype, device=p.device),
+                 "inverse_scale": torch.ones((), dtype=dtype, device=p.device)}
+        for i, (d, f) in enumerate(zip(layout.modes, layout.factored)):
+            if f:
+                state[f"factor_{i}"] = torch.zeros(d, d, dtype=dtype, device=p.device)
+                state[f"inverse_{i}"] = torch.eye(d, dtype=dtype, device=p.device)
+        return state
+
+    # ----- the step -------------------------------------------------------------------------------------------
+    def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
+        layouts = [_layout(p, group) for p in params]
+        states = []
+        for p, lay in zip(params, layouts):
+            if not self.state[p]:
+                self.state[p] = self._init_state(p, lay)
+            states.append(self.state[p])
+        for s in states:
+            s["step"] += 1
+        self.update_averages(group, params, states)
+        lr, mu = float(group["lr"]), group["momentum"]
+        for p, lay, s in zip(params, layouts, states):
+            t = s["step"] - 1  # steps this parameter took before this one (the authors' i)
+            dtype = s["momentum"].dtype
+            sampled = self.fisher_grad(p)
+            if sampled is not None:
+                self._update_factors(s, lay, sampled.to(dtype).reshape(lay.modes), t, group)
+            due = t % (self.update_freq if t < self.inverse_freq else self.inverse_freq) == 0
+            if due and s["captures"] > 0:
+                self._refresh_inverses(s, lay, group["damping"])
+            g = p.grad if p.grad.dtype == dtype else p.grad.to(dtype)
+            m = s["momentum"].mul_(mu).add_(g)
+            inverses = [s.get(f"inverse_{i}") for i in range(len(lay.modes))]
+            delta = precondition(m.reshape(lay.modes), inverses, s["inverse_scale"]).reshape(p.shape)
+            keep = 1.0 - lr * group["weight_decay"] * lay.decay
+            if p.dtype == dtype:
+                p.mul_(keep).add_(delta, alpha=-lr)
+            else:  # low-precision parameter: update in the state dtype, round once
+                p.copy_(p.to(dtype).mul_(keep).add_(delta, alpha=-lr))
+
+    @staticmethod
+    def _update_factors(s: dict, lay: _Layout, G: torch.Tensor, t: int, group: dict) -> None:
+        first = s["captures"] == 0
+        weight = max(group["factor_weight"], 1.0 / (t + 1))
+        for i, f in enumerate(lay.factored):
+            if not f:
+                continue
+            U = s[f"factor_{i}"]
+            if first:
+                U.copy_(mode_contraction(G, i))
+            else:
+                U.mul_(group["factor_decay"]).add_(mode_contraction(G, i), alpha=weight)
+        # tr(U_i) is the same for every mode: kept on its own so unfactored parameters have it too
+        if first:
+            s["trace"].copy_(G.square().sum())
+        else:
+            s["trace"].mul_(group["factor_decay"]).add_(G.square().sum(), alpha=weight)
+        s["captures"] += 1
+
+    def _refresh_inverses(self, s: dict, lay: _Layout, damping: float) -> None:
+        modes = [i for i, f in enumerate(lay.factored) if f]
+        factors = [s[f"factor_{i}"] for i in modes]
+        if any(self.restart_nonfinite(factors + [s["trace"]])):
+            return  # rebuilt from the next captures; the previous inverses stay
+        k, total = len(lay.modes), math.prod(lay.modes)
+        c = (s["trace"] / total) ** (1.0 / k)
+        if not bool(torch.isfinite(c)) or float(c) <= 0.0:
+            return  # a zero sampled gradient so far: nothing to normalise; keep the previous inverses
+        new = []
+        for i, U in zip(modes, factors):
+            others = total // lay.modes[i]
+            A = U / (c ** (k - 1) * others)
+            A.diagonal().add_(damping)
+            inv = _spd_inverse(A)
+            if inv is None:
+                self.counters["eigh_failures"] += 1
+                return
+            new.append((i, inv))
+        for i, inv in new:
+            s[f"inverse_{i}"].copy_(inv)
+        unfactored = k - len(modes)
+        s["inverse_scale"].fill_((1.0 / (c + damping)) ** unfactored if unfactored else 1.0)
+
+
+def _spd_inverse(A: torch.Tensor) -> torch.Tensor | None:
+    """The inverse of a symmetric positive-definite matrix by Cholesky, retried in float64; None if it fails."""
+    for dtype in (A.dtype, torch.float64):
+        L, info = torch.linalg.cholesky_ex(A.to(dtype))
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(L).to(A.dtype)
+            if bool(torch.isfinite(inv).all()):
+                return inv
+    return None

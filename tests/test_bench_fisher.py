@@ -1,0 +1,71 @@
+"""The benchmark harness and the Fisher family: the registry entries, sample_fisher called on the steps the
+optimizer asks for (every task: class logits for lm and vit, the mse kind for dit), inside the timed step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import whiten
+from whiten.bench import registry
+from whiten.bench.run import RunConfig, _train_step, run
+from whiten.bench.tasks import make_task
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return {name: make_task(name, "tiny") for name in ("lm", "vit", "dit")}
+
+
+@pytest.mark.parametrize("name", ["lm", "vit", "dit"])
+@pytest.mark.parametrize("optimizer", ["tnt", "sophia"])
+def test_tiny_end_to_end_with_sampling(tasks, tmp_path, monkeypatch, name, optimizer):
+    calls = []
+    original = whiten.fisher.FisherMixin.sample_fisher
+
+    def counting(self, logits, kind="ce"):
+        calls.append((self.fisher_steps, kind, tuple(logits.shape)))
+        return original(self, logits, kind)
+
+    monkeypatch.setattr(whiten.fisher.FisherMixin, "sample_fisher", counting)
+    spec = registry.get_spec(optimizer)
+    lr = spec.lr_grid[0]  # the bottom of the grid: these runs check the harness, not the optimizer's best lr
+    cfg = RunConfig(task=name, profile="tiny", optimizer=optimizer, lr=lr, seed=0, steps=12, evals=3)
+    summary = run(cfg, tasks[name], tmp_path)
+    assert not summary["diverged"] and math.isfinite(summary["final_val_loss"])
+    due = [0, 10] if optimizer == "tnt" else [10]  # TNT every 10 steps from 0; Sophia after 10, 20, ...
+    assert [c[0] for c in calls] == due
+    assert all(c[1] == ("mse" if name == "dit" else "ce") for c in calls)
+
+
+def test_the_extra_backward_feeds_the_optimizer(tasks):
+    """One harness step on a due step captures curvature (TNT's factors move off zero), on another it does not."""
+    task = tasks["vit"]
+    model = task.build_model(0)
+    opt = registry.build_optimizer(registry.get_spec("tnt"), model, 1e-4, task.width)
+    base = [g["lr"] for g in opt.param_groups]
+    _train_step(task, model, opt, base, 1.0, task.train_batch(0, 0))
+    w = next(p for p in model.parameters() if p.ndim == 2)
+    assert opt.state[w]["captures"] == 1 and opt.state[w]["trace"] > 0
+    _train_step(task, model, opt, base, 1.0, task.train_batch(0, 1))
+    assert opt.state[w]["captures"] == 1
+
+
+def test_registry_entries():
+    for name in ("tnt", "sophia"):
+        spec = registry.get_spec(name)
+        assert spec.lr_grid[0] < spec.default_lr < spec.lr_grid[-1]
+        model = make_task("lm", "tiny").build_model(0)
+        opt = registry.build_optimizer(spec, model, spec.default_lr, width=32)
+        assert hasattr(opt, "sample_fisher")
+
+
+def test_loss_and_output_agree_with_loss(tasks):
+    for name, task in tasks.items():
+        model = task.build_model(0)
+        batch = task.train_batch(0, 3)
+        loss, out = task.loss_and_output(model, batch)
+        assert torch.equal(loss, task.loss(model, batch))
+        assert out.requires_grad

@@ -1,0 +1,372 @@
+"""The sampled-label curvature contract (whiten.fisher): what sample_fisher samples and hands over, when it is a
+no-op, that p.grad and the graph survive it, gradient accumulation, module hooks, exact resume of the label stream,
+the non-finite policy, and DDP: sampling on every rank gives the numbers of one process."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import whiten
+from dist_utils import launch
+from whiten.fisher import FisherMixin, _mix, sample_labels
+from whiten.optim._base import WhitenOptimizer
+
+FISHER_OPTIMIZERS = {"TNT": lambda params, **kw: whiten.TNT(params, **{"lr": 1e-3, "update_freq": 2, **kw}),
+                                          # a fast Hessian EMA and a large rho: the clipping is not saturated, so the curvature shows
+                     "Sophia": lambda params, **kw: whiten.Sophia(params, **{"lr": 1e-3, "k": 2, "betas": (0.9, 0.5),
+                                                                            "rho": 10.0, **kw})}
+
+
+class Recorder(FisherMixin, WhitenOptimizer):
+    """Plain SGD that records what the contract hands over: captured (grads, n) per step."""
+
+    def __init__(self, params, every=1, seed=0, nonfinite="skip", process_group=None):
+        self.every = every
+        self.captured = []
+        self._init_fisher(seed)
+        super().__init__(params, dict(lr=0.1), nonfinite=nonfinite, process_group=process_group)
+
+    def fisher_schedule(self, step):
+        return step % self.every == 0
+
+    def capture_fisher(self, grads, n):
+        super().capture_fisher(grads, n)
+        self.captured.append(([None if g is None else g.clone() for g in grads], n))
+
+    def _step_group(self, gi, group, params):
+        for p in params:
+            p.add_(p.grad, alpha=-group["lr"])
+
+
+def net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4))
+
+
+def data(t, rows=6):
+    g = torch.Generator().manual_seed(50 + t)
+    return torch.randn(rows, 5, generator=g), torch.randint(0, 4, (rows,), generator=g)
+
+
+def sampled_grads(model, logits, labels, kind="ce"):
+    """The mean-loss gradient on given labels, computed independently of whiten."""
+    if kind == "ce":
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    else:
+        loss = F.mse_loss(logits, labels)
+    return torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+
+
+def test_captured_gradient_is_the_mean_loss_gradient_on_the_documented_labels():
+    model = net()
+    opt = Recorder(model.parameters(), seed=7)
+    for t in range(3):
+        x, y = data(t)
+        logits = model(x)
+        assert opt.sample_fisher(logits)
+        labels = sample_labels(logits, "ce", _mix(7, t, 0))  # stream 0: the first call of one process
+        expected = sampled_grads(model, logits, labels)
+        opt.zero_grad()
+        F.cross_entropy(logits, y).backward()
+        opt.step()
+        grads, n = opt.captured[-1]
+        assert n == 6
+        for g, e in zip(grads, expected):
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
+
+
+def test_labels_follow_the_predictive_distribution():
+    logits = torch.tensor([[2.0, 0.0, -1.0, 0.5]]).expand(40000, 4).clone()
+    labels = sample_labels(logits, "ce", 123)
+    freq = torch.bincount(labels, minlength=4).double() / labels.numel()
+    torch.testing.assert_close(freq, torch.softmax(logits[0].double(), 0), atol=0.01, rtol=0)
+    # any leading dims: (batch, time, classes) gives (batch, time) labels
+    assert sample_labels(torch.randn(3, 5, 9), "ce", 1).shape == (3, 5)
+    out = torch.randn(200, 50)
+    targets = sample_labels(out, "mse", 5)
+    assert targets.shape == out.shape
+    assert abs((targets - out).var().item() - 0.5) < 0.02  # N(output, 1/2): the Gaussian of mse_loss
+
+
+def test_mse_kind_counts_elements_and_uses_mse_loss():
+    model = net()
+    opt = Recorder(model.parameters(), seed=3)
+    x, _ = data(0)
+    out = model(x)
+    assert opt.sample_fisher(out, kind="mse")
+    expected = sampled_grads(model, out, sample_labels(out, "mse", _mix(3, 0, 0)), kind="mse")
+    opt.zero_grad()
+    out.square().mean().backward()
+    opt.step()
+    grads, n = opt.captured[-1]
+    assert n == out.numel()
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_no_op_when_not_due_and_pgrad_and_graph_survive():
+    model = net()
+    opt = Recorder(model.parameters(), every=3)
+    for t in range(7):
+        x, y = data(t)
+        logits = model(x)
+        opt.zero_grad()
+        F.cross_entropy(logits, y).backward(retain_graph=True)
+        before = [p.grad.clone() for p in model.parameters()]
+        assert opt.sample_fisher(logits) == (t % 3 == 0)  # after a backward that kept the graph: fine too
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))
+        opt.step()
+    assert len(opt.captured) == 3 and opt.fisher_steps == 7
+    # the usual order: sample, then the ordinary backward on the same graph
+    x, y = data(9)
+    logits = model(x)
+    opt2 = Recorder(model.parameters())
+    assert opt2.sample_fisher(logits)
+    F.cross_entropy(logits, y).backward()  # the graph was retained for it
+
+
+def test_clear_errors():
+    model = net()
+    opt = Recorder(model.parameters())
+    x, y = data(0)
+    with pytest.raises(ValueError, match="Invalid kind"):
+        opt.sample_fisher(model(x), kind="bce")
+    with pytest.raises(ValueError, match="do not require grad"):
+        opt.sample_fisher(model(x).detach())
+    with pytest.raises(TypeError, match="floating-point"):
+        opt.sample_fisher(torch.ones(3, dtype=torch.long))
+    logits = model(x)
+    F.cross_entropy(logits, y).backward()
+    with pytest.raises(RuntimeError, match="before loss.backward"):
+        opt.sample_fisher(logits)
+    with pytest.raises(ValueError, match="fisher_seed"):
+        Recorder(model.parameters(), seed=-1)
+
+
+def test_accumulation_is_the_mean_over_all_labels():
+    model = net()
+    opt = Recorder(model.parameters(), seed=2)
+    parts, sizes = [], []
+    for c, rows in enumerate((6, 3)):
+        x, _ = data(c, rows)
+        logits = model(x)
+        opt.sample_fisher(logits)
+        labels = sample_labels(logits, "ce", _mix(2, 0, c))  # call c of one process: stream c
+        parts.append(sampled_grads(model, logits, labels))
+        sizes.append(rows)
+        F.cross_entropy(logits, labels).backward()
+    opt.step()
+    grads, n = opt.captured[-1]
+    assert n == 9
+    for i, g in enumerate(grads):
+        torch.testing.assert_close(g, (parts[0][i] * 6 + parts[1][i] * 3) / 9)
+
+
+def test_module_hooks_see_the_sampling_flag():
+    model = net()
+    opt = Recorder(model.parameters())
+    seen = []
+    model[2].register_full_backward_hook(lambda m, gi, go: seen.append((opt.sampling_fisher, opt.fisher_batch_n)))
+    x, y = data(0)
+    logits = model(x)
+    opt.sample_fisher(logits)
+    F.cross_entropy(logits, y).backward()
+    assert seen == [(True, 6), (False, 0)]
+
+
+def test_a_skipped_step_drops_the_sampled_gradients_and_does_not_advance_the_clock():
+    model = net()
+    opt = Recorder(model.parameters())
+    x, y = data(0)
+    logits = model(x)
+    opt.sample_fisher(logits)
+    F.cross_entropy(logits, y).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert opt.captured == [] and opt.fisher_steps == 0 and opt._fisher_sums is None
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_nonfinite_sampled_gradients_follow_the_policy(policy):
+    model = net()
+    opt = Recorder(model.parameters(), nonfinite=policy)
+    x, y = data(0)
+    logits = model(x)
+    opt.sample_fisher(logits)
+    F.cross_entropy(logits, y).backward()
+    opt._fisher_sums[0][0, 0] = float("inf")  # as if the sampled backward had overflowed
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match="sampled-label"):
+            opt.step()
+        return
+    with pytest.warns(RuntimeWarning, match="sampled-label"):
+        opt.step()
+    assert opt.captured == [] and opt.fisher_skipped == 1 and opt.fisher_steps == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def run(opt_factory, model, start, stop, opt=None):
+    opt = opt or opt_factory(model)
+    for t in range(start, stop):
+        x, y = data(t)
+        logits = model(x)
+        opt.sample_fisher(logits)
+        opt.zero_grad()
+        F.cross_entropy(logits, y).backward()
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("name", list(FISHER_OPTIMIZERS))
+def test_exact_resume_with_sampling(name):
+    def factory(model):
+        return FISHER_OPTIMIZERS[name](whiten.param_groups(model), fisher_seed=11)
+
+    model = net()
+    run(factory, model, 0, 9)
+    expected = copy.deepcopy(model.state_dict())
+
+    model2 = net()
+    opt2 = run(factory, model2, 0, 5)
+    sd = copy.deepcopy(opt2.state_dict())
+    assert sd["param_groups"][0]["fisher"] == {"seed": 11, "steps": 5, "skipped": 0}
+    model3 = net(seed=1)
+    model3.load_state_dict(model2.state_dict())
+    opt3 = FISHER_OPTIMIZERS[name](whiten.param_groups(model3))  # another seed: the checkpoint's wins
+    opt3.load_state_dict(sd)
+    run(factory, model3, 5, 9, opt=opt3)
+    for k, v in model3.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    # a pickled copy resumes the same way
+    model4 = net()
+    opt4 = run(factory, model4, 0, 5)
+    clone = pickle.loads(pickle.dumps(opt4))
+    assert clone.fisher_steps == 5 and clone.fisher_seed == 11
+
+
+def test_corrupt_sampling_state_is_refused():
+    model = net()
+    opt = run(lambda m: FISHER_OPTIMIZERS["TNT"](whiten.param_groups(m)), model, 0, 2)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["fisher"] = {"seed": 0}
+    with pytest.raises(ValueError, match="sampling state is unreadable"):
+        opt.load_state_dict(sd)
+
+
+# ----- DDP: every rank samples; the numbers are those of one process ------------------------------------------------
+
+RANK_ROWS = 4
+
+
+def _global_batch(t, world):
+    x, y = data(t, RANK_ROWS * world)
+    return x.double(), y  # float64: the ranks' sums round differently from one process's; TNT's inverses amplify it
+
+
+def _ddp_run(rank, world, name, steps):
+    """Rank r trains on rows [r·4, r·4+4) of each global batch; gradients (ordinary and sampled) are averaged by
+    whiten over the group, as DDP would (the ordinary ones by hand, here)."""
+    import torch.distributed as dist
+
+    model = net().double()
+    opt = FISHER_OPTIMIZERS[name](whiten.param_groups(model), process_group=dist.group.WORLD)
+    for t in range(steps):
+        x, y = _global_batch(t, world)
+        x, y = x[rank * RANK_ROWS:(rank + 1) * RANK_ROWS], y[rank * RANK_ROWS:(rank + 1) * RANK_ROWS]
+        logits = model(x)
+        opt.sample_fisher(logits)
+        opt.zero_grad()
+        F.cross_entropy(logits, y).backward()
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        opt.step()
+    sd = opt.state_dict()["param_groups"][0]["fisher"]
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, sd
+
+
+def _one_process(name, world, steps, sample=True):
+    """The same global batches on one process, the ranks' slices as micro-batches in stream order."""
+    model = net().double()
+    opt = FISHER_OPTIMIZERS[name](whiten.param_groups(model))
+    for t in range(steps):
+        x, y = _global_batch(t, world)
+        opt.zero_grad()
+        for r in range(world):
+            logits = model(x[r * RANK_ROWS:(r + 1) * RANK_ROWS])
+            if sample:
+                opt.sample_fisher(logits)
+            (F.cross_entropy(logits, y[r * RANK_ROWS:(r + 1) * RANK_ROWS]) / world).backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _real_ddp_run(rank, world, name, steps):
+    """torch's DistributedDataParallel around the model, and no process_group: the sampled gradients are averaged
+    over the default group, as DDP averages p.grad (the extra autograd.grad does not disturb DDP's reducer)."""
+    model = net().double()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = FISHER_OPTIMIZERS[name](whiten.param_groups(model))
+    for t in range(steps):
+        x, y = _global_batch(t, world)
+        x, y = x[rank * RANK_ROWS:(rank + 1) * RANK_ROWS], y[rank * RANK_ROWS:(rank + 1) * RANK_ROWS]
+        logits = ddp(x)
+        opt.sample_fisher(logits)
+        opt.zero_grad()
+        F.cross_entropy(logits, y).backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, opt.state_dict()["param_groups"][0]["fisher"]
+
+
+@pytest.mark.parametrize("runner", ["process_group", "DistributedDataParallel"])
+@pytest.mark.parametrize("name", list(FISHER_OPTIMIZERS))
+def test_ddp_sampling_on_every_rank_matches_one_process(name, runner):
+    world, steps = 2, 6
+    results = launch(_ddp_run if runner == "process_group" else _real_ddp_run, world, name, steps)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = _one_process(name, world, steps)
+    finally:
+        torch.set_num_threads(threads)
+    for rank, (params, fisher_state) in enumerate(results):
+        assert fisher_state == results[0][1]  # the same sampling state on every rank
+        for n, v in params.items():
+            torch.testing.assert_close(v, expected[n], rtol=1e-11, atol=1e-12, msg=f"{name} rank {rank}: {n}")
+    # and the sampled curvature mattered: a run without it ends elsewhere
+    plain = _one_process(name, world, steps, sample=False)
+    assert any(not torch.allclose(v, plain[n], rtol=1e-4, atol=1e-6) for n, v in expected.items())
+
+
+@pytest.mark.parametrize("name", list(FISHER_OPTIMIZERS))
+def test_dcp_round_trip_resumes_the_label_stream(name, tmp_path):
+    """torch.distributed.checkpoint keeps only the first param group's extra keys: the sampling state travels
+    there, so a DCP resume samples the same labels as the uninterrupted run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def factory(model):
+        return FISHER_OPTIMIZERS[name](whiten.param_groups(model), fisher_seed=4)
+
+    model = net()
+    opt = run(factory, model, 0, 5)
+    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp_path)
+    run(factory, model, 5, 9, opt=opt)
+
+    model2 = net(seed=1)
+    opt2 = FISHER_OPTIMIZERS[name](whiten.param_groups(model2))
+    state = {"model": model2.state_dict(), "optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(state, checkpoint_id=tmp_path)
+    model2.load_state_dict(state["model"])
+    set_optimizer_state_dict(model2, opt2, state["optim"])
+    assert (opt2.fisher_seed, opt2.fisher_steps) == (4, 5)
+    run(factory, model2, 5, 9, opt=opt2)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
