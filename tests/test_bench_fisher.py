@@ -69,3 +69,24 @@ def test_loss_and_output_agree_with_loss(tasks):
         loss, out = task.loss_and_output(model, batch)
         assert torch.equal(loss, task.loss(model, batch))
         assert out.requires_grad
+
+
+def _bench_ddp(rank, world, optimizer, root):
+    from whiten.bench.parallel import Parallel
+
+    task = make_task("lm", "tiny")
+    lr = registry.get_spec(optimizer).lr_grid[0]
+    cfg = RunConfig(task="lm", profile="tiny", optimizer=optimizer, lr=lr, seed=0, steps=12, evals=3)
+    summary = run(cfg, task, root, parallel=Parallel(world=world, rank=rank, mode="ddp"))
+    return summary["final_val_loss"]
+
+
+@pytest.mark.parametrize("optimizer", ["tnt", "sophia"])
+def test_harness_samples_on_every_rank_under_ddp(optimizer, tmp_path):
+    """torchrun-style DDP (the harness's Parallel, DDP wrapper, process_group=WORLD): sample_fisher runs on every
+    rank's logits through the DDP module and the ranks meet in the step's all-reduce (no hang, no error); that the
+    numbers are one process's is tests/test_fisher.py's DDP test."""
+    from dist_utils import launch
+
+    losses = launch(_bench_ddp, 2, optimizer, str(tmp_path))
+    assert losses[0] == losses[1] and math.isfinite(losses[0])

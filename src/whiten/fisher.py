@@ -38,7 +38,8 @@ otherwise stays AdamW's::
 - **Where the gradients go.** At the next ``step()`` (before any state changes, in ``before_step``) the kept
   gradients become the mean over all sampled labels and are handed to :meth:`FisherMixin.capture_fisher`
   ``(grads, n)`` — ``grads`` aligned with :meth:`FisherMixin.fisher_params` (None where a parameter got no
-  gradient), ``n`` the total number of labels. The default keeps them for the step (:meth:`fisher_grad`) and
+  gradient), ``n`` the total number of labels. Capturing at the step rather than in ``sample_fisher`` is what
+  lets micro-batches and ranks be combined first. The default keeps them for the step (:meth:`fisher_grad`) and
   drops them after it; optimizers may override it. A step with a non-finite gradient drops them unused. Sampled
   gradients that are not finite follow the optimizer's ``nonfinite`` policy (``"raise"``: FloatingPointError;
   ``"skip"``: no curvature this time, a warning, counted in ``opt.fisher_skipped``).
@@ -47,9 +48,10 @@ otherwise stays AdamW's::
   gradients of that backward to its sampled-Fisher statistic rather than to the ordinary one.
 - **Randomness and exact resume.** The labels of a call come from a ``torch.Generator`` on the logits' device
   seeded with a hash of (``fisher_seed``, ``fisher_steps``, stream), stream = ``call · world + rank`` (``call``
-  counts the calls since the last step). Nothing else is random and the global RNG is never used, so the state is
-  two integers, saved in ``state_dict()["param_groups"][0]["fisher"]`` (where torch.distributed.checkpoint keeps
-  it): a resumed run samples the same labels as the uninterrupted one.
+  counts the calls since the last step): a counter-based stream, so there is no generator state to save, only
+  integers. Nothing else is random and the global RNG is never used. ``state_dict()["param_groups"][0]["fisher"]``
+  (where torch.distributed.checkpoint keeps it) holds ``seed``, ``steps`` and ``skipped``: a resumed run samples
+  the same labels as the uninterrupted one, and every rank holds the same entry.
 - **Distributed (DDP).** The kept gradients are summed over the optimizer's ``process_group`` (or over the default
   group when ``torch.distributed`` is initialised with several ranks and no group was given: under DDP every rank
   steps the same replicated parameters) and divided by the total label count, so every rank captures the same
