@@ -82,7 +82,7 @@ def test_parse_errors_are_one_line_with_exit_code_2(capsys, argv, words):
     (["--device", "gpu0"], ["--device gpu0", "cpu, cuda"]),
     (["--task", "vit", "--text", "x.txt"], ["--text", "lm task only"]),
     (["--data-root", "somewhere"], ["--data-root", "vit and dit"]),
-    (["--task", "vit", "--data-root", "/nonexistent/dir"], ["--data-root /nonexistent/dir", "no such directory"]),
+    (["--task", "vit", "--data-root", "/nonexistent/dir"], ["--data-root /nonexistent/dir", "no such file or directory"]),
 ])
 def test_mistakes_are_rejected_before_data_loads_and_leave_nothing(capsys, tmp_path, no_data_loading, argv, words):
     out = tmp_path / "out"
