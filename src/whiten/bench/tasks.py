@@ -217,7 +217,7 @@ class DiTTask(_ImageTask):
     class_dropout = 0.1
 
     def __init__(self, profile, device, data_root=None):
-        super().__init__(profile, device)
+        super().__init__(profile, device, data_root)
         # The fixed validation set: (image, t, noise) triples drawn once with a fixed generator.
         g = torch.Generator().manual_seed(12345)
         n = self.val_images.shape[0]
