@@ -53,7 +53,7 @@ def test_help_shows_every_option_with_its_default(capsys):
     for text in ("(default: 1000)", "(default: adamw,splus)", "(default: lm)", "(default: cpu)",
                  "(default: results/compare)", "(default: 5% of --steps)", "(default: 20)"):
         assert text in out
-    for sub in ("compare", "sweep", "report", "samples"):
+    for sub in ("compare", "sweep", "stability", "report", "samples"):
         parser = cli.build_parser()._subparsers._group_actions[0].choices[sub]
         undocumented = [a.dest for a in parser._actions if not a.help]
         assert undocumented == [], f"{sub}: options without help: {undocumented}"

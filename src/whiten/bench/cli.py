@@ -360,9 +360,16 @@ def _check_options(args, task) -> None:
             spec = with_options(base, refresh, options)
             try:
                 opt = build_optimizer(spec, model, spec.default_lr, task.width, args.steps)
-            except (TypeError, ValueError) as e:
+            except TypeError as e:  # an unexpected keyword argument
+                unknown = next((k for k in options if repr(k) in str(e)), None)
+                what = f"has no option {unknown!r}" if unknown else "refuses it"
+                raise UsageError(f"--opt {unknown or ' '.join(f'{k}={v}' for k, v in options.items())}: {name} "
+                                 f"{what} ({e}; its registry options: {', '.join(sorted(base.options))}; the "
+                                 "others are its constructor's arguments)") from None
+            except ValueError as e:
                 raise UsageError(f"--opt {' '.join(f'{k}={v}' for k, v in options.items())}: {name} refuses it "
                                  f"({e})") from None
+            # an optimizer that swallows unknown keywords (**kwargs) keeps none of them in its param groups
             kept = {k for g in opt.param_groups for k in g}
             unknown = [k for k in options if k not in base.options and k not in kept]
             if unknown:
