@@ -46,6 +46,7 @@ class Task:
             raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
         self.profile_name = profile if isinstance(profile, str) else "custom"
         self.config = dict(PROFILES[profile][self.name]) if isinstance(profile, str) else dict(profile)
+        self.profile_width = self.config["width"]  # with_width() changes config["width"], not this
         self.device = device
 
     @property
@@ -84,8 +85,7 @@ class Task:
     def label(self) -> str:
         """The profile's name, with the width when ``--width`` changed it (names checkpoints and result folders)."""
         width = self.config["width"]
-        base = PROFILES.get(self.profile_name, {}).get(self.name, {}).get("width")
-        return self.profile_name if width == base else f"{self.profile_name}-w{width}"
+        return self.profile_name if width == self.profile_width else f"{self.profile_name}-w{width}"
 
     def note(self) -> str | None:
         """Something the user should know about this task's data before the runs start (None: nothing)."""
