@@ -145,6 +145,12 @@ def test_unusable_image_folders(tmp_path):
     _refused(tmp_path / "notes.txt", "not a data set", ".npz")
 
 
+def test_a_folder_of_images_without_pillow(tmp_path, monkeypatch):
+    root = _folder(tmp_path / "imgs", per_class=2)
+    monkeypatch.setitem(__import__("sys").modules, "PIL", None)  # as if Pillow were not installed
+    _refused(root, "needs Pillow", "pip install pillow", "bench extra")
+
+
 def test_unusable_arrays(tmp_path):
     x = np.zeros((10, 8, 8), np.uint8)
     np.savez(tmp_path / "mismatch.npz", x=x, y=np.arange(9))
