@@ -220,6 +220,14 @@ def test_clock_and_the_loaded_machine_warning(tmp_path):
         report.write_report(tmp_path, plots=False, clock="gpu")
 
 
+def test_the_loaded_machine_rule():
+    run = {"train_seconds": 10.0, "train_cpu_seconds": 15.0, "threads": 2, "device": "cpu"}
+    assert metrics.utilization(run) == 0.75 and metrics.utilization(run) < metrics.LOADED_UTILIZATION
+    assert metrics.utilization({**run, "train_cpu_seconds": 19.0}) >= metrics.LOADED_UTILIZATION  # 0.95: quiet
+    assert metrics.utilization({**run, "device": "cuda:0"}) is None  # on a GPU the CPU mostly waits
+    assert metrics.utilization({"train_seconds": 10.0}) is None  # a record from before CPU time was kept
+
+
 def test_records_without_cpu_time_still_report(tmp_path):
     _fake(tmp_path, "adamw", 0.001, [4.0, 3.0, 2.0, 1.8, 1.7])
     _fake(tmp_path, "splus", 0.1, [4.0, 2.4, 1.7, 1.6, 1.5], seconds_per_step=0.3, cpu_per_step=0.2)

@@ -161,9 +161,9 @@ def _load_warning(runs: list[dict], clock: str) -> list[str]:
               "better, rerun those runs on a quiet machine")
     return [f"**Warning: a loaded machine.** {len(loaded)} of {len(shares)} runs had CPU time below "
             f"{LOADED_UTILIZATION} × wall time × threads (lowest {u:.2f}: {variant(c)} lr {c['lr']:.3g} seed "
-            f"{c['seed']}, {worst['threads']} threads): other work shared the cores, so their wall-clock seconds "
-            f"overstate the cost; {advice}. CPU time is not immune either (cores shared with other processes also "
-            "run slower).", ""]
+            f"{c['seed']}, {worst['threads']} threads; an idle machine gives 1.0): other work shared the cores (or "
+            f"there were more threads than cores), so their wall-clock seconds overstate the cost; {advice}. CPU time "
+            "is not immune either (threads that wait for a busy core spin, and shared cores run slower).", ""]
 
 
 def _grid_steps(a: float, b: float) -> int:
