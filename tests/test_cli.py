@@ -53,7 +53,7 @@ def test_help_shows_every_option_with_its_default(capsys):
     for text in ("(default: 1000)", "(default: adamw,splus)", "(default: lm)", "(default: cpu)",
                  "(default: results/compare)", "(default: 5% of --steps)", "(default: 20)"):
         assert text in out
-    for sub in ("compare", "sweep", "report", "samples"):
+    for sub in ("compare", "sweep", "stability", "report", "samples"):
         parser = cli.build_parser()._subparsers._group_actions[0].choices[sub]
         undocumented = [a.dest for a in parser._actions if not a.help]
         assert undocumented == [], f"{sub}: options without help: {undocumented}"
@@ -82,7 +82,7 @@ def test_parse_errors_are_one_line_with_exit_code_2(capsys, argv, words):
     (["--device", "gpu0"], ["--device gpu0", "cpu, cuda"]),
     (["--task", "vit", "--text", "x.txt"], ["--text", "lm task only"]),
     (["--data-root", "somewhere"], ["--data-root", "vit and dit"]),
-    (["--task", "vit", "--data-root", "/nonexistent/dir"], ["--data-root /nonexistent/dir", "no such directory"]),
+    (["--task", "vit", "--data-root", "/nonexistent/dir"], ["--data-root /nonexistent/dir", "no such file or directory"]),
 ])
 def test_mistakes_are_rejected_before_data_loads_and_leave_nothing(capsys, tmp_path, no_data_loading, argv, words):
     out = tmp_path / "out"

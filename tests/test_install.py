@@ -67,7 +67,7 @@ def test_wheel_metadata_declares_the_extras_and_ships_the_licence(installed):
         assert any(n.endswith("LICENSE") for n in whl.namelist())
     requires = _requires(installed["wheel"])
     assert any(r.startswith("torch") and "extra" not in r for r in requires)
-    for package in ("numpy", "matplotlib", "tqdm", "pytorch-optimizer"):
+    for package in ("numpy", "matplotlib", "tqdm", "pytorch-optimizer", "pillow"):
         assert any(r.startswith(package) and 'extra == "bench"' in r for r in requires), (package, requires)
 
 
@@ -90,6 +90,8 @@ def _third_party_imports(path: Path) -> set[str]:
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
+    # an import name that is not its distribution's name
+    names = {{"PIL": "pillow"}.get(n, n) for n in names}
     return names - set(sys.stdlib_module_names) - {"whiten", "__future__"}
 
 

@@ -3,17 +3,21 @@
     whiten-bench compare                       # AdamW vs SPlus on lm, cpu profile, default lrs (~8 min on 2 cores)
     whiten-bench compare --profile tiny --steps 50          # a smoke test (seconds)
     whiten-bench sweep --task lm --optimizers adamw,splus,pytorch_optimizer:SOAP --seeds 0,1 --starts init,adamw@500
-    whiten-bench report results/sweep
+    whiten-bench sweep --optimizers adamw,splus --lrs "adamw=0.00215,0.00464;splus=0.1,0.215" --width 64,128,256
+    whiten-bench compare --task vit --data-root DIR          # your own images: class folders, .npz, .npy, IDX
+    whiten-bench stability --steps 300                       # refresh interval x lr: who diverges?
+    whiten-bench report results/sweep [--clock cpu]
     whiten-bench samples results/sweep/dit/cpu/init/splus/lr0.464-seed0   # grid of DiT samples
     whiten-bench list                          # the optimizer registry
 
-compare, sweep, report and samples need the bench extra: pip install "whiten[bench]" (from a clone:
+compare, sweep, stability, report and samples need the bench extra: pip install "whiten[bench]" (from a clone:
 pip install -e ".[bench]"). Every mistake on the command line ends with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import importlib
 import math
@@ -29,12 +33,13 @@ import torch
 # checked they are there.
 from .errors import DataUnavailable, UsageError
 from .models import PROFILES, TASKS
-from .registry import REGISTRY, get_spec
+from .registry import REGISTRY, build_optimizer, get_spec, with_options
 
 # Seconds between plain progress lines when stderr is not a terminal (a log file, nohup, CI).
 PROGRESS_INTERVAL = 30.0
 
 BENCH_EXTRA = 'pip install "whiten[bench]" (from a clone: pip install -e ".[bench]")'
+RUN_COMMANDS = ("compare", "sweep", "stability")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,20 +80,56 @@ def _non_negative_int(text):
     return v
 
 
+def _lrs(text):
+    """``--lrs``: "0.1,0.2" (every optimizer) or "splus=0.1,0.2;adamw=0.001" (per optimizer; the others keep their
+    registry grid)."""
+    if "=" not in text:
+        return _csv(float, "numbers")(text)
+    out = {}
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        name, sep, values = part.partition("=")
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"expected LR,LR,... or NAME=LR,LR;NAME=LR,...; got {part!r}")
+        out[name.strip()] = _csv(float, f"numbers after {name.strip()}=")(values)
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one NAME=LR,...")
+    return out
+
+
+_WORDS = {"none": None, "true": True, "false": False}
+
+
+def _option(text):
+    """``--opt KEY=VALUE``: VALUE as a Python literal (100, 1e-3, (0.9, 0.95), None, True), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. ema_rate=0.99), got {text!r}")
+    value = value.strip()
+    if value.lower() in _WORDS:
+        return key.strip(), _WORDS[value.lower()]
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return key.strip(), tuple(parsed) if isinstance(parsed, list) else parsed
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _common(p: argparse.ArgumentParser, out: str, steps: int):
+def _common(p: argparse.ArgumentParser, out: str, steps: int, optimizers=("adamw", "splus")):
     p.add_argument("--task", choices=sorted(TASKS), default="lm",
-                   help="lm: character GPT on Shakespeare (or --text); vit: Fashion-MNIST classification; "
-                        "dit: Fashion-MNIST flow matching (default: lm)")
+                   help="lm: character GPT on Shakespeare (or --text); vit: image classification; dit: "
+                        "class-conditional flow matching; both on Fashion-MNIST or --data-root (default: lm)")
     p.add_argument("--profile", choices=list(PROFILES), default="cpu",
                    help="model size: tiny (seconds, for smoke tests), cpu (2 cores), gpu (close to the SPlus "
                         "paper's model; needs a GPU) (default: cpu)")
-    p.add_argument("--optimizers", type=_csv(str, "optimizer names"), default=["adamw", "splus"],
+    p.add_argument("--optimizers", type=_csv(str, "optimizer names"), default=list(optimizers),
                    help="comma-separated registry names, or pytorch_optimizer:<Class> (see `whiten-bench list`) "
-                        "(default: adamw,splus)")
+                        f"(default: {','.join(optimizers)})")
     p.add_argument("--steps", type=_positive_int, default=steps, help=f"training steps per run (default: {steps})")
     p.add_argument("--seeds", type=_csv(int, "integers"), default=[0],
                    help="comma-separated seeds; each seed runs every optimizer (default: 0)")
@@ -107,9 +148,20 @@ def _common(p: argparse.ArgumentParser, out: str, steps: int):
     p.add_argument("--text", default=None,
                    help="lm task: train on this UTF-8 text file instead of Shakespeare (the last 10%% is held out "
                         "for validation)")
-    p.add_argument("--data-root", default=None,
-                   help="vit/dit: directory with the Fashion-MNIST IDX files (default: the Debian package's, "
-                        "then ~/.cache/whiten)")
+    p.add_argument("--data-root", "--data", dest="data_root", default=None,
+                   help="vit/dit: your images: a folder of class subfolders (or train/ and val/ each of class "
+                        "subfolders), an .npz with x and y (or images and labels, or x_train, y_train, x_test, "
+                        "y_test), a folder with x.npy and y.npy, or a folder with IDX files; any size, channels and "
+                        "classes (default: Fashion-MNIST from the Debian package's folder, then ~/.cache/whiten)")
+    p.add_argument("--width", type=_csv(int, "integers"), default=None,
+                   help="model width(s) instead of the profile's, e.g. 64,128,256 (a multiple of the profile's "
+                        "heads); each width is its own set of runs (default: the profile's)")
+    p.add_argument("--opt", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="an optimizer option over the registry's, for every optimizer of the command; repeatable "
+                        "(e.g. --opt ema_rate=0.99) (default: none)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help=f"CPU threads for torch (default: torch's own choice, here {torch.get_num_threads()}); "
+                        "recorded in config.json")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                    help="under torchrun --nproc_per_node N: DDP or FSDP2 (fully_shard) over the N processes, the same "
                         "global batch split between them (default: ddp; ignored in one process)")
@@ -120,7 +172,8 @@ def _common(p: argparse.ArgumentParser, out: str, steps: int):
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="whiten-bench", description=__doc__.split("\n")[0],
                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{compare,sweep,report,samples,list}")
+    sub = ap.add_subparsers(dest="command", required=True,
+                            metavar="{compare,sweep,stability,report,samples,list}")
     c = sub.add_parser("compare", help="each optimizer at its default lr (the main comparison)",
                        description="Each optimizer at its registry default lr: AdamW vs SPlus on lm by default.")
     _common(c, "results/compare", 1000)
@@ -128,12 +181,30 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Each optimizer over its lr grid (see `whiten-bench list`); finished runs are "
                                    "skipped, so an interrupted sweep resumes.")
     _common(s, "results/sweep", 1000)
-    s.add_argument("--lrs", type=_csv(float, "numbers"), default=None,
-                   help="lrs for every optimizer instead of each one's registry grid")
+    lrs_help = ('lrs instead of the registry grids: "0.1,0.2" for every optimizer, or per optimizer '
+                '"splus=0.1,0.2;adamw=0.001,0.002" (the others keep their grid) (default: the registry grids)')
+    s.add_argument("--lrs", type=_lrs, default=None, help=lrs_help)
+    s.add_argument("--refresh", type=_csv(int, "integers"), default=None,
+                   help="refresh intervals of the preconditioner (SPlus inverse_every, SOAP and Shampoo "
+                        "precondition_frequency), each its own set of runs (default: the registry's)")
+    st = sub.add_parser("stability", help="refresh interval x lr grid: which optimizer diverges with stale "
+                                          "preconditioners (resumable)",
+                        description="The SPlus paper's claim 1: Shampoo with long-cached inverses diverges, SPlus "
+                                    "does not. Every optimizer runs at every refresh interval and lr; the report "
+                                    "counts divergence (non-finite loss, or a final validation loss no lower than "
+                                    "the start) and draws a heat map per optimizer.")
+    _common(st, "results/stability", 300, optimizers=("splus", "shampoo", "shampoo-nograft", "soap"))
+    st.add_argument("--lrs", type=_lrs, default=None, help=lrs_help)
+    st.add_argument("--refresh", type=_csv(int, "integers"), default=[10, 30, 100],
+                    help="refresh intervals (SPlus inverse_every, SOAP and Shampoo precondition_frequency) "
+                         "(default: 10,30,100)")
     r = sub.add_parser("report", help="tables and plots from a results directory",
                        description="Markdown tables (report.md) and PNG plots (plots/) from a results directory.")
-    r.add_argument("out", type=Path, help="a results directory (compare's or sweep's --out)")
+    r.add_argument("out", type=Path, help="a results directory (compare's, sweep's or stability's --out)")
     r.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+    r.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time-to-AdamW and the seconds plot from wall-clock time or from the process's CPU time "
+                        "(less sensitive to a loaded machine) (default: wall)")
     sm = sub.add_parser("samples", help="draw a grid of samples from a finished dit run",
                         description="Draw 8 samples per class from a finished dit run (writes samples.png there).")
     sm.add_argument("run_dir", type=Path, help="a finished dit run's directory (holds done.json and model.pt)")
@@ -159,9 +230,9 @@ def _importable(module: str) -> bool:
 def _require(args) -> None:
     """The optional packages this command will import, checked now rather than after the training."""
     needs = {}
-    if args.command in ("compare", "sweep", "samples"):
+    if args.command in RUN_COMMANDS + ("samples",):
         needs["numpy"] = "the data loaders"
-    if args.command == "samples" or (args.command in ("compare", "sweep", "report") and not args.no_plots):
+    if args.command == "samples" or (args.command in RUN_COMMANDS + ("report",) and not args.no_plots):
         needs["matplotlib"] = "the plots"
     if any(name.startswith("pytorch_optimizer:") for name in getattr(args, "optimizers", ())):
         needs["pytorch_optimizer"] = "the pytorch_optimizer:<Class> optimizers"
@@ -234,27 +305,105 @@ def _check_run_args(args) -> None:
         raise UsageError(f"--text applies to the lm task only (this is --task {args.task})")
     if args.data_root is not None and args.task == "lm":
         raise UsageError("--data-root applies to the vit and dit tasks only (lm reads --text)")
-    if args.data_root is not None and not Path(args.data_root).expanduser().is_dir():
-        raise UsageError(f"--data-root {args.data_root}: no such directory")
-    if getattr(args, "lrs", None) and any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs):
-        raise UsageError(f"--lrs: every lr must be a positive number, got {','.join(map(str, args.lrs))}")
+    if args.data_root is not None and not Path(args.data_root).expanduser().exists():
+        raise UsageError(f"--data-root {args.data_root}: no such file or directory")
+    _check_lrs(args)
+    heads = PROFILES[args.profile][args.task]["heads"]
+    for width in args.width or ():
+        if width < 1 or width % heads:
+            raise UsageError(f"--width {width}: must be a positive multiple of the {args.profile} profile's {heads} "
+                             f"attention heads (e.g. {heads * max(1, round(max(1, width) / heads))})")
+    for refresh in getattr(args, "refresh", None) or ():
+        if refresh < 1:
+            raise UsageError(f"--refresh {refresh}: must be a positive number of steps")
+    if getattr(args, "refresh", None):
+        for name in args.optimizers:
+            try:
+                with_options(get_spec(name), args.refresh[0])
+            except ValueError as e:
+                raise UsageError(f"--refresh: {e}") from None
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a directory")
+
+
+def _check_lrs(args) -> None:
+    lrs = getattr(args, "lrs", None)
+    if not lrs:
+        return
+    if isinstance(lrs, dict):
+        for name in lrs:
+            if name not in args.optimizers:
+                try:
+                    get_spec(name)
+                except ValueError as e:
+                    raise UsageError(f"--lrs: {e}") from None
+                raise UsageError(f"--lrs names {name}, which is not among --optimizers ({','.join(args.optimizers)}); "
+                                 "add it there or drop its lrs")
+        values = [lr for v in lrs.values() for lr in v]
+    else:
+        values = lrs
+    if any(not (lr > 0 and math.isfinite(lr)) for lr in values):
+        raise UsageError(f"--lrs: every lr must be a positive number, got {','.join(map(str, values))}")
+
+
+def _check_options(args, task) -> None:
+    """``--opt`` and ``--refresh``, tried on the task's model before anything runs: an option an optimizer refuses
+    or does not know stops here, not after hours of other runs."""
+    options = dict(args.opt)
+    refreshes = getattr(args, "refresh", None) or [None]
+    if not options and refreshes == [None]:
+        return
+    model = task.build_model(0)
+    for name in args.optimizers:
+        base = get_spec(name)
+        for refresh in refreshes:
+            spec = with_options(base, refresh, options)
+            try:
+                opt = build_optimizer(spec, model, spec.default_lr, task.width, args.steps)
+            except TypeError as e:  # an unexpected keyword argument
+                unknown = next((k for k in options if repr(k) in str(e)), None)
+                what = f"has no option {unknown!r}" if unknown else "refuses it"
+                raise UsageError(f"--opt {unknown or ' '.join(f'{k}={v}' for k, v in options.items())}: {name} "
+                                 f"{what} ({e}; its registry options: {', '.join(sorted(base.options))}; the "
+                                 "others are its constructor's arguments)") from None
+            except ValueError as e:
+                raise UsageError(f"--opt {' '.join(f'{k}={v}' for k, v in options.items())}: {name} refuses it "
+                                 f"({e})") from None
+            # an optimizer that swallows unknown keywords (**kwargs) keeps none of them in its param groups
+            kept = {k for g in opt.param_groups for k in g}
+            unknown = [k for k in options if k not in base.options and k not in kept]
+            if unknown:
+                raise UsageError(f"--opt {unknown[0]}: {name} has no option {unknown[0]!r} (its options: "
+                                 f"{', '.join(sorted(set(base.options) | kept - {'params', 'role'}))})")
 
 
 def _plan(args) -> list:
     from .run import RunConfig
 
+    # the profile's own width is no --width at all: those runs are the plain ones (same folder, same identity)
+    base = PROFILES[args.profile][args.task]["width"]
+    widths = list(dict.fromkeys(None if w == base else w for w in (args.width or [None])))
+    refreshes = getattr(args, "refresh", None) or [None]
+    options = tuple(sorted(dict(args.opt).items()))
+    lrs = getattr(args, "lrs", None)
     plan = []
     for start in args.starts:
-        for seed in args.seeds:
-            for name in args.optimizers:
-                spec = get_spec(name)
-                lrs = [spec.default_lr] if args.command == "compare" else (args.lrs or list(spec.lr_grid))
-                for lr in lrs:
-                    plan.append(RunConfig(task=args.task, profile=args.profile, optimizer=name, lr=lr, seed=seed,
-                                          steps=args.steps, start=start, warmup=args.warmup,
-                                          schedule=args.schedule, evals=args.evals, compile=args.compile))
+        for width in widths:
+            for seed in args.seeds:
+                for name in args.optimizers:
+                    spec = get_spec(name)
+                    if args.command == "compare":
+                        grid = [spec.default_lr]
+                    elif isinstance(lrs, dict):
+                        grid = lrs.get(name) or list(spec.lr_grid)
+                    else:
+                        grid = lrs or list(spec.lr_grid)
+                    for refresh in refreshes:
+                        for lr in grid:
+                            plan.append(RunConfig(task=args.task, profile=args.profile, optimizer=name, lr=lr,
+                                                  seed=seed, steps=args.steps, start=start, warmup=args.warmup,
+                                                  schedule=args.schedule, evals=args.evals, compile=args.compile,
+                                                  width=width, refresh=refresh, options=options))
     return plan
 
 
@@ -301,7 +450,7 @@ class Progress:
         if self.t0 is None:
             self.t0 = self.last_line
         if self.bar is not None:
-            self.bar.set_description(f"{cfg.optimizer} lr {cfg.lr:.3g} seed {cfg.seed} {cfg.start}")
+            self.bar.set_description(f"{cfg.variant()} lr {cfg.lr:.3g} seed {cfg.seed} {cfg.start}")
 
     def message(self, text: str) -> None:
         if self.bar is not None:
@@ -326,7 +475,7 @@ class Progress:
         left_run = (self.cfg.steps - step) * rate
         left_all = (self.remaining - self.trained) * rate
         mean_loss = sum(self.losses) / len(self.losses)
-        print(f"  [run {self.index}/{self.count}] {self.cfg.optimizer} lr {self.cfg.lr:.3g} seed {self.cfg.seed} "
+        print(f"  [run {self.index}/{self.count}] {self.cfg.variant()} lr {self.cfg.lr:.3g} seed {self.cfg.seed} "
               f"{self.cfg.start}: step {step}/{self.cfg.steps}, train loss {mean_loss:.3f}; "
               f"ETA {_duration(left_run)} for this run, {_duration(left_all)} for all", file=self.stream, flush=True)
         self.losses = []
@@ -350,6 +499,8 @@ class Progress:
 
 def _run_plan(args) -> int:
     _check_run_args(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     plan = _plan(args)
     from .run import checkpoint_path, finished, parse_start, run
     from .tasks import make_task
@@ -361,6 +512,7 @@ def _run_plan(args) -> int:
         sys.stdout = open(os.devnull, "w")
     # the data first: a bad --text or data set is refused before --out is created
     task = make_task(args.task, args.profile, args.device, text_path=args.text, data_root=args.data_root)
+    _check_options(args, task)
     with _sweep_lock(args.out, par.main):
         # every finished record is checked before any run starts: one of other settings stops the sweep here
         pending = [cfg for cfg in plan if finished(cfg, task, args.out) is None]
@@ -395,9 +547,12 @@ def _run_pending(args, plan, pending, task, par, checkpoint_path, parse_start, r
     from .report import write_report
 
     done = f" ({len(plan) - len(pending)} already done, skipped)" if len(pending) < len(plan) else ""
+    extra = (f", widths {','.join(map(str, args.width))}" if args.width else "") + \
+        (f", refresh {','.join(map(str, args.refresh))}" if getattr(args, "refresh", None) else "") + \
+        (f", options {' '.join(f'{k}={v}' for k, v in args.opt)}" if args.opt else "")
     print(f"{len(plan)} runs of {args.steps} steps{done}: task {args.task}, profile {args.profile}, "
-          f"device {args.device}, optimizers {','.join(args.optimizers)}, seeds {','.join(map(str, args.seeds))}, "
-          f"starts {','.join(args.starts)} -> {args.out}"
+          f"device {args.device} ({torch.get_num_threads()} threads), optimizers {','.join(args.optimizers)}, "
+          f"seeds {','.join(map(str, args.seeds))}, starts {','.join(args.starts)}{extra} -> {args.out}"
           + (f" ({args.parallel} over {par.world} processes)" if par.world > 1 else ""), flush=True)
     if task.note():
         print(f"note: {task.note()}", flush=True)
@@ -413,8 +568,9 @@ def _run_pending(args, plan, pending, task, par, checkpoint_path, parse_start, r
                                  f"{cfg.seed}; kept in {args.out / 'checkpoints'})")
             summary = run(cfg, task, args.out, progress=progress.step, parallel=par)
             status = "diverged" if summary["diverged"] else f"final val loss {summary['final_val_loss']:.4f}"
-            progress.end_run(cfg, f"{cfg.optimizer:24s} lr {cfg.lr:<8.3g} seed {cfg.seed} {cfg.start:10s} {status}  "
-                                  f"({summary['seconds_per_step'] * 1e3:.0f} ms/step)")
+            width = f" width {cfg.width}" if cfg.width else ""
+            progress.end_run(cfg, f"{cfg.variant():24s} lr {cfg.lr:<8.3g} seed {cfg.seed} {cfg.start:10s}{width} "
+                                  f"{status}  ({summary['seconds_per_step'] * 1e3:.0f} ms/step)")
     finally:
         progress.close()
     if not par.main:
@@ -428,7 +584,7 @@ def _run_pending(args, plan, pending, task, par, checkpoint_path, parse_start, r
 def _report(args) -> int:
     from .report import write_report
 
-    path = write_report(args.out, plots=not args.no_plots)
+    path = write_report(args.out, plots=not args.no_plots, clock=args.clock)
     print(path.read_text())
     print(f"report: {path}" + ("" if args.no_plots else f"\nplots:  {args.out / 'plots'}"))
     return 0
@@ -444,13 +600,20 @@ def _samples(args) -> int:
     if not done.exists() or not weights.exists():
         raise UsageError(f"samples {args.run_dir}: not a finished dit run (needs done.json and model.pt; "
                          "dit runs are under <out>/dit/<profile>/<start>/<optimizer>/<lr-seed>)")
-    cfg = json.loads(done.read_text())["config"]
+    summary = json.loads(done.read_text())
+    cfg = summary["config"]
     if cfg["task"] != "dit":
         raise UsageError(f"samples {args.run_dir}: a {cfg['task']} run; samples needs a dit run")
-    model = build_model("dit", PROFILES[cfg["profile"]]["dit"])
+    # the model as the run built it: its task description holds the width, patch, image shape and classes
+    desc = summary.get("identity", {}).get("task", {})
+    sizes = {**PROFILES[cfg["profile"]]["dit"], **{k: desc[k] for k in ("width", "depth", "heads", "patch") if k in desc}}
+    channels, height, width = desc.get("image_shape", (1, 28, 28))
+    classes = desc.get("classes", 10)
+    model = build_model("dit", sizes, image_shape=(channels, height, width), classes=classes)
     model.load_state_dict(torch.load(weights, map_location="cpu"))
     model.eval()
-    y = torch.arange(10).repeat_interleave(8)
+    rows = min(classes, 16)  # 8 samples for each of the first 16 classes at most
+    y = torch.arange(rows).repeat_interleave(8)
     with torch.no_grad():
         images = sample(model, y, args.steps, torch.Generator().manual_seed(0), cfg_scale=args.cfg)
     import matplotlib
@@ -458,10 +621,16 @@ def _samples(args) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = images.clamp(-1, 1).add(1).div(2).reshape(10, 8, 28, 28).permute(0, 2, 1, 3).reshape(280, 224)
+    shown = min(channels, 4) if channels != 2 else 1  # grey+alpha: the grey channel
+    grid = images[:, :shown].clamp(-1, 1).add(1).div(2).reshape(rows, 8, shown, height, width)
+    grid = grid.permute(0, 3, 1, 4, 2).reshape(rows * height, 8 * width, shown)
     out = args.run_dir / "samples.png"
-    plt.imsave(out, grid.numpy(), cmap="gray")
-    print(f"samples: {out} (one row per class, {args.steps} Euler steps, guidance {args.cfg})")
+    if shown == 1:
+        plt.imsave(out, grid[..., 0].numpy(), cmap="gray", vmin=0, vmax=1)
+    else:
+        plt.imsave(out, grid[..., :4 if shown == 4 else 3].numpy())
+    print(f"samples: {out} (one row per class{'' if rows == classes else f', the first {rows} of {classes}'}, "
+          f"{args.steps} Euler steps, guidance {args.cfg})")
     return 0
 
 

