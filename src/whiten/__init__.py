@@ -10,3 +10,7 @@ from .roles import ROLES, RolePlan, param_groups, plan_roles
 __version__ = "0.1.0"
 
 __all__ = ["SPlus", "Muon", "ScheduleFreeAdamW", "SOAP", "Shampoo", "PSGDKron", "param_groups", "plan_roles", "RolePlan", "ROLES", "averaged_value", "__version__"]
+
+from .optim import MFAC, Conda, Prodigy  # noqa: E402
+
+__all__ += ["Conda", "Prodigy", "MFAC"]
