@@ -66,6 +66,11 @@ class Prodigy(WhitenOptimizer):
     distributed run (``process_group=`` or FSDP2) the per-parameter sums are all-reduced and added in parameter
     order, so every rank gets the same D, that of one process, bit for bit.
 
+    **bfloat16 parameters** (no float32 master copy): the first steps, of size about D ≈ ``d0`` = 1e-6, are far
+    below bfloat16's resolution (~0.4% of a weight), so the parameters never leave x0, the numerator stays 0 and D
+    never grows; prodigyopt, which steps in bfloat16 too, stalls the same way. Keep float32 parameters (autocast for
+    the compute), or start from ``d0=1e-2``.
+
     State per parameter (float32; float64 for float64 parameters): ``step`` (int), ``s`` and ``p0`` (every
     ``slice_p``-th entry of the flattened parameter; ``p0`` is a 0-dim zero for a parameter that starts at zero, as
     in the reference), ``exp_avg`` (β1 > 0) and ``exp_avg_sq`` (shape of p). About 4x the parameters' memory.
