@@ -3,6 +3,7 @@ implementations users would otherwise pick, at the same settings, on a GPT-shape
 
     python benchmarks/family_step_time.py --width 256 --blocks 4
     python benchmarks/family_step_time.py --width 256 --blocks 4 --algorithms soap,muon --rounds 5
+    python benchmarks/family_step_time.py --width 256 --blocks 4 --algorithms conda,prodigy,mfac --rounds 5
 
 For each algorithm every implementation gets a copy of the same parameters and fixed random gradients; runs are
 interleaved (round-robin over all implementations) and each round runs one full refresh period (`--period` steps,
@@ -30,6 +31,7 @@ from torch import nn
 import whiten
 
 FREQ = 10
+MFAC_NGRADS = 32  # the window is ngrads x the parameters: 32 x 3.15 M floats = 0.4 GB at the default shapes
 
 
 def gpt_params(width: int, blocks: int) -> list[tuple[tuple[int, ...], str]]:
@@ -112,6 +114,22 @@ def implementations(algorithm: str, heavyball_compile: bool, psgd_probability: f
             ("whiten.ScheduleFreeAdamW", lambda ps: whiten.ScheduleFreeAdamW(roles(ps))),
             ("schedulefree.AdamWScheduleFree", sf and sf_opt),
         ]
+    if algorithm == "conda":
+        # the same refresh period for both (the table's period); every matrix of gpt_params is a hidden one, which
+        # both project
+        return [
+            ("whiten.Conda", lambda ps: whiten.Conda(roles(ps), update_proj_gap=FREQ)),
+            ("pytorch_optimizer.Conda", po and (lambda ps: po.Conda(plain(ps), update_proj_gap=FREQ, scale=0.25))),
+        ]
+    if algorithm == "prodigy":
+        pg = _maybe("prodigyopt")
+        return [
+            ("whiten.Prodigy", lambda ps: whiten.Prodigy(roles(ps))),
+            ("prodigyopt.Prodigy", pg and (lambda ps: pg.Prodigy(plain(ps)))),
+        ]
+    if algorithm == "mfac":
+        # no peer runs on a CPU: the authors' M-FAC factors by LU without pivoting, which torch lacks there
+        return [(f"whiten.MFAC (ngrads {MFAC_NGRADS})", lambda ps: whiten.MFAC(roles(ps), ngrads=MFAC_NGRADS))]
     raise ValueError(f"unknown algorithm {algorithm!r}")
 
 

@@ -89,8 +89,8 @@ SETTINGS = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, update_p
 
 def _reference(params, svd_dtype=torch.float32, **kw):
     s = {**SETTINGS, **kw}
-    return ReferenceConda(params, [r == "hidden" for r in ROLES], [r != "vector" for r in ROLES], s["lr"], s["betas"], s["eps"], s["weight_decay"],
-                          s["update_proj_gap"], s["scale"], svd_dtype)
+    return ReferenceConda(params, [r == "hidden" for r in ROLES], [r != "vector" for r in ROLES], s["lr"],
+                          s["betas"], s["eps"], s["weight_decay"], s["update_proj_gap"], s["scale"], svd_dtype)
 
 
 def test_float64_parity_with_the_reference_over_several_refreshes():

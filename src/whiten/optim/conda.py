@@ -155,67 +155,65 @@ class Conda(WhitenOptimizer):
             if not self.state[p]:
                 self.state[p] = self._init_state(p, group)
             states.append(self.state[p])
-        grads = [p.grad if p.grad.dtype == s["exp_avg"].dtype else p.grad.to(s["exp_avg"].dtype)
-                 for p, s in zip(params, states)]
-        due = [i for i, s in enumerate(states) if s["step"] % gap == 0]
+        due = [s for s in states if s["step"] % gap == 0]
         if due:  # moments overflowed by a huge gradient would stop the parameter for good: restart them
-            restarted = self.restart_nonfinite([states[i]["exp_avg_sq"] for i in due])
-            for i, bad in zip(due, restarted):
-                if bad or not bool(torch.isfinite(states[i]["exp_avg"]).all()):
-                    states[i]["exp_avg"].zero_()
-                    states[i]["exp_avg_sq"].zero_()
-
-        # the gradient in each parameter's basis (the rotated first moment is updated with it); a refresh first
-        # takes the new basis from the updated momentum in the parameter's own basis
-        rotated = list(grads)
-        fresh = set()  # refreshed this step: their first moment is already updated
-        for i, (p, s) in enumerate(zip(params, states)):
-            matrix = _matrix(p, group)
-            if matrix is None:
-                continue
-            side = _side(matrix)
-            B = s[f"basis_{side}"]
-            G = grads[i].reshape(matrix)
-            if s["step"] % gap == 0:
-                M = s["exp_avg"].view(matrix)
-                if s["step"] > 0:
-                    M = M @ B if side == "right" else B @ M  # back to the parameter's basis
-                M = M.mul(beta1).add_(G, alpha=1 - beta1)
-                self._refresh(B, M, side, group["svd_dtype"])
-                s["exp_avg"].view(matrix).copy_(M @ B.T if side == "right" else B.T @ M)
-                fresh.add(i)
-            rotated[i] = (G @ B.T if side == "right" else B.T @ G).view(p.shape)
-
-        moving = [i for i in range(len(states)) if i not in fresh]
-        if moving:
-            m = [states[i]["exp_avg"] for i in moving]
-            torch._foreach_mul_(m, beta1)
-            torch._foreach_add_(m, [rotated[i] for i in moving], alpha=1 - beta1)
-        v = [s["exp_avg_sq"] for s in states]
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, rotated, rotated, value=1 - beta2)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_add_(denom, group["eps"])
-        direction = torch._foreach_div([s["exp_avg"] for s in states], denom)
-
+            for s, bad in zip(due, self.restart_nonfinite([s["exp_avg_sq"] for s in due])):
+                if bad or not bool(torch.isfinite(s["exp_avg"]).all()):
+                    s["exp_avg"].zero_()
+                    s["exp_avg_sq"].zero_()
         lr = float(group["lr"])
-        for p, s, D in zip(params, states, direction):
+        for p, s in zip(params, states):
+            m, v = s["exp_avg"], s["exp_avg_sq"]
+            g = p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype)
+            matrix = _matrix(p, group)
+            scratch = self._scratch(m)  # the rotated gradient, then the direction
+            if matrix is None:  # the plain path
+                m.mul_(beta1).add_(g, alpha=1 - beta1)
+                rotated = g
+            else:
+                right = _side(matrix) == "right"
+                B = s["basis_right"] if right else s["basis_left"]
+                G, M = g.reshape(matrix), m.view(matrix)
+                if s["step"] % gap == 0:
+                    # the momentum in the parameter's basis, updated; the new basis from its SVD; kept rotated
+                    full = (M @ B if right else B @ M) if s["step"] > 0 else torch.zeros_like(M)
+                    full.mul_(beta1).add_(G, alpha=1 - beta1)
+                    self._refresh(B, full, "right" if right else "left", group["svd_dtype"])
+                    torch.mm(full, B.T, out=M) if right else torch.mm(B.T, full, out=M)
+                    rotated = torch.mm(G, B.T, out=scratch.view(matrix)) if right else \
+                        torch.mm(B.T, G, out=scratch.view(matrix))
+                else:
+                    rotated = torch.mm(G, B.T, out=scratch.view(matrix)) if right else \
+                        torch.mm(B.T, G, out=scratch.view(matrix))
+                    M.mul_(beta1).add_(rotated, alpha=1 - beta1)
+                rotated = rotated.view(p.shape)
+            v.mul_(beta2).addcmul_(rotated, rotated, value=1 - beta2)
+            direction = torch.sqrt(v, out=scratch).add_(group["eps"])  # the rotated gradient is used up
+            torch.div(m, direction, out=direction)
             s["step"] += 1
             t = s["step"]
             step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t) if group["correct_bias"] else lr
-            matrix = _matrix(p, group)
-            if matrix is not None:
-                side = _side(matrix)
-                B = s[f"basis_{side}"]
-                X = D.view(matrix)
-                D = (X @ B if side == "right" else B @ X).view(p.shape)
+            if matrix is not None:  # back to the parameter's basis
+                X, back = direction.view(matrix), self._scratch(m, second=True).view(matrix)
+                direction = (torch.mm(X, B, out=back) if right else torch.mm(B, X, out=back)).view(p.shape)
                 step_size *= group["scale"]
-            x = p if p.dtype == D.dtype else p.to(D.dtype)
-            x.add_(D, alpha=-step_size)
+            x = p if p.dtype == m.dtype else p.to(m.dtype)
+            x.add_(direction, alpha=-step_size)
             if group["weight_decay"] > 0 and (group["role"] or role_from_shape(p)) not in NO_DECAY_ROLES:
                 x.add_(x, alpha=-lr * group["weight_decay"])
             if x is not p:  # low-precision parameter: computed in the state dtype, rounded once
                 p.copy_(x)
+
+    def _scratch(self, like: torch.Tensor, second: bool = False) -> torch.Tensor:
+        """One of two reused buffers of ``like``'s shape for the step's temporaries (not state): fresh
+        multi-megabyte tensors per parameter cost page faults."""
+        buffers = self.__dict__.setdefault("_scratch_buffers", {})
+        key = (like.dtype, like.device, second)
+        buf = buffers.get(key)
+        if buf is None or buf.numel() < like.numel():
+            size = max([like.numel()] + [q.numel() for g in self.param_groups for q in g["params"]])
+            buf = buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
+        return buf[:like.numel()].view(like.shape)
 
     def _refresh(self, B: torch.Tensor, M: torch.Tensor, side: str, svd_dtype) -> None:
         """B <- Vᵀ (side right) or U (side left) of the reduced SVD of M; on failure B is kept and counted."""

@@ -39,7 +39,8 @@ class Prodigy(WhitenOptimizer):
         m &\leftarrow \beta_1 m + D(1-\beta_1) g, \qquad v \leftarrow \beta_2 v + D^2 (1-\beta_2) g^2 \\
         \hat D &= c\, r / \textstyle\sum \|s\|_1, \quad D_{max} \leftarrow \max(D_{max}, \hat D), \quad
         D \leftarrow \min(D_{max}, \gamma D) \ \ (\text{first step: } D \leftarrow \max(D, \hat D)) \\
-        x &\leftarrow x - \lambda \eta_D x \ (\text{decoupled}), \qquad x \leftarrow x - \eta_D\, m / (\sqrt v + D\epsilon)
+        x &\leftarrow x - \lambda \eta_D x \ (\text{decoupled}), \qquad
+        x \leftarrow x - \eta_D\, m / (\sqrt v + D\epsilon)
 
     (:math:`c` = ``d_coef``, :math:`\gamma` = ``growth_rate``; sums over every parameter of every group; with
     β1 = 0 the numerator is :math:`D g`.) With both EMAs off (``betas=(0, 0)``) this is sign descent,
@@ -244,7 +245,8 @@ class Prodigy(WhitenOptimizer):
                 grads[p] = grad
                 sp = group["slice_p"]
                 sliced_grad = grad.flatten()[::sp]
-                dot = torch.dot(sliced_grad, state["p0"] - x.flatten()[::sp])
+                x_sliced = x.flatten()[::sp]
+                dot = torch.dot(sliced_grad, torch.sub(state["p0"], x_sliced, out=self._scratch(x_sliced)))
                 if beta1 > 0:
                     if "exp_avg" not in state:  # β1 raised from 0 by a scheduler
                         state["exp_avg"] = torch.zeros_like(state["exp_avg_sq"])
@@ -252,7 +254,7 @@ class Prodigy(WhitenOptimizer):
                 state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=d * d * (1 - beta2))
                 alpha = (d / d0) * d if group["safeguard_warmup"] else (d / d0) * dlr
                 state["s"].mul_(beta3).add_(sliced_grad, alpha=alpha)
-                stats[p] = (dot, state["s"].abs().sum())
+                stats[p] = (dot, torch.abs(state["s"], out=self._scratch(state["s"])).sum())
 
         # The sums over all parameters, in parameter order, as Python floats: the reference's arithmetic. In a
         # distributed run each owner fills its parameters' entries and one all-reduce gives every rank the same
@@ -294,7 +296,8 @@ class Prodigy(WhitenOptimizer):
                 state["step"] += 1
                 dtype = state["exp_avg_sq"].dtype
                 x = p if p.dtype == dtype else p.to(dtype)
-                denom = state["exp_avg_sq"].sqrt().add_(d * group["eps"])
+                v = state["exp_avg_sq"]
+                denom = torch.sqrt(v, out=self._scratch(v)).add_(d * group["eps"])
                 if decay != 0 and self._decays(p, group):
                     x.add_(x, alpha=-decay * dlr)
                 if beta1 > 0:
@@ -305,6 +308,17 @@ class Prodigy(WhitenOptimizer):
                     p.copy_(x)
         for group in self.param_groups:
             group["k"] += 1
+
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """A reused buffer of ``like``'s shape for the step's temporaries (same values as fresh ones): a fresh
+        multi-megabyte tensor per parameter costs page faults that made sqrt the slowest part of the step."""
+        buffers = self.__dict__.setdefault("_scratch_buffers", {})
+        key = (like.dtype, like.device)
+        buf = buffers.get(key)
+        if buf is None or buf.numel() < like.numel():
+            size = max([like.numel()] + [q.numel() for g in self.param_groups for q in g["params"]])
+            buf = buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
+        return buf[:like.numel()].view(like.shape)
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         dtype = state_dtype(p)
