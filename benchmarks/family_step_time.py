@@ -119,7 +119,8 @@ def implementations(algorithm: str, heavyball_compile: bool, psgd_probability: f
         # both project
         return [
             ("whiten.Conda", lambda ps: whiten.Conda(roles(ps), update_proj_gap=FREQ)),
-            ("pytorch_optimizer.Conda", po and (lambda ps: po.Conda(plain(ps), update_proj_gap=FREQ, scale=0.25))),
+            ("pytorch_optimizer.Conda",
+             po and (lambda ps: po.Conda(plain(ps), update_proj_gap=FREQ, scale=0.25))),
         ]
     if algorithm == "prodigy":
         pg = _maybe("prodigyopt")

@@ -204,7 +204,7 @@ def test_bad_arguments_are_refused_by_name():
             whiten.MFAC(p, **bad)
 
 
-# ----- distributed: the window split by parameter ----------------------------------------------------------------------
+# ----- distributed: the window split by parameter --------------------------------------------------------------------
 
 
 def _split_window(rank, world, mode):
