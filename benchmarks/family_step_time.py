@@ -152,6 +152,9 @@ def main(argv=None):
     ap.add_argument("--period", type=int, default=FREQ, help="steps per round (one refresh period)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--heavyball-compile", action="store_true")
+    ap.add_argument("--clock", choices=("wall", "process"), default="wall",
+                    help="wall: time.perf_counter; process: this process's CPU time (time.process_time), steadier "
+                         "on a machine shared with other jobs, meaningful with --threads 1")
     ap.add_argument("--psgd-probability", type=float, default=1.0,
                     help="PSGD-Kron's preconditioner update probability for every implementation (1: the first 500 "
                          "steps of the default schedule; 0.03: its floor, reached near step 4000)")
@@ -202,17 +205,18 @@ def main(argv=None):
             failed[label] = f"{type(e).__name__}: {str(e)[:80]}"
             del runs[label]
     times = {label: [] for label in runs}
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     for _ in range(args.rounds):
         for label, opt in runs.items():
             for _ in range(args.period):
                 set_grads(label)
-                t0 = time.perf_counter()
+                t0 = clock()
                 opt.step()
-                times[label].append(time.perf_counter() - t0)
+                times[label].append(clock() - t0)
     n = sum(p.numel() for p in template)
     print(f"# step time: {args.blocks} blocks of width {args.width}, {n / 1e6:.2f} M params, float32, cpu; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
-    print(f"# {args.rounds} interleaved rounds x {args.period} steps; refresh period {FREQ}\n")
+    print(f"# {args.rounds} interleaved rounds x {args.period} steps; refresh period {FREQ}; {args.clock} clock\n")
     print("| algorithm | implementation | median ms/step | mean ms/step (refresh amortized) | mean vs AdamW |")
     print("|---|---|---|---|---|")
     base = statistics.mean(times["torch.optim.AdamW"])

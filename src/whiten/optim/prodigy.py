@@ -244,9 +244,10 @@ class Prodigy(WhitenOptimizer):
                     grad.add_(x, alpha=group["weight_decay"])
                 grads[p] = grad
                 sp = group["slice_p"]
-                sliced_grad = grad.flatten()[::sp]
-                x_sliced = x.flatten()[::sp]
-                dot = torch.dot(sliced_grad, torch.sub(state["p0"], x_sliced, out=self._scratch(x_sliced)))
+                sliced_grad = grad.reshape(-1) if sp == 1 else grad.reshape(-1)[::sp]
+                x_sliced = x.reshape(-1) if sp == 1 else x.reshape(-1)[::sp]
+                scratch = self._scratch(x)
+                dot = torch.dot(sliced_grad, torch.sub(state["p0"], x_sliced, out=scratch[:x_sliced.numel()]))
                 if beta1 > 0:
                     if "exp_avg" not in state:  # β1 raised from 0 by a scheduler
                         state["exp_avg"] = torch.zeros_like(state["exp_avg_sq"])
@@ -254,20 +255,22 @@ class Prodigy(WhitenOptimizer):
                 state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=d * d * (1 - beta2))
                 alpha = (d / d0) * d if group["safeguard_warmup"] else (d / d0) * dlr
                 state["s"].mul_(beta3).add_(sliced_grad, alpha=alpha)
-                stats[p] = (dot, torch.abs(state["s"], out=self._scratch(state["s"])).sum())
+                stats[p] = (dot, torch.abs(state["s"], out=scratch[:state["s"].numel()]).sum())
 
         # The sums over all parameters, in parameter order, as Python floats: the reference's arithmetic. In a
         # distributed run each owner fills its parameters' entries and one all-reduce gives every rank the same
         # values (x + 0 is exact), so every rank, like one process, adds them in the same order.
         order = [p for p, group in self._everyone if group["lr"] != 0]
-        values = torch.zeros(len(order), 2, dtype=torch.float64)
-        mine = [(i, stats[p]) for i, p in enumerate(order) if p in stats]
-        if mine:
-            flat = torch.stack([torch.stack(pair).to(torch.float64) for _, pair in mine]).cpu()
-            values[torch.tensor([i for i, _ in mine])] = flat
         ctx = self._dist[1] if self._dist is not None else None
-        if ctx is not None:
-            values = values.to(ctx._device())
+        if ctx is None:  # every parameter is here: one stack, one host sync
+            values = torch.stack([t for p in order for t in stats[p]]).to(torch.float64).view(-1, 2) \
+                if order else torch.zeros(0, 2, dtype=torch.float64)
+        else:
+            values = torch.zeros(len(order), 2, dtype=torch.float64, device=ctx._device())
+            mine = [i for i, p in enumerate(order) if p in stats]
+            if mine:
+                flat = torch.stack([t for i in mine for t in stats[order[i]]]).to(torch.float64).view(-1, 2)
+                values[torch.tensor(mine, device=values.device)] = flat.to(values.device)
             dist.all_reduce(values, group=ctx.group)
         delta_numerator, d_denom = 0.0, 0.0
         for dot, abs_sum in values.tolist():
@@ -297,7 +300,7 @@ class Prodigy(WhitenOptimizer):
                 dtype = state["exp_avg_sq"].dtype
                 x = p if p.dtype == dtype else p.to(dtype)
                 v = state["exp_avg_sq"]
-                denom = torch.sqrt(v, out=self._scratch(v)).add_(d * group["eps"])
+                denom = torch.sqrt(v, out=self._scratch(v)[:v.numel()].view(v.shape)).add_(d * group["eps"])
                 if decay != 0 and self._decays(p, group):
                     x.add_(x, alpha=-decay * dlr)
                 if beta1 > 0:
@@ -310,15 +313,18 @@ class Prodigy(WhitenOptimizer):
             group["k"] += 1
 
     def _scratch(self, like: torch.Tensor) -> torch.Tensor:
-        """A reused buffer of ``like``'s shape for the step's temporaries (same values as fresh ones): a fresh
-        multi-megabyte tensor per parameter costs page faults that made sqrt the slowest part of the step."""
+        """A reused flat buffer, at least as long as any parameter, of ``like``'s dtype and device, for the step's
+        temporaries (same values as fresh tensors): fresh multi-megabyte tensors per parameter cost page faults
+        that made sqrt the slowest part of the step. Parameters are stepped one at a time, each through all its
+        operations, which keeps its tensors in cache (foreach ops over all parameters measured slower on the
+        CPU)."""
         buffers = self.__dict__.setdefault("_scratch_buffers", {})
         key = (like.dtype, like.device)
         buf = buffers.get(key)
         if buf is None or buf.numel() < like.numel():
             size = max([like.numel()] + [q.numel() for g in self.param_groups for q in g["params"]])
             buf = buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
-        return buf[:like.numel()].view(like.shape)
+        return buf
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         dtype = state_dtype(p)
