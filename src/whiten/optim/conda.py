@@ -29,6 +29,18 @@ def _side(matrix: tuple[int, int]) -> str:
     return "right" if matrix[0] >= matrix[1] else "left"
 
 
+def _rotate(X: torch.Tensor, B: torch.Tensor, right: bool, out: torch.Tensor) -> torch.Tensor:
+    """Into the basis: ``X Bᵀ`` (right side) or ``Bᵀ X``, written into ``out``."""
+    return torch.mm(X, B.T, out=out) if right else torch.mm(B.T, X, out=out)
+
+
+def _unrotate(X: torch.Tensor, B: torch.Tensor, right: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Back to the parameter's basis: ``X B`` (right side) or ``B X``."""
+    if out is None:
+        return X @ B if right else B @ X
+    return torch.mm(X, B, out=out) if right else torch.mm(B, X, out=out)
+
+
 class Conda(WhitenOptimizer):
     r"""Conda, with the update rule of the authors' code (jie040109/Conda, ``conda_torch/conda.py`` and
     ``projector.py``, projection type ``'std'``).
@@ -176,15 +188,13 @@ class Conda(WhitenOptimizer):
                 G, M = g.reshape(matrix), m.view(matrix)
                 if s["step"] % gap == 0:
                     # the momentum in the parameter's basis, updated; the new basis from its SVD; kept rotated
-                    full = (M @ B if right else B @ M) if s["step"] > 0 else torch.zeros_like(M)
+                    full = _unrotate(M, B, right) if s["step"] > 0 else torch.zeros_like(M)
                     full.mul_(beta1).add_(G, alpha=1 - beta1)
                     self._refresh(B, full, "right" if right else "left", group["svd_dtype"])
-                    torch.mm(full, B.T, out=M) if right else torch.mm(B.T, full, out=M)
-                    rotated = torch.mm(G, B.T, out=scratch.view(matrix)) if right else \
-                        torch.mm(B.T, G, out=scratch.view(matrix))
+                    _rotate(full, B, right, out=M)
+                    rotated = _rotate(G, B, right, out=scratch.view(matrix))
                 else:
-                    rotated = torch.mm(G, B.T, out=scratch.view(matrix)) if right else \
-                        torch.mm(B.T, G, out=scratch.view(matrix))
+                    rotated = _rotate(G, B, right, out=scratch.view(matrix))
                     M.mul_(beta1).add_(rotated, alpha=1 - beta1)
                 rotated = rotated.view(p.shape)
             v.mul_(beta2).addcmul_(rotated, rotated, value=1 - beta2)
@@ -194,8 +204,8 @@ class Conda(WhitenOptimizer):
             t = s["step"]
             step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t) if group["correct_bias"] else lr
             if matrix is not None:  # back to the parameter's basis
-                X, back = direction.view(matrix), self._scratch(m, second=True).view(matrix)
-                direction = (torch.mm(X, B, out=back) if right else torch.mm(B, X, out=back)).view(p.shape)
+                back = self._scratch(m, second=True).view(matrix)
+                direction = _unrotate(direction.view(matrix), B, right, out=back).view(p.shape)
                 step_size *= group["scale"]
             x = p if p.dtype == m.dtype else p.to(m.dtype)
             x.add_(direction, alpha=-step_size)

@@ -66,10 +66,10 @@ class MFAC(WhitenOptimizer):
     **Distributed** (``process_group=`` or FSDP2): the window is split by parameter, each owner holding its
     parameters' columns of G (the reference's ``gpus=`` split the columns over devices the same way). The only
     global quantities are the new row of K, a sum over parameters of per-parameter products; each rank fills its
-    parameters' entries of a (parameters × m) table, one all-reduce fills the table everywhere (x + 0 is exact) and
-    every rank sums it in the same order, so K, its factorization and the coefficients are the same on every rank,
-    those of one process bit for bit. Each owner then forms its parameters' part of u. Communication per step:
-    P_groups × m float64 numbers, independent of the model's size.
+    parameters' entries of a (parameter tensors × m) table, one all-reduce fills the table everywhere (x + 0 is
+    exact) and every rank sums it in the same order, so K, its factorization and the coefficients are the same on
+    every rank, those of one process bit for bit. Each owner then forms its parameters' part of u. Communication
+    per step: (number of parameter tensors) × m float64 numbers, however large the tensors are.
 
     Where whiten departs from the reference: a parameter without a gradient this step contributes zeros to the
     window's new row and is not moved (the reference requires every gradient); weight decay is off for the
@@ -154,7 +154,7 @@ class MFAC(WhitenOptimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         limit, what = self.max_memory, "max_memory"
         if limit is None:
-            device = _local(params[0]).device
+            device = self._device()
             limit, what = _available_bytes(device), f"the free memory of {device}"
             if limit is None:
                 return
@@ -206,7 +206,7 @@ class MFAC(WhitenOptimizer):
                     if q.numel() > 0 and (q.grad is not None or self.state.get(q)):
                         entries.append((pos, group, q, q.grad is not None))
                 pos += 1
-        device = _local(self.param_groups[0]["params"][0]).device
+        device = self._device()
         gram = self._gram_on(device)
         rows = torch.zeros(pos, m, dtype=torch.float64, device=device)
         for i, group, q, has_grad in entries:
@@ -285,9 +285,15 @@ class MFAC(WhitenOptimizer):
         return vecs @ (vecs[slot] / (vals.clamp_min(0) + shift))
 
     # ----- checkpoints and pickling -------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        """Where K lives: the device of the first parameter (its local shard's for a DTensor)."""
+        for g in self.param_groups:
+            for p in g["params"]:
+                return _local(p).device
+        return torch.device("cpu")
+
     def _global_state(self) -> dict:
-        device = _local(self.param_groups[0]["params"][0]).device if self.param_groups else "cpu"
-        return {"gram": self._gram_on(device), "count": self._count}
+        return {"gram": self._gram_on(self._device()), "count": self._count}
 
     def state_dict(self):
         # in the first param group, which torch.distributed.checkpoint keeps (it drops other top-level keys)
@@ -323,8 +329,7 @@ class MFAC(WhitenOptimizer):
         for group in self.param_groups:
             group.pop("mfac", None)
         if saved is not None:
-            device = _local(self.param_groups[0]["params"][0]).device
-            self._gram = saved["gram"].detach().to(device=device, dtype=torch.float64, copy=True)
+            self._gram = saved["gram"].detach().to(device=self._device(), dtype=torch.float64, copy=True)
             count = saved["count"]
             self._count = int(count.item() if isinstance(count, torch.Tensor) else count)
 
