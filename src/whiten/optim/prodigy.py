@@ -59,8 +59,8 @@ class Prodigy(WhitenOptimizer):
     ``growth_rate``, ``use_bias_correction`` and ``decouple`` must be the same in every group (the reference reads
     them from the first group only).
 
-    Departures from the reference, all outside the equal-lr, lr > 0 case that the tests compare bit for bit:
-    a group with lr = 0 is frozen (the reference still applies decoupled decay to it and, with β1 = 0, a step of
+    Departures from the reference (everything else is compared bit for bit with prodigyopt in the tests): a group
+    with lr = 0 is frozen (the reference still applies decoupled decay to it and, with β1 = 0, a step of
     ``g / eps``); ``p.grad`` is never modified (the reference adds the coupled decay into it); state is float32 for
     low-precision parameters (the reference keeps it in the parameter's dtype); weight decay is off for the
     ``vector`` and ``embedding`` roles (as in every whiten optimizer); ``fsdp_in_use`` is not needed: in a
