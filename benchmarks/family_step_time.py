@@ -3,6 +3,7 @@ implementations users would otherwise pick, at the same settings, on a GPT-shape
 
     python benchmarks/family_step_time.py --width 256 --blocks 4
     python benchmarks/family_step_time.py --width 256 --blocks 4 --algorithms soap,muon --rounds 5
+    python benchmarks/family_step_time.py --width 256 --blocks 4 --algorithms conda,prodigy,mfac --rounds 5
 
 For each algorithm every implementation gets a copy of the same parameters and fixed random gradients; runs are
 interleaved (round-robin over all implementations) and each round runs one full refresh period (`--period` steps,
@@ -30,6 +31,7 @@ from torch import nn
 import whiten
 
 FREQ = 10
+MFAC_NGRADS = 32  # the window is ngrads x the parameters: 32 x 3.15 M floats = 0.4 GB at the default shapes
 
 
 def gpt_params(width: int, blocks: int) -> list[tuple[tuple[int, ...], str]]:
@@ -112,6 +114,23 @@ def implementations(algorithm: str, heavyball_compile: bool, psgd_probability: f
             ("whiten.ScheduleFreeAdamW", lambda ps: whiten.ScheduleFreeAdamW(roles(ps))),
             ("schedulefree.AdamWScheduleFree", sf and sf_opt),
         ]
+    if algorithm == "conda":
+        # the same refresh period for both (the table's period); every matrix of gpt_params is a hidden one, which
+        # both project
+        return [
+            ("whiten.Conda", lambda ps: whiten.Conda(roles(ps), update_proj_gap=FREQ)),
+            ("pytorch_optimizer.Conda",
+             po and (lambda ps: po.Conda(plain(ps), update_proj_gap=FREQ, scale=0.25))),
+        ]
+    if algorithm == "prodigy":
+        pg = _maybe("prodigyopt")
+        return [
+            ("whiten.Prodigy", lambda ps: whiten.Prodigy(roles(ps))),
+            ("prodigyopt.Prodigy", pg and (lambda ps: pg.Prodigy(plain(ps)))),
+        ]
+    if algorithm == "mfac":
+        # no peer runs on a CPU: the authors' M-FAC factors by LU without pivoting, which torch lacks there
+        return [(f"whiten.MFAC (ngrads {MFAC_NGRADS})", lambda ps: whiten.MFAC(roles(ps), ngrads=MFAC_NGRADS))]
     raise ValueError(f"unknown algorithm {algorithm!r}")
 
 
@@ -133,6 +152,9 @@ def main(argv=None):
     ap.add_argument("--period", type=int, default=FREQ, help="steps per round (one refresh period)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--heavyball-compile", action="store_true")
+    ap.add_argument("--clock", choices=("wall", "process"), default="wall",
+                    help="wall: time.perf_counter; process: this process's CPU time (time.process_time), steadier "
+                         "on a machine shared with other jobs, meaningful with --threads 1")
     ap.add_argument("--psgd-probability", type=float, default=1.0,
                     help="PSGD-Kron's preconditioner update probability for every implementation (1: the first 500 "
                          "steps of the default schedule; 0.03: its floor, reached near step 4000)")
@@ -183,17 +205,18 @@ def main(argv=None):
             failed[label] = f"{type(e).__name__}: {str(e)[:80]}"
             del runs[label]
     times = {label: [] for label in runs}
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     for _ in range(args.rounds):
         for label, opt in runs.items():
             for _ in range(args.period):
                 set_grads(label)
-                t0 = time.perf_counter()
+                t0 = clock()
                 opt.step()
-                times[label].append(time.perf_counter() - t0)
+                times[label].append(clock() - t0)
     n = sum(p.numel() for p in template)
     print(f"# step time: {args.blocks} blocks of width {args.width}, {n / 1e6:.2f} M params, float32, cpu; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
-    print(f"# {args.rounds} interleaved rounds x {args.period} steps; refresh period {FREQ}\n")
+    print(f"# {args.rounds} interleaved rounds x {args.period} steps; refresh period {FREQ}; {args.clock} clock\n")
     print("| algorithm | implementation | median ms/step | mean ms/step (refresh amortized) | mean vs AdamW |")
     print("|---|---|---|---|---|")
     base = statistics.mean(times["torch.optim.AdamW"])

@@ -141,7 +141,7 @@ def test_bit_identical_to_one_process(mode, world):
 
 
 def test_bf16_parameters_with_fp32_state_under_fsdp():
-    names = ["SPlus", "Muon", "SOAP"]
+    names = ["SPlus", "Muon", "SOAP", "Conda", "Prodigy", "MFAC"]
     results = launch(_equal_to_one_process, 3, "fsdp", names, torch.bfloat16)
     for name in names:
         for res in results:

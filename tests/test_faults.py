@@ -41,7 +41,10 @@ def test_one_finite_spike_is_recovered(name):
     assert all(torch.isfinite(v).all() for v in float_state(opt).values())
     assert opt.counters["eigh_failures"] == 0  # no refresh failed: the overflowed factors were restarted
     if snapshots[59]:  # refreshed optimizers: the basis/root still moves after the spike
-        assert opt.counters["factor_restarts"] >= 1
+        # Conda accumulates no factor: its basis is the SVD of the momentum, which a 1e20 gradient does not
+        # overflow in float32 (its second moment, (1-β2)·g² ≈ 1e37, does not either), so nothing needs a restart
+        if name != "Conda":
+            assert opt.counters["factor_restarts"] >= 1
         assert any(not torch.equal(snapshots[30][k], snapshots[59][k]) for k in snapshots[59])
 
 

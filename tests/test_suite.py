@@ -83,6 +83,17 @@ ALL = list(OPTIMIZERS)
 # (it would only run its SGD fallback); tests/test_kfac.py checks its convergence on models.
 FORMULAS = [n for n in ALL if n not in NEEDS_MODEL]
 
+# The norm-based and Fisher families (issues 12 and 13). Conda: a refresh every 3 steps so the small runs
+# exercise it (the reference's 2000 would never refresh here). MFAC: a window of 8 gradients and a damping that
+# suits these tiny models (the default 1e-5 takes lr ~1e-3 and more steps); momentum so its state has a parameter-shaped entry.
+OPTIMIZERS["Conda"] = lambda params, **kw: whiten.Conda(params, **{"lr": 0.01, "update_proj_gap": 3, **kw})
+OPTIMIZERS["Prodigy"] = lambda params, **kw: whiten.Prodigy(params, **kw)
+OPTIMIZERS["MFAC"] = lambda params, **kw: whiten.MFAC(params, **{"lr": 0.1, "ngrads": 8, "damp": 0.1,
+                                                                  "momentum": 0.5, **kw})
+QUADRATIC.update(Conda=dict(lr=0.1), Prodigy={}, MFAC={})
+ROSENBROCK.update(Conda=dict(lr=0.05), Prodigy={}, MFAC={})
+ALL = list(OPTIMIZERS)
+
 VOCAB, WIDTH = 20, 8
 
 

@@ -4,11 +4,19 @@
 """
 
 from .averaging import averaged_value
-from .optim import SOAP, Muon, PSGDKron, ScheduleFreeAdamW, Shampoo, SPlus
-from .optim import TNT, Sophia
-from .optim import EKFAC, KFAC
+from .optim import EKFAC, KFAC, MFAC, SOAP, TNT, Conda, Muon, Prodigy, PSGDKron, ScheduleFreeAdamW, Shampoo, Sophia, SPlus
 from .roles import ROLES, RolePlan, param_groups, plan_roles
 
 __version__ = "0.1.0"
 
-__all__ = ["SPlus", "Muon", "ScheduleFreeAdamW", "SOAP", "Shampoo", "PSGDKron", "TNT", "Sophia", "KFAC", "EKFAC", "param_groups", "plan_roles", "RolePlan", "ROLES", "averaged_value", "__version__"]
+__all__ = [
+    # the Shampoo family and SPlus
+    "SPlus", "SOAP", "Shampoo", "PSGDKron",
+    # the norm-based family
+    "Muon", "Conda", "Prodigy",
+    # the Fisher family
+    "TNT", "KFAC", "EKFAC", "MFAC", "Sophia",
+    # Adam-like
+    "ScheduleFreeAdamW",
+    "param_groups", "plan_roles", "RolePlan", "ROLES", "averaged_value", "__version__",
+]

@@ -1,14 +1,17 @@
 """whiten's optimizers, one algorithm per file."""
 
+from .conda import Conda
 from .kfac import EKFAC, KFAC
+from .mfac import MFAC
 from .muon import Muon
+from .prodigy import Prodigy
 from .psgd_kron import PSGDKron
 from .schedule_free import ScheduleFreeAdamW
 from .shampoo import Shampoo
 from .soap import SOAP
-from .splus import SPlus
 from .sophia import Sophia
+from .splus import SPlus
 from .tnt import TNT
 
-__all__ = ["SPlus", "Muon", "ScheduleFreeAdamW", "SOAP", "Shampoo", "PSGDKron", "TNT", "Sophia"]
-__all__ += ["KFAC", "EKFAC"]
+__all__ = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "Muon", "Conda", "Prodigy", "TNT", "KFAC", "EKFAC", "MFAC",
+           "Sophia", "ScheduleFreeAdamW"]

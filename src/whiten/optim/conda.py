@@ -1,0 +1,240 @@
+"""Conda (Wang et al. 2025): Adam in a one-sided singular basis of the momentum for hidden matrices, refreshed
+every ``update_proj_gap`` steps; AdamW for the other parameters, in one optimizer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..linalg import finite_flags, warn_eigh_failure
+from ..roles import NO_DECAY_ROLES, role_from_shape
+from ._base import (WhitenOptimizer, check_betas, check_bool, check_int, check_lr, check_range, check_role,
+                    check_weight_decay, state_dtype)
+
+__all__ = ["Conda"]
+
+CONDA_ROLES = ("hidden", "conv")  # projected; every other role takes the AdamW path, as the authors' scripts do
+
+
+def _matrix(p: torch.Tensor, group: dict) -> tuple[int, int] | None:
+    """The (m, n) view a projected parameter is rotated in (a conv weight as (out, in·k·k)), or None: AdamW."""
+    if p.ndim < 2 or (group["role"] or role_from_shape(p)) not in CONDA_ROLES:
+        return None
+    return p.shape[0], math.prod(p.shape[1:])
+
+
+def _side(matrix: tuple[int, int]) -> str:
+    """'std' projection: rotate the shorter side, with the right singular vectors when rows >= columns."""
+    return "right" if matrix[0] >= matrix[1] else "left"
+
+
+def _rotate(X: torch.Tensor, B: torch.Tensor, right: bool, out: torch.Tensor) -> torch.Tensor:
+    """Into the basis: ``X Bᵀ`` (right side) or ``Bᵀ X``, written into ``out``."""
+    return torch.mm(X, B.T, out=out) if right else torch.mm(B.T, X, out=out)
+
+
+def _unrotate(X: torch.Tensor, B: torch.Tensor, right: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Back to the parameter's basis: ``X B`` (right side) or ``B X``."""
+    if out is None:
+        return X @ B if right else B @ X
+    return torch.mm(X, B, out=out) if right else torch.mm(B, X, out=out)
+
+
+class Conda(WhitenOptimizer):
+    r"""Conda, with the update rule of the authors' code (jie040109/Conda, ``conda_torch/conda.py`` and
+    ``projector.py``, projection type ``'std'``).
+
+    For a hidden matrix :math:`W \in \mathbb{R}^{m \times n}` with gradient :math:`G` (a conv weight is viewed as
+    (out, in·k·k)), at step :math:`t` (from 0):
+
+    .. math::
+        M &\leftarrow \beta_1 M + (1-\beta_1) G \\
+        &\text{if } t \bmod T = 0:\ B = V^\top \ (m \ge n) \text{ or } U \ (m < n) \text{ of }
+            M = U S V^\top \ (\text{float32 SVD, reduced}) \\
+        \tilde G &= G B^\top \ \text{or}\ B^\top G, \qquad \tilde M = M B^\top \ \text{or}\ B^\top M, \qquad
+        V \leftarrow \beta_2 V + (1-\beta_2) \tilde G^2 \\
+        W &\leftarrow W - \eta \tfrac{\sqrt{1-\beta_2^{t+1}}}{1-\beta_1^{t+1}}\, s\,
+            \big(\tfrac{\tilde M}{\sqrt V + \epsilon}\big) B \ \text{or}\ B\big(\cdot\big), \qquad
+        W \leftarrow W - \eta\lambda W
+
+    :math:`B` is a full rotation of the shorter side (min(m, n) square, no rank truncation); :math:`V` lives in the
+    rotated basis and is not rotated when B changes, as in the reference. Every other parameter (embeddings, head,
+    vectors; any parameter with fewer than 2 dims) takes the same step without the projection and without
+    :math:`s`: the reference's plain-Adam group of the same optimizer, with the same lr.
+
+    Where whiten departs from the reference, and why:
+
+    * **Checkpointable state.** The reference keeps a Python projector object in the state, which
+      ``state_dict()`` cannot save as a tensor and ``torch.distributed.checkpoint`` cannot save at all; a resumed
+      run also recomputes the basis at once. Here the basis is a tensor (``basis_left`` or ``basis_right``) and a
+      resumed run continues exactly.
+    * **M is kept in the rotated basis** (:math:`\tilde M`), moved into the new basis only at a refresh: two
+      one-sided products per step instead of the reference's three, the same numbers in exact arithmetic.
+    * The SVD runs in ``svd_dtype`` (float32, the reference's, by default; None: the state's dtype, e.g. float64
+      for float64 parameters). A refresh whose SVD fails keeps the previous basis (counted in
+      ``counters["eigh_failures"]``); moments that overflowed (one huge finite gradient) are restarted from zero at
+      the next refresh (``counters["factor_restarts"]``).
+    * Which parameters are projected comes from roles (``hidden`` and ``conv``; :func:`whiten.param_groups`), not
+      from a group key: the reference projects the groups the training script marks (its scripts: the Linear
+      layers of attention and MLP blocks, which the ``hidden`` role is). Conv weights are projected as matrices;
+      the reference has no conv path.
+    * Weight decay is off for the ``vector`` and ``embedding`` roles (the reference decays every parameter).
+    * State is float32 for low-precision parameters (the reference keeps it, and the basis, in the parameter's
+      dtype), and ``p.grad`` is never modified.
+
+    ``pytorch_optimizer.Conda`` computes the same step with two differences: it refreshes the basis at its 1-based
+    steps T, 2T, ... (the reference at 0-based steps T, 2T, ..., one step later), and it projects every 2-D
+    parameter. Both agree until the first refresh after the initial one.
+
+    State per parameter (float32; float64 for float64 parameters): ``step`` (int), ``exp_avg`` (shape of p; for a
+    projected parameter in the rotated basis), ``exp_avg_sq`` (shape of p), and for a projected (m, n) parameter
+    ``basis_right`` (n, n) when m >= n, else ``basis_left`` (m, m). Memory: 2 + min(m, n)²/(mn) times the
+    parameters.
+
+    Args:
+        params: parameters or param-group dicts (groups from :func:`whiten.param_groups` carry a ``role``).
+        lr: η (default 1e-3, the reference class's; its scripts use 0.01 for LLaMA, 6e-3 for GPT-2 125M).
+        betas: (β1, β2) (default (0.9, 0.999); the scripts use (0.9, 0.99)).
+        eps: ε outside the square root (default 1e-8). weight_decay: λ, decoupled, after the step (default 0).
+        correct_bias: Adam's bias correction (default True).
+        update_proj_gap: T, steps between basis refreshes (default 2000, every shipped script's).
+        scale: s, multiplies the projected update (default 0.25, every shipped script's).
+        svd_dtype: dtype of the refresh's SVD (default torch.float32; None: the state dtype).
+        nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient.
+        process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
+            averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
+            Each parameter's step runs on one owner rank; the numbers are those of one process.
+
+    Reference: J. Wang et al., "Conda: Column-Normalized Adam for Training Large Language Models Faster",
+    arXiv 2509.24218 (2025).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        update_proj_gap: int = 2000,
+        scale: float = 0.25,
+        svd_dtype: torch.dtype | None = torch.float32,
+        nonfinite: str = "skip",
+        process_group=None,
+    ):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                        update_proj_gap=update_proj_gap, scale=scale, svd_dtype=svd_dtype, role=None)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+
+    def validate_group(self, group: dict) -> None:
+        check_lr("lr", group["lr"])
+        check_betas("betas", group["betas"])
+        check_range("eps", group["eps"], 0.0)
+        check_weight_decay(group["weight_decay"])
+        check_bool("correct_bias", group["correct_bias"])
+        check_int("update_proj_gap", group["update_proj_gap"], 1)
+        check_range("scale", group["scale"], 0.0)
+        dt = group["svd_dtype"]
+        if dt is not None and dt not in (torch.float32, torch.float64):
+            raise ValueError(f"Invalid svd_dtype: {dt!r} (allowed: None, torch.float32 or torch.float64)")
+        check_role(group["role"])
+
+    def stack_invariant(self, p: torch.Tensor, group: dict) -> bool:
+        return True  # every parameter is stepped on its own tensors: no stacks whose layout could change the bits
+
+    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        return self._shapes_of(self._init_state(meta, group))
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        dtype = state_dtype(p)
+        state = {"step": 0, "exp_avg": torch.zeros(p.shape, dtype=dtype, device=p.device),
+                 "exp_avg_sq": torch.zeros(p.shape, dtype=dtype, device=p.device)}
+        matrix = _matrix(p, group)
+        if matrix is not None:
+            side = _side(matrix)
+            k = matrix[1] if side == "right" else matrix[0]
+            state[f"basis_{side}"] = torch.eye(k, dtype=dtype, device=p.device)
+        return state
+
+    def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        gap = group["update_proj_gap"]
+        states = []
+        for p in params:
+            if not self.state[p]:
+                self.state[p] = self._init_state(p, group)
+            states.append(self.state[p])
+        due = [s for s in states if s["step"] % gap == 0]
+        if due:  # moments overflowed by a huge gradient would stop the parameter for good: restart them
+            for s, bad in zip(due, self.restart_nonfinite([s["exp_avg_sq"] for s in due])):
+                if bad or not bool(torch.isfinite(s["exp_avg"]).all()):
+                    s["exp_avg"].zero_()
+                    s["exp_avg_sq"].zero_()
+        lr = float(group["lr"])
+        for p, s in zip(params, states):
+            m, v = s["exp_avg"], s["exp_avg_sq"]
+            g = p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype)
+            matrix = _matrix(p, group)
+            scratch = self._scratch(m)  # the rotated gradient, then the direction
+            if matrix is None:  # the plain path
+                m.mul_(beta1).add_(g, alpha=1 - beta1)
+                rotated = g
+            else:
+                right = _side(matrix) == "right"
+                B = s["basis_right"] if right else s["basis_left"]
+                G, M = g.reshape(matrix), m.view(matrix)
+                if s["step"] % gap == 0:
+                    # the momentum in the parameter's basis, updated; the new basis from its SVD; kept rotated
+                    full = _unrotate(M, B, right) if s["step"] > 0 else torch.zeros_like(M)
+                    full.mul_(beta1).add_(G, alpha=1 - beta1)
+                    self._refresh(B, full, "right" if right else "left", group["svd_dtype"])
+                    _rotate(full, B, right, out=M)
+                    rotated = _rotate(G, B, right, out=scratch.view(matrix))
+                else:
+                    rotated = _rotate(G, B, right, out=scratch.view(matrix))
+                    M.mul_(beta1).add_(rotated, alpha=1 - beta1)
+                rotated = rotated.view(p.shape)
+            v.mul_(beta2).addcmul_(rotated, rotated, value=1 - beta2)
+            direction = torch.sqrt(v, out=scratch).add_(group["eps"])  # the rotated gradient is used up
+            torch.div(m, direction, out=direction)
+            s["step"] += 1
+            t = s["step"]
+            step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t) if group["correct_bias"] else lr
+            if matrix is not None:  # back to the parameter's basis
+                back = self._scratch(m, second=True).view(matrix)
+                direction = _unrotate(direction.view(matrix), B, right, out=back).view(p.shape)
+                step_size *= group["scale"]
+            x = p if p.dtype == m.dtype else p.to(m.dtype)
+            x.add_(direction, alpha=-step_size)
+            if group["weight_decay"] > 0 and (group["role"] or role_from_shape(p)) not in NO_DECAY_ROLES:
+                x.add_(x, alpha=-lr * group["weight_decay"])
+            if x is not p:  # low-precision parameter: computed in the state dtype, rounded once
+                p.copy_(x)
+
+    def _scratch(self, like: torch.Tensor, second: bool = False) -> torch.Tensor:
+        """One of two reused buffers of ``like``'s shape for the step's temporaries (not state): fresh
+        multi-megabyte tensors per parameter cost page faults."""
+        buffers = self.__dict__.setdefault("_scratch_buffers", {})
+        key = (like.dtype, like.device, second)
+        buf = buffers.get(key)
+        if buf is None or buf.numel() < like.numel():
+            size = max([like.numel()] + [q.numel() for g in self.param_groups for q in g["params"]])
+            buf = buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
+        return buf[:like.numel()].view(like.shape)
+
+    def _refresh(self, B: torch.Tensor, M: torch.Tensor, side: str, svd_dtype) -> None:
+        """B <- Vᵀ (side right) or U (side left) of the reduced SVD of M; on failure B is kept and counted."""
+        try:
+            U, _, Vh = torch.linalg.svd(M.to(svd_dtype or M.dtype), full_matrices=False)
+            new = Vh if side == "right" else U
+            ok = finite_flags([new])[0]
+        except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+            ok = False
+        if ok:
+            B.copy_(new)
+        else:
+            self.counters["eigh_failures"] += 1
+            warn_eigh_failure(type(self).__name__, 1)

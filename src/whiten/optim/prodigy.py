@@ -1,0 +1,344 @@
+"""Prodigy (Mishchenko & Defazio 2023): Adam whose step size D is estimated on the fly from the distance the
+parameters travelled, one estimate for the whole model."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..roles import NO_DECAY_ROLES, role_from_shape
+from ._base import (WhitenOptimizer, check_betas, check_bool, check_int, check_lr, check_range, check_role,
+                    check_weight_decay, state_dtype)
+
+__all__ = ["Prodigy"]
+
+# Settings the reference reads from the first group only: they shape the one estimate of D, so whiten requires
+# every group to carry the same value rather than silently using the first group's.
+SHARED = ("betas", "beta3", "d0", "d_coef", "growth_rate", "use_bias_correction", "decouple")
+# The estimate itself, kept in every group as the reference does (torch.distributed.checkpoint saves groups).
+ESTIMATE = ("d", "d_max", "d_numerator", "d_denom", "d_hat", "k")
+
+
+def _check_finite(name: str, value, low: float = -math.inf) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: a finite number >= {low})")
+
+
+class Prodigy(WhitenOptimizer):
+    r"""Prodigy, with the update rule of ``prodigyopt`` 1.1.2 (konstmish/prodigy), the authors' package.
+
+    One step size :math:`D` serves every parameter. At step :math:`k` (from 0), with :math:`\eta` the shared lr,
+    :math:`b = \sqrt{1-\beta_2^{k+1}}/(1-\beta_1^{k+1})` if ``use_bias_correction`` else 1 and
+    :math:`\eta_D = D \eta b`, for every parameter :math:`x` with gradient :math:`g` and initial value :math:`x_0`:
+
+    .. math::
+        r &\leftarrow \beta_3 r + \tfrac{D}{D_0}\eta_D \textstyle\sum \langle g, x_0 - x\rangle, \qquad
+        s \leftarrow \beta_3 s + \tfrac{D}{D_0}\eta_D\, g \ \ (\text{safeguard\_warmup: } \tfrac{D}{D_0} D g) \\
+        m &\leftarrow \beta_1 m + D(1-\beta_1) g, \qquad v \leftarrow \beta_2 v + D^2 (1-\beta_2) g^2 \\
+        \hat D &= c\, r / \textstyle\sum \|s\|_1, \quad D_{max} \leftarrow \max(D_{max}, \hat D), \quad
+        D \leftarrow \min(D_{max}, \gamma D) \ \ (\text{first step: } D \leftarrow \max(D, \hat D)) \\
+        x &\leftarrow x - \lambda \eta_D x \ (\text{decoupled}), \qquad
+        x \leftarrow x - \eta_D\, m / (\sqrt v + D\epsilon)
+
+    (:math:`c` = ``d_coef``, :math:`\gamma` = ``growth_rate``; sums over every parameter of every group; with
+    β1 = 0 the numerator is :math:`D g`.) With both EMAs off (``betas=(0, 0)``) this is sign descent,
+    :math:`x \leftarrow x - \eta D\,\mathrm{sign}(g)`, whose :math:`D = \max_k \langle g_k, x_0 - x_k\rangle /
+    \|g_k\|_1` adapts the step (Bernstein & Newhouse, "Old Optimizer, New Norm").
+
+    **The estimate is readable**: ``opt.d`` is the current D (the effective lr is ``D × lr``); every param group
+    carries ``d``, ``d_max``, ``d_numerator``, ``d_denom``, ``d_hat`` and ``k`` as in the reference, so they are in
+    ``state_dict()`` and torch.distributed.checkpoint saves them.
+
+    **lr across groups** (the reference's rule): D is one estimate for all groups and every group steps with
+    ``D × lr``, so all groups must have the same lr, or lr = 0 to freeze a group. Leave lr at 1.0 (the schedule
+    multiplies it; a scheduler that scales every group alike keeps them equal) and tune ``d_coef``. A different lr
+    in one group is refused with a ValueError at construction, at ``add_param_group``, at ``load_state_dict`` and at
+    ``step()`` (for an lr a scheduler or loop wrote). Likewise ``betas``, ``beta3``, ``d0``, ``d_coef``,
+    ``growth_rate``, ``use_bias_correction`` and ``decouple`` must be the same in every group (the reference reads
+    them from the first group only).
+
+    Departures from the reference (everything else is compared bit for bit with prodigyopt in the tests): a group
+    with lr = 0 is frozen (the reference still applies decoupled decay to it and, with β1 = 0, a step of
+    ``g / eps``); ``p.grad`` is never modified (the reference adds the coupled decay into it); state is float32 for
+    low-precision parameters (the reference keeps it in the parameter's dtype); weight decay is off for the
+    ``vector`` and ``embedding`` roles (as in every whiten optimizer); ``fsdp_in_use`` is not needed: in a
+    distributed run (``process_group=`` or FSDP2) the per-parameter sums are all-reduced and added in parameter
+    order, so every rank gets the same D, that of one process, bit for bit.
+
+    **bfloat16 parameters** (no float32 master copy): the first steps, of size about D ≈ ``d0`` = 1e-6, are far
+    below bfloat16's resolution (~0.4% of a weight), so the parameters never leave x0, the numerator stays 0 and D
+    never grows; prodigyopt, which steps in bfloat16 too, stalls the same way. Keep float32 parameters (autocast for
+    the compute), or start from ``d0=1e-2``.
+
+    State per parameter (float32; float64 for float64 parameters): ``step`` (int), ``s`` and ``p0`` (every
+    ``slice_p``-th entry of the flattened parameter; ``p0`` is a 0-dim zero for a parameter that starts at zero, as
+    in the reference), ``exp_avg`` (β1 > 0) and ``exp_avg_sq`` (shape of p). About 4x the parameters' memory.
+
+    Args:
+        params: parameters or param-group dicts (groups from :func:`whiten.param_groups` carry a ``role``).
+        lr: η, a multiplier of D shared by all groups (default 1.0: leave it, tune ``d_coef``).
+        betas: (β1, β2) (default (0.9, 0.999)). beta3: EMA of the D statistics (default None: √β2).
+        eps: ε, added as D·ε outside the square root (default 1e-8).
+        weight_decay: λ (default 0). decouple: AdamW-style decay ``x -= λ η_D x`` (default True); False adds
+            λx to the gradient (L2).
+        use_bias_correction: Adam's bias correction in η_D (default False).
+        safeguard_warmup: leave η out of the s update, for warm-up schedules (default False).
+        d0: initial D (default 1e-6). d_coef: c, multiplies the estimate (default 1.0; the knob to tune).
+        growth_rate: γ, the most D may grow per step (default inf: unrestricted).
+        slice_p: estimate D from every slice_p-th entry of each parameter, to save memory (default 1: all).
+        nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient.
+        process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
+            averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
+
+    Reference: K. Mishchenko, A. Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free Learner",
+    arXiv 2306.06101 (ICML 2024).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        beta3: float | None = None,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decouple: bool = True,
+        use_bias_correction: bool = False,
+        safeguard_warmup: bool = False,
+        d0: float = 1e-6,
+        d_coef: float = 1.0,
+        growth_rate: float = math.inf,
+        slice_p: int = 1,
+        nonfinite: str = "skip",
+        process_group=None,
+    ):
+        defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple,
+                        use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d0=d0,
+                        d_coef=d_coef, growth_rate=growth_rate, slice_p=slice_p, role=None,
+                        d=d0, d_max=d0, d_numerator=0.0, d_denom=0.0, d_hat=0.0, k=0)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+
+    @property
+    def d(self) -> float:
+        """The current estimate D: every parameter steps with D × lr."""
+        return self.param_groups[0]["d"]
+
+    # ----- checks -------------------------------------------------------------------------------------------------
+    def validate_group(self, group: dict) -> None:
+        check_lr("lr", group["lr"])
+        check_betas("betas", group["betas"])
+        if group["beta3"] is not None:
+            check_range("beta3", group["beta3"], 0.0, 1.0, high_open=True)
+        check_range("eps", group["eps"], 0.0, low_open=True)
+        check_weight_decay(group["weight_decay"])
+        for flag in ("decouple", "use_bias_correction", "safeguard_warmup"):
+            check_bool(flag, group[flag])
+        check_range("d0", group["d0"], 0.0, low_open=True)
+        check_range("d_coef", group["d_coef"], 0.0, low_open=True)
+        g = group["growth_rate"]
+        if not (isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 1.0):  # inf allowed: the default
+            raise ValueError(f"Invalid growth_rate: {g!r} (allowed: a number >= 1, or inf for no limit)")
+        check_int("slice_p", group["slice_p"], 1)
+        check_role(group["role"])
+        _check_finite("d", group["d"], 0.0)
+        if group["d"] <= 0:
+            raise ValueError(f"Invalid d: {group['d']!r} (allowed: > 0)")
+        _check_finite("d_max", group["d_max"], 0.0)
+        for key in ("d_numerator", "d_denom", "d_hat"):
+            _check_finite(key, group[key])
+        check_int("k", group["k"], 0)
+
+    @staticmethod
+    def _lr_rule_error(groups: list[dict], where: str) -> str | None:
+        """The reference's rule: every group's lr is the largest lr or 0. A message for the first group that breaks
+        it, or None."""
+        lrs = [g["lr"] for g in groups]
+        top = max(lrs)
+        first = next(i for i, lr in enumerate(lrs) if lr == top)
+        for i, lr in enumerate(lrs):
+            if lr not in (top, 0.0):
+                return (f"Prodigy{where}: group {i} has lr {lr!r} but group {first} has lr {top!r}. Prodigy estimates "
+                        "one step size D for all parameters and every group steps with D x lr, so all groups must "
+                        "have the same lr (a multiplier of D; leave it at 1.0 and tune d_coef), or lr=0 to freeze a "
+                        "group, as prodigyopt requires. For different step sizes use separate optimizers.")
+        return None
+
+    @staticmethod
+    def _shared_error(groups: list[dict], where: str) -> str | None:
+        for key in SHARED:
+            for i, g in enumerate(groups[1:], 1):
+                if g[key] != groups[0][key]:
+                    return (f"Prodigy{where}: group {i} has {key}={g[key]!r} but group 0 has {groups[0][key]!r}; "
+                            f"{key} shapes the one step-size estimate D of all groups (prodigyopt reads it from the "
+                            "first group only), so every group must have the same value")
+        return None
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self.param_groups:  # a group added later joins the running estimate (the reference reads group 0's)
+            param_group = {**{k: self.param_groups[0][k] for k in ESTIMATE}, **param_group}
+        super().add_param_group(param_group)
+        error = self._shared_error(self.param_groups, "") or self._lr_rule_error(self.param_groups, "")
+        if error:
+            self.param_groups.pop()
+            raise ValueError(error)
+
+    def check_can_step(self) -> None:
+        super().check_can_step()
+        error = self._lr_rule_error(self.param_groups, ".step()") or self._shared_error(self.param_groups, ".step()")
+        if error:
+            raise ValueError(error + " (a scheduler or a write to param_groups set it)")
+
+    def check_state_dict(self, state_dict) -> None:
+        super().check_state_dict(state_dict)
+        merged = [{**g, **{k: v for k, v in s.items() if k != "params"}}
+                  for g, s in zip(self.param_groups, state_dict["param_groups"])]
+        error = self._shared_error(merged, ".load_state_dict") or self._lr_rule_error(merged, ".load_state_dict")
+        if error:
+            raise ValueError(error)
+
+    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
+        shape = tuple(p.shape)
+        state = {"step": None, "s": (len(range(0, p.numel(), group["slice_p"])),), "p0": None, "exp_avg_sq": shape}
+        if group["betas"][0] > 0:
+            state["exp_avg"] = shape
+        return state
+
+    # ----- the step -----------------------------------------------------------------------------------------------
+    def before_step(self, work) -> None:
+        # Every rank sees every parameter with a gradient here (its own as full-size stand-ins): the order of the
+        # sums that give D.
+        self._everyone = [(p, group) for group, params in work for p in params]
+
+    def apply_step(self, work) -> None:
+        try:
+            self._prodigy_step(work)
+        finally:
+            self._everyone = []
+
+    def _prodigy_step(self, work) -> None:
+        g0 = self.param_groups[0]
+        beta1, beta2 = g0["betas"]
+        beta3 = g0["beta3"] if g0["beta3"] is not None else math.sqrt(beta2)
+        k, d, d_max, d0 = g0["k"], g0["d"], g0["d_max"], g0["d0"]
+        lr = max(g["lr"] for g in self.param_groups)
+        bias_correction = ((1 - beta2 ** (k + 1)) ** 0.5) / (1 - beta1 ** (k + 1)) if g0["use_bias_correction"] else 1
+        dlr = d * lr * bias_correction
+        d_numerator = g0["d_numerator"] * beta3
+
+        grads: dict = {}
+        stats: dict = {}  # parameter -> (<g, x0 - x>, ||s||_1), tensors
+        for group, params in work:
+            decays_coupled = group["weight_decay"] != 0 and not g0["decouple"]
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state.update(self._init_state(p, group))
+                if group["lr"] == 0:
+                    continue  # frozen (see the docstring): state only
+                dtype = state["exp_avg_sq"].dtype
+                x = p if p.dtype == dtype else p.to(dtype)
+                grad = p.grad.to(dtype, copy=True) if decays_coupled or p.grad.dtype != dtype else p.grad
+                if decays_coupled and self._decays(p, group):
+                    grad.add_(x, alpha=group["weight_decay"])
+                grads[p] = grad
+                sp = group["slice_p"]
+                sliced_grad = grad.reshape(-1) if sp == 1 else grad.reshape(-1)[::sp]
+                x_sliced = x.reshape(-1) if sp == 1 else x.reshape(-1)[::sp]
+                scratch = self._scratch(x)
+                dot = torch.dot(sliced_grad, torch.sub(state["p0"], x_sliced, out=scratch[:x_sliced.numel()]))
+                if beta1 > 0:
+                    if "exp_avg" not in state:  # β1 raised from 0 by a scheduler
+                        state["exp_avg"] = torch.zeros_like(state["exp_avg_sq"])
+                    state["exp_avg"].mul_(beta1).add_(grad, alpha=d * (1 - beta1))
+                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=d * d * (1 - beta2))
+                alpha = (d / d0) * d if group["safeguard_warmup"] else (d / d0) * dlr
+                state["s"].mul_(beta3).add_(sliced_grad, alpha=alpha)
+                stats[p] = (dot, torch.abs(state["s"], out=scratch[:state["s"].numel()]).sum())
+
+        # The sums over all parameters, in parameter order, as Python floats: the reference's arithmetic. In a
+        # distributed run each owner fills its parameters' entries and one all-reduce gives every rank the same
+        # values (x + 0 is exact), so every rank, like one process, adds them in the same order.
+        order = [p for p, group in self._everyone if group["lr"] != 0]
+        ctx = self._dist[1] if self._dist is not None else None
+        if ctx is None:  # every parameter is here: one stack, one host sync
+            values = torch.stack([t for p in order for t in stats[p]]).to(torch.float64).view(-1, 2) \
+                if order else torch.zeros(0, 2, dtype=torch.float64)
+        else:
+            values = torch.zeros(len(order), 2, dtype=torch.float64, device=ctx._device())
+            mine = [i for i, p in enumerate(order) if p in stats]
+            if mine:
+                flat = torch.stack([t for i in mine for t in stats[order[i]]]).to(torch.float64).view(-1, 2)
+                values[torch.tensor(mine, device=values.device)] = flat.to(values.device)
+            dist.all_reduce(values, group=ctx.group)
+        delta_numerator, d_denom = 0.0, 0.0
+        for dot, abs_sum in values.tolist():
+            delta_numerator += (d / d0) * dlr * dot
+            d_denom += abs_sum
+        if d_denom == 0:  # no gradient information yet (all zero): the reference returns here, D unchanged
+            return
+
+        global_numerator = d_numerator + delta_numerator
+        d_hat = g0["d_coef"] * global_numerator / d_denom
+        if d == d0:
+            d = max(d, d_hat)
+        d_max = max(d_max, d_hat)
+        d = min(d_max, d * g0["growth_rate"])
+        for group in self.param_groups:
+            group.update(d_numerator=global_numerator, d_denom=d_denom, d=d, d_max=d_max, d_hat=d_hat)
+
+        for group, params in work:
+            if group["lr"] == 0:
+                for p in params:
+                    self.state[p]["step"] += 1
+                continue
+            decay = group["weight_decay"] if g0["decouple"] else 0.0
+            for p in params:
+                state = self.state[p]
+                state["step"] += 1
+                dtype = state["exp_avg_sq"].dtype
+                x = p if p.dtype == dtype else p.to(dtype)
+                v = state["exp_avg_sq"]
+                denom = torch.sqrt(v, out=self._scratch(v)[:v.numel()].view(v.shape)).add_(d * group["eps"])
+                if decay != 0 and self._decays(p, group):
+                    x.add_(x, alpha=-decay * dlr)
+                if beta1 > 0:
+                    x.addcdiv_(state["exp_avg"], denom, value=-dlr)
+                else:
+                    x.addcdiv_(grads[p], denom, value=-dlr * d)
+                if x is not p:  # low-precision parameter: computed in the state dtype, rounded once
+                    p.copy_(x)
+        for group in self.param_groups:
+            group["k"] += 1
+
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """A reused flat buffer, at least as long as any parameter, of ``like``'s dtype and device, for the step's
+        temporaries (same values as fresh tensors): fresh multi-megabyte tensors per parameter cost page faults
+        that made sqrt the slowest part of the step. Parameters are stepped one at a time, each through all its
+        operations, which keeps its tensors in cache (foreach ops over all parameters measured slower on the
+        CPU)."""
+        buffers = self.__dict__.setdefault("_scratch_buffers", {})
+        key = (like.dtype, like.device)
+        buf = buffers.get(key)
+        if buf is None or buf.numel() < like.numel():
+            size = max([like.numel()] + [q.numel() for g in self.param_groups for q in g["params"]])
+            buf = buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
+        return buf
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        dtype = state_dtype(p)
+        flat = p.detach().flatten()[::group["slice_p"]]
+        state = {"step": 0, "s": torch.zeros(flat.shape, dtype=dtype, device=p.device)}
+        if p.any():
+            state["p0"] = flat.to(dtype, copy=True)
+        else:  # all zeros: a 0-dim zero saves the memory, as the reference does
+            state["p0"] = torch.tensor(0.0, dtype=dtype, device=p.device)
+        if group["betas"][0] > 0:
+            state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        return state
+
+    @staticmethod
+    def _decays(p: torch.Tensor, group: dict) -> bool:
+        return (group["role"] or role_from_shape(p)) not in NO_DECAY_ROLES
