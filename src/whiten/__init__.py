@@ -4,7 +4,8 @@
 """
 
 from .averaging import averaged_value
-from .optim import EKFAC, KFAC, MFAC, SOAP, TNT, Conda, Muon, Prodigy, PSGDKron, ScheduleFreeAdamW, Shampoo, Sophia, SPlus
+from .optim import (EKFAC, KFAC, MFAC, SOAP, TNT, Conda, Muon, Prodigy, PSGDKron, ScheduleFreeAdamW, Shampoo, Sophia,
+                    SPlus)
 from .roles import ROLES, RolePlan, param_groups, plan_roles
 
 __version__ = "0.1.0"
