@@ -26,14 +26,19 @@ OPTIMIZERS = {
     "PSGDKron": lambda params, **kw: whiten.PSGDKron(params, **{"lr": 0.01, **kw}),
     "Muon": lambda params, **kw: whiten.Muon(params, **{"lr": 0.02, "adam_lr": 0.01, **kw}),
     "ScheduleFreeAdamW": lambda params, **kw: whiten.ScheduleFreeAdamW(params, **{"lr": 0.01, **kw}),
+    "Scion": lambda params, **kw: whiten.Scion(params, **{"lr": 0.01, **kw}),
+    "SpecGD": lambda params, **kw: whiten.SpecGD(params, **{"lr": 0.02, "adam_lr": 0.01, **kw}),
 }
 # learning rates that solve the two small problems below in a few hundred steps
 QUADRATIC = {"SPlus": dict(lr=0.1), "SOAP": dict(lr=0.03), "Shampoo": dict(lr=0.03), "PSGDKron": dict(lr=0.03),
              "Muon": dict(lr=0.03), "ScheduleFreeAdamW": dict(lr=0.1)}
+# the constrained Scion keeps W inside a ball of radius 1, which need not hold the minimum
+QUADRATIC.update(Scion=dict(lr=0.03, unconstrained=True), SpecGD=dict(lr=0.03))
 ROSENBROCK = {"SPlus": dict(lr=0.01, nonstandard_constant=1.0, ema_rate=0.99), "SOAP": {}, "Shampoo": dict(lr=0.03),
               "PSGDKron": {}, "Muon": {}, "ScheduleFreeAdamW": dict(lr=0.1)}
-AVERAGING = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "Muon"]  # ema_rate = iterate averaging via AveragingMixin
-BATCHED = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "Muon"]
+ROSENBROCK.update(Scion={}, SpecGD={})
+AVERAGING = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "Muon", "Scion", "SpecGD"]  # ema_rate = iterate averaging via AveragingMixin
+BATCHED = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "Muon", "Scion", "SpecGD"]
 ALL = list(OPTIMIZERS)
 
 VOCAB, WIDTH = 20, 8

@@ -4,9 +4,9 @@
 """
 
 from .averaging import averaged_value
-from .optim import SOAP, Muon, PSGDKron, ScheduleFreeAdamW, Shampoo, SPlus
+from .optim import SOAP, Muon, PSGDKron, ScheduleFreeAdamW, Scion, Shampoo, SpecGD, SPlus
 from .roles import ROLES, RolePlan, param_groups, plan_roles
 
 __version__ = "0.1.0"
 
-__all__ = ["SPlus", "Muon", "ScheduleFreeAdamW", "SOAP", "Shampoo", "PSGDKron", "param_groups", "plan_roles", "RolePlan", "ROLES", "averaged_value", "__version__"]
+__all__ = ["SPlus", "Muon", "ScheduleFreeAdamW", "SOAP", "Shampoo", "PSGDKron", "Scion", "SpecGD", "param_groups", "plan_roles", "RolePlan", "ROLES", "averaged_value", "__version__"]

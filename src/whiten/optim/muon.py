@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..averaging import AveragingMixin
-from ..linalg import MUON_COEFFICIENTS, newton_schulz
+from ..linalg import newton_schulz, ns_schedule
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import (WhitenOptimizer, bucket, check_betas, check_bool, check_ema_rate, check_int, check_range,
                     check_role, state_dtype)
@@ -22,6 +22,13 @@ SCALINGS = ("original", "match_rms_adamw", "none")
 
 def _uses_muon(p: torch.Tensor, role: str | None) -> bool:
     return p.ndim >= 2 and (role or role_from_shape(p)) in MUON_ROLES
+
+
+def _plain(coefficients):
+    """A schedule as stored in param groups: a name as is, triples as tuples (lists from a config file too)."""
+    if isinstance(coefficients, (tuple, list)) and coefficients and isinstance(coefficients[0], (tuple, list)):
+        return tuple(tuple(t) for t in coefficients)
+    return tuple(coefficients) if isinstance(coefficients, list) else coefficients
 
 
 def _scale(m: int, n: int, scaling: str) -> float:
@@ -46,7 +53,7 @@ class Muon(AveragingMixin, WhitenOptimizer):
 
     with :math:`s = \sqrt{\max(1, m/n)}` (``scaling="original"``), :math:`0.2\sqrt{\max(m, n)}`
     (``"match_rms_adamw"``) or 1 (``"none"``). :math:`\mathrm{NS}_k` is ``ns_steps`` Newton–Schulz iterations with
-    Keller Jordan's quintic coefficients, in ``ns_dtype``. Same-shape matrices are orthogonalised as one batch. A
+    Keller Jordan's quintic coefficients (or the schedule ``ns_coefficients`` names), in ``ns_dtype``. Same-shape matrices are orthogonalised as one batch. A
     group with ``"transposed": True`` (from :func:`whiten.param_groups` for Hugging Face's Conv1D, which stores
     (in, out)) takes :math:`s` of the real (out, in) shape.
 
@@ -69,7 +76,13 @@ class Muon(AveragingMixin, WhitenOptimizer):
         params: parameters or param-group dicts (groups from :func:`whiten.param_groups` carry a ``role``).
         lr: η for Muon matrices (default 0.02, Keller Jordan's).
         momentum: μ (default 0.95). nesterov: Nesterov momentum (default True).
-        ns_steps: Newton–Schulz iterations (default 5). ns_coefficients: (a, b, c) of the quintic.
+        ns_steps: Newton–Schulz iterations (default 5).
+        ns_coefficients: the Newton–Schulz schedule (see :func:`whiten.linalg.ns_schedule`): ``"jordan"``
+            (default: Keller Jordan's quintic (3.4445, -4.7750, 2.0315) at every iteration), ``"polar_express"``
+            (the per-iteration polynomials of Polar Express, arXiv 2505.16932, with its 1.01 safety scaling;
+            closer to U Vᵀ at the same cost), ``"cubic"`` (the convergent (1.5, -0.5, 0): U Vᵀ in the limit, slowly),
+            one triple (a, b, c), or a sequence of triples, one per iteration. docs/orthogonalization.md has the
+            error of each against the SVD.
         eps: guards the Frobenius normalisation before Newton–Schulz (default 1e-7).
         weight_decay: λ, decoupled, ``W *= 1 - η λ`` for both paths (default 0.0).
         scaling: ``"original"`` (default), ``"match_rms_adamw"`` or ``"none"``.
@@ -99,7 +112,7 @@ class Muon(AveragingMixin, WhitenOptimizer):
         momentum: float = 0.95,
         nesterov: bool = True,
         ns_steps: int = 5,
-        ns_coefficients: tuple[float, float, float] = MUON_COEFFICIENTS,
+        ns_coefficients: str | tuple = "jordan",
         eps: float = 1e-7,
         weight_decay: float = 0.0,
         scaling: str = "original",
@@ -114,7 +127,7 @@ class Muon(AveragingMixin, WhitenOptimizer):
     ):
         check_lr("adam_lr", adam_lr)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        ns_coefficients=tuple(ns_coefficients), eps=eps, weight_decay=weight_decay, scaling=scaling,
+                        ns_coefficients=_plain(ns_coefficients), eps=eps, weight_decay=weight_decay, scaling=scaling,
                         ns_dtype=ns_dtype, adam_lr=adam_lr, adam_betas=adam_betas, adam_eps=adam_eps,
                         ema_rate=ema_rate, role=None, lr_scale=1.0)
         self.batched = bool(batched)
@@ -153,10 +166,7 @@ class Muon(AveragingMixin, WhitenOptimizer):
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         check_bool("nesterov", group["nesterov"])
         check_int("ns_steps", group["ns_steps"], 0)
-        c = group["ns_coefficients"]
-        if not isinstance(c, (tuple, list)) or len(c) != 3 or not all(
-                isinstance(x, (int, float)) and math.isfinite(x) for x in c):
-            raise ValueError(f"Invalid ns_coefficients: {c!r} (allowed: three finite numbers (a, b, c))")
+        ns_schedule(group["ns_coefficients"], "ns_coefficients")
         check_range("eps", group["eps"], 0.0, low_open=True)
         check_weight_decay(group["weight_decay"])
         if group["scaling"] not in SCALINGS:
@@ -211,12 +221,11 @@ class Muon(AveragingMixin, WhitenOptimizer):
                     torch.lerp(grads[i].reshape(X.shape[1:]), moms[i].reshape(X.shape[1:]), mu, out=X[j])
                 else:
                     X[j].copy_(moms[i].reshape(X.shape[1:]))
-            dtype = group["ns_dtype"] or (torch.bfloat16 if X.device.type == "cuda" else X.dtype)
-            O = newton_schulz(X, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype, overwrite=True)
+            O = self._orthogonalize(X, group)
             m, n = shapes[idxs[0]]
             if group.get("transposed"):  # stored (in, out) (Conv1D); NS commutes with the transpose, the scale not
                 m, n = n, m
-            step = -lr * _scale(m, n, group["scaling"])
+            step = -lr * self._lr_multiplier(m, n, group)
             for j, i in enumerate(idxs):
                 p = params[i]
                 keep = 1.0 - lr * group["weight_decay"] * self._decays(p, group)
@@ -227,6 +236,14 @@ class Muon(AveragingMixin, WhitenOptimizer):
                     p.add_(u, alpha=step)
                 else:  # low-precision parameter: update in the state dtype, round once
                     p.copy_(p.to(moms[i].dtype).mul_(keep).add_(u, alpha=step))
+
+    def _orthogonalize(self, X: torch.Tensor, group: dict) -> torch.Tensor:
+        """The orthogonalised directions of a (B, m, n) stack that this call may overwrite."""
+        dtype = group["ns_dtype"] or (torch.bfloat16 if X.device.type == "cuda" else X.dtype)
+        return newton_schulz(X, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype, overwrite=True)
+
+    def _lr_multiplier(self, m: int, n: int, group: dict) -> float:
+        return _scale(m, n, group["scaling"])
 
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["momentum"], group["adam_betas"][1]
