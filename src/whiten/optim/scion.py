@@ -91,13 +91,19 @@ def lmo(g: torch.Tensor, name: str, options: dict, eps: float, transposed: bool 
     (in, out)) computes it on gᵀ."""
     if transposed and g.ndim == 2:
         return lmo(g.mT, name, options, eps).mT
+    if name == "Sign":
+        u = torch.sign(g)
+        return u.div_(_matrix(g.shape)[1]) if options["normalized"] else u
+    # g/(rms(g) + eps) = (g/c)/(rms(g/c) + eps/c) for c = max|g|: the same LMO, but the squares of a huge finite
+    # gradient (1e20 in float32) no longer overflow to a zero step, and a momentum holding a spike keeps stepping.
+    c = g.abs().amax()
+    c = torch.where(c > 0, c, torch.ones_like(c))
+    eps = eps / c
+    g = g / c
     if name == "BiasRMS":  # RMS over dim 0, as the reference (all of a vector; |g| for a 0-d tensor)
         rms = g.abs() if g.ndim == 0 else g.square().mean(dim=0, keepdim=True).sqrt_()
-        return g / rms.add_(eps)
+        return g.div_(rms.add_(eps))
     M = g.reshape(_matrix(g.shape))
-    if name == "Sign":
-        u = torch.sign(M)
-        return (u.div_(M.shape[1]) if options["normalized"] else u).view(g.shape)
     if options["transpose"]:
         M = M.mT
     if name == "ColNorm":  # every column to RMS 1 (÷ d_in more if normalized)
@@ -108,7 +114,7 @@ def lmo(g: torch.Tensor, name: str, options: dict, eps: float, transposed: bool 
         rms = torch.linalg.vector_norm(M, dim=-1, keepdim=True)
         if options["normalized"]:
             rms.mul_(math.sqrt(M.shape[-1]))
-    u = M / rms.add_(eps)
+    u = M.div_(rms.add_(eps))
     return (u.mT if options["transpose"] else u).reshape(g.shape)
 
 
