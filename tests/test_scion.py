@@ -284,3 +284,30 @@ def test_lmo_of_a_huge_gradient_is_finite():
         u = whiten.optim.scion.lmo(g, norm, {**whiten.optim.scion.NORMS[norm]}, 1e-8)
         assert torch.isfinite(u).all()
         torch.testing.assert_close(u.double(), reference_lmo(g.double(), norm, {}).double(), rtol=1e-5, atol=1e-6)
+
+
+def _init_on_ranks(rank, world, mode):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    torch.manual_seed(rank)  # every rank's own default generator: the owner's draw must reach the others
+    model = Net()
+    if mode == "fsdp":
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    group = torch.distributed.group.WORLD if mode == "ddp" else None
+    opt = whiten.Scion(whiten.param_groups(model), scale={"hidden": 2.0}, process_group=group)
+    opt.init()
+    full = lambda p: p.full_tensor() if isinstance(p, DTensor) else p  # noqa: E731
+    return {n: full(p).detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_init_gives_every_rank_the_same_weights(mode):
+    from dist_utils import launch
+
+    results = launch(_init_on_ranks, 2, mode)
+    for name, value in results[0].items():
+        assert torch.equal(value, results[1][name]), name
+    s = torch.linalg.svdvals(results[0]["fc.weight"].double())
+    torch.testing.assert_close(s, torch.full((8,), 2.0, dtype=F64), rtol=1e-6, atol=0)
