@@ -311,3 +311,39 @@ def test_init_gives_every_rank_the_same_weights(mode):
         assert torch.equal(value, results[1][name]), name
     s = torch.linalg.svdvals(results[0]["fc.weight"].double())
     torch.testing.assert_close(s, torch.full((8,), 2.0, dtype=F64), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("norm,kw,shape", [("Spectral", {}, (3, 6, 4)), ("SpectralConv", {}, (2, 4, 3, 2, 2)),
+                                           ("Sign", {}, (3, 6, 4)), ("ColNorm", {"transpose": True}, (3, 6, 4)),
+                                           ("RowNorm", {}, (3, 6, 4)), ("BiasRMS", {}, (3, 5))])
+def test_batch_dims_takes_the_lmo_of_each_expert(norm, kw, shape):
+    """Mixture-of-experts weights (E, ...) with batch_dims=1 step as E separate parameters would."""
+    torch.manual_seed(0)
+    stacked = nn.Parameter(torch.randn(shape, dtype=F64))
+    alone = [nn.Parameter(stacked.detach()[e].clone()) for e in range(shape[0])]
+    kwargs = dict(lr=0.05, momentum=0.5, scale=2.0, ns_dtype=F64)
+    a = whiten.Scion([{"params": [stacked], "norm": norm, "norm_kwargs": kw, "batch_dims": 1}], **kwargs)
+    b = whiten.Scion([{"params": alone, "norm": norm, "norm_kwargs": kw}], **kwargs)
+    for g in grads(shape, 3):
+        stacked.grad = g
+        for e in range(shape[0]):
+            alone[e].grad = g[e].clone()
+        a.step()
+        b.step()
+    for e in range(shape[0]):
+        torch.testing.assert_close(stacked.detach()[e], alone[e].detach(), rtol=1e-13, atol=1e-13)
+    a.init(torch.Generator().manual_seed(0))
+    if norm == "Spectral":  # every expert on the sphere: singular values 2·√(6/4)
+        for e in range(shape[0]):
+            torch.testing.assert_close(torch.linalg.svdvals(stacked.detach()[e]),
+                                       torch.full((4,), 2.0 * math.sqrt(6 / 4), dtype=F64))
+
+
+def test_batch_dims_on_a_role_group_and_its_checks():
+    experts = nn.Parameter(torch.randn(4, 6, 5))
+    opt = whiten.Scion([{"params": [experts], "role": "hidden", "batch_dims": 1}])
+    assert resolve_norm(experts, opt.param_groups[0])[0] == "Spectral"  # not SpectralConv: (6, 5) matrices
+    with pytest.raises(ValueError, match="needs parameters of 2 or more dims after batch_dims=2"):
+        whiten.Scion([{"params": [experts], "norm": "Sign", "batch_dims": 2}])
+    with pytest.raises(ValueError, match="batch_dims"):
+        whiten.Scion([{"params": [experts], "batch_dims": 4}])

@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..averaging import AveragingMixin
-from ..linalg import newton_schulz, ns_schedule
+from ..linalg import matrix_view, newton_schulz, ns_schedule
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import (WhitenOptimizer, bucket, check_betas, check_bool, check_ema_rate, check_int, check_range,
                     check_role, state_dtype)
@@ -22,6 +22,24 @@ SCALINGS = ("original", "match_rms_adamw", "none")
 
 def _uses_muon(p: torch.Tensor, role: str | None) -> bool:
     return p.ndim >= 2 and (role or role_from_shape(p)) in MUON_ROLES
+
+
+def check_batch_dims(group: dict) -> None:
+    """``batch_dims`` is an integer >= 0 and every matrix parameter of the group has 2 dims beyond it."""
+    check_int("batch_dims", group["batch_dims"], 0)
+    bd = group["batch_dims"]
+    for i, p in enumerate(group["params"]):
+        if bd and isinstance(p, torch.Tensor) and _uses_muon(p, group.get("role")) and p.ndim < bd + 2:
+            raise ValueError(f"Invalid batch_dims: {bd} leading dims leave parameter {i} of the group (shape "
+                             f"{tuple(p.shape)}) no matrix (it needs at least {bd + 2} dims)")
+
+
+def _matrices(p: torch.Tensor, group: dict) -> tuple[tuple[int, ...], int, int]:
+    """(stack dims, m, n) of a parameter of a group with ``batch_dims`` > 0; ((), 0, 0) otherwise."""
+    bd = group.get("batch_dims", 0)
+    if not bd or p.ndim < bd + 2:
+        return (), 0, 0
+    return matrix_view(p.shape, bd)
 
 
 def _plain(coefficients):
@@ -100,6 +118,9 @@ class Muon(AveragingMixin, WhitenOptimizer):
             averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
             Each parameter's step runs on one owner rank; the numbers are those of one process.
         batched: orthogonalise same-shape matrices in one batched call (default True).
+        batch_dims: the number of leading dims that index a stack of matrices (default 0): a group of mixture-of-
+            experts weights (E, out, in) with ``batch_dims=1`` orthogonalises E (out, in) matrices, each with the
+            scale of (out, in), instead of one (E, out·in) matrix.
 
     References: K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024); J. Liu et al.,
     "Muon is Scalable for LLM Training", arXiv 2502.16982 (2025).
@@ -124,9 +145,10 @@ class Muon(AveragingMixin, WhitenOptimizer):
         nonfinite: str = "skip",
         process_group=None,
         batched: bool = True,
+        batch_dims: int = 0,
     ):
         check_lr("adam_lr", adam_lr)
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, batch_dims=batch_dims,
                         ns_coefficients=_plain(ns_coefficients), eps=eps, weight_decay=weight_decay, scaling=scaling,
                         ns_dtype=ns_dtype, adam_lr=adam_lr, adam_betas=adam_betas, adam_eps=adam_eps,
                         ema_rate=ema_rate, role=None, lr_scale=1.0)
@@ -166,6 +188,7 @@ class Muon(AveragingMixin, WhitenOptimizer):
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         check_bool("nesterov", group["nesterov"])
         check_int("ns_steps", group["ns_steps"], 0)
+        check_batch_dims(group)
         ns_schedule(group["ns_coefficients"], "ns_coefficients")
         check_range("eps", group["eps"], 0.0, low_open=True)
         check_weight_decay(group["weight_decay"])
@@ -180,6 +203,19 @@ class Muon(AveragingMixin, WhitenOptimizer):
         check_ema_rate(group["ema_rate"])
         check_role(group["role"])
         check_range("lr_scale", group["lr_scale"], 0.0)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.setdefault("batch_dims", 0)  # a checkpoint from before the option
+
+    def work_cost(self, p: torch.Tensor, group: dict) -> float:
+        lead, m, n = _matrices(p, group)
+        return float(math.prod(lead) * m * n * (m + n) + p.numel()) if lead else super().work_cost(p, group)
+
+    def stack_invariant(self, p: torch.Tensor, group: dict) -> bool:
+        lead, m, n = _matrices(p, group)  # a stack's members are its matrices: their sizes decide the alignment
+        return all(size % 16 == 0 for size in (m * n, m * m, n * n)) if lead else super().stack_invariant(p, group)
 
     def expected_state(self, p: torch.Tensor, group: dict) -> dict:
         keys = ("momentum",) if _uses_muon(p, group["role"]) else ("exp_avg", "exp_avg_sq")
@@ -210,26 +246,33 @@ class Muon(AveragingMixin, WhitenOptimizer):
         moms = [self.state[p]["momentum"] for p in params]
         grads = [p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype) for p, m in zip(params, moms)]
         torch._foreach_lerp_(moms, grads, 1.0 - mu)
-        shapes = [(p.shape[0], math.prod(p.shape[1:])) for p in params]  # conv weights as (out, in·k·k)
+        # conv weights as (out, in·k·k); with batch_dims, a stack of such matrices (the experts of an MoE layer)
+        views = [matrix_view(p.shape, group["batch_dims"]) for p in params]
+        counts = [math.prod(lead) for lead, _, _ in views]
+        shapes = [(m, n) for _, m, n in views]
         key = (lambda i: (shapes[i], moms[i].dtype, moms[i].device)) if self.batched else (lambda i: i)
         for idxs in bucket(range(len(params)), key).values():
             # The direction is written straight into the stack Newton–Schulz works in (no per-matrix temporaries,
             # no stacking copy); Nesterov's is (1-mu) g + mu B, so p.grad stays the user's.
-            X = torch.empty((len(idxs), *shapes[idxs[0]]), dtype=moms[idxs[0]].dtype, device=moms[idxs[0]].device)
-            for j, i in enumerate(idxs):
-                if group["nesterov"]:
-                    torch.lerp(grads[i].reshape(X.shape[1:]), moms[i].reshape(X.shape[1:]), mu, out=X[j])
-                else:
-                    X[j].copy_(moms[i].reshape(X.shape[1:]))
-            O = self._orthogonalize(X, group)
             m, n = shapes[idxs[0]]
+            starts = [0]
+            for i in idxs:
+                starts.append(starts[-1] + counts[i])
+            X = torch.empty((starts[-1], m, n), dtype=moms[idxs[0]].dtype, device=moms[idxs[0]].device)
+            for j, i in enumerate(idxs):
+                rows = X[starts[j]:starts[j + 1]]
+                if group["nesterov"]:
+                    torch.lerp(grads[i].reshape(rows.shape), moms[i].reshape(rows.shape), mu, out=rows)
+                else:
+                    rows.copy_(moms[i].reshape(rows.shape))
+            O = self._orthogonalize(X, group)
             if group.get("transposed"):  # stored (in, out) (Conv1D); NS commutes with the transpose, the scale not
                 m, n = n, m
             step = -lr * self._lr_multiplier(m, n, group)
             for j, i in enumerate(idxs):
                 p = params[i]
                 keep = 1.0 - lr * group["weight_decay"] * self._decays(p, group)
-                u = O[j].view(p.shape)  # in ns_dtype: add_ promotes it, as torch.optim.Muon's update
+                u = O[starts[j]:starts[j + 1]].view(p.shape)  # in ns_dtype: add_ promotes it, as torch.optim.Muon
                 if p.dtype == moms[i].dtype:
                     if keep != 1.0:
                         p.mul_(keep)

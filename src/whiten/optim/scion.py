@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..averaging import AveragingMixin
-from ..linalg import newton_schulz, ns_schedule
+from ..linalg import matrix_view, newton_schulz, ns_schedule
 from ..roles import ROLES, role_from_shape
 from ._base import (WhitenOptimizer, bucket, check_bool, check_ema_rate, check_int, check_range, check_role,
                     state_dtype)
@@ -45,18 +45,19 @@ def resolve_norm(p: torch.Tensor, group: dict) -> tuple[str, dict]:
     shape as the reference does) or, when it sets none, the norm of the role (``group["role"]`` or the role of the
     shape). A tensor with fewer than 2 dims always gets BiasRMS from a role; a 3-D or larger hidden/conv weight
     gets SpectralConv, and a non-2-D embedding (ViT's ``pos_embed``, ``cls_token``) BiasRMS, as the reference's
-    DeiT configuration."""
+    DeiT configuration. Dims are counted after the group's ``batch_dims`` leading ones."""
     name, options = group["norm"], dict(group["norm_kwargs"] or {})
+    nd = p.ndim - group["batch_dims"]
     if name is None:
         role = group["role"] or role_from_shape(p)
         name, options = ROLE_NORMS[role]
         options = dict(options)
-        if p.ndim < 2 or (role == "embedding" and p.ndim != 2):
+        if nd < 2 or (role == "embedding" and nd != 2):
             name, options = "BiasRMS", {}
         elif role in ("hidden", "conv"):
-            name = "Spectral" if p.ndim == 2 else "SpectralConv"
+            name = "Spectral" if nd == 2 else "SpectralConv"
     if name == "Auto":
-        name = "BiasRMS" if p.ndim < 2 else "Spectral" if p.ndim == 2 else "SpectralConv"
+        name = "BiasRMS" if nd < 2 else "Spectral" if nd == 2 else "SpectralConv"
         options = {}
     return name, {**NORMS[name], **options}
 
@@ -68,13 +69,14 @@ def _radius(p: torch.Tensor, group: dict) -> float:
     return float(scale)
 
 
-def _matrix(shape: torch.Size) -> tuple[int, int]:
+def _matrix(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
-def spectral_factor(shape: torch.Size, name: str, options: dict, transposed: bool = False) -> float:
-    """The multiplier of U Vᵀ in the LMO of a spectral norm: Spectral √(d_out/d_in) (√d_out if not normalized;
-    at least 1 with ``max``), SpectralConv √(out/in) / (kernel size) for a weight (out, in, *kernel)."""
+def spectral_factor(shape: tuple[int, ...], name: str, options: dict, transposed: bool = False) -> float:
+    """The multiplier of U Vᵀ in the LMO of a spectral norm for one matrix of ``shape``: Spectral √(d_out/d_in)
+    (√d_out if not normalized; at least 1 with ``max``), SpectralConv √(out/in) / (kernel size) for a weight
+    (out, in, *kernel)."""
     if name == "SpectralConv":
         out, fan_in = shape[0], shape[1] if len(shape) > 1 else 1
         return math.sqrt(out / fan_in) / math.prod(shape[2:])
@@ -85,47 +87,58 @@ def spectral_factor(shape: torch.Size, name: str, options: dict, transposed: boo
     return max(1.0, s) if options["max"] else s
 
 
-def lmo(g: torch.Tensor, name: str, options: dict, eps: float, transposed: bool = False) -> torch.Tensor:
+def lmo(g: torch.Tensor, name: str, options: dict, eps: float, transposed: bool = False,
+        batch_dims: int = 0) -> torch.Tensor:
     """The LMO direction of a norm that is not spectral (those are batched in the optimizer): a new tensor of g's
-    shape. A tensor of 3 or more dims is seen as the matrix (shape[0], rest); ``transposed`` (a Linear stored
-    (in, out)) computes it on gᵀ."""
-    if transposed and g.ndim == 2:
-        return lmo(g.mT, name, options, eps).mT
+    shape. The first ``batch_dims`` dims index a stack (each member has its own LMO); a member of 3 or more dims
+    is seen as the matrix (shape[0], rest); ``transposed`` (a Linear stored (in, out)) computes it on gᵀ."""
+    shape = g.shape
+    inner = shape[batch_dims:]
+    if transposed and len(inner) == 2:
+        return lmo(g.mT, name, options, eps, False, batch_dims).mT
     if name == "Sign":
         u = torch.sign(g)
-        return u.div_(_matrix(g.shape)[1]) if options["normalized"] else u
+        return u.div_(_matrix(inner)[1]) if options["normalized"] else u
     # g/(rms(g) + eps) = (g/c)/(rms(g/c) + eps/c) for c = max|g|: the same LMO, but the squares of a huge finite
     # gradient (1e20 in float32) no longer overflow to a zero step, and a momentum holding a spike keeps stepping.
     c = g.abs().amax()
     c = torch.where(c > 0, c, torch.ones_like(c))
     eps = eps / c
     g = g / c
-    if name == "BiasRMS":  # RMS over dim 0, as the reference (all of a vector; |g| for a 0-d tensor)
-        rms = g.abs() if g.ndim == 0 else g.square().mean(dim=0, keepdim=True).sqrt_()
-        return g.div_(rms.add_(eps))
-    M = g.reshape(_matrix(g.shape))
+    count = math.prod(shape[:batch_dims])
+    if name == "BiasRMS":  # RMS over (the member's) dim 0, as the reference; |g| for a 0-d member
+        x = g.reshape(count, *inner)
+        rms = x.abs() if not inner else x.square().mean(dim=1, keepdim=True).sqrt_()
+        return x.div_(rms.add_(eps)).reshape(shape)
+    M = g.reshape(count, *_matrix(inner))
     if options["transpose"]:
         M = M.mT
     if name == "ColNorm":  # every column to RMS 1 (÷ d_in more if normalized)
-        rms = torch.linalg.vector_norm(M, dim=0, keepdim=True).div_(math.sqrt(M.shape[0]))
+        rms = torch.linalg.vector_norm(M, dim=-2, keepdim=True).div_(math.sqrt(M.shape[-2]))
         if options["normalized"]:
-            rms.mul_(M.shape[1])
+            rms.mul_(M.shape[-1])
     else:  # RowNorm: every row to norm 1 (RMS 1/√d_in if normalized)
         rms = torch.linalg.vector_norm(M, dim=-1, keepdim=True)
         if options["normalized"]:
             rms.mul_(math.sqrt(M.shape[-1]))
     u = M.div_(rms.add_(eps))
-    return (u.mT if options["transpose"] else u).reshape(g.shape)
+    return (u.mT if options["transpose"] else u).reshape(shape)
 
 
-def _init_value(p: torch.Tensor, name: str, options: dict, transposed: bool, generator) -> torch.Tensor:
-    """A new value for p on the unit sphere of its norm, as the reference's ``Norm.init`` (computed in float64)."""
-    shape, dev = p.shape, p.device
-    f64 = dict(dtype=torch.float64, device=dev)
+def _init_value(shape: tuple[int, ...], device, name: str, options: dict, transposed: bool, generator,
+                batch_dims: int = 0) -> torch.Tensor:
+    """A new value of ``shape`` on the unit sphere of its norm, as the reference's ``Norm.init`` (in float64);
+    each member of a stack over the first ``batch_dims`` dims is drawn on its own."""
+    f64 = dict(dtype=torch.float64, device=device)
+    if batch_dims:
+        inner = tuple(shape[batch_dims:])
+        members = [_init_value(inner, device, name, options, transposed, generator)
+                   for _ in range(math.prod(shape[:batch_dims]))]
+        return torch.stack(members).reshape(shape) if members else torch.zeros(shape, **f64)
     if name == "BiasRMS" or (name == "Sign" and options["zero_init"]):
         return torch.zeros(shape, **f64)
-    if transposed and p.ndim == 2:
-        return _init_value(p.mT, name, options, False, generator).mT
+    if transposed and len(shape) == 2:
+        return _init_value((shape[1], shape[0]), device, name, options, False, generator).mT
     m, n = _matrix(shape)
     if name == "Spectral":
         w = torch.nn.init.orthogonal_(torch.empty(m, n, **f64), generator=generator)
@@ -137,7 +150,7 @@ def _init_value(p: torch.Tensor, name: str, options: dict, transposed: bool, gen
             torch.nn.init.orthogonal_(w[k], generator=generator)
         return w.permute(1, 2, 0).reshape(shape).mul_(spectral_factor(shape, name, options))
     if name == "Sign":
-        w = torch.randint(0, 2, (m, n), generator=generator, device=dev).to(torch.float64).mul_(2).sub_(1)
+        w = torch.randint(0, 2, (m, n), generator=generator, device=device).to(torch.float64).mul_(2).sub_(1)
         return (w.div_(n) if options["normalized"] else w).view(shape)
     M = torch.empty(n, m, **f64) if options["transpose"] else torch.empty(m, n, **f64)
     M.normal_(generator=generator)
@@ -244,6 +257,9 @@ class Scion(AveragingMixin, WhitenOptimizer):
             averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
             Each parameter's step runs on one owner rank; the numbers are those of one process.
         batched: orthogonalise same-shape matrices of a group in one batched call (default True).
+        batch_dims: leading dims that index a stack of same-shape weights (default 0): a group of mixture-of-experts
+            weights (E, out, in) with ``batch_dims=1`` takes the LMO of each (out, in) matrix (and init() draws each
+            on its own), instead of one (E, out·in) matrix.
 
     Reference: T. Pethick, W. Xie, K. Antonakopoulos, Z. Zhu, A. Silveti-Falls, V. Cevher, "Training Deep Learning
     Models with Norm-Constrained LMOs", arXiv 2502.07529 (2025); code LIONS-EPFL/scion.
@@ -267,8 +283,10 @@ class Scion(AveragingMixin, WhitenOptimizer):
         nonfinite: str = "skip",
         process_group=None,
         batched: bool = True,
+        batch_dims: int = 0,
     ):
         defaults = dict(lr=lr, momentum=momentum, norm=norm, norm_kwargs=norm_kwargs, scale=scale,
+                        batch_dims=batch_dims,
                         unconstrained=unconstrained, weight_decay=weight_decay, ns_steps=ns_steps,
                         ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, eps=eps, ema_rate=ema_rate, role=None)
         self.batched = bool(batched)
@@ -291,6 +309,7 @@ class Scion(AveragingMixin, WhitenOptimizer):
         check_range("eps", group["eps"], 0.0)
         check_ema_rate(group["ema_rate"])
         check_role(group["role"])
+        check_int("batch_dims", group["batch_dims"], 0)
         self._check_scale(group["scale"])
         self._check_norm(group)
 
@@ -321,12 +340,18 @@ class Scion(AveragingMixin, WhitenOptimizer):
                 check_int("norm_kwargs['steps']", value, 0)
             else:
                 check_bool(f"norm_kwargs[{key!r}]", value)
-        if name in (None, "Auto", "BiasRMS"):
-            return
+        bd = group["batch_dims"]
         for i, p in enumerate(group["params"]):
-            if isinstance(p, torch.Tensor) and p.ndim < 2:
-                raise ValueError(f"Invalid norm: {name!r} needs parameters of 2 or more dims; parameter {i} of the "
-                                 f"group has shape {tuple(p.shape)} (use 'BiasRMS', 'Auto' or a group of its own)")
+            if not isinstance(p, torch.Tensor):
+                continue
+            if p.ndim < bd:
+                raise ValueError(f"Invalid batch_dims: {bd} leading dims, but parameter {i} of the group has shape "
+                                 f"{tuple(p.shape)}")
+            if name not in (None, "Auto", "BiasRMS") and p.ndim - bd < 2:
+                after = f" after batch_dims={bd}" if bd else ""
+                raise ValueError(f"Invalid norm: {name!r} needs parameters of 2 or more dims{after}; parameter {i} "
+                                 f"of the group has shape {tuple(p.shape)} (use 'BiasRMS', 'Auto' or a group of "
+                                 "its own)")
 
     def check_can_step(self) -> None:
         super().check_can_step()
@@ -337,13 +362,18 @@ class Scion(AveragingMixin, WhitenOptimizer):
 
     # ----- distribution ---------------------------------------------------------------------------------------
     def work_cost(self, p: torch.Tensor, group: dict) -> float:
-        if resolve_norm(p, group)[0] in SPECTRAL:
-            return super().work_cost(p, group)
-        return float(p.numel())  # elementwise LMOs
+        if resolve_norm(p, group)[0] not in SPECTRAL:
+            return float(p.numel())  # elementwise LMOs
+        lead, m, n = matrix_view(p.shape, group["batch_dims"])
+        return float(math.prod(lead) * m * n * (m + n) + p.numel())
 
     def stack_invariant(self, p: torch.Tensor, group: dict) -> bool:
-        # only the spectral norms run batched matrix products; the other LMOs are per tensor
-        return resolve_norm(p, group)[0] not in SPECTRAL or super().stack_invariant(p, group)
+        # only the spectral norms run batched matrix products (the other LMOs are per tensor), and their members
+        # are the (m, n) matrices: the sizes that keep every member of a stack aligned are theirs
+        if resolve_norm(p, group)[0] not in SPECTRAL or p.numel() == 0:
+            return True
+        _, m, n = matrix_view(p.shape, group["batch_dims"])
+        return all(size % 16 == 0 for size in (m * n, m * m, n * n))
 
     # ----- state and step -----------------------------------------------------------------------------------------
     def expected_state(self, p: torch.Tensor, group: dict) -> dict:
@@ -366,27 +396,32 @@ class Scion(AveragingMixin, WhitenOptimizer):
         torch._foreach_mul_(moms, beta)
         torch._foreach_add_(moms, grads, alpha=1.0 - beta)
 
-        transposed = bool(group.get("transposed"))
+        transposed, bd = bool(group.get("transposed")), group["batch_dims"]
         norms = [resolve_norm(p, group) for p in params]
         updates: list = [None] * len(params)
         factors = [_radius(p, group) for p in params]
         spectral = [i for i, (name, _) in enumerate(norms) if name in SPECTRAL]
         for i, (name, options) in enumerate(norms):
             if name not in SPECTRAL:
-                updates[i] = lmo(moms[i], name, options, group["eps"], transposed)
+                updates[i] = lmo(moms[i], name, options, group["eps"], transposed, bd)
         steps_of = lambda i: norms[i][1]["steps"] if norms[i][1]["steps"] is not None else group["ns_steps"]  # noqa: E731
-        key = ((lambda i: (_matrix(params[i].shape), steps_of(i), moms[i].dtype, moms[i].device))
+        views = {i: matrix_view(params[i].shape, bd) for i in spectral}  # (stack dims, m, n)
+        key = ((lambda i: (views[i][1:], steps_of(i), moms[i].dtype, moms[i].device))
                if self.batched else (lambda i: i))
         for idxs in bucket(spectral, key).values():
-            m, n = _matrix(params[idxs[0]].shape)
-            X = torch.empty((len(idxs), m, n), dtype=moms[idxs[0]].dtype, device=moms[idxs[0]].device)
+            m, n = views[idxs[0]][1:]
+            starts = [0]
+            for i in idxs:
+                starts.append(starts[-1] + math.prod(views[i][0]))
+            X = torch.empty((starts[-1], m, n), dtype=moms[idxs[0]].dtype, device=moms[idxs[0]].device)
             for j, i in enumerate(idxs):
-                X[j].copy_(moms[i].reshape(m, n))
+                rows = X[starts[j]:starts[j + 1]]
+                rows.copy_(moms[i].reshape(rows.shape))
             dtype = group["ns_dtype"] or (torch.bfloat16 if X.device.type == "cuda" else X.dtype)
             O = newton_schulz(X, steps_of(idxs[0]), group["ns_coefficients"], NS_EPS, dtype, overwrite=True)
             for j, i in enumerate(idxs):
-                updates[i] = O[j].view(params[i].shape)
-                factors[i] *= spectral_factor(params[i].shape, *norms[i], transposed)
+                updates[i] = O[starts[j]:starts[j + 1]].view(params[i].shape)
+                factors[i] *= spectral_factor(params[i].shape[bd:], *norms[i], transposed)
 
         keep = 1.0 - lr * ((0.0 if group["unconstrained"] else 1.0) + group["weight_decay"])
         for p, m, u, f in zip(params, moms, updates, factors):
@@ -413,7 +448,8 @@ class Scion(AveragingMixin, WhitenOptimizer):
         def draw(p, value, state):
             group = groups[p]
             name, options = resolve_norm(value, group)
-            w = _init_value(value, name, options, bool(group.get("transposed")), generator)
+            w = _init_value(tuple(value.shape), value.device, name, options, bool(group.get("transposed")),
+                            generator, group["batch_dims"])
             value.copy_(w.mul_(_radius(value, group)))
 
         self.owner_update(params, draw)

@@ -10,7 +10,7 @@ import torch
 
 from ..linalg import svd_polar
 from ._base import check_betas, check_bool, check_ema_rate, check_lr, check_range, check_role, check_weight_decay
-from .muon import Muon
+from .muon import Muon, check_batch_dims
 
 __all__ = ["SpecGD", "SPECGD_SCALES"]
 
@@ -74,6 +74,8 @@ class SpecGD(Muon):
             averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
             Each parameter's step runs on one owner rank; the numbers are those of one process.
         batched: one SVD call for same-shape matrices (default True).
+        batch_dims: leading dims that index a stack of matrices (default 0; mixture-of-experts weights
+            (E, out, in) with 1), as :class:`whiten.Muon`.
 
     References: J. Bernstein, L. Newhouse, "Old Optimizer, New Norm: An Anthology", arXiv 2409.20325 (2024);
     D. Carlson, V. Cevher, L. Carin, "Stochastic Spectral Descent for Restricted Boltzmann Machines" (2015).
@@ -95,9 +97,11 @@ class SpecGD(Muon):
         nonfinite: str = "skip",
         process_group=None,
         batched: bool = True,
+        batch_dims: int = 0,
     ):
         check_lr("adam_lr", adam_lr)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, scale=scale, weight_decay=weight_decay,
+                        batch_dims=batch_dims,
                         svd_dtype=svd_dtype, adam_lr=adam_lr, adam_betas=adam_betas, adam_eps=adam_eps,
                         ema_rate=ema_rate, role=None, lr_scale=1.0)
         self.batched = bool(batched)
@@ -113,6 +117,7 @@ class SpecGD(Muon):
         check_lr("lr", group["lr"])
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         check_bool("nesterov", group["nesterov"])
+        check_batch_dims(group)
         if group["scale"] not in SPECGD_SCALES:
             raise ValueError(f"Invalid scale: {group['scale']!r} (allowed: {', '.join(map(repr, SPECGD_SCALES))})")
         check_weight_decay(group["weight_decay"])
