@@ -130,7 +130,8 @@ def implementations(algorithm: str, heavyball_compile: bool, psgd_probability: f
             ("pytorch_optimizer.SCION (always bf16)", po and po_scion),
         ]
     if algorithm == "specgd":  # no peer installs from PyPI; Muon's exact companion, for the cost of the SVD
-        return [("whiten.SpecGD (fp32 SVD)", lambda ps: whiten.SpecGD(roles(ps)))]
+        return [("whiten.SpecGD (fp32 SVD)", lambda ps: whiten.SpecGD(roles(ps))),
+                ("whiten.Muon (fp32 NS), its approximation", lambda ps: whiten.Muon(roles(ps)))]
     raise ValueError(f"unknown algorithm {algorithm!r}")
 
 

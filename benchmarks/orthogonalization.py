@@ -86,7 +86,7 @@ def table(rows) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shapes", default="256x256,256x1024")
+    ap.add_argument("--shapes", default="128x128,128x512")
     ap.add_argument("--spectra", default="cond 10,cond 1e3,gaussian")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--device", default="cpu")

@@ -229,8 +229,15 @@ class Scion(AveragingMixin, WhitenOptimizer):
     - Spectral, Sign, ColNorm and RowNorm also take weights of 3+ dims as (d_out, rest) matrices (the reference
       handles only 2-D ones there), SpectralConv divides by the product of the kernel dims (the reference by
       k² from the first one: the same for square kernels), and BiasRMS of a 0-d tensor is g/(|g| + ε).
+    - ColNorm, RowNorm and BiasRMS divide D by max|D| first (the same LMO, ε scaled alike), so the squares of a huge
+      finite gradient do not overflow to a zero step in float32.
     - ``p.grad`` is never modified, state is a tensor per parameter, checkpoints and distributed runs work as for
       every whiten optimizer (the reference's ScionLight keeps the momentum in ``p.grad``; it is not offered).
+
+    The reference's nanoGPT configuration (README) in whiten's terms::
+
+        opt = whiten.Scion(whiten.param_groups(model), lr=2**-12, momentum=0.9,
+                           scale={"hidden": 50.0, "head": 3000.0})
 
     State per parameter (float32, float64 for float64 parameters): ``step`` (int), ``momentum`` (shape of p);
     ``ema`` when averaging.
