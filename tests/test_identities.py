@@ -43,7 +43,7 @@ def assert_all_close(got: list[torch.Tensor], expected: list[torch.Tensor]) -> N
         torch.testing.assert_close(a, b, rtol=0, atol=TOL)
 
 
-# ----- Adam without EMAs is sign descent ------------------------------------------------------------------------------
+# ----- Adam without EMAs is sign descent ----------------------------------------------------------------------------
 
 def test_adam_without_emas_is_sign_descent():
     """torch.optim.AdamW with betas=(0, 0) and weight_decay=0: m = g, v = g², both bias corrections are 1, and the
@@ -70,7 +70,7 @@ def test_adam_without_emas_is_sign_descent():
     assert_all_close(steps_of(scion, w, grads), expected)
 
 
-# ----- Shampoo without accumulation is spectral descent, U Vᵀ ----------------------------------------------------------
+# ----- Shampoo without accumulation is spectral descent, U Vᵀ -------------------------------------------------------
 
 def shampoo(w, epsilon):
     """whiten.Shampoo with nothing accumulated: β1 = 0 (no momentum), β2 = 1e-300 (F = β2·F + (1-β2)·GGᵀ: the
@@ -128,7 +128,7 @@ def test_spectral_descent_with_the_nuclear_norm_is_steepest_descent_under_the_sp
         assert objective(step + 1e-3 * torch.randn(7, 5, generator=g, dtype=F64)) >= objective(step)
 
 
-# ----- Muon with a convergent Newton–Schulz is SpecGD ------------------------------------------------------------------
+# ----- Muon with a convergent Newton–Schulz is SpecGD ---------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(8, 8), (12, 7), (7, 12)])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
@@ -175,7 +175,7 @@ def test_muon_with_the_convergent_cubic_on_a_rank_deficient_direction_holds_for_
         assert (error < TOL) == holds, (steps, error)
 
 
-# ----- SPlus without EMAs ----------------------------------------------------------------------------------------------
+# ----- SPlus without EMAs -------------------------------------------------------------------------------------------
 
 def splus(w):
     """SPlus with β1 = β2 = 0 (M = G, L = GGᵀ, R = GᵀG), refreshed at every step (the refresh runs after the

@@ -71,9 +71,9 @@ class Muon(AveragingMixin, WhitenOptimizer):
 
     with :math:`s = \sqrt{\max(1, m/n)}` (``scaling="original"``), :math:`0.2\sqrt{\max(m, n)}`
     (``"match_rms_adamw"``) or 1 (``"none"``). :math:`\mathrm{NS}_k` is ``ns_steps`` Newton–Schulz iterations with
-    Keller Jordan's quintic coefficients (or the schedule ``ns_coefficients`` names), in ``ns_dtype``. Same-shape matrices are orthogonalised as one batch. A
-    group with ``"transposed": True`` (from :func:`whiten.param_groups` for Hugging Face's Conv1D, which stores
-    (in, out)) takes :math:`s` of the real (out, in) shape.
+    Keller Jordan's quintic coefficients (or the schedule ``ns_coefficients`` names), in ``ns_dtype``. Same-shape
+    matrices are orthogonalised as one batch. A group with ``"transposed": True`` (from :func:`whiten.param_groups`
+    for Hugging Face's Conv1D, which stores (in, out)) takes :math:`s` of the real (out, in) shape.
 
     Parameters whose role is ``embedding``, ``head`` or ``vector`` (or, without a role, that are not ≥2-D) are
     stepped by AdamW (decoupled decay, bias correction) with β1 = the group's ``momentum``, β2 =

@@ -411,7 +411,10 @@ class Scion(AveragingMixin, WhitenOptimizer):
         for i, (name, options) in enumerate(norms):
             if name not in SPECTRAL:
                 updates[i] = lmo(moms[i], name, options, group["eps"], transposed, bd)
-        steps_of = lambda i: norms[i][1]["steps"] if norms[i][1]["steps"] is not None else group["ns_steps"]  # noqa: E731
+        def steps_of(i: int) -> int:  # a norm's own ``steps`` (the reference's norm_kwargs) wins over ns_steps
+            steps = norms[i][1].get("steps")
+            return group["ns_steps"] if steps is None else steps
+
         views = {i: matrix_view(params[i].shape, bd) for i in spectral}  # (stack dims, m, n)
         key = ((lambda i: (views[i][1:], steps_of(i), moms[i].dtype, moms[i].device))
                if self.batched else (lambda i: i))
