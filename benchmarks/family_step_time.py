@@ -4,6 +4,7 @@ implementations users would otherwise pick, at the same settings, on a GPT-shape
     python benchmarks/family_step_time.py --width 256 --blocks 4
     python benchmarks/family_step_time.py --width 256 --blocks 4 --algorithms soap,muon --rounds 5
     python benchmarks/family_step_time.py --width 256 --blocks 4 --algorithms conda,prodigy,mfac --rounds 5
+    OMP_NUM_THREADS=1 python benchmarks/family_step_time.py --algorithms muon,scion,specgd --threads 1
 
 For each algorithm every implementation gets a copy of the same parameters and fixed random gradients; runs are
 interleaved (round-robin over all implementations) and each round runs one full refresh period (`--period` steps,
@@ -131,6 +132,25 @@ def implementations(algorithm: str, heavyball_compile: bool, psgd_probability: f
     if algorithm == "mfac":
         # no peer runs on a CPU: the authors' M-FAC factors by LU without pivoting, which torch lacks there
         return [(f"whiten.MFAC (ngrads {MFAC_NGRADS})", lambda ps: whiten.MFAC(roles(ps), ngrads=MFAC_NGRADS))]
+    if algorithm == "scion":
+        # the same rule everywhere: hidden Spectral (5 Newton–Schulz steps), vectors BiasRMS, radius 1,
+        # constrained, momentum 0.9 (pytorch-optimizer's 0.1 in the reference's convention)
+        def po_scion(ps):
+            from pytorch_optimizer.optimizer.scion import LMONorm
+
+            norm_of = {"hidden": LMONorm.SPECTRAL, "vector": LMONorm.BIAS}
+            return po.SCION([{"params": g["params"], "norm_type": norm_of[g["role"]]} for g in roles(ps)],
+                            lr=1e-3, momentum=0.1, constraint=True)
+
+        return [
+            ("whiten.Scion (fp32 NS)", lambda ps: whiten.Scion(roles(ps), lr=1e-3, momentum=0.9)),
+            ("whiten.Scion (bf16 NS)", lambda ps: whiten.Scion(roles(ps), lr=1e-3, momentum=0.9,
+                                                               ns_dtype=torch.bfloat16)),
+            ("pytorch_optimizer.SCION (always bf16)", po and po_scion),
+        ]
+    if algorithm == "specgd":  # no peer installs from PyPI; Muon's exact companion, for the cost of the SVD
+        return [("whiten.SpecGD (fp32 SVD)", lambda ps: whiten.SpecGD(roles(ps))),
+                ("whiten.Muon (fp32 NS), its approximation", lambda ps: whiten.Muon(roles(ps)))]
     raise ValueError(f"unknown algorithm {algorithm!r}")
 
 

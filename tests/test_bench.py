@@ -105,7 +105,8 @@ def test_tiny_end_to_end(tasks, tmp_path, name, optimizer):
 
 @pytest.mark.parametrize("optimizer", ["soap", "soap-ema", "shampoo", "psgd-kron", "muon", "schedule-free-adamw",
                                        "splus-bf16", "soap-bf16",
-                                       "conda", "pytorch_optimizer:Conda", "prodigy", "prodigyopt:Prodigy", "mfac"])
+                                       "conda", "pytorch_optimizer:Conda", "prodigy", "prodigyopt:Prodigy", "mfac",
+                                       "scion", "specgd"])
 def test_tiny_lm_with_whiten_family(tasks, tmp_path, optimizer):
     spec = registry.get_spec(optimizer)
     cfg = RunConfig(task="lm", profile="tiny", optimizer=optimizer, lr=spec.default_lr, seed=0, steps=12, evals=4)

@@ -24,6 +24,10 @@ OPTIMIZERS = {
     "PSGDKron": lambda ps: whiten.PSGDKron(ps, lr=0.01, preconditioner_update_probability=0.5),
     "Muon": lambda ps: whiten.Muon(ps, lr=0.02, ema_rate=0.9),
     "ScheduleFreeAdamW": lambda ps: whiten.ScheduleFreeAdamW(ps, lr=0.01),
+    # dict-valued group options (radii per role, a norm's options) travel through DCP too
+    "Scion": lambda ps: whiten.Scion(ps + [{"params": [], "norm": "RowNorm", "norm_kwargs": {"transpose": True}}],
+                                     lr=0.01, scale={"hidden": 2.0, "head": 8.0}, ema_rate=0.9),
+    "SpecGD": lambda ps: whiten.SpecGD(ps, lr=0.02, scale="rms"),
 }
 
 

@@ -193,3 +193,43 @@ def test_grad_is_not_modified():
 def test_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         whiten.Muon([torch.zeros(3, 3, requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize("cls", [whiten.Muon, whiten.SpecGD])
+def test_batch_dims_orthogonalises_each_expert_as_its_own_matrix(cls):
+    """A mixture-of-experts weight (E, out, in) with batch_dims=1 steps as E separate (out, in) matrices would
+    (each with the scale of (out, in)), in one batched call; without it, as one (E, out·in) matrix."""
+    torch.manual_seed(0)
+    experts = nn.Parameter(torch.randn(3, 6, 4, dtype=torch.float64))
+    alone = [nn.Parameter(experts.detach()[e].clone()) for e in range(3)]
+    kw = dict(lr=0.05, weight_decay=0.1) if cls is whiten.SpecGD else dict(lr=0.05, weight_decay=0.1,
+                                                                            ns_dtype=torch.float64)
+    a = cls([{"params": [experts], "role": "hidden", "batch_dims": 1}], **kw)
+    b = cls([{"params": alone, "role": "hidden"}], **kw)
+    flat = cls([{"params": [nn.Parameter(experts.detach().clone())], "role": "hidden"}], **kw)
+    for g in _grads([(3, 6, 4)], 3, torch.float64):
+        experts.grad = g[0]
+        for e in range(3):
+            alone[e].grad = g[0][e].clone()
+        flat.param_groups[0]["params"][0].grad = g[0].clone()
+        a.step()
+        b.step()
+        flat.step()
+    for e in range(3):
+        torch.testing.assert_close(experts.detach()[e], alone[e].detach(), rtol=0, atol=1e-14)
+    assert not torch.allclose(flat.param_groups[0]["params"][0], experts, atol=1e-3)
+    with pytest.raises(ValueError, match="batch_dims"):
+        cls([{"params": [nn.Parameter(torch.randn(6, 4))], "role": "hidden", "batch_dims": 1}])
+
+
+def test_a_checkpoint_from_before_batch_dims_loads():
+    w = nn.Parameter(torch.randn(6, 4))
+    opt = whiten.Muon([w])
+    w.grad = torch.randn(6, 4)
+    opt.step()
+    sd = opt.state_dict()
+    del sd["param_groups"][0]["batch_dims"]
+    fresh = whiten.Muon([w])
+    fresh.load_state_dict(sd)
+    fresh.step()
+    assert fresh.param_groups[0]["batch_dims"] == 0

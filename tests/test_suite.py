@@ -30,6 +30,8 @@ OPTIMIZERS = {
     # clipped sign step (h = 0); tests/test_tnt.py and tests/test_sophia.py sample it
     "TNT": lambda params, **kw: whiten.TNT(params, **{"lr": 0.01, **kw}),
     "Sophia": lambda params, **kw: whiten.Sophia(params, **{"lr": 0.01, **kw}),
+    "Scion": lambda params, **kw: whiten.Scion(params, **{"lr": 0.01, **kw}),
+    "SpecGD": lambda params, **kw: whiten.SpecGD(params, **{"lr": 0.02, "adam_lr": 0.01, **kw}),
 }
 
 
@@ -74,14 +76,14 @@ def model_kw(name, model) -> dict:
 QUADRATIC = {"SPlus": dict(lr=0.1), "SOAP": dict(lr=0.03), "Shampoo": dict(lr=0.03), "PSGDKron": dict(lr=0.03),
              "Muon": dict(lr=0.03), "ScheduleFreeAdamW": dict(lr=0.1), "TNT": dict(lr=0.01),
              "Sophia": dict(lr=0.03)}
+# the constrained Scion keeps W inside a ball of radius 1, which need not hold the minimum
+QUADRATIC.update(Scion=dict(lr=0.03, unconstrained=True), SpecGD=dict(lr=0.03))
 ROSENBROCK = {"SPlus": dict(lr=0.01, nonstandard_constant=1.0, ema_rate=0.99), "SOAP": {}, "Shampoo": dict(lr=0.03),
               "PSGDKron": {}, "Muon": {}, "ScheduleFreeAdamW": dict(lr=0.1), "TNT": dict(lr=1e-3), "Sophia": {}}
-AVERAGING = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "Muon", "TNT", "Sophia"]  # ema_rate = iterate averaging via AveragingMixin
-BATCHED = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "Muon"]
-ALL = list(OPTIMIZERS)
-# The quadratic and Rosenbrock problems are formulas of bare tensors: K-FAC has no layer to precondition there
-# (it would only run its SGD fallback); tests/test_kfac.py checks its convergence on models.
-FORMULAS = [n for n in ALL if n not in NEEDS_MODEL]
+ROSENBROCK.update(Scion={}, SpecGD={})
+# ema_rate = iterate averaging via AveragingMixin
+AVERAGING = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "Muon", "TNT", "Sophia", "Scion", "SpecGD"]
+BATCHED = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "Muon", "Scion", "SpecGD"]
 
 # The norm-based and Fisher families (issues 12 and 13). Conda: a refresh every 3 steps so the small runs
 # exercise it (the reference's 2000 would never refresh here). MFAC: a window of 8 gradients and a damping that
@@ -93,6 +95,9 @@ OPTIMIZERS["MFAC"] = lambda params, **kw: whiten.MFAC(params, **{"lr": 0.1, "ngr
 QUADRATIC.update(Conda=dict(lr=0.1), Prodigy={}, MFAC={})
 ROSENBROCK.update(Conda=dict(lr=0.05), Prodigy={}, MFAC={})
 ALL = list(OPTIMIZERS)
+# The quadratic and Rosenbrock problems are formulas of bare tensors: K-FAC has no layer to precondition there
+# (it would only run its SGD fallback); tests/test_kfac.py checks its convergence on models.
+FORMULAS = [n for n in ALL if n not in NEEDS_MODEL]
 
 VOCAB, WIDTH = 20, 8
 

@@ -4,8 +4,8 @@
 """
 
 from .averaging import averaged_value
-from .optim import (EKFAC, KFAC, MFAC, SOAP, TNT, Conda, Muon, Prodigy, PSGDKron, ScheduleFreeAdamW, Shampoo, Sophia,
-                    SPlus)
+from .optim import (EKFAC, KFAC, MFAC, SOAP, TNT, Conda, Muon, Prodigy, PSGDKron, ScheduleFreeAdamW, Scion, Shampoo,
+                    Sophia, SpecGD, SPlus)
 from .roles import ROLES, RolePlan, param_groups, plan_roles
 
 __version__ = "0.1.0"
@@ -14,7 +14,7 @@ __all__ = [
     # the Shampoo family and SPlus
     "SPlus", "SOAP", "Shampoo", "PSGDKron",
     # the norm-based family
-    "Muon", "Conda", "Prodigy",
+    "Muon", "Scion", "SpecGD", "Conda", "Prodigy",
     # the Fisher family
     "TNT", "KFAC", "EKFAC", "MFAC", "Sophia",
     # Adam-like

@@ -1,7 +1,7 @@
 """The benchmark's optimizers: one registry, each entry's learning-rate grid and defaults are data.
 
 Names: ``adamw`` (torch.optim.AdamW, the baseline); whiten's ``splus``, ``soap``, ``shampoo`` (``shampoo-nograft``
-without grafting), ``psgd-kron``, ``muon``, ``schedule-free-adamw`` and ``schedule-free-adamw-b0.999``;
+without grafting), ``psgd-kron``, ``muon``, ``schedule-free-adamw`` and ``schedule-free-adamw-b0.999``, ``scion``, ``specgd``;
 ``splus-bf16`` and ``soap-bf16`` (the same with bfloat16 rotations); ``tnt`` and ``sophia`` (sampled-label
 curvature: the harness calls their ``sample_fisher``); ``kfac``, ``ekfac`` and their ``-sampled`` variants;
 ``torch:Muon`` (torch.optim.Muon on hidden matrices, AdamW on the rest); and ``pytorch_optimizer:<Class>`` for any
@@ -106,6 +106,22 @@ def _whiten_muon(model, lr, options, width, steps):
 
 
 _splus.whiten = _whiten_muon.whiten = True  # builders of whiten's optimizers: they take process_group
+
+
+def _whiten_specgd(model, lr, options, width, steps):
+    options = _resolve(options, width, steps)
+    adam_lr = lr * options.pop("adam_lr_ratio")  # as muon's entry: the AdamW part moves with the lr
+    return whiten.SpecGD(whiten.param_groups(model), lr=lr, adam_lr=adam_lr, **options)
+
+
+def _whiten_scion(model, lr, options, width, steps):
+    options = _resolve(options, width, steps)
+    role_norms = options.pop("role_norms", {})  # {role: norm}: a group option, so it goes through param_groups
+    groups = whiten.param_groups(model, role_options={r: {"norm": n} for r, n in role_norms.items()})
+    return whiten.Scion(groups, lr=lr, **options)
+
+
+_whiten_specgd.whiten = _whiten_scion.whiten = True
 
 
 def _torch_muon(model, lr, options, width, steps):
@@ -215,6 +231,23 @@ REGISTRY: dict[str, OptimizerSpec] = {
         "sophia", _whiten("Sophia"), default_lr=4.64e-3, lr_grid=lr_grid(-12, -5),
         options=dict(betas=(0.965, 0.99), rho=0.04, weight_decay=0.1, k=10),
         source="whiten.Sophia (SophiaG defaults), Gauss-Newton-Bartlett Hessian every 10 steps"),
+    # Scion: the reference's modded-nanogpt configuration (LIONS-EPFL/scion, examples/modded-nanogpt): constrained,
+    # momentum 0.9 (its 0.1, the README's default, in the reference's 1 - beta convention), hidden Spectral radius
+    # 50, head Sign radius 3000 (50 x 60, the README's nanoGPT example). Its embedding is the head's tied weight,
+    # so the untied embeddings here get what that weight got: Sign with radius 3000. Vectors (LayerNorm gains,
+    # which the reference's models do not have) BiasRMS radius 1. lr: 0.00036 there and 2^-12 in the README;
+    # the grid spans 2^-13.3 ... 2^-7.8 around them (the lm/cpu sweep decides).
+    "scion": OptimizerSpec(
+        "scion", _whiten_scion, default_lr=2.15e-4, lr_grid=lr_grid(-12, -7),
+        options=dict(momentum=0.9, scale={"hidden": 50.0, "conv": 50.0, "head": 3000.0, "embedding": 3000.0,
+                                          "vector": 1.0}, role_norms={"embedding": "Sign"}),
+        source="whiten.Scion, modded-nanogpt radii (hidden 50, head and embeddings Sign 3000), momentum 0.9"),
+    # SpecGD: muon's entry with the exact U Vᵀ (scale "muon" = Muon's sqrt(max(1, m/n))), so the two compare at
+    # the same lr grid and the gap measures Newton–Schulz's inexactness.
+    "specgd": OptimizerSpec(
+        "specgd", _whiten_specgd, default_lr=0.01, lr_grid=lr_grid(-7, -2),
+        options=dict(momentum=0.95, weight_decay=0.1, adam_lr_ratio=0.15, adam_betas=(0.9, 0.95)),
+        source="whiten.SpecGD (hidden, exact SVD) with its AdamW (rest) at 0.15 x lr, as muon"),
     "torch:Muon": OptimizerSpec(
         "torch:Muon", _torch_muon, default_lr=0.01, lr_grid=lr_grid(-7, -2),
         options=dict(momentum=0.95, weight_decay=0.1, adam_lr_ratio=0.15, adam_betas=(0.9, 0.95)),

@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..averaging import AveragingMixin
-from ..linalg import MUON_COEFFICIENTS, newton_schulz
+from ..linalg import matrix_view, newton_schulz, ns_schedule
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import (WhitenOptimizer, bucket, check_betas, check_bool, check_ema_rate, check_int, check_range,
                     check_role, state_dtype)
@@ -22,6 +22,31 @@ SCALINGS = ("original", "match_rms_adamw", "none")
 
 def _uses_muon(p: torch.Tensor, role: str | None) -> bool:
     return p.ndim >= 2 and (role or role_from_shape(p)) in MUON_ROLES
+
+
+def check_batch_dims(group: dict) -> None:
+    """``batch_dims`` is an integer >= 0 and every matrix parameter of the group has 2 dims beyond it."""
+    check_int("batch_dims", group["batch_dims"], 0)
+    bd = group["batch_dims"]
+    for i, p in enumerate(group["params"]):
+        if bd and isinstance(p, torch.Tensor) and _uses_muon(p, group.get("role")) and p.ndim < bd + 2:
+            raise ValueError(f"Invalid batch_dims: {bd} leading dims leave parameter {i} of the group (shape "
+                             f"{tuple(p.shape)}) no matrix (it needs at least {bd + 2} dims)")
+
+
+def _matrices(p: torch.Tensor, group: dict) -> tuple[tuple[int, ...], int, int]:
+    """(stack dims, m, n) of a parameter of a group with ``batch_dims`` > 0; ((), 0, 0) otherwise."""
+    bd = group.get("batch_dims", 0)
+    if not bd or p.ndim < bd + 2:
+        return (), 0, 0
+    return matrix_view(p.shape, bd)
+
+
+def _plain(coefficients):
+    """A schedule as stored in param groups: a name as is, triples as tuples (lists from a config file too)."""
+    if isinstance(coefficients, (tuple, list)) and coefficients and isinstance(coefficients[0], (tuple, list)):
+        return tuple(tuple(t) for t in coefficients)
+    return tuple(coefficients) if isinstance(coefficients, list) else coefficients
 
 
 def _scale(m: int, n: int, scaling: str) -> float:
@@ -46,9 +71,9 @@ class Muon(AveragingMixin, WhitenOptimizer):
 
     with :math:`s = \sqrt{\max(1, m/n)}` (``scaling="original"``), :math:`0.2\sqrt{\max(m, n)}`
     (``"match_rms_adamw"``) or 1 (``"none"``). :math:`\mathrm{NS}_k` is ``ns_steps`` Newton–Schulz iterations with
-    Keller Jordan's quintic coefficients, in ``ns_dtype``. Same-shape matrices are orthogonalised as one batch. A
-    group with ``"transposed": True`` (from :func:`whiten.param_groups` for Hugging Face's Conv1D, which stores
-    (in, out)) takes :math:`s` of the real (out, in) shape.
+    Keller Jordan's quintic coefficients (or the schedule ``ns_coefficients`` names), in ``ns_dtype``. Same-shape
+    matrices are orthogonalised as one batch. A group with ``"transposed": True`` (from :func:`whiten.param_groups`
+    for Hugging Face's Conv1D, which stores (in, out)) takes :math:`s` of the real (out, in) shape.
 
     Parameters whose role is ``embedding``, ``head`` or ``vector`` (or, without a role, that are not ≥2-D) are
     stepped by AdamW (decoupled decay, bias correction) with β1 = the group's ``momentum``, β2 =
@@ -69,7 +94,13 @@ class Muon(AveragingMixin, WhitenOptimizer):
         params: parameters or param-group dicts (groups from :func:`whiten.param_groups` carry a ``role``).
         lr: η for Muon matrices (default 0.02, Keller Jordan's).
         momentum: μ (default 0.95). nesterov: Nesterov momentum (default True).
-        ns_steps: Newton–Schulz iterations (default 5). ns_coefficients: (a, b, c) of the quintic.
+        ns_steps: Newton–Schulz iterations (default 5).
+        ns_coefficients: the Newton–Schulz schedule (see :func:`whiten.linalg.ns_schedule`): ``"jordan"``
+            (default: Keller Jordan's quintic (3.4445, -4.7750, 2.0315) at every iteration), ``"polar_express"``
+            (the per-iteration polynomials of Polar Express, arXiv 2505.16932, with its 1.01 safety scaling;
+            closer to U Vᵀ at the same cost), ``"cubic"`` (the convergent (1.5, -0.5, 0): U Vᵀ in the limit, slowly),
+            one triple (a, b, c), or a sequence of triples, one per iteration. docs/orthogonalization.md has the
+            error of each against the SVD.
         eps: guards the Frobenius normalisation before Newton–Schulz (default 1e-7).
         weight_decay: λ, decoupled, ``W *= 1 - η λ`` for both paths (default 0.0).
         scaling: ``"original"`` (default), ``"match_rms_adamw"`` or ``"none"``.
@@ -88,6 +119,9 @@ class Muon(AveragingMixin, WhitenOptimizer):
             averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
             Each parameter's step runs on one owner rank; the numbers are those of one process.
         batched: orthogonalise same-shape matrices in one batched call (default True).
+        batch_dims: the number of leading dims that index a stack of matrices (default 0): a group of mixture-of-
+            experts weights (E, out, in) with ``batch_dims=1`` orthogonalises E (out, in) matrices, each with the
+            scale of (out, in), instead of one (E, out·in) matrix.
 
     References: K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024); J. Liu et al.,
     "Muon is Scalable for LLM Training", arXiv 2502.16982 (2025).
@@ -100,7 +134,7 @@ class Muon(AveragingMixin, WhitenOptimizer):
         momentum: float = 0.95,
         nesterov: bool = True,
         ns_steps: int = 5,
-        ns_coefficients: tuple[float, float, float] = MUON_COEFFICIENTS,
+        ns_coefficients: str | tuple = "jordan",
         eps: float = 1e-7,
         weight_decay: float = 0.0,
         scaling: str = "original",
@@ -112,10 +146,11 @@ class Muon(AveragingMixin, WhitenOptimizer):
         nonfinite: str = "skip",
         process_group=None,
         batched: bool = True,
+        batch_dims: int = 0,
     ):
         check_lr("adam_lr", adam_lr)
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        ns_coefficients=tuple(ns_coefficients), eps=eps, weight_decay=weight_decay, scaling=scaling,
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, batch_dims=batch_dims,
+                        ns_coefficients=_plain(ns_coefficients), eps=eps, weight_decay=weight_decay, scaling=scaling,
                         ns_dtype=ns_dtype, adam_lr=adam_lr, adam_betas=adam_betas, adam_eps=adam_eps,
                         ema_rate=ema_rate, role=None, lr_scale=1.0)
         self.batched = bool(batched)
@@ -154,10 +189,8 @@ class Muon(AveragingMixin, WhitenOptimizer):
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         check_bool("nesterov", group["nesterov"])
         check_int("ns_steps", group["ns_steps"], 0)
-        c = group["ns_coefficients"]
-        if not isinstance(c, (tuple, list)) or len(c) != 3 or not all(
-                isinstance(x, (int, float)) and math.isfinite(x) for x in c):
-            raise ValueError(f"Invalid ns_coefficients: {c!r} (allowed: three finite numbers (a, b, c))")
+        check_batch_dims(group)
+        ns_schedule(group["ns_coefficients"], "ns_coefficients")
         check_range("eps", group["eps"], 0.0, low_open=True)
         check_weight_decay(group["weight_decay"])
         if group["scaling"] not in SCALINGS:
@@ -171,6 +204,19 @@ class Muon(AveragingMixin, WhitenOptimizer):
         check_ema_rate(group["ema_rate"])
         check_role(group["role"])
         check_range("lr_scale", group["lr_scale"], 0.0)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.setdefault("batch_dims", 0)  # a checkpoint from before the option
+
+    def work_cost(self, p: torch.Tensor, group: dict) -> float:
+        lead, m, n = _matrices(p, group)
+        return float(math.prod(lead) * m * n * (m + n) + p.numel()) if lead else super().work_cost(p, group)
+
+    def stack_invariant(self, p: torch.Tensor, group: dict) -> bool:
+        lead, m, n = _matrices(p, group)  # a stack's members are its matrices: their sizes decide the alignment
+        return all(size % 16 == 0 for size in (m * n, m * m, n * n)) if lead else super().stack_invariant(p, group)
 
     def expected_state(self, p: torch.Tensor, group: dict) -> dict:
         keys = ("momentum",) if _uses_muon(p, group["role"]) else ("exp_avg", "exp_avg_sq")
@@ -201,33 +247,47 @@ class Muon(AveragingMixin, WhitenOptimizer):
         moms = [self.state[p]["momentum"] for p in params]
         grads = [p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype) for p, m in zip(params, moms)]
         torch._foreach_lerp_(moms, grads, 1.0 - mu)
-        shapes = [(p.shape[0], math.prod(p.shape[1:])) for p in params]  # conv weights as (out, in·k·k)
+        # conv weights as (out, in·k·k); with batch_dims, a stack of such matrices (the experts of an MoE layer)
+        views = [matrix_view(p.shape, group["batch_dims"]) for p in params]
+        counts = [math.prod(lead) for lead, _, _ in views]
+        shapes = [(m, n) for _, m, n in views]
         key = (lambda i: (shapes[i], moms[i].dtype, moms[i].device)) if self.batched else (lambda i: i)
         for idxs in bucket(range(len(params)), key).values():
             # The direction is written straight into the stack Newton–Schulz works in (no per-matrix temporaries,
             # no stacking copy); Nesterov's is (1-mu) g + mu B, so p.grad stays the user's.
-            X = torch.empty((len(idxs), *shapes[idxs[0]]), dtype=moms[idxs[0]].dtype, device=moms[idxs[0]].device)
-            for j, i in enumerate(idxs):
-                if group["nesterov"]:
-                    torch.lerp(grads[i].reshape(X.shape[1:]), moms[i].reshape(X.shape[1:]), mu, out=X[j])
-                else:
-                    X[j].copy_(moms[i].reshape(X.shape[1:]))
-            dtype = group["ns_dtype"] or (torch.bfloat16 if X.device.type == "cuda" else X.dtype)
-            O = newton_schulz(X, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype, overwrite=True)
             m, n = shapes[idxs[0]]
+            starts = [0]
+            for i in idxs:
+                starts.append(starts[-1] + counts[i])
+            X = torch.empty((starts[-1], m, n), dtype=moms[idxs[0]].dtype, device=moms[idxs[0]].device)
+            for j, i in enumerate(idxs):
+                rows = X[starts[j]:starts[j + 1]]
+                if group["nesterov"]:
+                    torch.lerp(grads[i].reshape(rows.shape), moms[i].reshape(rows.shape), mu, out=rows)
+                else:
+                    rows.copy_(moms[i].reshape(rows.shape))
+            O = self._orthogonalize(X, group)
             if group.get("transposed"):  # stored (in, out) (Conv1D); NS commutes with the transpose, the scale not
                 m, n = n, m
-            step = -lr * _scale(m, n, group["scaling"])
+            step = -lr * self._lr_multiplier(m, n, group)
             for j, i in enumerate(idxs):
                 p = params[i]
                 keep = 1.0 - lr * group["weight_decay"] * self._decays(p, group)
-                u = O[j].view(p.shape)  # in ns_dtype: add_ promotes it, as torch.optim.Muon's update
+                u = O[starts[j]:starts[j + 1]].view(p.shape)  # in ns_dtype: add_ promotes it, as torch.optim.Muon
                 if p.dtype == moms[i].dtype:
                     if keep != 1.0:
                         p.mul_(keep)
                     p.add_(u, alpha=step)
                 else:  # low-precision parameter: update in the state dtype, round once
                     p.copy_(p.to(moms[i].dtype).mul_(keep).add_(u, alpha=step))
+
+    def _orthogonalize(self, X: torch.Tensor, group: dict) -> torch.Tensor:
+        """The orthogonalised directions of a (B, m, n) stack that this call may overwrite."""
+        dtype = group["ns_dtype"] or (torch.bfloat16 if X.device.type == "cuda" else X.dtype)
+        return newton_schulz(X, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype, overwrite=True)
+
+    def _lr_multiplier(self, m: int, n: int, group: dict) -> float:
+        return _scale(m, n, group["scaling"])
 
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["momentum"], group["adam_betas"][1]
