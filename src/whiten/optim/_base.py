@@ -418,11 +418,12 @@ class WhitenOptimizer(torch.optim.Optimizer):
                               RuntimeWarning, stacklevel=3)
         return bad
 
-    def restart_overflowed_moments(self, second: list[torch.Tensor], first: list[torch.Tensor] | None = None) -> None:
+    def restart_overflowed_moments(self, second: list[torch.Tensor], first: list | None = None) -> None:
         """Adam-style second moments: entries that overflowed to inf (a huge finite gradient squared) restart at
-        zero, with the same entries of the first moment. Called before this step's gradient goes in: the spike's own
-        step was a zero update (m / inf), and without the restart every later one would be too, for good (inf never
-        decays), while the first moment's huge entry would meet a small denominator once v were finite again.
+        zero, with the same entries of the first moment (``first``: aligned with ``second``, None where there is
+        none). Called before this step's gradient goes in: the spike's own step was a zero update (m / inf), and
+        without the restart every later one would be too, for good (inf never decays), while the first moment's
+        huge entry would meet a small denominator once v were finite again.
         Counted in ``counters["factor_restarts"]``; warns once per optimizer."""
         if not second:
             return
@@ -431,7 +432,7 @@ class WhitenOptimizer(torch.optim.Optimizer):
             if not ok:
                 bad = ~torch.isfinite(second[i])
                 second[i].masked_fill_(bad, 0.0)
-                if first is not None:
+                if first is not None and first[i] is not None:
                     first[i].masked_fill_(bad, 0.0)
                 restarted += 1
         if restarted:

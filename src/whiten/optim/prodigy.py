@@ -227,6 +227,11 @@ class Prodigy(WhitenOptimizer):
         dlr = d * lr * bias_correction
         d_numerator = g0["d_numerator"] * beta3
 
+        # Moments that overflowed (a huge finite gradient) would zero this parameter's steps for good: restart
+        # those entries (a no-op otherwise, so the numbers stay prodigyopt's).
+        started = [self.state[p] for _, params in work for p in params if self.state.get(p)]
+        self.restart_overflowed_moments([st["exp_avg_sq"] for st in started], [st.get("exp_avg") for st in started])
+
         grads: dict = {}
         stats: dict = {}  # parameter -> (<g, x0 - x>, ||s||_1), tensors
         for group, params in work:
