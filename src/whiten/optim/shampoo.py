@@ -331,7 +331,8 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         gb2 = DEFAULT_GRAFTING_BETA2.get(grafting, 1.0) if gb2 is None else gb2
         bias_correction = group["use_bias_correction"]
 
-        layouts = [block_layout(tuple(p.shape), group["max_preconditioner_dim"], group["max_factor_ratio"]) for p in params]
+        max_dim, ratio = group["max_preconditioner_dim"], group["max_factor_ratio"]
+        layouts = [block_layout(tuple(p.shape), max_dim, ratio) for p in params]
         states = []
         for p, (_, blocks) in zip(params, layouts):
             state = self.state[p]
@@ -411,7 +412,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                 ctx.members = []
                 for q in self.group_members(gi):
                     sq = self.state.get(q)
-                    blocks_q = block_layout(tuple(q.shape), group["max_preconditioner_dim"], group["max_factor_ratio"])[1]
+                    blocks_q = block_layout(tuple(q.shape), max_dim, ratio)[1]
                     for b, blk in enumerate(blocks_q):
                         if sq and blk.factor_keys and blk.factor_keys[0] in sq and len(blk.dims) <= 2:
                             ctx.members.append((q, b, blk, ("shampoo", gi, blk.dims, blk.modes, state_dtype(q),
