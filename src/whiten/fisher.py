@@ -131,8 +131,9 @@ class FisherMixin:
         self.fisher_n = 0  # labels behind the captured gradients of this step
 
     def fisher_schedule(self, step: int) -> bool:
-        """Whether the optimizer needs curvature at the step that follows ``step`` steps taken."""
-        raise NotImplementedError
+        """Whether the optimizer needs curvature at the step that follows ``step`` steps taken: every step unless
+        the optimizer says otherwise (TNT every T1, Sophia every k, K-FAC at its factor steps)."""
+        return True
 
     def fisher_due(self) -> bool:
         """Whether the coming ``step()`` wants sampled gradients (what ``sample_fisher`` checks)."""

@@ -418,6 +418,18 @@ class WhitenOptimizer(torch.optim.Optimizer):
                               RuntimeWarning, stacklevel=3)
         return bad
 
+    def scratch(self, like: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """A reused buffer of ``like``'s shape (dtype, device) for a step's temporaries, never state: fresh
+        multi-megabyte tensors per parameter and step cost page faults. Sized once for the largest parameter;
+        ``slot`` picks another buffer when two temporaries live at once."""
+        buffers = self.__dict__.setdefault("_scratch_buffers", {})
+        key = (like.dtype, like.device, slot)
+        buf = buffers.get(key)
+        if buf is None or buf.numel() < like.numel():
+            size = max([like.numel()] + [q.numel() for g in self.param_groups for q in g["params"]])
+            buf = buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
+        return buf[:like.numel()].view(like.shape)
+
     def restart_overflowed_moments(self, second: list[torch.Tensor], first: list | None = None) -> None:
         """Adam-style second moments: entries that overflowed to inf (a huge finite gradient squared) restart at
         zero, with the same entries of the first moment (``first``: aligned with ``second``, None where there is

@@ -178,7 +178,7 @@ class Conda(WhitenOptimizer):
             m, v = s["exp_avg"], s["exp_avg_sq"]
             g = p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype)
             matrix = _matrix(p, group)
-            scratch = self._scratch(m)  # the rotated gradient, then the direction
+            scratch = self.scratch(m)  # the rotated gradient, then the direction
             if matrix is None:  # the plain path
                 m.mul_(beta1).add_(g, alpha=1 - beta1)
                 rotated = g
@@ -204,7 +204,7 @@ class Conda(WhitenOptimizer):
             t = s["step"]
             step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t) if group["correct_bias"] else lr
             if matrix is not None:  # back to the parameter's basis
-                back = self._scratch(m, second=True).view(matrix)
+                back = self.scratch(m, slot=1).view(matrix)
                 direction = _unrotate(direction.view(matrix), B, right, out=back).view(p.shape)
                 step_size *= group["scale"]
             x = p if p.dtype == m.dtype else p.to(m.dtype)
@@ -213,17 +213,6 @@ class Conda(WhitenOptimizer):
                 x.add_(x, alpha=-lr * group["weight_decay"])
             if x is not p:  # low-precision parameter: computed in the state dtype, rounded once
                 p.copy_(x)
-
-    def _scratch(self, like: torch.Tensor, second: bool = False) -> torch.Tensor:
-        """One of two reused buffers of ``like``'s shape for the step's temporaries (not state): fresh
-        multi-megabyte tensors per parameter cost page faults."""
-        buffers = self.__dict__.setdefault("_scratch_buffers", {})
-        key = (like.dtype, like.device, second)
-        buf = buffers.get(key)
-        if buf is None or buf.numel() < like.numel():
-            size = max([like.numel()] + [q.numel() for g in self.param_groups for q in g["params"]])
-            buf = buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
-        return buf[:like.numel()].view(like.shape)
 
     def _refresh(self, B: torch.Tensor, M: torch.Tensor, side: str, svd_dtype) -> None:
         """B <- Vᵀ (side right) or U (side left) of the reduced SVD of M; on failure B is kept and counted."""

@@ -226,7 +226,7 @@ class MFAC(WhitenOptimizer):
             # overflow the float32 products (its square does)
             top = torch.linalg.vector_norm(new, float("inf"))
             top = torch.where(top > 0, top, torch.ones_like(top))
-            scaled = torch.div(new, top, out=self._scratch(new))
+            scaled = torch.div(new, top, out=self.scratch(new))
             rows[i] = (window @ scaled).to(torch.float64) * top.to(torch.float64)
         if ctx is not None:
             reduced = rows.to(ctx._device())
@@ -257,17 +257,6 @@ class MFAC(WhitenOptimizer):
             if x is not q:  # low-precision parameter: computed in the state dtype, rounded once
                 q.copy_(x)
         self._count += 1
-
-    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
-        """A reused buffer of ``like``'s shape for a temporary (not state): a fresh one per parameter and step costs
-        page faults."""
-        buffers = self.__dict__.setdefault("_scratch_buffers", {})
-        key = (like.dtype, like.device)
-        buf = buffers.get(key)
-        if buf is None or buf.numel() < like.numel():
-            size = max([like.numel()] + [q.numel() for g in self.param_groups for q in g["params"]])
-            buf = buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
-        return buf[:like.numel()].view(like.shape)
 
     def _solve(self, gram: torch.Tensor, slot: int) -> torch.Tensor:
         """(mλI + K)⁻¹ e_slot in float64: Cholesky, or, where rounding made the matrix indefinite, an

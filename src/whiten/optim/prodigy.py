@@ -251,7 +251,7 @@ class Prodigy(WhitenOptimizer):
                 sp = group["slice_p"]
                 sliced_grad = grad.reshape(-1) if sp == 1 else grad.reshape(-1)[::sp]
                 x_sliced = x.reshape(-1) if sp == 1 else x.reshape(-1)[::sp]
-                scratch = self._scratch(x)
+                scratch = self.scratch(x).view(-1)  # flat: the sliced and s temporaries fit
                 dot = torch.dot(sliced_grad, torch.sub(state["p0"], x_sliced, out=scratch[:x_sliced.numel()]))
                 if beta1 > 0:
                     if "exp_avg" not in state:  # β1 raised from 0 by a scheduler
@@ -305,7 +305,7 @@ class Prodigy(WhitenOptimizer):
                 dtype = state["exp_avg_sq"].dtype
                 x = p if p.dtype == dtype else p.to(dtype)
                 v = state["exp_avg_sq"]
-                denom = torch.sqrt(v, out=self._scratch(v)[:v.numel()].view(v.shape)).add_(d * group["eps"])
+                denom = torch.sqrt(v, out=self.scratch(v)).add_(d * group["eps"])
                 if decay != 0 and self._decays(p, group):
                     x.add_(x, alpha=-decay * dlr)
                 if beta1 > 0:
@@ -316,20 +316,6 @@ class Prodigy(WhitenOptimizer):
                     p.copy_(x)
         for group in self.param_groups:
             group["k"] += 1
-
-    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
-        """A reused flat buffer, at least as long as any parameter, of ``like``'s dtype and device, for the step's
-        temporaries (same values as fresh tensors): fresh multi-megabyte tensors per parameter cost page faults
-        that made sqrt the slowest part of the step. Parameters are stepped one at a time, each through all its
-        operations, which keeps its tensors in cache (foreach ops over all parameters measured slower on the
-        CPU)."""
-        buffers = self.__dict__.setdefault("_scratch_buffers", {})
-        key = (like.dtype, like.device)
-        buf = buffers.get(key)
-        if buf is None or buf.numel() < like.numel():
-            size = max([like.numel()] + [q.numel() for g in self.param_groups for q in g["params"]])
-            buf = buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
-        return buf
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         dtype = state_dtype(p)
