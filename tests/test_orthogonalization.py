@@ -6,6 +6,7 @@ ladder; Muon picking a schedule by name."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -256,3 +257,40 @@ def test_muon_default_schedule_is_jordan_and_polar_express_follows_the_paper():
         G = torch.randn(12, 8, generator=g, dtype=F64) * 1e6
         w = w - 0.05 * math.sqrt(12 / 8) * paper_polar_express(G, 5)
     torch.testing.assert_close(_muon_run(ns_coefficients="polar_express"), w, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_newton_schulz_survives_finite_entries_whose_norm_overflows(dtype):
+    # Entries of 1e30 (or a matrix of float32's largest values) overflow the Frobenius norm to inf; dividing by it
+    # would zero the step. The result must be that of the same matrix scaled down, and a normal matrix in the same
+    # stack must be untouched bit for bit.
+    torch.manual_seed(0)
+    G = torch.randn(3, 16, 24)
+    big = G.clone()
+    big[0] *= 1e30
+    big[1] = torch.finfo(dtype).max
+    out = linalg.newton_schulz(big.to(dtype), 5)
+    assert torch.isfinite(out).all()
+    ref0 = linalg.newton_schulz(G[0].to(dtype), 5)
+    ref1 = linalg.newton_schulz(torch.ones(16, 24, dtype=dtype), 5)
+    atol = 1e-5 if dtype == torch.float32 else 5e-2  # bfloat16 rounds the scaled matrix differently
+    torch.testing.assert_close(out[0].float(), ref0.float(), atol=atol, rtol=0)
+    torch.testing.assert_close(out[1].float(), ref1.float(), atol=atol, rtol=0)
+    assert torch.equal(out[2], linalg.newton_schulz(G[2].to(dtype), 5))
+
+
+def test_muon_keeps_stepping_after_a_huge_finite_gradient():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    opt = whiten.Muon(whiten.param_groups(model), lr=0.01)
+    hidden = model[1].weight
+    for t in range(8):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * (1e30 if t == 2 else 1.0)
+        before = hidden.detach().clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the AdamW path's overflowed second moment restarts
+            opt.step()
+        assert torch.isfinite(hidden).all()
+        assert not torch.equal(before, hidden), f"step {t} left the hidden matrix unchanged"
+
