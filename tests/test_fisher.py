@@ -81,6 +81,26 @@ def test_captured_gradient_is_the_mean_loss_gradient_on_the_documented_labels():
             torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["ce", "mse"])
+def test_a_float64_model_gets_its_sampled_gradient_in_float64(kind):
+    # the sampled loss is taken in the logits' precision when that is above float32, so a float64 model's curvature
+    # is float64 to the last bits (it was computed in float32 and agreed to ~1e-7 only)
+    model = net().double()
+    opt = Recorder(model.parameters(), seed=3)
+    x, _ = data(0)
+    logits = model(x.double())
+    assert opt.sample_fisher(logits, kind=kind)
+    labels = sample_labels(logits, kind, _mix(3, 0, 0))
+    expected = sampled_grads(model, logits, labels, kind)
+    opt.zero_grad()
+    logits.sum().backward()
+    opt.step()
+    grads, _ = opt.captured[-1]
+    for g, e in zip(grads, expected):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, e, rtol=1e-13, atol=1e-15)
+
+
 def test_labels_follow_the_predictive_distribution():
     logits = torch.tensor([[2.0, 0.0, -1.0, 0.5]]).expand(40000, 4).clone()
     labels = sample_labels(logits, "ce", 123)

@@ -191,11 +191,13 @@ class FisherMixin:
         labels = sample_labels(logits, kind, _mix(self.fisher_seed, self.fisher_steps,
                                                    self._fisher_calls * world + rank))
         self._fisher_calls += 1
+        # float32 at least (bf16 logits), float64 for a float64 model
+        dtype = torch.promote_types(logits.dtype, torch.float32)
         with torch.enable_grad():
             if kind == "ce":
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(dtype), labels.reshape(-1))
             else:
-                loss = F.mse_loss(logits.float(), labels.float())
+                loss = F.mse_loss(logits.to(dtype), labels.to(dtype))
             self.sampling_fisher, self.fisher_batch_n = True, n
             try:
                 grads = torch.autograd.grad(loss, [params[i] for i in wanted], retain_graph=True, allow_unused=True)
