@@ -16,6 +16,10 @@ The curvature estimators differ, so the whole step is what is compared, not opti
   true Hessian's diagonal, not the Gauss–Newton one), so only the cost is comparable here.
 - whiten.TNT: every T1 = 10 steps the sampled backward and the factor contractions; inverses every T2 = 100 steps
   (every T1 during the first T2 steps); one tensordot per mode every step.
+- whiten.KFAC / whiten.EKFAC (``model=`` hooks, the registry's alecwangcq settings): factors A and G every 10 steps
+  from the hooks (empirical: the ordinary backward's output gradients; sampled: one extra backward on sampled
+  labels), inversions (EKFAC: eigendecompositions) every 100 steps, EKFAC's eigenvalue rescaling every 10. The
+  inversion falls in one round of ten: ``slowest step`` is the slowest step of all rounds.
 
 Each round runs ``--period`` (10) steps for every optimizer in turn, so each round holds exactly one curvature
 step per optimizer; the first round is warm-up and is not counted. The table shows the median over rounds of the
@@ -69,6 +73,11 @@ def make_steppers(model_factory, lr: float):
     plain("torch.optim.AdamW", lambda m: torch.optim.AdamW(whiten.param_groups(m), lr=lr, betas=(0.9, 0.95),
                                                               weight_decay=0.1))
     plain("whiten.Sophia (k=10)", lambda m: whiten.Sophia(whiten.param_groups(m), lr=lr, k=PERIOD))
+    kfac = dict(momentum=0.9, damping=1e-3, weight_decay=0.01, factor_every=PERIOD, inverse_every=10 * PERIOD)
+    for name, extra in (("KFAC", {}), ("EKFAC", dict(scale_every=PERIOD))):
+        for fisher in ("empirical", "sampled"):
+            plain(f"whiten.{name} ({fisher})", lambda m, name=name, extra=extra, fisher=fisher: getattr(whiten, name)(
+                whiten.param_groups(m), model=m, lr=lr, fisher=fisher, **kfac, **extra))
     plain("whiten.TNT (T1=10, T2=100)", lambda m: whiten.TNT(whiten.param_groups(m), lr=1e-6, update_freq=PERIOD,
                                                               inverse_freq=100))
     try:
@@ -149,8 +158,9 @@ def main(argv=None):
           f"{torch.get_num_threads()} threads, {platform.machine()}; {args.rounds} rounds x {PERIOD} steps, "
           f"{args.clock} clock")
     base = statistics.median(statistics.mean(r) for r in times[steppers[0][0]])
-    print("| optimizer | ms/step (curvature amortized) | ordinary step ms | curvature step ms | vs AdamW |")
-    print("|---|---|---|---|---|")
+    print("| optimizer | ms/step (curvature amortized) | ordinary step ms | curvature step ms | slowest step ms "
+          "| vs AdamW |")
+    print("|---|---|---|---|---|---|")
     for label, _, _ in steppers:
         rounds = times[label]
         mean = statistics.median(statistics.mean(r) for r in rounds)
@@ -158,7 +168,10 @@ def main(argv=None):
         ordinary = statistics.median(x for r in rounds for x in sorted(r)[:-1])
         curvature = statistics.median(max(r) for r in rounds)
         curv = "-" if label.startswith("torch.optim.AdamW") else f"{curvature * 1e3:.1f}"
-        print(f"| {label} | {mean * 1e3:.1f} | {ordinary * 1e3:.1f} | {curv} | {mean / base:.2f}x |")
+        # K-FAC's inversions (every 100 steps) fall in one round of ten: the slowest step of all rounds
+        slowest = max(x for r in rounds for x in r)
+        print(f"| {label} | {mean * 1e3:.1f} | {ordinary * 1e3:.1f} | {curv} | {slowest * 1e3:.1f} | "
+              f"{mean / base:.2f}x |")
 
 
 if __name__ == "__main__":
