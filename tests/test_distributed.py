@@ -321,6 +321,48 @@ def test_dcp_resume_in_one_process(checkpoints, saved):
         torch.set_num_threads(threads)
 
 
+def _save_in_eval(rank, world, mode, names, root):
+    """As _save, but the checkpoint is taken in eval mode (a trainer saving after an evaluation)."""
+    for name in names:
+        r = Runner(name, mode)
+        for t in range(SAVE_AT):
+            r.step(t)
+        if hasattr(r.opt, "eval"):  # those without an eval mode save as _save does
+            r.opt.eval()
+        sd = {"model": get_model_state_dict(r.model), "optim": get_optimizer_state_dict(r.model, r.opt)}
+        dcp.save(sd, checkpoint_id=f"{root}/{name}")
+    return True
+
+
+def _resume_after_eval(rank, world, mode, names, root):
+    out = {}
+    for name in names:
+        r = Runner(name, mode)
+        sd = {"model": get_model_state_dict(r.model), "optim": get_optimizer_state_dict(r.model, r.opt)}
+        dcp.load(sd, checkpoint_id=f"{root}/{name}")
+        set_model_state_dict(r.model, sd["model"])
+        set_optimizer_state_dict(r.model, r.opt, sd["optim"])
+        if hasattr(r.opt, "train"):
+            assert r.opt.in_eval_mode == any(g.get("ema_rate") is not None or "train_mode" in g
+                                             for g in r.opt.param_groups)
+            r.opt.train()  # the live weights come back from the checkpoint
+        for t in range(SAVE_AT, STEPS):
+            r.step(t)
+        out[name] = same(r.params(), control(name))
+    return out
+
+
+@pytest.mark.parametrize("saved,mode,world", [("fsdp", "ddp", 3), ("ddp", "fsdp", 3), ("fsdp", "ddp", 1)])
+def test_dcp_checkpoint_taken_in_eval_mode_resumes_on_another_world_size(saved, mode, world, tmp_path):
+    """A fresh optimizer is in train mode, and DCP loads only the keys its state dict has: the mode and the live
+    weights must be among them, on every rank, or training goes on from the average."""
+    launch(_save_in_eval, 2, saved, ALL, str(tmp_path))
+    results = launch(_resume_after_eval, world, mode, ALL, str(tmp_path))
+    for name in ALL:
+        for rank, differ in enumerate(results):
+            assert differ[name] == [], f"{name}: saved in eval mode {saved}@2, resumed {mode}@{world}, rank {rank}"
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_work_is_balanced_over_ranks(name):
     """The plan on the benchmark's GPT shapes (cpu profile: width 256, 4 blocks, vocabulary 65): max/mean planned

@@ -102,3 +102,40 @@ def test_dcp_state_dict_in_eval_mode_round_trips(name):
     train(model2, opt2, 8, 12)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
+
+
+AVERAGING = ["SPlus", "SOAP", "Muon", "ScheduleFreeAdamW", "Scion"]
+
+
+@pytest.mark.parametrize("saved_in_eval", [True, False])
+@pytest.mark.parametrize("name", AVERAGING)
+def test_dcp_files_saved_in_eval_mode_resume_bit_exact(name, saved_in_eval, tmp_path):
+    """dcp.save / dcp.load into a fresh optimizer (train mode, so its state dict is the template DCP loads into):
+    the mode and the live weights come back. They were dropped before, and training went on from the average."""
+    model = make_model()
+    opt = OPTIMIZERS[name](whiten.param_groups(model))
+    train(model, opt, 0, 8)
+    live = [p.detach().clone() for p in model.parameters()]
+    if saved_in_eval:
+        opt.eval()
+    saved_weights = [p.detach().clone() for p in model.parameters()]  # the average in eval mode
+    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp_path)
+    assert all("live" not in s for s in opt.state.values()) or saved_in_eval  # saving adds nothing to the state
+    opt.train()
+    train(model, opt, 8, 12)
+
+    model2 = make_model(seed=1)
+    opt2 = OPTIMIZERS[name](whiten.param_groups(model2))
+    state = {"model": model2.state_dict(), "optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(state, checkpoint_id=tmp_path)
+    model2.load_state_dict(state["model"])
+    set_optimizer_state_dict(model2, opt2, state["optim"])
+    assert opt2.in_eval_mode == saved_in_eval
+    assert all(torch.equal(p, w) for p, w in zip(model2.parameters(), saved_weights))  # what was scored
+    if not saved_in_eval:
+        assert all("live" not in s for s in opt2.state.values())  # the train-mode slot is not kept
+    opt2.train()
+    assert all(torch.equal(p, w) for p, w in zip(model2.parameters(), live))
+    train(model2, opt2, 8, 12)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)

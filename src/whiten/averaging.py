@@ -73,6 +73,11 @@ class AveragingMixin:
     def in_eval_mode(self) -> bool:
         return any(not group.get("train_mode", True) for group in self.param_groups)
 
+    @staticmethod
+    def swaps_weights(group: dict) -> bool:
+        """Whether eval() swaps this group's parameters (it averages); its state dict then carries the mode."""
+        return group.get("ema_rate") is not None
+
     @torch.no_grad()
     def eval(self):
         """Swap the averaged parameters in (groups that average). Parameters never stepped are their own average."""

@@ -551,7 +551,30 @@ class WhitenOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["param_groups"][0]["whiten_counters"] = dict(self.counters)
         sd["param_groups"][0]["whiten_optimizer"] = type(self).__name__
+        swaps = getattr(self, "swaps_weights", None)
+        if swaps is not None:
+            self._with_live_slots(sd, swaps)
         return sd
+
+    def _with_live_slots(self, sd: dict, swaps) -> None:
+        """An optimizer with an eval mode (parameter averaging, Schedule-Free) saves its mode and the live weights
+        (``state["live"]`` in eval mode). DCP loads only the keys that the loading optimizer's own state dict has, and
+        a fresh optimizer is in train mode: without the same keys in every state dict an eval-mode checkpoint came
+        back as a train-mode one whose model held the average, and training went on from the average. So each
+        swapping group always carries ``train_mode`` and each of its parameters a ``"live"`` entry: the saved live
+        weights in eval mode, else a copy of the parameter (a parameter not swapped, or train mode).
+        :meth:`load_state_dict` keeps them only for a group in eval mode. A copy, not the parameter itself: DCP loads
+        in place, into the template's tensors, and a slot sharing the parameter's storage would take the model's
+        weights or the live ones, whichever DCP wrote last."""
+        index = 0
+        for saved, group in zip(sd["param_groups"], self.param_groups):
+            if swaps(group):
+                saved["train_mode"] = group.get("train_mode", True)
+                for i, p in enumerate(group["params"], start=index):
+                    entry = sd["state"].get(i, {})
+                    # a new dict: the optimizer's own state is left as it is
+                    sd["state"][i] = {**entry, "live": entry["live"] if "live" in entry else p.detach().clone()}
+            index += len(group["params"])
 
     # state entries with the parameter's shape, whatever the optimizer
     PARAMETER_SHAPED = ("momentum", "exp_avg", "exp_avg_sq", "ema", "z", "graft", "live")
@@ -662,5 +685,13 @@ class WhitenOptimizer(torch.optim.Optimizer):
                 if isinstance(v, torch.Tensor) else v
                 for k, v in saved_state.items()
             }
+        if getattr(self, "swaps_weights", None) is not None:
+            for group in self.param_groups:  # train mode: a saved "live" is only the slot state_dict() adds
+                if group.get("train_mode", True):
+                    for p in group["params"]:
+                        if p in self.state:
+                            self.state[p].pop("live", None)
+                            if not self.state[p]:
+                                del self.state[p]
         self.counters = _new_counters()
         self.counters.update({k: int(v) for k, v in counters.items()})

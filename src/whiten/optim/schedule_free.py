@@ -132,6 +132,11 @@ class ScheduleFreeAdamW(WhitenOptimizer):
     def expected_state(self, p: torch.Tensor, group: dict) -> dict:
         return {"z": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
 
+    @staticmethod
+    def swaps_weights(group: dict) -> bool:
+        """Every group: eval() puts x in place of y (see WhitenOptimizer.state_dict)."""
+        return True
+
     def check_can_step(self) -> None:
         if self.in_eval_mode:
             raise RuntimeError("ScheduleFreeAdamW.step() called in eval mode: the parameters hold the averaged "
