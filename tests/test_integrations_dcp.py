@@ -48,6 +48,17 @@ def train(model, opt, start, stop):
             opt.step()
 
 
+def resume_from(name, path):
+    """A fresh model and optimizer (another seed: nothing is shared by chance) loaded from the DCP files at path."""
+    model = make_model(seed=1)
+    opt = OPTIMIZERS[name](whiten.param_groups(model))
+    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=path)
+    model.load_state_dict(state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    return model, opt
+
+
 class _nothing:
     def __enter__(self):
         return self
@@ -66,12 +77,7 @@ def test_dcp_save_load_resumes_bit_exact(name, tmp_path):
     assert counters["skipped_steps"] == 1
     train(model, opt, 8, 14)
 
-    model2 = make_model(seed=1)
-    opt2 = OPTIMIZERS[name](whiten.param_groups(model2))
-    state = {"model": model2.state_dict(), "optim": get_optimizer_state_dict(model2, opt2)}
-    dcp.load(state, checkpoint_id=tmp_path)
-    model2.load_state_dict(state["model"])
-    set_optimizer_state_dict(model2, opt2, state["optim"])
+    model2, opt2 = resume_from(name, tmp_path)
     counters2 = dict(opt2.counters)
     train(model2, opt2, 8, 14)
     for a, b in zip(model.parameters(), model2.parameters()):
@@ -124,12 +130,7 @@ def test_dcp_files_saved_in_eval_mode_resume_bit_exact(name, saved_in_eval, tmp_
     opt.train()
     train(model, opt, 8, 12)
 
-    model2 = make_model(seed=1)
-    opt2 = OPTIMIZERS[name](whiten.param_groups(model2))
-    state = {"model": model2.state_dict(), "optim": get_optimizer_state_dict(model2, opt2)}
-    dcp.load(state, checkpoint_id=tmp_path)
-    model2.load_state_dict(state["model"])
-    set_optimizer_state_dict(model2, opt2, state["optim"])
+    model2, opt2 = resume_from(name, tmp_path)
     assert opt2.in_eval_mode == saved_in_eval
     assert all(torch.equal(p, w) for p, w in zip(model2.parameters(), saved_weights))  # what was scored
     if not saved_in_eval:
