@@ -246,15 +246,14 @@ def newton_schulz(G: torch.Tensor, steps: int, coefficients=MUON_COEFFICIENTS, e
     if tall:
         X = X.mT
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
-    # Finite entries above ~1e19 overflow the sum of squares: the norm is inf, X / inf is zero, and the caller would
-    # step by nothing until its momentum decays. Such matrices are first divided by their largest entry and their
-    # norm taken again. Branch-free (no host sync on a GPU); a matrix whose norm is finite is divided by exactly 1.
+    # Finite entries above ~1e19 overflow the float32 sum of squares: the norm is inf, X / inf is zero, and the caller
+    # would step by nothing until its momentum decays. There the norm is taken again with a float64 sum; a finite
+    # norm is kept as it was, bit for bit. On a CPU only when needed; on an accelerator always (a test would be a
+    # host sync), one more pass over X.
     finite = norm.isfinite()
-    amax = X.abs().amax(dim=(-2, -1), keepdim=True).clamp_min_(torch.finfo(X.dtype).tiny)
-    prescale = torch.where(finite, torch.ones_like(amax), amax)
-    X = X.div_(prescale) if owned else X / prescale
-    owned = True
-    norm = torch.where(finite, norm, torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True))
+    if X.device.type != "cpu" or not bool(finite.all()):
+        norm = torch.where(finite, norm, torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True,
+                                                                  dtype=torch.float64).to(norm.dtype))
     if schedule.normalization != 1.0:
         norm.mul_(schedule.normalization)
     norm.clamp_min_(eps)
