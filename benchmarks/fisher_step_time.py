@@ -12,8 +12,8 @@ The curvature estimators differ, so the whole step is what is compared, not opti
 - pytorch_optimizer.SophiaH: Hutchinson's estimator diag(H) ≈ z ⊙ (H z) every ``update_period`` = 10 steps, which
   needs ``loss.backward(create_graph=True)`` on those steps (a double backward through the whole graph) and a
   Hessian-vector product inside ``step()``; plain backward on the others. Fused attention kernels have no double
-  backward, so SophiaH's Hessian steps run attention with the math kernel (its real cost). A different Hessian estimator (the
-  true Hessian's diagonal, not the Gauss–Newton one), so only the cost is comparable here.
+  backward, so SophiaH's Hessian steps run attention with the math kernel (its real cost). A different Hessian
+  estimator (the true Hessian's diagonal, not the Gauss–Newton one), so only the cost is comparable here.
 - whiten.TNT: every T1 = 10 steps the sampled backward and the factor contractions; inverses every T2 = 100 steps
   (every T1 during the first T2 steps); one tensordot per mode every step.
 - whiten.KFAC / whiten.EKFAC (``model=`` hooks, the registry's alecwangcq settings): factors A and G every 10 steps
