@@ -61,3 +61,17 @@ def launch(fn, world: int, *args, timeout: float = 180.0) -> list:
         if os.path.exists(store_path):
             os.unlink(store_path)
     return [results[r] for r in range(world)]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (FSDP2 parameter), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A full gradient g laid out as parameter p: sharded as p when p is a DTensor, else g itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    return distribute_tensor(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g

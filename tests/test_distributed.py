@@ -17,11 +17,10 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import whiten
 import whiten.distributed
-from dist_utils import launch
+from dist_utils import full, launch, shard_like
 from test_suite import NEEDS_MODEL, OPTIMIZERS
 
 # K-FAC's statistics come from hooks on the model it steps; these runners compute the gradient on a separate
@@ -66,10 +65,6 @@ def build(name, model, **kw):
     return OPTIMIZERS[name](whiten.param_groups(model), **kw)
 
 
-def full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 class Runner:
     """One model and optimizer in a mode: "single" (no group), "ddp" (replicated, process_group=WORLD) or "fsdp"
     (fully_shard). Every mode is fed the full-batch gradient, computed the same way everywhere, so the optimizer
@@ -96,7 +91,7 @@ class Runner:
             if corrupt and n == "fc1.weight":
                 g[-1, -1] = float("inf")  # the last rows: on the last rank with rows under FSDP2
             p = params[n]
-            p.grad = distribute_tensor(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g
+            p.grad = shard_like(g, p)
         self.opt.step()
 
     def params(self):

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 import whiten
-from dist_utils import launch
+from dist_utils import full, launch, shard_like
 
 SHAPES = [(5, 4), (4,), (3, 2)]
 
@@ -210,7 +210,6 @@ def test_bad_arguments_are_refused_by_name():
 def _split_window(rank, world, mode):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor, distribute_tensor
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 9), nn.LayerNorm(9), nn.Linear(9, 5), nn.Linear(5, 5, bias=False))
@@ -230,9 +229,9 @@ def _split_window(rank, world, mode):
         ref.step()
         for n, p in model.named_parameters():
             g = grads[n]
-            p.grad = distribute_tensor(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g
+            p.grad = shard_like(g, p)
         opt.step()
-    params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters()}
+    params = {n: full(p).detach() for n, p in model.named_parameters()}
     same = all(torch.equal(params[n], q) for n, q in single.named_parameters())
     windows = sum(s["grads"].numel() for s in opt.state.values() if "grads" in s)
     return same, torch.equal(opt._gram, ref._gram), windows, opt.window_bytes()
