@@ -390,3 +390,120 @@ def test_dcp_round_trip_resumes_the_label_stream(name, tmp_path):
     run(factory, model2, 5, 9, opt=opt2)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
+
+
+# ----- FSDP2: the extra backward runs through fully_shard's own; the numbers are still those of one process ---------
+
+def _fsdp_model(world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = net().double()
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model[0], mesh=mesh)  # each Linear its own FSDP unit, the root holds none: both paths of FSDP's hooks
+    fully_shard(model[2], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _fsdp_run(rank, world, name, steps):
+    from dist_utils import full
+
+    model = _fsdp_model(world)
+    opt = FISHER_OPTIMIZERS[name](whiten.param_groups(model))
+    for t in range(steps):
+        x, y = _global_batch(t, world)
+        x, y = x[rank * RANK_ROWS:(rank + 1) * RANK_ROWS], y[rank * RANK_ROWS:(rank + 1) * RANK_ROWS]
+        opt.zero_grad()
+        logits = model(x)
+        opt.sample_fisher(logits)
+        F.cross_entropy(logits, y).backward()
+        opt.step()
+    return {n: full(p).detach().clone() for n, p in model.named_parameters()}, opt.state_dict()["param_groups"][0]["fisher"]
+
+
+@pytest.mark.parametrize("name", list(FISHER_OPTIMIZERS))
+def test_fsdp2_sampling_on_every_rank_matches_one_process(name):
+    """fully_shard on 2 ranks: sample_fisher's backward goes through FSDP (all-gather, reduce-scatter), the owner
+    of each parameter assembles its sampled gradient, and the run equals one process taking the ranks' batches as
+    micro-batches; p.grad of the ordinary backward is untouched (zero_grad before sample_fisher here)."""
+    world, steps = 2, 6
+    results = launch(_fsdp_run, world, name, steps)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = _one_process(name, world, steps)
+        plain = _one_process(name, world, steps, sample=False)
+    finally:
+        torch.set_num_threads(threads)
+    for rank, (params, fisher_state) in enumerate(results):
+        assert fisher_state == results[0][1]
+        for n, v in params.items():
+            torch.testing.assert_close(v, expected[n], rtol=1e-10, atol=1e-12, msg=f"{name} rank {rank}: {n}")
+    assert any(not torch.allclose(v, plain[n], rtol=1e-4, atol=1e-6) for n, v in expected.items())
+
+
+def _fsdp_recorder(rank, world, case):
+    """What Recorder captures under FSDP2: on the owner the full mean gradient, elsewhere nothing; p.grad kept."""
+    from dist_utils import full
+
+    model = _fsdp_model(world)
+    opt = Recorder(model.parameters())
+    x, _ = _global_batch(0, world)
+    rows = {"equal": [RANK_ROWS, RANK_ROWS], "unequal": [RANK_ROWS, 1], "empty": [RANK_ROWS, 0]}[case]
+    start = sum(rows[:rank])
+    logits = model(x[start:start + rows[rank]])
+    logits.sum().backward(retain_graph=True)  # an ordinary gradient already there
+    before = [full(p.grad).clone() for p in model.parameters()]
+    assert opt.sample_fisher(logits)
+    after = [full(p.grad).clone() for p in model.parameters()]
+    opt.step()
+    ctx = opt.distributed_context()
+    captured = [(None if g is None else g.clone()) for g in opt.captured[0][0]]
+    owned = [ctx.owns(p) for p in model.parameters()]
+    return before, after, captured, owned, opt.captured[0][1], sum(rows)
+
+
+@pytest.mark.parametrize("case", ["equal", "unequal", "empty"])
+def test_fsdp2_sampled_gradient_is_the_mean_over_all_labels(case):
+    """Ranks with different numbers of labels (one with none: it still joins FSDP's collectives): the owner
+    captures the mean over every rank's labels, with the labels of stream call·world + rank."""
+    results = launch(_fsdp_recorder, 2, case)
+    total = results[0][5]
+    model = net().double()
+    x, _ = _global_batch(0, 2)
+    rows = [RANK_ROWS, RANK_ROWS] if case == "equal" else [RANK_ROWS, 1 if case == "unequal" else 0]
+    loss = 0.0
+    for r in range(2):
+        part = model(x[sum(rows[:r]):sum(rows[:r]) + rows[r]])
+        if rows[r]:
+            labels = sample_labels(part, "ce", _mix(0, 0, r))
+            loss = loss + F.cross_entropy(part, labels, reduction="sum")
+    expected = torch.autograd.grad(loss / total, list(model.parameters()))
+    for rank, (before, after, captured, owned, n, _) in enumerate(results):
+        assert n == total
+        for b, a in zip(before, after):
+            assert torch.equal(a, b)  # the ordinary gradient is untouched
+        for g, e, own in zip(captured, expected, owned):
+            if own:
+                torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+            else:
+                assert g is None
+
+
+def _fsdp_no_sync(rank, world):
+    model = _fsdp_model(world)
+    opt = Recorder(model.parameters())
+    model.set_requires_gradient_sync(False)
+    x, _ = _global_batch(0, world)
+    logits = model(x[rank * RANK_ROWS:(rank + 1) * RANK_ROWS])
+    try:
+        opt.sample_fisher(logits)
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_fsdp2_sampling_without_gradient_sync_is_refused():
+    for message in launch(_fsdp_no_sync, 2):
+        assert "gradient sync is off" in message

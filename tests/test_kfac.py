@@ -778,7 +778,7 @@ def test_registry_entries_build_with_the_model_and_run(tmp_path, task, name):
     assert not summary["diverged"] and math.isfinite(summary["final_val_loss"])
 
 
-def _fsdp_worker(rank, world, classes):
+def _fsdp_worker(rank, world, classes, sampled=False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -786,29 +786,36 @@ def _fsdp_worker(rank, world, classes):
     out = {}
     for cls in classes:
         model = lm()
-        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-        opt = cls(whiten.param_groups(model), model=model, **ddp_settings(cls, False))
+        mesh = init_device_mesh("cpu", (world,))
+        if sampled:  # the hidden Linear its own FSDP unit: FSDP's per-unit hooks run in the sampled backward
+            fully_shard(model[1], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = cls(whiten.param_groups(model), model=model, **ddp_settings(cls, sampled))
         rows = slice(4 * rank, 4 * rank + 4)
         for t in range(DDP_STEPS):
             idx, y = ddp_batch(t)
             opt.zero_grad()
-            F.cross_entropy(model(idx[rows]).reshape(-1, 11), y[rows].reshape(-1)).backward()
+            logits = model(idx[rows])
+            if sampled:
+                opt.sample_fisher(logits)
+            F.cross_entropy(logits.reshape(-1, 11), y[rows].reshape(-1)).backward()
             opt.step()
         out[cls.__name__] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
     return out
 
 
-def test_fsdp2_equals_one_process_on_the_full_batch():
-    """fully_shard (DTensor parameters), empirical Fisher: the parameters' mesh is used by itself. (The sampled
-    Fisher is DDP-only: whiten.fisher's sample_fisher refuses DTensor parameters.)"""
+@pytest.mark.parametrize("sampled", [False, True])
+def test_fsdp2_equals_one_process_on_the_full_batch(sampled):
+    """fully_shard (DTensor parameters): the parameters' mesh is used by itself. With the sampled Fisher, the extra
+    backward runs through FSDP's own (whiten.fisher) and the hooks see each rank's sampled output gradients."""
     from dist_utils import launch
 
-    results = launch(_fsdp_worker, 2, BOTH)
+    results = launch(_fsdp_worker, 2, BOTH, sampled)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for cls in BOTH:
-            expected = one_process(cls, False)
+            expected = one_process(cls, sampled)
             for rank, res in enumerate(results):
                 for n in expected:
                     torch.testing.assert_close(res[cls.__name__][n], expected[n], rtol=1e-9, atol=1e-12,

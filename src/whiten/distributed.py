@@ -239,6 +239,32 @@ class DistributedContext:
             if with_grad:
                 full.grad = torch.cat(grad_parts).view(full.shape)
 
+    def gather_to_owners(self, params: list[torch.Tensor], shards: list[torch.Tensor]) -> dict:
+        """Assemble, on each owner, full tensors from every rank's rows: ``params`` are sharded parameters (the same
+        list on every rank), ``shards[i]`` this rank's rows of a tensor laid out as ``params[i]`` (same dtype on
+        every rank). Returns ``{parameter: full tensor}`` for the parameters this rank owns."""
+        outgoing: dict = defaultdict(list)
+        incoming: dict = defaultdict(list)
+        for p, shard in zip(params, shards):
+            o = self.owner[p]
+            outgoing[o].append(shard)
+            if o == self.rank:
+                tail = p.shape[1:].numel()
+                for r, n in enumerate(self.rows[p]):
+                    incoming[r].append((n * tail, shard.dtype))
+        received = self._exchange(sorted({s.dtype for s in shards}, key=str), outgoing, incoming)
+        cursor = {r: 0 for r in range(self.world)}
+        out = {}
+        for p in params:
+            if self.owner[p] != self.rank:
+                continue
+            parts = []
+            for r in range(self.world):
+                parts.append(received[r][cursor[r]])
+                cursor[r] += 1
+            out[p] = torch.cat(parts).view(p.shape).to(_local(p).device)
+        return out
+
     def publish(self, params: list[torch.Tensor]) -> None:
         """Give every rank the new values of ``params`` (the same list on every rank) from their owners."""
         replicated = [p for p in params if p not in self.rows]

@@ -59,7 +59,21 @@ otherwise stays AdamW's::
   between ranks would correlate the examples of different ranks and bias the outer products), and the numbers are
   those of one process that takes the ranks' batches as micro-batches in the order of the streams (rank r's call
   c is one process's call ``c·world + r``). Call it on every rank: the ranks that sampled meet in one all-reduce
-  at the step. FSDP2 (DTensor parameters) is not supported: ``sample_fisher`` raises.
+  at the step.
+- **Distributed (FSDP2,** ``fully_shard``, **DTensor parameters).** The forward used FSDP's gathered copies of the
+  weights, so the only way to a sharded parameter's gradient is FSDP's own backward: ``sample_fisher`` runs
+  ``backward(retain_graph=True)`` on the sampled loss, after setting aside every ``p.grad`` of the optimizer and
+  putting it back after (FSDP all-gathers each unit's weights again and reduce-scatters the sampled gradients).
+  One all-reduce of the label counts first scales each rank's loss so that FSDP's average over ranks is the mean
+  over all labels (unequal and empty local batches included: a rank without labels still joins the backward's
+  collectives). At the step one ``all_to_all_single`` brings each parameter's rows to its owner (whiten's plan),
+  which captures the full mean gradient; the numbers are again those of one process. It is a collective: call it
+  on every rank, with FSDP's gradient sync on (the default). With ``set_requires_gradient_sync(False)`` FSDP adds
+  the sampled gradients to its unsynced ones: ``sample_fisher`` then raises, since that step's gradients are wrong,
+  and it must not be called on a synced micro-batch after unsynced ones either (the same mixing happens, and
+  cannot be seen from the optimizer). Parameters of the model that are not this optimizer's also get the sampled
+  gradients added to their ``p.grad`` by FSDP: give them their own optimizer's ``zero_grad`` after
+  ``sample_fisher``, as in the loop above.
 
 **Without sample_fisher** (a loop that only calls ``backward``) an optimizer never gets curvature; each one says
 what it does then (TNT: the identity preconditioner, i.e. SGD with momentum; Sophia: its clipping with a zero
@@ -68,11 +82,14 @@ Hessian, a sign step, as the reference before its first Hessian update).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from .distributed import _is_dtensor, _local, process_group_of
 
 __all__ = ["FISHER_KINDS", "FisherMixin"]
 
@@ -127,6 +144,7 @@ class FisherMixin:
         self._fisher_n = 0  # labels kept since the last step
         self._fisher_calls = 0  # calls since the last step
         self._fisher_sync = None  # the group the kept gradients are averaged over at the step
+        self._fisher_sharded = False  # the kept sums came from FSDP2's backward (see _sample_fisher_sharded)
         self._fisher: dict = {}  # parameter -> mean sampled gradient, during the step that captured it
         self.fisher_n = 0  # labels behind the captured gradients of this step
 
@@ -147,14 +165,18 @@ class FisherMixin:
         """The mean sampled-label gradient of ``p`` captured for the step in progress, or None."""
         return self._fisher.get(p)
 
+    def _fisher_key(self, p: torch.Tensor) -> torch.Tensor:
+        """Where the step looks a parameter up: its full-size stand-in while a distributed step runs on it (an
+        owned FSDP2 parameter), else the parameter."""
+        ctx = self._dist[1] if self._dist is not None else None
+        return ctx.view(p) if ctx is not None and ctx.owns(p) else p
+
     def _fisher_group(self):
         """The group sampled gradients are averaged over (None: one process)."""
-        params = self.fisher_params()
-        if any(type(p).__name__ == "DTensor" for p in params):
-            raise NotImplementedError(f"{type(self).__name__}.sample_fisher does not support DTensor (FSDP2) "
-                                      "parameters; use DDP (replicated parameters) with process_group=")
         if self.process_group is not None:
             return self.process_group
+        if any(_is_dtensor(p) for p in self.fisher_params()):
+            return process_group_of(self.fisher_params(), None)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             return dist.group.WORLD
         return None
@@ -185,29 +207,15 @@ class FisherMixin:
         self._fisher_sync = group
         params = self.fisher_params()
         wanted = [i for i, p in enumerate(params) if p.requires_grad]
+        if any(_is_dtensor(params[i]) for i in wanted):  # FSDP2: every rank joins the backward, even with n == 0
+            return self._sample_fisher_sharded(logits, kind, n, wanted, group, world, rank)
         if n == 0 or not wanted:
             self._fisher_calls += 1
             return True
-        labels = sample_labels(logits, kind, _mix(self.fisher_seed, self.fisher_steps,
-                                                   self._fisher_calls * world + rank))
+        loss = self._sampled_loss(logits, kind, self._fisher_calls * world + rank)
         self._fisher_calls += 1
-        # float32 at least (bf16 logits), float64 for a float64 model
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        with torch.enable_grad():
-            if kind == "ce":
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(dtype), labels.reshape(-1))
-            else:
-                loss = F.mse_loss(logits.to(dtype), labels.to(dtype))
-            self.sampling_fisher, self.fisher_batch_n = True, n
-            try:
-                grads = torch.autograd.grad(loss, [params[i] for i in wanted], retain_graph=True, allow_unused=True)
-            except RuntimeError as e:
-                if "backward through the graph a second time" in str(e):
-                    raise RuntimeError(f"{type(self).__name__}.sample_fisher needs the forward's graph: call it "
-                                       "before loss.backward() (or keep the graph with retain_graph=True)") from e
-                raise
-            finally:
-                self.sampling_fisher, self.fisher_batch_n = False, 0
+        with self._sampling(n):
+            grads = torch.autograd.grad(loss, [params[i] for i in wanted], retain_graph=True, allow_unused=True)
         if self._fisher_sums is None:
             self._fisher_sums = [None] * len(params)
         for i, g in zip(wanted, grads):
@@ -222,11 +230,91 @@ class FisherMixin:
         self._fisher_n += n
         return True
 
+    def _sampled_loss(self, logits: torch.Tensor, kind: str, stream: int) -> torch.Tensor:
+        """The mean loss of ``logits`` on labels drawn from them with the label stream ``stream`` of this step; in
+        float32 at least (bf16 logits), float64 for a float64 model."""
+        labels = sample_labels(logits, kind, _mix(self.fisher_seed, self.fisher_steps, stream))
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        with torch.enable_grad():
+            if kind == "ce":
+                return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(dtype), labels.reshape(-1))
+            return F.mse_loss(logits.to(dtype), labels.to(dtype))
+
+    @contextlib.contextmanager
+    def _sampling(self, n: int):
+        """While the extra backward runs: the flags module hooks read, and a clear error for a freed graph."""
+        self.sampling_fisher, self.fisher_batch_n = True, n
+        try:
+            yield
+        except RuntimeError as e:
+            if "backward through the graph a second time" in str(e):
+                raise RuntimeError(f"{type(self).__name__}.sample_fisher needs the forward's graph: call it "
+                                   "before loss.backward() (or keep the graph with retain_graph=True)") from e
+            raise
+        finally:
+            self.sampling_fisher, self.fisher_batch_n = False, 0
+
+    def _sample_fisher_sharded(self, logits, kind, n, wanted, group, world, rank) -> bool:
+        """``sample_fisher`` for FSDP2 (DTensor) parameters. The extra backward runs through FSDP's own backward
+        (``backward(retain_graph=True)``), which all-gathers each layer's weights again and reduce-scatters its
+        gradients into the sharded ``p.grad``: the only way to get a sharded parameter's gradient, since the
+        forward used FSDP's unsharded copies. Every ``p.grad`` of this optimizer is set aside before and put back
+        after, so the ordinary gradients are untouched. The loss is scaled by ``n·world/N`` (``N``: the labels of
+        all ranks, one all-reduce of a count) so that FSDP's average over ranks is the mean over all labels."""
+        params = self.fisher_params()
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+            else torch.device("cpu")
+        count = torch.tensor([float(n)], dtype=torch.float64, device=device)
+        dist.all_reduce(count, group=group)
+        total = int(round(count.item()))
+        stream = self._fisher_calls * world + rank
+        self._fisher_calls += 1
+        if total == 0:  # no rank has a label: no backward anywhere
+            return True
+        with torch.enable_grad():
+            if n == 0:  # this rank still joins FSDP's collectives of the backward, with a zero loss
+                loss = logits.sum() * 0.0
+            else:
+                loss = self._sampled_loss(logits, kind, stream) * (n * world / total)
+        mine = [p for g in self.param_groups for p in g["params"]]
+        kept = [p.grad for p in mine]
+        for p in mine:
+            p.grad = None
+        try:
+            with self._sampling(n):
+                loss.backward(retain_graph=True)
+            grads = [params[i].grad for i in wanted]
+        finally:
+            for p, g in zip(mine, kept):
+                p.grad = g
+        if not any(g is not None and _is_dtensor(g) for g in grads):
+            raise RuntimeError(
+                f"{type(self).__name__}.sample_fisher: FSDP2 gave no sharded parameter a gradient from the sampled "
+                "backward, so gradient sync is off (FSDPModule.set_requires_gradient_sync(False)): FSDP has added "
+                "the sampled gradients to its unsynced ones and this step's gradients are wrong. Under FSDP2 call "
+                "sample_fisher only with gradient sync on, and not after micro-batches run without it")
+        if self._fisher_sums is None:
+            self._fisher_sums = [None] * len(params)
+        for i, g in zip(wanted, grads):
+            if g is None:
+                continue
+            # a sharded gradient holds this rank's rows of the mean over every rank's labels; a replicated one
+            # (a parameter FSDP does not manage) only this rank's share, summed over the ranks at the step
+            g = g.to_local() * total if _is_dtensor(g) else g * (total / world)
+            g = g.to(torch.float64 if params[i].dtype == torch.float64 else torch.float32)
+            if self._fisher_sums[i] is None:
+                self._fisher_sums[i] = g
+            else:
+                self._fisher_sums[i].add_(g)
+        self._fisher_n += total
+        self._fisher_sharded = True
+        return True
+
     # ----- at the step --------------------------------------------------------------------------------------------
     def capture_fisher(self, grads: list, n: int) -> None:
         """Receive the mean sampled-label gradients of this step (aligned with :meth:`fisher_params`, None where a
         parameter has none) and the number of labels behind them. Default: keep them for :meth:`fisher_grad`."""
-        self._fisher = {p: g for p, g in zip(self.fisher_params(), grads) if g is not None}
+        self._fisher = {self._fisher_key(p): g for p, g in zip(self.fisher_params(), grads) if g is not None}
         self.fisher_n = n
 
     def _consume_fisher(self) -> None:
@@ -236,13 +324,20 @@ class FisherMixin:
             return
         sums, n = self._fisher_sums, self._fisher_n
         params = self.fisher_params()
-        if self._fisher_sync is not None:
+        if self._fisher_sharded:
+            sums = self._reduce_sharded_fisher(params, sums)
+        elif self._fisher_sync is not None:
             sums, n = self._all_reduce_fisher(self._fisher_sync, params, sums, n)
         if sums is None or n == 0:
             return
         grads = [None if s is None else s.div_(n) for s in sums]
         present = [g for g in grads if g is not None]
-        if present and not all(bool(torch.isfinite(g).all()) for g in present):
+        bad = bool(present) and not all(bool(torch.isfinite(g).all()) for g in present)
+        if self._fisher_sharded:  # each rank holds other gradients: decide together
+            flag = torch.tensor([1.0 if bad else 0.0], device=self._fisher_device(self._fisher_sync))
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._fisher_sync)
+            bad = bool(flag.item() > 0)
+        if bad:
             message = (f"{type(self).__name__}: the sampled-label gradients are not finite; no curvature is "
                        f"captured this step")
             if self.nonfinite == "raise":
@@ -252,6 +347,42 @@ class FisherMixin:
                           stacklevel=5)
             return
         self.capture_fisher(grads, n)
+
+    @staticmethod
+    def _fisher_device(group) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+            else torch.device("cpu")
+
+    def _reduce_sharded_fisher(self, params, sums):
+        """FSDP2: each owner assembles the full sampled gradients of its sharded parameters from every rank's rows
+        (the non-owners keep None); replicated parameters' shares are summed over the ranks. Which entries exist
+        is agreed first (a rank may have no gradient where another has)."""
+        group = self._fisher_sync
+        ctx = self.distributed_context()
+        local = sums if sums is not None else [None] * len(params)
+        flags = torch.tensor([0.0 if s is None else 1.0 for s in local], dtype=torch.float64,
+                             device=self._fisher_device(group))
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        present = (flags > 0).tolist()
+        out = [None] * len(params)
+
+        def zeros(i):
+            return torch.zeros(_local(params[i]).shape, device=_local(params[i]).device,
+                               dtype=torch.float64 if params[i].dtype == torch.float64 else torch.float32)
+
+        sharded = [i for i in range(len(params)) if present[i] and _is_dtensor(params[i])]
+        if sharded:
+            full = ctx.gather_to_owners([params[i] for i in sharded],
+                                        [local[i] if local[i] is not None else zeros(i) for i in sharded])
+            for i in sharded:
+                out[i] = full.get(params[i])
+        replicated = [i for i in range(len(params)) if present[i] and not _is_dtensor(params[i])]
+        if replicated:
+            summed, _ = self._all_reduce_fisher(group, [params[i] for i in replicated],
+                                                [local[i] for i in replicated], 1)
+            for i, t in zip(replicated, summed):
+                out[i] = t
+        return out
 
     @staticmethod
     def _all_reduce_fisher(group, params, sums, n):
@@ -292,6 +423,7 @@ class FisherMixin:
             return super().step(closure)
         finally:  # consumed by the step, or dropped with a skipped one
             self._fisher_sums, self._fisher_n, self._fisher_calls, self._fisher_sync = None, 0, 0, None
+            self._fisher_sharded = False
             self._fisher, self.fisher_n = {}, 0
 
     # ----- checkpoints and pickling ---------------------------------------------------------------------------------

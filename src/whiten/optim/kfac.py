@@ -307,8 +307,9 @@ class KFAC(FisherMixin, WhitenOptimizer):
     resumed run builds a new optimizer on the model (new hooks) and loads the state dict: factors, inverses,
     momenta and the step clock come back exactly.
 
-    **Distributed.** With ``process_group`` (DDP) or DTensor parameters (FSDP2 ``fully_shard``, empirical Fisher
-    only: ``sample_fisher`` refuses DTensors), every rank's statistics are averaged over the group before they
+    **Distributed.** With ``process_group`` (DDP) or DTensor parameters (FSDP2 ``fully_shard``; the sampled
+    Fisher's extra backward then runs through FSDP's own, see :mod:`whiten.fisher`), every rank's statistics are
+    averaged over the group before they
     enter the factors (a count vector and one flat buffer, on factor steps), so the factors are those of one
     process on the full batch (equal local batches); each layer (weight and bias together) is then stepped by
     one owner rank (whiten's cost-balanced plan), which also inverts its factors, and the new values are sent to
