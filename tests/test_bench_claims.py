@@ -110,6 +110,20 @@ def test_opt_mistakes_stop_before_anything_runs(capsys, tmp_path, text, opt, wor
     assert not out.exists()
 
 
+def test_opt_takes_a_constructor_argument_kept_outside_the_param_groups(capsys, tmp_path, text):
+    """K-FAC keeps kl_clip as an attribute, not a group key: --opt kl_clip still reaches it; a typo does not."""
+    out = tmp_path / "out"
+    assert cli.main(["sweep", "--task", "lm", "--optimizers", "kfac", "--lrs", "0.01", "--opt", "kl_clip=none",
+                     "--text", str(text), "--profile", "tiny", "--steps", "2", "--evals", "1", "--no-plots",
+                     "--out", str(out)]) == 0
+    config = json.loads(next(out.rglob("config.json")).read_text())
+    assert config["run"]["options"] == [["kl_clip", None]] and config["optimizer_options"]["kl_clip"] is None
+    capsys.readouterr()
+    assert cli.main(["compare", "--optimizers", "kfac", "--opt", "kl_clp=0.1", "--text", str(text), "--profile",
+                     "tiny", "--out", str(tmp_path / "o2")]) == 2
+    assert "kfac has no option 'kl_clp'" in _error(capsys)
+
+
 def test_width(capsys, tmp_path, text, no_data_loading):
     plan = _plan("sweep", "--profile", "tiny", "--optimizers", "adamw", "--lrs", "0.001", "--width", "16,32,64")
     assert [c.width for c in plan] == [16, None, 64]  # the profile's own width is a plain run

@@ -20,6 +20,7 @@ import argparse
 import ast
 import contextlib
 import importlib
+import inspect
 import math
 import os
 import sys
@@ -369,9 +370,12 @@ def _check_options(args, task) -> None:
             except ValueError as e:
                 raise UsageError(f"--opt {' '.join(f'{k}={v}' for k, v in options.items())}: {name} refuses it "
                                  f"({e})") from None
-            # an optimizer that swallows unknown keywords (**kwargs) keeps none of them in its param groups
+            # an optimizer that swallows unknown keywords (**kwargs) keeps none of them in its param groups; a named
+            # constructor argument kept as an attribute (K-FAC's kl_clip) is a real option
             kept = {k for g in opt.param_groups for k in g}
-            unknown = [k for k in options if k not in base.options and k not in kept]
+            named = {k for k, a in inspect.signature(type(opt).__init__).parameters.items()
+                     if a.kind not in (a.VAR_KEYWORD, a.VAR_POSITIONAL)}
+            unknown = [k for k in options if k not in base.options and k not in kept and k not in named]
             if unknown:
                 raise UsageError(f"--opt {unknown[0]}: {name} has no option {unknown[0]!r} (its options: "
                                  f"{', '.join(sorted(set(base.options) | kept - {'params', 'role'}))})")
