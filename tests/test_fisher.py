@@ -422,12 +422,12 @@ def _fsdp_run(rank, world, name, steps):
     return {n: full(p).detach().clone() for n, p in model.named_parameters()}, opt.state_dict()["param_groups"][0]["fisher"]
 
 
-@pytest.mark.parametrize("name", list(FISHER_OPTIMIZERS))
-def test_fsdp2_sampling_on_every_rank_matches_one_process(name):
-    """fully_shard on 2 ranks: sample_fisher's backward goes through FSDP (all-gather, reduce-scatter), the owner
-    of each parameter assembles its sampled gradient, and the run equals one process taking the ranks' batches as
-    micro-batches; p.grad of the ordinary backward is untouched (zero_grad before sample_fisher here)."""
-    world, steps = 2, 6
+@pytest.mark.parametrize("name,world", [(name, 2) for name in FISHER_OPTIMIZERS] + [("TNT", 3)])
+def test_fsdp2_sampling_on_every_rank_matches_one_process(name, world):
+    """fully_shard on 2 ranks, and 3 (uneven shards, one empty: 4 rows over 3 ranks): sample_fisher's backward goes
+    through FSDP (all-gather, reduce-scatter), the owner of each parameter assembles its sampled gradient, and the
+    run equals one process taking the ranks' batches as micro-batches."""
+    steps = 6
     results = launch(_fsdp_run, world, name, steps)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
