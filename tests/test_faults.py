@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import whiten
 from test_suite import ALL, OPTIMIZERS
 
 
@@ -84,6 +85,38 @@ def test_a_spike_does_not_freeze_vectors_and_adam_paths(name):
     assert torch.isfinite(p).all()
     assert all(torch.isfinite(v).all() for v in float_state(opt).values())
     assert (p.detach() != before).all()  # every entry still moves
+
+
+MOMENT_OPTIMIZERS = {"SOAP": lambda ps: whiten.SOAP(ps, lr=3e-3), "Muon": lambda ps: whiten.Muon(ps, lr=0.02),
+                     "ScheduleFreeAdamW": lambda ps: whiten.ScheduleFreeAdamW(ps, lr=1e-3),
+                     "Prodigy": lambda ps: whiten.Prodigy(ps, lr=1.0)}
+
+
+@pytest.mark.parametrize("name", list(MOMENT_OPTIMIZERS))
+def test_second_moments_are_checked_in_the_gradients_pass(name, monkeypatch):
+    """The overflow check of the Adam-style second moments shares the gradients' reduction and host sync (one
+    finite_flags call per step), and an overflowed entry still restarts (its first moment with it)."""
+    import whiten.optim._base as base
+
+    torch.manual_seed(0)
+    vector = nn.Parameter(torch.randn(16))
+    opt = MOMENT_OPTIMIZERS[name]([vector])
+    vector.grad = torch.randn(16)
+    opt.step()  # the state exists from here on
+    calls = []
+    real = base.finite_flags
+    monkeypatch.setattr(base, "finite_flags", lambda ts: calls.append(len(ts)) or real(ts))
+    vector.grad = torch.randn(16)
+    opt.step()
+    assert calls == [2]  # the gradient and the second moment, together
+    opt.state[vector]["exp_avg_sq"][3] = math.inf
+    calls.clear()
+    with pytest.warns(RuntimeWarning, match="overflowed"):
+        vector.grad = torch.randn(16)
+        opt.step()
+    assert calls == [2] and opt.counters["factor_restarts"] == 1
+    assert torch.isfinite(opt.state[vector]["exp_avg_sq"]).all() and torch.isfinite(vector).all()
+    assert opt._moment_flags == {}  # nothing kept past the step
 
 
 EMPTY_AND_TINY = [(0, 5), (5, 0), (0,), (3, 0, 2), (1,), (1, 1), ()]

@@ -1,5 +1,7 @@
 """Kernels: factor updates, rotations, and the eigendecomposition fallback ladder."""
 
+import math
+
 import pytest
 import torch
 
@@ -88,3 +90,16 @@ def test_large_factor_updates_use_the_symmetric_split_and_match(m, n):
         h = F.shape[0] // 2
         if F.shape[0] >= linalg.SYMMETRIC_SPLIT_MIN:
             assert torch.equal(F[h:, :h], F[:h, h:].T)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_finite_flags_per_tensor_and_fused(fused):
+    """Both ways of reducing (per-tensor sums on a CPU, fused L1 norms on an accelerator) flag NaN and ±inf, pass
+    finite tensors whose sum overflows (the exact check), and keep the order across dtypes."""
+    from whiten.linalg import finite_flags
+
+    tensors = [torch.randn(3, 4), torch.tensor([1.0, math.nan]), torch.tensor([-math.inf]).bfloat16(),
+               torch.full((4,), 3e38), torch.randn(5).bfloat16(), torch.zeros(0), torch.tensor(2.0),
+               torch.randn(2, 2, dtype=torch.float64), torch.tensor([math.inf], dtype=torch.float64)]
+    assert finite_flags(tensors, fused=fused) == [True, False, False, True, True, True, True, True, False]
+    assert finite_flags([], fused=fused) == []

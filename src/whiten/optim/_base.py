@@ -282,12 +282,15 @@ class WhitenOptimizer(torch.optim.Optimizer):
         work = self.params_with_grad()
         ctx = self.distributed_context()
         self._member_keys = {}
-        if ctx is None:
-            if self.grads_are_finite(work):  # checked before any state changes
-                self.before_step(work)
-                self.apply_step(work)
-        else:
-            self._distributed_step(ctx, work)
+        try:
+            if ctx is None:
+                if self.grads_are_finite(work):  # checked before any state changes
+                    self.before_step(work)
+                    self.apply_step(work)
+            else:
+                self._distributed_step(ctx, work)
+        finally:
+            self._moment_flags = {}
         if not getattr(self, "_memory_checked", False) and self.state:
             self._memory_checked = True
             self.check_state_memory()
@@ -319,8 +322,9 @@ class WhitenOptimizer(torch.optim.Optimizer):
 
     def _distributed_step(self, ctx, work) -> None:
         # Each rank checks the gradients it holds: its owned ones (replicated) or its shards (sharded).
-        mine = [p.grad for _, params in work for p in params if p in ctx.rows or ctx.owns(p)]
-        local_bad = bool(mine) and not all(finite_flags([wdist._local(g) for g in mine]))
+        mine = [p for _, params in work for p in params if p in ctx.rows or ctx.owns(p)]
+        local_bad = bool(mine) and not all(self._finite_with_moments(
+            [wdist._local(p.grad) for p in mine], [p for p in mine if ctx.owns(p)]))
         present, bad = ctx.agree([p for _, params in work for p in params], local_bad)
         if bad:
             self._nonfinite(f"{type(self).__name__}: non-finite gradient on at least one rank", stacklevel=4)
@@ -430,6 +434,21 @@ class WhitenOptimizer(torch.optim.Optimizer):
             buf = buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
         return buf[:like.numel()].view(like.shape)
 
+    # the state key of the Adam-style second moments an optimizer passes to restart_overflowed_moments: the step
+    # checks them with the gradients, in one reduction pass and one host sync (None: the optimizer has none)
+    SECOND_MOMENT_KEY: str | None = None
+
+    def _finite_with_moments(self, grads: list[torch.Tensor], params: list[torch.Tensor]) -> list[bool]:
+        """``finite_flags(grads)``, with the second moments of ``params`` (``SECOND_MOMENT_KEY``) checked in the
+        same call; their flags are kept for :meth:`restart_overflowed_moments` until the step ends."""
+        key = self.SECOND_MOMENT_KEY
+        moments = [] if key is None else [
+            s[key] for p in params if isinstance((s := self.state.get(p) or {}).get(key), torch.Tensor)]
+        flags = finite_flags(grads + moments)
+        # the tensor itself is kept beside its flag, so a lookup can tell it from a later tensor with the same id
+        self._moment_flags = {id(t): (t, ok) for t, ok in zip(moments, flags[len(grads):])}
+        return flags[:len(grads)]
+
     def restart_overflowed_moments(self, second: list[torch.Tensor], first: list | None = None) -> None:
         """Adam-style second moments: entries that overflowed to inf (a huge finite gradient squared) restart at
         zero, with the same entries of the first moment (``first``: aligned with ``second``, None where there is
@@ -439,8 +458,13 @@ class WhitenOptimizer(torch.optim.Optimizer):
         Counted in ``counters["factor_restarts"]``; warns once per optimizer."""
         if not second:
             return
+        known = getattr(self, "_moment_flags", None) or {}
+        flags = [entry[1] if (entry := known.get(id(t))) is not None and entry[0] is t else None for t in second]
+        unknown = [i for i, ok in enumerate(flags) if ok is None]  # not checked with the gradients: check now
+        for i, ok in zip(unknown, finite_flags([second[i] for i in unknown]) if unknown else []):
+            flags[i] = ok
         restarted = 0
-        for i, ok in enumerate(finite_flags(second)):
+        for i, ok in enumerate(flags):
             if not ok:
                 bad = ~torch.isfinite(second[i])
                 second[i].masked_fill_(bad, 0.0)
@@ -507,11 +531,12 @@ class WhitenOptimizer(torch.optim.Optimizer):
         return out
 
     def grads_are_finite(self, work: list[tuple[dict, list[torch.Tensor]]]) -> bool:
-        """Check every gradient before any state changes; apply the non-finite policy. True: go ahead."""
+        """Check every gradient before any state changes; apply the non-finite policy. True: go ahead. The second
+        moments of :meth:`restart_overflowed_moments` are checked in the same pass (one host sync, not two)."""
         grads = [p.grad for _, params in work for p in params]
         if not grads:
             return True
-        flags = finite_flags(grads)
+        flags = self._finite_with_moments(grads, [p for _, params in work for p in params])
         if all(flags):
             return True
         shapes = [(gi, tuple(p.shape)) for gi, (_, params) in enumerate(work) for p in params]

@@ -127,6 +127,8 @@ class Muon(AveragingMixin, WhitenOptimizer):
     "Muon is Scalable for LLM Training", arXiv 2502.16982 (2025).
     """
 
+    SECOND_MOMENT_KEY = "exp_avg_sq"  # checked with the gradients (WhitenOptimizer.restart_overflowed_moments)
+
     def __init__(
         self,
         params,

@@ -96,6 +96,8 @@ class Prodigy(WhitenOptimizer):
     arXiv 2306.06101 (ICML 2024).
     """
 
+    SECOND_MOMENT_KEY = "exp_avg_sq"  # checked with the gradients (WhitenOptimizer.restart_overflowed_moments)
+
     def __init__(
         self,
         params,

@@ -53,6 +53,8 @@ class ScheduleFreeAdamW(WhitenOptimizer):
     Reference: A. Defazio et al., "The Road Less Scheduled", NeurIPS 2024.
     """
 
+    SECOND_MOMENT_KEY = "exp_avg_sq"  # checked with the gradients (WhitenOptimizer.restart_overflowed_moments)
+
     def __init__(
         self,
         params,

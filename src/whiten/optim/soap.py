@@ -97,6 +97,8 @@ class SOAP(AveragingMixin, WhitenOptimizer):
     Reference: N. Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", arXiv 2409.11321 (2024).
     """
 
+    SECOND_MOMENT_KEY = "exp_avg_sq"  # checked with the gradients (WhitenOptimizer.restart_overflowed_moments)
+
     def __init__(
         self,
         params,
