@@ -262,9 +262,7 @@ class FisherMixin:
         after, so the ordinary gradients are untouched. The loss is scaled by ``n·world/N`` (``N``: the labels of
         all ranks, one all-reduce of a count) so that FSDP's average over ranks is the mean over all labels."""
         params = self.fisher_params()
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-            else torch.device("cpu")
-        count = torch.tensor([float(n)], dtype=torch.float64, device=device)
+        count = torch.tensor([float(n)], dtype=torch.float64, device=self._fisher_device(group))
         dist.all_reduce(count, group=group)
         total = int(round(count.item()))
         stream = self._fisher_calls * world + rank
@@ -350,6 +348,7 @@ class FisherMixin:
 
     @staticmethod
     def _fisher_device(group) -> torch.device:
+        """Where a collective of ``group`` takes its tensors: the current GPU for NCCL, else the CPU."""
         return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
             else torch.device("cpu")
 
@@ -388,8 +387,7 @@ class FisherMixin:
     def _all_reduce_fisher(group, params, sums, n):
         """Sum the kept sums and label counts over ``group``; a parameter no rank has a gradient for stays None.
         One flat buffer per dtype plus a float64 vector of (label count, presence flags)."""
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-            else torch.device("cpu")
+        device = FisherMixin._fisher_device(group)
         local = sums if sums is not None else [None] * len(params)
         meta = torch.tensor([float(n)] + [0.0 if s is None else 1.0 for s in local], dtype=torch.float64,
                             device=device)

@@ -468,6 +468,8 @@ class WhitenOptimizer(torch.optim.Optimizer):
             if not ok:
                 bad = ~torch.isfinite(second[i])
                 second[i].masked_fill_(bad, 0.0)
+                if id(second[i]) in known:  # restarted: finite for the rest of the step
+                    known[id(second[i])] = (second[i], True)
                 if first is not None and first[i] is not None:
                     first[i].masked_fill_(bad, 0.0)
                 restarted += 1

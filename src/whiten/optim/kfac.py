@@ -309,12 +309,11 @@ class KFAC(FisherMixin, WhitenOptimizer):
 
     **Distributed.** With ``process_group`` (DDP) or DTensor parameters (FSDP2 ``fully_shard``; the sampled
     Fisher's extra backward then runs through FSDP's own, see :mod:`whiten.fisher`), every rank's statistics are
-    averaged over the group before they
-    enter the factors (a count vector and one flat buffer, on factor steps), so the factors are those of one
-    process on the full batch (equal local batches); each layer (weight and bias together) is then stepped by
-    one owner rank (whiten's cost-balanced plan), which also inverts its factors, and the new values are sent to
-    the others. The KL clip's sum is all-reduced. A sampled-Fisher DDP run equals one process that takes the
-    ranks' batches as micro-batches (:mod:`whiten.fisher`).
+    averaged over the group before they enter the factors (a count vector and one flat buffer, on factor steps),
+    so the factors are those of one process on the full batch (equal local batches); each layer (weight and bias
+    together) is then stepped by one owner rank (whiten's cost-balanced plan), which also inverts its factors, and
+    the new values are sent to the others. The KL clip's sum is all-reduced. A sampled-Fisher DDP or FSDP2 run
+    equals one process that takes the ranks' batches as micro-batches (:mod:`whiten.fisher`).
 
     State per K-FAC weight (float32; float64 for float64 parameters): ``step`` (int), ``momentum`` (shape of p),
     ``factor_a`` (d_in, d_in) or (vocabulary,) for an embedding, ``factor_g`` (d_out, d_out), ``inverse_a``,
