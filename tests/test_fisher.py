@@ -507,3 +507,48 @@ def _fsdp_no_sync(rank, world):
 def test_fsdp2_sampling_without_gradient_sync_is_refused():
     for message in launch(_fsdp_no_sync, 2):
         assert "gradient sync is off" in message
+
+
+def _fsdp_accumulate(rank, world):
+    """Two micro-batches per rank before one step, each with its own ordinary backward (FSDP accumulates p.grad)."""
+    from dist_utils import full
+
+    model = _fsdp_model(world)
+    opt = Recorder(model.parameters())
+    x, y = _global_batch(0, world)
+    ordinary = []
+    for c in range(2):
+        rows = slice(rank * RANK_ROWS + 2 * c, rank * RANK_ROWS + 2 * c + 2)
+        logits = model(x[rows])
+        assert opt.sample_fisher(logits)
+        F.cross_entropy(logits, y[rows]).backward()
+        ordinary.append([full(p.grad).clone() for p in model.parameters()])
+    opt.step()
+    ctx = opt.distributed_context()
+    return opt.captured[0], [ctx.owns(p) for p in model.parameters()], ordinary[-1]
+
+
+def test_fsdp2_accumulation_is_the_mean_over_all_micro_batches():
+    world = 2
+    results = launch(_fsdp_accumulate, world)
+    model = net().double()
+    x, y = _global_batch(0, world)
+    sampled, true = 0.0, 0.0
+    for r in range(world):
+        for c in range(2):
+            rows = slice(r * RANK_ROWS + 2 * c, r * RANK_ROWS + 2 * c + 2)
+            part = model(x[rows])
+            labels = sample_labels(part, "ce", _mix(0, 0, c * world + r))
+            sampled = sampled + F.cross_entropy(part, labels, reduction="sum")
+            true = true + F.cross_entropy(part, y[rows]) / world  # FSDP averages the ranks' summed micro-batches
+    expected = torch.autograd.grad(sampled / (2 * 2 * world), list(model.parameters()), retain_graph=True)
+    expected_grad = torch.autograd.grad(true, list(model.parameters()))
+    for (grads, n), owned, ordinary in results:
+        assert n == 2 * 2 * world
+        for g, e, own in zip(grads, expected, owned):
+            if own:
+                torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+            else:
+                assert g is None
+        for g, e in zip(ordinary, expected_grad):  # the ordinary gradients accumulated as without sampling
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
