@@ -400,7 +400,9 @@ def _fsdp_model(world):
 
     model = net().double()
     mesh = init_device_mesh("cpu", (world,))
-    fully_shard(model[0], mesh=mesh)  # each Linear its own FSDP unit, the root holds none: both paths of FSDP's hooks
+    # each Linear its own FSDP unit: model[0]'s input needs no gradient (FSDP's end-of-backward callback finishes
+    # it), model[2]'s does (an autograd node does): both of FSDP's post-backward paths run the sampled backward
+    fully_shard(model[0], mesh=mesh)
     fully_shard(model[2], mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
@@ -419,7 +421,8 @@ def _fsdp_run(rank, world, name, steps):
         opt.sample_fisher(logits)
         F.cross_entropy(logits, y).backward()
         opt.step()
-    return {n: full(p).detach().clone() for n, p in model.named_parameters()}, opt.state_dict()["param_groups"][0]["fisher"]
+    params = {n: full(p).detach().clone() for n, p in model.named_parameters()}
+    return params, opt.state_dict()["param_groups"][0]["fisher"]
 
 
 @pytest.mark.parametrize("name,world", [(name, 2) for name in FISHER_OPTIMIZERS] + [("TNT", 3)])
