@@ -75,3 +75,23 @@ def shard_like(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     return distribute_tensor(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g
+
+
+def save_dcp(model, opt, path) -> None:
+    """Save a one-process model and its optimizer as DCP files at path, the way a training script does."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+
+
+def load_dcp(model, opt, path) -> None:
+    """Load DCP files at path into a model and its optimizer, in place, the way a resumed script does: DCP fills
+    the current state dicts as templates, then the state-dict helpers apply them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=path)
+    model.load_state_dict(state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])

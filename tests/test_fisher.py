@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import whiten
-from dist_utils import launch
+from dist_utils import launch, load_dcp, save_dcp
 from whiten.fisher import FisherMixin, _mix, sample_labels
 from whiten.optim._base import WhitenOptimizer
 
@@ -369,23 +369,17 @@ def test_ddp_sampling_on_every_rank_matches_one_process(name, runner):
 def test_dcp_round_trip_resumes_the_label_stream(name, tmp_path):
     """torch.distributed.checkpoint keeps only the first param group's extra keys: the sampling state travels
     there, so a DCP resume samples the same labels as the uninterrupted run."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
     def factory(model):
         return FISHER_OPTIMIZERS[name](whiten.param_groups(model), fisher_seed=4)
 
     model = net()
     opt = run(factory, model, 0, 5)
-    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp_path)
+    save_dcp(model, opt, tmp_path)
     run(factory, model, 5, 9, opt=opt)
 
     model2 = net(seed=1)
     opt2 = FISHER_OPTIMIZERS[name](whiten.param_groups(model2))
-    state = {"model": model2.state_dict(), "optim": get_optimizer_state_dict(model2, opt2)}
-    dcp.load(state, checkpoint_id=tmp_path)
-    model2.load_state_dict(state["model"])
-    set_optimizer_state_dict(model2, opt2, state["optim"])
+    load_dcp(model2, opt2, tmp_path)
     assert (opt2.fisher_seed, opt2.fisher_steps) == (4, 5)
     run(factory, model2, 5, 9, opt=opt2)
     for a, b in zip(model.parameters(), model2.parameters()):

@@ -8,12 +8,12 @@ import copy
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 import whiten
+from dist_utils import load_dcp, save_dcp
 
 VOCAB = 16
 OPTIMIZERS = {
@@ -52,10 +52,7 @@ def resume_from(name, path):
     """A fresh model and optimizer (another seed: nothing is shared by chance) loaded from the DCP files at path."""
     model = make_model(seed=1)
     opt = OPTIMIZERS[name](whiten.param_groups(model))
-    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
-    dcp.load(state, checkpoint_id=path)
-    model.load_state_dict(state["model"])
-    set_optimizer_state_dict(model, opt, state["optim"])
+    load_dcp(model, opt, path)
     return model, opt
 
 
@@ -72,7 +69,7 @@ def test_dcp_save_load_resumes_bit_exact(name, tmp_path):
     model = make_model()
     opt = OPTIMIZERS[name](whiten.param_groups(model))
     train(model, opt, 0, 8)
-    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp_path)
+    save_dcp(model, opt, tmp_path)
     counters = dict(opt.counters)
     assert counters["skipped_steps"] == 1
     train(model, opt, 8, 14)
@@ -125,7 +122,7 @@ def test_dcp_files_saved_in_eval_mode_resume_bit_exact(name, saved_in_eval, tmp_
     if saved_in_eval:
         opt.eval()
     saved_weights = [p.detach().clone() for p in model.parameters()]  # the average in eval mode
-    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp_path)
+    save_dcp(model, opt, tmp_path)
     assert all("live" not in s for s in opt.state.values()) or saved_in_eval  # saving adds nothing to the state
     opt.train()
     train(model, opt, 8, 12)

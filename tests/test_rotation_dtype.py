@@ -7,12 +7,11 @@ import io
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 import whiten
+from dist_utils import load_dcp, save_dcp
 from state_checks import assert_same_state
 
 VOCAB, WIDTH = 20, 16
@@ -306,15 +305,12 @@ def test_dcp_resume_with_bf16(name, spelling, tmp_path):
     model = make_model()
     opt = OPTIMIZERS[name](whiten.param_groups(model), rotation_dtype=spelling)
     train(model, opt, 0, 7)
-    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp_path)
+    save_dcp(model, opt, tmp_path)
     train(model, opt, 7, 12)
 
     model2 = make_model(seed=1)
     opt2 = OPTIMIZERS[name](whiten.param_groups(model2), rotation_dtype=spelling)
-    state = {"model": model2.state_dict(), "optim": get_optimizer_state_dict(model2, opt2)}
-    dcp.load(state, checkpoint_id=tmp_path)
-    model2.load_state_dict(state["model"])
-    set_optimizer_state_dict(model2, opt2, state["optim"])
+    load_dcp(model2, opt2, tmp_path)
     assert all(g["rotation_dtype"] == spelling for g in opt2.param_groups)
     train(model2, opt2, 7, 12)
     for a, b in zip(model.parameters(), model2.parameters()):

@@ -88,6 +88,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
+def collective_device(group) -> torch.device:
+    """Where a collective of ``group`` takes its tensors: the current GPU for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def process_group_of(params: list[torch.Tensor], process_group):
     """The group a run spans: the one given, else the mesh of DTensor parameters, else None (one process)."""
     if process_group is not None:
@@ -153,10 +160,7 @@ class DistributedContext:
         return t.tolist()
 
     def _device(self) -> torch.device:
-        backend = dist.get_backend(self.group)
-        if backend == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        return collective_device(self.group)
 
     def agree(self, present: list[torch.Tensor], nonfinite_local: bool) -> tuple[list[bool], bool]:
         """One collective before a step: which parameters have a gradient (their owner's for replicated ones, any

@@ -89,7 +89,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .distributed import _is_dtensor, _local, process_group_of
+from .distributed import _is_dtensor, _local, collective_device, process_group_of
 
 __all__ = ["FISHER_KINDS", "FisherMixin"]
 
@@ -262,7 +262,7 @@ class FisherMixin:
         after, so the ordinary gradients are untouched. The loss is scaled by ``n·world/N`` (``N``: the labels of
         all ranks, one all-reduce of a count) so that FSDP's average over ranks is the mean over all labels."""
         params = self.fisher_params()
-        count = torch.tensor([float(n)], dtype=torch.float64, device=self._fisher_device(group))
+        count = torch.tensor([float(n)], dtype=torch.float64, device=collective_device(group))
         dist.all_reduce(count, group=group)
         total = int(round(count.item()))
         stream = self._fisher_calls * world + rank
@@ -332,7 +332,7 @@ class FisherMixin:
         present = [g for g in grads if g is not None]
         bad = bool(present) and not all(bool(torch.isfinite(g).all()) for g in present)
         if self._fisher_sharded:  # each rank holds other gradients: decide together
-            flag = torch.tensor([1.0 if bad else 0.0], device=self._fisher_device(self._fisher_sync))
+            flag = torch.tensor([1.0 if bad else 0.0], device=collective_device(self._fisher_sync))
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._fisher_sync)
             bad = bool(flag.item() > 0)
         if bad:
@@ -346,12 +346,6 @@ class FisherMixin:
             return
         self.capture_fisher(grads, n)
 
-    @staticmethod
-    def _fisher_device(group) -> torch.device:
-        """Where a collective of ``group`` takes its tensors: the current GPU for NCCL, else the CPU."""
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-            else torch.device("cpu")
-
     def _reduce_sharded_fisher(self, params, sums):
         """FSDP2: each owner assembles the full sampled gradients of its sharded parameters from every rank's rows
         (the non-owners keep None); replicated parameters' shares are summed over the ranks. Which entries exist
@@ -360,7 +354,7 @@ class FisherMixin:
         ctx = self.distributed_context()
         local = sums if sums is not None else [None] * len(params)
         flags = torch.tensor([0.0 if s is None else 1.0 for s in local], dtype=torch.float64,
-                             device=self._fisher_device(group))
+                             device=collective_device(group))
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         present = (flags > 0).tolist()
         out = [None] * len(params)
@@ -387,7 +381,7 @@ class FisherMixin:
     def _all_reduce_fisher(group, params, sums, n):
         """Sum the kept sums and label counts over ``group``; a parameter no rank has a gradient for stays None.
         One flat buffer per dtype plus a float64 vector of (label count, presence flags)."""
-        device = FisherMixin._fisher_device(group)
+        device = collective_device(group)
         local = sums if sums is not None else [None] * len(params)
         meta = torch.tensor([float(n)] + [0.0 if s is None else 1.0 for s in local], dtype=torch.float64,
                             device=device)

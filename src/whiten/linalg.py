@@ -94,22 +94,19 @@ def finite_flags(tensors: list[torch.Tensor], fused: bool | None = None) -> list
     a CPU there is no launch to save and per-tensor sums are faster (``fused``: force one or the other).
     """
     sums: list = [None] * len(tensors)
-    by_device: dict = {}
+    groups: dict = {}  # device -> dtype -> positions
     for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    for device, idxs in by_device.items():
-        if not (device.type != "cpu" if fused is None else fused):
-            order = idxs
-            reduced = [tensors[i].sum(dtype=torch.promote_types(tensors[i].dtype, torch.float32)) for i in idxs]
-        else:
-            by_dtype: dict = {}
-            for i in idxs:
-                by_dtype.setdefault(tensors[i].dtype, []).append(i)
-            order, reduced = [], []
-            for dtype, group in by_dtype.items():
-                order += group
-                reduced += torch._foreach_norm([tensors[i] for i in group], 1,
-                                               dtype=torch.promote_types(dtype, torch.float32))
+        groups.setdefault(t.device, {}).setdefault(t.dtype, []).append(i)
+    for device, by_dtype in groups.items():
+        use_fused = device.type != "cpu" if fused is None else fused
+        order, reduced = [], []
+        for dtype, idxs in by_dtype.items():
+            order += idxs
+            wide = torch.promote_types(dtype, torch.float32)
+            if use_fused:
+                reduced += torch._foreach_norm([tensors[i] for i in idxs], 1, dtype=wide)
+            else:
+                reduced += [tensors[i].sum(dtype=wide) for i in idxs]
         for i, ok in zip(order, torch.stack(reduced).isfinite().tolist()):
             sums[i] = ok
     return [ok or bool(torch.isfinite(t).all()) for ok, t in zip(sums, tensors)]

@@ -282,15 +282,12 @@ class WhitenOptimizer(torch.optim.Optimizer):
         work = self.params_with_grad()
         ctx = self.distributed_context()
         self._member_keys = {}
-        try:
-            if ctx is None:
-                if self.grads_are_finite(work):  # checked before any state changes
-                    self.before_step(work)
-                    self.apply_step(work)
-            else:
-                self._distributed_step(ctx, work)
-        finally:
-            self._moment_flags = {}
+        if ctx is None:
+            if self.grads_are_finite(work):  # checked before any state changes
+                self.before_step(work)
+                self.apply_step(work)
+        else:
+            self._distributed_step(ctx, work)
         if not getattr(self, "_memory_checked", False) and self.state:
             self._memory_checked = True
             self.check_state_memory()
@@ -323,8 +320,9 @@ class WhitenOptimizer(torch.optim.Optimizer):
     def _distributed_step(self, ctx, work) -> None:
         # Each rank checks the gradients it holds: its owned ones (replicated) or its shards (sharded).
         mine = [p for _, params in work for p in params if p in ctx.rows or ctx.owns(p)]
-        local_bad = bool(mine) and not all(self._finite_with_moments(
-            [wdist._local(p.grad) for p in mine], [p for p in mine if ctx.owns(p)]))
+        flags, overflowed = self._finite_with_moments([wdist._local(p.grad) for p in mine],
+                                                      [p for p in mine if ctx.owns(p)])
+        local_bad = not all(flags)
         present, bad = ctx.agree([p for _, params in work for p in params], local_bad)
         if bad:
             self._nonfinite(f"{type(self).__name__}: non-finite gradient on at least one rank", stacklevel=4)
@@ -341,6 +339,7 @@ class WhitenOptimizer(torch.optim.Optimizer):
         owner_counters = [k for k in self.counters if k != "skipped_steps"]  # counted where the work runs
         before = {k: self.counters[k] for k in owner_counters}
         with self._owned_state(ctx):
+            self.restart_overflowed_moments(*overflowed)  # on the owner, inside the counters it reports
             self.before_step([(g, [ctx.view(p) if ctx.owns(p) else p for p in params]) for g, params in everyone])
             self.apply_step(owned)
         ctx.publish([p for _, params in everyone for p in params])
@@ -434,53 +433,43 @@ class WhitenOptimizer(torch.optim.Optimizer):
             buf = buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
         return buf[:like.numel()].view(like.shape)
 
-    # the state key of the Adam-style second moments an optimizer passes to restart_overflowed_moments: the step
-    # checks them with the gradients, in one reduction pass and one host sync (None: the optimizer has none)
+    # the state keys of the Adam-style moments whose overflow restart_overflowed_moments repairs: the second
+    # moments are checked in the gradients' pass (one reduction call, one host sync); None: the optimizer has none
     SECOND_MOMENT_KEY: str | None = None
+    FIRST_MOMENT_KEY = "exp_avg"
 
-    def _finite_with_moments(self, grads: list[torch.Tensor], params: list[torch.Tensor]) -> list[bool]:
+    def _finite_with_moments(self, grads: list[torch.Tensor], params: list[torch.Tensor]) -> tuple[list, tuple]:
         """``finite_flags(grads)``, with the second moments of ``params`` (``SECOND_MOMENT_KEY``) checked in the
-        same call; their flags are kept for :meth:`restart_overflowed_moments` until the step ends."""
+        same call. Returns the gradients' flags and ``(second, first)``: the overflowed second moments and their
+        first moments (None where there is none), for :meth:`restart_overflowed_moments`."""
         key = self.SECOND_MOMENT_KEY
-        moments = [] if key is None else [
-            s[key] for p in params if isinstance((s := self.state.get(p) or {}).get(key), torch.Tensor)]
-        flags = finite_flags(grads + moments)
-        # the tensor itself is kept beside its flag, so a lookup can tell it from a later tensor with the same id
-        self._moment_flags = {id(t): (t, ok) for t, ok in zip(moments, flags[len(grads):])}
-        return flags[:len(grads)]
+        states = [] if key is None else [
+            s for p in params if isinstance((s := self.state.get(p) or {}).get(key), torch.Tensor)]
+        flags = finite_flags(grads + [s[key] for s in states])
+        bad = [s for s, ok in zip(states, flags[len(grads):]) if not ok]
+        return flags[:len(grads)], ([s[key] for s in bad], [s.get(self.FIRST_MOMENT_KEY) for s in bad])
 
     def restart_overflowed_moments(self, second: list[torch.Tensor], first: list | None = None) -> None:
-        """Adam-style second moments: entries that overflowed to inf (a huge finite gradient squared) restart at
-        zero, with the same entries of the first moment (``first``: aligned with ``second``, None where there is
-        none). Called before this step's gradient goes in: the spike's own step was a zero update (m / inf), and
-        without the restart every later one would be too, for good (inf never decays), while the first moment's
-        huge entry would meet a small denominator once v were finite again.
+        """Adam-style second moments that overflowed to inf (a huge finite gradient squared): their non-finite
+        entries restart at zero, with the same entries of the first moment (``first``: aligned with ``second``,
+        None where there is none). The step finds them (:meth:`_finite_with_moments`) and calls this before any
+        state changes: the spike's own step was a zero update (m / inf), and without the restart every later one
+        would be too, for good (inf never decays), while the first moment's huge entry would meet a small
+        denominator once v were finite again.
         Counted in ``counters["factor_restarts"]``; warns once per optimizer."""
         if not second:
             return
-        known = getattr(self, "_moment_flags", None) or {}
-        flags = [entry[1] if (entry := known.get(id(t))) is not None and entry[0] is t else None for t in second]
-        unknown = [i for i, ok in enumerate(flags) if ok is None]  # not checked with the gradients: check now
-        for i, ok in zip(unknown, finite_flags([second[i] for i in unknown]) if unknown else []):
-            flags[i] = ok
-        restarted = 0
-        for i, ok in enumerate(flags):
-            if not ok:
-                bad = ~torch.isfinite(second[i])
-                second[i].masked_fill_(bad, 0.0)
-                if id(second[i]) in known:  # restarted: finite for the rest of the step
-                    known[id(second[i])] = (second[i], True)
-                if first is not None and first[i] is not None:
-                    first[i].masked_fill_(bad, 0.0)
-                restarted += 1
-        if restarted:
-            self.counters["factor_restarts"] += restarted
-            if not getattr(self, "_warned_moment_restart", False):  # apart from the factors' warning
-                self._warned_moment_restart = True
-                warnings.warn(f"{type(self).__name__}: the second moment of {restarted} parameter(s) overflowed (a "
-                              "huge finite gradient?); the overflowed entries restart from zero. Counted in "
-                              "counters['factor_restarts']; this warning is shown once.", RuntimeWarning,
-                              stacklevel=4)
+        for i, v in enumerate(second):
+            bad = ~torch.isfinite(v)
+            v.masked_fill_(bad, 0.0)
+            if first is not None and first[i] is not None:
+                first[i].masked_fill_(bad, 0.0)
+        self.counters["factor_restarts"] += len(second)
+        if not getattr(self, "_warned_moment_restart", False):  # apart from the factors' warning
+            self._warned_moment_restart = True
+            warnings.warn(f"{type(self).__name__}: the second moment of {len(second)} parameter(s) overflowed (a "
+                          "huge finite gradient?); the overflowed entries restart from zero. Counted in "
+                          "counters['factor_restarts']; this warning is shown once.", RuntimeWarning, stacklevel=4)
 
     # ----- Shampoo factors and their eigenbases ---------------------------------------------------------------
     @staticmethod
@@ -533,13 +522,14 @@ class WhitenOptimizer(torch.optim.Optimizer):
         return out
 
     def grads_are_finite(self, work: list[tuple[dict, list[torch.Tensor]]]) -> bool:
-        """Check every gradient before any state changes; apply the non-finite policy. True: go ahead. The second
-        moments of :meth:`restart_overflowed_moments` are checked in the same pass (one host sync, not two)."""
+        """Check every gradient before any state changes; apply the non-finite policy. True: go ahead, after
+        restarting the second moments that overflowed (checked in the same pass: one host sync, not two)."""
         grads = [p.grad for _, params in work for p in params]
         if not grads:
             return True
-        flags = self._finite_with_moments(grads, [p for _, params in work for p in params])
+        flags, overflowed = self._finite_with_moments(grads, [p for _, params in work for p in params])
         if all(flags):
+            self.restart_overflowed_moments(*overflowed)
             return True
         shapes = [(gi, tuple(p.shape)) for gi, (_, params) in enumerate(work) for p in params]
         bad = [where for where, ok in zip(shapes, flags) if not ok]

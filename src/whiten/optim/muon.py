@@ -127,7 +127,7 @@ class Muon(AveragingMixin, WhitenOptimizer):
     "Muon is Scalable for LLM Training", arXiv 2502.16982 (2025).
     """
 
-    SECOND_MOMENT_KEY = "exp_avg_sq"  # checked with the gradients (WhitenOptimizer.restart_overflowed_moments)
+    SECOND_MOMENT_KEY = "exp_avg_sq"  # restarted where it overflowed (WhitenOptimizer.restart_overflowed_moments)
 
     def __init__(
         self,
@@ -298,7 +298,6 @@ class Muon(AveragingMixin, WhitenOptimizer):
         m = [s["exp_avg"] for s in states]
         v = [s["exp_avg_sq"] for s in states]
         grads = [p.grad if p.grad.dtype == x.dtype else p.grad.to(x.dtype) for p, x in zip(params, m)]
-        self.restart_overflowed_moments(v, m)
         torch._foreach_lerp_(m, grads, 1.0 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, grads, grads, 1.0 - beta2)

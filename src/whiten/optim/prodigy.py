@@ -96,7 +96,7 @@ class Prodigy(WhitenOptimizer):
     arXiv 2306.06101 (ICML 2024).
     """
 
-    SECOND_MOMENT_KEY = "exp_avg_sq"  # checked with the gradients (WhitenOptimizer.restart_overflowed_moments)
+    SECOND_MOMENT_KEY = "exp_avg_sq"  # restarted where it overflowed (WhitenOptimizer.restart_overflowed_moments)
 
     def __init__(
         self,
@@ -228,11 +228,6 @@ class Prodigy(WhitenOptimizer):
         bias_correction = ((1 - beta2 ** (k + 1)) ** 0.5) / (1 - beta1 ** (k + 1)) if g0["use_bias_correction"] else 1
         dlr = d * lr * bias_correction
         d_numerator = g0["d_numerator"] * beta3
-
-        # Moments that overflowed (a huge finite gradient) would zero this parameter's steps for good: restart
-        # those entries (a no-op otherwise, so the numbers stay prodigyopt's).
-        started = [self.state[p] for _, params in work for p in params if self.state.get(p)]
-        self.restart_overflowed_moments([st["exp_avg_sq"] for st in started], [st.get("exp_avg") for st in started])
 
         grads: dict = {}
         stats: dict = {}  # parameter -> (<g, x0 - x>, ||s||_1), tensors

@@ -53,7 +53,7 @@ class ScheduleFreeAdamW(WhitenOptimizer):
     Reference: A. Defazio et al., "The Road Less Scheduled", NeurIPS 2024.
     """
 
-    SECOND_MOMENT_KEY = "exp_avg_sq"  # checked with the gradients (WhitenOptimizer.restart_overflowed_moments)
+    SECOND_MOMENT_KEY = "exp_avg_sq"  # restarted where it overflowed (WhitenOptimizer.restart_overflowed_moments)
 
     def __init__(
         self,
@@ -169,7 +169,6 @@ class ScheduleFreeAdamW(WhitenOptimizer):
         v = [self.state[p]["exp_avg_sq"] for p in params]
         grads = [p.grad if p.grad.dtype == zi.dtype else p.grad.to(zi.dtype) for p, zi in zip(params, z)]
         y = [p if p.dtype == zi.dtype else p.to(zi.dtype) for p, zi in zip(params, z)]
-        self.restart_overflowed_moments(v)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, grads, grads, 1.0 - beta2)
         denom = torch._foreach_div(v, 1.0 - beta2 ** (k + 1))

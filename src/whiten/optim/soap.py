@@ -97,7 +97,7 @@ class SOAP(AveragingMixin, WhitenOptimizer):
     Reference: N. Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", arXiv 2409.11321 (2024).
     """
 
-    SECOND_MOMENT_KEY = "exp_avg_sq"  # checked with the gradients (WhitenOptimizer.restart_overflowed_moments)
+    SECOND_MOMENT_KEY = "exp_avg_sq"  # restarted where it overflowed (WhitenOptimizer.restart_overflowed_moments)
 
     def __init__(
         self,
@@ -229,9 +229,6 @@ class SOAP(AveragingMixin, WhitenOptimizer):
         beta1, beta2 = group["betas"]
         m = [s["exp_avg"] for s in states]
         v = [s["exp_avg_sq"] for s in states]
-        # an overflowed v would zero every later step of the plain-Adam parameters (vectors), which have no
-        # refresh to restart it; matrices get the same restart here, before their next refresh would
-        self.restart_overflowed_moments(v, m)
         torch._foreach_lerp_(m, rotated, 1.0 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, rotated, rotated, 1.0 - beta2)

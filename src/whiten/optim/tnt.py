@@ -12,7 +12,7 @@ import torch
 from ..averaging import AveragingMixin
 from ..fisher import FisherMixin
 from ..roles import NO_DECAY_ROLES, role_from_shape
-from ._base import (WhitenOptimizer, check_bool, check_ema_rate, check_int, check_range, check_role, state_dtype)
+from ._base import (WhitenOptimizer, check_ema_rate, check_int, check_range, check_role, state_dtype)
 from ._base import check_lr, check_weight_decay
 
 __all__ = ["TNT", "CONV_RESHAPES"]
