@@ -34,7 +34,31 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-__all__ = ["plan", "plan_owners", "shard_rows", "DistributedContext", "full_state_dict"]
+__all__ = ["plan", "plan_owners", "shard_rows", "DistributedContext", "full_state_dict", "flattened_by",
+           "FLATTENED_HINT"]
+
+
+# What to use instead of a wrapper that hands the optimizer flattened slices (FSDP1, DeepSpeed ZeRO).
+FLATTENED_HINT = ("whiten would step such a slice as a vector (elementwise, not whitened) and give other numbers "
+                  "than one process. Use FSDP2 (torch.distributed.fsdp.fully_shard; accelerate: fsdp_version=2; "
+                  "Lightning: ModelParallelStrategy) or DDP, whose parameters whiten steps with the single-device "
+                  "numbers (docs/distributed.md)")
+
+
+def flattened_by(p: torch.Tensor) -> str | None:
+    """The wrapper that turned ``p`` into a flattened slice of parameters, or None.
+
+    FSDP1 (``FullyShardedDataParallel``) marks every tensor it flattens with ``_fsdp_flattened``: its
+    ``FlatParameter`` (``use_orig_params=False``) and the original parameters, which between forward passes are
+    1-D views into this rank's slice of it (``use_orig_params=True``). DeepSpeed ZeRO-3 partitions parameters in
+    place and tags them with ``ds_id``. (ZeRO-1/2 and DeepSpeed's bf16 optimizer put new flat fp32 tensors into the
+    optimizer's groups instead; those carry no mark and are caught by the change of shape, see
+    :meth:`WhitenOptimizer.distributed_context`.)"""
+    if getattr(p, "_fsdp_flattened", False):
+        return "FSDP1 (FullyShardedDataParallel), which hands the optimizer flat 1-D slices of its parameters"
+    if hasattr(p, "ds_id"):
+        return "DeepSpeed ZeRO-3, which partitions parameters into flat 1-D slices"
+    return None
 
 
 def plan_owners(costs: list[float], world: int) -> list[int]:

@@ -140,6 +140,8 @@ class WhitenOptimizer(torch.optim.Optimizer):
         self._stacks: dict = {}
         self.stack_builds = 0  # how many times stacks were (re)built: after the first steps, only when members change
         self._dist = None  # (parameter identities, DistributedContext or None), rebuilt when parameters change
+        self._checked: list[list[tuple[int, tuple]]] = []  # per group: (id, shape) of each tensor as validated
+        self._checked_key = None  # the tensors' identities at the last check_parameters, None before the first step
         self._member_keys: dict = {}  # group index -> [(member, bucket key)], valid for one step
         super().__init__(params, defaults)
 
@@ -169,7 +171,43 @@ class WhitenOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{type(self).__name__} does not support sparse parameters: {where}")
             if not p.is_floating_point():
                 raise ValueError(f"{type(self).__name__} needs floating-point parameters: {where} is {p.dtype}")
+            wrapper = wdist.flattened_by(p)
+            if wrapper is not None:
+                raise ValueError(f"{type(self).__name__}: {where} comes from {wrapper}; {wdist.FLATTENED_HINT}")
         self.validate_group(group)
+        checked = [(id(p), tuple(p.shape)) for p in group["params"]]
+        self._checked[index:index + 1] = [checked]
+
+    def check_parameters(self) -> None:
+        """Checks the tensors in ``param_groups`` again, as at construction, where they may have changed since.
+
+        Wrappers edit the groups of an optimizer built before them: accelerate puts a model's new FSDP2 parameters
+        in place of the old ones (same shapes: checked like new ones), DeepSpeed ZeRO-1/2 puts one flat fp32 slice
+        of the group in place of its parameters, and FSDP1 wrapped around a model after the optimizer was built
+        turns each parameter into a flat 1-D slice in place. The last two would be stepped as vectors without a
+        word: a tensor whose shape differs from the one validated at its place is refused, and so is any tensor
+        that FSDP1 or ZeRO-3 marked (:func:`whiten.distributed.flattened_by`). :meth:`step` runs it at the first
+        step and whenever the tensors change, before any state changes."""
+        name = type(self).__name__
+        validated = None  # every validated tensor: one moved between groups is not a replacement
+        for gi, group in enumerate(self.param_groups):
+            checked = self._checked[gi] if gi < len(self._checked) else []
+            for i, p in enumerate(group["params"]):
+                wrapper = wdist.flattened_by(p)
+                if wrapper is not None:
+                    raise ValueError(f"{name}.step(): parameter {i} of group {gi} (shape {tuple(p.shape)}) now comes "
+                                     f"from {wrapper}; {wdist.FLATTENED_HINT}")
+                if i < len(checked) and checked[i][0] != id(p) and checked[i][1] != tuple(p.shape):
+                    if validated is None:
+                        validated = {k for c in self._checked for k, _ in c}
+                    if id(p) in validated:
+                        continue
+                    raise ValueError(
+                        f"{name}.step(): parameter {i} of group {gi} was replaced after construction by a tensor of "
+                        f"another shape ({checked[i][1]} -> {tuple(p.shape)}), as DeepSpeed ZeRO does with its flat "
+                        f"fp32 slices; {wdist.FLATTENED_HINT}. To add parameters, use add_param_group")
+            if [c[0] for c in checked] != [id(p) for p in group["params"]]:
+                self._check_group(gi)  # new tensors: the checks of construction, then remembered as validated
 
     def validate_group(self, group: dict) -> None:  # overridden by each optimizer
         pass
@@ -275,6 +313,10 @@ class WhitenOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
         self.check_can_step()
+        key = tuple(id(p) for g in self.param_groups for p in g["params"])
+        if key != self._checked_key:  # the first step, or tensors changed: checked before anything changes
+            self.check_parameters()
+            self._checked_key = key
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -549,6 +591,8 @@ class WhitenOptimizer(torch.optim.Optimizer):
         state = super().__getstate__()
         state.update(nonfinite=self.nonfinite, counters=dict(self.counters), batched=getattr(self, "batched", True))
         state.pop("_dist", None)  # communicators do not pickle; a copy plans its own
+        state.pop("_checked", None)  # identities of this process's tensors
+        state.pop("_checked_key", None)
         return state
 
     def __setstate__(self, state):
@@ -561,6 +605,8 @@ class WhitenOptimizer(torch.optim.Optimizer):
         self.stack_builds = 0
         self._dist = None
         self._member_keys = {}
+        self._checked = [[(id(p), tuple(p.shape)) for p in g["params"]] for g in self.param_groups]
+        self._checked_key = None
 
     def state_dict(self):
         """torch's state dict; the counters travel in the first param group, which DCP keeps. In a distributed
