@@ -86,10 +86,10 @@ import contextlib
 import warnings
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from .distributed import _is_dtensor, _local, collective_device, process_group_of
+from .distributed import (all_reduce_flat, any_true, default_group, is_dtensor, local_shard, process_group_of,
+                          world_and_rank)
 
 __all__ = ["FISHER_KINDS", "FisherMixin"]
 
@@ -175,11 +175,9 @@ class FisherMixin:
         """The group sampled gradients are averaged over (None: one process)."""
         if self.process_group is not None:
             return self.process_group
-        if any(_is_dtensor(p) for p in self.fisher_params()):
+        if any(is_dtensor(p) for p in self.fisher_params()):
             return process_group_of(self.fisher_params(), None)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return dist.group.WORLD
-        return None
+        return default_group()
 
     # ----- the call users make ----------------------------------------------------------------------------------
     def sample_fisher(self, logits: torch.Tensor, kind: str = "ce") -> bool:
@@ -201,13 +199,13 @@ class FisherMixin:
             raise ValueError(f"{type(self).__name__}.sample_fisher: kind='ce' needs class logits in the last dim, "
                              f"got shape {tuple(logits.shape)}")
         group = self._fisher_group()
-        world, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
+        world, rank = world_and_rank(group)
         n = logits.numel() // logits.shape[-1] if kind == "ce" else logits.numel()
         # every rank that samples meets the others in the step's all-reduce, even with no labels this time
         self._fisher_sync = group
         params = self.fisher_params()
         wanted = [i for i, p in enumerate(params) if p.requires_grad]
-        if any(_is_dtensor(params[i]) for i in wanted):  # FSDP2: every rank joins the backward, even with n == 0
+        if any(is_dtensor(params[i]) for i in wanted):  # FSDP2: every rank joins the backward, even with n == 0
             return self._sample_fisher_sharded(logits, kind, n, wanted, group, world, rank)
         if n == 0 or not wanted:
             self._fisher_calls += 1
@@ -262,8 +260,7 @@ class FisherMixin:
         after, so the ordinary gradients are untouched. The loss is scaled by ``n·world/N`` (``N``: the labels of
         all ranks, one all-reduce of a count) so that FSDP's average over ranks is the mean over all labels."""
         params = self.fisher_params()
-        count = torch.tensor([float(n)], dtype=torch.float64, device=collective_device(group))
-        dist.all_reduce(count, group=group)
+        count = all_reduce_flat([torch.tensor([float(n)], dtype=torch.float64)], group)[0]
         total = int(round(count.item()))
         stream = self._fisher_calls * world + rank
         self._fisher_calls += 1
@@ -285,7 +282,7 @@ class FisherMixin:
         finally:
             for p, g in zip(mine, kept):
                 p.grad = g
-        if not any(g is not None and _is_dtensor(g) for g in grads):
+        if not any(g is not None and is_dtensor(g) for g in grads):
             raise RuntimeError(
                 f"{type(self).__name__}.sample_fisher: FSDP2 gave no sharded parameter a gradient from the sampled "
                 "backward, so gradient sync is off (FSDPModule.set_requires_gradient_sync(False)): FSDP has added "
@@ -298,7 +295,7 @@ class FisherMixin:
                 continue
             # a sharded gradient holds this rank's rows of the mean over every rank's labels; a replicated one
             # (a parameter FSDP does not manage) only this rank's share, summed over the ranks at the step
-            g = g.to_local() * total if _is_dtensor(g) else g * (total / world)
+            g = g.to_local() * total if is_dtensor(g) else g * (total / world)
             g = g.to(torch.float64 if params[i].dtype == torch.float64 else torch.float32)
             if self._fisher_sums[i] is None:
                 self._fisher_sums[i] = g
@@ -332,9 +329,7 @@ class FisherMixin:
         present = [g for g in grads if g is not None]
         bad = bool(present) and not all(bool(torch.isfinite(g).all()) for g in present)
         if self._fisher_sharded:  # each rank holds other gradients: decide together
-            flag = torch.tensor([1.0 if bad else 0.0], device=collective_device(self._fisher_sync))
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._fisher_sync)
-            bad = bool(flag.item() > 0)
+            bad = any_true([bad], self._fisher_sync)[0]
         if bad:
             message = (f"{type(self).__name__}: the sampled-label gradients are not finite; no curvature is "
                        f"captured this step")
@@ -353,23 +348,20 @@ class FisherMixin:
         group = self._fisher_sync
         ctx = self.distributed_context()
         local = sums if sums is not None else [None] * len(params)
-        flags = torch.tensor([0.0 if s is None else 1.0 for s in local], dtype=torch.float64,
-                             device=collective_device(group))
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-        present = (flags > 0).tolist()
+        present = any_true([s is not None for s in local], group)
         out = [None] * len(params)
 
         def zeros(i):
-            return torch.zeros(_local(params[i]).shape, device=_local(params[i]).device,
+            return torch.zeros(local_shard(params[i]).shape, device=local_shard(params[i]).device,
                                dtype=torch.float64 if params[i].dtype == torch.float64 else torch.float32)
 
-        sharded = [i for i in range(len(params)) if present[i] and _is_dtensor(params[i])]
+        sharded = [i for i in range(len(params)) if present[i] and is_dtensor(params[i])]
         if sharded:
             full = ctx.gather_to_owners([params[i] for i in sharded],
                                         [local[i] if local[i] is not None else zeros(i) for i in sharded])
             for i in sharded:
                 out[i] = full.get(params[i])
-        replicated = [i for i in range(len(params)) if present[i] and not _is_dtensor(params[i])]
+        replicated = [i for i in range(len(params)) if present[i] and not is_dtensor(params[i])]
         if replicated:
             summed, _ = self._all_reduce_fisher(group, [params[i] for i in replicated],
                                                 [local[i] for i in replicated], 1)
@@ -381,28 +373,20 @@ class FisherMixin:
     def _all_reduce_fisher(group, params, sums, n):
         """Sum the kept sums and label counts over ``group``; a parameter no rank has a gradient for stays None.
         One flat buffer per dtype plus a float64 vector of (label count, presence flags)."""
-        device = collective_device(group)
         local = sums if sums is not None else [None] * len(params)
-        meta = torch.tensor([float(n)] + [0.0 if s is None else 1.0 for s in local], dtype=torch.float64,
-                            device=device)
-        dist.all_reduce(meta, group=group)
+        meta = torch.tensor([float(n)] + [0.0 if s is None else 1.0 for s in local], dtype=torch.float64)
+        meta = all_reduce_flat([meta], group)[0]
         total = int(round(meta[0].item()))
         present = (meta[1:] > 0).tolist()
         if total == 0:
             return None, 0
         out = [None] * len(params)
-        dtypes = {i: torch.float64 if params[i].dtype == torch.float64 else torch.float32
-                  for i in range(len(params)) if present[i]}
-        for dtype in sorted(set(dtypes.values()), key=str):
-            idx = [i for i, d in dtypes.items() if d == dtype]
-            flat = torch.cat([(local[i] if local[i] is not None else torch.zeros(params[i].shape, dtype=dtype,
-                               device=params[i].device)).reshape(-1).to(device) for i in idx])
-            dist.all_reduce(flat, group=group)
-            offset = 0
-            for i in idx:
-                k = params[i].numel()
-                out[i] = flat[offset:offset + k].view(params[i].shape).to(params[i].device)
-                offset += k
+        idx = [i for i in range(len(params)) if present[i]]
+        dtypes = {i: torch.float64 if params[i].dtype == torch.float64 else torch.float32 for i in idx}
+        summed = all_reduce_flat([local[i] if local[i] is not None else torch.zeros(params[i].shape, dtype=dtypes[i],
+                                  device=params[i].device) for i in idx], group)
+        for i, t in zip(idx, summed):
+            out[i] = t.to(params[i].device)
         return out, total
 
     def before_step(self, work) -> None:

@@ -131,7 +131,7 @@ class WhitenOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict, nonfinite: str = "skip", process_group=None):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r} (allowed: {', '.join(map(repr, NONFINITE_POLICIES))})")
-        if process_group is not None and not isinstance(process_group, torch.distributed.ProcessGroup):
+        if process_group is not None and not wdist.is_process_group(process_group):
             raise ValueError(f"Invalid process_group: {process_group!r} (allowed: None or a "
                              "torch.distributed.ProcessGroup, e.g. torch.distributed.group.WORLD)")
         self.nonfinite = nonfinite
@@ -295,6 +295,14 @@ class WhitenOptimizer(torch.optim.Optimizer):
         n = p.numel() // m
         return all(size % 16 == 0 for size in (m * n, m * m, n * n))
 
+    def owner_unit(self, p: torch.Tensor, group: dict, gi: int, position: int):
+        """The key of the unit ``p`` belongs to in the owner plan: parameters with the same key get one owner.
+        By default a parameter is a unit of its own (keyed by its ``position`` among all parameters) when it is
+        :meth:`stack_invariant`; the others of group ``gi`` form one unit, so their stacks are those of one
+        process. Optimizers override it to keep together what they precondition as one (K-FAC: a layer's weight
+        and bias)."""
+        return ("param", position) if self.stack_invariant(p, group) else ("group", gi)
+
     def distributed_context(self):
         """The :class:`whiten.distributed.DistributedContext` of this optimizer, or None on one process."""
         params = [p for g in self.param_groups for p in g["params"]]
@@ -362,7 +370,7 @@ class WhitenOptimizer(torch.optim.Optimizer):
     def _distributed_step(self, ctx, work) -> None:
         # Each rank checks the gradients it holds: its owned ones (replicated) or its shards (sharded).
         mine = [p for _, params in work for p in params if p in ctx.rows or ctx.owns(p)]
-        flags, overflowed = self._finite_with_moments([wdist._local(p.grad) for p in mine],
+        flags, overflowed = self._finite_with_moments([wdist.local_shard(p.grad) for p in mine],
                                                       [p for p in mine if ctx.owns(p)])
         local_bad = not all(flags)
         present, bad = ctx.agree([p for _, params in work for p in params], local_bad)
@@ -387,7 +395,7 @@ class WhitenOptimizer(torch.optim.Optimizer):
         ctx.publish([p for _, params in everyone for p in params])
         for full in ctx.full.values():
             full.grad = None
-        deltas = ctx.all_reduce([self.counters[k] - before[k] for k in owner_counters])
+        deltas = ctx.sum_values([self.counters[k] - before[k] for k in owner_counters])
         for k, d in zip(owner_counters, deltas):
             self.counters[k] = before[k] + int(d)
 
@@ -699,7 +707,7 @@ class WhitenOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"{name}.load_state_dict: state '{key}' of parameter {pid!r} has shape "
                                      f"{tuple(value.shape)}, the parameter {tuple(p.shape)} (another model?)")
                 if (isinstance(value, torch.Tensor) and value.is_floating_point()
-                        and not bool(wdist._local(value).isfinite().all())):  # a DTensor: this rank's shard
+                        and not bool(wdist.local_shard(value).isfinite().all())):  # a DTensor: this rank's shard
                     raise ValueError(f"{name}.load_state_dict: state '{key}' of parameter {pid!r} is not finite")
 
     def expected_state(self, p: torch.Tensor, group: dict) -> dict | None:

@@ -17,10 +17,10 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import all_reduce_flat, broadcast_flat
 from ..fisher import FisherMixin
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import (WhitenOptimizer, check_int, check_lr, check_range, check_role, check_weight_decay,
@@ -577,22 +577,11 @@ class KFAC(FisherMixin, WhitenOptimizer):
     def stack_invariant(self, p: torch.Tensor, group: dict) -> bool:
         return True  # every layer is computed on its own (no stacks)
 
-    def distributed_context(self):
-        ctx = super().distributed_context()
-        if ctx is not None and not getattr(ctx, "kfac_layers_tied", False):
-            # a layer's weight and bias share one preconditioned matrix: one owner for both
-            for layer in self.plan().layers:
-                if layer.bias is not None:
-                    ctx.owner[layer.bias] = ctx.owner[layer.weight]
-            for p in ctx.rows:
-                mine = ctx.owner[p] == ctx.rank
-                if mine and p not in ctx.full:
-                    local = p.to_local()
-                    ctx.full[p] = torch.empty(p.shape, dtype=local.dtype, device=local.device)
-                elif not mine:
-                    ctx.full.pop(p, None)
-            ctx.kfac_layers_tied = True
-        return ctx
+    def owner_unit(self, p: torch.Tensor, group: dict, gi: int, position: int):
+        kind = self.plan().role.get(id(p))
+        if kind is not None:  # a layer's weight and bias share one preconditioned matrix: one owner for both
+            return ("layer", id(kind[1]))
+        return super().owner_unit(p, group, gi, position)
 
     # ----- the step ---------------------------------------------------------------------------------------------
     def step(self, closure=None):
@@ -635,10 +624,7 @@ class KFAC(FisherMixin, WhitenOptimizer):
             if s is not None:
                 for j, k in enumerate(names):
                     counts[3 * i + j] = getattr(s, k + "_calls")
-        device = ctx._device()
-        counts = counts.to(device)
-        dist.all_reduce(counts, group=ctx.group)
-        counts = counts.cpu().tolist()
+        counts = all_reduce_flat([counts], ctx.group)[0].cpu().tolist()
         shapes = []
         for i, layer in enumerate(layers):
             a = (layer.d_in,) if layer.diagonal_a else (layer.d_in, layer.d_in)
@@ -649,21 +635,16 @@ class KFAC(FisherMixin, WhitenOptimizer):
         for i, j, shape in shapes:
             by_dtype.setdefault(layer_stat_dtype(layers[i]), []).append((i, j, shape))
         ready = {layer: _Ready() for i, layer in enumerate(layers) if any(counts[3 * i + j] for j in range(3))}
-        for dtype, items in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
-            parts = []
-            for i, j, shape in items:
-                s = pending.get(layers[i])
-                value = getattr(s, names[j]) if s is not None else None
-                parts.append(value.reshape(-1) if value is not None
-                             else torch.zeros(math.prod(shape), dtype=dtype, device=layers[i].weight.device))
-            flat = torch.cat([t.to(device) for t in parts])
-            dist.all_reduce(flat, group=ctx.group)
-            offset = 0
-            for i, j, shape in items:
-                k = math.prod(shape)
-                value = flat[offset:offset + k].view(shape).to(layers[i].weight.device) / counts[3 * i + j]
-                setattr(ready[layers[i]], names[j], value)
-                offset += k
+        items = [item for _, dtype_items in sorted(by_dtype.items(), key=lambda kv: str(kv[0]))
+                 for item in dtype_items]
+        parts = []
+        for i, j, shape in items:
+            s = pending.get(layers[i])
+            value = getattr(s, names[j]) if s is not None else None
+            parts.append(value if value is not None
+                         else torch.zeros(shape, dtype=layer_stat_dtype(layers[i]), device=layers[i].weight.device))
+        for (i, j, shape), summed in zip(items, all_reduce_flat(parts, ctx.group)):
+            setattr(ready[layers[i]], names[j], summed.view(shape).to(layers[i].weight.device) / counts[3 * i + j])
         return ready
 
     def _check_caught(self, layers, ready) -> None:
@@ -729,7 +710,7 @@ class KFAC(FisherMixin, WhitenOptimizer):
         if self.kl_clip > 0:
             vg = float(torch.stack([t.to(products[0].device) for t in products]).sum()) if products else 0.0
             if ctx is not None:
-                vg = ctx.all_reduce([vg])[0]
+                vg = ctx.sum_values([vg])[0]
             if vg != 0.0:
                 nu = min(1.0, math.sqrt(self.kl_clip / abs(vg))) if math.isfinite(vg) else 0.0
 
@@ -999,13 +980,12 @@ class EKFAC(KFAC):
         if not (self._replicas_stale or step % self.inverse_every == 0 or self._any_new(ctx, layers)):
             return
         self._replicas_stale = False
-        flags = torch.zeros(len(layers), dtype=torch.float64, device=ctx._device())
+        flags = torch.zeros(len(layers), dtype=torch.float64)
         for i, layer in enumerate(layers):
             s = self.state.get(ctx.view(layer.weight)) if ctx.owns(layer.weight) else None
             if s and s["refreshes"]:
                 flags[i] = 1.0
-        dist.all_reduce(flags, group=ctx.group)
-        have = [i for i, f in enumerate(flags.tolist()) if f > 0]
+        have = [i for i, f in enumerate(all_reduce_flat([flags], ctx.group)[0].tolist()) if f > 0]
         for owner in range(ctx.world):
             mine = [layers[i] for i in have if ctx.owner[layers[i].weight] == owner]
             by_dtype: dict = {}
@@ -1013,17 +993,15 @@ class EKFAC(KFAC):
                 by_dtype.setdefault(layer_stat_dtype(layer), []).append(layer)
             for dtype, group_layers in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
                 sizes = [(0 if l.diagonal_a else l.d_in ** 2) + l.d_out ** 2 for l in group_layers]
+                parts = None
                 if owner == ctx.rank:
                     parts = []
                     for layer in group_layers:
                         s = self.state[ctx.view(layer.weight)]
                         if not layer.diagonal_a:
-                            parts.append(s["basis_a"].reshape(-1))
-                        parts.append(s["basis_g"].reshape(-1))
-                    flat = torch.cat([t.to(ctx._device()) for t in parts])
-                else:
-                    flat = torch.empty(sum(sizes), dtype=dtype, device=ctx._device())
-                dist.broadcast(flat, src=dist.get_global_rank(ctx.group, owner), group=ctx.group)
+                            parts.append(s["basis_a"])
+                        parts.append(s["basis_g"])
+                flat = broadcast_flat(parts, sum(sizes), dtype, owner, ctx.group)
                 if owner == ctx.rank:
                     for layer in group_layers:
                         s = self.state[ctx.view(layer.weight)]

@@ -4,8 +4,8 @@ last m gradients, applied to the gradient with the Woodbury identity, all parame
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from ..distributed import all_reduce_flat
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import (WhitenOptimizer, check_int, check_lr, check_range, check_role, check_weight_decay,
                     state_dtype)
@@ -229,9 +229,7 @@ class MFAC(WhitenOptimizer):
             scaled = torch.div(new, top, out=self.scratch(new))
             rows[i] = (window @ scaled).to(torch.float64) * top.to(torch.float64)
         if ctx is not None:
-            reduced = rows.to(ctx._device())
-            dist.all_reduce(reduced, group=ctx.group)
-            rows = reduced.to(device)
+            rows = all_reduce_flat([rows], ctx.group)[0].to(device)
         row = rows.sum(0)  # in parameter order: the same bits on every rank and on one process
         gram[slot] = row
         gram[:, slot] = row

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
+from ..distributed import all_reduce_flat
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import (WhitenOptimizer, check_betas, check_bool, check_int, check_lr, check_range, check_role,
                     check_weight_decay, state_dtype)
@@ -268,12 +268,12 @@ class Prodigy(WhitenOptimizer):
             values = torch.stack([t for p in order for t in stats[p]]).to(torch.float64).view(-1, 2) \
                 if order else torch.zeros(0, 2, dtype=torch.float64)
         else:
-            values = torch.zeros(len(order), 2, dtype=torch.float64, device=ctx._device())
+            values = torch.zeros(len(order), 2, dtype=torch.float64, device=ctx.device)
             mine = [i for i, p in enumerate(order) if p in stats]
             if mine:
                 flat = torch.stack([t for i in mine for t in stats[order[i]]]).to(torch.float64).view(-1, 2)
                 values[torch.tensor(mine, device=values.device)] = flat.to(values.device)
-            dist.all_reduce(values, group=ctx.group)
+            values = all_reduce_flat([values], ctx.group)[0]
         delta_numerator, d_denom = 0.0, 0.0
         for dot, abs_sum in values.tolist():
             delta_numerator += (d / d0) * dlr * dot

@@ -1,31 +1,5 @@
-"""Running a whiten optimizer on several processes: DDP (replicated parameters) and FSDP2 (``fully_shard``, DTensor
-parameters sharded along dim 0), with the numbers of a single process.
-
-The unit of work is a parameter. Every parameter has one owner rank, chosen by a deterministic, cost-balanced plan
-(greedy, largest first, on :meth:`WhitenOptimizer.work_cost`), recomputed from the shapes whenever it is needed and
-never stored. The owner keeps the parameter's whole optimizer state, full size, and runs exactly the single-process
-step for it: the factor statistics, the refreshes (eigh, QR, inverse roots, Newton–Schulz) and the elementwise
-work. The new values then go back to the other ranks:
-
-* replicated parameters (DDP; the gradients are already averaged): each owner broadcasts its updated parameters,
-  one flat buffer per owner and dtype;
-* sharded parameters (FSDP2): before the step, one ``all_to_all_single`` per dtype (exact sizes, no padding) brings every shard of an
-  owned parameter's gradient and value to its owner, which assembles the full tensors; after the step a second one
-  sends each rank its rows of the new value.
-
-Why whole parameters rather than only the refreshes: a whitening step's per-step matrix work (factor updates,
-rotations, Newton–Schulz) costs as much as its refreshes, so splitting only the refreshes would leave every rank
-doing most of the work; and the owner holding the full state is what lets it run the single-device math with no
-extra communication of momenta or factors. The state of the optimizer is then split over the ranks (1/N each),
-like ZeRO-1.
-
-Checkpoints: each rank's ``state_dict()`` holds the full state of the parameters it owns and an empty entry for the
-others, so ``torch.distributed.checkpoint`` saves every entry once and, on load, each rank reads the entries of the
-parameters it owns under the new world size. Anything global (counters, random generators) is identical on every
-rank and travels in ``param_groups``.
-
-The non-finite check is global: all ranks skip (or raise) together, and counters agree across ranks.
-"""
+"""The plan for one optimizer on one process group, and the exchanges of a distributed step: gradients and values
+of sharded parameters to their owners before the step, new values from the owners after it."""
 
 from __future__ import annotations
 
@@ -34,105 +8,11 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-__all__ = ["plan", "plan_owners", "shard_rows", "DistributedContext", "full_state_dict", "flattened_by",
-           "FLATTENED_HINT"]
+from .collectives import any_true, broadcast_flat, collective_device, sum_values, world_and_rank
+from .layout import is_dtensor, local_shard, shard_rows
+from .plan import plan
 
-
-# What to use instead of a wrapper that hands the optimizer flattened slices (FSDP1, DeepSpeed ZeRO).
-FLATTENED_HINT = ("whiten would step such a slice as a vector (elementwise, not whitened) and give other numbers "
-                  "than one process. Use FSDP2 (torch.distributed.fsdp.fully_shard; accelerate: fsdp_version=2; "
-                  "Lightning: ModelParallelStrategy) or DDP, whose parameters whiten steps with the single-device "
-                  "numbers (docs/distributed.md)")
-
-
-def flattened_by(p: torch.Tensor) -> str | None:
-    """The wrapper that turned ``p`` into a flattened slice of parameters, or None.
-
-    FSDP1 (``FullyShardedDataParallel``) marks every tensor it flattens with ``_fsdp_flattened``: its
-    ``FlatParameter`` (``use_orig_params=False``) and the original parameters, which between forward passes are
-    1-D views into this rank's slice of it (``use_orig_params=True``). DeepSpeed ZeRO-3 partitions parameters in
-    place and tags them with ``ds_id``. (ZeRO-1/2 and DeepSpeed's bf16 optimizer put new flat fp32 tensors into the
-    optimizer's groups instead; those carry no mark and are caught by the change of shape, see
-    :meth:`WhitenOptimizer.distributed_context`.)"""
-    if getattr(p, "_fsdp_flattened", False):
-        return "FSDP1 (FullyShardedDataParallel), which hands the optimizer flat 1-D slices of its parameters"
-    if hasattr(p, "ds_id"):
-        return "DeepSpeed ZeRO-3, which partitions parameters into flat 1-D slices"
-    return None
-
-
-def plan_owners(costs: list[float], world: int) -> list[int]:
-    """The owner of each unit: greedy, largest cost first (ties by position), onto the least loaded rank (ties by
-    rank). Deterministic, so every rank computes the same plan."""
-    load = [0.0] * world
-    owners = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        r = min(range(world), key=lambda r: (load[r], r))
-        owners[i] = r
-        load[r] += costs[i]
-    return owners
-
-
-def plan(optimizer, world: int) -> tuple[dict, dict]:
-    """``({parameter: owner rank}, {parameter: cost})`` for ``optimizer`` over ``world`` ranks.
-
-    A parameter is a unit of its own when its batched matrix products give the same bits in any stack
-    (:meth:`WhitenOptimizer.stack_invariant`); the others of a group form one unit, so their stacks are those of
-    one process and the run stays bit-identical to it."""
-    costs: dict = {}
-    units: dict = {}  # unit key -> its parameters
-    for gi, g in enumerate(optimizer.param_groups):
-        for p in g["params"]:
-            costs[p] = float(optimizer.work_cost(p, g))
-            key = ("param", len(costs)) if optimizer.stack_invariant(p, g) else ("group", gi)
-            units.setdefault(key, []).append(p)
-    unit_list = list(units.values())
-    owners = plan_owners([sum(costs[p] for p in u) for u in unit_list], world)
-    return {p: r for u, r in zip(unit_list, owners) for p in u}, costs
-
-
-def shard_rows(rows: int, world: int) -> list[int]:
-    """Rows of each rank's shard under ``Shard(0)`` as FSDP2 lays them out: ``torch.chunk`` sizes, empty shards
-    at the end where the rows run out."""
-    size = -(-rows // world) if rows else 0
-    return [max(0, min(size, rows - r * size)) for r in range(world)]
-
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch < 2.5
-    from torch.distributed._tensor import DTensor
-
-
-def _is_dtensor(p: torch.Tensor) -> bool:
-    return isinstance(p, DTensor)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def collective_device(group) -> torch.device:
-    """Where a collective of ``group`` takes its tensors: the current GPU for NCCL, else the CPU."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def process_group_of(params: list[torch.Tensor], process_group):
-    """The group a run spans: the one given, else the mesh of DTensor parameters, else None (one process)."""
-    if process_group is not None:
-        return process_group
-    meshes = {id(p.device_mesh): p.device_mesh for p in params if _is_dtensor(p)}
-    if not meshes:
-        return None
-    if len(meshes) > 1:
-        raise ValueError("parameters are sharded over more than one device mesh; pass process_group= explicitly")
-    mesh = next(iter(meshes.values()))
-    if mesh.ndim != 1:
-        raise ValueError(f"parameters are sharded over a {mesh.ndim}-D device mesh; whiten supports 1-D meshes "
-                         "(FSDP2 fully_shard); pass process_group= for the data-parallel dimension")
-    return mesh.get_group()
+__all__ = ["DistributedContext"]
 
 
 class DistributedContext:
@@ -141,13 +21,12 @@ class DistributedContext:
 
     def __init__(self, optimizer, group):
         self.group = group
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
+        self.world, self.rank = world_and_rank(group)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.owner, self.costs = plan(optimizer, self.world)
         self.rows: dict = {}  # sharded parameter -> rows of each rank's shard
         for p in self.params:
-            if _is_dtensor(p):
+            if is_dtensor(p):
                 placements = tuple(p.placements)
                 if len(placements) != 1 or not placements[0].is_shard() or placements[0].dim != 0:
                     raise ValueError(f"{type(optimizer).__name__}: a DTensor parameter of shape {tuple(p.shape)} is "
@@ -178,13 +57,14 @@ class DistributedContext:
         return load
 
     # ----- collectives ---------------------------------------------------------------------------------------------
-    def all_reduce(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t, op=op, group=self.group)
-        return t.tolist()
-
-    def _device(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:
+        """Where this group's collectives take their tensors."""
         return collective_device(self.group)
+
+    def sum_values(self, values: list[float]) -> list[float]:
+        """Python numbers summed over the ranks, in float64."""
+        return sum_values(values, self.group)
 
     def agree(self, present: list[torch.Tensor], nonfinite_local: bool) -> tuple[list[bool], bool]:
         """One collective before a step: which parameters have a gradient (their owner's for replicated ones, any
@@ -195,9 +75,7 @@ class DistributedContext:
             if id(p) in mine and (p in self.rows or self.owns(p)):
                 mask[i] = 1.0
         mask[-1] = 1.0 if nonfinite_local else 0.0
-        t = torch.tensor(mask, device=self._device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        flags = (t > 0).tolist()
+        flags = any_true(mask, self.group)
         return flags[:-1], flags[-1]
 
     def _exchange(self, dtypes: list, outgoing: dict[int, list[torch.Tensor]],
@@ -205,7 +83,7 @@ class DistributedContext:
         """Send ``outgoing[r]`` (tensors, flattened) to rank r and receive ``incoming[r]`` (``(numel, dtype)``
         pieces) from rank r: one ``all_to_all_single`` per dtype in ``dtypes``, which must be the same list on every
         rank (it comes from the plan). Returns ``{r: [flat tensors]}`` in the order of ``incoming[r]``."""
-        device = self._device()
+        device = self.device
         received: dict = {r: [None] * len(incoming.get(r, [])) for r in range(self.world)}
         for dtype in dtypes:
             send_parts, send_sizes = [], []
@@ -242,7 +120,7 @@ class DistributedContext:
             tail = local.shape[1:].numel()
             if with_grad:
                 # torch keeps a gradient in its parameter's dtype; a rank without one sends zeros
-                grad = _local(p.grad) if p.grad is not None else torch.zeros_like(local)
+                grad = local_shard(p.grad) if p.grad is not None else torch.zeros_like(local)
                 outgoing[o].append(grad)
             outgoing[o].append(local)
             if o == self.rank:
@@ -290,7 +168,7 @@ class DistributedContext:
             for r in range(self.world):
                 parts.append(received[r][cursor[r]])
                 cursor[r] += 1
-            out[p] = torch.cat(parts).view(p.shape).to(_local(p).device)
+            out[p] = torch.cat(parts).view(p.shape).to(local_shard(p).device)
         return out
 
     def publish(self, params: list[torch.Tensor]) -> None:
@@ -303,11 +181,8 @@ class DistributedContext:
             for p in mine:
                 by_dtype[p.dtype].append(p)
             for dtype, ps in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
-                if owner == self.rank:
-                    flat = torch.cat([p.detach().reshape(-1) for p in ps])
-                else:
-                    flat = torch.empty(sum(p.numel() for p in ps), dtype=dtype, device=ps[0].device)
-                dist.broadcast(flat, src=dist.get_global_rank(self.group, owner), group=self.group)
+                flat = broadcast_flat([p.detach() for p in ps] if owner == self.rank else None,
+                                      sum(p.numel() for p in ps), dtype, owner, self.group)
                 if owner != self.rank:
                     offset = 0
                     for p in ps:
@@ -331,23 +206,3 @@ class DistributedContext:
             local = p.to_local()
             local.copy_(received[o][cursor[o]].view(local.shape))
             cursor[o] += 1
-
-
-def full_state_dict(optimizer) -> dict:
-    """The whole ``state_dict()`` of a distributed whiten optimizer, the same on every rank, in the layout of one
-    process: a collective, so every rank must call it. For scripts that save with ``torch.save`` on rank 0
-    (nanoGPT-style DDP); a plain ``optimizer.state_dict()`` there holds only rank 0's parameters. Loading it on any
-    number of ranks works: each rank keeps the entries of the parameters it owns."""
-    sd = optimizer.state_dict()
-    ctx = optimizer.distributed_context()
-    if ctx is None:
-        return sd
-    index = {p: i for i, p in enumerate(ctx.params)}  # state_dict numbers parameters in group order
-    for owner in range(ctx.world):
-        mine = {index[p]: sd["state"][index[p]] for p in ctx.params
-                if ctx.owner[p] == owner and index[p] in sd["state"]} if owner == ctx.rank else None
-        box = [mine]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(ctx.group, owner), group=ctx.group)
-        sd["state"].update(box[0])
-    sd["state"] = {i: e for i, e in sd["state"].items() if e}  # drop the empty marks of parameters owned elsewhere
-    return sd
