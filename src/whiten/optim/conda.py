@@ -8,9 +8,10 @@ import math
 import torch
 
 from ..linalg import finite_flags, warn_eigh_failure
-from ..roles import NO_DECAY_ROLES, role_from_shape
+from ..roles import role_from_shape
 from ._base import (WhitenOptimizer, check_betas, check_bool, check_int, check_lr, check_range, check_role,
                     check_weight_decay, state_dtype)
+from .update import decays, grad_in, write
 
 __all__ = ["Conda"]
 
@@ -176,7 +177,7 @@ class Conda(WhitenOptimizer):
         lr = float(group["lr"])
         for p, s in zip(params, states):
             m, v = s["exp_avg"], s["exp_avg_sq"]
-            g = p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype)
+            g = grad_in(p, m.dtype)
             matrix = _matrix(p, group)
             scratch = self.scratch(m)  # the rotated gradient, then the direction
             if matrix is None:  # the plain path
@@ -207,12 +208,14 @@ class Conda(WhitenOptimizer):
                 back = self.scratch(m, slot=1).view(matrix)
                 direction = _unrotate(direction.view(matrix), B, right, out=back).view(p.shape)
                 step_size *= group["scale"]
-            x = p if p.dtype == m.dtype else p.to(m.dtype)
-            x.add_(direction, alpha=-step_size)
-            if group["weight_decay"] > 0 and (group["role"] or role_from_shape(p)) not in NO_DECAY_ROLES:
-                x.add_(x, alpha=-lr * group["weight_decay"])
-            if x is not p:  # low-precision parameter: computed in the state dtype, rounded once
-                p.copy_(x)
+            decay = lr * group["weight_decay"] if group["weight_decay"] > 0 and decays(p, group) else 0.0
+
+            def update(x, direction=direction, step_size=step_size, decay=decay):
+                x.add_(direction, alpha=-step_size)
+                if decay:  # the reference's θ - lr·λ·θ after the step (not a multiplication by 1 - lr·λ)
+                    x.add_(x, alpha=-decay)
+
+            write(p, m.dtype, update)
 
     def _refresh(self, B: torch.Tensor, M: torch.Tensor, side: str, svd_dtype) -> None:
         """B <- Vᵀ (side right) or U (side left) of the reduced SVD of M; on failure B is kept and counted."""

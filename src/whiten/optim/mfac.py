@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 
 from ..distributed import all_reduce_flat
-from ..roles import NO_DECAY_ROLES, role_from_shape
+
 from ._base import (WhitenOptimizer, check_int, check_lr, check_range, check_role, check_weight_decay,
                     state_dtype)
+from .update import decays, step_to
 
 __all__ = ["MFAC"]
 
@@ -218,7 +219,7 @@ class MFAC(WhitenOptimizer):
             if has_grad:
                 new.copy_(q.grad.reshape(-1))
                 wd = group["weight_decay"]
-                if wd != 0 and (group["role"] or role_from_shape(q)) not in NO_DECAY_ROLES:
+                if wd != 0 and decays(q, group):
                     new.add_(q.reshape(-1).to(new.dtype), alpha=wd)  # L2, as the reference
             else:
                 new.zero_()
@@ -250,10 +251,7 @@ class MFAC(WhitenOptimizer):
                 if "momentum" not in state:  # momentum raised from 0 by a scheduler
                     state["momentum"] = torch.zeros(q.shape, dtype=window.dtype, device=q.device)
                 u = state["momentum"].mul_(mu).add_(u, alpha=1 - mu)
-            x = q if q.dtype == u.dtype else q.to(u.dtype)
-            x.add_(u, alpha=-float(group["lr"]))
-            if x is not q:  # low-precision parameter: computed in the state dtype, rounded once
-                q.copy_(x)
+            step_to(q, u.dtype, u, -float(group["lr"]))
         self._count += 1
 
     def _solve(self, gram: torch.Tensor, slot: int) -> torch.Tensor:

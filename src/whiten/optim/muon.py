@@ -9,12 +9,13 @@ import torch
 
 from ..averaging import AveragingMixin
 from ..linalg import matrix_view, newton_schulz, ns_schedule
-from ..roles import NO_DECAY_ROLES, role_from_shape
-from ._base import (WhitenOptimizer, bucket, check_betas, check_bool, check_ema_rate, check_int, check_range,
-                    check_role, state_dtype)
+from ..roles import role_from_shape
+from ._base import WhitenOptimizer, bucket, check_bool, check_ema_rate, check_int, check_range, check_role, state_dtype
 from ._base import check_lr, check_weight_decay
+from .adamw_path import AdamWPath, adamw_step, check_adamw_path
+from .update import decays, grads_in, step_to
 
-__all__ = ["Muon"]
+__all__ = ["Muon", "OrthogonalMomentum"]
 
 MUON_ROLES = ("hidden", "conv")  # roles stepped by Newton–Schulz; every other role is stepped by AdamW
 SCALINGS = ("original", "match_rms_adamw", "none")
@@ -58,7 +59,106 @@ def _scale(m: int, n: int, scaling: str) -> float:
     return 1.0
 
 
-class Muon(AveragingMixin, WhitenOptimizer):
+class OrthogonalMomentum(AdamWPath, AveragingMixin, WhitenOptimizer):
+    """What Muon and SpecGD share: momentum (Nesterov or not) of hidden matrices, orthogonalised in stacks of
+    same-shape matrices by :meth:`_orthogonalize` and scaled by :meth:`_lr_multiplier`, decoupled decay, and AdamW
+    (:class:`whiten.optim.adamw_path.AdamWPath`) for every other parameter. Subclasses define those two methods,
+    their constructor's options and their checks (calling this class's :meth:`validate_group`)."""
+
+    SECOND_MOMENT_KEY = "exp_avg_sq"  # restarted where it overflowed (WhitenOptimizer.restart_overflowed_moments)
+
+    def uses_own_rule(self, p: torch.Tensor, role: str | None) -> bool:
+        return _uses_muon(p, role)
+
+    def validate_group(self, group: dict) -> None:
+        check_lr("lr", group["lr"])
+        check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        check_bool("nesterov", group["nesterov"])
+        check_batch_dims(group)
+        check_weight_decay(group["weight_decay"])
+        check_adamw_path(group)
+        check_ema_rate(group["ema_rate"])
+        check_role(group["role"])
+
+    def _orthogonalize(self, X: torch.Tensor, group: dict) -> torch.Tensor:
+        """The orthogonalised directions of a (B, m, n) stack that this call may overwrite."""
+        raise NotImplementedError
+
+    def _lr_multiplier(self, m: int, n: int, group: dict) -> float:
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.setdefault("batch_dims", 0)  # a checkpoint from before the option
+
+    def work_cost(self, p: torch.Tensor, group: dict) -> float:
+        lead, m, n = _matrices(p, group)
+        return float(math.prod(lead) * m * n * (m + n) + p.numel()) if lead else super().work_cost(p, group)
+
+    def stack_invariant(self, p: torch.Tensor, group: dict) -> bool:
+        lead, m, n = _matrices(p, group)  # a stack's members are its matrices: their sizes decide the alignment
+        return all(size % 16 == 0 for size in (m * n, m * m, n * n)) if lead else super().stack_invariant(p, group)
+
+    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
+        keys = ("momentum",) if _uses_muon(p, group["role"]) else ("exp_avg", "exp_avg_sq")
+        return {"step": None, **{k: tuple(p.shape) for k in keys}}
+
+    def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
+        for p in params:
+            state = self.state[p]
+            if not state:
+                dtype = state_dtype(p)
+                state["step"] = 0
+                if _uses_muon(p, group["role"]):
+                    state["momentum"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                else:
+                    state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                    state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+            state["step"] += 1
+        self.update_averages(group, params, [self.state[p] for p in params])
+        muon = [p for p in params if "momentum" in self.state[p]]
+        adam = [p for p in params if "exp_avg" in self.state[p]]
+        if muon:
+            self._muon(gi, group, muon)
+        if adam:
+            adamw_step(group, adam, [self.state[p] for p in adam])
+
+    def _muon(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
+        mu, lr = group["momentum"], float(group["lr"]) * group["lr_scale"]
+        moms = [self.state[p]["momentum"] for p in params]
+        grads = grads_in(params, moms)
+        torch._foreach_lerp_(moms, grads, 1.0 - mu)
+        # conv weights as (out, in·k·k); with batch_dims, a stack of such matrices (the experts of an MoE layer)
+        views = [matrix_view(p.shape, group["batch_dims"]) for p in params]
+        counts = [math.prod(lead) for lead, _, _ in views]
+        shapes = [(m, n) for _, m, n in views]
+        key = (lambda i: (shapes[i], moms[i].dtype, moms[i].device)) if self.batched else (lambda i: i)
+        for idxs in bucket(range(len(params)), key).values():
+            # The direction is written straight into the stack Newton–Schulz works in (no per-matrix temporaries,
+            # no stacking copy); Nesterov's is (1-mu) g + mu B, so p.grad stays the user's.
+            m, n = shapes[idxs[0]]
+            starts = [0]
+            for i in idxs:
+                starts.append(starts[-1] + counts[i])
+            X = torch.empty((starts[-1], m, n), dtype=moms[idxs[0]].dtype, device=moms[idxs[0]].device)
+            for j, i in enumerate(idxs):
+                rows = X[starts[j]:starts[j + 1]]
+                if group["nesterov"]:
+                    torch.lerp(grads[i].reshape(rows.shape), moms[i].reshape(rows.shape), mu, out=rows)
+                else:
+                    rows.copy_(moms[i].reshape(rows.shape))
+            O = self._orthogonalize(X, group)
+            if group.get("transposed"):  # stored (in, out) (Conv1D); NS commutes with the transpose, the scale not
+                m, n = n, m
+            step = -lr * self._lr_multiplier(m, n, group)
+            for j, i in enumerate(idxs):
+                p = params[i]
+                keep = 1.0 - lr * group["weight_decay"] * decays(p, group)
+                u = O[starts[j]:starts[j + 1]].view(p.shape)  # in ns_dtype: add_ promotes it, as torch.optim.Muon
+                step_to(p, moms[i].dtype, u, step, keep=keep)
+
+class Muon(OrthogonalMomentum):
     r"""Muon for hidden matrices and AdamW for every other parameter, in one torch optimizer.
 
     For a hidden matrix :math:`W \in \mathbb{R}^{m \times n}` (a conv weight is viewed as (out, in·k·k)) with gradient
@@ -127,8 +227,6 @@ class Muon(AveragingMixin, WhitenOptimizer):
     "Muon is Scalable for LLM Training", arXiv 2502.16982 (2025).
     """
 
-    SECOND_MOMENT_KEY = "exp_avg_sq"  # restarted where it overflowed (WhitenOptimizer.restart_overflowed_moments)
-
     def __init__(
         self,
         params,
@@ -158,130 +256,16 @@ class Muon(AveragingMixin, WhitenOptimizer):
         self.batched = bool(batched)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
-    def add_param_group(self, param_group: dict) -> None:
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        if param_group.get("role") is None:
-            muon = [p for p in params if _uses_muon(p, None)]
-            adam = [p for p in params if not _uses_muon(p, None)]
-            if muon and adam:  # split so each path has its own lr
-                super().add_param_group({**param_group, "params": muon})
-                try:
-                    self.add_param_group({**param_group, "params": adam})
-                except Exception:
-                    self.param_groups.pop()  # all or nothing: not the Muon half alone
-                    raise
-                return
-        group = {**param_group, "params": params}
-        if params and not any(_uses_muon(p, group.get("role")) for p in params):  # stepped by AdamW
-            if "lr" not in group and "lr_scale" not in group:
-                # A ratio to the shared lr, not an lr of its own: schedulers and loops that write g["lr"] into
-                # every group then move AdamW with Muon instead of overwriting adam_lr.
-                lr, adam_lr = self.defaults["lr"], group.get("adam_lr", self.defaults["adam_lr"])
-                if isinstance(lr, (int, float)) and lr > 0:
-                    group["lr_scale"] = adam_lr / lr
-                else:
-                    group["lr"] = adam_lr
-            if "momentum" not in group:
-                group["momentum"] = group.get("adam_betas", self.defaults["adam_betas"])[0]
-        super().add_param_group(group)
-
     def validate_group(self, group: dict) -> None:
-        check_lr("lr", group["lr"])
-        check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
-        check_bool("nesterov", group["nesterov"])
+        super().validate_group(group)
         check_int("ns_steps", group["ns_steps"], 0)
-        check_batch_dims(group)
         ns_schedule(group["ns_coefficients"], "ns_coefficients")
         check_range("eps", group["eps"], 0.0, low_open=True)
-        check_weight_decay(group["weight_decay"])
         if group["scaling"] not in SCALINGS:
             raise ValueError(f"Invalid scaling: {group['scaling']!r} (allowed: {', '.join(map(repr, SCALINGS))})")
         if group["ns_dtype"] is not None and not (isinstance(group["ns_dtype"], torch.dtype)
                                                   and group["ns_dtype"].is_floating_point):
             raise ValueError(f"Invalid ns_dtype: {group['ns_dtype']!r} (allowed: None or a floating torch.dtype)")
-        check_lr("adam_lr", group["adam_lr"])
-        check_betas("adam_betas", group["adam_betas"])
-        check_range("adam_eps", group["adam_eps"], 0.0)
-        check_ema_rate(group["ema_rate"])
-        check_role(group["role"])
-        check_range("lr_scale", group["lr_scale"], 0.0)
-
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            group.setdefault("batch_dims", 0)  # a checkpoint from before the option
-
-    def work_cost(self, p: torch.Tensor, group: dict) -> float:
-        lead, m, n = _matrices(p, group)
-        return float(math.prod(lead) * m * n * (m + n) + p.numel()) if lead else super().work_cost(p, group)
-
-    def stack_invariant(self, p: torch.Tensor, group: dict) -> bool:
-        lead, m, n = _matrices(p, group)  # a stack's members are its matrices: their sizes decide the alignment
-        return all(size % 16 == 0 for size in (m * n, m * m, n * n)) if lead else super().stack_invariant(p, group)
-
-    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
-        keys = ("momentum",) if _uses_muon(p, group["role"]) else ("exp_avg", "exp_avg_sq")
-        return {"step": None, **{k: tuple(p.shape) for k in keys}}
-
-    def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
-        for p in params:
-            state = self.state[p]
-            if not state:
-                dtype = state_dtype(p)
-                state["step"] = 0
-                if _uses_muon(p, group["role"]):
-                    state["momentum"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-                else:
-                    state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-                    state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-            state["step"] += 1
-        self.update_averages(group, params, [self.state[p] for p in params])
-        muon = [p for p in params if "momentum" in self.state[p]]
-        adam = [p for p in params if "exp_avg" in self.state[p]]
-        if muon:
-            self._muon(gi, group, muon)
-        if adam:
-            self._adamw(group, adam)
-
-    def _muon(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
-        mu, lr = group["momentum"], float(group["lr"]) * group["lr_scale"]
-        moms = [self.state[p]["momentum"] for p in params]
-        grads = [p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype) for p, m in zip(params, moms)]
-        torch._foreach_lerp_(moms, grads, 1.0 - mu)
-        # conv weights as (out, in·k·k); with batch_dims, a stack of such matrices (the experts of an MoE layer)
-        views = [matrix_view(p.shape, group["batch_dims"]) for p in params]
-        counts = [math.prod(lead) for lead, _, _ in views]
-        shapes = [(m, n) for _, m, n in views]
-        key = (lambda i: (shapes[i], moms[i].dtype, moms[i].device)) if self.batched else (lambda i: i)
-        for idxs in bucket(range(len(params)), key).values():
-            # The direction is written straight into the stack Newton–Schulz works in (no per-matrix temporaries,
-            # no stacking copy); Nesterov's is (1-mu) g + mu B, so p.grad stays the user's.
-            m, n = shapes[idxs[0]]
-            starts = [0]
-            for i in idxs:
-                starts.append(starts[-1] + counts[i])
-            X = torch.empty((starts[-1], m, n), dtype=moms[idxs[0]].dtype, device=moms[idxs[0]].device)
-            for j, i in enumerate(idxs):
-                rows = X[starts[j]:starts[j + 1]]
-                if group["nesterov"]:
-                    torch.lerp(grads[i].reshape(rows.shape), moms[i].reshape(rows.shape), mu, out=rows)
-                else:
-                    rows.copy_(moms[i].reshape(rows.shape))
-            O = self._orthogonalize(X, group)
-            if group.get("transposed"):  # stored (in, out) (Conv1D); NS commutes with the transpose, the scale not
-                m, n = n, m
-            step = -lr * self._lr_multiplier(m, n, group)
-            for j, i in enumerate(idxs):
-                p = params[i]
-                keep = 1.0 - lr * group["weight_decay"] * self._decays(p, group)
-                u = O[starts[j]:starts[j + 1]].view(p.shape)  # in ns_dtype: add_ promotes it, as torch.optim.Muon
-                if p.dtype == moms[i].dtype:
-                    if keep != 1.0:
-                        p.mul_(keep)
-                    p.add_(u, alpha=step)
-                else:  # low-precision parameter: update in the state dtype, round once
-                    p.copy_(p.to(moms[i].dtype).mul_(keep).add_(u, alpha=step))
 
     def _orthogonalize(self, X: torch.Tensor, group: dict) -> torch.Tensor:
         """The orthogonalised directions of a (B, m, n) stack that this call may overwrite."""
@@ -290,30 +274,3 @@ class Muon(AveragingMixin, WhitenOptimizer):
 
     def _lr_multiplier(self, m: int, n: int, group: dict) -> float:
         return _scale(m, n, group["scaling"])
-
-    def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
-        beta1, beta2 = group["momentum"], group["adam_betas"][1]
-        lr, eps = float(group["lr"]) * group["lr_scale"], group["adam_eps"]
-        states = [self.state[p] for p in params]
-        m = [s["exp_avg"] for s in states]
-        v = [s["exp_avg_sq"] for s in states]
-        grads = [p.grad if p.grad.dtype == x.dtype else p.grad.to(x.dtype) for p, x in zip(params, m)]
-        torch._foreach_lerp_(m, grads, 1.0 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, grads, grads, 1.0 - beta2)
-        # torch.optim.AdamW's arithmetic: p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
-        steps = [s["step"] for s in states]
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in steps])
-        torch._foreach_add_(denom, eps)
-        for p, mi, di, t in zip(params, m, denom, steps):
-            keep = 1.0 - lr * group["weight_decay"] * self._decays(p, group)
-            step = -lr / (1.0 - beta1**t)
-            if p.dtype == mi.dtype:
-                p.mul_(keep).addcdiv_(mi, di, value=step)
-            else:
-                p.copy_(p.to(mi.dtype).mul_(keep).addcdiv_(mi, di, value=step))
-
-    @staticmethod
-    def _decays(p: torch.Tensor, group: dict) -> bool:
-        return (group["role"] or role_from_shape(p)) not in NO_DECAY_ROLES

@@ -8,9 +8,10 @@ import math
 import torch
 
 from ..distributed import all_reduce_flat
-from ..roles import NO_DECAY_ROLES, role_from_shape
+
 from ._base import (WhitenOptimizer, check_betas, check_bool, check_int, check_lr, check_range, check_role,
                     check_weight_decay, state_dtype)
+from .update import decays, write
 
 __all__ = ["Prodigy"]
 
@@ -242,7 +243,7 @@ class Prodigy(WhitenOptimizer):
                 dtype = state["exp_avg_sq"].dtype
                 x = p if p.dtype == dtype else p.to(dtype)
                 grad = p.grad.to(dtype, copy=True) if decays_coupled or p.grad.dtype != dtype else p.grad
-                if decays_coupled and self._decays(p, group):
+                if decays_coupled and decays(p, group):
                     grad.add_(x, alpha=group["weight_decay"])
                 grads[p] = grad
                 sp = group["slice_p"]
@@ -299,18 +300,19 @@ class Prodigy(WhitenOptimizer):
             for p in params:
                 state = self.state[p]
                 state["step"] += 1
-                dtype = state["exp_avg_sq"].dtype
-                x = p if p.dtype == dtype else p.to(dtype)
                 v = state["exp_avg_sq"]
                 denom = torch.sqrt(v, out=self.scratch(v)).add_(d * group["eps"])
-                if decay != 0 and self._decays(p, group):
-                    x.add_(x, alpha=-decay * dlr)
-                if beta1 > 0:
-                    x.addcdiv_(state["exp_avg"], denom, value=-dlr)
-                else:
-                    x.addcdiv_(grads[p], denom, value=-dlr * d)
-                if x is not p:  # low-precision parameter: computed in the state dtype, rounded once
-                    p.copy_(x)
+                shrink = decay * dlr if decay != 0 and decays(p, group) else 0.0
+
+                def update(x, state=state, denom=denom, shrink=shrink, grad=grads.get(p)):
+                    if shrink:  # the reference's θ - λ·d·lr·θ before the step
+                        x.add_(x, alpha=-shrink)
+                    if beta1 > 0:
+                        x.addcdiv_(state["exp_avg"], denom, value=-dlr)
+                    else:
+                        x.addcdiv_(grad, denom, value=-dlr * d)
+
+                write(p, v.dtype, update)
         for group in self.param_groups:
             group["k"] += 1
 
@@ -326,7 +328,3 @@ class Prodigy(WhitenOptimizer):
             state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
         state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
         return state
-
-    @staticmethod
-    def _decays(p: torch.Tensor, group: dict) -> bool:
-        return (group["role"] or role_from_shape(p)) not in NO_DECAY_ROLES

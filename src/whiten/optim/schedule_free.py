@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import WhitenOptimizer, check_betas, check_int, check_range, check_role, state_dtype
 from ._base import check_lr, check_weight_decay
+from .update import decays, grads_in
 
 __all__ = ["ScheduleFreeAdamW"]
 
@@ -167,7 +167,7 @@ class ScheduleFreeAdamW(WhitenOptimizer):
                                  "exp_avg_sq": torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)}
         z = [self.state[p]["z"] for p in params]
         v = [self.state[p]["exp_avg_sq"] for p in params]
-        grads = [p.grad if p.grad.dtype == zi.dtype else p.grad.to(zi.dtype) for p, zi in zip(params, z)]
+        grads = grads_in(params, z)
         y = [p if p.dtype == zi.dtype else p.to(zi.dtype) for p, zi in zip(params, z)]
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, grads, grads, 1.0 - beta2)
@@ -176,7 +176,7 @@ class ScheduleFreeAdamW(WhitenOptimizer):
         torch._foreach_add_(denom, group["eps"])
         step = torch._foreach_div(grads, denom)  # new tensors: p.grad stays the user's (the reference divides it)
         if group["weight_decay"] != 0:
-            decayed = [i for i, p in enumerate(params) if (group["role"] or role_from_shape(p)) not in NO_DECAY_ROLES]
+            decayed = [i for i, p in enumerate(params) if decays(p, group)]
             if decayed:
                 torch._foreach_add_([step[i] for i in decayed], [y[i] for i in decayed], alpha=group["weight_decay"])
         torch._foreach_lerp_(y, z, c)

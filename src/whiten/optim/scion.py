@@ -13,6 +13,7 @@ from ..roles import ROLES, role_from_shape
 from ._base import (WhitenOptimizer, bucket, check_bool, check_ema_rate, check_int, check_range, check_role,
                     state_dtype)
 from ._base import check_lr, check_weight_decay
+from .update import grads_in, step_to
 
 __all__ = ["Scion", "NORMS", "ROLE_NORMS"]
 
@@ -398,7 +399,7 @@ class Scion(AveragingMixin, WhitenOptimizer):
             states.append(state)
         self.update_averages(group, params, states)
         moms = [s["momentum"] for s in states]
-        grads = [p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype) for p, m in zip(params, moms)]
+        grads = grads_in(params, moms)
         # the reference's arithmetic: buf*(1-m) + g*m with m = 1 - beta
         torch._foreach_mul_(moms, beta)
         torch._foreach_add_(moms, grads, alpha=1.0 - beta)
@@ -435,12 +436,7 @@ class Scion(AveragingMixin, WhitenOptimizer):
 
         keep = 1.0 - lr * ((0.0 if group["unconstrained"] else 1.0) + group["weight_decay"])
         for p, m, u, f in zip(params, moms, updates, factors):
-            if p.dtype == m.dtype:
-                if keep != 1.0:
-                    p.mul_(keep)
-                p.add_(u, alpha=-lr * f)
-            else:  # low-precision parameter: update in the state dtype, round once
-                p.copy_(p.to(m.dtype).mul_(keep).add_(u, alpha=-lr * f))
+            step_to(p, m.dtype, u, -lr * f, keep=keep)
 
     # ----- initialization -----------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -14,10 +14,11 @@ import torch
 
 from ..averaging import AveragingMixin
 from ..linalg import InverseRootResult, matrix_inverse_root
-from ..roles import NO_DECAY_ROLES, role_from_shape
+
 from ._base import (WhitenOptimizer, bucket, check_bool, check_ema_rate, check_int, check_range, check_role,
                     state_dtype)
 from ._base import check_lr, check_weight_decay
+from .update import decays, grad_in, write
 
 __all__ = ["Shampoo", "InverseRootResult", "block_layout", "matrix_inverse_root", "merge_small_dims"]
 
@@ -342,7 +343,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         self.update_averages(group, params, states)  # the pre-update parameters
         steps = [s["step"] for s in states]
         dtypes = [state_dtype(p) for p in params]
-        grads = [p.grad if p.grad.dtype == dt else p.grad.to(dt) for p, dt in zip(params, dtypes)]
+        grads = [grad_in(p, dt) for p, dt in zip(params, dtypes)]
 
         # Grafting second moment, from the raw gradient.
         graft_dirs = None
@@ -422,19 +423,14 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
             for e in alone:
                 failures += self._single_block(e, ctx)
 
-        # W <- W - lr*(P + wd*W), wd masked by role.
+        # W <- W - lr*(P + wd*W), wd masked by role (the reference's L2 form, into the direction).
         for i, p in enumerate(params):
-            P = directions[i]
-            decay = wd if (group["role"] or role_from_shape(p)) not in NO_DECAY_ROLES else 0.0
-            if p.dtype == dtypes[i]:
-                if decay:
-                    P.add_(p, alpha=decay)
-                p.add_(P, alpha=-lr)
-            else:  # low-precision parameters: update in the state dtype, round once
-                theta = p.to(dtypes[i])
-                if decay:
-                    P.add_(theta, alpha=decay)
-                p.copy_(theta.add_(P, alpha=-lr))
+            P, decay = directions[i], wd if decays(p, group) else 0.0
+
+            def update(x, P=P, decay=decay):
+                x.add_(P.add_(x, alpha=decay) if decay else P, alpha=-lr)
+
+            write(p, dtypes[i], update)
         return failures
 
     def _refresh(self, factors: torch.Tensor, roots: torch.Tensor, bc2: list[float], eps: float, order: int) -> int:

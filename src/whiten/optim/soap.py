@@ -9,10 +9,11 @@ import torch
 
 from ..averaging import AveragingMixin
 from ..linalg import finite_flags, rotate, unrotate, update_factors, warn_eigh_failure
-from ..roles import NO_DECAY_ROLES, role_from_shape
+
 from ._base import (WhitenOptimizer, bucket, check_betas, check_bool, check_ema_rate, check_int, check_range,
                     check_role, rotation_dtype, state_dtype)
 from ._base import check_lr, check_weight_decay
+from .update import decays, grad_in, step_to
 
 __all__ = ["SOAP"]
 
@@ -25,8 +26,7 @@ class _Layout(NamedTuple):
 
 
 def _layout(p: torch.Tensor, group: dict) -> _Layout:
-    role = group["role"] or role_from_shape(p)
-    decay = role not in NO_DECAY_ROLES
+    decay = decays(p, group)
     limit = group["max_precond_dim"]
     if p.ndim >= 2:
         m, n = p.shape[0], p.numel() // p.shape[0]
@@ -163,7 +163,7 @@ class SOAP(AveragingMixin, WhitenOptimizer):
             states.append(self.state[p])
         self.update_averages(group, params, states)
         dtype_of = [s["exp_avg"].dtype for s in states]
-        grads = [p.grad if p.grad.dtype == d else p.grad.to(d) for p, d in zip(params, dtype_of)]
+        grads = [grad_in(p, d) for p, d in zip(params, dtype_of)]
 
         # Adam in the eigenbasis; the first call of a parameter only builds its factors and basis.
         rest = [i for i, s in enumerate(states) if s["step"] > 1]
@@ -246,11 +246,7 @@ class SOAP(AveragingMixin, WhitenOptimizer):
                 d = d / (1e-30 + d.square().mean().sqrt())
             t = s["step"] - 1  # Adam's step count: the first call made no update
             step_size = lr * ((1.0 - beta2**t) ** 0.5 / (1.0 - beta1**t) if group["correct_bias"] else 1.0)
-            keep = 1.0 - lr * group["weight_decay"] * lay.decay
-            if p.dtype == d.dtype:
-                p.add_(d, alpha=-step_size).mul_(keep)
-            else:  # low-precision parameter: update in the state dtype, round once
-                p.copy_(p.to(d.dtype).add_(d, alpha=-step_size).mul_(keep))
+            step_to(p, d.dtype, d, -step_size, keep=1.0 - lr * group["weight_decay"] * lay.decay, decay_first=False)
 
     def _qr_refresh(self, gi, group, params, layouts, due) -> None:
         """One power-iteration step per basis, ``Q <- qr(F Q_sorted)``, with v permuted and m carried over."""

@@ -7,9 +7,10 @@ import torch
 
 from ..averaging import AveragingMixin
 from ..fisher import FisherMixin
-from ..roles import NO_DECAY_ROLES, role_from_shape
+
 from ._base import WhitenOptimizer, check_betas, check_ema_rate, check_int, check_range, check_role, state_dtype
 from ._base import check_lr, check_weight_decay
+from .update import decays, grads_in, step_to
 
 __all__ = ["Sophia"]
 
@@ -131,7 +132,7 @@ class Sophia(FisherMixin, AveragingMixin, WhitenOptimizer):
             torch._foreach_mul_(hs, beta2)
             torch._foreach_addcmul_(hs, gs, gs, value=(1.0 - beta2) * self.fisher_n)
         ms, hs = [s["exp_avg"] for s in states], [s["hessian"] for s in states]
-        grads = [p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype) for p, m in zip(params, ms)]
+        grads = grads_in(params, ms)
         torch._foreach_lerp_(ms, grads, 1.0 - beta1)
         # sign(m) · min(1, |m| / (ρh + 1e-15)), the reference's arithmetic, with foreach kernels
         denom = torch._foreach_mul(hs, rho)
@@ -141,12 +142,4 @@ class Sophia(FisherMixin, AveragingMixin, WhitenOptimizer):
         torch._foreach_clamp_max_(steps, 1.0)
         torch._foreach_mul_(steps, torch._foreach_sign(ms))
         for p, m, step in zip(params, ms, steps):
-            keep = 1.0 - lr * group["weight_decay"] * self._decays(p, group)
-            if p.dtype == m.dtype:
-                p.mul_(keep).add_(step, alpha=-lr)
-            else:  # low-precision parameter: update in the state dtype, round once
-                p.copy_(p.to(m.dtype).mul_(keep).add_(step, alpha=-lr))
-
-    @staticmethod
-    def _decays(p: torch.Tensor, group: dict) -> bool:
-        return (group["role"] or role_from_shape(p)) not in NO_DECAY_ROLES
+            step_to(p, m.dtype, step, -lr, keep=1.0 - lr * group["weight_decay"] * decays(p, group))

@@ -9,8 +9,8 @@ import warnings
 import torch
 
 from ..linalg import svd_polar
-from ._base import check_betas, check_bool, check_ema_rate, check_lr, check_range, check_role, check_weight_decay
-from .muon import Muon, check_batch_dims
+from ._base import check_lr
+from .muon import OrthogonalMomentum
 
 __all__ = ["SpecGD", "SPECGD_SCALES"]
 
@@ -18,7 +18,7 @@ SPECGD_SCALES = ("muon", "rms", "nuclear", "none")
 SVD_COUNTERS = ("svd_retries", "svd_fallbacks")
 
 
-class SpecGD(Muon):
+class SpecGD(OrthogonalMomentum):
     r"""Spectral gradient descent for hidden matrices and AdamW for every other parameter, in one torch optimizer.
 
     For a hidden matrix :math:`W \in \mathbb{R}^{m \times n}` (a conv weight is viewed as (out, in·k·k)) with
@@ -105,8 +105,7 @@ class SpecGD(Muon):
                         svd_dtype=svd_dtype, adam_lr=adam_lr, adam_betas=adam_betas, adam_eps=adam_eps,
                         ema_rate=ema_rate, role=None, lr_scale=1.0)
         self.batched = bool(batched)
-        # Muon's constructor would add its Newton–Schulz options to every group; SpecGD has none of them.
-        super(Muon, self).__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
         self._add_svd_counters()
 
     def _add_svd_counters(self) -> None:
@@ -114,22 +113,12 @@ class SpecGD(Muon):
             self.counters.setdefault(key, 0)
 
     def validate_group(self, group: dict) -> None:
-        check_lr("lr", group["lr"])
-        check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
-        check_bool("nesterov", group["nesterov"])
-        check_batch_dims(group)
+        super().validate_group(group)
         if group["scale"] not in SPECGD_SCALES:
             raise ValueError(f"Invalid scale: {group['scale']!r} (allowed: {', '.join(map(repr, SPECGD_SCALES))})")
-        check_weight_decay(group["weight_decay"])
         dtype = group["svd_dtype"]
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             raise ValueError(f"Invalid svd_dtype: {dtype!r} (allowed: None, torch.float32 or torch.float64)")
-        check_lr("adam_lr", group["adam_lr"])
-        check_betas("adam_betas", group["adam_betas"])
-        check_range("adam_eps", group["adam_eps"], 0.0)
-        check_ema_rate(group["ema_rate"])
-        check_role(group["role"])
-        check_range("lr_scale", group["lr_scale"], 0.0)
 
     def _orthogonalize(self, X: torch.Tensor, group: dict) -> torch.Tensor:
         result = svd_polar(X, group["svd_dtype"] or X.dtype)

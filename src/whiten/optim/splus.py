@@ -9,9 +9,10 @@ import torch
 
 from ..averaging import AUTO, AveragingMixin, check_ema_rate
 from ..linalg import rotate, unrotate, update_factors
-from ..roles import NO_DECAY_ROLES, role_from_shape
+from ..roles import role_from_shape
 from ._base import WhitenOptimizer, bucket, check_betas, check_bool, check_int, check_range, check_role, state_dtype
 from ._base import check_lr, check_weight_decay, rotation_dtype
+from .update import decays, grads_in, step_all
 
 __all__ = ["SPlus"]
 
@@ -39,7 +40,7 @@ def _layout(p: torch.Tensor, group: dict) -> _Layout:
         matrix = None
     standard = matrix is not None and left and right and role in ("hidden", "conv")
     scale = 2.0 / (matrix[0] + matrix[1]) if standard else group["nonstandard_constant"]
-    return _Layout(matrix, left, right, scale, role not in NO_DECAY_ROLES)
+    return _Layout(matrix, left, right, scale, decays(p, group))
 
 
 class SPlus(AveragingMixin, WhitenOptimizer):
@@ -161,8 +162,7 @@ class SPlus(AveragingMixin, WhitenOptimizer):
             states.append(state)
 
         moms = [s["momentum"] for s in states]
-        grads = [p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype) for p, m in zip(params, moms)]
-        thetas = [p if p.dtype == m.dtype else p.to(m.dtype) for p, m in zip(params, moms)]
+        grads = grads_in(params, moms)
         torch._foreach_lerp_(moms, grads, 1.0 - beta1)
         # The average is of the pre-update parameters (the experiment code; the released torch file differs).
         self.update_averages(group, params, states)
@@ -181,14 +181,7 @@ class SPlus(AveragingMixin, WhitenOptimizer):
         # theta <- theta - s*(U + wd*theta), written as theta*(1 - s*wd) - s*U so it is two fused passes.
         keep = [1.0 - lr * lay.scale * group["weight_decay"] * lay.decay for lay in layouts]
         torch._foreach_mul_(updates, [-lr * lay.scale for lay in layouts])
-        same = [i for i, p in enumerate(params) if p.dtype == moms[i].dtype]
-        low = [i for i, p in enumerate(params) if p.dtype != moms[i].dtype]
-        if same:
-            ps = [params[i] for i in same]
-            torch._foreach_mul_(ps, [keep[i] for i in same])
-            torch._foreach_add_(ps, [updates[i] for i in same])
-        for i in low:  # low-precision parameters: update in the state dtype, round once
-            params[i].copy_(thetas[i].mul(keep[i]).add_(updates[i]))
+        step_all(params, [m.dtype for m in moms], updates, keep)
 
         due = [i for i in whitened
                if states[i]["step"] == 1 or states[i]["step"] % group["inverse_every"] == 0]

@@ -11,9 +11,9 @@ import torch
 
 from ..averaging import AveragingMixin
 from ..fisher import FisherMixin
-from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import (WhitenOptimizer, check_ema_rate, check_int, check_range, check_role, state_dtype)
 from ._base import check_lr, check_weight_decay
+from .update import decays, grad_in, step_to
 
 __all__ = ["TNT", "CONV_RESHAPES"]
 
@@ -29,7 +29,6 @@ class _Layout(NamedTuple):
 
 
 def _layout(p: torch.Tensor, group: dict) -> _Layout:
-    role = group["role"] or role_from_shape(p)
     shape = tuple(p.shape)
     if p.ndim == 0:
         shape = (1,)
@@ -38,7 +37,7 @@ def _layout(p: torch.Tensor, group: dict) -> _Layout:
     elif p.ndim >= 3 and group["conv_reshape"] == "kfac":
         shape = (shape[0], math.prod(shape[1:]))
     limit = group["max_precond_dim"]
-    return _Layout(shape, tuple(d <= limit for d in shape), role not in NO_DECAY_ROLES)
+    return _Layout(shape, tuple(d <= limit for d in shape), decays(p, group))
 
 
 def mode_contraction(G: torch.Tensor, k: int) -> torch.Tensor:
@@ -217,15 +216,11 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
             due = t % (self.update_freq if t < self.inverse_freq else self.inverse_freq) == 0
             if due and s["captures"] > 0:
                 self._refresh_inverses(s, lay, group["damping"])
-            g = p.grad if p.grad.dtype == dtype else p.grad.to(dtype)
+            g = grad_in(p, dtype)
             m = s["momentum"].mul_(mu).add_(g)
             inverses = [s.get(f"inverse_{i}") for i in range(len(lay.modes))]
             delta = precondition(m.reshape(lay.modes), inverses, s["inverse_scale"]).reshape(p.shape)
-            keep = 1.0 - lr * group["weight_decay"] * lay.decay
-            if p.dtype == dtype:
-                p.mul_(keep).add_(delta, alpha=-lr)
-            else:  # low-precision parameter: update in the state dtype, round once
-                p.copy_(p.to(dtype).mul_(keep).add_(delta, alpha=-lr))
+            step_to(p, dtype, delta, -lr, keep=1.0 - lr * group["weight_decay"] * lay.decay)
 
     @staticmethod
     def _update_factors(s: dict, lay: _Layout, G: torch.Tensor, t: int, group: dict) -> None:

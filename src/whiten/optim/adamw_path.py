@@ -1,0 +1,86 @@
+"""AdamW for the parameters a matrix method does not take (embeddings, heads, vectors), shared by every optimizer
+that steps the rest with its own rule (Muon, SpecGD): the groups, their lr as a ratio to the shared lr, and the
+step itself, with torch.optim.AdamW's arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._base import check_betas, check_lr, check_range
+from .update import decays, grads_in, write
+
+__all__ = ["AdamWPath", "adamw_step", "check_adamw_path"]
+
+
+def check_adamw_path(group: dict) -> None:
+    check_lr("adam_lr", group["adam_lr"])
+    check_betas("adam_betas", group["adam_betas"])
+    check_range("adam_eps", group["adam_eps"], 0.0)
+    check_range("lr_scale", group["lr_scale"], 0.0)
+
+
+def adamw_step(group: dict, params: list[torch.Tensor], states: list[dict]) -> None:
+    """One AdamW step (decoupled decay where :func:`decays`, bias correction) of ``params`` with their ``states``
+    (``step`` already counted, ``exp_avg``, ``exp_avg_sq``): β1 = the group's ``momentum``, β2 =
+    ``adam_betas[1]``, lr = ``lr × lr_scale``, ε = ``adam_eps``."""
+    beta1, beta2 = group["momentum"], group["adam_betas"][1]
+    lr, eps = float(group["lr"]) * group["lr_scale"], group["adam_eps"]
+    m = [s["exp_avg"] for s in states]
+    v = [s["exp_avg_sq"] for s in states]
+    grads = grads_in(params, m)
+    torch._foreach_lerp_(m, grads, 1.0 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, grads, grads, 1.0 - beta2)
+    # torch.optim.AdamW's arithmetic: p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
+    steps = [s["step"] for s in states]
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in steps])
+    torch._foreach_add_(denom, eps)
+    for p, mi, di, t in zip(params, m, denom, steps):
+        keep = 1.0 - lr * group["weight_decay"] * decays(p, group)
+        step = -lr / (1.0 - beta1**t)
+        write(p, mi.dtype, lambda x, mi=mi, di=di, keep=keep, step=step: x.mul_(keep).addcdiv_(mi, di, value=step))
+
+
+class AdamWPath:
+    """Mixin for an optimizer whose rule covers some parameters (:meth:`uses_own_rule`) and AdamW the others.
+
+    Its defaults carry ``adam_lr``, ``adam_betas``, ``adam_eps`` and ``lr_scale``. A group without a role that mixes
+    both kinds (e.g. ``model.parameters()``) is split into two groups. A group whose parameters all go to AdamW and
+    that sets no ``lr`` of its own keeps the shared ``lr`` and gets ``lr_scale = adam_lr / lr``, and, unless it sets
+    ``momentum``, ``momentum = adam_betas[0]``: every group carries the same ``lr`` and ``momentum`` keys, so a loop
+    that writes one lr into every group (nanoGPT's ``g['lr'] = lr``) keeps AdamW's ratio to the shared lr, and
+    ``OneCycleLR(cycle_momentum=True)`` cycles μ and AdamW's β1 alike."""
+
+    def uses_own_rule(self, p: torch.Tensor, role: str | None) -> bool:
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if param_group.get("role") is None:
+            own = [p for p in params if self.uses_own_rule(p, None)]
+            adam = [p for p in params if not self.uses_own_rule(p, None)]
+            if own and adam:  # split so each path has its own lr
+                super().add_param_group({**param_group, "params": own})
+                try:
+                    self.add_param_group({**param_group, "params": adam})
+                except Exception:
+                    self.param_groups.pop()  # all or nothing: not the first half alone
+                    raise
+                return
+        group = {**param_group, "params": params}
+        if params and not any(self.uses_own_rule(p, group.get("role")) for p in params):  # stepped by AdamW
+            if "lr" not in group and "lr_scale" not in group:
+                # A ratio to the shared lr, not an lr of its own: schedulers and loops that write g["lr"] into
+                # every group then move AdamW with the rest instead of overwriting adam_lr.
+                lr, adam_lr = self.defaults["lr"], group.get("adam_lr", self.defaults["adam_lr"])
+                if isinstance(lr, (int, float)) and lr > 0:
+                    group["lr_scale"] = adam_lr / lr
+                else:
+                    group["lr"] = adam_lr
+            if "momentum" not in group:
+                group["momentum"] = group.get("adam_betas", self.defaults["adam_betas"])[0]
+        super().add_param_group(group)

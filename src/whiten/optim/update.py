@@ -1,0 +1,70 @@
+"""What every optimizer does around its own math, written once: which parameters decay, the gradient in the state's
+dtype, and the write of the new value into the parameter, computed in the state's dtype and rounded once into a
+low-precision (bf16, fp16) parameter, so that small steps are not lost to the parameter's rounding at every
+intermediate operation."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..roles import NO_DECAY_ROLES, role_from_shape
+
+__all__ = ["decays", "grad_in", "grads_in", "write", "step_to", "step_all"]
+
+
+def decays(p: torch.Tensor, group: dict) -> bool:
+    """Whether weight decay applies to ``p``: not for the ``vector`` and ``embedding`` roles (the SPlus paper's mask:
+    biases, norm gains, embeddings), taken from the group's role, else from ``p``'s shape."""
+    return (group["role"] or role_from_shape(p)) not in NO_DECAY_ROLES
+
+
+def grad_in(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``p.grad`` in ``dtype`` (the state's): the gradient itself when it has it, else a cast copy. Never written."""
+    return p.grad if p.grad.dtype == dtype else p.grad.to(dtype)
+
+
+def grads_in(params: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`grad_in` for each parameter, in the dtype of the matching tensor of ``like`` (its state)."""
+    return [grad_in(p, t.dtype) for p, t in zip(params, like)]
+
+
+def write(p: torch.Tensor, dtype: torch.dtype, update: Callable[[torch.Tensor], object]) -> None:
+    """Run ``update`` (in place, on the parameter's value) in ``dtype``: on ``p`` itself when it has that dtype, else
+    on a ``dtype`` copy that is rounded once into ``p``. For updates whose arithmetic is an optimizer's own (its
+    reference's order of operations); :func:`step_to` covers the common one."""
+    x = p if p.dtype == dtype else p.to(dtype)
+    update(x)
+    if x is not p:
+        p.copy_(x)
+
+
+def step_to(p: torch.Tensor, dtype: torch.dtype, direction: torch.Tensor, alpha: float, keep: float = 1.0,
+            decay_first: bool = True) -> None:
+    """``θ ← keep·θ + alpha·direction`` (``decay_first``: decoupled decay of the old value, AdamW's order) or
+    ``θ ← keep·(θ + alpha·direction)`` (decay after the step: SOAP's order), where ``keep = 1 − lr·λ`` (1 where
+    :func:`decays` is False), computed in ``dtype`` and rounded once into a low-precision ``p``."""
+    def update(x: torch.Tensor) -> None:
+        if decay_first:
+            if keep != 1.0:
+                x.mul_(keep)
+            x.add_(direction, alpha=alpha)
+        else:
+            x.add_(direction, alpha=alpha).mul_(keep)
+
+    write(p, dtype, update)
+
+
+def step_all(params: list[torch.Tensor], dtypes: list[torch.dtype], updates: list[torch.Tensor],
+             keeps: list[float]) -> None:
+    """``θ ← keep·θ + update`` for many parameters: fused (``_foreach``) for those that have their state's dtype,
+    one at a time, in the state's dtype and rounded once, for low-precision ones. ``updates`` are already scaled."""
+    same = [i for i, p in enumerate(params) if p.dtype == dtypes[i]]
+    if same:
+        ps = [params[i] for i in same]
+        torch._foreach_mul_(ps, [keeps[i] for i in same])
+        torch._foreach_add_(ps, [updates[i] for i in same])
+    for i, p in enumerate(params):
+        if p.dtype != dtypes[i]:
+            p.copy_(p.to(dtypes[i]).mul_(keeps[i]).add_(updates[i]))
