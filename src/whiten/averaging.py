@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["AUTO", "HORIZON", "AveragingMixin", "average_weight", "averaged_value", "check_ema_rate"]
+__all__ = ["AUTO", "HORIZON", "AveragingMixin", "SwapsWeights", "average_weight", "averaged_value", "check_ema_rate"]
 
 AUTO = "auto"
 # The "auto" average covers about this fraction of the steps taken: the paper's ema_rate 0.999 over 10k steps.
@@ -60,7 +60,48 @@ def averaged_value(ema: torch.Tensor, ema_rate, step: int) -> torch.Tensor:
     return ema / (1.0 - ema_rate**step)
 
 
-class AveragingMixin:
+class SwapsWeights:
+    """Mixin of an optimizer with an eval mode (parameter averaging, Schedule-Free): its groups carry ``train_mode``,
+    and ``eval()`` keeps the live weights in ``state["live"]``. It owns these entries of the checkpoints."""
+
+    @staticmethod
+    def swaps_weights(group: dict) -> bool:
+        """Whether eval() swaps this group's parameters; its state dict then carries the mode."""
+        raise NotImplementedError
+
+    def extend_state_dict(self, sd: dict) -> None:
+        """An optimizer with an eval mode (parameter averaging, Schedule-Free) saves its mode and the live weights
+        (``state["live"]`` in eval mode). DCP loads only the keys that the loading optimizer's own state dict has, and
+        a fresh optimizer is in train mode: without the same keys in every state dict an eval-mode checkpoint came
+        back as a train-mode one whose model held the average, and training went on from the average. So each
+        swapping group always carries ``train_mode`` and each of its parameters a ``"live"`` entry: the saved live
+        weights in eval mode, else a copy of the parameter (a parameter not swapped, or train mode).
+        :meth:`load_state_dict` keeps them only for a group in eval mode. A copy, not the parameter itself: DCP loads
+        in place, into the template's tensors, and a slot sharing the parameter's storage would take the model's
+        weights or the live ones, whichever DCP wrote last."""
+        super().extend_state_dict(sd)
+        index = 0
+        for saved, group in zip(sd["param_groups"], self.param_groups):
+            if self.swaps_weights(group):
+                saved["train_mode"] = group.get("train_mode", True)
+                for i, p in enumerate(group["params"], start=index):
+                    entry = sd["state"].get(i, {})
+                    # a new dict: the optimizer's own state is left as it is
+                    sd["state"][i] = {**entry, "live": entry["live"] if "live" in entry else p.detach().clone()}
+            index += len(group["params"])
+
+    def after_load(self) -> None:
+        super().after_load()
+        for group in self.param_groups:  # train mode: a saved "live" is only the slot state_dict() adds
+            if group.get("train_mode", True):
+                for p in group["params"]:
+                    if p in self.state:
+                        self.state[p].pop("live", None)
+                        if not self.state[p]:
+                            del self.state[p]
+
+
+class AveragingMixin(SwapsWeights):
     """eval()/train() for a torch.optim.Optimizer whose state holds ``"ema"`` and ``"step"`` per parameter and whose
     groups hold ``"ema_rate"`` (see the module's docstring).
 
@@ -77,6 +118,14 @@ class AveragingMixin:
     def swaps_weights(group: dict) -> bool:
         """Whether eval() swaps this group's parameters (it averages); its state dict then carries the mode."""
         return group.get("ema_rate") is not None
+
+    def check_state_entry(self, pid, p: torch.Tensor, entry: dict, group: dict) -> None:
+        super().check_state_entry(pid, p, entry, group)
+        if (group.get("ema_rate") is not None and "ema" not in entry and isinstance(entry.get("step"), int)
+                and entry["step"] > 0):  # the average would restart from zero in the middle of the run
+            raise ValueError(f"{type(self).__name__}.load_state_dict: state of parameter {pid!r} (shape "
+                             f"{tuple(p.shape)}) lacks 'ema', the average its group keeps (another optimizer's "
+                             "settings?)")
 
     @torch.no_grad()
     def eval(self):

@@ -402,53 +402,38 @@ class FisherMixin:
             self._fisher_sharded = False
             self._fisher, self.fisher_n = {}, 0
 
-    # ----- checkpoints and pickling ---------------------------------------------------------------------------------
-    def _fisher_state(self) -> dict:
-        return {"seed": self.fisher_seed, "steps": self.fisher_steps, "skipped": self.fisher_skipped}
+    # ----- checkpoints and copies (whiten.optim.checkpoints) --------------------------------------------------------
+    GLOBAL_STATE_KEYS = ("fisher",)
 
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["param_groups"][0]["fisher"] = self._fisher_state()
-        return sd
+    def global_state(self) -> dict:
+        return {**super().global_state(),
+                "fisher": {"seed": self.fisher_seed, "steps": self.fisher_steps, "skipped": self.fisher_skipped}}
 
-    def check_state_dict(self, state_dict) -> None:
-        super().check_state_dict(state_dict)
-        groups = state_dict.get("param_groups") or [{}]
-        saved = groups[0].get("fisher")
-        if saved is None:
+    def check_global_state(self, saved: dict, state_dict: dict) -> None:
+        super().check_global_state(saved, state_dict)
+        fisher = saved.get("fisher")
+        if fisher is None:
             return
         name = type(self).__name__
         try:
-            values = [int(saved[k]) for k in ("seed", "steps", "skipped")]
+            values = [int(fisher[k]) for k in ("seed", "steps", "skipped")]
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{name}.load_state_dict: the checkpoint's sampling state is unreadable ({e!r}); "
                              "expected {'seed', 'steps', 'skipped'} integers") from None
         if min(values) < 0:
-            raise ValueError(f"{name}.load_state_dict: the checkpoint's sampling state has a negative entry {saved}")
+            raise ValueError(f"{name}.load_state_dict: the checkpoint's sampling state has a negative entry {fisher}")
 
-    def load_state_dict(self, state_dict) -> None:
-        groups = state_dict.get("param_groups") or [{}]
-        saved = groups[0].get("fisher")
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            group.pop("fisher", None)
-        if saved is not None:
+    def load_global_state(self, saved: dict) -> None:
+        super().load_global_state(saved)
+        fisher = saved.get("fisher")
+        if fisher is not None:
             self.fisher_seed, self.fisher_steps, self.fisher_skipped = (
-                int(saved["seed"]), int(saved["steps"]), int(saved["skipped"]))
+                int(fisher["seed"]), int(fisher["steps"]), int(fisher["skipped"]))
+
+    def reset_transient(self) -> None:
+        super().reset_transient()
         self._reset_fisher_transient()
 
-    # settings kept as attributes (not group keys) that a pickled copy must keep; subclasses extend it
-    PICKLED_SETTINGS: tuple[str, ...] = ()
-
-    def __getstate__(self):
-        state = super().__getstate__()  # torch keeps defaults, state and param_groups only
-        state.update({k: getattr(self, k) for k in ("fisher_seed", "fisher_steps", "fisher_skipped",
-                                                   *self.PICKLED_SETTINGS)})
-        return state  # kept gradients are transient (between a sample_fisher and its step): not pickled
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.__dict__.setdefault("fisher_seed", 0)
-        self.__dict__.setdefault("fisher_steps", 0)
-        self.__dict__.setdefault("fisher_skipped", 0)
+    def after_load(self) -> None:
+        super().after_load()
         self._reset_fisher_transient()

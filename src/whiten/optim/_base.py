@@ -1,114 +1,26 @@
-"""What every whiten optimizer shares: argument checks, the non-finite-gradient policy, same-shape state kept in
-stacks, state_dict hygiene and counters users can read."""
+"""The step of every whiten optimizer: construction and its checks, the non-finite-gradient policy, the
+distributed step (one owner per parameter), recovery from overflow, and the hooks an optimizer fills in with its
+math. The rest lives beside it: argument checks (``checks``), stacked state (``stacks``), checkpoints and copies
+(``checkpoints``), the decay rule and the update tail (``update``)."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
-from collections import defaultdict
-from typing import Callable, Iterable
 
 import torch
 
 from .. import distributed as wdist
-from ..linalg import finite_flags, robust_eigh_basis, warn_eigh_failure
-from ..roles import ROLES
+from ..linalg import finite_flags
+from .checkpoints import Checkpoints
+from .checks import LR_MAX
+from .stacks import StackedState
 
 NONFINITE_POLICIES = ("skip", "raise")
+BASE_COUNTERS = ("skipped_steps", "eigh_retries", "eigh_failures", "factor_restarts")
 
 
-# Upper bounds: no run trains with a larger step or decay, and beyond ~1e38 the step sizes no longer fit the
-# float32 scalars of in-place kernels (a float-conversion error mid-step); inf gives NaN parameters in one step.
-LR_MAX = 1e6
-WEIGHT_DECAY_MAX = 1e6
-
-
-def check_range(name: str, value, low: float, high: float = math.inf, *, low_open: bool = False,
-                high_open: bool = False) -> None:
-    """Raise a ValueError naming ``name`` unless ``low <= value <= high`` (open ends where asked). Infinity is never
-    accepted: no hyperparameter of these optimizers works at inf (the step or the decay becomes NaN)."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Invalid {name}: expected a number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"Invalid {name}: expected a number, got {value!r}")
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if math.isnan(value) or math.isinf(value) or below or above:
-        lo = "(" if low_open else "["
-        hi = ")" if high_open or math.isinf(high) else "]"
-        raise ValueError(f"Invalid {name}: {value!r} (allowed: {lo}{low}, {high}{hi})")
-
-
-def check_lr(name: str, value) -> None:
-    check_range(name, value, 0.0, LR_MAX)
-
-
-def check_weight_decay(value) -> None:
-    check_range("weight_decay", value, 0.0, WEIGHT_DECAY_MAX)
-
-
-def check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"Invalid {name}: {value!r} (allowed: an integer >= {low})")
-
-
-def check_ema_rate(value) -> None:
-    """``ema_rate`` is None (no averaging), ``"auto"`` (whiten.averaging) or a rate in [0, 1)."""
-    if value is not None and value != "auto":
-        check_range("ema_rate", value, 0.0, 1.0, high_open=True)
-
-
-def check_betas(name: str, betas, count: int = 2) -> None:
-    if not isinstance(betas, (tuple, list)) or len(betas) != count:
-        raise ValueError(f"Invalid {name}: {betas!r} (allowed: a tuple of {count} numbers, each in [0, 1))")
-    for i, b in enumerate(betas):
-        check_range(f"{name}[{i}]", b, 0.0, 1.0, high_open=True)
-
-
-def check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"Invalid {name}: {value!r} (allowed: True or False)")
-
-
-def check_role(value) -> None:
-    if value is not None and value not in ROLES:
-        raise ValueError(f"Invalid role: {value!r} (allowed: None or one of {', '.join(ROLES)})")
-
-
-# What ``rotation_dtype`` (SPlus, SOAP) accepts: None (off) or bfloat16, spelled as a dtype or as a string.
-ROTATION_DTYPES = {None: None, torch.bfloat16: torch.bfloat16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def rotation_dtype(value) -> torch.dtype | None:
-    """The dtype of the rotations into and out of the eigenbasis: None (the state dtype) or torch.bfloat16.
-    Raises a ValueError naming ``rotation_dtype`` for anything else."""
-    try:
-        return ROTATION_DTYPES[value]
-    except (KeyError, TypeError):  # TypeError: an unhashable value
-        raise ValueError(f"Invalid rotation_dtype: {value!r} (allowed: None, torch.bfloat16, 'bf16' or "
-                         "'bfloat16')") from None
-
-
-def state_dtype(p: torch.Tensor) -> torch.dtype:
-    """Optimizer state is float32 whatever the parameter's dtype, float64 for float64 parameters."""
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-
-def bucket(items: Iterable, key: Callable) -> dict:
-    out: dict = defaultdict(list)
-    for item in items:
-        out[key(item)].append(item)
-    return out
-
-
-def _new_counters() -> dict:
-    return {"skipped_steps": 0, "eigh_retries": 0, "eigh_failures": 0, "factor_restarts": 0}
-
-
-class WhitenOptimizer(torch.optim.Optimizer):
+class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
     """Base class: a torch.optim.Optimizer with whiten's checks, counters and state handling.
 
     Counters (``optimizer.counters``, saved in the state_dict's first param group, where
@@ -136,14 +48,17 @@ class WhitenOptimizer(torch.optim.Optimizer):
                              "torch.distributed.ProcessGroup, e.g. torch.distributed.group.WORLD)")
         self.nonfinite = nonfinite
         self.process_group = process_group
-        self.counters = _new_counters()
-        self._stacks: dict = {}
-        self.stack_builds = 0  # how many times stacks were (re)built: after the first steps, only when members change
+        self.counters = self.new_counters()
+        self.reset_stacks()
         self._dist = None  # (parameter identities, DistributedContext or None), rebuilt when parameters change
         self._checked: list[list[tuple[int, tuple]]] = []  # per group: (id, shape) of each tensor as validated
         self._checked_key = None  # the tensors' identities at the last check_parameters, None before the first step
-        self._member_keys: dict = {}  # group index -> [(member, bucket key)], valid for one step
         super().__init__(params, defaults)
+
+    EXTRA_COUNTERS: tuple[str, ...] = ()  # an optimizer's own counters, beside BASE_COUNTERS
+
+    def new_counters(self) -> dict:
+        return {k: 0 for k in (*BASE_COUNTERS, *self.EXTRA_COUNTERS)}
 
     # ----- construction -------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -152,6 +67,9 @@ class WhitenOptimizer(torch.optim.Optimizer):
             super().add_param_group(param_group)
         try:
             self._check_group(len(self.param_groups) - 1)
+            error = self.groups_error(self.param_groups, "")
+            if error:
+                raise ValueError(error)
         except ValueError:
             self.param_groups.pop()  # leave the optimizer as it was before the call
             raise
@@ -222,56 +140,6 @@ class WhitenOptimizer(torch.optim.Optimizer):
         if ctx is None:
             return params
         return [ctx.view(p) for p in params if ctx.owns(p)]
-
-    def bucket_stacks(self, gi: int, key, present: list[torch.Tensor], key_of: Callable,
-                      shapes: dict[str, tuple[int, ...]]) -> tuple[dict, torch.Tensor | None]:
-        """Stable stacks: :meth:`stacked_state` over every parameter of group ``gi`` with state whose bucket key
-        (``key_of(p)``) is ``key``, with or without a gradient this step, so a missing gradient neither rebuilds
-        the stacks nor keeps an old stack alive. Returns the stacks and the positions of ``present`` in them
-        (None when they are all the members, in order)."""
-        keyed = self._member_keys.get(gi)  # the group's members and their keys, once per step
-        if keyed is None:
-            keyed = self._member_keys[gi] = [(q, key_of(q)) for q in self.group_members(gi) if self.state.get(q)]
-        members = [q for q, k in keyed if k == key]
-        stacks = self.stacked_state(key, members, shapes)
-        if len(members) == len(present) and all(a is b for a, b in zip(members, present)):
-            return stacks, None
-        where = {id(q): j for j, q in enumerate(members)}
-        return stacks, torch.tensor([where[id(p)] for p in present], device=present[0].device)
-
-    def stacked_state(self, key, params: list[torch.Tensor], shapes: dict[str, tuple[int, ...]],
-                      names: list[dict[str, str]] | None = None) -> dict:
-        """``{slot: (B, *shape) tensor}`` whose slices ARE ``self.state[p][slot]`` for ``params`` (in order).
-
-        The first call for a set of parameters copies their state tensors into one stack per slot and makes every
-        state entry a view of it, so later steps run batched kernels on the stack in place with no copies. When the
-        members change or a state entry was replaced (``load_state_dict``), the stack is rebuilt the same way.
-        State stays per parameter for checkpoints: the views serialize as ordinary tensors.
-
-        ``names`` (one ``{slot: state key}`` per member) stacks entries whose keys differ between members, such as
-        the blocks of one parameter in Shampoo; a parameter may then appear more than once. By default each slot is
-        the state key of the same name.
-        """
-        if names is None:
-            names = [{slot: slot for slot in shapes}] * len(params)
-        entry = self._stacks.get(key)
-        if entry is not None:
-            members, stacks, views = entry
-            if (len(members) == len(params)
-                    and all(a is p and an == n for (a, an), p, n in zip(members, params, names))
-                    and all(self.state[p][n[slot]] is views[slot][j]
-                            for slot in shapes for j, (p, n) in enumerate(zip(params, names)))):
-                return stacks
-        self.stack_builds += 1
-        stacks, views = {}, {}
-        for slot, shape in shapes.items():
-            originals = [self.state[p][n[slot]] for p, n in zip(params, names)]
-            stacks[slot] = torch.stack([t.reshape(shape) for t in originals])
-            views[slot] = [stacks[slot][j].view(t.shape) for j, t in enumerate(originals)]
-            for p, n, v in zip(params, names, views[slot]):
-                self.state[p][n[slot]] = v
-        self._stacks[key] = (list(zip(params, names)), stacks, views)
-        return stacks
 
     # ----- distribution ---------------------------------------------------------------------------------------
     def work_cost(self, p: torch.Tensor, group: dict) -> float:
@@ -435,6 +303,9 @@ class WhitenOptimizer(torch.optim.Optimizer):
             if isinstance(lr, (int, float)) and not isinstance(lr, bool) and not 0.0 <= lr <= LR_MAX:
                 raise ValueError(f"{type(self).__name__}.step(): group {gi} has lr {lr!r} (allowed: [0, {LR_MAX:g}]); "
                                  "a scheduler or a write to param_groups set it")
+        error = self.groups_error(self.param_groups, ".step()")
+        if error:
+            raise ValueError(error + " (a scheduler or a write to param_groups set it)")
 
     def before_step(self, work: list[tuple[dict, list[torch.Tensor]]]) -> None:
         """Called on every rank with every parameter that has a gradient (owned or not) before :meth:`apply_step`,
@@ -521,38 +392,6 @@ class WhitenOptimizer(torch.optim.Optimizer):
                           "huge finite gradient?); the overflowed entries restart from zero. Counted in "
                           "counters['factor_restarts']; this warning is shown once.", RuntimeWarning, stacklevel=4)
 
-    # ----- Shampoo factors and their eigenbases ---------------------------------------------------------------
-    @staticmethod
-    def factor_state(state: dict, matrix: tuple[int, int], left: bool, right: bool, dtype, device) -> dict:
-        """Add zero factors ``factor_left`` (m, m) / ``factor_right`` (n, n) and identity bases ``basis_*`` for the
-        sides of an (m, n) matrix view that have a factor; returns ``state``."""
-        for side, d, present in (("left", matrix[0], left), ("right", matrix[1], right)):
-            if present:
-                state[f"factor_{side}"] = torch.zeros(d, d, dtype=dtype, device=device)
-                state[f"basis_{side}"] = torch.eye(d, dtype=dtype, device=device)
-        return state
-
-    def refresh_bases(self, states: list[dict], eps: float, descending: bool = False) -> None:
-        """``basis_*`` = eigenvectors of ``factor_* + eps·I`` (ascending eigenvalues, or descending), grouped by
-        (size, dtype, device) for robust_eigh_basis; a matrix whose eigendecomposition fails keeps its old basis and
-        is counted."""
-        pairs = [(s[f"factor_{side}"], s[f"basis_{side}"]) for s in states for side in ("left", "right")
-                 if f"factor_{side}" in s]
-        # an overflowed factor restarts from zero and keeps its basis this time (not an eigh failure)
-        restarted = self.restart_nonfinite([f for f, _ in pairs])
-        pairs = [fb for fb, r in zip(pairs, restarted) if not r]
-        key = (lambda fb: (fb[0].shape, fb[0].dtype, fb[0].device)) if getattr(self, "batched", True) else id
-        for group_pairs in bucket(pairs, key).values():
-            result = robust_eigh_basis([f for f, _ in group_pairs], eps)
-            self.counters["eigh_retries"] += result.retried
-            for (_, basis), ok, vectors in zip(group_pairs, result.ok, result.vectors):
-                if ok:
-                    basis.copy_(vectors.flip(-1) if descending else vectors)
-            failed = result.ok.count(False)
-            if failed:
-                self.counters["eigh_failures"] += failed
-                warn_eigh_failure(type(self).__name__, failed)
-
     # ----- gradients ------------------------------------------------------------------------------------------
     def params_with_grad(self) -> list[tuple[dict, list[torch.Tensor]]]:
         """(group, its parameters that have a gradient), rejecting sparse gradients by name."""
@@ -593,176 +432,3 @@ class WhitenOptimizer(torch.optim.Optimizer):
         self.counters["skipped_steps"] += 1
         warnings.warn(message + "; step skipped, optimizer state untouched "
                       f"({self.counters['skipped_steps']} skipped so far)", RuntimeWarning, stacklevel=stacklevel)
-
-    # ----- pickling and checkpoints ----------------------------------------------------------------------------
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.update(nonfinite=self.nonfinite, counters=dict(self.counters), batched=getattr(self, "batched", True))
-        state.pop("_dist", None)  # communicators do not pickle; a copy plans its own
-        state.pop("_checked", None)  # identities of this process's tensors
-        state.pop("_checked_key", None)
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.__dict__.setdefault("nonfinite", "skip")
-        self.__dict__.setdefault("counters", _new_counters())
-        self.__dict__.setdefault("batched", True)
-        self.__dict__.setdefault("process_group", None)
-        self._stacks = {}  # rebuilt on the next step
-        self.stack_builds = 0
-        self._dist = None
-        self._member_keys = {}
-        self._checked = [[(id(p), tuple(p.shape)) for p in g["params"]] for g in self.param_groups]
-        self._checked_key = None
-
-    def state_dict(self):
-        """torch's state dict; the counters travel in the first param group, which DCP keeps. In a distributed
-        run each rank's dict holds the full state of the parameters it owns and ``{}`` for the others."""
-        sd = super().state_dict()
-        sd["param_groups"][0]["whiten_counters"] = dict(self.counters)
-        sd["param_groups"][0]["whiten_optimizer"] = type(self).__name__
-        swaps = getattr(self, "swaps_weights", None)
-        if swaps is not None:
-            self._with_live_slots(sd, swaps)
-        return sd
-
-    def _with_live_slots(self, sd: dict, swaps) -> None:
-        """An optimizer with an eval mode (parameter averaging, Schedule-Free) saves its mode and the live weights
-        (``state["live"]`` in eval mode). DCP loads only the keys that the loading optimizer's own state dict has, and
-        a fresh optimizer is in train mode: without the same keys in every state dict an eval-mode checkpoint came
-        back as a train-mode one whose model held the average, and training went on from the average. So each
-        swapping group always carries ``train_mode`` and each of its parameters a ``"live"`` entry: the saved live
-        weights in eval mode, else a copy of the parameter (a parameter not swapped, or train mode).
-        :meth:`load_state_dict` keeps them only for a group in eval mode. A copy, not the parameter itself: DCP loads
-        in place, into the template's tensors, and a slot sharing the parameter's storage would take the model's
-        weights or the live ones, whichever DCP wrote last."""
-        index = 0
-        for saved, group in zip(sd["param_groups"], self.param_groups):
-            if swaps(group):
-                saved["train_mode"] = group.get("train_mode", True)
-                for i, p in enumerate(group["params"], start=index):
-                    entry = sd["state"].get(i, {})
-                    # a new dict: the optimizer's own state is left as it is
-                    sd["state"][i] = {**entry, "live": entry["live"] if "live" in entry else p.detach().clone()}
-            index += len(group["params"])
-
-    # state entries with the parameter's shape, whatever the optimizer
-    PARAMETER_SHAPED = ("momentum", "exp_avg", "exp_avg_sq", "ema", "z", "graft", "live")
-
-    def check_state_dict(self, state_dict) -> None:
-        """Refuse, before anything changes, a checkpoint of another optimizer or of another model, or one whose
-        hyperparameters this optimizer would refuse: a ValueError that names what is wrong."""
-        name = type(self).__name__
-        saved_groups = state_dict.get("param_groups")
-        if not isinstance(saved_groups, list) or "state" not in state_dict:
-            raise ValueError(f"{name}.load_state_dict: not an optimizer state dict (needs 'state' and 'param_groups')")
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"{name}.load_state_dict: the checkpoint has {len(saved_groups)} param groups, this "
-                             f"optimizer {len(self.param_groups)} (another model or another grouping)")
-        saved_by = saved_groups[0].get("whiten_optimizer") if saved_groups else None
-        if saved_by is not None and saved_by != name:
-            raise ValueError(f"{name}.load_state_dict: the checkpoint is a {saved_by}'s, not a {name}'s")
-        id_to_param = {}
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"{name}.load_state_dict: group {gi} has {len(saved['params'])} parameters in the "
-                                 f"checkpoint and {len(group['params'])} here (another model?)")
-            id_to_param.update(zip(saved["params"], group["params"]))
-            candidate = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-            try:
-                self.validate_group(candidate)
-            except (ValueError, KeyError) as e:
-                raise ValueError(f"{name}.load_state_dict: group {gi} of the checkpoint: {e}") from None
-        group_of = {pid: gi for gi, saved in enumerate(saved_groups) for pid in saved["params"]}
-        for pid, entry in state_dict["state"].items():
-            p = id_to_param.get(pid)
-            if p is None:
-                raise ValueError(f"{name}.load_state_dict: state for parameter {pid!r}, which no group lists")
-            if not isinstance(entry, dict):
-                raise ValueError(f"{name}.load_state_dict: state of parameter {pid!r} is not a dict")
-            gi = group_of[pid]
-            # an empty entry, or one with only live weights, marks a parameter another rank owned (distributed)
-            owned_elsewhere = set(entry) <= {"live"}
-            expected = None if owned_elsewhere else self.expected_state(p, {**self.param_groups[gi], **{
-                k: v for k, v in saved_groups[gi].items() if k != "params"}})
-            averaging = {**self.param_groups[gi], **saved_groups[gi]}.get("ema_rate") is not None
-            if (not owned_elsewhere and averaging and hasattr(self, "update_averages") and "ema" not in entry
-                    and isinstance(entry.get("step"), int) and entry["step"] > 0):
-                # the average would restart from zero in the middle of the run
-                raise ValueError(f"{name}.load_state_dict: state of parameter {pid!r} (shape {tuple(p.shape)}) "
-                                 f"lacks 'ema', the average its group keeps (another optimizer's settings?)")
-            for key, shape in (expected or {}).items():
-                # a missing entry would silently stop the parameter's training (or fail mid-step)
-                if key not in entry:
-                    raise ValueError(f"{name}.load_state_dict: state of parameter {pid!r} (shape {tuple(p.shape)}) "
-                                     f"lacks '{key}', which {name} keeps for it (another optimizer's settings?)")
-                value = entry[key]
-                if shape is not None and (not isinstance(value, torch.Tensor) or tuple(value.shape) != shape):
-                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                    raise ValueError(f"{name}.load_state_dict: state '{key}' of parameter {pid!r} is {got}, "
-                                     f"expected {shape} (another model or other settings?)")
-            for key, value in entry.items():
-                if key in self.PARAMETER_SHAPED and isinstance(value, torch.Tensor) and value.numel() != p.numel():
-                    raise ValueError(f"{name}.load_state_dict: state '{key}' of parameter {pid!r} has shape "
-                                     f"{tuple(value.shape)}, the parameter {tuple(p.shape)} (another model?)")
-                if (isinstance(value, torch.Tensor) and value.is_floating_point()
-                        and not bool(wdist.local_shard(value).isfinite().all())):  # a DTensor: this rank's shard
-                    raise ValueError(f"{name}.load_state_dict: state '{key}' of parameter {pid!r} is not finite")
-
-    def expected_state(self, p: torch.Tensor, group: dict) -> dict | None:
-        """``{key: shape (None for a non-tensor)}`` of the state this optimizer creates for ``p`` in ``group``,
-        which a checkpoint's non-empty entry must have; None: not checked. Optimizers build it by running their
-        state initialiser on a meta tensor (no memory)."""
-        return None
-
-    @staticmethod
-    def _shapes_of(state: dict) -> dict:
-        return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
-
-    def load_state_dict(self, state_dict) -> None:
-        self.check_state_dict(state_dict)
-        groups = state_dict.get("param_groups") or [{}]
-        counters = groups[0].get("whiten_counters", state_dict.get("whiten_counters", {}))  # top level: 0.1
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            group.pop("whiten_counters", None)
-            group.pop("whiten_optimizer", None)
-        self._stacks = {}
-        # torch casts floating-point state to the parameter's dtype; whiten keeps state in its own dtype (fp32
-        # factors for bf16 parameters), so restore each saved tensor with its saved dtype. Cloning also keeps this
-        # optimizer from sharing tensors with the dict it was loaded from.
-        id_to_param = {}
-        for saved, group in zip(state_dict["param_groups"], self.param_groups):
-            id_to_param.update(zip(saved["params"], group["params"]))
-        ctx = self.distributed_context()
-        for pid, saved_state in state_dict["state"].items():
-            p = id_to_param.get(pid)
-            if p is None:
-                continue
-            if ctx is not None and not ctx.owns(p):
-                # another rank owns it (a checkpoint from fewer ranks may carry its state); every rank keeps its
-                # own copy of the live weights of an eval-mode checkpoint
-                self.state[p] = {k: v.detach().to(device=p.device, copy=True)
-                                 for k, v in saved_state.items() if k == "live"}
-                continue
-            # Floating state takes the dtype this optimizer creates for p (float32, float64 for float64
-            # parameters), whatever it was saved in: an fp32 checkpoint loaded into a float64 model would
-            # otherwise keep float32 state that later kernels mix with float64 (a mid-step failure).
-            dtype = state_dtype(p)
-            self.state[p] = {
-                k: v.detach().to(device=p.device, dtype=(p.dtype if k == "live" else dtype)
-                                 if v.is_floating_point() else None, copy=True)
-                if isinstance(v, torch.Tensor) else v
-                for k, v in saved_state.items()
-            }
-        if getattr(self, "swaps_weights", None) is not None:
-            for group in self.param_groups:  # train mode: a saved "live" is only the slot state_dict() adds
-                if group.get("train_mode", True):
-                    for p in group["params"]:
-                        if p in self.state:
-                            self.state[p].pop("live", None)
-                            if not self.state[p]:
-                                del self.state[p]
-        self.counters = _new_counters()
-        self.counters.update({k: int(v) for k, v in counters.items()})

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from ._base import check_betas, check_lr, check_range
+from .checks import check_betas, check_lr, check_range
 from .update import decays, grads_in, write
 
 __all__ = ["AdamWPath", "adamw_step", "check_adamw_path"]

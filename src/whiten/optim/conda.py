@@ -9,9 +9,9 @@ import torch
 
 from ..linalg import finite_flags, warn_eigh_failure
 from ..roles import role_from_shape
-from ._base import (WhitenOptimizer, check_betas, check_bool, check_int, check_lr, check_range, check_role,
-                    check_weight_decay, state_dtype)
-from .update import decays, grad_in, write
+from ._base import WhitenOptimizer
+from .checks import check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay
+from .update import decays, grad_in, state_dtype, write
 
 __all__ = ["Conda"]
 

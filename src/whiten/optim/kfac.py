@@ -23,8 +23,9 @@ from torch import nn
 from ..distributed import all_reduce_flat, broadcast_flat
 from ..fisher import FisherMixin
 from ..roles import NO_DECAY_ROLES, role_from_shape
-from ._base import (WhitenOptimizer, check_int, check_lr, check_range, check_role, check_weight_decay,
-                    state_dtype)
+from ._base import WhitenOptimizer
+from .checks import check_int, check_lr, check_range, check_role, check_weight_decay
+from .update import state_dtype
 
 __all__ = ["KFAC", "EKFAC"]
 

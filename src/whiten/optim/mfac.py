@@ -7,9 +7,9 @@ import torch
 
 from ..distributed import all_reduce_flat
 
-from ._base import (WhitenOptimizer, check_int, check_lr, check_range, check_role, check_weight_decay,
-                    state_dtype)
-from .update import decays, step_to
+from ._base import WhitenOptimizer
+from .checks import check_int, check_lr, check_range, check_role, check_weight_decay
+from .update import decays, state_dtype, step_to
 
 __all__ = ["MFAC"]
 
@@ -277,18 +277,16 @@ class MFAC(WhitenOptimizer):
                 return _local(p).device
         return torch.device("cpu")
 
-    def _global_state(self) -> dict:
-        return {"gram": self._gram_on(self._device()), "count": self._count}
+    # ----- checkpoints and copies (whiten.optim.checkpoints) ----------------------------------------------------------
+    GLOBAL_STATE_KEYS = ("mfac",)
+    PICKLED = {"ngrads": 1024, "damp": 1e-5, "max_memory": None, "_constructed": True}
 
-    def state_dict(self):
-        # in the first param group, which torch.distributed.checkpoint keeps (it drops other top-level keys)
-        sd = super().state_dict()
-        sd["param_groups"][0]["mfac"] = self._global_state()
-        return sd
+    def global_state(self) -> dict:
+        return {**super().global_state(), "mfac": {"gram": self._gram_on(self._device()), "count": self._count}}
 
-    def check_state_dict(self, state_dict) -> None:
-        super().check_state_dict(state_dict)
-        saved = (state_dict.get("param_groups") or [{}])[0].get("mfac")
+    def check_global_state(self, saved: dict, state_dict: dict) -> None:
+        super().check_global_state(saved, state_dict)
+        saved = saved.get("mfac")
         has_state = any(entry for entry in state_dict["state"].values())
         if saved is None:
             if has_state:
@@ -308,24 +306,15 @@ class MFAC(WhitenOptimizer):
             raise ValueError(f"MFAC.load_state_dict: the checkpoint's gradient count is {count!r} (allowed: an "
                              "integer >= 0)")
 
-    def load_state_dict(self, state_dict) -> None:
-        saved = (state_dict.get("param_groups") or [{}])[0].get("mfac")
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            group.pop("mfac", None)
+    def load_global_state(self, saved: dict) -> None:
+        super().load_global_state(saved)
+        saved = saved.get("mfac")
         if saved is not None:
             self._gram = saved["gram"].detach().to(device=self._device(), dtype=torch.float64, copy=True)
             count = saved["count"]
             self._count = int(count.item() if isinstance(count, torch.Tensor) else count)
 
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.update(ngrads=self.ngrads, damp=self.damp, max_memory=self.max_memory, _gram=self._gram,
-                     _count=self._count, _constructed=True)
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for key, default in (("ngrads", 1024), ("damp", 1e-5), ("max_memory", None), ("_gram", None),
-                             ("_count", 0), ("_constructed", True)):
-            self.__dict__.setdefault(key, default)
+    def reset_transient(self) -> None:
+        super().reset_transient()
+        self.__dict__.setdefault("_gram", None)  # a copy's come with its optimizer-wide state
+        self.__dict__.setdefault("_count", 0)

@@ -10,10 +10,11 @@ import torch
 from ..averaging import AveragingMixin
 from ..linalg import matrix_view, newton_schulz, ns_schedule
 from ..roles import role_from_shape
-from ._base import WhitenOptimizer, bucket, check_bool, check_ema_rate, check_int, check_range, check_role, state_dtype
-from ._base import check_lr, check_weight_decay
+from ._base import WhitenOptimizer
+from .checks import check_bool, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
+from .stacks import bucket
+from .update import decays, grads_in, state_dtype, step_to
 from .adamw_path import AdamWPath, adamw_step, check_adamw_path
-from .update import decays, grads_in, step_to
 
 __all__ = ["Muon", "OrthogonalMomentum"]
 
@@ -86,11 +87,6 @@ class OrthogonalMomentum(AdamWPath, AveragingMixin, WhitenOptimizer):
 
     def _lr_multiplier(self, m: int, n: int, group: dict) -> float:
         raise NotImplementedError
-
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            group.setdefault("batch_dims", 0)  # a checkpoint from before the option
 
     def work_cost(self, p: torch.Tensor, group: dict) -> float:
         lead, m, n = _matrices(p, group)

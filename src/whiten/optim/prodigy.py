@@ -9,9 +9,9 @@ import torch
 
 from ..distributed import all_reduce_flat
 
-from ._base import (WhitenOptimizer, check_betas, check_bool, check_int, check_lr, check_range, check_role,
-                    check_weight_decay, state_dtype)
-from .update import decays, write
+from ._base import WhitenOptimizer
+from .checks import check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay
+from .update import decays, state_dtype, write
 
 __all__ = ["Prodigy"]
 
@@ -182,24 +182,9 @@ class Prodigy(WhitenOptimizer):
         if self.param_groups:  # a group added later joins the running estimate (the reference reads group 0's)
             param_group = {**{k: self.param_groups[0][k] for k in ESTIMATE}, **param_group}
         super().add_param_group(param_group)
-        error = self._shared_error(self.param_groups, "") or self._lr_rule_error(self.param_groups, "")
-        if error:
-            self.param_groups.pop()
-            raise ValueError(error)
 
-    def check_can_step(self) -> None:
-        super().check_can_step()
-        error = self._lr_rule_error(self.param_groups, ".step()") or self._shared_error(self.param_groups, ".step()")
-        if error:
-            raise ValueError(error + " (a scheduler or a write to param_groups set it)")
-
-    def check_state_dict(self, state_dict) -> None:
-        super().check_state_dict(state_dict)
-        merged = [{**g, **{k: v for k, v in s.items() if k != "params"}}
-                  for g, s in zip(self.param_groups, state_dict["param_groups"])]
-        error = self._shared_error(merged, ".load_state_dict") or self._lr_rule_error(merged, ".load_state_dict")
-        if error:
-            raise ValueError(error)
+    def groups_error(self, groups: list[dict], where: str) -> str | None:
+        return self._shared_error(groups, where) or self._lr_rule_error(groups, where)
 
     def expected_state(self, p: torch.Tensor, group: dict) -> dict:
         shape = tuple(p.shape)

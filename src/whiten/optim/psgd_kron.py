@@ -12,9 +12,10 @@ import torch
 
 from ..averaging import AveragingMixin
 from ..roles import NO_DECAY_ROLES, role_from_shape
-from ._base import (WhitenOptimizer, bucket, check_bool, check_ema_rate, check_int, check_range, check_role,
-                    state_dtype)
-from ._base import check_lr, check_weight_decay
+from ._base import WhitenOptimizer
+from .checks import check_bool, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
+from .stacks import bucket
+from .update import state_dtype
 
 __all__ = ["PSGDKron", "UpdateProbabilitySchedule", "precond_update_prob_schedule"]
 
@@ -695,17 +696,16 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         self._grams[bkey] = entries
         return [gram for _, _, gram in entries]
 
-    # ----- checkpoints and pickling -----------------------------------------------------------------------------
-    def state_dict(self):
-        # in the first param group, which torch.distributed.checkpoint keeps (it drops other top-level keys)
-        sd = super().state_dict()
-        sd["param_groups"][0]["psgd_kron"] = self._random_state()
-        return sd
+    # ----- checkpoints and copies (whiten.optim.checkpoints) -----------------------------------------------------
+    GLOBAL_STATE_KEYS = ("psgd_kron",)  # the update schedule's counters, the coin and the generators
+    PICKLED = {"preconditioner_update_probability": None, "seed": 0, "cache_preconditioner": True}
 
-    def check_state_dict(self, state_dict) -> None:
-        super().check_state_dict(state_dict)
-        groups = state_dict.get("param_groups") or [{}]
-        saved = groups[0].get("psgd_kron", state_dict.get("psgd_kron"))
+    def global_state(self) -> dict:
+        return {**super().global_state(), "psgd_kron": self._random_state()}
+
+    def check_global_state(self, saved: dict, state_dict: dict) -> None:
+        super().check_global_state(saved, state_dict)
+        saved = saved.get("psgd_kron")
         if saved is None:
             return
         # checked here, before anything changes: _set_random_state runs after the state was replaced
@@ -724,33 +724,15 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
                 isinstance(g, torch.Tensor) for g in saved["generators"].values()):
             raise ValueError(f"{name}.load_state_dict: the checkpoint's generator states are not tensors")
 
-    def load_state_dict(self, state_dict) -> None:
-        groups = state_dict.get("param_groups") or [{}]
-        saved = groups[0].get("psgd_kron", state_dict.get("psgd_kron"))  # top level: whiten 0.1 checkpoints
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            group.pop("psgd_kron", None)
-        if saved is not None:
-            self._set_random_state(saved)
+    def load_global_state(self, saved: dict) -> None:
+        super().load_global_state(saved)
+        if saved.get("psgd_kron") is not None:
+            self._set_random_state(saved["psgd_kron"])
 
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.update(preconditioner_update_probability=self.preconditioner_update_probability, seed=self.seed,
-                     batched=self.batched, cache_preconditioner=self.cache_preconditioner,
-                     psgd_kron=self._random_state())
-        return state
-
-    def __setstate__(self, state):
-        saved = state.pop("psgd_kron", None)
-        super().__setstate__(state)
-        self.__dict__.setdefault("preconditioner_update_probability", None)
-        self.__dict__.setdefault("seed", 0)
-        self.__dict__.setdefault("batched", True)
-        self.__dict__.setdefault("cache_preconditioner", True)
+    def reset_transient(self) -> None:
+        super().reset_transient()
         self._grams = {}
         self._reset_random_sources()
-        if saved is not None:
-            self._set_random_state(saved)
 
 
 _DEFAULT_SCHEDULE = precond_update_prob_schedule()

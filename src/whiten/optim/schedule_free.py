@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from ._base import WhitenOptimizer, check_betas, check_int, check_range, check_role, state_dtype
-from ._base import check_lr, check_weight_decay
-from .update import decays, grads_in
+from ..averaging import SwapsWeights
+from ._base import WhitenOptimizer
+from .checks import check_betas, check_int, check_lr, check_range, check_role, check_weight_decay
+from .update import decays, grads_in, state_dtype
 
 __all__ = ["ScheduleFreeAdamW"]
 
 
-class ScheduleFreeAdamW(WhitenOptimizer):
+class ScheduleFreeAdamW(SwapsWeights, WhitenOptimizer):
     r"""Schedule-Free AdamW, as ``schedulefree.AdamWScheduleFree`` (facebookresearch/schedule_free) computes it.
 
     The parameters hold :math:`y` while training and :math:`x` while evaluating; the state holds :math:`z`. At step

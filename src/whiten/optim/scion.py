@@ -10,10 +10,10 @@ import torch
 from ..averaging import AveragingMixin
 from ..linalg import matrix_view, newton_schulz, ns_schedule
 from ..roles import ROLES, role_from_shape
-from ._base import (WhitenOptimizer, bucket, check_bool, check_ema_rate, check_int, check_range, check_role,
-                    state_dtype)
-from ._base import check_lr, check_weight_decay
-from .update import grads_in, step_to
+from ._base import WhitenOptimizer
+from .checks import check_bool, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
+from .stacks import bucket
+from .update import grads_in, state_dtype, step_to
 
 __all__ = ["Scion", "NORMS", "ROLE_NORMS"]
 

@@ -15,10 +15,10 @@ import torch
 from ..averaging import AveragingMixin
 from ..linalg import InverseRootResult, matrix_inverse_root
 
-from ._base import (WhitenOptimizer, bucket, check_bool, check_ema_rate, check_int, check_range, check_role,
-                    state_dtype)
-from ._base import check_lr, check_weight_decay
-from .update import decays, grad_in, write
+from ._base import WhitenOptimizer
+from .checks import check_bool, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
+from .stacks import bucket
+from .update import decays, grad_in, state_dtype, write
 
 __all__ = ["Shampoo", "InverseRootResult", "block_layout", "matrix_inverse_root", "merge_small_dims"]
 

@@ -10,10 +10,12 @@ import torch
 from ..averaging import AveragingMixin
 from ..linalg import finite_flags, rotate, unrotate, update_factors, warn_eigh_failure
 
-from ._base import (WhitenOptimizer, bucket, check_betas, check_bool, check_ema_rate, check_int, check_range,
-                    check_role, rotation_dtype, state_dtype)
-from ._base import check_lr, check_weight_decay
-from .update import decays, grad_in, step_to
+from ._base import WhitenOptimizer
+from .eigenbasis import EigenbasisFactors
+from .checks import (check_betas, check_bool, check_ema_rate, check_int, check_lr, check_range, check_role,
+                     check_weight_decay, rotation_dtype)
+from .stacks import bucket
+from .update import decays, grad_in, state_dtype, step_to
 
 __all__ = ["SOAP"]
 
@@ -41,7 +43,7 @@ def _layout(p: torch.Tensor, group: dict) -> _Layout:
     return _Layout((m, n), left, right, decay)
 
 
-class SOAP(AveragingMixin, WhitenOptimizer):
+class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
     r"""SOAP, with the update rule of the authors' code (nikhilvyas/SOAP, ``soap.py``).
 
     For a matrix parameter with gradient :math:`G`, factors :math:`L, R` and their eigenbases :math:`Q_L, Q_R`:

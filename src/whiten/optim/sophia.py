@@ -8,9 +8,9 @@ import torch
 from ..averaging import AveragingMixin
 from ..fisher import FisherMixin
 
-from ._base import WhitenOptimizer, check_betas, check_ema_rate, check_int, check_range, check_role, state_dtype
-from ._base import check_lr, check_weight_decay
-from .update import decays, grads_in, step_to
+from ._base import WhitenOptimizer
+from .checks import check_betas, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
+from .update import decays, grads_in, state_dtype, step_to
 
 __all__ = ["Sophia"]
 
@@ -70,7 +70,7 @@ class Sophia(FisherMixin, AveragingMixin, WhitenOptimizer):
     Language Model Pre-training", ICLR 2024 (arXiv 2305.14342); code github.com/Liuhong99/Sophia.
     """
 
-    PICKLED_SETTINGS = ("k",)
+    PICKLED = {"k": 10}  # a setting kept as an attribute, with its default
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ import warnings
 import torch
 
 from ..linalg import svd_polar
-from ._base import check_lr
+from .checks import check_lr
 from .muon import OrthogonalMomentum
 
 __all__ = ["SpecGD", "SPECGD_SCALES"]
@@ -81,6 +81,8 @@ class SpecGD(OrthogonalMomentum):
     D. Carlson, V. Cevher, L. Carin, "Stochastic Spectral Descent for Restricted Boltzmann Machines" (2015).
     """
 
+    EXTRA_COUNTERS = SVD_COUNTERS  # on every rank from the start: distributed runs reduce every counter
+
     def __init__(
         self,
         params,
@@ -106,11 +108,6 @@ class SpecGD(OrthogonalMomentum):
                         ema_rate=ema_rate, role=None, lr_scale=1.0)
         self.batched = bool(batched)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
-        self._add_svd_counters()
-
-    def _add_svd_counters(self) -> None:
-        for key in SVD_COUNTERS:
-            self.counters.setdefault(key, 0)
 
     def validate_group(self, group: dict) -> None:
         super().validate_group(group)
@@ -140,12 +137,3 @@ class SpecGD(OrthogonalMomentum):
         if scale == "rms":
             return math.sqrt(m / n)
         return 1.0  # "none", and "nuclear" (the factor is in the direction already)
-
-    # counters: the two SVD ones exist from the start on every rank (distributed runs reduce every counter)
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        self._add_svd_counters()
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._add_svd_counters()

@@ -10,9 +10,12 @@ import torch
 from ..averaging import AUTO, AveragingMixin, check_ema_rate
 from ..linalg import rotate, unrotate, update_factors
 from ..roles import role_from_shape
-from ._base import WhitenOptimizer, bucket, check_betas, check_bool, check_int, check_range, check_role, state_dtype
-from ._base import check_lr, check_weight_decay, rotation_dtype
-from .update import decays, grads_in, step_all
+from ._base import WhitenOptimizer
+from .eigenbasis import EigenbasisFactors
+from .checks import (check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay,
+                     rotation_dtype)
+from .stacks import bucket
+from .update import decays, grads_in, state_dtype, step_all
 
 __all__ = ["SPlus"]
 
@@ -43,7 +46,7 @@ def _layout(p: torch.Tensor, group: dict) -> _Layout:
     return _Layout(matrix, left, right, scale, decays(p, group))
 
 
-class SPlus(AveragingMixin, WhitenOptimizer):
+class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
     r"""SPlus, as computed by the code behind the paper's results (kvfrans/splus, ``experiments/``).
 
     For a matrix parameter :math:`\theta \in \mathbb{R}^{m \times n}` with gradient :math:`G`, at step :math:`t`:

@@ -11,9 +11,9 @@ import torch
 
 from ..averaging import AveragingMixin
 from ..fisher import FisherMixin
-from ._base import (WhitenOptimizer, check_ema_rate, check_int, check_range, check_role, state_dtype)
-from ._base import check_lr, check_weight_decay
-from .update import decays, grad_in, step_to
+from ._base import WhitenOptimizer
+from .checks import check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
+from .update import decays, grad_in, state_dtype, step_to
 
 __all__ = ["TNT", "CONV_RESHAPES"]
 
@@ -124,7 +124,7 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
     (arXiv 2106.02925); code github.com/renyiryry/tnt_neurips_2021.
     """
 
-    PICKLED_SETTINGS = ("update_freq", "inverse_freq")
+    PICKLED = {"update_freq": 10, "inverse_freq": 100}  # settings kept as attributes, with their defaults
 
     def __init__(
         self,

@@ -11,7 +11,12 @@ import torch
 
 from ..roles import NO_DECAY_ROLES, role_from_shape
 
-__all__ = ["decays", "grad_in", "grads_in", "write", "step_to", "step_all"]
+__all__ = ["state_dtype", "decays", "grad_in", "grads_in", "write", "step_to", "step_all"]
+
+
+def state_dtype(p: torch.Tensor) -> torch.dtype:
+    """Optimizer state is float32 whatever the parameter's dtype, float64 for float64 parameters."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def decays(p: torch.Tensor, group: dict) -> bool:
