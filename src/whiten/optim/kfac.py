@@ -22,6 +22,7 @@ from torch import nn
 
 from ..distributed import all_reduce_flat, broadcast_flat
 from ..fisher import FisherMixin
+from ..linalg import robust_eigh_basis
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from ._base import (WhitenOptimizer, check_int, check_lr, check_range, check_role, check_weight_decay,
                     state_dtype)
@@ -784,19 +785,13 @@ class KFAC(FisherMixin, WhitenOptimizer):
 
     def _eigh(self, F: torch.Tensor):
         """(eigenvalues clamped at 0, eigenvectors) of a symmetric factor, retried in float64; None on failure."""
-        for dtype in (F.dtype, torch.float64):
-            try:
-                L, Q = torch.linalg.eigh(F.to(dtype))
-            except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
-                L = Q = None
-            if L is not None and bool(L.isfinite().all()) and bool(Q.isfinite().all()):
-                if dtype != F.dtype:
-                    self.counters["eigh_retries"] += 1
-                return L.clamp_min(0).to(F.dtype), Q.to(F.dtype)
-            if dtype == torch.float64:
-                break
-        self.counters["eigh_failures"] += 1
-        return None
+        result = robust_eigh_basis([F], None, values=True)
+        # a retry counts where it recovered the factor; one that failed too counts as a failure only
+        self.counters["eigh_retries"] += result.recovered
+        if not result.ok[0]:
+            self.counters["eigh_failures"] += 1
+            return None
+        return result.values[0], result.vectors[0]
 
     @staticmethod
     def _pi(A: torch.Tensor, G: torch.Tensor, diagonal_a: bool) -> float:
