@@ -11,6 +11,7 @@ approximated by :math:`A \otimes G` with :math:`A = E[a a^\top]`, :math:`G = E[g
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
@@ -426,10 +427,13 @@ def _set_identity(F: torch.Tensor) -> None:
         F.zero_().diagonal().fill_(1.0)
 
 
-def __getattr__(name: str):
-    # EKFAC lives in its own module, which imports this one; ``from whiten.optim.kfac import EKFAC`` keeps working
-    if name == "EKFAC":
-        from .ekfac import EKFAC
+# Names that moved out of this module but are still looked up here: ``from whiten.optim.kfac import EKFAC`` (EKFAC's
+# module imports this one, so it cannot be imported at the top), and the hooks that pickles of models saved with
+# K-FAC attached (``torch.save(model)``) name as ``whiten.optim.kfac._Hook``.
+_MOVED = {"EKFAC": "ekfac", "_Hook": "kfac_layers"}
 
-        return EKFAC
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
