@@ -263,7 +263,7 @@ def test_ekfac_weight_sharing_correction_is_independent_of_the_chunk(monkeypatch
     model = Seq()
     x, y = data("seq")
     whole = ekfac_scale_after_one_correction(copy.deepcopy(model), x, y)
-    monkeypatch.setattr("whiten.optim.kfac.CHUNK_ELEMENTS", 1)  # one example at a time
+    monkeypatch.setattr("whiten.optim.ekfac.CHUNK_ELEMENTS", 1)  # one example at a time
     chunked = ekfac_scale_after_one_correction(copy.deepcopy(model), x, y)
     for (_, a), (_, b) in zip(layers_of(whole.model), layers_of(chunked.model)):
         torch.testing.assert_close(whole.state[a.weight]["scale"], chunked.state[b.weight]["scale"])

@@ -14,7 +14,7 @@ from torch import nn
 
 import whiten
 from state_checks import assert_same_state
-from whiten.optim import psgd_kron
+from whiten import kron_kernels
 from whiten.optim.psgd_kron import PSGDKron, precond_update_prob_schedule
 
 @pytest.fixture(autouse=True)
@@ -112,7 +112,7 @@ def test_balancing_and_schedule_are_covered():
     (torch.float32, None, True, True, 128),
 ])
 def test_parity_with_kron_torch(kron, monkeypatch, dtype, mode, into, merge, tri_block):
-    monkeypatch.setattr(psgd_kron, "TRI_BLOCK", tri_block)
+    monkeypatch.setattr(kron_kernels, "TRI_BLOCK", tri_block)
     opts = dict(HYPER, memory_save_mode=mode, momentum_into_precond_update=into, merge_dims=merge)
     pa, pb = make_params(dtype), make_params(dtype)
     ref = kron.Kron(list(pa.values()), preconditioner_update_probability=short_schedule(kron), precond_dtype=dtype,
@@ -159,25 +159,25 @@ def test_default_schedule_matches_kron_torch(kron):
 @pytest.mark.parametrize("d", [7, 8, 33, 100])
 def test_blocked_triangular_products_equal_dense(monkeypatch, d, tri_block):
     """The triangular products skip the zero blocks of the factors; the results are the dense products."""
-    monkeypatch.setattr(psgd_kron, "TRI_BLOCK", tri_block)
+    monkeypatch.setattr(kron_kernels, "TRI_BLOCK", tri_block)
     g = torch.Generator().manual_seed(d)
     u, v = (torch.randn(3, d, d, generator=g, dtype=torch.float64).triu() for _ in range(2))
     x = torch.randn(3, d, 5, generator=g, dtype=torch.float64)
     y = torch.randn(3, 5, d, generator=g, dtype=torch.float64)
-    cases = [(psgd_kron._tri_mm(u, x, upper=True), u @ x), (psgd_kron._tri_mm(u.mT, x, upper=False), u.mT @ x),
-             (psgd_kron._mm_tri(y, u, upper=True), y @ u), (psgd_kron._mm_tri(y, u.mT, upper=False), y @ u.mT),
-             (psgd_kron._upper_times_upper(u, v), u @ v), (psgd_kron._gram(x), x @ x.mT),
-             (psgd_kron._gram(y.mT), y.mT @ y)]
+    cases = [(kron_kernels._tri_mm(u, x, upper=True), u @ x), (kron_kernels._tri_mm(u.mT, x, upper=False), u.mT @ x),
+             (kron_kernels._mm_tri(y, u, upper=True), y @ u), (kron_kernels._mm_tri(y, u.mT, upper=False), y @ u.mT),
+             (kron_kernels._upper_times_upper(u, v), u @ v), (kron_kernels._gram(x), x @ x.mT),
+             (kron_kernels._gram(y.mT), y.mT @ y)]
     for got, want in cases:
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
         assert got.is_contiguous()
-    assert torch.equal(psgd_kron._upper_times_upper(u, v).tril(-1), torch.zeros_like(u))
+    assert torch.equal(kron_kernels._upper_times_upper(u, v).tril(-1), torch.zeros_like(u))
 
 
 def test_blocking_only_on_the_cpu_and_above_the_threshold():
-    assert psgd_kron._halve(torch.empty(1, 300, 300), 300) == 150
-    assert psgd_kron._halve(torch.empty(1, 200, 200), 200) == 0  # halves below TRI_BLOCK (128)
-    assert psgd_kron._halve(torch.empty(1, 300, 300, device="meta"), 300) == 0  # not measured off the CPU
+    assert kron_kernels._halve(torch.empty(1, 300, 300), 300) == 150
+    assert kron_kernels._halve(torch.empty(1, 200, 200), 200) == 0  # halves below TRI_BLOCK (128)
+    assert kron_kernels._halve(torch.empty(1, 300, 300, device="meta"), 300) == 0  # not measured off the CPU
 
 
 def test_blocked_products_at_real_sizes_float32(monkeypatch):
@@ -188,7 +188,7 @@ def test_blocked_products_at_real_sizes_float32(monkeypatch):
     Y0 = torch.randn(64, 300, generator=g)
     finals = []
     for tri_block in (128, 10**9):
-        monkeypatch.setattr(psgd_kron, "TRI_BLOCK", tri_block)
+        monkeypatch.setattr(kron_kernels, "TRI_BLOCK", tri_block)
         W = nn.Parameter(W0.clone())
         opt = PSGDKron([W], lr=0.01, seed=1)
         for _ in range(8):

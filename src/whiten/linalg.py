@@ -76,12 +76,15 @@ class EighResult:
     """Eigenvectors of a list of symmetric matrices and what it took to get them.
 
     ``ok[i]`` is False where no basis could be computed for matrix i; ``vectors[i]`` is then None and the caller
-    keeps its previous basis. ``retried`` counts matrices that needed the float64 retry.
+    keeps its previous basis. ``retried`` counts matrices that needed the float64 retry, ``recovered`` those of
+    them that it recovered. ``values`` (when asked for) holds each matrix's eigenvalues, ascending, clamped at 0.
     """
 
     vectors: list
     ok: list[bool]
     retried: int
+    recovered: int = 0
+    values: list | None = None
 
 
 def finite_flags(tensors: list[torch.Tensor], fused: bool | None = None) -> list[bool]:
@@ -112,46 +115,66 @@ def finite_flags(tensors: list[torch.Tensor], fused: bool | None = None) -> list
     return [ok or bool(torch.isfinite(t).all()) for ok, t in zip(sums, tensors)]
 
 
-def _eigh_vectors(A: torch.Tensor, eps: float) -> torch.Tensor | None:
+def _eigh(A: torch.Tensor, eps: float | None):
     try:
-        shifted = A + eps * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-        return torch.linalg.eigh(shifted).eigenvectors
+        shifted = A if eps is None else A + eps * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        return torch.linalg.eigh(shifted)
     except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
         return None
 
 
-def robust_eigh_basis(mats: list[torch.Tensor], eps: float) -> EighResult:
-    """Eigenvectors of ``A + eps·I`` for each symmetric matrix A in ``mats`` (same size, dtype and device).
+def robust_eigh_basis(mats: list[torch.Tensor], eps: float | None, values: bool = False) -> EighResult:
+    """Eigenvectors of ``A + eps·I`` for each symmetric matrix A in ``mats`` (same size, dtype and device), or of A
+    itself for ``eps`` None (nothing is added, so not even the sign of a zero changes).
 
     The fallback ladder: eigh in A's dtype (one batched call on accelerators; matrix by matrix on the CPU, where
     LAPACK has no batched solver and torch's batched path measured ~20% slower); matrices whose result is missing or
     non-finite are retried in float64; a matrix that still fails, or whose input is not finite, is reported in
     ``ok`` so the caller keeps its previous basis.
+
+    ``values=True`` also returns the eigenvalues, for positive semi-definite matrices such as Kronecker factors:
+    they must be finite too, and are clamped at 0 (a negative one is round-off) in the precision the decomposition
+    ran in, before a float64 retry's result is cast back.
     """
     n = len(mats)
     finite_in = finite_flags(mats)
-    vectors: list = [None] * n
+    results: list = [None] * n
     if n > 1 and mats[0].device.type != "cpu" and all(finite_in):
-        batched = _eigh_vectors(torch.stack(mats), eps)
+        batched = _eigh(torch.stack(mats), eps)
         if batched is not None:
-            vectors = list(batched.unbind(0))
+            results = list(zip(batched.eigenvalues.unbind(0), batched.eigenvectors.unbind(0)))
     else:
-        vectors = [_eigh_vectors(a, eps) if fin else None for a, fin in zip(mats, finite_in)]
-    present = [i for i, v in enumerate(vectors) if v is not None]
-    ok = [False] * n
-    for i, fin in zip(present, finite_flags([vectors[i] for i in present]) if present else []):
-        ok[i] = fin
-    retried = 0
+        results = [_eigh(a, eps) if fin else None for a, fin in zip(mats, finite_in)]
+    ok = _finite_results(results, values)
+    vectors = [r[1] if r is not None else None for r in results]
+    eigenvalues = [r[0].clamp_min(0) if good else None for r, good in zip(results, ok)] if values else None
+    retried = recovered = 0
     for i in range(n):
         if ok[i] or not finite_in[i]:
             continue
         retried += 1
-        v = _eigh_vectors(mats[i].to(torch.float64), eps)
-        if v is not None and bool(torch.isfinite(v).all()):
-            vectors[i], ok[i] = v.to(mats[i].dtype), True
+        r = _eigh(mats[i].to(torch.float64), eps)
+        if _finite_results([r], values)[0]:
+            dtype = mats[i].dtype
+            vectors[i], ok[i] = r[1].to(dtype), True
+            if values:
+                eigenvalues[i] = r[0].clamp_min(0).to(dtype)
+            recovered += 1
         else:
             vectors[i] = None
-    return EighResult(vectors=vectors, ok=ok, retried=retried)
+    return EighResult(vectors=vectors, ok=ok, retried=retried, recovered=recovered, values=eigenvalues)
+
+
+def _finite_results(results: list, values: bool) -> list[bool]:
+    """Whether each (eigenvalues, eigenvectors) pair is present and finite (the vectors only, unless ``values``)."""
+    present = [i for i, r in enumerate(results) if r is not None]
+    tensors = [t for i in present for t in ((results[i][0], results[i][1]) if values else (results[i][1],))]
+    flags = finite_flags(tensors) if tensors else []
+    per = 2 if values else 1
+    ok = [False] * len(results)
+    for j, i in enumerate(present):
+        ok[i] = all(flags[per * j:per * (j + 1)])
+    return ok
 
 
 def warn_eigh_failure(where: str, count: int) -> None:

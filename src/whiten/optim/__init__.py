@@ -1,7 +1,8 @@
 """whiten's optimizers, one algorithm per file."""
 
 from .conda import Conda
-from .kfac import EKFAC, KFAC
+from .ekfac import EKFAC
+from .kfac import KFAC
 from .mfac import MFAC
 from .muon import Muon
 from .prodigy import Prodigy

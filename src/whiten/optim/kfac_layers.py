@@ -1,0 +1,440 @@
+r"""K-FAC's layers: which modules are preconditioned layers, how their inputs and output gradients become the rows
+of the Kronecker factors (im2col for convolutions), the hooks that collect those statistics during the model's
+own forward and backward, and the plan of which parameter is a layer's weight, its bias or a fallback parameter.
+
+Shared by :class:`whiten.KFAC` and :class:`whiten.EKFAC` through :class:`LayerHooksMixin`; the factors, inverses
+and eigenbases themselves live in :mod:`whiten.optim.kfac` and :mod:`whiten.optim.ekfac`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed import all_reduce_flat
+from .update import state_dtype
+
+
+# ----- which modules are K-FAC layers ------------------------------------------------------------------------------
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"conv2d"`` or ``"embedding"`` for a module K-FAC preconditions, None otherwise.
+
+    ``nn.MultiheadAttention``'s ``out_proj`` is a Linear whose hooks never fire (the attention calls
+    ``F.multi_head_attention_forward`` with its weight; kfac-pytorch issue #267), so it is not a layer here: its
+    parameters take the fallback. Grouped convolutions (``groups > 1``) and non-zero padding modes are not the
+    im2col product K-FAC's conv factors describe: fallback too."""
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return None
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros":
+        return "conv2d"
+    if isinstance(module, nn.Embedding) and not module.sparse:
+        return "embedding"
+    return None
+
+
+@dataclass(eq=False)
+class Layer:
+    """One preconditioned layer: its module, its weight and (when the optimizer steps it) its bias. The gradient
+    matrix is (d_out, d_in): a Linear's (out, in [+1]), a conv's (out, in·kh·kw [+1]), an embedding's transposed
+    weight (dim, vocabulary), since the embedding is a Linear from one-hot vectors whose A factor is diagonal."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @property
+    def d_out(self) -> int:
+        return self.weight.shape[1] if self.kind == "embedding" else self.weight.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        if self.kind == "embedding":
+            return self.weight.shape[0]
+        return math.prod(self.weight.shape[1:]) + (self.bias is not None)  # shapes only: no DTensor indexing
+
+    @property
+    def diagonal_a(self) -> bool:
+        return self.kind == "embedding"
+
+    def matrix(self, w_grad: torch.Tensor | None, b_grad: torch.Tensor | None, dtype) -> torch.Tensor:
+        """The (d_out, d_in) gradient matrix in ``dtype``; a missing gradient counts as zeros."""
+        w = torch.zeros(self.weight.shape, dtype=dtype, device=self.weight.device) if w_grad is None \
+            else w_grad.to(dtype)
+        if self.kind == "embedding":
+            return w.T
+        w = w.reshape(self.weight.shape[0], -1)
+        if self.bias is None:
+            return w
+        b = torch.zeros(self.bias.shape, dtype=dtype, device=w.device) if b_grad is None else b_grad.to(dtype)
+        return torch.cat([w, b.reshape(-1, 1)], dim=1)
+
+    def split(self, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Inverse of :meth:`matrix`: the weight's and the bias's parts, in their shapes."""
+        if self.kind == "embedding":
+            return M.T, None
+        if self.bias is None:
+            return M.reshape(self.weight.shape), None
+        return M[:, :-1].reshape(self.weight.shape), M[:, -1].reshape(self.bias.shape)
+
+
+def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """im2col: (batch, positions, in·kh·kw), the order of ``weight.view(out, -1)``'s columns."""
+    if x.ndim == 3:  # unbatched input
+        x = x.unsqueeze(0)
+    if isinstance(module.padding, str):  # "same"/"valid": the module's own (possibly asymmetric) zero padding
+        x = F.pad(x, module._reversed_padding_repeated_twice)
+        padding = 0
+    else:
+        padding = module.padding
+    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+    return cols.transpose(1, 2)
+
+
+def _input_rows(layer: Layer, x: torch.Tensor, dtype) -> torch.Tensor:
+    """The layer's input as (examples, positions, d_in) in ``dtype``, a column of ones appended for the bias;
+    for an embedding, the token indices as (examples, positions)."""
+    if layer.kind == "embedding":
+        return x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
+    if layer.kind == "conv2d":
+        X = _conv_patches(layer.module, x).to(dtype)
+    else:
+        X = x.reshape(x.shape[0] if x.ndim > 1 else 1, -1, x.shape[-1]).to(dtype)
+    if layer.bias is not None:
+        X = torch.cat([X, X.new_ones(X.shape[:-1] + (1,))], dim=-1)
+    return X
+
+
+def _output_rows(layer: Layer, g: torch.Tensor, dtype) -> torch.Tensor:
+    """The output gradient as (examples, positions, d_out) in ``dtype``."""
+    if layer.kind == "conv2d":
+        if g.ndim == 3:
+            g = g.unsqueeze(0)
+        return g.flatten(2).transpose(1, 2).to(dtype)
+    return g.reshape(g.shape[0] if g.ndim > 1 else 1, -1, g.shape[-1]).to(dtype)
+
+
+def _a_statistic(layer: Layer, X: torch.Tensor) -> torch.Tensor:
+    """E[a aᵀ] over all rows (examples × positions); the token frequencies for an embedding."""
+    if layer.kind == "embedding":
+        idx = X.reshape(-1)
+        return torch.bincount(idx, minlength=layer.d_in).to(layer_stat_dtype(layer)) / max(idx.numel(), 1)
+    rows = X.reshape(-1, X.shape[-1])
+    return rows.T @ rows / max(rows.shape[0], 1)
+
+
+def layer_stat_dtype(layer: Layer) -> torch.dtype:
+    return state_dtype(layer.weight)
+
+
+# ----- what the hooks collect ---------------------------------------------------------------------------------------
+
+@dataclass
+class _Stats:
+    """One layer's statistics since the last step: sums over hook calls and how many calls."""
+
+    a: torch.Tensor | None = None
+    a_calls: int = 0
+    g: torch.Tensor | None = None
+    g_calls: int = 0
+    corr: torch.Tensor | None = None
+    corr_calls: int = 0
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        old = getattr(self, name)
+        setattr(self, name, value if old is None else old.add_(value))
+        setattr(self, name + "_calls", getattr(self, name + "_calls") + 1)
+
+
+@dataclass
+class Ready:
+    """One layer's statistics for this step (means over calls, and over ranks in a distributed run)."""
+
+    a: torch.Tensor | None = None
+    g: torch.Tensor | None = None
+    corr: torch.Tensor | None = None
+
+
+class _Hook:
+    """A forward hook that reaches its optimizer through a weak reference, so a dropped optimizer neither stays
+    alive through the model nor keeps working; it pickles (and deep-copies along with a model) as a no-op."""
+
+    def __init__(self, optimizer):
+        self.optimizer = weakref.ref(optimizer)
+
+    def __call__(self, module, args, kwargs, output):
+        opt = self.optimizer()
+        if opt is not None:
+            opt._on_forward(module, args, kwargs, output)
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.optimizer = lambda: None
+
+    def __deepcopy__(self, memo):
+        dead = _Hook.__new__(_Hook)
+        dead.optimizer = lambda: None
+        return dead
+
+
+@dataclass(eq=False)
+class _Plan:
+    """Which parameter is what, for the current param groups: K-FAC layers and the fallback parameters."""
+
+    layers: list[Layer] = field(default_factory=list)
+    by_module: dict = field(default_factory=dict)  # id(module) -> Layer
+    role: dict = field(default_factory=dict)  # id(param) -> ("weight" | "bias", Layer) for K-FAC parameters
+
+
+def _remove_handles(handles) -> None:
+    for h in handles:
+        h.remove()
+
+
+# ----- the hooks and the plan, for the optimizers ------------------------------------------------------------------
+
+
+class LayerHooksMixin:
+    """What K-FAC and EKFAC share before any factor is formed: the forward hooks on ``self.model``'s layers and the
+    output-gradient hooks they place, the statistics they collect (means over calls, and over ranks), and the plan
+    of which parameter is what.
+
+    The optimizer sets ``model``, ``fisher``, ``loss_average`` and ``factor_every`` and calls
+    :meth:`_reset_layers` before ``WhitenOptimizer.__init__``; a subclass that also measures in an eigenbasis
+    (EKFAC) overrides :meth:`_scale_step`, :meth:`_scale_basis` and :meth:`_correction`.
+    """
+
+    def _reset_layers(self) -> None:
+        """The hooks' bookkeeping, empty: at construction and after unpickling."""
+        self._model_params = {id(p) for p in self.model.parameters()}
+        self._plan_key, self._plan = None, _Plan()
+        self._pending: dict = {}  # layer -> _Stats since the last step
+        self._ready: dict = {}  # layer -> Ready for the step in progress
+        self._handles: list = []
+        self._warned: set = set()
+
+    # ----- hooks ------------------------------------------------------------------------------------------------
+    def register_hooks(self) -> None:
+        """Attach the forward hooks to every supported module of the model (done at construction)."""
+        if self._handles:
+            return
+        hook = _Hook(self)
+        self._handles = [m.register_forward_hook(hook, with_kwargs=True)
+                         for m in self.model.modules() if layer_kind(m) is not None]
+        weakref.finalize(self, _remove_handles, list(self._handles))
+
+    def remove_hooks(self) -> None:
+        """Detach the hooks: the model runs as if no K-FAC were attached; the optimizer keeps stepping with the
+        factors it has. Statistics caught since the last step are dropped."""
+        _remove_handles(self._handles)
+        self._handles = []
+        self._pending = {}
+
+    @property
+    def hooks_registered(self) -> bool:
+        return bool(self._handles)
+
+    def _factor_step(self, step: int) -> bool:
+        return step % self.factor_every == 0
+
+    def _scale_step(self, step: int) -> bool:
+        return False
+
+    def fisher_schedule(self, step: int) -> bool:
+        return self.fisher == "sampled" and (self._factor_step(step) or self._scale_step(step))
+
+    def fisher_params(self) -> list[torch.Tensor]:
+        # Asking autograd for every layer's weight makes the sampled backward reach every layer's output, where
+        # the hooks are; the gradients themselves are not used.
+        weights = [layer.weight for layer in self.plan().layers]
+        return weights or [p for g in self.param_groups for p in g["params"]]
+
+    def capture_fisher(self, grads: list, n: int) -> None:
+        """K-FAC takes the sampled backward's output gradients in its hooks; the parameter gradients are dropped."""
+
+    def _on_forward(self, module, args, kwargs, output) -> None:
+        step = self.fisher_steps
+        factors, scale = self._factor_step(step), self._scale_step(step)
+        if not (factors or scale) or not torch.is_grad_enabled():  # most steps, and evaluation: nothing to do
+            return
+        layer = self._plan.by_module.get(id(module))  # the plan is rebuilt whenever the param groups change
+        if (layer is None or layer.module is not module or not isinstance(output, torch.Tensor)
+                or not output.requires_grad):
+            return
+        basis = self._scale_basis(layer) if scale else None
+        if not factors and basis is None:
+            return
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor):
+            return
+        X = _input_rows(layer, x.detach(), layer_stat_dtype(layer))
+        if factors:
+            self._pending.setdefault(layer, _Stats()).add("a", _a_statistic(layer, X))
+        hook = weakref.ref(self)
+        keep = X if basis is not None else None
+
+        def on_grad(grad, layer=layer, factors=factors, X=keep, basis=basis):
+            opt = hook()
+            if opt is not None:
+                opt._on_output_grad(layer, factors, X, basis, grad)
+
+        output.register_hook(on_grad)
+
+    def _on_output_grad(self, layer: Layer, factors: bool, X, basis, grad: torch.Tensor) -> None:
+        sampled = self.fisher == "sampled"
+        if bool(self.sampling_fisher) != sampled:  # the ordinary backward in sampled mode, or the reverse
+            return
+        Y = _output_rows(layer, grad.detach(), layer_stat_dtype(layer))
+        if sampled:
+            terms = self.fisher_batch_n
+        elif self.loss_average == "batch" or layer.kind == "conv2d":
+            terms = Y.shape[0]
+        else:
+            terms = Y.shape[0] * Y.shape[1]
+        stats = self._pending.setdefault(layer, _Stats())
+        if factors:
+            rows = Y.reshape(-1, Y.shape[-1])
+            stats.add("g", (rows.T @ rows).mul_(terms))
+        if X is not None:
+            stats.add("corr", self._correction(layer, X, Y, basis).mul_(terms))
+
+    def _scale_basis(self, layer: Layer):
+        """The eigenbasis a scale step measures in (EKFAC); None: this optimizer keeps no inputs for one."""
+        return None
+
+    def _correction(self, layer: Layer, X: torch.Tensor, Y: torch.Tensor, basis) -> torch.Tensor:
+        """The statistic a scale step adds for a batch's input rows X and output gradients Y, in ``basis``: only
+        asked for where :meth:`_scale_basis` gave one."""
+        raise NotImplementedError
+
+    # ----- which parameter is what ----------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self.plan()
+
+    def plan(self) -> _Plan:
+        """The K-FAC layers and the roles of the parameters, rebuilt when the param groups change."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        key = tuple(map(id, params))
+        if key == self._plan_key:
+            return self._plan
+        ours = {id(p) for p in params}
+        holders: dict = {}
+        for _, m in self.model.named_modules(remove_duplicate=False):
+            for p in m.parameters(recurse=False):
+                holders.setdefault(id(p), {})[id(m)] = m
+        plan = _Plan()
+        for name, m in self.model.named_modules():
+            kind = layer_kind(m)
+            w = getattr(m, "weight", None) if kind else None
+            if not isinstance(w, torch.Tensor) or id(w) not in ours or len(holders.get(id(w), ())) > 1:
+                continue  # not optimized here, or tied to another module: fallback
+            b = getattr(m, "bias", None) if kind != "embedding" else None
+            if b is not None and (id(b) not in ours or len(holders.get(id(b), ())) > 1):
+                b = None
+            layer = Layer(name=name, module=m, kind=kind, weight=w, bias=b)
+            plan.layers.append(layer)
+            plan.by_module[id(m)] = layer
+            plan.role[id(w)] = ("weight", layer)
+            if b is not None:
+                plan.role[id(b)] = ("bias", layer)
+        self._plan, self._plan_key = plan, key
+        return plan
+
+    def fallback_parameters(self) -> list[torch.Tensor]:
+        """The parameters stepped by the fallback (SGD with momentum on the raw gradient)."""
+        role = self.plan().role
+        return [p for g in self.param_groups for p in g["params"] if id(p) not in role]
+
+    # ----- this step's statistics -------------------------------------------------------------------------------
+    def _collect(self, step: int) -> dict:
+        """This step's statistics per layer (means over hook calls; over ranks in a distributed run)."""
+        pending, self._pending = self._pending, {}
+        layers = self.plan().layers
+        ctx = self._dist[1] if self._dist is not None else None
+        names = ("a", "g", "corr")
+        ready = {}
+        if ctx is None:
+            current = {id(layer) for layer in layers}
+            for layer, s in pending.items():
+                if id(layer) in current:
+                    ready[layer] = Ready(*(getattr(s, k).div_(getattr(s, k + "_calls")) if getattr(s, k) is not None
+                                           else None for k in names))
+        else:
+            ready = self._all_reduce_stats(ctx, layers, pending)
+        if self._factor_step(step):
+            self._check_caught(layers, ready)
+        return ready
+
+    def _all_reduce_stats(self, ctx, layers, pending) -> dict:
+        """Sum every rank's per-call sums and call counts, then divide: the mean over all ranks' calls. One
+        float64 vector of counts and one flat buffer per statistic dtype."""
+        names = ("a", "g", "corr")
+        counts = torch.zeros(len(layers) * 3, dtype=torch.float64)
+        for i, layer in enumerate(layers):
+            s = pending.get(layer)
+            if s is not None:
+                for j, k in enumerate(names):
+                    counts[3 * i + j] = getattr(s, k + "_calls")
+        counts = all_reduce_flat([counts], ctx.group)[0].cpu().tolist()
+        shapes = []
+        for i, layer in enumerate(layers):
+            a = (layer.d_in,) if layer.diagonal_a else (layer.d_in, layer.d_in)
+            for j, shape in enumerate((a, (layer.d_out, layer.d_out), (layer.d_out, layer.d_in))):
+                if counts[3 * i + j] > 0:
+                    shapes.append((i, j, shape))
+        by_dtype: dict = {}
+        for i, j, shape in shapes:
+            by_dtype.setdefault(layer_stat_dtype(layers[i]), []).append((i, j, shape))
+        ready = {layer: Ready() for i, layer in enumerate(layers) if any(counts[3 * i + j] for j in range(3))}
+        items = [item for _, dtype_items in sorted(by_dtype.items(), key=lambda kv: str(kv[0]))
+                 for item in dtype_items]
+        parts = []
+        for i, j, shape in items:
+            s = pending.get(layers[i])
+            value = getattr(s, names[j]) if s is not None else None
+            parts.append(value if value is not None
+                         else torch.zeros(shape, dtype=layer_stat_dtype(layers[i]), device=layers[i].weight.device))
+        for (i, j, shape), summed in zip(items, all_reduce_flat(parts, ctx.group)):
+            setattr(ready[layers[i]], names[j], summed.view(shape).to(layers[i].weight.device) / counts[3 * i + j])
+        return ready
+
+    def _check_caught(self, layers, ready) -> None:
+        """Warn once when a factor step caught nothing for a layer, or only half of its statistics."""
+        missing = [layer.name or type(layer.module).__name__ for layer in layers
+                   if layer.weight.grad is not None and (layer not in ready or ready[layer].a is None)]
+        half = [layer.name for layer in layers if layer in ready and ready[layer].a is not None
+                and ready[layer].g is None]
+        if half and self.fisher == "sampled" and "sampled" not in self._warned:
+            self._warned.add("sampled")
+            warnings.warn(f"{type(self).__name__}(fisher='sampled'): no sampled backward reached {len(half)} "
+                          f"layer(s) (first: {half[0]!r}) at a factor step, so their factors were not updated; "
+                          "call opt.sample_fisher(logits) after the forward and before loss.backward()",
+                          RuntimeWarning, stacklevel=8)
+        if missing and "missing" not in self._warned:
+            self._warned.add("missing")
+            warnings.warn(f"{type(self).__name__}: the hooks caught no activations for {len(missing)} layer(s) "
+                          f"with a gradient (first: {missing[0]!r}) at a factor step (hooks removed, the forward "
+                          "run under no_grad, a gradient set by hand, or a module whose forward bypasses its own "
+                          "call); such a layer keeps its current factors, and one that never caught any is "
+                          "stepped with its raw gradient. This warning is shown once.", RuntimeWarning,
+                          stacklevel=8)
+
+    def _layer_params(self):
+        for layer in self.plan().layers:
+            yield layer.weight
+            if layer.bias is not None:
+                yield layer.bias
+
