@@ -10,11 +10,15 @@ import torch
 import whiten
 from soap_reference import ReferenceSOAP
 
-# (shape, role): two same-shape hidden matrices (one stack), a square one, a vector (Adam), an embedding whose
-# vocabulary side exceeds max_precond_dim (one-sided), a head
-CASES = [((6, 4), "hidden"), ((6, 4), "hidden"), ((5, 5), "hidden"), ((7,), "vector"), ((30, 3), "embedding"),
+# (shape, role): two same-shape hidden matrices (one stack), a square one, a vector (Adam, or SOAP with
+# precondition_1d), an embedding whose vocabulary side exceeds max_precond_dim (one-sided), a head.
+# The vector has 4 elements, no more than the 1 + precondition_frequency gradients in its factor at the first refresh:
+# a longer one would still have a rank-deficient factor there, and the rule itself leaves part of that basis to
+# rounding (test_rank_deficient_refresh_agrees_on_the_factor_range).
+CASES = [((6, 4), "hidden"), ((6, 4), "hidden"), ((5, 5), "hidden"), ((4,), "vector"), ((30, 3), "embedding"),
          ((4, 9), "head")]
 HYPER = dict(lr=0.01, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.1, precondition_frequency=3, max_precond_dim=10)
+F64 = torch.float64
 
 
 def _setup(dtype=torch.float64, seed=0):
@@ -30,23 +34,76 @@ def _grads(steps, dtype=torch.float64, seed=1):
     return [[torch.randn(s, generator=g, dtype=dtype) for s, _ in CASES] for _ in range(steps)]
 
 
-@pytest.mark.parametrize("batched, precondition_1d", [(True, False), (False, False), (True, True)])
+def _reference(shapes, roles, precondition_1d):
+    return ReferenceSOAP(shapes, HYPER["lr"], HYPER["betas"], HYPER["betas"][1], HYPER["eps"], HYPER["weight_decay"],
+                         HYPER["precondition_frequency"], HYPER["max_precond_dim"],
+                         [r not in ("vector", "embedding") for r in roles], precondition_1d=precondition_1d)
+
+
+def _factors(state) -> list:
+    return [state[k] for k in ("factor_left", "factor_right") if k in state]
+
+
+@pytest.mark.parametrize("batched, precondition_1d", [(True, False), (False, False), (True, True), (False, True)])
 def test_parity_with_float64_reference(batched, precondition_1d):
+    """The authors' rule, to 1e-12 after 20 steps, where it defines the bases: a basis from a rank-deficient factor
+    has columns (eigh's or qr's, for the factor's null space) that the last bits of its input choose.
+    - The first basis (eigh, step 1) comes from one gradient, rank-deficient for the (6, 4) left side, the (4, 9)
+      right side and the vector: the reference updates its factors with whiten's arithmetic (one addmm), so the
+      factors and the eigh inputs are the same bits (checked).
+    - Every refresh (qr(F Q)) sees a full-rank factor (checked at the first one, which has the fewest gradients)."""
     init, params, groups = _setup()
     opt = whiten.SOAP(groups, batched=batched, precondition_1d=precondition_1d, **HYPER)
-    ref = ReferenceSOAP([s for s, _ in CASES], HYPER["lr"], HYPER["betas"], HYPER["betas"][1], HYPER["eps"],
-                        HYPER["weight_decay"], HYPER["precondition_frequency"], HYPER["max_precond_dim"],
-                        [r not in ("vector", "embedding") for _, r in CASES], precondition_1d=precondition_1d)
+    ref = _reference([s for s, _ in CASES], [r for _, r in CASES], precondition_1d)
     theta = [w.clone() for w in init]
-    for gs in _grads(20):  # 6 QR refreshes
+    for step, gs in enumerate(_grads(20), start=1):  # 6 QR refreshes
         for p, g in zip(params, gs):
             p.grad = g.clone()
         opt.step()
         theta = ref.step(theta, gs)
+        if step == 1:
+            for p, st in zip(params, ref.states):
+                mine, theirs = _factors(opt.state[p]), [F for F in st["GG"] if F is not None]
+                assert len(mine) == len(theirs) and all(torch.equal(a, b) for a, b in zip(mine, theirs))
+        if step == 1 + HYPER["precondition_frequency"]:
+            for p in params:
+                for F in _factors(opt.state[p]):
+                    lam = torch.linalg.eigvalsh(F)
+                    assert lam[0] > 1e-6 * lam[-1], (tuple(p.shape), lam.tolist())  # full rank: a defined basis
     for p, t in zip(params, theta):
         assert torch.allclose(p.detach(), t, atol=1e-12, rtol=0)
     assert ("factor_left" in opt.state[params[3]]) == precondition_1d  # the vector
     assert "factor_left" not in opt.state[params[4]] and "factor_right" in opt.state[params[4]]  # one-sided
+
+
+def test_rank_deficient_refresh_agrees_on_the_factor_range():
+    """Where the rule leaves a choice to rounding, whiten makes the rule's other choices. A 7-element vector's factor
+    holds 1 + precondition_frequency = 4 gradients at its first refresh: qr(F Q) then has 3 columns in F's null
+    space, R's diagonal is ~1e-17 there, and rounding alone picks them (on an AVX-512 Xeon with MKL, whiten's bmm and
+    the reference's mm compute F Q 6e-17 apart, and those columns differ by 0.3; Adam's per-coordinate steps in them
+    then differ by ~1e-2 after 20 steps). The first 4 columns (the factor's range, in the sorted order) and the
+    subspace spanned by the other 3 are defined: those agree to 1e-12."""
+    shape, rank = (7,), 1 + HYPER["precondition_frequency"]
+    torch.manual_seed(0)
+    w = torch.randn(shape, dtype=F64)
+    p = w.clone().requires_grad_()
+    opt = whiten.SOAP([{"params": [p], "role": "vector"}], precondition_1d=True, **HYPER)
+    ref = _reference([shape], ["vector"], precondition_1d=True)
+    g = torch.Generator().manual_seed(1)
+    theta = [w.clone()]
+    for _ in range(rank):  # the first call builds the basis, the rank-th refreshes it
+        grad = torch.randn(shape, generator=g, dtype=F64)
+        p.grad = grad.clone()
+        opt.step()
+        theta = ref.step(theta, [grad])
+    assert int(torch.linalg.matrix_rank(opt.state[p]["factor_left"])) == rank
+    Q, Q_ref = opt.state[p]["basis_left"], ref.states[0]["Q"][0]
+    torch.testing.assert_close(Q.T @ Q, torch.eye(7, dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(Q[:, :rank], Q_ref[:, :rank], rtol=0, atol=1e-12)
+    null, null_ref = Q[:, rank:], Q_ref[:, rank:]
+    torch.testing.assert_close(null @ null.T, null_ref @ null_ref.T, rtol=0, atol=1e-12)  # any basis of it
+    torch.testing.assert_close(opt.state[p]["exp_avg_sq"][:rank], ref.states[0]["v"][:rank], rtol=0, atol=1e-12)
+    torch.testing.assert_close(p.detach(), theta[0], rtol=0, atol=1e-12)
 
 
 def test_first_step_does_not_move_parameters():

@@ -19,8 +19,10 @@ import whiten
 OPTIMIZERS = {
     "SPlus": lambda params, **kw: whiten.SPlus(params, **{"lr": 0.05, "inverse_every": 5, "ema_rate": 0.9, **kw}),
     "SOAP": lambda params, **kw: whiten.SOAP(params, **{"lr": 0.01, "precondition_frequency": 3, **kw}),
-    # epsilon 1e-6 (DS's README: search 1e-12...1e-1): at 1e-12 the roots of the rank-deficient factors of a few
-    # steps amplify rounding, so batched and per-parameter runs differ at 1e-7 even in float64.
+    # epsilon 1e-6 (DS's README: search 1e-12...1e-1): the roots of the rank-deficient factors of a few steps amplify
+    # rounding (a vector block's (F + eps)^-1/2 by eps^-1.5 / 2 per unit of factor): a factor one ulp off moved (6, 4)
+    # weights by 7.5e-5 at 1e-12 and by 2e-10 at 1e-6 in float64, and batched and per-parameter runs round the
+    # factors of matrix blocks differently.
     "Shampoo": lambda params, **kw: whiten.Shampoo(params, **{"lr": 0.01, "precondition_frequency": 3,
                                                                "epsilon": 1e-6, **kw}),
     "PSGDKron": lambda params, **kw: whiten.PSGDKron(params, **{"lr": 0.01, **kw}),

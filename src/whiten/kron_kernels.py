@@ -200,13 +200,17 @@ def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
 
 def _spectral_lower_bound(a: torch.Tensor, max_abs: torch.Tensor) -> torch.Tensor:
     """(B,): a cheap lower bound of ‖a‖₂ for symmetric PSD a (B, d, d): start from the column of largest norm and
-    take one power-iteration step. ``max_abs`` (B,) is max |a| per slice, used to keep the products in range."""
+    take one power-iteration step. ``max_abs`` (B,) is max |a| per slice, used to keep the products in range.
+
+    Both products are xᵀa (= (a x)ᵀ for symmetric a): a row vector times a rounds alike in a stack of any size, while
+    a x (a dimension of 1 last) is rounded differently by MKL's gemm, which torch calls for a stack of one, than by
+    its batched gemm, which it calls for larger ones: a slice's bits would depend on how many share its stack."""
     a = a / max_abs[:, None, None]
     col = a.square().sum(dim=-2).argmax(dim=-1)
     x = a.gather(-1, col[:, None, None].expand(a.shape[0], a.shape[1], 1))[..., 0]
     x = (x[:, None, :] @ a)[:, 0]
     x = x / x.norm(dim=-1, keepdim=True)
-    x = (a @ x[..., None])[..., 0]
+    x = (x[:, None, :] @ a)[:, 0]
     return x.norm(dim=-1) * max_abs
 
 

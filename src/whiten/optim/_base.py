@@ -156,7 +156,12 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         kernels round differently for a matrix that does not start on a 64-byte boundary, and element j of a stack
         starts at j times its size: sizes that are multiples of 16 elements (the (m, n) view and its m×m and n×n
         factors) keep every member aligned. Parameters that fail this are planned with the rest of their group
-        on one rank, so a distributed run still batches them exactly as one process does."""
+        on one rank, so a distributed run still batches them exactly as one process does.
+
+        A stack of one is computed by gemm, a larger one by batched gemm, and MKL rounds products with a dimension
+        of 1 (rank-1 updates, matrix times column vector) differently in the two: stacked kernels avoid them, and an
+        override for stacks of other shapes than the (m, n) view must not call such a parameter invariant (see
+        docs/distributed.md)."""
         if p.numel() == 0:
             return True
         m = p.shape[0] if p.ndim else 1

@@ -295,6 +295,23 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                 "exploding gradients.", RuntimeWarning,
                 stacklevel=5)  # past apply_step, step, torch.no_grad and torch.optim's hooks: the caller of step()
 
+    def stack_invariant(self, p: torch.Tensor, group: dict) -> bool:
+        """Shampoo stacks blocks, not parameters, so its blocks decide (the rule of
+        :meth:`WhitenOptimizer.stack_invariant`): every stacked block (order 1 or 2, with a factor) needs its size
+        and its factors' sizes to be multiples of 16 elements. That rules out a block with a side of 1 (a split's
+        remainder: a side of 32 with ``max_preconditioner_dim=31``), whose factor updates and preconditioning are
+        matrix products with a dimension of 1, which MKL rounds differently in a stack of one (gemm) than in a
+        larger one (batched gemm). Vector blocks are stacked without such products (see :meth:`_stacked_blocks`);
+        blocks without a factor (element-wise) and blocks of order 3 or more (one by one) are never stacked."""
+        _, blocks = block_layout(tuple(p.shape), group["max_preconditioner_dim"], group["max_factor_ratio"])
+        for blk in blocks:
+            if not blk.modes or len(blk.dims) > 2:
+                continue
+            sizes = [math.prod(blk.dims)] + [blk.dims[j] ** 2 for j in blk.modes]
+            if 1 in blk.dims or any(size % 16 for size in sizes):
+                return False
+        return True
+
     def expected_state(self, p: torch.Tensor, group: dict) -> dict | None:
         if p.numel() == 0:
             return None
@@ -452,7 +469,8 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         return failed
 
     def _stacked_blocks(self, key, entries: list[tuple[int, int]], c: "_Ctx") -> int:
-        """Same-shape order-1 and order-2 blocks as stacks: factors by baddbmm, roots, preconditioning by bmm."""
+        """Same-shape order-1 and order-2 blocks as stacks: factors by baddbmm (element-wise for vectors), roots,
+        preconditioning by bmm."""
         i0, b0 = entries[0]
         dims, modes = c.layouts[i0][1][b0].dims, c.layouts[i0][1][b0].modes
         order = len(dims)  # the root's exponent is -1/(2·order) also when a mode is left out (identity on it)
@@ -472,7 +490,14 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         present = index(range(len(entries)))
         Fs = {m: S[f"F{m}"] if present is None else S[f"F{m}"][present] for m in modes}
         if order == 1:
-            Fs[0].baddbmm_(G.unsqueeze(2), G.unsqueeze(1), beta=c.beta2, alpha=c.w)
+            # No matrix product with a dimension of 1 on a stack (here a rank-1 update, below a matrix-vector
+            # product): torch sends a stack of one to gemm and larger ones to batched gemm, which round those
+            # differently (MKL), so a block's bits would depend on how many blocks share its stack this step. The
+            # outer product is taken element-wise and added as _single_block adds it to a block alone: the same
+            # bits in any stack, and the same as a block alone.
+            if c.beta2 != 1.0:
+                Fs[0].mul_(c.beta2)
+            Fs[0].add_(G.unsqueeze(2) * G.unsqueeze(1), alpha=c.w)
         else:
             if 0 in Fs:
                 Fs[0].baddbmm_(G, G.mT, beta=c.beta2, alpha=c.w)
@@ -507,8 +532,8 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
             roots = {m: R[idx] for m, R in roots.items()}
         act_entries = [entries[j] for j in act]
         X = torch.stack([c.block(c.gbar, i, b) for i, b in act_entries])
-        if order == 1:
-            P = torch.bmm(roots[0], X.unsqueeze(2)).squeeze(2)
+        if order == 1:  # xᵀR (R symmetric), as a block alone: a row vector times R rounds alike in any stack
+            P = torch.bmm(X.unsqueeze(1), roots[0]).squeeze(1)
         else:
             P = torch.bmm(roots[0], X) if 0 in roots else X
             P = torch.bmm(P, roots[1]) if 1 in roots else P.clone()
