@@ -100,8 +100,8 @@ def test_deepspeed_zero12_flat_slices_are_refused_at_the_first_step(name):
     before = [s.detach().clone() for s in slices]
     with pytest.raises(ValueError, match="DeepSpeed ZeRO") as e:
         opt.step()
-    assert "was replaced after construction by a tensor of another shape ((32, 16) -> (" in str(e.value)
-    assert "fully_shard" in str(e.value)
+    assert "group 0's 1 parameter of shape (32, 16) became 1 tensor of shape (256,)" in str(e.value)
+    assert "flat fp32 slices" in str(e.value) and "fully_shard" in str(e.value)
     assert all(torch.equal(a, s) for a, s in zip(before, slices)) and not opt.state
     with pytest.raises(ValueError, match="DeepSpeed ZeRO"):  # and again: nothing was accepted on the way
         opt.step()
@@ -149,3 +149,61 @@ def test_parameters_replaced_by_same_shaped_ones_are_checked_and_stepped(name):
     opt.param_groups[0]["params"][0] = bad  # a replacement must pass construction's checks too
     with pytest.raises(ValueError, match="needs floating-point parameters"):
         opt.step()
+
+
+def test_a_group_that_shrinks_around_a_same_shaped_slice_is_refused():
+    """ZeRO-1/2's slice of a group of vectors can have the shape of the group's first vector (two (16,) biases on 2
+    ranks give one (16,) slice): the group lost a tensor, so it is refused all the same, before any state."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    vectors = [p for p in model.parameters() if p.ndim == 1]
+    opt = whiten.SPlus([{"params": vectors, "weight_decay": 0.0},
+                        {"params": [p for p in model.parameters() if p.ndim > 1]}], lr=0.1)
+    zero12_handover(opt)
+    assert opt.param_groups[0]["params"][0].shape == vectors[0].shape
+    with pytest.raises(ValueError, match=r"group 0's 2 parameters of shapes \(16,\), \(16,\) became 1 tensor of "
+                                         r"shape \(16,\)\. DeepSpeed ZeRO-1/2"):
+        opt.step()
+    assert not opt.state
+
+
+def test_groups_handed_over_one_at_a_time_are_refused_at_the_first():
+    """ZeRO-1/2 call ``step()`` once per group with ``param_groups`` holding that group alone: the first call is
+    refused, and a later group at place 0 is compared with its own validated parameters, not group 0's."""
+    model = make_mlp()
+    opt = build("SPlus", model)
+    groups = opt.param_groups
+    zero12_handover(opt)
+    for k, was in ((0, "1 parameter of shape (32, 16)"), (2, "2 parameters of shapes (32,), (8,)")):
+        opt.param_groups = [groups[k]]
+        with pytest.raises(ValueError) as e:
+            opt.step()
+        assert f"group {k}'s {was} became 1 tensor of shape (" in str(e.value), str(e.value)
+    assert not opt.state
+
+
+def test_load_state_dict_does_not_launder_flat_slices():
+    """DeepSpeed resumes a ZeRO-1/2 checkpoint with the client optimizer's ``load_state_dict`` while its groups hold
+    the slices: the slices are still compared with the parameters validated at construction."""
+    model = make_mlp()
+    opt = build("SPlus", model)
+    zero12_handover(opt)
+    opt.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO-1/2"):
+        opt.step()
+    assert not opt.state
+
+
+def test_validated_parameters_may_leave_and_come_back():
+    """ZeRO-3 empties the groups between steps, and a wrapper may drop an empty group: tensors validated before are
+    not replacements."""
+    model = make_mlp()
+    opt = build("SPlus", model)
+    saved = [list(g["params"]) for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["params"] = []
+    opt.step()
+    for g, params in zip(opt.param_groups, saved):
+        g["params"] = params
+    loss_of(model).backward()
+    opt.step()
+    assert len(opt.state) == sum(map(len, saved))
