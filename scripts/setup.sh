@@ -38,6 +38,10 @@ fi
 # torchvision pin pulls a CUDA torch; curvlinops' KFAC/EKFAC never import it. Its imported dependencies (einops,
 # einconv, linear_operator) are pinned in the test extra.
 "$PY" -m pip install --quiet --no-deps "curvlinops-for-pytorch==3.0.1"
+# DeepSpeed: tests/test_flattened.py runs ZeRO 1/2/3 on the CPU (gloo) to check that every optimizer refuses its
+# flat slices. Installed from its source release, pure Python: DS_BUILD_OPS=0 compiles none of its C++/CUDA ops
+# (the tests need none). It keeps the installed torch and adds hjson, msgpack, ninja and py-cpuinfo.
+DS_BUILD_OPS=0 "$PY" -m pip install --quiet "deepspeed==0.19.8"
 
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   SUDO=""

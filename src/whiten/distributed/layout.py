@@ -57,12 +57,14 @@ def flattened_by(p: torch.Tensor) -> str | None:
 
     FSDP1 (``FullyShardedDataParallel``) marks every tensor it flattens with ``_fsdp_flattened``: its
     ``FlatParameter`` (``use_orig_params=False``) and the original parameters, which between forward passes are
-    1-D views into this rank's slice of it (``use_orig_params=True``). DeepSpeed ZeRO-3 partitions parameters in
-    place and tags them with ``ds_id``. (ZeRO-1/2 and DeepSpeed's bf16 optimizer put new flat fp32 tensors into the
-    optimizer's groups instead; those carry no mark and are caught by the change of shape, see
-    :meth:`WhitenOptimizer.check_parameters`.)"""
+    1-D views into this rank's slice of it (``use_orig_params=True``). DeepSpeed ZeRO-3 marks with ``ds_id`` both
+    the parameters it partitions in place (shape ``(0,)`` outside a forward pass) and the flat fp32 slice of a
+    group that it puts in the optimizer's group for each ``step()`` call (``ds_id`` a string such as ``'0_3'``,
+    the first and last parameter ids it holds). (ZeRO-1/2 and DeepSpeed's bf16 optimizer put unmarked flat fp32
+    slices into the optimizer's groups; those are caught because they do not replace the group's parameters one
+    for one, see :meth:`WhitenOptimizer.check_parameters`.)"""
     if getattr(p, "_fsdp_flattened", False):
         return "FSDP1 (FullyShardedDataParallel), which hands the optimizer flat 1-D slices of its parameters"
     if hasattr(p, "ds_id"):
-        return "DeepSpeed ZeRO-3, which partitions parameters into flat 1-D slices"
+        return "DeepSpeed ZeRO-3, which partitions the parameters and hands the optimizer flat 1-D slices of them"
     return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 
 import torch
 
@@ -18,6 +19,20 @@ from .stacks import StackedState
 
 NONFINITE_POLICIES = ("skip", "raise")
 BASE_COUNTERS = ("skipped_steps", "eigh_retries", "eigh_failures", "factor_restarts")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _tensors(shapes: list[tuple], noun: str, most: int = 4) -> str:
+    """``1 tensor of shape (3, 4)``, ``2 tensors of shapes (3, 4), (4,)``, ``9 tensors of shapes (3, 4), (4,),
+    (4,), (5,) and 5 more``, ``0 tensors``."""
+    if not shapes:
+        return _count(0, noun)
+    more = f" and {len(shapes) - most} more" if len(shapes) > most else ""
+    return (f"{_count(len(shapes), noun)} of shape{'' if len(shapes) == 1 else 's'} "
+            + ", ".join(str(s) for s in shapes[:most]) + more)
 
 
 class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
@@ -51,7 +66,9 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         self.counters = self.new_counters()
         self.reset_stacks()
         self._dist = None  # (parameter identities, DistributedContext or None), rebuilt when parameters change
-        self._checked: list[list[tuple[int, tuple]]] = []  # per group: (id, shape) of each tensor as validated
+        # per group as last validated: (the group dict, [(id, shape) of each tensor]); see check_parameters
+        self._checked: list[tuple[dict, list[tuple[int, tuple]]]] = []
+        self._validated = weakref.WeakValueDictionary()  # id -> every tensor validated so far, while it lives
         self._checked_key = None  # the tensors' identities at the last check_parameters, None before the first step
         super().__init__(params, defaults)
 
@@ -93,39 +110,70 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
             if wrapper is not None:
                 raise ValueError(f"{type(self).__name__}: {where} comes from {wrapper}; {wdist.FLATTENED_HINT}")
         self.validate_group(group)
-        checked = [(id(p), tuple(p.shape)) for p in group["params"]]
-        self._checked[index:index + 1] = [checked]
+        self._checked[index:index + 1] = [(group, [(id(p), tuple(p.shape)) for p in group["params"]])]
+        self._validated.update((id(p), p) for p in group["params"])
 
     def check_parameters(self) -> None:
         """Checks the tensors in ``param_groups`` again, as at construction, where they may have changed since.
 
-        Wrappers edit the groups of an optimizer built before them: accelerate puts a model's new FSDP2 parameters
-        in place of the old ones (same shapes: checked like new ones), DeepSpeed ZeRO-1/2 puts one flat fp32 slice
-        of the group in place of its parameters, and FSDP1 wrapped around a model after the optimizer was built
-        turns each parameter into a flat 1-D slice in place. The last two would be stepped as vectors without a
-        word: a tensor whose shape differs from the one validated at its place is refused, and so is any tensor
-        that FSDP1 or ZeRO-3 marked (:func:`whiten.distributed.flattened_by`). :meth:`step` runs it at the first
-        step and whenever the tensors change, before any state changes."""
+        Wrappers edit the groups of an optimizer built before them. accelerate puts a wrapped model's parameters
+        (FSDP2's DTensors) in place of the old ones, and DeepSpeed without ZeRO, in bf16 or fp16, fp32 copies of
+        them: one for one, with the same shapes; those are checked as at construction and stepped. DeepSpeed
+        ZeRO-1/2 (and its bf16 optimizer) put one flat fp32 slice of each group in place of the group's parameters,
+        ZeRO-1/2 then call ``step()`` once per group with ``param_groups`` holding that group alone, ZeRO-3 puts a
+        flat slice marked ``ds_id`` in the group it steps, and FSDP1 wrapped around a model after the optimizer was
+        built turns each parameter into a flat 1-D slice in place: stepped, those slices would be vectors, without
+        a word. Refused: any tensor that FSDP1 or ZeRO-3 marked (:func:`whiten.distributed.flattened_by`), and
+        tensors never validated that do not replace the validated ones one for one, group by group, with the same
+        shapes (a new shape, another number of tensors in a group or of groups). Tensors validated before may move,
+        go and come back (ZeRO-3 empties the groups between steps). :meth:`step` runs this at the first step and
+        whenever the tensors change, before any state changes; ``load_state_dict`` keeps what was validated."""
         name = type(self).__name__
-        validated = None  # every validated tensor: one moved between groups is not a replacement
         for gi, group in enumerate(self.param_groups):
-            checked = self._checked[gi] if gi < len(self._checked) else []
             for i, p in enumerate(group["params"]):
                 wrapper = wdist.flattened_by(p)
                 if wrapper is not None:
                     raise ValueError(f"{name}.step(): parameter {i} of group {gi} (shape {tuple(p.shape)}) now comes "
                                      f"from {wrapper}; {wdist.FLATTENED_HINT}")
-                if i < len(checked) and checked[i][0] != id(p) and checked[i][1] != tuple(p.shape):
-                    if validated is None:
-                        validated = {k for c in self._checked for k, _ in c}
-                    if id(p) in validated:
-                        continue
-                    raise ValueError(
-                        f"{name}.step(): parameter {i} of group {gi} was replaced after construction by a tensor of "
-                        f"another shape ({checked[i][1]} -> {tuple(p.shape)}), as DeepSpeed ZeRO does with its flat "
-                        f"fp32 slices; {wdist.FLATTENED_HINT}. To add parameters, use add_param_group")
-            if [c[0] for c in checked] != [id(p) for p in group["params"]]:
-                self._check_group(gi)  # new tensors: the checks of construction, then remembered as validated
+        mismatch = self._replaced_not_one_for_one()
+        if mismatch is not None:
+            raise ValueError(
+                f"{name}.step(): the parameters were replaced after construction, not one for one by tensors of the "
+                f"same shapes: {mismatch}. DeepSpeed ZeRO-1/2 (and its bf16 optimizer) does this: it hands the "
+                f"optimizer flat fp32 slices, one per group, in place of the group's parameters; "
+                f"{wdist.FLATTENED_HINT}. To add parameters, use add_param_group")
+        for gi, group in enumerate(self.param_groups):
+            record = self._checked[gi] if gi < len(self._checked) else None
+            if record is None or [q for q, _ in record[1]] != [id(p) for p in group["params"]]:
+                self._check_group(gi)  # changed: the checks of construction, then remembered as validated
+            elif record[0] is not group:  # the same tensors in a new dict (load_state_dict makes new ones)
+                self._checked[gi] = (group, record[1])
+        del self._checked[len(self.param_groups):]
+
+    def _replaced_not_one_for_one(self) -> str | None:
+        """Where ``param_groups`` holds tensors never validated that do not replace the validated ones one for one
+        with the same shapes, what changed; else None."""
+        def new(p):
+            return self._validated.get(id(p)) is not p
+
+        groups = self.param_groups
+        if not any(new(p) for g in groups for p in g["params"]):
+            return None  # moved, removed or back again: no new tensor
+        for gi, group in enumerate(groups):
+            params = group["params"]
+            if not any(map(new, params)):
+                continue
+            # the group as validated: the same dict (DeepSpeed passes its groups one at a time), else the same place
+            k = next((k for k, (g, _) in enumerate(self._checked) if g is group), gi)
+            old = [shape for _, shape in self._checked[k][1]] if k < len(self._checked) else []
+            now = [tuple(p.shape) for p in params]
+            if old != now:
+                return f"group {k}'s {_tensors(old, 'parameter')} became {_tensors(now, 'tensor')}"
+            if k != gi:
+                return f"group {k} is now at place {gi}"
+        if len(groups) != len(self._checked):
+            return f"param_groups holds {_count(len(groups), 'group')} where {len(self._checked)} were validated"
+        return None
 
     def validate_group(self, group: dict) -> None:  # overridden by each optimizer
         pass

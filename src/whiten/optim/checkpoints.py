@@ -23,6 +23,8 @@ An optimizer declares what it adds and overrides none of ``state_dict``, ``check
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .. import distributed as wdist
@@ -68,7 +70,9 @@ class Checkpoints:
         self.__dict__.setdefault("process_group", None)  # communicators do not pickle: a copy runs on one process
         self.reset_stacks()  # rebuilt on the next step
         self._dist = None  # a copy plans its own
-        self._checked = [[(id(p), tuple(p.shape)) for p in g["params"]] for g in self.param_groups]
+        if "_checked" not in self.__dict__:  # unpickled: its tensors as they came; load_state_dict keeps the record
+            self._checked = [(g, [(id(p), tuple(p.shape)) for p in g["params"]]) for g in self.param_groups]
+            self._validated = weakref.WeakValueDictionary((id(p), p) for g in self.param_groups for p in g["params"])
         self._checked_key = None
 
     def groups_error(self, groups: list[dict], where: str) -> str | None:
