@@ -32,6 +32,7 @@ import torch
 from .errors import DataUnavailable, UsageError
 from .models import PROFILES, TASKS
 from .registry import REGISTRY, get_spec, with_options
+from .samples import write_samples
 from .sweep import PROGRESS_INTERVAL, run_sweep
 # cli.Progress and cli._plan: their names from before they moved to sweep.py
 from .sweep import Progress, plan_runs as _plan  # noqa: F401
@@ -354,46 +355,7 @@ def _report(args) -> int:
 
 
 def _samples(args) -> int:
-    import json
-
-    from .models import build_model, sample
-
-    done = args.run_dir / "done.json"
-    weights = args.run_dir / "model.pt"
-    if not done.exists() or not weights.exists():
-        raise UsageError(f"samples {args.run_dir}: not a finished dit run (needs done.json and model.pt; "
-                         "dit runs are under <out>/dit/<profile>/<start>/<optimizer>/<lr-seed>)")
-    summary = json.loads(done.read_text())
-    cfg = summary["config"]
-    if cfg["task"] != "dit":
-        raise UsageError(f"samples {args.run_dir}: a {cfg['task']} run; samples needs a dit run")
-    # the model as the run built it: its task description holds the width, patch, image shape and classes
-    desc = summary.get("identity", {}).get("task", {})
-    sizes = {**PROFILES[cfg["profile"]]["dit"], **{k: desc[k] for k in ("width", "depth", "heads", "patch") if k in desc}}
-    channels, height, width = desc.get("image_shape", (1, 28, 28))
-    classes = desc.get("classes", 10)
-    model = build_model("dit", sizes, image_shape=(channels, height, width), classes=classes)
-    model.load_state_dict(torch.load(weights, map_location="cpu"))
-    model.eval()
-    rows = min(classes, 16)  # 8 samples for each of the first 16 classes at most
-    y = torch.arange(rows).repeat_interleave(8)
-    with torch.no_grad():
-        images = sample(model, y, args.steps, torch.Generator().manual_seed(0), cfg_scale=args.cfg)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = min(channels, 4) if channels != 2 else 1  # grey+alpha: the grey channel
-    grid = images[:, :shown].clamp(-1, 1).add(1).div(2).reshape(rows, 8, shown, height, width)
-    grid = grid.permute(0, 3, 1, 4, 2).reshape(rows * height, 8 * width, shown)
-    out = args.run_dir / "samples.png"
-    if shown == 1:
-        plt.imsave(out, grid[..., 0].numpy(), cmap="gray", vmin=0, vmax=1)
-    else:
-        plt.imsave(out, grid[..., :4 if shown == 4 else 3].numpy())
-    print(f"samples: {out} (one row per class{'' if rows == classes else f', the first {rows} of {classes}'}, "
-          f"{args.steps} Euler steps, guidance {args.cfg})")
+    write_samples(args.run_dir, args.steps, args.cfg)
     return 0
 
 
