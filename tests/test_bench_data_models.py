@@ -356,7 +356,7 @@ def test_build_model_profiles():
 def test_shakespeare_download_failure_message(tmp_path, monkeypatch):
     import subprocess
 
-    import whiten.bench.data as data
+    import whiten.bench.data.text as data  # the module whose subprocess.run the loader calls
 
     def failing_run(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: no network")
@@ -370,7 +370,7 @@ def test_shakespeare_download_failure_message(tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_unavailable_message(tmp_path, monkeypatch):
-    import whiten.bench.data as data
+    import whiten.bench.data.fashion_mnist as data  # the module whose FASHION_MNIST_SYSTEM_DIR the loader reads
 
     def no_network(*args, **kwargs):
         raise OSError("unreachable")
@@ -383,7 +383,7 @@ def test_fashion_mnist_unavailable_message(tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_from_cache_dir(tmp_path, monkeypatch):
-    import whiten.bench.data as data
+    import whiten.bench.data.fashion_mnist as data  # the module whose FASHION_MNIST_SYSTEM_DIR the loader reads
 
     cache = tmp_path / "fashion-mnist"
     cache.mkdir()
