@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import whiten
-from test_suite import ALL, OPTIMIZERS
+from test_suite import ALL, OPTIMIZERS, build
 
 
 def float_state(opt):
@@ -85,6 +85,34 @@ def test_a_spike_does_not_freeze_vectors_and_adam_paths(name):
     assert torch.isfinite(p).all()
     assert all(torch.isfinite(v).all() for v in float_state(opt).values())
     assert (p.detach() != before).all()  # every entry still moves
+
+
+def blocks(width=16, depth=6):
+    """Linear + LayerNorm blocks: the model of the repeated-gradient fault (issue 24)."""
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width)) for _ in range(depth)])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_one_gradient_stepped_again_and_again_stays_finite(name):
+    """One backward, then step() 80 times with the same gradient: a loss with no finite minimum along it, the
+    worst case for a step size that adapts (Prodigy's D grows geometrically; prodigyopt overflows inside its step
+    at step 56 of the 12-block model in tests/test_prodigy.py). Every optimizer keeps its parameters and state
+    finite and raises nothing (a warning is fine)."""
+    model = blocks()
+    opt = build(name, model)
+    model(torch.randn(8, 16)).square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(80):
+            opt.step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # the same gradient throughout
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(v).all() for v in float_state(opt).values())
+    assert opt.counters["skipped_steps"] == 0
+    if name == "Prodigy":
+        assert math.isfinite(opt.d) and opt.param_groups[0]["d_capped"] > 0  # held at its limit, counted
 
 
 MOMENT_OPTIMIZERS = {"SOAP": lambda ps: whiten.SOAP(ps, lr=3e-3), "Muon": lambda ps: whiten.Muon(ps, lr=0.02),
