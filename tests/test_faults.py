@@ -1,6 +1,7 @@
 """The fault campaign of issue 11, run for every optimizer of the suite's registry (a new optimizer inherits it):
 a huge finite gradient spike, empty and one-element parameters, out-of-range hyperparameters, duplicated
-parameters, and checkpoints that must load all or nothing."""
+parameters, and checkpoints that must load all or nothing; and those of issue 24: one gradient stepped again and
+again, and a non-finite forward given to sample_fisher (every optimizer that has it)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import whiten
-from test_suite import ALL, OPTIMIZERS
+from test_suite import ALL, OPTIMIZERS, build
 
 
 def float_state(opt):
@@ -85,6 +87,91 @@ def test_a_spike_does_not_freeze_vectors_and_adam_paths(name):
     assert torch.isfinite(p).all()
     assert all(torch.isfinite(v).all() for v in float_state(opt).values())
     assert (p.detach() != before).all()  # every entry still moves
+
+
+def blocks(width=16, depth=6):
+    """Linear + LayerNorm blocks: the model of the repeated-gradient fault (issue 24)."""
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width)) for _ in range(depth)])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_one_gradient_stepped_again_and_again_stays_finite(name):
+    """One backward, then step() 80 times with the same gradient: a loss with no finite minimum along it, the
+    worst case for a step size that adapts (Prodigy's D grows geometrically; prodigyopt overflows inside its step
+    at step 56 of the 12-block model in tests/test_prodigy.py). Every optimizer keeps its parameters and state
+    finite and raises nothing (a warning is fine)."""
+    model = blocks()
+    opt = build(name, model)
+    model(torch.randn(8, 16)).square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(80):
+            opt.step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # the same gradient throughout
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(v).all() for v in float_state(opt).values())
+    assert opt.counters["skipped_steps"] == 0
+    if name == "Prodigy":
+        assert math.isfinite(opt.d) and opt.param_groups[0]["d_capped"] > 0  # held at its limit, counted
+
+
+# The optimizers of the registry with sample_fisher, and what makes them sample: K-FAC's true Fisher (the registry
+# builds the empirical one, whose sample_fisher is never due).
+SAMPLING = {"KFAC": dict(fisher="sampled"), "EKFAC": dict(fisher="sampled")}
+FISHER = [n for n in ALL if hasattr(build(n, nn.Sequential(nn.Linear(2, 2))), "sample_fisher")]
+
+
+def fisher_step(model, opt, x, y):
+    """One training step of the Fisher family's loop; whether sample_fisher sampled."""
+    logits = model(x)
+    sampled = opt.sample_fisher(logits)
+    opt.zero_grad()
+    F.cross_entropy(logits, y).backward()
+    opt.step()
+    return sampled
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+@pytest.mark.parametrize("name", FISHER)
+def test_a_nonfinite_forward_is_skipped_by_sample_fisher(name, policy):
+    """A diverged forward on a step that samples: sample_fisher draws no labels (torch's multinomial would raise
+    on them), warns and counts (or raises under nonfinite="raise"); the step it belongs to is skipped for its
+    non-finite gradient, so parameters and state are those before the forward; the next finite step samples."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 4))
+    opt = build(name, model, nonfinite=policy, **SAMPLING.get(name, {}))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 6, generator=g), torch.randint(0, 4, (5,), generator=g)
+    sampled = [fisher_step(model, opt, x, y)]
+    while not (any(sampled) and opt.fisher_due()):  # curvature in the state, and on to a step that samples
+        sampled.append(fisher_step(model, opt, x, y))  # (Sophia samples every k steps from step k)
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    bad = x.clone()
+    bad[0, 0] = math.nan
+    logits = model(bad)
+    assert not torch.isfinite(logits).all()
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match=f"{type(opt).__name__}.sample_fisher: the logits are not finite"):
+            opt.sample_fisher(logits)
+        assert opt.fisher_skipped == 0
+    else:
+        with pytest.warns(RuntimeWarning, match="logits are not finite"):
+            assert opt.sample_fisher(logits) is False
+        assert opt.fisher_skipped == 1
+        opt.zero_grad()
+        F.cross_entropy(logits, y).backward()
+        with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+            opt.step()
+        assert opt.counters["skipped_steps"] == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert same(opt.state_dict()["state"], state)
+    if policy == "skip":
+        assert fisher_step(model, opt, x, y)  # still due: the skipped step did not advance the clock
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert all(torch.isfinite(v).all() for v in float_state(opt).values())
+        assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), params))
 
 
 MOMENT_OPTIMIZERS = {"SOAP": lambda ps: whiten.SOAP(ps, lr=3e-3), "Muon": lambda ps: whiten.Muon(ps, lr=0.02),

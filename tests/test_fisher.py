@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -230,6 +231,61 @@ def test_nonfinite_sampled_gradients_follow_the_policy(policy):
         opt.step()
     assert opt.captured == [] and opt.fisher_skipped == 1 and opt.fisher_steps == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _diverged(x):
+    """A batch whose forward is not finite (one input entry NaN: its row of logits is NaN)."""
+    x = x.clone()
+    x[0, 0] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize("kind", ["ce", "mse"])
+def test_nonfinite_logits_skip_the_call_counted_and_warned(kind):
+    """A diverged forward: no labels (torch's multinomial would raise on them), no backward, nothing kept; the
+    call returns False, warns and counts, and the graph and p.grad are untouched for the ordinary backward."""
+    model = net()
+    opt = Recorder(model.parameters())
+    x, y = data(0)
+    logits = model(_diverged(x))
+    assert not torch.isfinite(logits).all()
+    F.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match=r"logits are not finite.*1 skipped so far, opt.fisher_skipped"):
+        assert opt.sample_fisher(logits, kind=kind) is False
+    assert opt.fisher_skipped == 1 and opt._fisher_sums is None and opt._fisher_n == 0
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    logits.sum().backward()  # the graph is still there
+    assert opt.state_dict()["param_groups"][0]["fisher"]["skipped"] == 1
+
+
+def test_nonfinite_logits_raise_under_the_raise_policy():
+    model = net()
+    opt = Recorder(model.parameters(), nonfinite="raise")
+    x, _ = data(0)
+    with pytest.raises(FloatingPointError, match=r"Recorder.sample_fisher: the logits are not finite.*'raise'"):
+        opt.sample_fisher(model(_diverged(x)))
+    assert opt.fisher_skipped == 0 and opt._fisher_sums is None and opt._fisher_calls == 0
+
+
+def test_a_skipped_call_leaves_the_other_calls_of_the_step():
+    """Gradient accumulation: a diverged micro-batch is skipped, the others are kept (their mean, their labels)."""
+    model = net()
+    opt = Recorder(model.parameters(), seed=2)
+    x, _ = data(0)
+    with pytest.warns(RuntimeWarning, match="logits are not finite"):
+        assert opt.sample_fisher(model(_diverged(x))) is False
+    logits = model(x)
+    assert opt.sample_fisher(logits)
+    labels = sample_labels(logits, "ce", _mix(2, 0, 1))  # call 1: the skipped call 0 still counts as a call
+    expected = sampled_grads(model, logits, labels)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    grads, n = opt.captured[-1]
+    assert n == 6 and opt.fisher_skipped == 1
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
 
 
 def run(opt_factory, model, start, stop, opt=None):
@@ -549,3 +605,60 @@ def test_fsdp2_accumulation_is_the_mean_over_all_micro_batches():
                 assert g is None
         for g, e in zip(ordinary, expected_grad):  # the ordinary gradients accumulated as without sampling
             torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+
+
+# ----- non-finite logits on one rank: every rank skips the same call (no rank left in a collective) -------------------
+
+def _one_rank_diverges(rank, world, mode, policy):
+    """Rank 1's forward is not finite, rank 0's is. Under "skip" both ranks skip the call (rank 0 too: its labels
+    alone would not be the batch's), count it and step on; under "raise" both raise. Then a finite step samples."""
+    import torch.distributed as dist
+
+    from dist_utils import full
+
+    model = _fsdp_model(world) if mode == "fsdp2" else net().double()
+    group = dist.group.WORLD if mode == "ddp" else None
+    opt = Recorder(model.parameters(), nonfinite=policy, process_group=group)
+    x, y = _global_batch(0, world)
+    x, y = x[rank * RANK_ROWS:(rank + 1) * RANK_ROWS], y[rank * RANK_ROWS:(rank + 1) * RANK_ROWS]
+    logits = model(_diverged(x) if rank == 1 else x)
+    outcome = {}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outcome["sampled"] = opt.sample_fisher(logits)
+        outcome["warned"] = [str(w.message) for w in caught]
+    except FloatingPointError as e:
+        outcome["raised"] = str(e)
+        return outcome
+    for p in model.parameters():  # finite ordinary gradients, the same on every rank (as after DDP's all-reduce)
+        p.grad = torch.ones_like(p)
+    opt.step()
+    outcome.update(skipped=opt.fisher_skipped, captured=len(opt.captured),
+                   fisher=opt.state_dict()["param_groups"][0]["fisher"])
+    opt.zero_grad()
+    logits = model(x)  # a finite step after it samples on every rank again
+    outcome["next"] = opt.sample_fisher(logits)
+    F.cross_entropy(logits, y).backward()
+    opt.step()
+    outcome.update(captured_after=len(opt.captured), n=opt.captured[-1][1] if opt.captured else 0,
+                   finite=all(bool(torch.isfinite(full(p)).all()) for p in model.parameters()))
+    return outcome
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_nonfinite_logits_on_one_rank_are_skipped_on_every_rank(mode):
+    results = launch(_one_rank_diverges, 2, mode, "skip")
+    for rank, out in enumerate(results):
+        assert out["sampled"] is False, rank
+        assert len(out["warned"]) == 1 and "not finite (on at least one rank)" in out["warned"][0], rank
+        assert out["skipped"] == 1 and out["captured"] == 0 and out["fisher"] == results[0]["fisher"], rank
+        assert out["next"] is True and out["captured_after"] == 1 and out["n"] == 2 * RANK_ROWS, rank
+        assert out["finite"], rank
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_nonfinite_logits_on_one_rank_raise_on_every_rank(mode):
+    results = launch(_one_rank_diverges, 2, mode, "raise")
+    for rank, out in enumerate(results):
+        assert "the logits are not finite (on at least one rank)" in out["raised"], rank

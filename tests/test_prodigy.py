@@ -265,6 +265,91 @@ def test_the_estimate_resumes_exactly_from_a_state_dict():
     assert all(torch.equal(a, b) for a, b in zip(second, full))
 
 
+def _repeated_gradient(seed=0):
+    """The issue's case: 12 blocks of Linear(32, 32) + LayerNorm(32), one backward, then the same gradient stepped
+    again and again (a loss with no finite minimum along it: D grows geometrically)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32)) for _ in range(12)])
+    model(torch.randn(16, 32)).square().mean().backward()
+    return model
+
+
+def _ds(opt, steps):
+    ds = []
+    for _ in range(steps):
+        try:
+            opt.step()
+        except RuntimeError as e:
+            return ds, e
+        ds.append(opt.param_groups[0]["d"])
+    return ds, None
+
+
+def test_d_is_held_finite_where_the_reference_overflows():
+    """prodigyopt raises from inside its step once D²·lr/d0 passes float32's range (D ≈ 1.8e16, step 56); whiten is
+    the reference bit for bit until D reaches its limit √(√max_float32 · d0 / lr) ≈ 4.3e6 and is held there,
+    counted at every step that binds and warned about once, every parameter and state entry finite."""
+    ref_model, model = _repeated_gradient(), _repeated_gradient()
+    ref_ds, error = _ds(prodigyopt.Prodigy(ref_model.parameters()), 100)
+    assert isinstance(error, RuntimeError) and "overflow" in str(error) and len(ref_ds) == 56
+    assert ref_ds[-1] > 1e16
+
+    opt = whiten.Prodigy(model.parameters())
+    limit = math.sqrt(math.sqrt(torch.finfo(torch.float32).max) * 1e-6)
+    with pytest.warns(RuntimeWarning, match="D reached 4.29e\\+06") as caught:
+        ds, error = _ds(opt, 100)
+    assert error is None and len([w for w in caught if "D reached" in str(w.message)]) == 1
+    held = [i for i, d in enumerate(ref_ds) if d > limit]
+    assert held and ds[:held[0]] == ref_ds[:held[0]]  # the reference's estimate, step by step, below the limit
+    assert ds[held[0]:] == [limit] * (100 - held[0])
+    assert opt.param_groups[0]["d_capped"] == 100 - held[0] and opt.d == limit
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(v).all() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    assert all(math.isfinite(opt.param_groups[0][k]) for k in ("d_max", "d_numerator", "d_denom", "d_hat"))
+
+
+@pytest.mark.parametrize("options", [dict(weight_decay=0.01), dict(weight_decay=0.1, use_bias_correction=True, d0=10.0),
+                                     dict(betas=(0.0, 0.99), safeguard_warmup=True, slice_p=3)])
+def test_d_stays_where_decoupled_decay_and_every_option_keep_the_step_finite(options):
+    """With decoupled decay, x -= λ·D·lr·x multiplies x by more than 1 in size once λ·D·lr > 2 (the parameters
+    then overflow within a few steps, in the reference too): D is held at λ·D·lr·b ≤ 1."""
+    model = _repeated_gradient()
+    opt = whiten.Prodigy(model.parameters(), **options)
+    with pytest.warns(RuntimeWarning, match="D reached"):
+        ds, error = _ds(opt, 120)
+    assert error is None and opt.param_groups[0]["d_capped"] > 0
+    if "weight_decay" in options:
+        k = opt.param_groups[0]["k"] - 1  # the bias correction of the last step
+        beta1, beta2 = opt.param_groups[0]["betas"]
+        b = (1 - beta2 ** (k + 1)) ** 0.5 / (1 - beta1 ** (k + 1)) if options.get("use_bias_correction") else 1.0
+        assert opt.d * options["weight_decay"] * b <= 1.0 + 1e-12
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(v).all() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+
+
+def test_the_held_count_resumes_and_old_checkpoints_load():
+    model = _repeated_gradient()
+    opt = whiten.Prodigy(model.parameters())
+    with pytest.warns(RuntimeWarning, match="D reached"):
+        _ds(opt, 40)
+    sd = copy.deepcopy(opt.state_dict())
+    assert sd["param_groups"][0]["d_capped"] == opt.param_groups[0]["d_capped"] > 0
+    again = whiten.Prodigy(model.parameters())
+    again.load_state_dict(sd)
+    assert [g["d_capped"] for g in again.param_groups] == [g["d_capped"] for g in opt.param_groups]
+    for group in sd["param_groups"]:  # a checkpoint from before the count existed
+        del group["d_capped"]
+    old = whiten.Prodigy(model.parameters())
+    old.load_state_dict(sd)
+    with pytest.warns(RuntimeWarning, match="D reached"):
+        old.step()
+    assert old.param_groups[0]["d_capped"] == 1
+    bad = copy.deepcopy(opt.state_dict())
+    bad["param_groups"][0]["d_capped"] = -1
+    with pytest.raises(ValueError, match="d_capped"):
+        old.load_state_dict(bad)
+
+
 # ----- distributed: one D everywhere ---------------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import whiten
+from whiten.optim.tnt import precondition
 
 
 # ----- the reference: Algorithm 3 as the authors' code runs it, float64, one parameter at a time ----------------------
@@ -286,6 +287,29 @@ def test_zero_and_huge_sampled_gradients_stay_finite():
     assert opt.counters["factor_restarts"] >= 1  # the 1e30 capture overflowed the float32 factors
     assert torch.isfinite(opt.state[w]["inverse_0"]).all()
     assert not torch.equal(opt.state[w]["inverse_0"], torch.eye(6))  # the later captures were used
+
+
+@pytest.mark.parametrize("shape", [(6,), (6, 4), (3, 4, 5)])
+def test_the_step_is_at_most_damping_to_the_minus_k_times_the_momentum(shape):
+    """The docstring's account of TNT's lr scale: every inverse has eigenvalues in (0, 1/eps], so |Delta| <=
+    eps^-k |m| (k modes), with near equality where the sampled curvature is small against eps (the benchmark's lm)
+    and far below it where the curvature dominates."""
+    torch.manual_seed(0)
+    ratios = {}
+    for scale in (1e-8, 1.0, 30.0):  # the sampled gradient's size: curvature far below, near, far above eps
+        w = torch.randn(shape, requires_grad=True)
+        opt = whiten.TNT([w], lr=1e-6, damping=0.01, update_freq=1, inverse_freq=1)
+        for _ in range(12):  # more captures than the longest mode: full-rank factors
+            inject(opt, [torch.randn(shape) * scale], 1)
+            w.grad = torch.randn(shape)
+            opt.step()
+        s = opt.state[w]
+        delta = precondition(s["momentum"], [s.get(f"inverse_{i}") for i in range(len(shape))], s["inverse_scale"])
+        ratios[scale] = float(delta.norm() / s["momentum"].norm())
+    bound = 0.01 ** -len(shape)
+    assert all(r <= bound * (1 + 1e-5) for r in ratios.values())
+    assert ratios[1e-8] > 0.99 * bound  # damping-dominated: TNT is SGD with momentum at lr * eps^-k
+    assert ratios[30.0] < 1e-3 * bound
 
 
 def test_arguments_are_checked():

@@ -43,6 +43,13 @@ otherwise stays AdamW's::
   drops them after it; optimizers may override it. A step with a non-finite gradient drops them unused. Sampled
   gradients that are not finite follow the optimizer's ``nonfinite`` policy (``"raise"``: FloatingPointError;
   ``"skip"``: no curvature this time, a warning, counted in ``opt.fisher_skipped``).
+- **Non-finite logits** (a diverged forward: no distribution to sample from). ``sample_fisher`` checks the logits
+  before it draws labels (one host sync per call that is due). If any entry is not finite, the call follows the
+  optimizer's ``nonfinite`` policy, as ``step()`` does for a non-finite gradient: ``"raise"``: FloatingPointError;
+  ``"skip"`` (default): no labels are drawn, no backward runs and nothing is kept from this call (the other calls
+  of the step, under gradient accumulation, still count); it returns False, warns and adds 1 to
+  ``opt.fisher_skipped``. With several ranks, every rank decides the same (see Distributed below), so every rank
+  raises, or skips the call, warns and counts, together, and no rank is left waiting in a collective.
 - **Module hooks.** While the extra backward runs, ``opt.sampling_fisher`` is True and ``opt.fisher_batch_n`` is
   the number of labels of that call, so an optimizer with its own module hooks (K-FAC) can send the output
   gradients of that backward to its sampled-Fisher statistic rather than to the ordinary one.
@@ -58,22 +65,24 @@ otherwise stays AdamW's::
   mean, as DDP averages ``p.grad``. Ranks draw independent labels (the rank is part of the stream: labels shared
   between ranks would correlate the examples of different ranks and bias the outer products), and the numbers are
   those of one process that takes the ranks' batches as micro-batches in the order of the streams (rank r's call
-  c is one process's call ``c·world + r``). Call it on every rank: the ranks that sampled meet in one all-reduce
-  at the step.
+  c is one process's call ``c·world + r``). Call it on every rank, as often on each: every call that is due
+  all-reduces one flag (whether the logits are finite, so that all ranks skip a call that is not finite on one
+  of them), and the ranks that sampled meet in one all-reduce at the step.
 - **Distributed (FSDP2,** ``fully_shard``, **DTensor parameters).** The forward used FSDP's gathered copies of the
   weights, so the only way to a sharded parameter's gradient is FSDP's own backward: ``sample_fisher`` runs
   ``backward(retain_graph=True)`` on the sampled loss, after setting aside every ``p.grad`` of the optimizer and
   putting it back after (FSDP all-gathers each unit's weights again and reduce-scatters the sampled gradients).
   One all-reduce of the label counts first scales each rank's loss so that FSDP's average over ranks is the mean
   over all labels (unequal and empty local batches included: a rank without labels still joins the backward's
-  collectives). At the step one ``all_to_all_single`` brings each parameter's rows to its owner (whiten's plan),
-  which captures the full mean gradient; the numbers are again those of one process. It is a collective: call it
-  on every rank, with FSDP's gradient sync on (the default). With ``set_requires_gradient_sync(False)`` FSDP adds
-  the sampled gradients to its unsynced ones: ``sample_fisher`` then raises, since that step's gradients are wrong,
-  and it must not be called on a synced micro-batch after unsynced ones either (the same mixing happens, and
-  cannot be seen from the optimizer). Parameters of the model that are not this optimizer's also get the sampled
-  gradients added to their ``p.grad`` by FSDP: give them their own optimizer's ``zero_grad`` after
-  ``sample_fisher``, as in the loop above.
+  collectives); it carries the ranks' non-finite-logits flags too, so a call skipped on one rank is skipped on all
+  and no rank waits in FSDP's backward alone. At the step one ``all_to_all_single`` brings each parameter's rows
+  to its owner (whiten's plan), which captures the full mean gradient; the numbers are again those of one
+  process. It is a collective: call it on every rank, with FSDP's gradient sync on (the default). With
+  ``set_requires_gradient_sync(False)`` FSDP adds the sampled gradients to its unsynced ones: ``sample_fisher``
+  then raises, since that step's gradients are wrong, and it must not be called on a synced micro-batch after
+  unsynced ones either (the same mixing happens, and cannot be seen from the optimizer). Parameters of the model
+  that are not this optimizer's also get the sampled gradients added to their ``p.grad`` by FSDP: give them their
+  own optimizer's ``zero_grad`` after ``sample_fisher``, as in the loop above.
 
 **Without sample_fisher** (a loop that only calls ``backward``) an optimizer never gets curvature; each one says
 what it does then (TNT: the identity preconditioner, i.e. SGD with momentum; Sophia: its clipping with a zero
@@ -134,7 +143,7 @@ class FisherMixin:
             raise ValueError(f"Invalid fisher_seed: {seed!r} (allowed: an integer >= 0)")
         self.fisher_seed = seed
         self.fisher_steps = 0  # optimizer steps taken: the schedule's clock
-        self.fisher_skipped = 0  # captures dropped because the sampled gradients were not finite
+        self.fisher_skipped = 0  # calls skipped for non-finite logits, captures dropped for non-finite gradients
         self._reset_fisher_transient()
 
     def _reset_fisher_transient(self) -> None:
@@ -183,7 +192,9 @@ class FisherMixin:
     def sample_fisher(self, logits: torch.Tensor, kind: str = "ce") -> bool:
         """Sample labels from ``logits`` and keep the gradient of their mean loss for the next ``step()``, if the
         optimizer needs curvature at this step (returns True); otherwise do nothing (returns False). Call it after
-        the forward and before ``loss.backward()`` (the graph is kept for it)."""
+        the forward and before ``loss.backward()`` (the graph is kept for it). Logits that are not finite (on any
+        rank) follow the ``nonfinite`` policy: FloatingPointError, or the call is skipped (returns False), warned
+        about and counted in ``fisher_skipped``."""
         if kind not in FISHER_KINDS:
             raise ValueError(f"Invalid kind: {kind!r} (allowed: {', '.join(map(repr, FISHER_KINDS))}; 'ce' for "
                              "logits over classes in the last dim, 'mse' for a squared-error regression output)")
@@ -201,12 +212,15 @@ class FisherMixin:
         group = self._fisher_group()
         world, rank = world_and_rank(group)
         n = logits.numel() // logits.shape[-1] if kind == "ce" else logits.numel()
-        # every rank that samples meets the others in the step's all-reduce, even with no labels this time
-        self._fisher_sync = group
         params = self.fisher_params()
         wanted = [i for i, p in enumerate(params) if p.requires_grad]
         if any(is_dtensor(params[i]) for i in wanted):  # FSDP2: every rank joins the backward, even with n == 0
+            self._fisher_sync = group
             return self._sample_fisher_sharded(logits, kind, n, wanted, group, world, rank)
+        if self._logits_nonfinite(logits, group):  # the same answer on every rank of the group
+            return self._skip_fisher_call(group)
+        # every rank that samples meets the others in the step's all-reduce, even with no labels this time
+        self._fisher_sync = group
         if n == 0 or not wanted:
             self._fisher_calls += 1
             return True
@@ -227,6 +241,29 @@ class FisherMixin:
                 self._fisher_sums[i].add_(g, alpha=n)
         self._fisher_n += n
         return True
+
+    @staticmethod
+    def _logits_nonfinite(logits: torch.Tensor, group) -> bool:
+        """Whether the logits of this call are not finite here or, with a group, on any of its ranks (one
+        all-reduce of a flag: every rank then skips the same call, as ``step()`` skips on every rank)."""
+        bad = ~torch.isfinite(logits.detach()).all()
+        if group is None:
+            return bool(bad)
+        return bool(all_reduce_flat([bad.to(torch.float32).reshape(1)], group, op="max")[0].item() > 0)
+
+    def _skip_fisher_call(self, group) -> bool:
+        """A call whose logits are not finite (a diverged forward): no labels are drawn from them and nothing is
+        kept; the optimizer's ``nonfinite`` policy decides between a FloatingPointError and a counted warning."""
+        where = " (on at least one rank)" if group is not None else ""
+        message = (f"{type(self).__name__}.sample_fisher: the logits are not finite{where}, so no labels can be "
+                   "sampled from them")
+        if self.nonfinite == "raise":
+            raise FloatingPointError(message + " (nonfinite='raise')")
+        self.fisher_skipped += 1
+        self._fisher_calls += 1  # the call index of the label streams counts every call
+        warnings.warn(message + f"; this call is skipped, no curvature is kept from it ({self.fisher_skipped} "
+                      "skipped so far, opt.fisher_skipped)", RuntimeWarning, stacklevel=3)
+        return False
 
     def _sampled_loss(self, logits: torch.Tensor, kind: str, stream: int) -> torch.Tensor:
         """The mean loss of ``logits`` on labels drawn from them with the label stream ``stream`` of this step; in
@@ -260,8 +297,14 @@ class FisherMixin:
         after, so the ordinary gradients are untouched. The loss is scaled by ``n·world/N`` (``N``: the labels of
         all ranks, one all-reduce of a count) so that FSDP's average over ranks is the mean over all labels."""
         params = self.fisher_params()
-        count = all_reduce_flat([torch.tensor([float(n)], dtype=torch.float64)], group)[0]
-        total = int(round(count.item()))
+        # the label count and whether this rank's logits are finite, in one all-reduce: every rank then skips a
+        # call with non-finite logits somewhere, or joins FSDP's backward (a rank left out of it would hang it)
+        bad = (~torch.isfinite(logits.detach()).all()).to(torch.float64).reshape(1)
+        count = all_reduce_flat([torch.tensor([float(n)], dtype=torch.float64, device=bad.device), bad], group)
+        labels, bad_ranks = torch.cat(count).tolist()
+        if bad_ranks > 0:
+            return self._skip_fisher_call(group)
+        total = int(round(labels))
         stream = self._fisher_calls * world + rank
         self._fisher_calls += 1
         if total == 0:  # no rank has a label: no backward anywhere

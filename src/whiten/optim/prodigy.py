@@ -4,6 +4,7 @@ parameters travelled, one estimate for the whole model."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -20,6 +21,16 @@ __all__ = ["Prodigy"]
 SHARED = ("betas", "beta3", "d0", "d_coef", "growth_rate", "use_bias_correction", "decouple")
 # The estimate itself, kept in every group as the reference does (torch.distributed.checkpoint saves groups).
 ESTIMATE = ("d", "d_max", "d_numerator", "d_denom", "d_hat", "k")
+# whiten's own entry beside it: the steps at which D was held at its finite limit (see d_limit); absent from
+# checkpoints written before it existed, hence read with .get
+CAPPED = "d_capped"
+
+
+def d_limit(coefficient: float, dtype: torch.dtype) -> float:
+    """The largest D for which ``D² · coefficient`` (the largest multiplier of a gradient the step forms, see
+    :class:`Prodigy`) stays at most the square root of ``dtype``'s largest finite number, which leaves the other
+    half of the exponent range to the gradient it multiplies and to the accumulation of the D statistics."""
+    return math.sqrt(math.sqrt(torch.finfo(dtype).max) / coefficient)
 
 
 def _check_finite(name: str, value, low: float = -math.inf) -> None:
@@ -49,8 +60,33 @@ class Prodigy(WhitenOptimizer):
     \|g_k\|_1` adapts the step (Bernstein & Newhouse, "Old Optimizer, New Norm").
 
     **The estimate is readable**: ``opt.d`` is the current D (the effective lr is ``D × lr``); every param group
-    carries ``d``, ``d_max``, ``d_numerator``, ``d_denom``, ``d_hat`` and ``k`` as in the reference, so they are in
-    ``state_dict()`` and torch.distributed.checkpoint saves them.
+    carries ``d``, ``d_max``, ``d_numerator``, ``d_denom``, ``d_hat`` and ``k`` as in the reference, and whiten's
+    ``d_capped`` (below), so they are in ``state_dict()`` and torch.distributed.checkpoint saves them.
+
+    **D is held where the step stays finite** (a departure from the reference). D never decreases, and on a loss
+    with no finite minimum along the gradient (a linear loss; one gradient stepped again and again) it grows
+    geometrically without end: the distance it estimates is infinite. The step multiplies gradients by
+    :math:`D^2 \eta b / D_0` (the s update; :math:`D^2/D_0` with ``safeguard_warmup``), :math:`D^2 (1-\beta_2)` (the
+    second moment) and :math:`D^2 \eta b` (the update with β1 = 0), and decoupled decay scales x by
+    :math:`1 - \lambda D \eta b`. prodigyopt 1.1.2 lets D grow: with the defaults and float32 state, the first
+    coefficient passes float32's largest number (3.4e38) at D ≈ 1.8e16, and ``add_`` raises ``RuntimeError: value
+    cannot be converted to type float without overflow`` from inside the step (12 blocks of Linear(32, 32) +
+    LayerNorm, one gradient: at step 56); with decoupled decay, once :math:`\lambda D \eta b > 2` every step
+    multiplies x by more than 1 in size and the parameters overflow to inf. A crash or inf on finite input is no
+    parity worth keeping, so whiten holds D at
+
+    .. math::
+        D \le \min\Big(\sqrt{\sqrt{F} / \max(\eta b / D_0,\ 1-\beta_2,\ \eta b)},\ \
+        \frac{1}{\lambda \eta b}\Big)
+
+    (:math:`F` the largest finite number of the state dtype, 3.4e38 in float32, so every coefficient stays within
+    :math:`\sqrt F` = 1.8e19 and the other half of the exponent range is left to the gradients and the
+    accumulation of s; :math:`\eta b/D_0` becomes :math:`1/D_0` with ``safeguard_warmup``; the second bound only
+    with decoupled decay, λ the largest decay of a decaying parameter: the decay then at most zeroes a weight).
+    With the defaults in float32 the limit is D ≈ 4.3e6, an Adam step of four million per coordinate, and with
+    weight_decay = 0.1 at lr 1 it is D = 10: no run with a finite solution comes near either, so ordinary runs are
+    the reference's bit for bit. Each step at which the limit binds adds 1 to every group's ``d_capped``; a
+    RuntimeWarning says so once.
 
     **lr across groups** (the reference's rule): D is one estimate for all groups and every group steps with
     ``D × lr``, so all groups must have the same lr, or lr = 0 to freeze a group. Leave lr at 1.0 (the schedule
@@ -60,13 +96,13 @@ class Prodigy(WhitenOptimizer):
     ``growth_rate``, ``use_bias_correction`` and ``decouple`` must be the same in every group (the reference reads
     them from the first group only).
 
-    Departures from the reference (everything else is compared bit for bit with prodigyopt in the tests): a group
-    with lr = 0 is frozen (the reference still applies decoupled decay to it and, with β1 = 0, a step of
-    ``g / eps``); ``p.grad`` is never modified (the reference adds the coupled decay into it); state is float32 for
-    low-precision parameters (the reference keeps it in the parameter's dtype); weight decay is off for the
-    ``vector`` and ``embedding`` roles (as in every whiten optimizer); ``fsdp_in_use`` is not needed: in a
-    distributed run (``process_group=`` or FSDP2) the per-parameter sums are all-reduced and added in parameter
-    order, so every rank gets the same D, that of one process, bit for bit.
+    Departures from the reference (everything else is compared bit for bit with prodigyopt in the tests): D is
+    held at the finite limit above; a group with lr = 0 is frozen (the reference still applies decoupled decay to
+    it and, with β1 = 0, a step of ``g / eps``); ``p.grad`` is never modified (the reference adds the coupled decay
+    into it); state is float32 for low-precision parameters (the reference keeps it in the parameter's dtype);
+    weight decay is off for the ``vector`` and ``embedding`` roles (as in every whiten optimizer); ``fsdp_in_use``
+    is not needed: in a distributed run (``process_group=`` or FSDP2) the per-parameter sums are all-reduced and
+    added in parameter order, so every rank gets the same D, that of one process, bit for bit.
 
     **bfloat16 parameters** (no float32 master copy): the first steps, of size about D ≈ ``d0`` = 1e-6, are far
     below bfloat16's resolution (~0.4% of a weight), so the parameters never leave x0, the numerator stays 0 and D
@@ -120,7 +156,7 @@ class Prodigy(WhitenOptimizer):
         defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple,
                         use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d0=d0,
                         d_coef=d_coef, growth_rate=growth_rate, slice_p=slice_p, role=None,
-                        d=d0, d_max=d0, d_numerator=0.0, d_denom=0.0, d_hat=0.0, k=0)
+                        d=d0, d_max=d0, d_numerator=0.0, d_denom=0.0, d_hat=0.0, k=0, d_capped=0)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     @property
@@ -152,6 +188,7 @@ class Prodigy(WhitenOptimizer):
         for key in ("d_numerator", "d_denom", "d_hat"):
             _check_finite(key, group[key])
         check_int("k", group["k"], 0)
+        check_int(CAPPED, group.get(CAPPED, 0), 0)
 
     @staticmethod
     def _lr_rule_error(groups: list[dict], where: str) -> str | None:
@@ -180,7 +217,9 @@ class Prodigy(WhitenOptimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         if self.param_groups:  # a group added later joins the running estimate (the reference reads group 0's)
-            param_group = {**{k: self.param_groups[0][k] for k in ESTIMATE}, **param_group}
+            running = {k: self.param_groups[0][k] for k in ESTIMATE}
+            running[CAPPED] = self.param_groups[0].get(CAPPED, 0)
+            param_group = {**running, **param_group}
         super().add_param_group(param_group)
 
     def groups_error(self, groups: list[dict], where: str) -> str | None:
@@ -212,6 +251,12 @@ class Prodigy(WhitenOptimizer):
         k, d, d_max, d0 = g0["k"], g0["d"], g0["d_max"], g0["d0"]
         lr = max(g["lr"] for g in self.param_groups)
         bias_correction = ((1 - beta2 ** (k + 1)) ** 0.5) / (1 - beta1 ** (k + 1)) if g0["use_bias_correction"] else 1
+        # D only ever grows; on a loss with no finite minimum along the gradient (the same gradient stepped again
+        # and again) it grows geometrically, until its products overflow the state (the reference's crash): held at
+        # the largest D whose products stay finite (the docstring). Never binds on an ordinary run.
+        limit = self._d_limit(lr * bias_correction)
+        capped = d > limit
+        d = min(d, limit)
         dlr = d * lr * bias_correction
         d_numerator = g0["d_numerator"] * beta3
 
@@ -273,6 +318,10 @@ class Prodigy(WhitenOptimizer):
             d = max(d, d_hat)
         d_max = max(d_max, d_hat)
         d = min(d_max, d * g0["growth_rate"])
+        if d > limit:
+            capped, d = True, limit
+        if capped:
+            self._count_capped(limit)
         for group in self.param_groups:
             group.update(d_numerator=global_numerator, d_denom=d_denom, d=d, d_max=d_max, d_hat=d_hat)
 
@@ -300,6 +349,36 @@ class Prodigy(WhitenOptimizer):
                 write(p, v.dtype, update)
         for group in self.param_groups:
             group["k"] += 1
+
+    def _d_limit(self, lr_scale: float) -> float:
+        """The largest D the step can take with finite results (the docstring): ``lr_scale`` = lr × the bias
+        correction; the narrowest state dtype and the largest decoupled decay of the parameters that step. The
+        same on every rank (every rank sees every parameter in ``self._everyone``)."""
+        g0 = self.param_groups[0]
+        stepping = [(p, group) for p, group in self._everyone if group["lr"] != 0]
+        dtype = min({state_dtype(p) for p, _ in stepping} or {torch.float32}, key=lambda t: torch.finfo(t).max)
+        statistic = 1.0 / g0["d0"] if g0["safeguard_warmup"] else lr_scale / g0["d0"]  # s gets D² x this
+        coefficient = max(statistic, 1.0 - g0["betas"][1], lr_scale)  # v: D²(1-β2); β1 = 0: the update's D²·lr
+        limit = d_limit(coefficient, dtype)
+        if g0["decouple"]:  # x -= λ·D·lr·x: past λ·D·lr = 1 it flips x's sign, past 2 it grows x geometrically
+            decay = max((group["weight_decay"] for p, group in stepping if self._decays(p, group)), default=0.0)
+            if decay * lr_scale > 0:
+                limit = min(limit, 1.0 / (decay * lr_scale))
+        return limit
+
+    def _count_capped(self, limit: float) -> None:
+        count = self.param_groups[0].get(CAPPED, 0) + 1
+        for group in self.param_groups:
+            group[CAPPED] = count
+        if not getattr(self, "_warned_capped", False):
+            self._warned_capped = True
+            warnings.warn(
+                f"Prodigy: the step-size estimate D reached {limit:.3g}, the largest D the step can take with finite "
+                "results (its products with the gradients within the state's float range, the decoupled weight "
+                "decay's lr x D x weight_decay at most 1), and is held there. D keeps growing only on a loss "
+                "with no finite minimum along the gradient (for instance the same gradient stepped again and "
+                "again); prodigyopt overflows here. Counted in param_groups[0]['d_capped']; this warning is "
+                "shown once.", RuntimeWarning, stacklevel=5)
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         dtype = state_dtype(p)

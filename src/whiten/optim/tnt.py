@@ -84,6 +84,30 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
     parameter's first capture its inverses are the identity, so a loop that never calls ``sample_fisher`` runs SGD
     with momentum (:math:`\theta \leftarrow \theta(1-\eta\lambda) - \eta m`); at TNT's lrs that is a small step.
 
+    **Why its lr is orders of magnitude below other optimizers'.** The step is :math:`\eta\Delta`, with
+    :math:`\Delta` the *inverse* (not an inverse root) of the damped factors applied to a momentum without
+    dampening, :math:`m \approx G/(1-\mu) = 10\,G`. The factors are scaled to the second moment of
+    :math:`\hat G`, the gradient of the *mean* loss over the N labels of a call, i.e. the per-label Fisher divided
+    by N, and every :math:`(\tilde U_i + \epsilon I)^{-1}` has eigenvalues in :math:`(0, 1/\epsilon]`: so
+    :math:`\|\Delta\| \le \epsilon^{-k} \|m\|`, with equality where that curvature is far below ε (each inverse
+    is then :math:`I/\epsilon`, and TNT is SGD with momentum at lr :math:`\eta\,\epsilon^{-k}`). At ε = 0.01 the
+    bound is 100 for a vector, 1e4 for a matrix, 1e6 for a 3-mode tensor (a ``"filter"`` conv weight).
+    ``benchmarks/tnt_step_scale.py`` measures it with the benchmark's settings (lr 1e-6, 201 steps; see
+    ``docs/results/fisher-family``): on ``lm`` (N = 4096 tokens) every factor's mean eigenvalue c is below ε
+    (matrices 7e-6 to 2e-3) and :math:`\|\Delta\|/\|m\|` is 2.8e3 to 9.7e3 for the matrices and 100 for the
+    vectors; on ``vit`` (N = 64 images) the matrices' c spans ε (4e-4 to 4e-2) and their ratio is 2.4e2 to 3.3e3.
+
+    **A starting lr from the authors' settings.** Their CIFAR-10 demo (renyiryry/tnt_neurips_2021, ``demo.ipynb``)
+    runs SGD with the same momentum (0.9, no dampening) at lr 0.03 and TNT at ε = 0.01. At
+    :math:`\eta = 0.03\,\epsilon^{2}` = 3e-6, TNT steps no matrix further than that SGD (the bound above), and as
+    far where damping dominates. Their own TNT lr, 1e-4, is 33 times larger: it relies on the curvature of their
+    ResNet-32 with batches of 128 not being small against ε (had damping dominated there, its 3-mode conv weights
+    would have stepped 1e-4 · 1e6 = 100 times their momentum, over 3,000 times their SGD's step). In the benchmark's
+    sweep (``docs/results/fisher-family``, 500 steps, 2 seeds) the best lr is 1e-6 on ``lm`` and on ``vit``, 1e-5
+    next (2.606 against 2.590; 0.557 against 0.528), 1e-7 far worse (3.016, 0.966), and 1e-4 diverged (on
+    ``vit`` one seed of two). Start at :math:`0.03\,\epsilon^{2}` (3e-6 at ε = 0.01) and sweep a decade either
+    side; another ε moves that lr with :math:`\epsilon^{2}`.
+
     **Where whiten departs from the authors' code, and why.** No warm-start pass over the training set (it needs
     the data loader; the authors' own code path without it is the one above: the first capture sets the factors,
     then weight :math:`\max(w, 1/(t+1))`). Weight decay is off for the ``vector`` and ``embedding`` roles (whiten's
@@ -102,7 +126,8 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
 
     Args:
         params: parameters or param-group dicts (groups from :func:`whiten.param_groups` carry a ``role``).
-        lr: η (default 1e-4, the authors' CIFAR-10 and MNIST setting).
+        lr: η (default 1e-4, the authors' CIFAR-10 and MNIST setting; too large where the curvature is small
+            against ε: "A starting lr" above gives 3e-6 at ε = 0.01).
         momentum: μ of :math:`m \leftarrow \mu m + G` (default 0.9; no dampening, as the authors).
         damping: ε added after the same-trace normalization (default 0.01: CIFAR-10; the authors use 0.1 on
             MNIST).
