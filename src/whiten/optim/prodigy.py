@@ -361,7 +361,7 @@ class Prodigy(WhitenOptimizer):
         coefficient = max(statistic, 1.0 - g0["betas"][1], lr_scale)  # v: D²(1-β2); β1 = 0: the update's D²·lr
         limit = d_limit(coefficient, dtype)
         if g0["decouple"]:  # x -= λ·D·lr·x: past λ·D·lr = 1 it flips x's sign, past 2 it grows x geometrically
-            decay = max((group["weight_decay"] for p, group in stepping if self._decays(p, group)), default=0.0)
+            decay = max((group["weight_decay"] for p, group in stepping if decays(p, group)), default=0.0)
             if decay * lr_scale > 0:
                 limit = min(limit, 1.0 / (decay * lr_scale))
         return limit
