@@ -39,7 +39,7 @@ def child(name: str, width: int, blocks: int, period: int, threads: int) -> None
     groups = [{"params": [p], "role": r} for p, r in zip(params, roles)]
     kw = {"SPlus": dict(inverse_every=period), "SOAP": dict(precondition_frequency=period),
           "Shampoo": dict(precondition_frequency=period), "PSGDKron": dict(preconditioner_update_probability=1.0),
-          "Muon": {}, "ScheduleFreeAdamW": {}}[name]
+          }.get(name, {})  # the others (SpecGD, Scion, Conda, Prodigy, Sophia, TNT) with their defaults
     opt = getattr(whiten, name)(groups, **kw)
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(p.shape, generator=gen) * 1e-2 for p in params]
