@@ -110,6 +110,14 @@ class AveragingMixin(SwapsWeights):
     been taken at the averaged weights and the update applied to them.
     """
 
+    MEMORY_OPTIONS = {"ema_rate=None": (("ema",), "no average (eval() then evaluates the live weights)")}
+
+    def planned_state(self, p: torch.Tensor, group: dict) -> dict:
+        planned = super().planned_state(p, group)
+        if group.get("ema_rate") is not None:
+            planned["ema"] = tuple(p.shape)
+        return planned
+
     @property
     def in_eval_mode(self) -> bool:
         return any(not group.get("train_mode", True) for group in self.param_groups)

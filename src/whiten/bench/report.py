@@ -123,6 +123,12 @@ def section(key, by_opt: dict, plots_dir: Path | None, clock: str = "wall") -> l
         lines.append("")
         lines.append(f"{metric.replace('final_', '')} at best lr: " + ", ".join(
             f"{name} {_fmt(*mean_std([r.get(metric, math.nan) for r in runs]))}" for name, (_, _, runs) in best.items()))
+    held = {name: max(r["state_bytes"] for r in runs) for name, (_, _, runs) in best.items()
+            if all("state_bytes" in r for r in runs)}
+    if held:  # runs recorded before whiten-bench kept it have none
+        lines.append("")
+        lines.append("Optimizer state at the end of a best-lr run (per process): " + ", ".join(
+            f"{name} {size / 2**20:.2f} MiB" for name, size in sorted(held.items(), key=lambda kv: kv[1])) + ".")
     lines += ["", "Final validation loss by learning rate (mean over seeds; ∞ = diverged):", ""]
     all_lrs = sorted({lr for by_lr in by_opt.values() for lr in by_lr})
     lines.append("| optimizer | " + " | ".join(f"{lr:.3g}" for lr in all_lrs) + " |")

@@ -191,6 +191,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def state_bytes(opt) -> int:
+    """The bytes of optimizer state this process holds at the end of a run (state only grows during one): a whiten
+    optimizer's own report, else every tensor in ``opt.state`` (torch's AdamW and the other peers)."""
+    if hasattr(opt, "memory_report"):
+        return opt.memory_report().state_bytes
+    if hasattr(opt, "optimizers"):  # registry.Chain: Muon for the matrices and AdamW for the rest
+        return sum(state_bytes(o) for o in opt.optimizers)
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -344,7 +354,7 @@ def run(cfg: RunConfig, task: Task, root: Path, progress=None, parallel: Paralle
                "final_val_loss": records[-1]["val_loss"] if not diverged else float("inf"),
                "train_seconds": clock, "seconds_per_step": clock / max(1, records[-1]["step"]),
                "train_cpu_seconds": cpu_clock, "threads": torch.get_num_threads(), "device": str(task.device),
-               "data_seconds": data_seconds, "records": records}
+               "data_seconds": data_seconds, "state_bytes": state_bytes(opt), "records": records}
     for k, v in records[-1].items():
         if k.startswith("val_") and k != "val_loss":
             summary[f"final_{k}"] = v

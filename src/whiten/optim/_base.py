@@ -268,6 +268,29 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
     STATE_WARN_RATIO = 16
     STATE_WARN_MIN_BYTES = 64 * 2**20
 
+    # options that reduce the state: {option: (state kinds it governs, what it does)}; all classes' together
+    MEMORY_OPTIONS: dict = {}
+
+    def memory_options(self) -> dict:
+        out: dict = {}
+        for klass in reversed(type(self).__mro__):
+            out.update(klass.__dict__.get("MEMORY_OPTIONS", {}))
+        return out
+
+    def planned_state(self, p: torch.Tensor, group: dict) -> dict:
+        """``{key: shape}`` of the tensors ``p`` will hold in state (for :meth:`memory_report` before the first
+        step): :meth:`expected_state`'s, and what mixins add."""
+        return {k: s for k, s in (self.expected_state(p, group) or {}).items() if s is not None}
+
+    def memory_report(self, top: int = 3):
+        """What this optimizer's state costs (:class:`whiten.optim.memory.MemoryReport`; ``print()`` it): before
+        the first step the state each parameter will get, after it the state held; per role and kind of state
+        (``factor``, ``basis``, ``momentum``, ...), the ``top`` parameters that hold the most, and the options of
+        this optimizer that would reduce it. In a distributed run, this process's share (the parameters it owns)."""
+        from .memory import memory_report
+
+        return memory_report(self, top)
+
     def check_state_memory(self) -> None:
         """Warn, once (after the first step that creates state), about parameters whose optimizer state exceeds
         ``STATE_WARN_RATIO`` times the parameter's memory and ``STATE_WARN_MIN_BYTES``: e.g. Shampoo's 1024-sided
@@ -286,7 +309,7 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
             warnings.warn(f"{type(self).__name__}: the state of {len(worst)} parameter(s) exceeds "
                           f"{self.STATE_WARN_RATIO}x their memory (largest: shape {shape}, {size / 2**20:.0f} MiB of "
                           f"state for {own / 2**20:.1f} MiB); see the optimizer's options that limit preconditioned "
-                          "sizes", RuntimeWarning, stacklevel=3)
+                          "sizes (print(opt.memory_report()) names them)", RuntimeWarning, stacklevel=3)
 
     def _distributed_step(self, ctx, work) -> None:
         # Each rank checks the gradients it holds: its owned ones (replicated) or its shards (sharded).

@@ -97,6 +97,8 @@ class MFAC(WhitenOptimizer):
     Information", NeurIPS 2021.
     """
 
+    MEMORY_OPTIONS = {"ngrads": (("grads",), "the window holds ngrads past gradients of every parameter")}  # see memory_report
+
     def __init__(
         self,
         params,

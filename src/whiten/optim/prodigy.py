@@ -380,6 +380,11 @@ class Prodigy(WhitenOptimizer):
                 "again); prodigyopt overflows here. Counted in param_groups[0]['d_capped']; this warning is "
                 "shown once.", RuntimeWarning, stacklevel=5)
 
+    def planned_state(self, p: torch.Tensor, group: dict) -> dict:
+        planned = super().planned_state(p, group)
+        planned["p0"] = planned["s"] if bool(p.any()) else ()  # as _init_state will make it
+        return planned
+
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         dtype = state_dtype(p)
         flat = p.detach().flatten()[::group["slice_p"]]

@@ -162,6 +162,11 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
     E. Walton, ``kron_torch`` (github.com/evanatyourservice/kron_torch), the reference for this class.
     """
 
+    MEMORY_OPTIONS = {"max_size_triangular": (("factor",), "a side larger than this gets a diagonal factor instead of a "
+                                          "triangular one"),
+                      "memory_save_mode": (("factor",), "'one_diag', 'smart_one_diag' or 'all_diag' make sides "
+                                       "diagonal")}  # see memory_report
+
     def __init__(
         self,
         params,

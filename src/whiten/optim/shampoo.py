@@ -217,6 +217,10 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
     ``distributed_shampoo/``.
     """
 
+    MEMORY_OPTIONS = {"max_preconditioner_dim": (("factor", "root"), "sides are split into blocks of at most this "
+                                             "size: a d-wide side then costs about d x max_preconditioner_dim per "
+                                             "factor instead of d x d")}  # see memory_report
+
     def __init__(
         self,
         params,

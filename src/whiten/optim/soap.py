@@ -99,6 +99,9 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
     Reference: N. Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", arXiv 2409.11321 (2024).
     """
 
+    MEMORY_OPTIONS = {"max_precond_dim": (("factor", "basis"), "a side larger than max_precond_dim gets no factor and "
+                                      "no basis")}  # see memory_report
+
     SECOND_MOMENT_KEY = "exp_avg_sq"  # restarted where it overflowed (WhitenOptimizer.restart_overflowed_moments)
 
     def __init__(

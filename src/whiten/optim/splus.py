@@ -104,6 +104,9 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
     Training", arXiv 2506.07254 (2025).
     """
 
+    MEMORY_OPTIONS = {"max_dim": (("factor", "basis"), "a side of max_dim or more gets no factor and no basis (its m x m "
+                              "or n x n pair)")}  # see memory_report
+
     def __init__(
         self,
         params,

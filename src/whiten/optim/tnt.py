@@ -149,6 +149,9 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
     (arXiv 2106.02925); code github.com/renyiryry/tnt_neurips_2021.
     """
 
+    MEMORY_OPTIONS = {"max_precond_dim": (("factor", "inverse"), "a side larger than max_precond_dim gets no factor and "
+                                        "no inverse")}  # see memory_report
+
     PICKLED = {"update_freq": 10, "inverse_freq": 100}  # settings kept as attributes, with their defaults
 
     def __init__(

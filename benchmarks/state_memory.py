@@ -1,0 +1,78 @@
+"""Optimizer state per parameter byte, for every whiten optimizer with its defaults, on GPT shapes: the state each
+plans before its first step (``opt.memory_report()``; nothing is allocated for it), against torch's AdamW (2.0x).
+
+    python benchmarks/state_memory.py                      # widths 256 and 512 at vocabulary 8192, 768 at 50304
+    python benchmarks/state_memory.py --shapes 256:8192 --blocks 2 --by-kind
+
+Shapes: an embedding (vocabulary, width), ``--blocks`` blocks of q, k, v, o (width, width), fc1 (4·width, width),
+fc2 (width, 4·width) and two LayerNorms, a final LayerNorm and an untied head (vocabulary, width), in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+import whiten
+
+NAMES = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "TNT", "KFAC", "EKFAC", "Prodigy", "Conda", "Muon", "SpecGD", "Scion",
+         "Sophia", "ScheduleFreeAdamW", "MFAC"]
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab, d, blocks):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(blocks))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+
+def build(name, model):
+    groups = whiten.param_groups(model)
+    if name in ("KFAC", "EKFAC"):
+        return getattr(whiten, name)(groups, model=model)
+    if name == "MFAC":
+        return whiten.MFAC(groups, max_memory=2**62)  # the window is stated, never allocated here
+    return getattr(whiten, name)(groups)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="256:8192,512:8192,768:50304", help="width:vocabulary, comma-separated")
+    ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--optimizers", default=",".join(NAMES))
+    ap.add_argument("--by-kind", action="store_true", help="also print each optimizer's report")
+    args = ap.parse_args()
+    shapes = [tuple(int(x) for x in s.split(":")) for s in args.shapes.split(",")]
+    names = args.optimizers.split(",")
+    table = {}
+    for width, vocab in shapes:
+        torch.manual_seed(0)
+        model = GPT(vocab, width, args.blocks)
+        for name in names:
+            report = build(name, model).memory_report()
+            table[(name, width, vocab)] = report.ratio
+            if args.by_kind:
+                print(f"--- width {width}, vocabulary {vocab}\n{report}\n")
+    cols = [f"{w} / {v}" for w, v in shapes]
+    print(f"State bytes / parameter bytes, planned before the first step ({args.blocks} blocks; width / vocabulary)\n")
+    print("| optimizer | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    print("| AdamW (torch) | " + " | ".join("2.0" for _ in cols) + " |")
+    for name in names:
+        print(f"| {name} | " + " | ".join(f"{table[(name, w, v)]:.1f}" for w, v in shapes) + " |")
+
+
+if __name__ == "__main__":
+    main()
