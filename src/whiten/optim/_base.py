@@ -178,7 +178,7 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
     def validate_group(self, group: dict) -> None:  # overridden by each optimizer
         pass
 
-    # ----- stacked state ------------------------------------------------------------------------------------
+    # ----- who steps what ------------------------------------------------------------------------------------
     def group_members(self, gi: int) -> list[torch.Tensor]:
         """The tensors this process steps for group ``gi``'s parameters: all of them on one process; in a
         distributed run the ones it owns (their full-size stand-ins while a step runs)."""
