@@ -1,0 +1,106 @@
+"""Host syncs and dispatched ops of one ordinary step (no refresh due), for every whiten optimizer: what a GPU run
+pays in queue stalls and kernel launches (issue 22). Counted on the CPU, where they are the same calls.
+
+    python benchmarks/host_syncs.py                 # 4 and 16 blocks of Linear(32, 32) + LayerNorm(32)
+    python benchmarks/host_syncs.py --blocks 4,16 --optimizers SPlus,Muon
+
+A host sync is a read of a tensor's value in Python: ``item``, ``tolist``, ``bool``, ``float``, ``int`` (counted by
+wrapping those methods of ``torch.Tensor`` while the step runs), plus any ``aten._local_scalar_dense`` they did not
+cover; ops are the aten ops dispatched inside ``step()``. The step measured is the one after a refresh period (``inverse_every`` and its
+kin set to 1000, so the measured step refreshes nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import whiten
+
+SYNC_OPS = {"aten._local_scalar_dense.default"}
+NO_REFRESH = {"SPlus": dict(inverse_every=1000), "SOAP": dict(precondition_frequency=1000),
+              "Shampoo": dict(precondition_frequency=1000), "PSGDKron": dict(preconditioner_update_probability=1e-6),
+              "Conda": dict(update_proj_gap=1000), "TNT": dict(update_freq=1000, inverse_freq=1000),
+              "KFAC": dict(factor_every=1000, inverse_every=1000), "EKFAC": dict(factor_every=1000, inverse_every=1000),
+              "Sophia": dict(k=1000), "MFAC": dict(ngrads=8)}
+NAMES = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "Muon", "SpecGD", "Scion", "Conda", "Prodigy", "ScheduleFreeAdamW",
+         "TNT", "Sophia", "KFAC", "EKFAC", "MFAC"]
+
+
+READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+
+class Count(TorchDispatchMode):
+    """Aten ops dispatched, and Python reads of tensor values, while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+        self.reads = 0
+        self._saved = {}
+
+    def __enter__(self):
+        for name in READS:
+            real = self._saved[name] = getattr(torch.Tensor, name)
+
+            def read(t, *a, _real=real, **k):
+                self.reads += 1
+                with torch._C.DisableTorchFunction():
+                    return _real(t, *a, **k)
+            setattr(torch.Tensor, name, read)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, real in self._saved.items():
+            setattr(torch.Tensor, name, real)
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def model(blocks: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[m for _ in range(blocks) for m in (nn.Linear(32, 32), nn.LayerNorm(32))])
+
+
+def counts(name: str, blocks: int) -> tuple[int, int]:
+    net = model(blocks)
+    kw = dict(NO_REFRESH.get(name, {}))
+    if name in ("KFAC", "EKFAC"):
+        kw["model"] = net
+    opt = getattr(whiten, name)(whiten.param_groups(net), **kw)
+    x = torch.randn(8, 32)
+    for t in range(3):  # state created, first refresh done
+        opt.zero_grad()
+        net(x).square().mean().backward()
+        if t < 2:
+            opt.step()
+    with Count() as c:
+        opt.step()
+    # a read through item/bool/float/int also dispatches _local_scalar_dense: count each read once
+    return c.reads, sum(n for op, n in c.ops.items() if op not in SYNC_OPS)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--blocks", default="4,16")
+    ap.add_argument("--optimizers", default=",".join(NAMES))
+    args = ap.parse_args()
+    blocks = [int(b) for b in args.blocks.split(",")]
+    print("| optimizer | " + " | ".join(f"syncs, {b} blocks | ops, {b} blocks" for b in blocks)
+          + (f" | ops {blocks[-1]} / {blocks[0]} |" if len(blocks) > 1 else " |"))
+    print("|---|" + "---|---|" * len(blocks) + ("---|" if len(blocks) > 1 else ""))
+    for name in args.optimizers.split(","):
+        row = [counts(name, b) for b in blocks]
+        ratio = f" {row[-1][1] / row[0][1]:.2f} |" if len(blocks) > 1 else ""
+        print(f"| {name} | " + " | ".join(f"{s} | {o}" for s, o in row) + " |" + ratio)
+
+
+if __name__ == "__main__":
+    main()
