@@ -20,14 +20,13 @@ from torch import nn
 from ..fisher import FisherMixin
 from ..linalg import robust_eigh_basis
 from ._base import WhitenOptimizer
-from .checks import check_int, check_lr, check_range, check_role, check_weight_decay
+from .checks import check_choice, check_int, check_lr, check_range, check_role, check_weight_decay
 from .kfac_layers import Layer, LayerHooksMixin, Ready
-from .update import decays, state_dtype, step_to
+from .update import decays, step_to
 
 __all__ = ["KFAC"]
 
 FISHER_TYPES = ("empirical", "sampled")
-LOSS_AVERAGES = ("batch+sequence", "batch")
 
 
 class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
@@ -158,18 +157,13 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         nonfinite: str = "skip",
         process_group=None,
     ):
-        if fisher not in FISHER_TYPES:
-            raise ValueError(f"Invalid fisher: {fisher!r} (allowed: {', '.join(map(repr, FISHER_TYPES))})")
-        if loss_average not in LOSS_AVERAGES:
-            raise ValueError(f"Invalid loss_average: {loss_average!r} "
-                             f"(allowed: {', '.join(map(repr, LOSS_AVERAGES))})")
+        check_choice("fisher", fisher, FISHER_TYPES)
         if kl_clip is not None:
             check_range("kl_clip", kl_clip, 0.0)
         check_int("factor_every", factor_every, 1)
         check_int("inverse_every", inverse_every, 1)
-        self._set_model(model)
+        self._set_model(model, loss_average)
         self.fisher = fisher
-        self.loss_average = loss_average
         self.kl_clip = float(kl_clip) if kl_clip else 0.0
         self.factor_every = factor_every
         self.inverse_every = inverse_every
@@ -195,26 +189,11 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         g = (layer.d_out, layer.d_out)
         return {"factor_a": a, "factor_g": g, "inverse_a": a, "inverse_g": g}
 
-    def _init_state(self, p: torch.Tensor) -> dict:
-        dtype = state_dtype(p)
-        state = {"step": 0, "momentum": torch.zeros(p.shape, dtype=dtype, device=p.device)}
-        kind = self.plan().role.get(id(p))
-        if kind is not None and kind[0] == "weight":
-            for key, shape in self._layer_shapes(kind[1]).items():
-                state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
-            for key in ("factor_a", "factor_g"):
-                _set_identity(state[key])
-            state["factor_updates"] = 0
-            state["refreshes"] = 0
-        return state
+    LAYER_COUNTERS = ("factor_updates", "refreshes")
 
-    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
-        shapes = {"step": None, "momentum": tuple(p.shape)}
-        kind = self.plan().role.get(id(p))
-        if kind is not None and kind[0] == "weight":
-            shapes.update(self._layer_shapes(kind[1]))
-            shapes.update(factor_updates=None, refreshes=None)
-        return shapes
+    def _start_layer(self, state: dict, layer: Layer) -> None:
+        for key in ("factor_a", "factor_g"):
+            _set_identity(state[key])
 
     def work_cost(self, p: torch.Tensor, group: dict) -> float:
         kind = self.plan().role.get(id(p))

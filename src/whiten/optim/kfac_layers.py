@@ -19,7 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import all_reduce_flat
+from .checks import check_choice
 from .update import state_dtype
+
+# what the loss averages, for the number of loss terms L of the ordinary backward (see _loss_terms)
+LOSS_AVERAGES = ("batch+sequence", "batch")
 
 
 # ----- which modules are K-FAC layers ------------------------------------------------------------------------------
@@ -225,6 +229,8 @@ class LayerHooksMixin:
     statistics (K-BFGS) overrides :meth:`_on_forward`, ``STATS`` and :meth:`_stat_shape`.
     """
 
+    # the model travels with the optimizer, so that a copy hooks its own copy of the model
+    PICKLED = {"model": None, "loss_average": "batch+sequence"}
     # the layer kinds this optimizer preconditions (see layer_kind); modules of other kinds take the fallback
     LAYER_KINDS: tuple[str, ...] = ("linear", "conv2d", "embedding")
 
@@ -232,12 +238,15 @@ class LayerHooksMixin:
         kind = layer_kind(module)
         return kind if kind in self.LAYER_KINDS else None
 
-    def _set_model(self, model: nn.Module) -> None:
-        """Keep ``model`` (checked) and start the hooks' bookkeeping: before ``WhitenOptimizer.__init__``."""
+    def _set_model(self, model: nn.Module, loss_average: str) -> None:
+        """Keep ``model`` and ``loss_average`` (checked) and start the hooks' bookkeeping: before
+        ``WhitenOptimizer.__init__``."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__}: model must be the torch.nn.Module whose layers it "
                             f"preconditions, got {type(model).__name__}")
+        check_choice("loss_average", loss_average, LOSS_AVERAGES)
         self.model = model
+        self.loss_average = loss_average
         self._reset_layers()
 
     def _check_in_model(self, group: dict) -> None:
@@ -472,6 +481,38 @@ class LayerHooksMixin:
                           "call); such a layer keeps its current factors, and one that never caught any is "
                           "stepped with its raw gradient. This warning is shown once.", RuntimeWarning,
                           stacklevel=8)
+
+    # ----- state -----------------------------------------------------------------------------------------------
+    # a layer's integer counters, kept in its weight's state beside the tensors of _layer_shapes
+    LAYER_COUNTERS: tuple[str, ...] = ()
+
+    def _layer_shapes(self, layer: Layer) -> dict:
+        """``{key: shape}`` of the tensors a layer keeps in its weight's state."""
+        raise NotImplementedError
+
+    def _start_layer(self, state: dict, layer: Layer) -> None:
+        """Set a new layer state's tensors (created as zeros) to their starting values."""
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        """``step`` and ``momentum`` for every parameter; for a layer's weight also the tensors of
+        :meth:`_layer_shapes` and the counters ``LAYER_COUNTERS`` at 0, started by :meth:`_start_layer`."""
+        dtype = state_dtype(p)
+        state = {"step": 0, "momentum": torch.zeros(p.shape, dtype=dtype, device=p.device)}
+        kind = self.plan().role.get(id(p))
+        if kind is not None and kind[0] == "weight":
+            for key, shape in self._layer_shapes(kind[1]).items():
+                state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+            state.update(dict.fromkeys(self.LAYER_COUNTERS, 0))
+            self._start_layer(state, kind[1])
+        return state
+
+    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
+        shapes = {"step": None, "momentum": tuple(p.shape)}
+        kind = self.plan().role.get(id(p))
+        if kind is not None and kind[0] == "weight":
+            shapes.update(self._layer_shapes(kind[1]))
+            shapes.update(dict.fromkeys(self.LAYER_COUNTERS))
+        return shapes
 
     def _layer_state(self, layer: Layer, view) -> dict:
         """The state of ``layer`` (kept under its weight, or its full stand-in ``view(weight)``), created at first."""
