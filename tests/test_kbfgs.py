@@ -219,6 +219,20 @@ def test_a_nonfinite_gradient_skips_both_evaluations_after_the_first():
     assert len(calls) == 1 and opt.counters["skipped_steps"] == 1 and not opt.state
 
 
+def test_a_model_without_layers_is_evaluated_once():
+    model = nn.Sequential(nn.LayerNorm(4))
+    opt = KBFGS(model.parameters(), model=model)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        model(torch.randn(3, 4)).square().sum().backward()
+
+    opt.step(closure)
+    assert len(calls) == 1 and opt.fallback_parameters() == list(model.parameters())
+
+
 # ----- state and checkpoints ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", VARIANTS)

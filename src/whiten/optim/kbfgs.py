@@ -338,7 +338,8 @@ class KBFGS(LayerHooksMixin, WhitenOptimizer):
         self._stepped, self._carry = False, {}
         try:
             loss = super().step(first if closure is not None else None)
-            if self._stepped:
+            # every rank decides alike (the skip is agreed, the plan is the same); no layer, no second pass
+            if self._stepped and self.plan().layers:
                 if closure is not None:
                     self._pass = 2
                     with torch.enable_grad():
