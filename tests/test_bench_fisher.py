@@ -90,3 +90,57 @@ def test_harness_samples_on_every_rank_under_ddp(optimizer, tmp_path):
 
     losses = launch(_bench_ddp, 2, optimizer, str(tmp_path))
     assert losses[0] == losses[1] and math.isfinite(losses[0])
+
+
+# ----- K-BFGS: the harness passes step() a closure that re-evaluates the batch -----------------------------------------
+
+@pytest.mark.parametrize("name", ["lm", "vit"])
+@pytest.mark.parametrize("optimizer", ["kbfgs", "kbfgs-l"])
+def test_tiny_end_to_end_with_the_closure(tasks, tmp_path, monkeypatch, name, optimizer):
+    """Every step of a K-BFGS run is step(closure), the closure evaluated twice (before and after the step), with
+    no warning (a step without a closure, or hooks that caught nothing, would warn: warnings are errors here)."""
+    import warnings
+
+    evaluations = []
+    original = whiten.KBFGS.step
+
+    def counting(self, closure=None):
+        assert closure is not None
+
+        def counted():
+            evaluations.append(self._pass)  # 1: before the step, 2: after it
+            return closure()
+
+        return original(self, counted)
+
+    monkeypatch.setattr(whiten.KBFGS, "step", counting)
+    spec = registry.get_spec(optimizer)
+    cfg = RunConfig(task=name, profile="tiny", optimizer=optimizer, lr=spec.default_lr, seed=0, steps=6, evals=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        summary = run(cfg, tasks[name], tmp_path)
+    assert not summary["diverged"] and math.isfinite(summary["final_val_loss"])
+    assert evaluations == [1, 2] * 6
+
+
+def test_the_closure_step_returns_the_loss_before_the_step(tasks):
+    task = tasks["lm"]
+    model = task.build_model(0)
+    opt = registry.build_optimizer(registry.get_spec("kbfgs"), model, 0.1, task.width)
+    base = [g["lr"] for g in opt.param_groups]
+    batch = task.train_batch(0, 0)
+    with torch.no_grad():
+        before = task.loss(model, batch)
+    loss = _train_step(task, model, opt, base, 1.0, batch)
+    assert torch.allclose(loss.detach(), before) and not torch.equal(task.loss(model, batch).detach(), before)
+    w = model.blocks[0].fc1.weight if hasattr(model, "blocks") else next(p for p in model.parameters() if p.ndim == 2)
+    assert opt.state[w]["a_updates"] == 1
+
+
+def test_harness_steps_kbfgs_on_every_rank_under_ddp(tmp_path):
+    """torchrun-style DDP (the harness's Parallel): every rank calls step(closure), whose second evaluation runs
+    through the DDP module on every rank; the ranks end with the same validation loss."""
+    from dist_utils import launch
+
+    losses = launch(_bench_ddp, 2, "kbfgs", str(tmp_path))
+    assert losses[0] == losses[1] and math.isfinite(losses[0])

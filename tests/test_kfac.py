@@ -26,12 +26,7 @@ curvlinops = pytest.importorskip("curvlinops")  # pinned in the test extra; neve
 BOTH = [KFAC, EKFAC]
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # tests/conftest.py
 
 
 # ----- models --------------------------------------------------------------------------------------------------------

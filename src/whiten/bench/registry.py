@@ -4,6 +4,7 @@ Names: ``adamw`` (torch.optim.AdamW, the baseline); whiten's ``splus``, ``soap``
 without grafting), ``psgd-kron``, ``muon``, ``schedule-free-adamw`` and ``schedule-free-adamw-b0.999``, ``scion``, ``specgd``;
 ``splus-bf16`` and ``soap-bf16`` (the same with bfloat16 rotations); ``tnt`` and ``sophia`` (sampled-label
 curvature: the harness calls their ``sample_fisher``); ``kfac``, ``ekfac`` and their ``-sampled`` variants;
+``kbfgs`` and ``kbfgs-l`` (K-BFGS and K-BFGS(L): the harness calls ``step(closure)``);
 ``torch:Muon`` (torch.optim.Muon on hidden matrices, AdamW on the rest); and ``pytorch_optimizer:<Class>`` for any
 optimizer of the ``pytorch-optimizer``
 package (``pytorch_optimizer:SPlus``, ``pytorch_optimizer:SOAP``, ...). Every optimizer gets the param groups of
@@ -89,7 +90,7 @@ def _whiten(class_name: str):
 
 
 def _whiten_hooked(class_name: str):
-    """Optimizers that hook the model's layers themselves (K-FAC, EKFAC): they take ``model=`` too."""
+    """Optimizers that hook the model's layers themselves (K-FAC, EKFAC, K-BFGS): they take ``model=`` too."""
     def build(model, lr, options, width, steps):
         return getattr(whiten, class_name)(whiten.param_groups(model), model=model, lr=lr,
                                            **_resolve(options, width, steps))
@@ -296,6 +297,18 @@ REGISTRY: dict[str, OptimizerSpec] = {
         options=dict(momentum=0.9, damping=1e-3, weight_decay=0.01, factor_every=10, inverse_every=100,
                      scale_every=10, fisher="sampled"),
         source="whiten.EKFAC (alecwangcq/KFAC-Pytorch settings), sampled-label (true) Fisher every 10 steps"),
+    # K-BFGS and K-BFGS(L) (whiten.KBFGS, with model=): the official train_model's settings (damping 0.3, momentum
+    # 0.9, A and pair decay 0.9, L2 1e-5, 100 L-BFGS pairs) except its lr 0.3 (an MNIST autoencoder's), which the
+    # sweep sets. The harness passes step() a closure that recomputes the same batch's loss (needs_closure, run.py):
+    # the second forward and backward is inside the timed step, as the rest of its cost.
+    "kbfgs": OptimizerSpec(
+        "kbfgs", _whiten_hooked("KBFGS"), default_lr=0.1, lr_grid=lr_grid(-9, 0),
+        options=dict(momentum=0.9, damping=0.3, weight_decay=1e-5),
+        source="whiten.KBFGS (renyiryry/kbfgs_neurips2020_public settings), a second pass per step"),
+    "kbfgs-l": OptimizerSpec(
+        "kbfgs-l", _whiten_hooked("KBFGS"), default_lr=0.1, lr_grid=lr_grid(-9, 0),
+        options=dict(momentum=0.9, damping=0.3, weight_decay=1e-5, variant="K-BFGS(L)", memory=100),
+        source="whiten.KBFGS K-BFGS(L), 100 pairs (renyiryry/kbfgs_neurips2020_public settings)"),
 }
 
 # The norm-based and Fisher families (issues 12 and 13), appended.

@@ -233,6 +233,17 @@ def start_checkpoint(task: Task, seed: int, steps: int, root: Path) -> Path:
 def _train_step(task, model, opt, base_lrs, factor: float, batch) -> torch.Tensor:
     for g, lr in zip(opt.param_groups, base_lrs):
         g["lr"] = lr * factor
+    if getattr(opt, "needs_closure", False):
+        # K-BFGS re-evaluates the same batch after its step (its second forward and backward, inside the timed
+        # step like the rest of its cost): step(closure) evaluates the closure before and after the step and
+        # returns the loss before it, the loss the other optimizers report
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = task.loss(model, batch)
+            loss.backward()
+            return loss
+
+        return opt.step(closure)
     if hasattr(opt, "sample_fisher") and opt.fisher_due():
         # the Fisher family (whiten.fisher): the extra backward on labels sampled from the model, on the steps the
         # optimizer asks for it, inside the timed step like the rest of its cost

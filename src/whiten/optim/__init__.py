@@ -2,6 +2,7 @@
 
 from .conda import Conda
 from .ekfac import EKFAC
+from .kbfgs import KBFGS
 from .kfac import KFAC
 from .mfac import MFAC
 from .muon import Muon
@@ -17,4 +18,4 @@ from .splus import SPlus
 from .tnt import TNT
 
 __all__ = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "Muon", "Scion", "SpecGD", "Conda", "Prodigy", "TNT", "KFAC",
-           "EKFAC", "MFAC", "Sophia", "ScheduleFreeAdamW"]
+           "EKFAC", "KBFGS", "MFAC", "Sophia", "ScheduleFreeAdamW"]

@@ -9,7 +9,7 @@ import torch
 from ..averaging import check_ema_rate
 from ..roles import ROLES
 
-__all__ = ["LR_MAX", "WEIGHT_DECAY_MAX", "check_range", "check_lr", "check_weight_decay", "check_int", "check_ema_rate",
+__all__ = ["LR_MAX", "WEIGHT_DECAY_MAX", "check_choice", "check_range", "check_lr", "check_weight_decay", "check_int", "check_ema_rate",
            "check_betas", "check_bool", "check_role", "ROTATION_DTYPES", "rotation_dtype"]
 
 # Upper bounds: no run trains with a larger step or decay, and beyond ~1e38 the step sizes no longer fit the
@@ -34,6 +34,12 @@ def check_range(name: str, value, low: float, high: float = math.inf, *, low_ope
         lo = "(" if low_open else "["
         hi = ")" if high_open or math.isinf(high) else "]"
         raise ValueError(f"Invalid {name}: {value!r} (allowed: {lo}{low}, {high}{hi})")
+
+
+def check_choice(name: str, value, allowed) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: {', '.join(map(repr, allowed))})")
 
 
 def check_lr(name: str, value) -> None:

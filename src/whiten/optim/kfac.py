@@ -20,14 +20,13 @@ from torch import nn
 from ..fisher import FisherMixin
 from ..linalg import robust_eigh_basis
 from ._base import WhitenOptimizer
-from .checks import check_int, check_lr, check_range, check_role, check_weight_decay
+from .checks import check_choice, check_int, check_lr, check_range, check_role, check_weight_decay
 from .kfac_layers import Layer, LayerHooksMixin, Ready
-from .update import decays, state_dtype, step_to
+from .update import decays, step_to
 
 __all__ = ["KFAC"]
 
 FISHER_TYPES = ("empirical", "sampled")
-LOSS_AVERAGES = ("batch+sequence", "batch")
 
 
 class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
@@ -158,25 +157,16 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         nonfinite: str = "skip",
         process_group=None,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{type(self).__name__}: model must be the torch.nn.Module whose layers it "
-                            f"preconditions, got {type(model).__name__}")
-        if fisher not in FISHER_TYPES:
-            raise ValueError(f"Invalid fisher: {fisher!r} (allowed: {', '.join(map(repr, FISHER_TYPES))})")
-        if loss_average not in LOSS_AVERAGES:
-            raise ValueError(f"Invalid loss_average: {loss_average!r} "
-                             f"(allowed: {', '.join(map(repr, LOSS_AVERAGES))})")
+        check_choice("fisher", fisher, FISHER_TYPES)
         if kl_clip is not None:
             check_range("kl_clip", kl_clip, 0.0)
         check_int("factor_every", factor_every, 1)
         check_int("inverse_every", inverse_every, 1)
-        self.model = model
+        self._set_model(model, loss_average)
         self.fisher = fisher
-        self.loss_average = loss_average
         self.kl_clip = float(kl_clip) if kl_clip else 0.0
         self.factor_every = factor_every
         self.inverse_every = inverse_every
-        self._reset_layers()
         self._init_fisher(fisher_seed)
         defaults = dict(lr=lr, momentum=momentum, damping=damping, factor_decay=factor_decay,
                         weight_decay=weight_decay, role=None)
@@ -191,12 +181,7 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         check_range("factor_decay", group["factor_decay"], 0.0, 1.0, high_open=True)
         check_weight_decay(group["weight_decay"])
         check_role(group["role"])
-        outside = [i for i, p in enumerate(group["params"]) if id(p) not in self._model_params]
-        if outside:
-            p = group["params"][outside[0]]
-            raise ValueError(f"{type(self).__name__}: parameter {outside[0]} of the group (shape {tuple(p.shape)}) "
-                             "is not a parameter of model; K-FAC steps the parameters of the model it hooks "
-                             "(pass model.parameters() or whiten.param_groups(model) of that model)")
+        self._check_in_model(group)
 
     # ----- state ----------------------------------------------------------------------------------------------
     def _layer_shapes(self, layer: Layer) -> dict:
@@ -204,26 +189,11 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         g = (layer.d_out, layer.d_out)
         return {"factor_a": a, "factor_g": g, "inverse_a": a, "inverse_g": g}
 
-    def _init_state(self, p: torch.Tensor) -> dict:
-        dtype = state_dtype(p)
-        state = {"step": 0, "momentum": torch.zeros(p.shape, dtype=dtype, device=p.device)}
-        kind = self.plan().role.get(id(p))
-        if kind is not None and kind[0] == "weight":
-            for key, shape in self._layer_shapes(kind[1]).items():
-                state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
-            for key in ("factor_a", "factor_g"):
-                _set_identity(state[key])
-            state["factor_updates"] = 0
-            state["refreshes"] = 0
-        return state
+    LAYER_COUNTERS = ("factor_updates", "refreshes")
 
-    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
-        shapes = {"step": None, "momentum": tuple(p.shape)}
-        kind = self.plan().role.get(id(p))
-        if kind is not None and kind[0] == "weight":
-            shapes.update(self._layer_shapes(kind[1]))
-            shapes.update(factor_updates=None, refreshes=None)
-        return shapes
+    def _start_layer(self, state: dict, layer: Layer) -> None:
+        for key in ("factor_a", "factor_g"):
+            _set_identity(state[key])
 
     def work_cost(self, p: torch.Tensor, group: dict) -> float:
         kind = self.plan().role.get(id(p))
@@ -233,15 +203,6 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         m, n = layer.d_out, layer.d_in
         # the two products of the preconditioning every step; the inversions' m³ + n³ spread over their period
         return float(m * n * (m + n) + (m ** 3 + (n if layer.diagonal_a else n ** 3)) / self.inverse_every)
-
-    def stack_invariant(self, p: torch.Tensor, group: dict) -> bool:
-        return True  # every layer is computed on its own (no stacks)
-
-    def owner_unit(self, p: torch.Tensor, group: dict, gi: int, position: int):
-        kind = self.plan().role.get(id(p))
-        if kind is not None:  # a layer's weight and bias share one preconditioned matrix: one owner for both
-            return ("layer", id(kind[1]))
-        return super().owner_unit(p, group, gi, position)
 
     # ----- the step ---------------------------------------------------------------------------------------------
     def step(self, closure=None):
@@ -311,12 +272,6 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
                 state = self.state[q] = self._init_state(q)
             state["step"] += 1
             self._update(q, group, state, d.to(state["momentum"].dtype), nu if preconditioned else 1.0)
-
-    def _layer_state(self, layer: Layer, view) -> dict:
-        w = view(layer.weight)
-        if not self.state.get(w):
-            self.state[w] = self._init_state(layer.weight)
-        return self.state[w]
 
     def _update(self, p: torch.Tensor, group: dict, state: dict, direction: torch.Tensor, nu: float) -> None:
         """B <- mu B + nu d + wd p; p <- p - lr B (in the state dtype for low-precision parameters)."""
@@ -400,13 +355,6 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         if layer.diagonal_a:
             return (s["inverse_g"] @ M) * s["inverse_a"]
         return s["inverse_g"] @ M @ s["inverse_a"]
-
-    # ----- checkpoints and copies (whiten.optim.checkpoints) -------------------------------------------------------
-    def reset_transient(self) -> None:
-        super().reset_transient()
-        self._reset_layers()
-        self.plan()
-        self.register_hooks()
 
 
 def _set_identity(F: torch.Tensor) -> None:

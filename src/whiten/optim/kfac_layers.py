@@ -2,8 +2,9 @@ r"""K-FAC's layers: which modules are preconditioned layers, how their inputs an
 of the Kronecker factors (im2col for convolutions), the hooks that collect those statistics during the model's
 own forward and backward, and the plan of which parameter is a layer's weight, its bias or a fallback parameter.
 
-Shared by :class:`whiten.KFAC` and :class:`whiten.EKFAC` through :class:`LayerHooksMixin`; the factors, inverses
-and eigenbases themselves live in :mod:`whiten.optim.kfac` and :mod:`whiten.optim.ekfac`.
+Shared by :class:`whiten.KFAC`, :class:`whiten.EKFAC` and :class:`whiten.KBFGS` through :class:`LayerHooksMixin`;
+the factors, inverses and eigenbases themselves live in :mod:`whiten.optim.kfac`, :mod:`whiten.optim.ekfac` and
+:mod:`whiten.optim.kbfgs`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import all_reduce_flat
+from .checks import check_choice
 from .update import state_dtype
+
+# what the loss averages, for the number of loss terms L of the ordinary backward (see _loss_terms)
+LOSS_AVERAGES = ("batch+sequence", "batch")
 
 
 # ----- which modules are K-FAC layers ------------------------------------------------------------------------------
@@ -139,30 +144,36 @@ def layer_stat_dtype(layer: Layer) -> torch.dtype:
 
 # ----- what the hooks collect ---------------------------------------------------------------------------------------
 
-@dataclass
 class _Stats:
-    """One layer's statistics since the last step: sums over hook calls and how many calls."""
+    """One layer's statistics since the last step, by name: sums over hook calls and how many calls. ``s.a``,
+    ``s.g``, ... read a sum (None where none came)."""
 
-    a: torch.Tensor | None = None
-    a_calls: int = 0
-    g: torch.Tensor | None = None
-    g_calls: int = 0
-    corr: torch.Tensor | None = None
-    corr_calls: int = 0
+    def __init__(self):
+        self.sums: dict = {}
+        self.calls: dict = {}
 
     def add(self, name: str, value: torch.Tensor) -> None:
-        old = getattr(self, name)
-        setattr(self, name, value if old is None else old.add_(value))
-        setattr(self, name + "_calls", getattr(self, name + "_calls") + 1)
+        old = self.sums.get(name)
+        self.sums[name] = value if old is None else old.add_(value)
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name in ("sums", "calls"):
+            raise AttributeError(name)
+        return self.sums.get(name)
 
 
-@dataclass
 class Ready:
-    """One layer's statistics for this step (means over calls, and over ranks in a distributed run)."""
+    """One layer's statistics for this step (means over calls, and over ranks in a distributed run), by name:
+    ``ready.a``, ``ready.g``, ... (None for a statistic that did not come)."""
 
-    a: torch.Tensor | None = None
-    g: torch.Tensor | None = None
-    corr: torch.Tensor | None = None
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return None
 
 
 class _Hook:
@@ -207,14 +218,45 @@ def _remove_handles(handles) -> None:
 
 
 class LayerHooksMixin:
-    """What K-FAC and EKFAC share before any factor is formed: the forward hooks on ``self.model``'s layers and the
-    output-gradient hooks they place, the statistics they collect (means over calls, and over ranks), and the plan
-    of which parameter is what.
+    """What K-FAC, EKFAC and K-BFGS share before any factor is formed: the forward hooks on ``self.model``'s layers
+    and the output-gradient hooks they place, the statistics they collect (means over calls, and over ranks), the
+    plan of which parameter is what, one owner per layer (weight and bias) in a distributed run, and the hooks
+    rebuilt on a copy.
 
-    The optimizer sets ``model``, ``fisher``, ``loss_average`` and ``factor_every`` and calls
-    :meth:`_reset_layers` before ``WhitenOptimizer.__init__``; a subclass that also measures in an eigenbasis
-    (EKFAC) overrides :meth:`_scale_step`, :meth:`_scale_basis` and :meth:`_correction`.
+    The optimizer calls :meth:`_set_model` and sets ``loss_average`` (and, for K-FAC's hooks, ``fisher`` and
+    ``factor_every``) before ``WhitenOptimizer.__init__``; a subclass that also measures in an eigenbasis (EKFAC)
+    overrides :meth:`_scale_step`, :meth:`_scale_basis` and :meth:`_correction`; one that collects other
+    statistics (K-BFGS) overrides :meth:`_on_forward`, ``STATS`` and :meth:`_stat_shape`.
     """
+
+    # the model travels with the optimizer, so that a copy hooks its own copy of the model
+    PICKLED = {"model": None, "loss_average": "batch+sequence"}
+    # the layer kinds this optimizer preconditions (see layer_kind); modules of other kinds take the fallback
+    LAYER_KINDS: tuple[str, ...] = ("linear", "conv2d", "embedding")
+
+    def _layer_kind(self, module: nn.Module) -> str | None:
+        kind = layer_kind(module)
+        return kind if kind in self.LAYER_KINDS else None
+
+    def _set_model(self, model: nn.Module, loss_average: str) -> None:
+        """Keep ``model`` and ``loss_average`` (checked) and start the hooks' bookkeeping: before
+        ``WhitenOptimizer.__init__``."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{type(self).__name__}: model must be the torch.nn.Module whose layers it "
+                            f"preconditions, got {type(model).__name__}")
+        check_choice("loss_average", loss_average, LOSS_AVERAGES)
+        self.model = model
+        self.loss_average = loss_average
+        self._reset_layers()
+
+    def _check_in_model(self, group: dict) -> None:
+        """Refuse a group holding a tensor that is not a parameter of the model (from ``validate_group``)."""
+        outside = [i for i, p in enumerate(group["params"]) if id(p) not in self._model_params]
+        if outside:
+            p = group["params"][outside[0]]
+            raise ValueError(f"{type(self).__name__}: parameter {outside[0]} of the group (shape {tuple(p.shape)}) "
+                             "is not a parameter of model; it steps the parameters of the model it hooks "
+                             "(pass model.parameters() or whiten.param_groups(model) of that model)")
 
     def _reset_layers(self) -> None:
         """The hooks' bookkeeping, empty: at construction and after unpickling."""
@@ -232,7 +274,7 @@ class LayerHooksMixin:
             return
         hook = _Hook(self)
         self._handles = [m.register_forward_hook(hook, with_kwargs=True)
-                         for m in self.model.modules() if layer_kind(m) is not None]
+                         for m in self.model.modules() if self._layer_kind(m) is not None]
         weakref.finalize(self, _remove_handles, list(self._handles))
 
     def remove_hooks(self) -> None:
@@ -297,18 +339,20 @@ class LayerHooksMixin:
         if bool(self.sampling_fisher) != sampled:  # the ordinary backward in sampled mode, or the reverse
             return
         Y = _output_rows(layer, grad.detach(), layer_stat_dtype(layer))
-        if sampled:
-            terms = self.fisher_batch_n
-        elif self.loss_average == "batch" or layer.kind == "conv2d":
-            terms = Y.shape[0]
-        else:
-            terms = Y.shape[0] * Y.shape[1]
+        terms = self.fisher_batch_n if sampled else self._loss_terms(layer, Y)
         stats = self._pending.setdefault(layer, _Stats())
         if factors:
             rows = Y.reshape(-1, Y.shape[-1])
             stats.add("g", (rows.T @ rows).mul_(terms))
         if X is not None:
             stats.add("corr", self._correction(layer, X, Y, basis).mul_(terms))
+
+    def _loss_terms(self, layer: Layer, Y: torch.Tensor) -> int:
+        """L, the number of loss terms the loss averages, for output-gradient rows Y (examples, positions, d_out)
+        of the ordinary backward: ``loss_average`` says which (a conv layer's are its examples)."""
+        if self.loss_average == "batch" or layer.kind == "conv2d":
+            return Y.shape[0]
+        return Y.shape[0] * Y.shape[1]
 
     def _scale_basis(self, layer: Layer):
         """The eigenbasis a scale step measures in (EKFAC); None: this optimizer keeps no inputs for one."""
@@ -337,7 +381,7 @@ class LayerHooksMixin:
                 holders.setdefault(id(p), {})[id(m)] = m
         plan = _Plan()
         for name, m in self.model.named_modules():
-            kind = layer_kind(m)
+            kind = self._layer_kind(m)
             w = getattr(m, "weight", None) if kind else None
             if not isinstance(w, torch.Tensor) or id(w) not in ours or len(holders.get(id(w), ())) > 1:
                 continue  # not optimized here, or tied to another module: fallback
@@ -359,56 +403,62 @@ class LayerHooksMixin:
         return [p for g in self.param_groups for p in g["params"] if id(p) not in role]
 
     # ----- this step's statistics -------------------------------------------------------------------------------
+    # the statistics the hooks collect, by name (the order of the distributed exchange)
+    STATS: tuple[str, ...] = ("a", "g", "corr")
+
+    def _stat_shape(self, layer: Layer, name: str) -> tuple:
+        """The shape of statistic ``name`` of ``layer``."""
+        if name == "a":
+            return (layer.d_in,) if layer.diagonal_a else (layer.d_in, layer.d_in)
+        return {"g": (layer.d_out, layer.d_out), "corr": (layer.d_out, layer.d_in)}[name]
+
     def _collect(self, step: int) -> dict:
         """This step's statistics per layer (means over hook calls; over ranks in a distributed run)."""
+        ready = self._reduce_pending()
+        if self._factor_step(step):
+            self._check_caught(self.plan().layers, ready)
+        return ready
+
+    def _reduce_pending(self) -> dict:
+        """The statistics caught since the last call, as a :class:`Ready` per layer (means over hook calls; over
+        ranks in a distributed run); the hooks start afresh."""
         pending, self._pending = self._pending, {}
         layers = self.plan().layers
         ctx = self._dist[1] if self._dist is not None else None
-        names = ("a", "g", "corr")
-        ready = {}
-        if ctx is None:
-            current = {id(layer) for layer in layers}
-            for layer, s in pending.items():
-                if id(layer) in current:
-                    ready[layer] = Ready(*(getattr(s, k).div_(getattr(s, k + "_calls")) if getattr(s, k) is not None
-                                           else None for k in names))
-        else:
-            ready = self._all_reduce_stats(ctx, layers, pending)
-        if self._factor_step(step):
-            self._check_caught(layers, ready)
-        return ready
+        if ctx is not None:
+            return self._all_reduce_stats(ctx, layers, pending)
+        current = {id(layer) for layer in layers}
+        return {layer: Ready(**{k: v.div_(s.calls[k]) for k, v in s.sums.items()})
+                for layer, s in pending.items() if id(layer) in current}
 
     def _all_reduce_stats(self, ctx, layers, pending) -> dict:
         """Sum every rank's per-call sums and call counts, then divide: the mean over all ranks' calls. One
         float64 vector of counts and one flat buffer per statistic dtype."""
-        names = ("a", "g", "corr")
-        counts = torch.zeros(len(layers) * 3, dtype=torch.float64)
+        names = self.STATS
+        k = len(names)
+        counts = torch.zeros(len(layers) * k, dtype=torch.float64)
         for i, layer in enumerate(layers):
             s = pending.get(layer)
             if s is not None:
-                for j, k in enumerate(names):
-                    counts[3 * i + j] = getattr(s, k + "_calls")
+                for j, name in enumerate(names):
+                    counts[k * i + j] = s.calls.get(name, 0)
         counts = all_reduce_flat([counts], ctx.group)[0].cpu().tolist()
-        shapes = []
-        for i, layer in enumerate(layers):
-            a = (layer.d_in,) if layer.diagonal_a else (layer.d_in, layer.d_in)
-            for j, shape in enumerate((a, (layer.d_out, layer.d_out), (layer.d_out, layer.d_in))):
-                if counts[3 * i + j] > 0:
-                    shapes.append((i, j, shape))
+        shapes = [(i, j, self._stat_shape(layer, names[j])) for i, layer in enumerate(layers) for j in range(k)
+                  if counts[k * i + j] > 0]
         by_dtype: dict = {}
         for i, j, shape in shapes:
             by_dtype.setdefault(layer_stat_dtype(layers[i]), []).append((i, j, shape))
-        ready = {layer: Ready() for i, layer in enumerate(layers) if any(counts[3 * i + j] for j in range(3))}
+        ready = {layer: Ready() for i, layer in enumerate(layers) if any(counts[k * i + j] for j in range(k))}
         items = [item for _, dtype_items in sorted(by_dtype.items(), key=lambda kv: str(kv[0]))
                  for item in dtype_items]
         parts = []
         for i, j, shape in items:
             s = pending.get(layers[i])
-            value = getattr(s, names[j]) if s is not None else None
+            value = s.sums.get(names[j]) if s is not None else None
             parts.append(value if value is not None
                          else torch.zeros(shape, dtype=layer_stat_dtype(layers[i]), device=layers[i].weight.device))
         for (i, j, shape), summed in zip(items, all_reduce_flat(parts, ctx.group)):
-            setattr(ready[layers[i]], names[j], summed.view(shape).to(layers[i].weight.device) / counts[3 * i + j])
+            setattr(ready[layers[i]], names[j], summed.view(shape).to(layers[i].weight.device) / counts[k * i + j])
         return ready
 
     def _check_caught(self, layers, ready) -> None:
@@ -417,7 +467,7 @@ class LayerHooksMixin:
                    if layer.weight.grad is not None and (layer not in ready or ready[layer].a is None)]
         half = [layer.name for layer in layers if layer in ready and ready[layer].a is not None
                 and ready[layer].g is None]
-        if half and self.fisher == "sampled" and "sampled" not in self._warned:
+        if half and getattr(self, "fisher", None) == "sampled" and "sampled" not in self._warned:
             self._warned.add("sampled")
             warnings.warn(f"{type(self).__name__}(fisher='sampled'): no sampled backward reached {len(half)} "
                           f"layer(s) (first: {half[0]!r}) at a factor step, so their factors were not updated; "
@@ -431,6 +481,61 @@ class LayerHooksMixin:
                           "call); such a layer keeps its current factors, and one that never caught any is "
                           "stepped with its raw gradient. This warning is shown once.", RuntimeWarning,
                           stacklevel=8)
+
+    # ----- state -----------------------------------------------------------------------------------------------
+    # a layer's integer counters, kept in its weight's state beside the tensors of _layer_shapes
+    LAYER_COUNTERS: tuple[str, ...] = ()
+
+    def _layer_shapes(self, layer: Layer) -> dict:
+        """``{key: shape}`` of the tensors a layer keeps in its weight's state."""
+        raise NotImplementedError
+
+    def _start_layer(self, state: dict, layer: Layer) -> None:
+        """Set a new layer state's tensors (created as zeros) to their starting values."""
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        """``step`` and ``momentum`` for every parameter; for a layer's weight also the tensors of
+        :meth:`_layer_shapes` and the counters ``LAYER_COUNTERS`` at 0, started by :meth:`_start_layer`."""
+        dtype = state_dtype(p)
+        state = {"step": 0, "momentum": torch.zeros(p.shape, dtype=dtype, device=p.device)}
+        kind = self.plan().role.get(id(p))
+        if kind is not None and kind[0] == "weight":
+            for key, shape in self._layer_shapes(kind[1]).items():
+                state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+            state.update(dict.fromkeys(self.LAYER_COUNTERS, 0))
+            self._start_layer(state, kind[1])
+        return state
+
+    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
+        shapes = {"step": None, "momentum": tuple(p.shape)}
+        kind = self.plan().role.get(id(p))
+        if kind is not None and kind[0] == "weight":
+            shapes.update(self._layer_shapes(kind[1]))
+            shapes.update(dict.fromkeys(self.LAYER_COUNTERS))
+        return shapes
+
+    def _layer_state(self, layer: Layer, view) -> dict:
+        """The state of ``layer`` (kept under its weight, or its full stand-in ``view(weight)``), created at first."""
+        w = view(layer.weight)
+        if not self.state.get(w):
+            self.state[w] = self._init_state(layer.weight)
+        return self.state[w]
+
+    # ----- distribution and copies -----------------------------------------------------------------------------
+    def stack_invariant(self, p: torch.Tensor, group: dict) -> bool:
+        return True  # every layer is computed on its own (no stacks)
+
+    def owner_unit(self, p: torch.Tensor, group: dict, gi: int, position: int):
+        kind = self.plan().role.get(id(p))
+        if kind is not None:  # a layer's weight and bias share one preconditioned matrix: one owner for both
+            return ("layer", id(kind[1]))
+        return super().owner_unit(p, group, gi, position)
+
+    def reset_transient(self) -> None:
+        super().reset_transient()
+        self._reset_layers()
+        self.plan()
+        self.register_hooks()
 
     def _layer_params(self):
         for layer in self.plan().layers:
