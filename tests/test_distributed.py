@@ -402,6 +402,24 @@ def test_eval_and_train_swap_the_single_process_weights(mode, world):
             assert res[name] == ([], True, []), f"{name}, {mode}@{world}, rank {rank}: {res[name]}"
 
 
+def _splus_constants(rank, world):
+    model = make_net()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = whiten.SPlus(whiten.param_groups(model))
+    local = {tuple(p.to_local().shape) for g in opt.param_groups for p in g["params"] if p.ndim == 2}
+    return [g["nonstandard_constant"] for g in opt.param_groups], local
+
+
+def test_splus_derives_its_constant_from_global_shapes_under_fsdp2():
+    """SPlus's default nonstandard_constant comes from the hidden matrices' width: a DTensor's global shape, so
+    every rank of an FSDP2 run derives the value of one process, whatever rows it holds."""
+    single = [g["nonstandard_constant"] for g in whiten.SPlus(whiten.param_groups(make_net())).param_groups]
+    assert single == [pytest.approx(1e-3 * 768 / WIDTH)] * len(single)
+    results = launch(_splus_constants, 4, timeout=120)
+    assert all(constants == single for constants, _ in results)
+    assert any(shape[0] < WIDTH for _, local in results for shape in local)  # some rank holds fewer rows than d
+
+
 # ----- real FSDP2 training with evaluation swaps, and the benchmark under a process group ----------------------------
 
 

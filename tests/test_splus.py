@@ -63,7 +63,9 @@ def train(model, opt, start, stop):
         opt.step()
 
 
-HYPER = dict(lr=0.05, betas=(0.9, 0.95), ema_rate=0.9, weight_decay=0.1, inverse_every=7, max_dim=32)
+# nonstandard_constant: the paper's value, explicitly (the default is derived from the width; tested below)
+HYPER = dict(lr=0.05, betas=(0.9, 0.95), ema_rate=0.9, weight_decay=0.1, inverse_every=7, max_dim=32,
+             nonstandard_constant=1e-3)
 
 
 def reference_for(model, **overrides):
@@ -72,7 +74,8 @@ def reference_for(model, **overrides):
     h = {**HYPER, **overrides}
     ref = ReferenceSPlus(dict(model.named_parameters()), roles, lr=h["lr"], b1=h["betas"][0], b2=h["betas"][1],
                          ema_rate=h["ema_rate"], weight_decay=h["weight_decay"], inverse_every=h["inverse_every"],
-                         max_dim=h["max_dim"], whiten_conv=h.get("whiten_conv", False))
+                         max_dim=h["max_dim"], nonstandard_constant=h["nonstandard_constant"],
+                         whiten_conv=h.get("whiten_conv", False))
     return groups, roles, ref
 
 
@@ -280,9 +283,10 @@ def test_plain_parameters_get_roles_from_shapes():
     opt = whiten.SPlus([w, b], lr=1.0, weight_decay=0.0)
     w.grad, b.grad = torch.randn(4, 6), torch.randn(4)
     opt.step()
-    # step 1 runs in the identity basis: U = sign(M); hidden scale 2/(m+n), vector scale 1e-3
+    # step 1 runs in the identity basis: U = sign(M); hidden scale 2/(m+n), vector scale the default
+    # nonstandard_constant derived from the hidden width min(4, 6): 1e-3 * 768 / 4
     torch.testing.assert_close(w.detach(), -2 / 10 * torch.sign(w.grad))
-    torch.testing.assert_close(b.detach(), -1e-3 * torch.sign(b.grad))
+    torch.testing.assert_close(b.detach(), -1e-3 * 768 / 4 * torch.sign(b.grad))
     assert "factor_left" in opt.state[w] and "factor_left" not in opt.state[b]
 
 
@@ -293,8 +297,177 @@ def test_weight_decay_masked_by_role():
         p.grad = torch.zeros(3, 3)
     opt.step()  # zero gradient: only decay moves the weights
     assert torch.allclose(ps["hidden"], torch.full((3, 3), 1 - 0.5 * 2 / 6))
-    assert torch.allclose(ps["head"], torch.full((3, 3), 1 - 0.5 * 1e-3))
+    assert torch.allclose(ps["head"], torch.full((3, 3), 1 - 0.5 * 1e-3 * 768 / 3))  # derived: hidden width 3
     assert torch.equal(ps["embedding"], torch.ones(3, 3)) and torch.equal(ps["vector"], torch.ones(3, 3))
+
+
+# ----- the default nonstandard_constant: derived from the hidden width ------------------------------------------
+
+
+def derived(width):
+    return pytest.approx(1e-3 * 768 / width, rel=1e-12) if width <= 768 else 1e-3
+
+
+def constants(opt) -> list:
+    return [g["nonstandard_constant"] for g in opt.param_groups]
+
+
+def all_equal(opt, value) -> bool:
+    return constants(opt) == [value] * len(opt.param_groups)
+
+
+class Transformerish(nn.Module):
+    """The hidden shapes of a transformer block of width d (fused qkv 3d×d, d×d, MLP 4d×d and d×4d), embeddings,
+    gains and a head."""
+
+    def __init__(self, d, vocab=50):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.tok(idx)
+        x = x + self.proj(self.qkv(x)[..., : x.shape[-1]])
+        return self.head(self.ln(x + self.out(F.gelu(self.fc(x)))))
+
+
+@pytest.mark.parametrize("d", [8, 48, 768, 1024])
+def test_default_constant_is_the_papers_at_width_768_and_above(d):
+    vocab = d + 3  # without roles (plain parameters) the embedding and head are hidden matrices too
+    square = nn.Sequential(nn.Embedding(vocab, d), nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, d),
+                           nn.Linear(d, vocab))
+    for params in (whiten.param_groups(square), square.parameters()):
+        assert all_equal(whiten.SPlus(params), derived(d))
+    # the defaults keep None: a later group without its own value derives it
+    assert whiten.SPlus(square.parameters()).defaults["nonstandard_constant"] is None
+    assert whiten.optim.splus.derived_nonstandard_constant(768) == pytest.approx(1e-3, rel=1e-12)
+    assert whiten.optim.splus.derived_nonstandard_constant(128) == pytest.approx(0.006, rel=1e-12)
+    assert whiten.optim.splus.derived_nonstandard_constant(4096) == 1e-3
+
+
+def test_default_constant_uses_the_smaller_side_of_mixed_shapes():
+    assert all_equal(whiten.SPlus(whiten.param_groups(Transformerish(16))), derived(16))
+    # the median of the smaller sides: a bottleneck or grouped-query k/v (8) among width-32 matrices does not move it
+    ws = [nn.Parameter(torch.zeros(*shape)) for shape in [(8, 32), (32, 32), (32, 32), (128, 32), (32, 8)]]
+    assert whiten.optim.splus.hidden_width([{**whiten.SPlus(ws).defaults, "params": ws}]) == 32
+    opt = whiten.SPlus([{"params": ws[:2], "role": "hidden"}, {"params": [nn.Parameter(torch.zeros(4))]}])
+    assert constants(opt) == [derived(8)] * 2  # an even count takes the lower middle one: min(8, 32)
+    # only matrices scaled by 2/(m+n) count: a side >= max_dim, an embedding or head, a conv kept as sign descent
+    groups = [{"params": [nn.Parameter(torch.zeros(16, 16))], "role": "hidden"},
+              {"params": [nn.Parameter(torch.zeros(64, 64))], "role": "hidden", "max_dim": 64},
+              {"params": [nn.Parameter(torch.zeros(4, 4))], "role": "embedding"},
+              {"params": [nn.Parameter(torch.zeros(2, 4))], "role": "head"},
+              {"params": [nn.Parameter(torch.zeros(4, 2, 3, 3))], "role": "conv"}]
+    assert all_equal(whiten.SPlus(groups), derived(16))
+    # conv weights whitened as (out, in·k·k) matrices take the hidden scale, so they count by that view's sides
+    convs = [nn.Parameter(torch.zeros(24, 4, 3, 3)), nn.Parameter(torch.zeros(24, 24, 3, 3)),
+             nn.Parameter(torch.zeros(10))]
+    assert all_equal(whiten.SPlus(convs, whiten_conv=True), derived(24))
+    assert all_equal(whiten.SPlus(convs), 1e-3)
+
+
+def test_default_constant_without_hidden_matrices_is_the_papers():
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    opt = whiten.SPlus(whiten.param_groups(conv))
+    assert constants(opt) == [1e-3] * len(opt.param_groups)
+    assert constants(whiten.SPlus([nn.Parameter(torch.zeros(5))])) == [1e-3]
+    assert constants(whiten.SPlus([nn.Parameter(torch.zeros(0, 5)), nn.Parameter(torch.zeros(5))])) == [1e-3]  # empty
+
+
+def test_explicit_constant_is_kept():
+    model = Transformerish(16)
+    opt = whiten.SPlus(whiten.param_groups(model), nonstandard_constant=0.05)
+    assert constants(opt) == [0.05] * len(opt.param_groups)
+    groups = whiten.param_groups(model, role_options={"embedding": {"nonstandard_constant": 0.0}})
+    opt = whiten.SPlus(groups)
+    assert {g["role"]: g["nonstandard_constant"] for g in opt.param_groups} == {
+        "hidden": derived(16), "embedding": 0.0, "head": derived(16), "vector": derived(16)}
+    # the explicit value is the one stepped: gains move by lr·c in the identity basis of step 1
+    b = nn.Parameter(torch.zeros(4))
+    opt = whiten.SPlus([{"params": [nn.Parameter(torch.zeros(8, 8))]}, {"params": [b], "nonstandard_constant": 0.5}],
+                       lr=1.0, weight_decay=0.0)
+    b.grad = torch.tensor([1.0, -1.0, 2.0, -2.0])
+    opt.step()
+    torch.testing.assert_close(b.detach(), -0.5 * torch.sign(b.grad))
+
+
+def test_add_param_group_derives_from_the_groups_present_and_changes_none_already_set():
+    hidden = [nn.Parameter(torch.zeros(32, 32)), nn.Parameter(torch.zeros(128, 32))]
+    opt = whiten.SPlus([{"params": [nn.Parameter(torch.zeros(32))], "role": "vector"},  # before the hidden group
+                        {"params": hidden, "role": "hidden"}])
+    assert constants(opt) == [derived(32)] * 2
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(32))], "role": "vector"})
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(32))], "nonstandard_constant": 0.2})
+    assert constants(opt) == [derived(32)] * 3 + [0.2]
+    # without hidden matrices at construction: the paper's value, kept when hidden matrices arrive later
+    opt = whiten.SPlus([nn.Parameter(torch.zeros(6))])
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(64, 64))], "role": "hidden"})
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(64))]})
+    assert constants(opt) == [1e-3, derived(64), derived(64)]
+    with pytest.raises(ValueError, match="Invalid nonstandard_constant"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "nonstandard_constant": "auto"})
+    assert len(opt.param_groups) == 3
+
+
+def test_checkpoint_keeps_the_derived_constant():
+    model = Transformerish(16)
+    opt = whiten.SPlus(whiten.param_groups(model), lr=0.1)
+    train_steps(model, opt, 3)
+    sd = opt.state_dict()
+    assert [g["nonstandard_constant"] for g in sd["param_groups"]] == [derived(16)] * len(sd["param_groups"])
+    # a checkpoint's number wins over what the optimizer it is loaded into would use, as for any setting
+    other = whiten.SPlus(whiten.param_groups(model), lr=0.1, nonstandard_constant=0.3)
+    other.load_state_dict(torch.load(io.BytesIO(checkpoint(model, opt)), weights_only=True)["opt"])
+    assert constants(other) == constants(opt)
+    train_steps(model, other, 1)
+    assert constants(other) == constants(opt)
+
+
+def test_old_checkpoint_with_the_papers_number_keeps_it():
+    """A checkpoint from before the derived default holds 1e-3 in every group: it keeps it, step for step."""
+    model = Transformerish(16)
+    old = whiten.SPlus(whiten.param_groups(model), lr=0.1, nonstandard_constant=1e-3)  # what the old default built
+    train_steps(model, old, 2)
+    saved = old.state_dict()
+    resumed_model = copy.deepcopy(model)
+    new = whiten.SPlus(whiten.param_groups(resumed_model), lr=0.1)
+    assert all_equal(new, derived(16))
+    new.load_state_dict(saved)
+    assert all_equal(new, 1e-3)
+    train_steps(model, old, 2, start=2)
+    train_steps(resumed_model, new, 2, start=2)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+    # a checkpoint's None is derived; a group without the key takes the loading optimizer's setting (as any option
+    # a checkpoint predates), derived where that is the default
+    for value, setting in ((None, 0.3), ("missing", None), ("missing", 0.3)):
+        sd = copy.deepcopy(saved)
+        for g in sd["param_groups"]:
+            g.pop("nonstandard_constant") if value == "missing" else g.update(nonstandard_constant=None)
+        opt = whiten.SPlus(whiten.param_groups(copy.deepcopy(model)), lr=0.1, nonstandard_constant=setting)
+        opt.load_state_dict(sd)
+        assert all_equal(opt, 0.3 if value == "missing" and setting == 0.3 else derived(16))
+
+
+def test_none_written_after_construction_is_derived_at_the_next_step():
+    """How to move a run resumed from an old checkpoint to the derived default."""
+    model = Transformerish(16)
+    opt = whiten.SPlus(whiten.param_groups(model), lr=0.1, nonstandard_constant=1e-3)
+    for g in opt.param_groups:
+        g["nonstandard_constant"] = None
+    train_steps(model, opt, 1)
+    assert all_equal(opt, derived(16))
+
+
+def train_steps(model, opt, n, start=0):
+    for t in range(start, start + n):
+        x, y = batch(t)
+        opt.zero_grad()
+        F.cross_entropy(model(x % 50).reshape(-1, 50), (y % 50).reshape(-1)).backward()
+        opt.step()
 
 
 # ----- robustness --------------------------------------------------------------------------------------------

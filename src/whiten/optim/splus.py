@@ -17,7 +17,14 @@ from .checks import (check_betas, check_bool, check_int, check_lr, check_range, 
 from .stacks import bucket
 from .update import decays, grads_in, state_dtype, step_all
 
-__all__ = ["SPlus"]
+__all__ = ["SPlus", "derived_nonstandard_constant", "hidden_width"]
+
+# The paper's nonstandard_constant and the width of the model it was set at (GPT-2 small, d = 768). Narrower models
+# get c = 1e-3 · 768 / d: the paper's constant starves their embeddings, head and gains (docs/results/width-defaults).
+# Wider ones keep 1e-3: nothing here measures them, the paper's value is the one tried there, and c ∝ 1/d would take
+# the step of their embeddings and gains (lr·c) below what AdamW is run with at those widths.
+PAPER_CONSTANT = 1e-3
+PAPER_WIDTH = 768
 
 
 class _Layout(NamedTuple):
@@ -30,7 +37,9 @@ class _Layout(NamedTuple):
     decay: bool  # weight decay applies
 
 
-def _layout(p: torch.Tensor, group: dict) -> _Layout:
+def _view(p: torch.Tensor, group: dict) -> tuple[tuple[int, int] | None, bool, bool, bool]:
+    """``(matrix, left, right, standard)``: the (m, n) view that is whitened (None: plain sign descent), which sides
+    have a factor, and whether p is a hidden matrix scaled by 2/(m+n)."""
     role = group["role"] or role_from_shape(p)
     matrix = None
     if p.ndim == 2 and role != "vector":
@@ -41,9 +50,36 @@ def _layout(p: torch.Tensor, group: dict) -> _Layout:
     right = matrix is not None and matrix[1] < group["max_dim"]
     if not (left or right):
         matrix = None
-    standard = matrix is not None and left and right and role in ("hidden", "conv")
+    return matrix, left, right, matrix is not None and left and right and role in ("hidden", "conv")
+
+
+def _layout(p: torch.Tensor, group: dict) -> _Layout:
+    matrix, left, right, standard = _view(p, group)
     scale = 2.0 / (matrix[0] + matrix[1]) if standard else group["nonstandard_constant"]
     return _Layout(matrix, left, right, scale, decays(p, group))
+
+
+def hidden_width(groups: list[dict]) -> int | None:
+    """The model's width as SPlus sees it in ``groups`` (param-group dicts with SPlus's settings): the median of
+    the smaller sides of the hidden matrices, those scaled by 2/(m+n) (the lower middle one of an even count);
+    None when there are none. In a transformer every hidden matrix (d×d, 3d×d, 4d×d, d×4d) has d as its smaller
+    side; the median keeps a few odd layers (grouped-query k/v projections, a bottleneck) from moving it. A DTensor
+    (FSDP2) counts by its global shape, so every rank finds the same width."""
+    sides = []
+    for g in groups:
+        for p in g["params"]:
+            matrix, _, _, standard = _view(p, g)
+            if standard and min(matrix) > 0:  # an empty matrix has no width
+                sides.append(min(matrix))
+    sides.sort()
+    return sides[(len(sides) - 1) // 2] if sides else None
+
+
+def derived_nonstandard_constant(width: int | None) -> float:
+    """The default ``nonstandard_constant`` for a model of this hidden width: ``1e-3 · max(1, 768 / width)``, the
+    paper's 1e-3 at the paper's width 768 and above, larger in proportion below; the paper's 1e-3 when there are
+    no hidden matrices (``width`` None)."""
+    return PAPER_CONSTANT if width is None else PAPER_CONSTANT * max(1.0, PAPER_WIDTH / width)
 
 
 class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
@@ -63,8 +99,11 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
     the basis: :math:`\|U\|_F \le \sqrt{mn}`). A side of size ``>= max_dim`` has no factor and is not rotated.
     Parameters that are not hidden matrices (roles ``embedding``, ``head``, ``vector``, ``conv``; tensors that are
     not 2-D; matrices with a side ``>= max_dim``) use :math:`s = \eta \cdot c` with ``c = nonstandard_constant``;
-    2-D embeddings and heads are still rotated. Non-matrix parameters take :math:`U = \mathrm{sign}(M)`. Weight
-    decay is off for the ``vector`` and ``embedding`` roles. ``eval()`` swaps in :math:`\bar\theta / (1-r^t)`
+    2-D embeddings and heads are still rotated. By default c comes from the model's width d (see
+    :func:`hidden_width`): :math:`c = 10^{-3} \cdot \max(1, 768 / d)`, the paper's :math:`10^{-3}` at the
+    paper's width 768 and above: the paper's constant starves the embeddings, the head and the gains of narrower
+    models (docs/results/width-defaults). Non-matrix parameters take :math:`U = \mathrm{sign}(M)`. Weight decay
+    is off for the ``vector`` and ``embedding`` roles. ``eval()`` swaps in :math:`\bar\theta / (1-r^t)`
     for a fixed rate r (with ``ema_rate="auto"`` the rate follows the step count and the lr, see
     :mod:`whiten.averaging`), ``train()`` swaps the live parameters back.
 
@@ -84,7 +123,11 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         inverse_every: refresh the eigenbasis every this many steps, and at step 1 (default 100).
         eps: added to the factors' diagonal before the eigendecomposition (default 1e-30).
         max_dim: sides of this size or more get no factor (default 10000).
-        nonstandard_constant: c, the scale of non-hidden parameters (default 1e-3).
+        nonstandard_constant: c, the scale of non-hidden parameters, a number ≥ 0 or None (default None: derived,
+            ``1e-3 · max(1, 768 / d)`` with d the median smaller side of the hidden matrices of all the groups, 1e-3
+            when there are none). The derived number is written into each group that had None, at construction and by
+            ``add_param_group`` (from the groups present then), so ``param_groups`` and checkpoints hold the value
+            used and a resumed run keeps it; a group set to None later gets it again at the next step.
         whiten_conv: whiten ≥3-D ``conv`` weights as (out, in·k·k) matrices with the hidden scale instead of sign
             descent at the non-standard scale (default False, as the paper).
         nonfinite: ``"skip"`` (default: a step with a non-finite gradient changes nothing, is counted in
@@ -117,7 +160,7 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         inverse_every: int = 100,
         eps: float = 1e-30,
         max_dim: int = 10000,
-        nonstandard_constant: float = 1e-3,
+        nonstandard_constant: float | None = None,
         whiten_conv: bool = False,
         nonfinite: str = "skip",
         process_group=None,
@@ -129,7 +172,32 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
                         nonstandard_constant=nonstandard_constant, whiten_conv=whiten_conv, role=None,
                         rotation_dtype=rotation_dtype)
         self.batched = bool(batched)
+        self._constructing = True  # the width is read once every group is in (the embeddings may come first)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+        del self._constructing
+        self.resolve_nonstandard_constant()
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if not getattr(self, "_constructing", False):
+            self.resolve_nonstandard_constant()
+
+    def resolve_nonstandard_constant(self) -> None:
+        """Write the derived ``nonstandard_constant`` (:func:`derived_nonstandard_constant` of
+        :func:`hidden_width` over all groups) into every group that holds None; numbers are left as they are."""
+        if any(g["nonstandard_constant"] is None for g in self.param_groups):
+            c = derived_nonstandard_constant(hidden_width(self.param_groups))
+            for g in self.param_groups:
+                if g["nonstandard_constant"] is None:
+                    g["nonstandard_constant"] = c
+
+    def check_can_step(self) -> None:
+        self.resolve_nonstandard_constant()  # a group set to None after construction
+        super().check_can_step()
+
+    def after_load(self) -> None:
+        super().after_load()
+        self.resolve_nonstandard_constant()  # a checkpoint's None; a number (old or new) is kept
 
     def validate_group(self, group: dict) -> None:
         check_lr("lr", group["lr"])
@@ -139,7 +207,8 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         check_int("inverse_every", group["inverse_every"], 1)
         check_range("eps", group["eps"], 0.0)
         check_int("max_dim", group["max_dim"], 1)
-        check_range("nonstandard_constant", group["nonstandard_constant"], 0.0)
+        if group["nonstandard_constant"] is not None:  # None: derived once every group is in
+            check_range("nonstandard_constant", group["nonstandard_constant"], 0.0)
         check_bool("whiten_conv", group["whiten_conv"])
         check_role(group["role"])
         rotation_dtype(group.get("rotation_dtype"))
