@@ -177,7 +177,9 @@ class KBFGS(LayerHooksMixin, WhitenOptimizer):
         params: parameters or param-group dicts (e.g. :func:`whiten.param_groups`); every one must belong to
             ``model``.
         model: the ``nn.Module`` whose layers are preconditioned (required).
-        lr: η (default 0.3, the official ``train_model``'s).
+        lr: η (default 0.3, the official ``train_model``'s). The damping keeps the eigenvalues of H_a below
+            :math:`1/\sqrt\lambda` and H_g's near it along the pairs, so :math:`|H_g m H_a|` is about
+            :math:`|m|`: η lives on SGD's scale (the benchmark's lm and vit tasks: best 4.64, 10 diverged).
         momentum: ρ of the gradient's running average (default 0.9, the official code's).
         damping: λ (default 0.3, the official code's); :math:`\sqrt\lambda` damps :math:`A` and is
             :math:`\mu_2`; in (0, 1). Per group, read from the weight's group.
