@@ -17,7 +17,7 @@ from torch import nn
 
 import whiten
 
-NAMES = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "TNT", "KFAC", "EKFAC", "Prodigy", "Conda", "Muon", "SpecGD", "Scion",
+NAMES = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "TNT", "KFAC", "EKFAC", "KBFGS", "Prodigy", "Conda", "Muon", "SpecGD", "Scion",
          "Sophia", "ScheduleFreeAdamW", "MFAC"]
 
 
@@ -40,7 +40,7 @@ class GPT(nn.Module):
 
 def build(name, model):
     groups = whiten.param_groups(model)
-    if name in ("KFAC", "EKFAC"):
+    if name in ("KFAC", "EKFAC", "KBFGS"):
         return getattr(whiten, name)(groups, model=model)
     if name == "MFAC":
         return whiten.MFAC(groups, max_memory=2**62)  # the window is stated, never allocated here
