@@ -18,7 +18,7 @@ from torch import nn
 
 from ._base import WhitenOptimizer
 from .checks import check_choice, check_int, check_lr, check_range, check_role, check_weight_decay
-from .kfac_layers import Layer, LayerHooksMixin, _a_statistic, _input_rows, _output_rows, _Stats, layer_stat_dtype
+from .kfac_layers import Layer, LayerHooksMixin, a_statistic, input_rows, output_rows, Stats, layer_stat_dtype
 from .update import decays, step_to
 
 __all__ = ["KBFGS"]
@@ -279,7 +279,7 @@ class KBFGS(LayerHooksMixin, WhitenOptimizer):
 
     def _reset_passes(self) -> None:
         self._pass = 1  # 1: the step's gradients; 2: the closure's evaluation after the step; "warm": warm_start
-        self._warm: dict = {}  # layer -> _Stats of warm_start's forwards
+        self._warm: dict = {}  # layer -> Stats of warm_start's forwards
         self._warm_due = False
         self._carry: dict = {}  # owned layer -> (first pass's mean pre-activation, L·mean gradient), this step
         self._stepped = False
@@ -295,14 +295,14 @@ class KBFGS(LayerHooksMixin, WhitenOptimizer):
         if not isinstance(x, torch.Tensor):
             return
         dtype = layer_stat_dtype(layer)
-        stats = (self._warm if warm else self._pending).setdefault(layer, _Stats())
+        stats = (self._warm if warm else self._pending).setdefault(layer, Stats())
         if warm or self._pass == 1:
-            X = _input_rows(layer, x.detach(), dtype)
-            stats.add("a", _a_statistic(layer, X))
+            X = input_rows(layer, x.detach(), dtype)
+            stats.add("a", a_statistic(layer, X))
             if warm:
                 return
             stats.add("mean_in", X.reshape(-1, X.shape[-1]).mean(0))
-        H = _output_rows(layer, output.detach(), dtype)
+        H = output_rows(layer, output.detach(), dtype)
         stats.add("mean_out", H.reshape(-1, H.shape[-1]).mean(0))
         hook = weakref.ref(self)
 
@@ -310,11 +310,11 @@ class KBFGS(LayerHooksMixin, WhitenOptimizer):
             opt = hook()
             if opt is None:
                 return
-            Y = _output_rows(layer, grad.detach(), dtype)
+            Y = output_rows(layer, grad.detach(), dtype)
             rows = Y.reshape(-1, Y.shape[-1])
             # L times the mean over the rows: each loss term's own gradient, averaged
             terms = opt._loss_terms(layer, Y) / max(rows.shape[0], 1)
-            opt._pending.setdefault(layer, _Stats()).add("grad", rows.sum(0) * terms)
+            opt._pending.setdefault(layer, Stats()).add("grad", rows.sum(0) * terms)
 
         output.register_hook(on_grad)
 

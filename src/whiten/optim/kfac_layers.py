@@ -106,7 +106,7 @@ def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2)
 
 
-def _input_rows(layer: Layer, x: torch.Tensor, dtype) -> torch.Tensor:
+def input_rows(layer: Layer, x: torch.Tensor, dtype) -> torch.Tensor:
     """The layer's input as (examples, positions, d_in) in ``dtype``, a column of ones appended for the bias;
     for an embedding, the token indices as (examples, positions)."""
     if layer.kind == "embedding":
@@ -120,7 +120,7 @@ def _input_rows(layer: Layer, x: torch.Tensor, dtype) -> torch.Tensor:
     return X
 
 
-def _output_rows(layer: Layer, g: torch.Tensor, dtype) -> torch.Tensor:
+def output_rows(layer: Layer, g: torch.Tensor, dtype) -> torch.Tensor:
     """The output gradient as (examples, positions, d_out) in ``dtype``."""
     if layer.kind == "conv2d":
         if g.ndim == 3:
@@ -129,7 +129,7 @@ def _output_rows(layer: Layer, g: torch.Tensor, dtype) -> torch.Tensor:
     return g.reshape(g.shape[0] if g.ndim > 1 else 1, -1, g.shape[-1]).to(dtype)
 
 
-def _a_statistic(layer: Layer, X: torch.Tensor) -> torch.Tensor:
+def a_statistic(layer: Layer, X: torch.Tensor) -> torch.Tensor:
     """E[a aᵀ] over all rows (examples × positions); the token frequencies for an embedding."""
     if layer.kind == "embedding":
         idx = X.reshape(-1)
@@ -144,7 +144,7 @@ def layer_stat_dtype(layer: Layer) -> torch.dtype:
 
 # ----- what the hooks collect ---------------------------------------------------------------------------------------
 
-class _Stats:
+class Stats:
     """One layer's statistics since the last step, by name: sums over hook calls and how many calls. ``s.a``,
     ``s.g``, ... read a sum (None where none came)."""
 
@@ -262,7 +262,7 @@ class LayerHooksMixin:
         """The hooks' bookkeeping, empty: at construction and after unpickling."""
         self._model_params = {id(p) for p in self.model.parameters()}
         self._plan_key, self._plan = None, _Plan()
-        self._pending: dict = {}  # layer -> _Stats since the last step
+        self._pending: dict = {}  # layer -> Stats since the last step
         self._ready: dict = {}  # layer -> Ready for the step in progress
         self._handles: list = []
         self._warned: set = set()
@@ -321,9 +321,9 @@ class LayerHooksMixin:
         x = args[0] if args else kwargs.get("input")
         if not isinstance(x, torch.Tensor):
             return
-        X = _input_rows(layer, x.detach(), layer_stat_dtype(layer))
+        X = input_rows(layer, x.detach(), layer_stat_dtype(layer))
         if factors:
-            self._pending.setdefault(layer, _Stats()).add("a", _a_statistic(layer, X))
+            self._pending.setdefault(layer, Stats()).add("a", a_statistic(layer, X))
         hook = weakref.ref(self)
         keep = X if basis is not None else None
 
@@ -338,9 +338,9 @@ class LayerHooksMixin:
         sampled = self.fisher == "sampled"
         if bool(self.sampling_fisher) != sampled:  # the ordinary backward in sampled mode, or the reverse
             return
-        Y = _output_rows(layer, grad.detach(), layer_stat_dtype(layer))
+        Y = output_rows(layer, grad.detach(), layer_stat_dtype(layer))
         terms = self.fisher_batch_n if sampled else self._loss_terms(layer, Y)
-        stats = self._pending.setdefault(layer, _Stats())
+        stats = self._pending.setdefault(layer, Stats())
         if factors:
             rows = Y.reshape(-1, Y.shape[-1])
             stats.add("g", (rows.T @ rows).mul_(terms))
