@@ -62,12 +62,8 @@ def averaged_value(ema: torch.Tensor, ema_rate, step: int) -> torch.Tensor:
 
 class SwapsWeights:
     """Mixin of an optimizer with an eval mode (parameter averaging, Schedule-Free): its groups carry ``train_mode``,
-    and ``eval()`` keeps the live weights in ``state["live"]``. It owns these entries of the checkpoints."""
-
-    @staticmethod
-    def swaps_weights(group: dict) -> bool:
-        """Whether eval() swaps this group's parameters; its state dict then carries the mode."""
-        raise NotImplementedError
+    and ``eval()`` keeps the live weights in ``state["live"]``. It owns these entries of the checkpoints. The
+    optimizer defines ``swaps_weights(group) -> bool``: whether eval() swaps that group's parameters."""
 
     def extend_state_dict(self, sd: dict) -> None:
         """An optimizer with an eval mode (parameter averaging, Schedule-Free) saves its mode and the live weights

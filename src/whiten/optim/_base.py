@@ -224,10 +224,11 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         and bias)."""
         return ("param", position) if self.stack_invariant(p, group) else ("group", gi)
 
-    def distributed_context(self):
-        """The :class:`whiten.distributed.DistributedContext` of this optimizer, or None on one process."""
+    def distributed_context(self, key: tuple | None = None):
+        """The :class:`whiten.distributed.DistributedContext` of this optimizer, or None on one process. ``key``:
+        the identities of the tensors in ``param_groups`` when the caller has them (``step`` does)."""
         params = [p for g in self.param_groups for p in g["params"]]
-        key = tuple(map(id, params))
+        key = tuple(map(id, params)) if key is None else key
         if self._dist is not None and self._dist[0] == key:
             return self._dist[1]
         ctx = None
@@ -242,7 +243,7 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
     def step(self, closure=None):
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
         self.check_can_step()
-        key = tuple(id(p) for g in self.param_groups for p in g["params"])
+        key = tuple(id(p) for g in self.param_groups for p in g["params"])  # also the plan's key, below
         if key != self._checked_key:  # the first step, or tensors changed: checked before anything changes
             self.check_parameters()
             self._checked_key = key
@@ -251,7 +252,7 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self.params_with_grad()
-        ctx = self.distributed_context()
+        ctx = self.distributed_context(key)
         self._member_keys = {}
         if ctx is None:
             if self.grads_are_finite(work):  # checked before any state changes

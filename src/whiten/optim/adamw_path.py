@@ -45,17 +45,16 @@ def adamw_step(group: dict, params: list[torch.Tensor], states: list[dict]) -> N
 
 
 class AdamWPath:
-    """Mixin for an optimizer whose rule covers some parameters (:meth:`uses_own_rule`) and AdamW the others.
+    """Mixin for an optimizer whose rule covers some parameters (``uses_own_rule``) and AdamW the others.
 
     Its defaults carry ``adam_lr``, ``adam_betas``, ``adam_eps`` and ``lr_scale``. A group without a role that mixes
     both kinds (e.g. ``model.parameters()``) is split into two groups. A group whose parameters all go to AdamW and
     that sets no ``lr`` of its own keeps the shared ``lr`` and gets ``lr_scale = adam_lr / lr``, and, unless it sets
     ``momentum``, ``momentum = adam_betas[0]``: every group carries the same ``lr`` and ``momentum`` keys, so a loop
     that writes one lr into every group (nanoGPT's ``g['lr'] = lr``) keeps AdamW's ratio to the shared lr, and
-    ``OneCycleLR(cycle_momentum=True)`` cycles μ and AdamW's β1 alike."""
+    ``OneCycleLR(cycle_momentum=True)`` cycles μ and AdamW's β1 alike.
 
-    def uses_own_rule(self, p: torch.Tensor, role: str | None) -> bool:
-        raise NotImplementedError
+    The optimizer defines ``uses_own_rule(p, role) -> bool``: whether its own rule steps ``p`` (else AdamW does)."""
 
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]

@@ -223,9 +223,11 @@ class LayerHooksMixin:
     plan of which parameter is what, one owner per layer (weight and bias) in a distributed run, and the hooks
     rebuilt on a copy.
 
-    The optimizer calls :meth:`_set_model` and sets ``loss_average`` (and, for K-FAC's hooks, ``fisher`` and
+    The optimizer defines ``_layer_shapes(layer) -> {key: shape}``, the tensors a layer keeps in its weight's
+    state. It calls :meth:`_set_model` and sets ``loss_average`` (and, for K-FAC's hooks, ``fisher`` and
     ``factor_every``) before ``WhitenOptimizer.__init__``; a subclass that also measures in an eigenbasis (EKFAC)
-    overrides :meth:`_scale_step`, :meth:`_scale_basis` and :meth:`_correction`; one that collects other
+    overrides :meth:`_scale_step` and :meth:`_scale_basis` and defines ``_correction(layer, X, Y, basis)``, the
+    statistic a scale step adds; one that collects other
     statistics (K-BFGS) overrides :meth:`_on_forward`, ``STATS`` and :meth:`_stat_shape`.
     """
 
@@ -358,11 +360,6 @@ class LayerHooksMixin:
         """The eigenbasis a scale step measures in (EKFAC); None: this optimizer keeps no inputs for one."""
         return None
 
-    def _correction(self, layer: Layer, X: torch.Tensor, Y: torch.Tensor, basis) -> torch.Tensor:
-        """The statistic a scale step adds for a batch's input rows X and output gradients Y, in ``basis``: only
-        asked for where :meth:`_scale_basis` gave one."""
-        raise NotImplementedError
-
     # ----- which parameter is what ----------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -485,10 +482,6 @@ class LayerHooksMixin:
     # ----- state -----------------------------------------------------------------------------------------------
     # a layer's integer counters, kept in its weight's state beside the tensors of _layer_shapes
     LAYER_COUNTERS: tuple[str, ...] = ()
-
-    def _layer_shapes(self, layer: Layer) -> dict:
-        """``{key: shape}`` of the tensors a layer keeps in its weight's state."""
-        raise NotImplementedError
 
     def _start_layer(self, state: dict, layer: Layer) -> None:
         """Set a new layer state's tensors (created as zeros) to their starting values."""

@@ -62,9 +62,10 @@ def _scale(m: int, n: int, scaling: str) -> float:
 
 class OrthogonalMomentum(AdamWPath, AveragingMixin, WhitenOptimizer):
     """What Muon and SpecGD share: momentum (Nesterov or not) of hidden matrices, orthogonalised in stacks of
-    same-shape matrices by :meth:`_orthogonalize` and scaled by :meth:`_lr_multiplier`, decoupled decay, and AdamW
-    (:class:`whiten.optim.adamw_path.AdamWPath`) for every other parameter. Subclasses define those two methods,
-    their constructor's options and their checks (calling this class's :meth:`validate_group`)."""
+    same-shape matrices and scaled, decoupled decay, and AdamW (:class:`whiten.optim.adamw_path.AdamWPath`) for every
+    other parameter. Subclasses define ``_orthogonalize(X, group)`` (the orthogonalised directions of a (B, m, n)
+    stack it may overwrite) and ``_lr_multiplier(m, n, group)``, their constructor's options and their checks
+    (calling this class's :meth:`validate_group`)."""
 
     SECOND_MOMENT_KEY = "exp_avg_sq"  # restarted where it overflowed (WhitenOptimizer.restart_overflowed_moments)
 
@@ -80,13 +81,6 @@ class OrthogonalMomentum(AdamWPath, AveragingMixin, WhitenOptimizer):
         check_adamw_path(group)
         check_ema_rate(group["ema_rate"])
         check_role(group["role"])
-
-    def _orthogonalize(self, X: torch.Tensor, group: dict) -> torch.Tensor:
-        """The orthogonalised directions of a (B, m, n) stack that this call may overwrite."""
-        raise NotImplementedError
-
-    def _lr_multiplier(self, m: int, n: int, group: dict) -> float:
-        raise NotImplementedError
 
     def work_cost(self, p: torch.Tensor, group: dict) -> float:
         lead, m, n = _matrices(p, group)
