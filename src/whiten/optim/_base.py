@@ -15,6 +15,7 @@ from .. import distributed as wdist
 from ..linalg import finite_flags
 from .checkpoints import Checkpoints
 from .checks import LR_MAX
+from .compiled import eager_under_compile
 from .stacks import StackedState
 
 NONFINITE_POLICIES = ("skip", "raise")
@@ -54,6 +55,8 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         # apply_step's default loops over _step_group(gi, group, params), each optimizer's own math
         if cls.apply_step is WhitenOptimizer.apply_step and not hasattr(cls, "_step_group"):
             raise TypeError(f"{cls.__name__} must define _step_group(gi, group, params) or override apply_step")
+        # torch.compile(opt.step) runs the step eagerly, with the eager numbers (see whiten.optim.compiled)
+        cls.step = eager_under_compile(cls.step)
 
     def __init__(self, params, defaults: dict, nonfinite: str = "skip", process_group=None):
         if nonfinite not in NONFINITE_POLICIES:
