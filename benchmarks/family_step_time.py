@@ -138,7 +138,9 @@ def implementations(algorithm: str, heavyball_compile: bool, psgd_probability: f
         def po_scion(ps):
             from pytorch_optimizer.optimizer.scion import LMONorm
 
-            norm_of = {"hidden": LMONorm.SPECTRAL, "vector": LMONorm.BIAS}
+            # whiten.Scion's norm of each role (scion.ROLE_NORMS): a (vocab, d) embedding's rows to RMS 1
+            norm_of = {"hidden": LMONorm.SPECTRAL, "head": LMONorm.SIGN, "vector": LMONorm.BIAS,
+                       "embedding": LMONorm.ROW}
             return po.SCION([{"params": g["params"], "norm_type": norm_of[g["role"]]} for g in roles(ps)],
                             lr=1e-3, momentum=0.1, constraint=True)
 
