@@ -355,7 +355,7 @@ def _svd(X: torch.Tensor):
         U, S, Vh = torch.linalg.svd(X, full_matrices=False)
     except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
         return None
-    if not (bool(torch.isfinite(S).all()) and bool(torch.isfinite(U).all()) and bool(torch.isfinite(Vh).all())):
+    if not bool(torch.isfinite(S).all() & torch.isfinite(U).all() & torch.isfinite(Vh).all()):  # one host read
         return None
     return U, S, Vh
 
