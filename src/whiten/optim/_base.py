@@ -314,7 +314,7 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
 
     def _distributed_step(self, ctx, work) -> None:
         # Each rank checks the gradients it holds: its owned ones (replicated) or its shards (sharded).
-        mine = [p for _, params in work for p in params if p in ctx.rows or ctx.owns(p)]
+        mine = [p for _, params in work for p in params if p in ctx.blocks or ctx.owns(p)]
         flags, overflowed = self._finite_with_moments([wdist.local_shard(p.grad) for p in mine],
                                                       [p for p in mine if ctx.owns(p)])
         local_bad = not all(flags)
