@@ -1,0 +1,256 @@
+"""Layouts past FSDP2 on CPU with gloo: tensor parallel on a 1-D mesh (``parallelize_module`` with
+ColwiseParallel/RowwiseParallel, Shard(0) and Shard(1), the embedding and norm left plain), FSDP2 x TP on a 2x2 mesh
+(``fully_shard(mesh=mesh["dp"])`` on the TP-parallelized model: FSDP2's ``_StridedShard`` over TP's Shard(0), and the
+embedding and norms on the dp sub-meshes, one per TP rank), HSDP (``fully_shard`` on the 2x2 mesh: Replicate x
+Shard(0)) and expert parallel (3-D expert weights sharded over the ep dim of an ep x tp mesh, beside TP, HSDP and
+FSDP2-on-a-sub-mesh placements, and a one-row matrix that leaves three ranks empty). Each is stepped with the
+single-process numbers bit for bit, and DCP checkpoints saved under FSDP2 x TP resume exactly under FSDP2, DDP and one
+process, and back.
+
+Every layout is fed the full-batch gradient of one process, laid out as the parameter by torch's own offsets
+(checked against the parameter's values), so the optimizer is the only thing that can differ: a real forward under
+TP sums partial products in another order than one process and gives other gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+import whiten
+from dist_utils import full, launch
+from test_distributed import ALL, VOCAB, WIDTH, Net, batch, build, same
+
+STEPS = 5
+EXPERTS = 3  # uneven over 2 ep ranks
+
+
+class MoENet(Net):
+    """Net with a mixture-of-experts layer: 3-D expert weights (E, out, in), every expert used (a dense mixture,
+    enough for gradients), and a one-row router-like matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.Parameter(torch.randn(EXPERTS, WIDTH, WIDTH) * 0.3)
+        self.router = nn.Linear(WIDTH, 1, bias=False)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        x = x + self.fc2(F.gelu(self.norm(self.fc1(x))))
+        x = x + self.fc4(F.gelu(self.fc3(x)))
+        gate = torch.sigmoid(self.router(x))
+        x = x + gate * torch.einsum("btd,eod->bto", x, self.experts) / EXPERTS
+        return self.head(x)
+
+
+def make(kind, dtype):
+    torch.manual_seed(0)
+    return (MoENet() if kind == "ep" else Net()).to(dtype)
+
+
+TP_PLAN = {"fc1": ColwiseParallel(), "fc2": RowwiseParallel(), "fc3": ColwiseParallel(), "fc4": RowwiseParallel(),
+           "head": ColwiseParallel()}
+
+
+def _distribute(model, name, mesh, placements):
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    p = getattr(module, attr)
+    setattr(module, attr, nn.Parameter(distribute_tensor(p.data, mesh, placements)))
+
+
+def lay_out(model, kind):
+    """Make ``model``'s parameters DTensors of layout ``kind`` ("single": leave them)."""
+    world = dist.get_world_size() if kind != "single" else 1
+    if kind == "tp":  # 1-D mesh; emb, norm and the biases of rowwise layers stay plain (replicated)
+        parallelize_module(model, init_device_mesh("cpu", (world,)), TP_PLAN)
+    elif kind == "fsdp":
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    elif kind == "fsdp_tp":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], TP_PLAN)
+        fully_shard(model, mesh=mesh["dp"])
+    elif kind == "hsdp":
+        fully_shard(model, mesh=init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")))
+    elif kind == "ep":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("ep", "tp"))
+        _distribute(model, "experts", mesh, [Shard(0), Shard(1)])  # experts over ep, each expert's rows over tp
+        _distribute(model, "router.weight", mesh, [Shard(0), Shard(0)])  # one row: three empty shards
+        _distribute(model, "fc1.weight", mesh["ep"], [Shard(0)])  # FSDP2-like on the ep sub-mesh (two meshes)
+        _distribute(model, "fc2.weight", mesh["tp"], [Shard(1)])  # rowwise TP on the tp sub-mesh
+        _distribute(model, "fc3.weight", mesh, [Replicate(), Shard(0)])  # HSDP-like
+        _distribute(model, "fc4.weight", mesh, [Shard(1), Shard(0)])
+        _distribute(model, "head.weight", mesh, [Shard(0), Shard(1)])
+    elif kind != "single":
+        raise ValueError(kind)
+
+
+def place(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Full tensor ``g`` laid out as parameter ``p``: this rank's block by torch's offsets (distribute_tensor does
+    not take FSDP2's _StridedShard)."""
+    if not isinstance(p, DTensor):
+        return g
+    mesh = p.device_mesh
+    shape, offset = _compute_local_shape_and_global_offset(p.shape, mesh.shape, mesh.get_coordinate(), p.placements)
+    local = g[tuple(slice(o, o + n) for o, n in zip(offset, shape))].contiguous()
+    return DTensor.from_local(local, mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def loss_of(model, idx):
+    return F.cross_entropy(model(idx).float().reshape(-1, VOCAB), idx.roll(1, 1).reshape(-1))
+
+
+class Runner:
+    """A model laid out as ``kind`` ("single", "ddp", "fsdp", "tp", "fsdp_tp", "hsdp", "ep") and its optimizer,
+    fed one process's full-batch gradient."""
+
+    def __init__(self, name, kind, dtype=torch.float32, model_kind=None, **kw):
+        self.model = make(model_kind or kind, dtype)
+        self.ref = make(model_kind or kind, dtype)
+        lay_out(self.model, "single" if kind == "ddp" else kind)
+        for n, p in self.model.named_parameters():  # torch's offsets give this rank's values: place() is right
+            assert torch.equal(place(full(p), p).to_local() if isinstance(p, DTensor) else p,
+                               p.to_local() if isinstance(p, DTensor) else p), n
+        self.opt = build(name, self.model, process_group=dist.group.WORLD if kind == "ddp" else None, **kw)
+
+    def step(self, t):
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, q in self.ref.named_parameters():
+                q.copy_(full(params[n]))
+        self.ref.zero_grad()
+        loss_of(self.ref, batch(t)).backward()
+        for n, q in self.ref.named_parameters():
+            params[n].grad = place(q.grad.clone(), params[n])
+        self.opt.step()
+
+    def params(self):
+        return {n: full(p).detach().clone() for n, p in self.model.named_parameters()}
+
+
+def control(name, kind, steps=STEPS, dtype=torch.float32):
+    r = Runner(name, "single", dtype, model_kind=kind)
+    for t in range(steps):
+        r.step(t)
+    return r.params()
+
+
+def _equal_to_one_process(rank, world, kind, names, dtype):
+    out = {}
+    for name in names:
+        r = Runner(name, kind, dtype)
+        for t in range(STEPS):
+            r.step(t)
+        ctx = r.opt.distributed_context()
+        out[name] = (same(r.params(), control(name, kind, dtype=dtype)), dict(r.opt.counters), ctx.ranks_work(),
+                     ctx.world)
+    return out
+
+
+@pytest.mark.parametrize("kind,world", [("tp", 2), ("fsdp_tp", 4), ("hsdp", 4), ("ep", 4)])
+def test_bit_identical_to_one_process(kind, world):
+    results = launch(_equal_to_one_process, world, kind, ALL, torch.float32, timeout=400)
+    for name in ALL:
+        for rank, res in enumerate(results):
+            differ, counters, work, group_world = res[name]
+            assert differ == [], f"{name}, {kind} on {world} ranks, rank {rank}: {differ} differ from one process"
+            assert counters == results[0][name][1]  # counters agree across ranks
+            assert group_world == world  # planned over every rank of the job
+        assert sum(w > 0 for w in results[0][name][2]) == world  # every rank owns work
+
+
+@pytest.mark.parametrize("kind,world", [("tp", 2), ("fsdp_tp", 4)])
+def test_bf16_parameters(kind, world):
+    names = ["SPlus", "Muon", "SOAP", "ScheduleFreeAdamW"]
+    for rank, res in enumerate(launch(_equal_to_one_process, world, kind, names, torch.bfloat16, timeout=300)):
+        for name in names:
+            assert res[name][0] == [], f"{name}, bf16 {kind}@{world}, rank {rank}: {res[name][0]}"
+
+
+# ----- DCP checkpoints across layouts -------------------------------------------------------------------------------
+
+SAVE_AT = 3
+DCP_NAMES = ["SPlus", "SOAP", "Muon", "ScheduleFreeAdamW", "PSGDKron"]
+
+
+def _save(rank, world, kind, names, root):
+    for name in names:
+        r = Runner(name, kind)
+        for t in range(SAVE_AT):
+            r.step(t)
+        dcp.save({"model": get_model_state_dict(r.model), "optim": get_optimizer_state_dict(r.model, r.opt)},
+                 checkpoint_id=f"{root}/{name}")
+    return True
+
+
+def _resume(rank, world, kind, names, root):
+    out = {}
+    for name in names:
+        r = Runner(name, kind)
+        sd = {"model": get_model_state_dict(r.model), "optim": get_optimizer_state_dict(r.model, r.opt)}
+        dcp.load(sd, checkpoint_id=f"{root}/{name}")
+        set_model_state_dict(r.model, sd["model"])
+        set_optimizer_state_dict(r.model, r.opt, sd["optim"])
+        for t in range(SAVE_AT, STEPS):
+            r.step(t)
+        out[name] = (same(r.params(), control(name, kind)), dict(r.opt.counters))
+    return out
+
+
+def test_dcp_saved_under_fsdp_tp_resumes_under_fsdp_ddp_and_one_process_and_back(tmp_path):
+    saved = str(tmp_path / "fsdp_tp")
+    launch(_save, 4, "fsdp_tp", DCP_NAMES, saved, timeout=300)
+    for kind, world in [("fsdp", 2), ("ddp", 3), ("tp", 2), ("hsdp", 4)]:
+        results = launch(_resume, world, kind, DCP_NAMES, saved, timeout=300)
+        res_0 = results[0]
+        for rank, res in enumerate(results):
+            for name in DCP_NAMES:
+                assert res[name][0] == [], f"{name}: saved fsdp_tp@4, resumed {kind}@{world}, rank {rank}"
+                assert res[name][1] == res_0[name][1]  # counters agree across ranks
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers that saved
+    try:
+        for name in DCP_NAMES:
+            assert _resume(0, 1, "single", [name], saved)[name][0] == [], f"{name}: saved fsdp_tp@4, resumed single"
+    finally:
+        torch.set_num_threads(threads)
+    back = str(tmp_path / "fsdp")
+    launch(_save, 2, "fsdp", DCP_NAMES, back, timeout=300)
+    for rank, res in enumerate(launch(_resume, 4, "fsdp_tp", DCP_NAMES, back, timeout=300)):
+        for name in DCP_NAMES:
+            assert res[name][0] == [], f"{name}: saved fsdp@2, resumed fsdp_tp@4, rank {rank}"
+
+
+# ----- layouts that are refused, by name --------------------------------------------------------------------------
+
+
+def _refused(rank, world):
+    from torch.distributed.tensor import Partial
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = Net()
+    model.fc3.weight = nn.Parameter(DTensor.from_local(model.fc3.weight.data.clone(), mesh, [Partial()],
+                                                       run_check=False))
+    opt = whiten.SPlus(whiten.param_groups(model))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    try:
+        opt.step()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_a_layout_that_is_not_blocks_is_refused_by_name():
+    for message in launch(_refused, 2):
+        assert message is not None and "Partial" in message and "Shard(d)" in message, message
