@@ -254,3 +254,30 @@ def _refused(rank, world):
 def test_a_layout_that_is_not_blocks_is_refused_by_name():
     for message in launch(_refused, 2):
         assert message is not None and "Partial" in message and "Shard(d)" in message, message
+
+
+# ----- whiten-bench under tensor parallel ---------------------------------------------------------------------------
+
+
+def _bench_run(rank, world, mode, root):
+    from whiten.bench.parallel import Parallel
+    from whiten.bench.run import RunConfig, run
+    from whiten.bench.tasks import make_task
+
+    task = make_task("lm", "tiny")
+    cfg = RunConfig(task="lm", profile="tiny", optimizer="splus", lr=0.1, seed=0, steps=6, evals=2)
+    summary = run(cfg, task, root, parallel=Parallel(world=world, rank=rank, mode=mode))
+    return summary["final_val_loss"]
+
+
+@pytest.mark.parametrize("mode,world", [("tp", 2), ("fsdp+tp", 4)])
+def test_benchmark_runs_the_lm_task_under_tensor_parallel(mode, world, tmp_path):
+    import json
+
+    losses = launch(_bench_run, world, mode, str(tmp_path), timeout=300)
+    assert len(set(losses)) == 1  # every rank evaluated the same weights
+    run_dir = tmp_path / "lm" / "tiny" / "init" / "splus" / "lr0.1-seed0"
+    env = json.loads((run_dir / "config.json").read_text())["environment"]
+    assert (env["world_size"], env["parallel"]) == (world, mode)
+    single = tmp_path / "single"
+    assert abs(launch(_bench_run, 1, "none", str(single))[0] - losses[0]) < 0.01  # the same training up to TP's rounding (1.3e-3 here)
