@@ -177,6 +177,43 @@ def test_bf16_parameters(kind, world):
             assert res[name][0] == [], f"{name}, bf16 {kind}@{world}, rank {rank}: {res[name][0]}"
 
 
+# ----- eval()/train() swaps and the non-finite policy on a 2-D mesh ------------------------------------------------
+
+SWAPS = {"SPlus": {}, "ScheduleFreeAdamW": {}, "Muon": {"ema_rate": 0.9}}
+
+
+def _swaps_and_nonfinite(rank, world, kind):
+    out = {}
+    for name, kw in SWAPS.items():
+        runs = {k: Runner(name, k, model_kind=kind, **kw) for k in (kind, "single")}
+        for r in runs.values():
+            for t in range(STEPS):
+                r.step(t)
+            r.opt.eval()
+        averaged = same(runs[kind].params(), runs["single"].params())
+        for r in runs.values():
+            r.opt.train()
+        live = same(runs[kind].params(), runs["single"].params())
+        # a non-finite gradient in the last block of fc1 (on one rank only) skips the step on every rank
+        r = runs[kind]
+        before = r.params()
+        p = dict(r.model.named_parameters())["fc1.weight"]
+        for q in r.model.parameters():
+            q.grad = torch.zeros_like(q)
+        if p.to_local().numel() and rank == world - 1:
+            p.grad.to_local()[-1, -1] = float("inf")
+        with pytest.warns(RuntimeWarning, match="non-finite"):
+            r.opt.step()
+        out[name] = (averaged, live, r.opt.counters["skipped_steps"], same(before, r.params()))
+    return out
+
+
+def test_eval_train_swaps_and_a_nonfinite_gradient_under_fsdp_tp():
+    for rank, res in enumerate(launch(_swaps_and_nonfinite, 4, "fsdp_tp", timeout=300)):
+        for name in SWAPS:
+            assert res[name] == ([], [], 1, []), f"{name}, fsdp_tp@4, rank {rank}: {res[name]}"
+
+
 # ----- DCP checkpoints across layouts -------------------------------------------------------------------------------
 
 SAVE_AT = 3
