@@ -293,6 +293,25 @@ def test_a_layout_that_is_not_blocks_is_refused_by_name():
         assert message is not None and "Partial" in message and "Shard(d)" in message, message
 
 
+def _sampling_under_tp(rank, world, name):
+    model = make("tp", torch.float32)
+    lay_out(model, "tp")
+    opt = build(name, model)
+    logits = model.head(model.emb(batch(0)))
+    try:
+        opt.sample_fisher(logits)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("name", ["TNT", "Sophia"])
+def test_sampled_curvature_under_tensor_parallel_is_refused(name):
+    """TP ranks share their batch and labels: sampled gradients would be counted once per rank. Refused by name."""
+    for res in launch(_sampling_under_tp, 2, name):
+        assert res is not None and "placed as (Shard(dim=1),)" in res and "FSDP2 or DDP" in res, res
+
+
 # ----- whiten-bench under tensor parallel ---------------------------------------------------------------------------
 
 
