@@ -13,6 +13,8 @@ TP sums partial products in another order than one process and gives other gradi
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -53,9 +55,24 @@ class MoENet(Net):
         return self.head(x)
 
 
+class Wide(Net):
+    """Net with a 7-row matrix: its TP shards (4 and 3 rows) cut over 3 dp ranks leave one empty."""
+
+    def __init__(self):
+        super().__init__()
+        self.extra = nn.Linear(WIDTH, 7, bias=False)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        x = x + self.extra(x).sum(-1, keepdim=True) * 0.1
+        x = x + self.fc2(F.gelu(self.norm(self.fc1(x))))
+        x = x + self.fc4(F.gelu(self.fc3(x)))
+        return self.head(x)
+
+
 def make(kind, dtype):
     torch.manual_seed(0)
-    return (MoENet() if kind == "ep" else Net()).to(dtype)
+    return {"ep": MoENet, "wide": Wide}.get(kind, Net)().to(dtype)
 
 
 TP_PLAN = {"fc1": ColwiseParallel(), "fc2": RowwiseParallel(), "fc3": ColwiseParallel(), "fc4": RowwiseParallel(),
@@ -76,9 +93,10 @@ def lay_out(model, kind):
         parallelize_module(model, init_device_mesh("cpu", (world,)), TP_PLAN)
     elif kind == "fsdp":
         fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-    elif kind == "fsdp_tp":
-        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
-        parallelize_module(model, mesh["tp"], TP_PLAN)
+    elif kind in ("fsdp_tp", "wide"):
+        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+        extra = {"extra": ColwiseParallel()} if kind == "wide" else {}
+        parallelize_module(model, mesh["tp"], {**TP_PLAN, **extra})
         fully_shard(model, mesh=mesh["dp"])
     elif kind == "hsdp":
         fully_shard(model, mesh=init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")))
@@ -95,14 +113,40 @@ def lay_out(model, kind):
         raise ValueError(kind)
 
 
+def chunk_block(shape, mesh_shape, coordinate, placements) -> tuple:
+    """``(offset, size)`` of a rank's block, found by cutting a tensor of indices with ``torch.chunk`` (the test's
+    own oracle): mesh dims left to right, except FSDP2's _StridedShard, which cuts each TP shard again and so comes
+    after the TP dims to its right. torch's ``_compute_local_shape_and_global_offset`` is used for the others, but
+    it places uneven _StridedShard blocks elsewhere than FSDP2 does (7 rows on a (3, 2) mesh: it gives the rank at
+    (2, 0) one row, FSDP2 gives it none)."""
+    idx = torch.arange(math.prod(shape)).view(shape)
+    order = [i for i, pl in enumerate(placements) if type(pl).__name__ != "_StridedShard"]
+    order += [i for i, pl in enumerate(placements) if type(pl).__name__ == "_StridedShard"]
+    for i in order:
+        pl = placements[i]
+        if isinstance(pl, Replicate):
+            continue
+        pieces = idx.chunk(mesh_shape[i], dim=pl.dim) if idx.shape[pl.dim] else ()
+        idx = pieces[coordinate[i]] if coordinate[i] < len(pieces) else idx.narrow(pl.dim, 0, 0)
+    if idx.numel() == 0:
+        return None, tuple(idx.shape)
+    first = idx.reshape(-1)[0].item()
+    offset = []
+    for n in reversed(shape):
+        offset.insert(0, first % n)
+        first //= n
+    return tuple(offset), tuple(idx.shape)
+
+
 def place(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Full tensor ``g`` laid out as parameter ``p``: this rank's block by torch's offsets (distribute_tensor does
-    not take FSDP2's _StridedShard)."""
+    """Full tensor ``g`` laid out as parameter ``p``: this rank's block by :func:`chunk_block` (distribute_tensor
+    does not take FSDP2's _StridedShard)."""
     if not isinstance(p, DTensor):
         return g
     mesh = p.device_mesh
-    shape, offset = _compute_local_shape_and_global_offset(p.shape, mesh.shape, mesh.get_coordinate(), p.placements)
-    local = g[tuple(slice(o, o + n) for o, n in zip(offset, shape))].contiguous()
+    offset, shape = chunk_block(tuple(p.shape), tuple(mesh.shape), mesh.get_coordinate(), p.placements)
+    local = g[tuple(slice(o, o + n) for o, n in zip(offset, shape))].contiguous() if offset else \
+        g.new_empty(shape)
     return DTensor.from_local(local, mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
@@ -167,6 +211,16 @@ def test_bit_identical_to_one_process(kind, world):
             assert counters == results[0][name][1]  # counters agree across ranks
             assert group_world == world  # planned over every rank of the job
         assert sum(w > 0 for w in results[0][name][2]) == world  # every rank owns work
+
+
+def test_fsdp_tp_on_a_3x2_mesh_where_torchs_offsets_are_not_fsdp2s():
+    """dp 3 x tp 2: FSDP2 cuts each TP shard of a 7-row matrix (4 and 3 rows) into 2, 2, 0 and 1, 1, 1, and fc1's
+    (5 and 5) into 2, 2, 1; torch's _compute_local_shape_and_global_offset gives the rank at (2, 0) one row of the
+    7 where FSDP2 gives it none. whiten follows FSDP2 (and the runner checks each rank's values)."""
+    names = ["SPlus", "SOAP", "Muon", "PSGDKron"]
+    for rank, res in enumerate(launch(_equal_to_one_process, 6, "wide", names, torch.float32, timeout=400)):
+        for name in names:
+            assert res[name][0] == [], f"{name}, fsdp_tp@6, rank {rank}: {res[name][0]}"
 
 
 @pytest.mark.parametrize("kind,world", [("tp", 2), ("fsdp_tp", 4)])
@@ -266,6 +320,50 @@ def test_dcp_saved_under_fsdp_tp_resumes_under_fsdp_ddp_and_one_process_and_back
     for rank, res in enumerate(launch(_resume, 4, "fsdp_tp", DCP_NAMES, back, timeout=300)):
         for name in DCP_NAMES:
             assert res[name][0] == [], f"{name}: saved fsdp@2, resumed fsdp_tp@4, rank {rank}"
+
+
+# ----- each rank's block, against torch's own offsets ---------------------------------------------------------------
+
+
+def test_blocks_match_torch_chunk_and_tile_every_layout():
+    """local_block against cuts of an index tensor by torch.chunk (and torch's _compute_local_shape_and_global_offset
+    where it agrees with FSDP2: not uneven _StridedShard) at every coordinate, for Shard on any dim, Replicate, two
+    mesh dims on one tensor dim, FSDP2's _StridedShard over TP, uneven and empty pieces; the distinct blocks tile
+    the tensor."""
+    import itertools
+
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from whiten.distributed.context import _tiles
+    from whiten.distributed.layout import local_block
+
+    cases = 0
+    for shape in [(7, 5), (3, 10), (1, 6), (5, 2, 3)]:
+        for mesh_shape in [(2,), (3,), (4,), (2, 2), (2, 3), (3, 2)]:
+            kinds = [Replicate()] + [Shard(d) for d in range(len(shape))]
+            for placements in itertools.product(kinds, repeat=len(mesh_shape)):
+                placements = list(placements)
+                if len(mesh_shape) == 2 and placements[0] == placements[1] == Shard(0) and shape[0] > 1:
+                    variants = [placements, [_StridedShard(0, split_factor=mesh_shape[1]), Shard(0)]]
+                else:
+                    variants = [placements]
+                for pl in variants:
+                    blocks = set()
+                    for coordinate in itertools.product(*[range(n) for n in mesh_shape]):
+                        mine = local_block(shape, mesh_shape, list(coordinate), pl)
+                        offset, size = chunk_block(shape, mesh_shape, coordinate, pl)
+                        assert mine[1] == size, (shape, mesh_shape, pl, coordinate)
+                        if not isinstance(pl[0], _StridedShard):
+                            theirs = _compute_local_shape_and_global_offset(shape, mesh_shape, list(coordinate), pl)
+                            assert tuple(theirs[0]) == size, (shape, mesh_shape, pl, coordinate)
+                        if all(size):  # an empty block's offset is never used
+                            assert mine[0] == offset, (shape, mesh_shape, pl, coordinate)
+                            blocks.add(mine)
+                    assert _tiles(shape, blocks), (shape, mesh_shape, pl)
+                    cases += 1
+    assert cases > 150
+    assert not _tiles((4, 4), {((0, 0), (2, 4)), ((1, 0), (2, 4))})  # overlap
+    assert not _tiles((4, 4), {((0, 0), (2, 4))})  # gap
 
 
 # ----- layouts that are refused, by name --------------------------------------------------------------------------

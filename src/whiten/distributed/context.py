@@ -35,9 +35,26 @@ def read_layout(name: str, params: list[torch.Tensor], group, world: int) -> dic
     tensor is the parameter."""
     ranks = [dist.get_global_rank(group, r) for r in range(world)] if world > 1 else None
     dtensors = [p for p in params if is_dtensor(p)]
-    if ranks is None or all(sorted(p.device_mesh.mesh.flatten().tolist()) == sorted(ranks) for p in dtensors):
-        tables = [[_block_at(name, p, None if ranks is None else ranks[r]) if is_dtensor(p) else None
-                   for p in params] for r in range(world)]
+    gathered = not (ranks is None or all(sorted(p.device_mesh.mesh.flatten().tolist()) == sorted(ranks)
+                                         for p in dtensors))
+    if not gathered:
+        # one pass per distinct (shape, placements, mesh): a model's layers repeat a few layouts
+        layouts: dict = {}
+        columns = []
+        for p in params:
+            if not is_dtensor(p):
+                columns.append([None] * world)
+                continue
+            key = (tuple(p.shape), tuple(p.placements), id(p.device_mesh))
+            if key not in layouts:
+                mine = _block_at(name, p, None)  # checked against the local shard
+                if ranks is None:
+                    layouts[key] = [mine]
+                else:
+                    where = {g: i for i, g in enumerate(p.device_mesh.mesh.flatten().tolist())}
+                    layouts[key] = [_block_at(name, p, where[g]) for g in ranks]
+            columns.append(layouts[key])
+        tables = [[column[r] for column in columns] for r in range(world)]
     else:
         tables = [None] * world
         mine = [(tuple(p.shape), _block_at(name, p, None) if is_dtensor(p) else None) for p in params]
@@ -57,7 +74,9 @@ def read_layout(name: str, params: list[torch.Tensor], group, world: int) -> dic
             raise ValueError(f"{name}: parameter {i} (shape {tuple(p.shape)}) is a DTensor on some ranks and a plain "
                              f"tensor on others; {SUPPORTED_LAYOUTS}")
         blocks = [tables[r][i] for r in range(world)]
-        if not _tiles(tuple(p.shape), {b for b in blocks if math.prod(b[1])}):
+        # one mesh that spans the group tiles the tensor by construction (torch.chunk pieces); blocks gathered
+        # from several meshes are checked
+        if gathered and not _tiles(tuple(p.shape), {b for b in blocks if math.prod(b[1])}):
             raise ValueError(f"{name}: the shards of a DTensor parameter of shape {tuple(p.shape)} placed as "
                              f"{tuple(p.placements)} do not tile it over the {world} ranks of the group (blocks "
                              f"{blocks}); its mesh's ranks must be in the group; {SUPPORTED_LAYOUTS}")
@@ -65,22 +84,24 @@ def read_layout(name: str, params: list[torch.Tensor], group, world: int) -> dic
     return out
 
 
-def _block_at(name: str, p, rank: int | None) -> tuple:
-    """The block of DTensor ``p`` that global ``rank`` holds (None: this rank, whose local shard is checked
-    against it)."""
+def _block_at(name: str, p, index: int | None) -> tuple:
+    """The block of DTensor ``p`` that the rank at flat ``index`` of its mesh holds (None: this rank, whose local
+    shard is checked against it)."""
     mesh, placements = p.device_mesh, tuple(p.placements)
     where = f"a DTensor parameter of shape {tuple(p.shape)} placed as {placements} on a mesh of shape " \
             f"{tuple(mesh.shape)}"
-    if rank is None:
+    if index is None:
         coordinate = mesh.get_coordinate()
     else:
-        index = mesh.mesh.flatten().tolist().index(rank)
-        coordinate = [int(c) for c in torch.unravel_index(torch.tensor(index), tuple(mesh.shape))]
+        coordinate, rest = [], index
+        for n in reversed(mesh.shape):
+            coordinate.insert(0, rest % n)
+            rest //= n
     try:
         offset, size = local_block(tuple(p.shape), tuple(mesh.shape), coordinate, placements)
     except ValueError as e:
         raise ValueError(f"{name}: {where} uses {e}; {SUPPORTED_LAYOUTS}") from None
-    if (rank is None or rank == dist.get_rank()) and tuple(p.to_local().shape) != size:
+    if index is None and tuple(p.to_local().shape) != size:
         raise ValueError(f"{name}: {where} has a local shard of shape {tuple(p.to_local().shape)} where the "
                          f"placements give {size}; {SUPPORTED_LAYOUTS}")
     return offset, size
