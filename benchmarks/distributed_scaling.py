@@ -126,12 +126,13 @@ def lay_out(net, mode: str, world: int) -> None:
 def place(g, p):
     """Full gradient ``g`` laid out as parameter ``p`` (distribute_tensor does not take FSDP2's _StridedShard)."""
     from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    from whiten.distributed import local_block
 
     if not isinstance(p, DTensor):
         return g
     mesh = p.device_mesh
-    shape, offset = _compute_local_shape_and_global_offset(p.shape, mesh.shape, mesh.get_coordinate(), p.placements)
+    offset, shape = local_block(tuple(p.shape), tuple(mesh.shape), mesh.get_coordinate(), p.placements)
     local = g[tuple(slice(o, o + n) for o, n in zip(offset, shape))].contiguous()
     return DTensor.from_local(local, mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
