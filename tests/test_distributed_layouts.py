@@ -268,6 +268,55 @@ def test_eval_train_swaps_and_a_nonfinite_gradient_under_fsdp_tp():
             assert res[name] == ([], [], 1, []), f"{name}, fsdp_tp@4, rank {rank}: {res[name]}"
 
 
+# ----- real TP forward/backward with sequence parallel: gradients placed as Partial ----------------------------------
+
+
+class NormMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.fc1 = nn.Linear(8, 16, bias=False)
+        self.fc2 = nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+def _sequence_parallel(rank, world, names):
+    """SequenceParallel leaves the norm's gradients Partial(sum): the owner must step their sum. Compared with one
+    process stepping the gradients DTensor gives (full_tensor), so the model's own rounding is taken out."""
+    from torch.distributed.tensor.parallel import SequenceParallel
+
+    out = {}
+    for name in names:
+        torch.manual_seed(0)
+        model, single = NormMLP(), NormMLP()
+        single.load_state_dict(model.state_dict())
+        parallelize_module(model, init_device_mesh("cpu", (world,)),
+                           {"norm": SequenceParallel(), "fc1": ColwiseParallel(input_layouts=Shard(1)),
+                            "fc2": RowwiseParallel(output_layouts=Shard(1))})
+        opt, ref = build(name, model), build(name, single)
+        partial = False
+        for t in range(STEPS):
+            x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(t))
+            opt.zero_grad()
+            model(x.chunk(world, dim=1)[rank]).pow(2).mean().backward()  # this rank's part of the sequence
+            partial |= any(type(p.grad.placements[0]).__name__ == "Partial" for p in model.parameters())
+            for (n, p), q in zip(model.named_parameters(), single.parameters()):
+                q.grad = p.grad.full_tensor()
+            opt.step()
+            ref.step()
+        out[name] = (partial, same({n: full(p) for n, p in model.named_parameters()}, dict(single.named_parameters())))
+    return out
+
+
+def test_real_sequence_parallel_training_steps_the_reduced_gradients():
+    names = ["SPlus", "SOAP", "Muon", "ScheduleFreeAdamW"]
+    for rank, res in enumerate(launch(_sequence_parallel, 2, names)):
+        for name in names:
+            assert res[name] == (True, []), f"{name}, rank {rank}: {res[name]}"
+
+
 # ----- DCP checkpoints across layouts -------------------------------------------------------------------------------
 
 SAVE_AT = 3
