@@ -30,18 +30,21 @@ rank and travels in ``param_groups``.
 The non-finite check is global: all ranks skip (or raise) together, and counters agree across ranks.
 
 Where each part lives: :mod:`.layout` (DTensor or plain, the group a run spans, each rank's block under any
-placement, the wrappers that are refused), :mod:`.plan` (the owner of each unit), :mod:`.context` (the plan of one optimizer and the exchanges of a
-step), :mod:`.collectives` (every collective the optimizers use: they never call ``torch.distributed``
-themselves), :mod:`.checkpoint` (the whole state on every rank).
+placement, the wrappers that are refused), :mod:`.plan` (the owner of each unit), :mod:`.context` (the plan of one
+optimizer, the blocks each rank holds and the exchanges of a step), :mod:`.collectives` (every collective the
+optimizers use: they never call ``torch.distributed`` themselves), :mod:`.checkpoint` (the whole state on every
+rank).
 """
 
 from .checkpoint import full_state_dict
 from .collectives import (all_reduce_flat, any_true, broadcast_flat, broadcast_objects, collective_device,
                           default_group, is_process_group, sum_values, world_and_rank)
 from .context import DistributedContext
-from .layout import FLATTENED_HINT, flattened_by, is_dtensor, local_block, local_shard, process_group_of, shard_rows
+from .layout import (FLATTENED_HINT, flattened_by, is_dtensor, local_block, local_shard, process_group_of,
+                     shard_rows)
 from .plan import plan, plan_owners
 
-__all__ = ["plan", "plan_owners", "shard_rows", "local_block", "DistributedContext", "full_state_dict", "flattened_by",
-           "FLATTENED_HINT", "is_dtensor", "local_shard", "process_group_of", "collective_device", "default_group", "is_process_group",
-           "world_and_rank", "all_reduce_flat", "any_true", "sum_values", "broadcast_flat", "broadcast_objects"]
+__all__ = ["plan", "plan_owners", "shard_rows", "local_block", "DistributedContext", "full_state_dict",
+           "flattened_by", "FLATTENED_HINT", "is_dtensor", "local_shard", "process_group_of", "collective_device",
+           "default_group", "is_process_group", "world_and_rank", "all_reduce_flat", "any_true", "sum_values",
+           "broadcast_flat", "broadcast_objects"]
