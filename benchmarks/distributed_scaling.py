@@ -4,19 +4,27 @@ needs; load balance as max/mean over ranks.
 
     python benchmarks/distributed_scaling.py                       # GPT cpu shapes, DDP and FSDP2, 1/2/4 ranks
     python benchmarks/distributed_scaling.py --optimizers SPlus,Muon --worlds 2 --modes fsdp --steps 20
+    python benchmarks/distributed_scaling.py --modes tp,fsdp_tp,hsdp --worlds 4   # past FSDP2
+
+Modes: ``ddp`` (replicated, ``process_group=``), ``fsdp`` (``fully_shard`` on a 1-D mesh), ``tp`` (tensor parallel
+on a 1-D mesh: q, k, v, fc1 ColwiseParallel, o, fc2 RowwiseParallel, the rest plain), ``fsdp_tp`` (that TP plan on
+the tp dim of a (2, world/2) mesh, then ``fully_shard`` on its dp dim), ``hsdp`` (``fully_shard`` on a (2, world/2)
+mesh: Replicate x Shard(0)).
 
 Gradients are synthetic (seeded, the same on every rank): only the optimizer step is timed. Processes are forked
 gloo workers with one thread each, so on a machine with fewer cores than ranks the times show oversubscription,
 not scaling; the planned work and the bytes do not depend on the machine.
 
 Minimum bytes received per step by one rank (the owner scheme: each parameter's whole step on one rank):
-DDP, the parameters it does not own (sent by their owners); FSDP2, for each owned parameter the other ranks' rows
-of its gradient and value, and for each parameter owned elsewhere its own rows of the new value.
+a replicated parameter it does not own (sent by its owner); for each owned sharded parameter, every distinct block
+of its gradient and value that the owner does not hold (replicas of a block are sent once); for each sharded
+parameter owned elsewhere, its own block of the new value.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import os
 import pickle
@@ -73,17 +81,60 @@ class ByteCounter:
             setattr(dist, k, v)
 
 
-def minimum_bytes(ctx, mode: str) -> int:
+def minimum_bytes(ctx) -> int:
     rank, total = ctx.rank, 0
     for p in ctx.params:
-        elt = p.element_size() if mode == "ddp" else p.to_local().element_size()
-        if mode == "ddp":
-            total += 0 if ctx.owns(p) else p.numel() * elt
+        if p not in ctx.blocks:  # replicated
+            total += 0 if ctx.owns(p) else p.numel() * p.element_size()
             continue
-        tail = p.numel() // max(p.shape[0], 1)
-        mine = ctx.rows[p][rank] * tail
-        total += 2 * (p.numel() - mine) * elt if ctx.owns(p) else mine * elt
+        elt = p.to_local().element_size()
+        mine = math.prod(ctx.blocks[p][rank][1])
+        if ctx.owns(p):
+            distinct = {b for b in ctx.blocks[p] if math.prod(b[1])}
+            held = ctx.blocks[p][rank] if mine else None
+            total += 2 * sum(math.prod(size) for offset, size in distinct if (offset, size) != held) * elt
+        else:
+            total += mine * elt
     return total
+
+
+TP_PLAN = {"q": "col", "k": "col", "v": "col", "fc1": "col", "o": "row", "fc2": "row"}
+
+
+def lay_out(net, mode: str, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    def tp(mesh):
+        plan = {f"blocks.{i}.{n}": ColwiseParallel() if kind == "col" else RowwiseParallel()
+                for i in range(len(net.blocks)) for n, kind in TP_PLAN.items()}
+        parallelize_module(net, mesh, plan)
+
+    if mode == "fsdp":
+        fully_shard(net, mesh=init_device_mesh("cpu", (world,)))
+    elif mode == "tp":
+        tp(init_device_mesh("cpu", (world,)))
+    elif mode == "fsdp_tp":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        tp(mesh["tp"])
+        fully_shard(net, mesh=mesh["dp"])
+    elif mode == "hsdp":
+        fully_shard(net, mesh=init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")))
+
+
+def place(g, p):
+    """Full gradient ``g`` laid out as parameter ``p`` (distribute_tensor does not take FSDP2's _StridedShard)."""
+    from torch.distributed.tensor import DTensor
+
+    from whiten.distributed import local_block
+
+    if not isinstance(p, DTensor):
+        return g
+    mesh = p.device_mesh
+    offset, shape = local_block(tuple(p.shape), tuple(mesh.shape), mesh.get_coordinate(), p.placements)
+    local = g[tuple(slice(o, o + n) for o, n in zip(offset, shape))].contiguous()
+    return DTensor.from_local(local, mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
 def model(args):
@@ -96,11 +147,8 @@ def worker(rank, world, store_path, args, mode, name, queue):
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     try:
         net = model(args)
-        if mode == "fsdp":
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            fully_shard(net, mesh=init_device_mesh("cpu", (world,)))
+        if world > 1 or mode == "fsdp":
+            lay_out(net, mode, world)
         opt = FACTORIES[name](whiten.param_groups(net), dist.group.WORLD if mode == "ddp" else None, args.refresh)
         params = [p for g in opt.param_groups for p in g["params"]]
         times = []
@@ -108,12 +156,7 @@ def worker(rank, world, store_path, args, mode, name, queue):
             for t in range(args.warmup + args.steps):
                 gen = torch.Generator().manual_seed(t)
                 for p in params:
-                    g = torch.randn(p.shape, generator=gen) * 1e-2
-                    if mode == "fsdp":
-                        from torch.distributed.tensor import distribute_tensor
-
-                        g = distribute_tensor(g, p.device_mesh, p.placements)
-                    p.grad = g
+                    p.grad = place(torch.randn(p.shape, generator=gen) * 1e-2, p)
                 if t == args.warmup:
                     counter.received = 0
                 dist.barrier()
@@ -122,11 +165,11 @@ def worker(rank, world, store_path, args, mode, name, queue):
                 if t >= args.warmup:
                     times.append(time.perf_counter() - t0)
         ctx = opt.distributed_context()
-        work = ctx.ranks_work()
+        work = ctx.ranks_work() if ctx else [1.0]
         queue.put((rank, pickle.dumps({"work": work[rank], "step_ms": statistics.median(times) * 1e3,
                                        "mean_ms": statistics.mean(times) * 1e3,
                                        "bytes": counter.received / args.steps,
-                                       "minimum": minimum_bytes(ctx, mode)})))
+                                       "minimum": minimum_bytes(ctx) if ctx else 0})))
     finally:
         dist.destroy_process_group()
 

@@ -188,6 +188,22 @@ class FisherMixin:
             return process_group_of(self.fisher_params(), None)
         return default_group()
 
+    def _check_fisher_layout(self) -> None:
+        """Sampling is supported on one process, under DDP and under FSDP2 (``Shard(0)`` on a 1-D mesh), where each
+        rank samples labels for its own part of the batch. Under tensor parallel (and FSDP2 x TP, HSDP, expert
+        parallel) the ranks of a TP or replicate group share their batch and its labels: the label counts and the
+        sampled gradients would be counted once per rank, so such layouts are refused rather than averaged wrong."""
+        for p in self.fisher_params():
+            if is_dtensor(p):
+                placements = tuple(p.placements)
+                if p.device_mesh.ndim != 1 or type(placements[0]).__name__ != "Shard" or placements[0].dim != 0:
+                    raise ValueError(
+                        f"{type(self).__name__}.sample_fisher: a parameter of shape {tuple(p.shape)} is placed as "
+                        f"{placements} on a mesh of shape {tuple(p.device_mesh.shape)}; sampled curvature supports "
+                        "one process, DDP and FSDP2 (Shard(0) on a 1-D mesh), not tensor parallel, 2-D meshes "
+                        "(FSDP2 x TP, HSDP) or expert parallel, where ranks share labels. Use FSDP2 or DDP for this "
+                        "optimizer, or an optimizer that does not sample (SPlus, SOAP, Muon, ...) on this layout")
+
     # ----- the call users make ----------------------------------------------------------------------------------
     def sample_fisher(self, logits: torch.Tensor, kind: str = "ce") -> bool:
         """Sample labels from ``logits`` and keep the gradient of their mean loss for the next ``step()``, if the
@@ -201,6 +217,7 @@ class FisherMixin:
         if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
             raise TypeError(f"{type(self).__name__}.sample_fisher: logits must be a floating-point tensor, got "
                             f"{type(logits).__name__ if not isinstance(logits, torch.Tensor) else logits.dtype}")
+        self._check_fisher_layout()
         if not self.fisher_due():
             return False
         if not logits.requires_grad:

@@ -161,9 +161,10 @@ def _common(p: argparse.ArgumentParser, out: str, steps: int, optimizers=("adamw
     p.add_argument("--threads", type=_positive_int, default=None,
                    help=f"CPU threads for torch (default: torch's own choice, here {torch.get_num_threads()}); "
                         "recorded in config.json")
-    p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+    p.add_argument("--parallel", choices=["ddp", "fsdp", "tp", "fsdp+tp"], default="ddp",
                    help="under torchrun --nproc_per_node N: DDP or FSDP2 (fully_shard) over the N processes, the same "
-                        "global batch split between them (default: ddp; ignored in one process)")
+                        "global batch split between them; tp: tensor parallel over the N (lm task); fsdp+tp: TP over "
+                        "pairs, FSDP2 over the N/2 pairs (lm task) (default: ddp; ignored in one process)")
     p.add_argument("--out", type=Path, default=Path(out), help=f"results directory (default: {out})")
     p.add_argument("--no-plots", action="store_true", help="write the report without plots (no matplotlib needed)")
 

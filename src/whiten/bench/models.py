@@ -69,10 +69,11 @@ class Block(nn.Module):
 
     def attention(self, h: torch.Tensor) -> torch.Tensor:
         b, t, w = h.shape
-        split = lambda z: z.view(b, t, self.heads, w // self.heads).transpose(1, 2)  # noqa: E731
+        # -1 heads: under tensor parallel (whiten-bench --parallel tp) q, k, v give this rank's heads only
+        split = lambda z: z.view(b, t, -1, w // self.heads).transpose(1, 2)  # noqa: E731
         out = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)),
                                              is_causal=self.causal)
-        return self.o(out.transpose(1, 2).reshape(b, t, w))
+        return self.o(out.transpose(1, 2).reshape(b, t, -1))
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(h)))

@@ -46,8 +46,9 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
     e.g. after one huge finite gradient, and were restarted from zero; see :meth:`restart_nonfinite`).
 
     Distributed runs (see :mod:`whiten.distributed`): with ``process_group`` (DDP, replicated parameters) or with
-    DTensor parameters (FSDP2, their mesh is used), each parameter's whole step runs on one owner rank and the new
-    values are sent to the others; the numbers are those of one process.
+    DTensor parameters (FSDP2, tensor parallel, FSDP2 x TP, HSDP, expert parallel: their meshes are used), each
+    parameter's whole step runs on one owner rank and the new values are sent to the others; the numbers are those
+    of one process.
     """
 
     def __init_subclass__(cls, **kwargs):
@@ -229,7 +230,9 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
 
     def distributed_context(self, key: tuple | None = None):
         """The :class:`whiten.distributed.DistributedContext` of this optimizer, or None on one process. ``key``:
-        the identities of the tensors in ``param_groups`` when the caller has them (``step`` does)."""
+        the identities of the tensors in ``param_groups`` when the caller has them (``step`` does). Building it is
+        a collective where DTensor parameters live on several meshes (FSDP2 x TP's embedding on the dp sub-mesh):
+        the first call after the parameters change must come on every rank (``step`` is one)."""
         params = [p for g in self.param_groups for p in g["params"]]
         key = tuple(map(id, params)) if key is None else key
         if self._dist is not None and self._dist[0] == key:
@@ -317,7 +320,7 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
 
     def _distributed_step(self, ctx, work) -> None:
         # Each rank checks the gradients it holds: its owned ones (replicated) or its shards (sharded).
-        mine = [p for _, params in work for p in params if p in ctx.rows or ctx.owns(p)]
+        mine = [p for _, params in work for p in params if p in ctx.blocks or ctx.owns(p)]
         flags, overflowed = self._finite_with_moments([wdist.local_shard(p.grad) for p in mine],
                                                       [p for p in mine if ctx.owns(p)])
         local_bad = not all(flags)
