@@ -119,6 +119,18 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _timed(fn, n: int, device) -> list[float]:
+    """Milliseconds of each of ``n`` calls, the device drained before and after each."""
+    times = []
+    for _ in range(n):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
 def _peak(device):
     return torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
 
@@ -164,14 +176,7 @@ def step_table(args, device) -> list[dict]:
                 one()
             _sync(device)
             record["warmup_s"] = time.perf_counter() - t0
-            times = []
-            for _ in range(args.rounds):
-                for _ in range(args.period):
-                    _sync(device)
-                    t = time.perf_counter()
-                    one()
-                    _sync(device)
-                    times.append((time.perf_counter() - t) * 1e3)
+            times = _timed(one, args.rounds * args.period, device)
             record.update(median_ms=statistics.median(times), mean_ms=statistics.fmean(times),
                           peak_extra_mib=(_peak(device) - before) / 2**20)
             if baseline is None:
@@ -223,13 +228,7 @@ def train_table(args, device) -> list[dict]:
 
             for _ in range(3):
                 one()
-            times = []
-            for _ in range(args.train_steps):
-                _sync(device)
-                t = time.perf_counter()
-                one()
-                _sync(device)
-                times.append((time.perf_counter() - t) * 1e3)
+            times = _timed(one, args.train_steps, device)
             record.update(median_ms=statistics.median(times), mean_ms=statistics.fmean(times))
         except Exception as e:
             record["failed"] = f"{type(e).__name__}: {str(e)[:160]}"
