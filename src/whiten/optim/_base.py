@@ -379,8 +379,9 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
     def _distributed_step(self, ctx, work) -> None:
         # Each rank checks the gradients it holds: its owned ones (replicated) or its shards (sharded).
         mine = [p for _, params in work for p in params if p in ctx.blocks or ctx.owns(p)]
+        # (an experts parameter's second moments are a DTensor of its experts' rows: not checked here)
         flags, overflowed = self._finite_with_moments([wdist.local_shard(p.grad) for p in mine],
-                                                      [p for p in mine if ctx.owns(p)])
+                                                      [p for p in mine if ctx.owns(p) and p not in ctx.experts])
         local_bad = not all(flags)
         present, bad = ctx.agree([p for _, params in work for p in params], local_bad)
         if bad:
@@ -400,11 +401,11 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         with self._owned_state(ctx):
             self.restart_overflowed_moments(*overflowed)  # on the owner, inside the counters it reports
             views = [(g, [ctx.view(p) if ctx.owns(p) else p for p in params]) for g, params in everyone]
-            with self.experts(views, owned) as (views, owned):
+            with self.experts(views, owned, ctx) as (views, owned):
                 self.before_step(views)
                 self.apply_step(owned)
         ctx.publish([p for _, params in everyone for p in params])
-        for full in ctx.full.values():
+        for full in (*ctx.full.values(), *ctx.expert_full.values()):
             full.grad = None
         deltas = ctx.sum_values([self.counters[k] - before[k] for k in owner_counters])
         for k, d in zip(owner_counters, deltas):
@@ -430,8 +431,13 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
     # experts parameter is stepped as any other of its shape
     STEPS_EXPERTS = True
 
+    def splits_experts(self, p: torch.Tensor, group: dict) -> bool:
+        """Whether ``p`` is stepped as its experts (role ``experts``, 3 or more dims): in a distributed run each
+        expert is then a unit of the owner plan of its own."""
+        return group.get("role") == EXPERTS and p.ndim >= 3 and self.STEPS_EXPERTS
+
     @contextlib.contextmanager
-    def experts(self, everyone, owned):
+    def experts(self, everyone, owned, ctx=None):
         """While the step runs, each parameter of a group of role ``experts`` (E, out, in) is E matrices (out, in),
         each with its own state and gradient: the optimizer steps them as it steps E separate matrices, and the
         numbers are those (bit for bit). ``everyone``: (group, parameters) for :meth:`before_step` (values not
@@ -440,7 +446,13 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         The matrices and their state dicts live across steps (so stacks of state stay built); the parameter's
         state is the stack of its experts' (``(E, *shape)`` per tensor entry, a list of E for other entries), so
         checkpoints, eval()/train() swaps and DCP see one entry per parameter, as for any other parameter. Each step
-        copies the values, gradients and state in and out: one more pass over the experts' state."""
+        copies the values, gradients and state in and out: one more pass over the experts' state.
+
+        In a distributed run (``ctx``) each rank steps the experts it owns (their matrices are the context's, the
+        gradients gathered there), and the parameter's state is a DTensor over the group, ``Shard(0)``: each
+        rank's rows are its experts' state (the plan gives each rank one ``torch.chunk`` piece of the experts), so
+        the state dict keeps one entry per parameter with the global shape (E, ...), and DCP reshards it to any
+        layout or to one process."""
         if not self.STEPS_EXPERTS:
             yield everyone, owned
             return
@@ -455,6 +467,9 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
                     continue
                 flat = []
                 for p in params:
+                    if ctx is not None and p in ctx.experts:
+                        flat += split_distributed(p, with_values)
+                        continue
                     if p.ndim < 3:
                         flat.append(p)
                         continue
@@ -471,6 +486,22 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
                 out.append((group, flat))
             return out
 
+        def split_distributed(p, with_values):
+            pieces = ctx.owned_experts(p)
+            if not with_values:  # before_step: every expert in order, stand-ins where another rank owns it
+                return [ctx.expert_view(x) for x in ctx.experts[p]]
+            mats = [ctx.expert_full[x] for x in pieces]
+            entry = self._experts.get(p)
+            if entry is None or len(entry) != len(mats) or any(a[0] is not m for a, m in zip(entry, mats)):
+                entry = self._experts[p] = [[m, {}] for m in mats]
+            packed = {k: wdist.local_shard(v) if isinstance(v, torch.Tensor) else v
+                      for k, v in (self.state.get(p) or {}).items()}
+            for i, (m, state) in enumerate(entry):
+                _unpack(packed, i, len(entry), state)
+                self.state[m] = state
+            moved.append((p, entry))
+            return mats
+
         if not any(g.get("role") == EXPERTS for g, _ in everyone):
             yield everyone, owned
             return
@@ -480,12 +511,21 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
             yield everyone, owned
         finally:
             for p, entry in moved:
+                distributed = ctx is not None and p in ctx.experts
                 for e, pair in enumerate(entry):
                     m = pair[0]
-                    p[e].copy_(m)
+                    if not distributed:  # ctx.publish writes the parameter
+                        p[e].copy_(m)
                     m.grad = None
                     pair[1] = self.state.pop(m, {})  # the optimizer may have put a new dict there
-                self.state[p] = _pack([state for _, state in entry], self.state.get(p))
+                if not distributed:
+                    self.state[p] = _pack([state for _, state in entry], self.state.get(p))
+                    continue
+                old = {k: wdist.local_shard(v) if isinstance(v, torch.Tensor) else v
+                       for k, v in (self.state.get(p) or {}).items()}
+                local = _pack([state for _, state in entry], old)
+                self.state[p] = {k: ctx.stacked(v, p.shape[0]) if isinstance(v, torch.Tensor) else v
+                                 for k, v in local.items()}
 
     def _expert_matrices(self, p) -> list:
         entry = self._experts.get(p)
