@@ -423,7 +423,15 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
             return
         ctx.gather_full(params, with_grad=False)
         for p in params:
-            if ctx.owns(p):
+            if p in ctx.experts:  # each owned expert's matrix, with its rows of the stacked state (views)
+                count = p.shape[0]
+                rows = {k: wdist.local_shard(v) if isinstance(v, torch.Tensor) else v
+                        for k, v in self.state.get(p, {}).items() if k != "live"}
+                for i, x in enumerate(ctx.owned_experts(p)):
+                    fn(p, ctx.expert_full[x], {k: v[i] if isinstance(v, torch.Tensor) else
+                                               v[x.index] if isinstance(v, list) and len(v) == count else v
+                                               for k, v in rows.items()})
+            elif ctx.owns(p):
                 fn(p, ctx.view(p), self.state.get(p, {}))
         ctx.publish(params)
 
