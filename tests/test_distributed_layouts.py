@@ -421,6 +421,33 @@ def test_ep_each_rank_owns_its_experts_math():
                 assert local == (1, *shape[1:]), (name, key)
 
 
+def _full_state_under_ep(rank, world, names):
+    out = {}
+    for name in names:
+        r = Runner(name, "ep")
+        for t in range(3):
+            r.step(t)
+        report = str(r.opt.memory_report())  # this rank's share, from its rows of the experts' state
+        sd = whiten.distributed.full_state_dict(r.opt)  # every rank calls it
+        one = Runner(name, "single", model_kind="ep")
+        for t in range(3):
+            one.step(t)
+        i = [n for n, _ in r.model.named_parameters()].index("experts")
+        mine, ref = sd["state"][i], one.opt.state_dict()["state"][i]
+        out[name] = (sorted(mine) == sorted(ref) and all(
+            torch.equal(v, ref[k]) if isinstance(v, torch.Tensor) else v == ref[k] for k, v in mine.items()),
+            "experts" in report)
+    return out
+
+
+def test_full_state_dict_under_ep_is_one_process_state():
+    """``full_state_dict`` assembles the experts' rows from their owners: the one-process entry, bit for bit."""
+    names = ["SOAP", "Muon", "PSGDKron"]
+    for rank, res in enumerate(launch(_full_state_under_ep, 4, names, timeout=300)):
+        for name in names:
+            assert res[name] == (True, rank < 3), (name, rank)
+
+
 EP_DCP_NAMES = ["SPlus", "SOAP", "Shampoo", "Muon", "PSGDKron", "ScheduleFreeAdamW", "Scion", "TNT"]
 
 
