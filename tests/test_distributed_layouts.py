@@ -268,6 +268,13 @@ def test_eval_train_swaps_and_a_nonfinite_gradient_under_fsdp_tp():
             assert res[name] == ([], [], 1, []), f"{name}, fsdp_tp@4, rank {rank}: {res[name]}"
 
 
+def test_eval_train_swaps_and_a_nonfinite_gradient_under_ep():
+    """The averages of the experts, kept per expert owner, swapped in and out as on one process."""
+    for rank, res in enumerate(launch(_swaps_and_nonfinite, 4, "ep", timeout=300)):
+        for name in SWAPS:
+            assert res[name] == ([], [], 1, []), f"{name}, ep@4, rank {rank}: {res[name]}"
+
+
 # ----- real TP forward/backward with sequence parallel: gradients placed as Partial ----------------------------------
 
 
@@ -323,9 +330,9 @@ SAVE_AT = 3
 DCP_NAMES = ALL
 
 
-def _save(rank, world, kind, names, root):
+def _save(rank, world, kind, names, root, model_kind=None):
     for name in names:
-        r = Runner(name, kind)
+        r = Runner(name, kind, model_kind=model_kind)
         for t in range(SAVE_AT):
             r.step(t)
         dcp.save({"model": get_model_state_dict(r.model), "optim": get_optimizer_state_dict(r.model, r.opt)},
@@ -333,17 +340,17 @@ def _save(rank, world, kind, names, root):
     return True
 
 
-def _resume(rank, world, kind, names, root):
+def _resume(rank, world, kind, names, root, model_kind=None):
     out = {}
     for name in names:
-        r = Runner(name, kind)
+        r = Runner(name, kind, model_kind=model_kind)
         sd = {"model": get_model_state_dict(r.model), "optim": get_optimizer_state_dict(r.model, r.opt)}
         dcp.load(sd, checkpoint_id=f"{root}/{name}")
         set_model_state_dict(r.model, sd["model"])
         set_optimizer_state_dict(r.model, r.opt, sd["optim"])
         for t in range(SAVE_AT, STEPS):
             r.step(t)
-        out[name] = (same(r.params(), control(name, kind)), dict(r.opt.counters))
+        out[name] = (same(r.params(), control(name, model_kind or kind)), dict(r.opt.counters))
     return out
 
 
@@ -369,6 +376,102 @@ def test_dcp_saved_under_fsdp_tp_resumes_under_fsdp_ddp_and_one_process_and_back
     for rank, res in enumerate(launch(_resume, 4, "fsdp_tp", DCP_NAMES, back, timeout=300)):
         for name in DCP_NAMES:
             assert res[name][0] == [], f"{name}: saved fsdp@2, resumed fsdp_tp@4, rank {rank}"
+
+
+# ----- expert parallel: each rank steps its experts ------------------------------------------------------------------
+
+
+def _experts_owned(rank, world, names):
+    out = {}
+    for name in names:
+        r = Runner(name, "ep")
+        for t in range(2):
+            r.step(t)
+        ctx = r.opt.distributed_context()
+        p = r.model.experts
+        state = {k: (type(v).__name__, tuple(v.shape), tuple(v.placements), tuple(v.to_local().shape))
+                 for k, v in r.opt.state[p].items() if isinstance(v, torch.Tensor)}
+        out[name] = dict(units=[x.index for x in ctx.experts.get(p, [])], mine=[x.index for x in ctx.owned_experts(p)],
+                         whole=p in ctx.full or p in ctx.owner, stand_ins=[tuple(t.shape) for t in
+                                                                          ctx.expert_full.values()], state=state)
+    return out
+
+
+EP_NAMES = ["SPlus", "SOAP", "Shampoo", "Muon", "PSGDKron", "Scion", "SpecGD", "Conda", "TNT"]
+
+
+def test_ep_each_rank_owns_its_experts_math():
+    """Under EP on 4 ranks, the experts parameter (3, 6, 6) is no unit of the plan: each of its experts is, rank r
+    steps expert r (rank 3 none), on a (6, 6) matrix; no rank assembles the whole (3, 6, 6) tensor; its state is a
+    DTensor (3, ...) Shard(0) over the 4 ranks whose rows on rank r are expert r's."""
+    results = launch(_experts_owned, 4, EP_NAMES, timeout=300)
+    for name in EP_NAMES:
+        for rank, res in enumerate(results):
+            res = res[name]
+            assert res["units"] == [0, 1, 2], name
+            assert res["mine"] == ([rank] if rank < 3 else []), (name, rank)
+            assert not res["whole"], name
+            assert res["stand_ins"] == ([(WIDTH, WIDTH)] if rank < 3 else []), (name, rank)
+            if rank == 3:
+                assert res["state"] == {}, name  # owned elsewhere: the empty mark
+                continue
+            assert res["state"], name
+            for key, (kind, shape, placements, local) in res["state"].items():
+                assert kind == "DTensor" and shape[0] == EXPERTS and placements == (Shard(0),), (name, key)
+                assert local == (1, *shape[1:]), (name, key)
+
+
+def _full_state_under_ep(rank, world, names):
+    out = {}
+    for name in names:
+        r = Runner(name, "ep")
+        for t in range(3):
+            r.step(t)
+        report = str(r.opt.memory_report())  # this rank's share, from its rows of the experts' state
+        sd = whiten.distributed.full_state_dict(r.opt)  # every rank calls it
+        one = Runner(name, "single", model_kind="ep")
+        for t in range(3):
+            one.step(t)
+        i = [n for n, _ in r.model.named_parameters()].index("experts")
+        mine, ref = sd["state"][i], one.opt.state_dict()["state"][i]
+        out[name] = (sorted(mine) == sorted(ref) and all(
+            torch.equal(v, ref[k]) if isinstance(v, torch.Tensor) else v == ref[k] for k, v in mine.items()),
+            "experts" in report)
+    return out
+
+
+def test_full_state_dict_under_ep_is_one_process_state():
+    """``full_state_dict`` assembles the experts' rows from their owners: the one-process entry, bit for bit."""
+    names = ["SOAP", "Muon", "PSGDKron"]
+    for rank, res in enumerate(launch(_full_state_under_ep, 4, names, timeout=300)):
+        for name in names:
+            assert res[name] == (True, rank < 3), (name, rank)
+
+
+EP_DCP_NAMES = ["SPlus", "SOAP", "Shampoo", "Muon", "PSGDKron", "ScheduleFreeAdamW", "Scion", "TNT"]
+
+
+def test_dcp_saved_under_ep_resumes_under_ep_fsdp_and_one_process_and_back(tmp_path):
+    """Experts' state saved per expert owner (a DTensor per parameter) resumes exactly under EP, under real FSDP2
+    on 2 ranks (experts 0-1 on rank 0, 2 on rank 1), under DDP on 3 and in one process; and one process's
+    checkpoint (a plain (E, ...) tensor per entry) resumes under EP."""
+    saved = str(tmp_path / "ep")
+    launch(_save, 4, "ep", EP_DCP_NAMES, saved, timeout=300)
+    for kind, world in [("ep", 4), ("fsdp", 2), ("ddp", 3)]:
+        for rank, res in enumerate(launch(_resume, world, kind, EP_DCP_NAMES, saved, "ep", timeout=300)):
+            for name in EP_DCP_NAMES:
+                assert res[name][0] == [], f"{name}: saved ep@4, resumed {kind}@{world}, rank {rank}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers that saved
+    try:
+        for name in EP_DCP_NAMES:
+            assert _resume(0, 1, "single", [name], saved, "ep")[name][0] == [], f"{name}: saved ep@4, resumed single"
+            _save(0, 1, "single", [name], str(tmp_path / "single"), "ep")
+    finally:
+        torch.set_num_threads(threads)
+    for rank, res in enumerate(launch(_resume, 4, "ep", EP_DCP_NAMES, str(tmp_path / "single"), timeout=300)):
+        for name in EP_DCP_NAMES:
+            assert res[name][0] == [], f"{name}: saved single, resumed ep@4, rank {rank}"
 
 
 # ----- each rank's block, against torch's own offsets ---------------------------------------------------------------

@@ -16,7 +16,9 @@ from torch import nn
 
 __all__ = ["ROLES", "RoleEntry", "RolePlan", "param_groups", "plan_roles", "role_from_shape"]
 
-ROLES = ("hidden", "embedding", "head", "vector", "conv")
+ROLES = ("hidden", "embedding", "head", "vector", "conv", "experts")
+# ``experts``: a tensor of >= 3 dims whose leading dim indexes independent matrices, a mixture-of-experts layer's
+# (E, out, in) weights: whiten's optimizers step each expert's matrix exactly as they would step it alone.
 # Roles whose weight decay is off by default: the SPlus paper's mask (biases, norm gains, embeddings).
 NO_DECAY_ROLES = ("vector", "embedding")
 
@@ -27,6 +29,8 @@ _EMBED_NAMES = re.compile(r"(emb|embed|embedding|token|tok|wpe|wte|cls)", re.IGN
 _EMBEDDER_NAMES = re.compile(r"(emb|embed|embedding|token|tok|wpe|wte)", re.IGNORECASE)
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
 _CONV_TYPES = (nn.modules.conv._ConvNd,)
+# a path component naming the experts of a mixture-of-experts layer (moe.experts.w1, experts_w1, ...)
+_EXPERT_NAMES = re.compile(r"(^|[._])(experts?|expert_\w*|experts_\w*|\w*_experts)($|[._])", re.IGNORECASE)
 
 
 def role_from_shape(p: torch.Tensor) -> str:
@@ -131,7 +135,8 @@ def plan_roles(model: nn.Module, overrides: dict[str, str] | None = None) -> Rol
       2. A weight shared by an ``nn.Embedding`` and a ``nn.Linear`` (a tied LM head) is ``head``.
       3. Weights of ``nn.Embedding``/``nn.EmbeddingBag`` are ``embedding``.
       4. Parameters of norm layers and every tensor with fewer than 2 dims are ``vector``.
-      5. Weights of conv layers are ``conv``.
+      5. Weights of conv layers are ``conv``; other tensors of >= 3 dims whose name has a component like
+         ``experts`` (``moe.experts.w1``, ``experts_w1``) are ``experts``: (E, out, in), E matrices stepped alone.
       6. The output Linear (named like ``head``/``lm_head``/``classifier``, or else the last Linear outside repeated
          blocks) is ``head``.
       7. Parameters held directly by a module (not a layer) whose name says embedding (``pos_embed``,
@@ -173,6 +178,8 @@ def plan_roles(model: nn.Module, overrides: dict[str, str] | None = None) -> Rol
                 role, reason = "vector", "fewer than 2 dims (bias, gain or scalar)"
             elif isinstance(module, _CONV_TYPES):
                 role, reason = "conv", f"weight of {type(module).__name__}"
+            elif p.ndim >= 3 and _EXPERT_NAMES.search(name):
+                role, reason = "experts", f"{p.ndim}-D weight named like experts: {p.shape[0]} matrices"
             elif isinstance(module, nn.Linear) and mod_name == head_module:
                 role, reason = "head", "output Linear of the model"
             elif isinstance(module, nn.Linear) and _EMBEDDER_NAMES.search(mod_name.rsplit(".", 1)[0] if "." in mod_name else ""):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+
 from .collectives import broadcast_objects
+from .layout import local_shard
 
 __all__ = ["full_state_dict"]
 
@@ -17,9 +20,25 @@ def full_state_dict(optimizer) -> dict:
     if ctx is None:
         return sd
     index = {p: i for i, p in enumerate(ctx.params)}  # state_dict numbers parameters in group order
+    # an experts parameter's state is a DTensor whose rows on each rank are its experts' (in rank order)
+    split = [p for p in ctx.params if p in ctx.experts]
+    rows: dict = {index[p]: [] for p in split}
     for owner in range(ctx.world):
-        mine = {index[p]: sd["state"][index[p]] for p in ctx.params
-                if ctx.owner[p] == owner and index[p] in sd["state"]} if owner == ctx.rank else None
-        sd["state"].update(broadcast_objects([mine], owner, ctx.group)[0])
+        mine = None
+        if owner == ctx.rank:
+            mine = ({index[p]: sd["state"][index[p]] for p in ctx.params
+                     if p not in ctx.experts and ctx.owner[p] == owner and index[p] in sd["state"]},
+                    {index[p]: {k: local_shard(v) if isinstance(v, torch.Tensor) else v
+                                for k, v in sd["state"][index[p]].items() if k != "live"}
+                     for p in split if ctx.owned_experts(p) and sd["state"].get(index[p])})
+        whole, parts = broadcast_objects([mine], owner, ctx.group)[0]
+        sd["state"].update(whole)
+        for i, entry in parts.items():
+            rows[i].append(entry)
+    for i, entries in rows.items():
+        live = {k: v for k, v in sd["state"].get(i, {}).items() if k == "live"}
+        sd["state"][i] = {k: torch.cat([e[k] for e in entries]) if isinstance(v, torch.Tensor) else v
+                          for k, v in entries[0].items()} if entries else {}
+        sd["state"][i].update(live)
     sd["state"] = {i: e for i, e in sd["state"].items() if e}  # drop the empty marks of parameters owned elsewhere
     return sd

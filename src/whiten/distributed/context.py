@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from .collectives import any_true, broadcast_flat, collective_device, sum_values, world_and_rank
 from .layout import SUPPORTED_LAYOUTS, is_dtensor, local_block, local_shard
-from .plan import plan
+from .plan import Expert, plan
 
 __all__ = ["DistributedContext", "read_layout", "pick_sources", "block"]
 
@@ -107,6 +107,15 @@ def _block_at(name: str, p, index: int | None) -> tuple:
     return offset, size
 
 
+def _expert_block(parent: tuple, index: int) -> tuple:
+    """The block of expert ``index``'s matrix that a rank holding ``parent`` (offset, size) of the experts
+    parameter holds: its trailing dims, or an empty block where the rank holds none of that expert."""
+    (o, *offset), (n, *size) = parent
+    if o <= index < o + n and math.prod(size):
+        return tuple(offset), tuple(size)
+    return tuple(0 for _ in offset), tuple(0 for _ in size)
+
+
 def _tiles(shape, blocks) -> bool:
     """Whether the distinct ``blocks`` cover ``shape`` exactly: sizes add up and no two overlap."""
     if sum(math.prod(size) for _, size in blocks) != math.prod(shape):
@@ -149,23 +158,100 @@ class DistributedContext:
         # non-empty block, the owner itself where it holds it (replicas: HSDP's Replicate, TP's replicated norms)
         self.sources: dict = {}
         for i, p in enumerate(self.params):
-            if p in self.blocks:
+            if p in self.blocks and p in self.owner:  # not an experts parameter: its experts are the units
                 self.sources[p] = pick_sources(self.blocks[p], self.owner[p], i)
         self.full: dict = {}  # owned sharded parameter -> full-size plain tensor the step works on
         for p in self.params:
-            if p in self.blocks and self.owner[p] == self.rank:
+            if p in self.blocks and self.owner.get(p) == self.rank:
                 local = p.to_local()
                 self.full[p] = torch.empty(p.shape, dtype=local.dtype, device=local.device)
+        # experts parameter -> its experts (units of their own), each owned expert -> the matrix its step works on
+        self.experts: dict = defaultdict(list)
+        for x in self.owner:
+            if isinstance(x, Expert):
+                self.experts[x.param].append(x)
+        self.experts = dict(self.experts)
+        self.expert_full: dict = {}
+        for i, p in enumerate(self.params):
+            for x in self.experts.get(p, []):
+                if p in self.blocks:
+                    self.blocks[x] = [_expert_block(b, x.index) for b in self.blocks[p]]
+                    self.sources[x] = pick_sources(self.blocks[x], self.owner[x], i + x.index)
+                if self.owner[x] == self.rank:
+                    local = local_shard(p)
+                    self.expert_full[x] = torch.empty(x.shape, dtype=local.dtype, device=local.device)
+        self._mesh = None
 
     # ----- who does what ------------------------------------------------------------------------------------------
     def owns(self, p) -> bool:
+        """Whether this rank steps ``p`` (an experts parameter: at least one of its experts)."""
+        if p in self.experts:
+            return any(self.owner[x] == self.rank for x in self.experts[p])
         return self.owner[p] == self.rank
+
+    def owned_experts(self, p) -> list:
+        """The experts of ``p`` this rank steps, in order: one ``torch.chunk`` piece of them (see ``expert_owner``)."""
+        return [x for x in self.experts.get(p, []) if self.owner[x] == self.rank]
+
+    @property
+    def mesh(self):
+        """A 1-D device mesh over the group: the experts' stacked state is a DTensor ``Shard(0)`` on it."""
+        if self._mesh is None:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            self._mesh = DeviceMesh.from_group(self.group, self.device.type)
+        return self._mesh
+
+    def expert_view(self, x):
+        """What the step sees for expert ``x``: its matrix where this rank owns it, else a stand-in without memory
+        (for :meth:`WhitenOptimizer.before_step`, which needs every expert in order on every rank)."""
+        if x in self.expert_full:
+            return self.expert_full[x]
+        stand_ins = self.__dict__.setdefault("_stand_ins", {})
+        if x not in stand_ins:  # one element, expanded: the shape, dtype and device, no memory
+            local = local_shard(x.param)
+            stand_ins[x] = torch.zeros((), dtype=local.dtype, device=local.device).expand(tuple(x.shape))
+        return stand_ins[x]
+
+    def stacked(self, local: torch.Tensor, count: int):
+        """The DTensor (``Shard(0)`` over the group) whose rows on this rank are ``local``: the stacked state of its
+        ``count`` experts' owned rows."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        shape = (count, *local.shape[1:])
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
+                                  stride=stride)
+
+    def expand(self, params: list) -> list:
+        """``params`` with each experts parameter replaced by its experts: the units the exchanges move."""
+        return [x for p in params for x in self.experts.get(p, [p])]
+
+    def _full_of(self, x):
+        return self.expert_full[x] if isinstance(x, Expert) else self.full[x]
+
+    def _value(self, x):
+        """The value of a replicated unit: the parameter, or its expert's matrix."""
+        return x.param.detach()[x.index] if isinstance(x, Expert) else x.detach()
+
+    def _local(self, x):
+        """This rank's block of a sharded unit's value (a view: writing it writes the parameter)."""
+        if not isinstance(x, Expert):
+            return x.to_local()
+        return self._expert_rows(x, x.param.to_local())
+
+    def _expert_rows(self, x, local):
+        (o, *_), (n, *_) = self.blocks[x.param][self.rank]
+        if o <= x.index < o + n:
+            return local[x.index - o]
+        return local.new_zeros(self.blocks[x][self.rank][1])
 
     def view(self, p):
         """What the optimizer's math works on for an owned parameter: the parameter, or its full stand-in."""
         return self.full.get(p, p)
 
     def ranks_work(self) -> list[float]:
+        """The planned work of each rank (experts counted one by one)."""
         load = [0.0] * self.world
         for p, r in self.owner.items():
             load[r] += self.costs[p]
@@ -224,21 +310,34 @@ class DistributedContext:
     def gather_full(self, params: list[torch.Tensor], with_grad: bool) -> None:
         """Bring the blocks of ``params`` (sharded ones; the same list on every rank) to their owners, who assemble
         the full value (and gradient) in their stand-ins. Replicated parameters need nothing."""
-        sharded = [p for p in params if p in self.blocks]
+        units = self.expand(params)
+        for x in units:  # an owned expert of a replicated parameter: its own matrix, as on one process
+            if isinstance(x, Expert) and x.param not in self.blocks and self.owner[x] == self.rank:
+                full = self.expert_full[x]
+                full.copy_(x.param.detach()[x.index])
+                if with_grad:
+                    full.grad = x.param.grad[x.index].clone()
+        sharded = [x for x in units if x in self.blocks]
         if not sharded:
             return
         locals_ = []
-        for p in sharded:
-            local = p.to_local()
+        for x in sharded:
+            local = self._local(x)
+            parent = x.param if isinstance(x, Expert) else x
             if with_grad:
                 # torch keeps a gradient in its parameter's dtype; a rank without one sends zeros
-                grad = self._local_grad(p) if p.grad is not None else torch.zeros_like(local)
+                if parent.grad is None:
+                    grad = torch.zeros_like(local)
+                elif isinstance(x, Expert):
+                    grad = self._expert_rows(x, self._local_grad(parent))
+                else:
+                    grad = self._local_grad(parent)
                 locals_.append([grad, local])
             else:
                 locals_.append([local])
         assembled = self._to_owners(sharded, locals_)
-        for p, parts in assembled.items():
-            full = self.full[p]
+        for x, parts in assembled.items():
+            full = self._full_of(x)
             if with_grad:
                 full.grad = parts[0]
             full.copy_(parts[-1])
@@ -286,39 +385,43 @@ class DistributedContext:
 
     def publish(self, params: list[torch.Tensor]) -> None:
         """Give every rank the new values of ``params`` (the same list on every rank) from their owners."""
-        replicated = [p for p in params if p not in self.blocks]
-        sharded = [p for p in params if p in self.blocks]
+        units = self.expand(params)
+        replicated = [x for x in units if x not in self.blocks]
+        sharded = [x for x in units if x in self.blocks]
+        for x in replicated:
+            if isinstance(x, Expert) and self.owner[x] == self.rank:
+                self._value(x).copy_(self.expert_full[x])
         for owner in range(self.world):
             mine = [p for p in replicated if self.owner[p] == owner]
             by_dtype: dict = defaultdict(list)
             for p in mine:
                 by_dtype[p.dtype].append(p)
             for dtype, ps in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
-                flat = broadcast_flat([p.detach() for p in ps] if owner == self.rank else None,
+                flat = broadcast_flat([self._value(p) for p in ps] if owner == self.rank else None,
                                       sum(p.numel() for p in ps), dtype, owner, self.group)
                 if owner != self.rank:
                     offset = 0
                     for p in ps:
-                        p.detach().copy_(flat[offset:offset + p.numel()].view(p.shape))
+                        self._value(p).copy_(flat[offset:offset + p.numel()].view(p.shape))
                         offset += p.numel()
         if not sharded:
             return
         outgoing: dict = defaultdict(list)
         incoming: dict = defaultdict(list)
         for p in sharded:
-            local = p.to_local()
+            local = self._local(p)
             o = self.owner[p]
             if o == self.rank:  # each rank's block of the new value, replicas included
                 for r, (offset, size) in enumerate(self.blocks[p]):
                     if math.prod(size):
-                        outgoing[r].append(block(self.full[p], offset, size))
+                        outgoing[r].append(block(self._full_of(p), offset, size))
             if local.numel():
                 incoming[o].append((local.numel(), local.dtype))
         received = self._exchange(sorted({p.dtype for p in sharded}, key=str), outgoing, incoming)
         cursor = {r: 0 for r in range(self.world)}
         for p in sharded:
             o = self.owner[p]
-            local = p.to_local()
+            local = self._local(p)
             if local.numel():
                 local.copy_(received[o][cursor[o]].view(local.shape))
                 cursor[o] += 1

@@ -10,6 +10,7 @@ import warnings
 import weakref
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import distributed as wdist
 from ..linalg import finite_flags
@@ -19,7 +20,50 @@ from .compiled import eager_under_compile
 from .stacks import StackedState
 
 NONFINITE_POLICIES = ("skip", "raise")
+EXPERTS = "experts"  # the role of (E, out, in) weights stepped as E matrices (see WhitenOptimizer.experts)
 BASE_COUNTERS = ("skipped_steps", "eigh_retries", "eigh_failures", "factor_restarts")
+
+
+def _meta(shape, dtype) -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=dtype, device="meta")
+
+
+def _unpack(packed: dict, e: int, count: int, state: dict) -> None:
+    """Expert ``e``'s entries of an experts parameter's state into ``state``, in place where a tensor of that
+    shape is there (its identity is kept: stacks of state are views)."""
+    for k in list(state):
+        if k not in packed:
+            del state[k]
+    for k, v in packed.items():
+        if isinstance(v, torch.Tensor):
+            mine = state.get(k)
+            if isinstance(mine, torch.Tensor) and mine.shape == v.shape[1:] and mine.dtype == v.dtype:
+                mine.copy_(v[e])
+            else:
+                state[k] = v[e].clone()
+        elif isinstance(v, list) and len(v) == count:
+            state[k] = v[e]
+        else:
+            state[k] = v
+
+
+def _pack(states: list[dict], old: dict | None) -> dict:
+    """The experts' state stacked: ``(E, *shape)`` per tensor entry (into the old stack where it fits), a list
+    of E values for the others."""
+    out = {}
+    if not states[0]:
+        return out
+    for k, v in states[0].items():
+        values = [s[k] for s in states]
+        if isinstance(v, torch.Tensor):
+            prev = (old or {}).get(k)
+            if isinstance(prev, torch.Tensor) and prev.shape == (len(values), *v.shape) and prev.dtype == v.dtype:
+                out[k] = torch.stack(values, out=prev)
+            else:
+                out[k] = torch.stack(values)
+        else:  # a step count: one value where the experts agree (eval() reads it), else one per expert
+            out[k] = v if all(x == v for x in values) else values
+    return out
 
 
 def _count(n: int, noun: str) -> str:
@@ -74,6 +118,8 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         self._checked: list[tuple[dict, list[tuple[int, tuple]]]] = []
         self._validated = weakref.WeakValueDictionary()  # id -> every tensor validated so far, while it lives
         self._checked_key = None  # the tensors' identities at the last check_parameters, None before the first step
+        # experts parameter (or its full-size stand-in) -> [(matrix, its state dict)], one per expert: see experts
+        self._experts = WeakIdKeyDictionary()
         super().__init__(params, defaults)
 
     EXTRA_COUNTERS: tuple[str, ...] = ()  # an optimizer's own counters, beside BASE_COUNTERS
@@ -113,6 +159,9 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
             wrapper = wdist.flattened_by(p)
             if wrapper is not None:
                 raise ValueError(f"{type(self).__name__}: {where} comes from {wrapper}; {wdist.FLATTENED_HINT}")
+            if group.get("role") == EXPERTS and p.ndim < 3:
+                raise ValueError(f"{type(self).__name__}: {where} is in a group of role 'experts', which needs "
+                                 "tensors of 3 or more dims (E, out, in): E matrices stepped one by one")
         self.validate_group(group)
         self._checked[index:index + 1] = [(group, [(id(p), tuple(p.shape)) for p in group["params"]])]
         self._validated.update((id(p), p) for p in group["params"])
@@ -189,14 +238,20 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         params = self.param_groups[gi]["params"]
         # step() planned this step already: reuse its context rather than re-derive it for every group
         ctx = self._dist[1] if self._dist is not None else self.distributed_context()
-        if ctx is None:
-            return params
-        return [ctx.view(p) for p in params if ctx.owns(p)]
+        if ctx is not None:
+            params = [ctx.view(p) for p in params if ctx.owns(p)]
+        if self.param_groups[gi].get("role") == EXPERTS and self.STEPS_EXPERTS:  # while a step runs, each expert is a matrix
+            params = [m for p in params for m in
+                      ([m for m, _ in self._experts[p]] if p in self._experts else [p])]
+        return params
 
     # ----- distribution ---------------------------------------------------------------------------------------
     def work_cost(self, p: torch.Tensor, group: dict) -> float:
         """Relative cost of one parameter's optimizer work, for balancing owners over ranks: ``m·n·(m+n)`` for a
-        matrix view (m, n) (factor products, rotations, Newton–Schulz), the element count otherwise."""
+        matrix view (m, n) (factor products, rotations, Newton–Schulz), the element count otherwise; E times one
+        expert's for the ``experts`` role."""
+        if group.get("role") == EXPERTS and p.ndim >= 3 and self.STEPS_EXPERTS:
+            return p.shape[0] * self.work_cost(_meta(p.shape[1:], p.dtype), {**group, "role": "hidden"})
         if p.ndim < 2:
             return float(p.numel())
         m = p.shape[0]
@@ -216,6 +271,8 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         docs/distributed.md)."""
         if p.numel() == 0:
             return True
+        if group.get("role") == EXPERTS and p.ndim >= 3 and self.STEPS_EXPERTS:  # stacked as separate matrices
+            p = _meta(p.shape[1:], p.dtype)
         m = p.shape[0] if p.ndim else 1
         n = p.numel() // m
         return all(size % 16 == 0 for size in (m * n, m * m, n * n))
@@ -262,8 +319,9 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         self._member_keys = {}
         if ctx is None:
             if self.grads_are_finite(work):  # checked before any state changes
-                self.before_step(work)
-                self.apply_step(work)
+                with self.experts(work, work) as (everyone, owned):
+                    self.before_step(everyone)
+                    self.apply_step(owned)
         else:
             self._distributed_step(ctx, work)
         if not getattr(self, "_memory_checked", False) and self.state:
@@ -287,7 +345,7 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
     def planned_state(self, p: torch.Tensor, group: dict) -> dict:
         """``{key: shape}`` of the tensors ``p`` will hold in state (for :meth:`memory_report` before the first
         step): :meth:`expected_state`'s, and what mixins add."""
-        return {k: s for k, s in (self.expected_state(p, group) or {}).items() if s is not None}
+        return {k: s for k, s in (self.expected_state_of(p, group) or {}).items() if s is not None}
 
     def memory_report(self, top: int = 3):
         """What this optimizer's state costs (:class:`whiten.optim.memory.MemoryReport`; ``print()`` it): before
@@ -321,8 +379,9 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
     def _distributed_step(self, ctx, work) -> None:
         # Each rank checks the gradients it holds: its owned ones (replicated) or its shards (sharded).
         mine = [p for _, params in work for p in params if p in ctx.blocks or ctx.owns(p)]
+        # (an experts parameter's second moments are a DTensor of its experts' rows: not checked here)
         flags, overflowed = self._finite_with_moments([wdist.local_shard(p.grad) for p in mine],
-                                                      [p for p in mine if ctx.owns(p)])
+                                                      [p for p in mine if ctx.owns(p) and p not in ctx.experts])
         local_bad = not all(flags)
         present, bad = ctx.agree([p for _, params in work for p in params], local_bad)
         if bad:
@@ -341,10 +400,12 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         before = {k: self.counters[k] for k in owner_counters}
         with self._owned_state(ctx):
             self.restart_overflowed_moments(*overflowed)  # on the owner, inside the counters it reports
-            self.before_step([(g, [ctx.view(p) if ctx.owns(p) else p for p in params]) for g, params in everyone])
-            self.apply_step(owned)
+            views = [(g, [ctx.view(p) if ctx.owns(p) else p for p in params]) for g, params in everyone]
+            with self.experts(views, owned, ctx) as (views, owned):
+                self.before_step(views)
+                self.apply_step(owned)
         ctx.publish([p for _, params in everyone for p in params])
-        for full in ctx.full.values():
+        for full in (*ctx.full.values(), *ctx.expert_full.values()):
             full.grad = None
         deltas = ctx.sum_values([self.counters[k] - before[k] for k in owner_counters])
         for k, d in zip(owner_counters, deltas):
@@ -362,9 +423,135 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
             return
         ctx.gather_full(params, with_grad=False)
         for p in params:
-            if ctx.owns(p):
+            if p in ctx.experts:  # each owned expert's matrix, with its rows of the stacked state (views)
+                count = p.shape[0]
+                rows = {k: wdist.local_shard(v) if isinstance(v, torch.Tensor) else v
+                        for k, v in self.state.get(p, {}).items() if k != "live"}
+                for i, x in enumerate(ctx.owned_experts(p)):
+                    fn(p, ctx.expert_full[x], {k: v[i] if isinstance(v, torch.Tensor) else
+                                               v[x.index] if isinstance(v, list) and len(v) == count else v
+                                               for k, v in rows.items()})
+            elif ctx.owns(p):
                 fn(p, ctx.view(p), self.state.get(p, {}))
         ctx.publish(params)
+
+    # False: the optimizer's math does not see matrices one by one (M-FAC's one vector of all parameters), and an
+    # experts parameter is stepped as any other of its shape
+    STEPS_EXPERTS = True
+
+    def splits_experts(self, p: torch.Tensor, group: dict) -> bool:
+        """Whether ``p`` is stepped as its experts (role ``experts``, 3 or more dims): in a distributed run each
+        expert is then a unit of the owner plan of its own."""
+        return group.get("role") == EXPERTS and p.ndim >= 3 and self.STEPS_EXPERTS
+
+    @contextlib.contextmanager
+    def experts(self, everyone, owned, ctx=None):
+        """While the step runs, each parameter of a group of role ``experts`` (E, out, in) is E matrices (out, in),
+        each with its own state and gradient: the optimizer steps them as it steps E separate matrices, and the
+        numbers are those (bit for bit). ``everyone``: (group, parameters) for :meth:`before_step` (values not
+        needed); ``owned``: (group, parameters) this process steps. Yields both with the experts as matrices.
+
+        The matrices and their state dicts live across steps (so stacks of state stay built); the parameter's
+        state is the stack of its experts' (``(E, *shape)`` per tensor entry, a list of E for other entries), so
+        checkpoints, eval()/train() swaps and DCP see one entry per parameter, as for any other parameter. Each step
+        copies the values, gradients and state in and out: one more pass over the experts' state.
+
+        In a distributed run (``ctx``) each rank steps the experts it owns (their matrices are the context's, the
+        gradients gathered there), and the parameter's state is a DTensor over the group, ``Shard(0)``: each
+        rank's rows are its experts' state (the plan gives each rank one ``torch.chunk`` piece of the experts), so
+        the state dict keeps one entry per parameter with the global shape (E, ...), and DCP reshards it to any
+        layout or to one process."""
+        if not self.STEPS_EXPERTS:
+            yield everyone, owned
+            return
+        stepped = {id(p) for _, params in owned for p in params}
+        moved = []
+
+        def split(work, with_values):
+            out = []
+            for group, params in work:
+                if group.get("role") != EXPERTS:
+                    out.append((group, params))
+                    continue
+                flat = []
+                for p in params:
+                    if ctx is not None and p in ctx.experts:
+                        flat += split_distributed(p, with_values)
+                        continue
+                    if p.ndim < 3:
+                        flat.append(p)
+                        continue
+                    entry = self._expert_matrices(p)
+                    if with_values and id(p) in stepped:
+                        packed = self.state.get(p) or {}
+                        for e, (m, state) in enumerate(entry):
+                            m.copy_(p[e])
+                            m.grad = p.grad[e].clone()  # its own memory: aligned as a separate gradient
+                            _unpack(packed, e, len(entry), state)
+                            self.state[m] = state
+                        moved.append((p, entry))
+                    flat += [m for m, _ in entry]
+                out.append((group, flat))
+            return out
+
+        def split_distributed(p, with_values):
+            pieces = ctx.owned_experts(p)
+            if not with_values:  # before_step: every expert in order, stand-ins where another rank owns it
+                return [ctx.expert_view(x) for x in ctx.experts[p]]
+            mats = [ctx.expert_full[x] for x in pieces]
+            entry = self._experts.get(p)
+            if entry is None or len(entry) != len(mats) or any(a[0] is not m for a, m in zip(entry, mats)):
+                entry = self._experts[p] = [[m, {}] for m in mats]
+            packed = {k: wdist.local_shard(v) if isinstance(v, torch.Tensor) else v
+                      for k, v in (self.state.get(p) or {}).items()}
+            for i, (m, state) in enumerate(entry):
+                _unpack(packed, i, len(entry), state)
+                self.state[m] = state
+            moved.append((p, entry))
+            return mats
+
+        if not any(g.get("role") == EXPERTS for g, _ in everyone):
+            yield everyone, owned
+            return
+        owned = split(owned, True)
+        everyone = split(everyone, False)
+        try:
+            yield everyone, owned
+        finally:
+            for p, entry in moved:
+                distributed = ctx is not None and p in ctx.experts
+                for e, pair in enumerate(entry):
+                    m = pair[0]
+                    if not distributed:  # ctx.publish writes the parameter
+                        p[e].copy_(m)
+                    m.grad = None
+                    pair[1] = self.state.pop(m, {})  # the optimizer may have put a new dict there
+                if not distributed:
+                    self.state[p] = _pack([state for _, state in entry], self.state.get(p))
+                    continue
+                old = {k: wdist.local_shard(v) if isinstance(v, torch.Tensor) else v
+                       for k, v in (self.state.get(p) or {}).items()}
+                local = _pack([state for _, state in entry], old)
+                self.state[p] = {k: ctx.stacked(v, p.shape[0]) if isinstance(v, torch.Tensor) else v
+                                 for k, v in local.items()}
+
+    def _expert_matrices(self, p) -> list:
+        entry = self._experts.get(p)
+        shape = tuple(p.shape[1:])
+        if (entry is None or len(entry) != p.shape[0] or tuple(entry[0][0].shape) != shape
+                or entry[0][0].dtype != p.dtype):
+            entry = [[torch.zeros(shape, dtype=p.dtype, device=p.device), {}] for _ in range(p.shape[0])]
+            self._experts[p] = entry
+        return entry
+
+    def expected_state_of(self, p: torch.Tensor, group: dict) -> dict | None:
+        """:meth:`expected_state`, for an ``experts`` parameter the stack of its experts' (``(E, *shape)``)."""
+        if group.get("role") != EXPERTS or p.ndim < 3 or not self.STEPS_EXPERTS:
+            return self.expected_state(p, group)
+        one = self.expected_state(_meta(p.shape[1:], p.dtype), group)
+        if one is None:
+            return None
+        return {k: None if s is None else (p.shape[0], *s) for k, s in one.items()}
 
     @contextlib.contextmanager
     def _owned_state(self, ctx):

@@ -165,7 +165,7 @@ class Checkpoints:
             gi = group_of[pid]
             # an empty entry, or one with only live weights, marks a parameter another rank owned (distributed)
             owned_elsewhere = set(entry) <= {"live"}
-            expected = None if owned_elsewhere else self.expected_state(p, {**self.param_groups[gi], **{
+            expected = None if owned_elsewhere else self.expected_state_of(p, {**self.param_groups[gi], **{
                 k: v for k, v in saved_groups[gi].items() if k != "params"}})
             if not owned_elsewhere:
                 self.check_state_entry(pid, p, entry, {**self.param_groups[gi], **saved_groups[gi]})

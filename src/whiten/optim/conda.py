@@ -15,7 +15,7 @@ from .update import decays, grad_in, state_dtype, write
 
 __all__ = ["Conda"]
 
-CONDA_ROLES = ("hidden", "conv")  # projected; every other role takes the AdamW path, as the authors' scripts do
+CONDA_ROLES = ("hidden", "conv", "experts")  # projected; every other role takes the AdamW path, as the authors' scripts do
 
 
 def _matrix(p: torch.Tensor, group: dict) -> tuple[int, int] | None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..distributed.layout import local_shard
 from ..roles import role_from_shape
 from .update import state_dtype
 
@@ -96,11 +97,14 @@ def memory_report(opt, top: int = 3) -> MemoryReport:
                 continue
             q = ctx.view(p) if ctx is not None else p
             role = group.get("role") or role_from_shape(p)
-            if held:
-                entries = [(k, tuple(v.shape), v.dtype) for k, v in (opt.state.get(q) or opt.state.get(p) or {}).items()
-                           if isinstance(v, torch.Tensor)]
+            if held:  # (an experts parameter's state under EP: this rank's rows, its experts')
+                entries = [(k, tuple(local_shard(v).shape), v.dtype)
+                           for k, v in (opt.state.get(q) or opt.state.get(p) or {}).items() if isinstance(v, torch.Tensor)]
             else:
                 shapes = opt.planned_state(p, group)
+                if ctx is not None and p in ctx.experts:  # this rank's experts of the stack
+                    mine = len(ctx.owned_experts(p))
+                    shapes = {k: None if s is None else (mine, *s[1:]) for k, s in shapes.items()}
                 entries = [(k, shape, state_dtype(p)) for k, shape in shapes.items() if shape is not None]
             total = 0
             for key, shape, dtype in entries:

@@ -98,6 +98,7 @@ class MFAC(WhitenOptimizer):
     """
 
     MEMORY_OPTIONS = {"ngrads": (("grads",), "the window holds ngrads past gradients of every parameter")}  # see memory_report
+    STEPS_EXPERTS = False  # one vector of all parameters: an experts tensor is its part of it, as any tensor
 
     def __init__(
         self,

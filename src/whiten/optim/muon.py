@@ -18,7 +18,7 @@ from .adamw_path import AdamWPath, adamw_step, check_adamw_path
 
 __all__ = ["Muon", "OrthogonalMomentum"]
 
-MUON_ROLES = ("hidden", "conv")  # roles stepped by Newton–Schulz; every other role is stepped by AdamW
+MUON_ROLES = ("hidden", "conv", "experts")  # roles stepped by Newton–Schulz; every other role is stepped by AdamW
 SCALINGS = ("original", "match_rms_adamw", "none")
 
 

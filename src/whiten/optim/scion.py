@@ -33,6 +33,7 @@ SPECTRAL = ("Spectral", "SpectralConv")
 # token's vector is normalized to RMS 1 (the reference's shallow-nanogpt "ColNorm" input layer, and modula's Embed).
 ROLE_NORMS = {
     "hidden": ("Spectral", {}),
+    "experts": ("Spectral", {}),  # each expert's matrix (whiten steps them one by one)
     "conv": ("SpectralConv", {}),
     "head": ("Sign", {}),
     "embedding": ("ColNorm", {"transpose": True}),
@@ -55,7 +56,7 @@ def resolve_norm(p: torch.Tensor, group: dict) -> tuple[str, dict]:
         options = dict(options)
         if nd < 2 or (role == "embedding" and nd != 2):
             name, options = "BiasRMS", {}
-        elif role in ("hidden", "conv"):
+        elif role in ("hidden", "conv", "experts"):
             name = "Spectral" if nd == 2 else "SpectralConv"
     if name == "Auto":
         name = "BiasRMS" if nd < 2 else "Spectral" if nd == 2 else "SpectralConv"

@@ -50,7 +50,7 @@ def _view(p: torch.Tensor, group: dict) -> tuple[tuple[int, int] | None, bool, b
     right = matrix is not None and matrix[1] < group["max_dim"]
     if not (left or right):
         matrix = None
-    return matrix, left, right, matrix is not None and left and right and role in ("hidden", "conv")
+    return matrix, left, right, matrix is not None and left and right and role in ("hidden", "conv", "experts")
 
 
 def _layout(p: torch.Tensor, group: dict) -> _Layout:
