@@ -16,13 +16,16 @@ class EigenbasisFactors:
     ``basis_left``/``basis_right`` in a parameter's state, and their refresh."""
 
     @staticmethod
-    def factor_state(state: dict, matrix: tuple[int, int], left: bool, right: bool, dtype, device) -> dict:
+    def factor_state(state: dict, matrix: tuple[int, int], left: bool, right: bool, dtype, device,
+                     basis_dtype=None) -> dict:
         """Add zero factors ``factor_left`` (m, m) / ``factor_right`` (n, n) and identity bases ``basis_*`` for the
-        sides of an (m, n) matrix view that have a factor; returns ``state``."""
+        sides of an (m, n) matrix view that have a factor; returns ``state``. Factors are in ``dtype`` always (their
+        EMA adds (1-β)·GGᵀ, and the small eigenvalues the basis is sorted by are differences a bfloat16 factor
+        loses); bases in ``basis_dtype`` (default ``dtype``: the ``state_dtype`` option's bfloat16)."""
         for side, d, present in (("left", matrix[0], left), ("right", matrix[1], right)):
             if present:
                 state[f"factor_{side}"] = torch.zeros(d, d, dtype=dtype, device=device)
-                state[f"basis_{side}"] = torch.eye(d, dtype=dtype, device=device)
+                state[f"basis_{side}"] = torch.eye(d, dtype=basis_dtype or dtype, device=device)
         return state
 
     def refresh_bases(self, states: list[dict], eps: float, descending: bool = False) -> None:

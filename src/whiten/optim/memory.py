@@ -101,7 +101,9 @@ def memory_report(opt, top: int = 3) -> MemoryReport:
                            if isinstance(v, torch.Tensor)]
             else:
                 shapes = opt.planned_state(p, group)
-                entries = [(k, shape, state_dtype(p)) for k, shape in shapes.items() if shape is not None]
+                stored = opt.stored_dtypes(p, group)
+                entries = [(k, shape, stored.get(k, state_dtype(p))) for k, shape in shapes.items()
+                           if shape is not None]
             total = 0
             for key, shape, dtype in entries:
                 size = _tensor_bytes(shape, dtype)

@@ -13,9 +13,10 @@ from ..linalg import finite_flags, rotate, unrotate, update_factors, warn_eigh_f
 from ._base import WhitenOptimizer
 from .eigenbasis import EigenbasisFactors
 from .checks import (check_betas, check_bool, check_ema_rate, check_int, check_lr, check_range, check_role,
-                     check_weight_decay, rotation_dtype)
+                     check_weight_decay, rotation_dtype, state_dtype_option)
+from .sides import DEFAULT_MAX_FACTOR_RATIO, check_max_factor_ratio, kept_sides
 from .stacks import bucket
-from .update import decays, grad_in, state_dtype, step_to
+from .update import decays, grad_in, state_dtype, step_to, stored_dtype
 
 __all__ = ["SOAP"]
 
@@ -38,6 +39,10 @@ def _layout(p: torch.Tensor, group: dict) -> _Layout:
         left, right = m <= limit, False
     else:
         return _Layout(None, False, False, decay)
+    if p.ndim >= 2:  # max_factor_ratio among the sides max_precond_dim leaves; precondition_1d is asked for
+        # (a group from a checkpoint of before the option has no key: its state was built without it)
+        sides = kept_sides((m, n), [j for j, keep in ((0, left), (1, right)) if keep], group.get("max_factor_ratio"))
+        left, right = 0 in sides, 1 in sides
     if not (left or right):
         return _Layout(None, False, False, decay)
     return _Layout((m, n), left, right, decay)
@@ -78,7 +83,13 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         shampoo_beta: β_s for the factors (default None: β2).
         eps: ε (default 1e-8). weight_decay: λ, decoupled, after the update (default 0.01).
         precondition_frequency: refresh the bases every this many updates (default 10).
-        max_precond_dim: longest side that gets a factor (default 10000).
+        max_precond_dim: longest side that gets a factor (default 10000, the reference's).
+        max_factor_ratio: r ≥ 2, or None for the reference's rule (``max_precond_dim`` only): of the sides within
+            ``max_precond_dim``, the largest is left out (no factor, no basis) while the factors and bases of the
+            rest (``2 Σ d²`` numbers) exceed r times the parameter's ``m·n`` and 2^16 numbers (default 20, as
+            Shampoo's; :func:`whiten.optim.sides.kept_sides`): a (8192, 256) embedding keeps only its 256-side
+            pair; square and 1:4 matrices, and every matrix with both sides up to 181, keep both. It decides the
+            state keys: do not change it once a parameter has state.
         precondition_1d: give 1-D parameters a factor (default False).
         normalize_grads: divide the update by its RMS (default False).
         correct_bias: Adam's bias correction (default True).
@@ -96,11 +107,25 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             is no faster on an H200 (the refreshes dominate it) and 6x slower on a CPU without bfloat16 units;
             see docs/performance.md.
 
+        state_dtype: None (default: float32 state, float64 for float64 parameters) or ``torch.bfloat16`` (also
+            ``"bf16"``/``"bfloat16"``): the storage of ``exp_avg``, ``exp_avg_sq`` and the bases ``basis_*``, half
+            the bytes. The arithmetic stays in float32: the stored values are cast up for the step (and for a
+            refresh) and the new ones rounded once on the way back. The factors stay float32 (their small
+            eigenvalues order the basis) and so does ``ema`` (see SPlus). It decides the state's dtypes: set it
+            before the first step.
+
     Reference: N. Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", arXiv 2409.11321 (2024).
     """
 
+    BEFORE_OPTIONS = {"max_factor_ratio": None}  # a checkpoint from before the option: its factors are all there
+
     MEMORY_OPTIONS = {"max_precond_dim": (("factor", "basis"), "a side larger than max_precond_dim gets no factor and "
-                                      "no basis")}  # see memory_report
+                                      "no basis"),
+                      "max_factor_ratio": (("factor", "basis"), "the largest side is left out while the factors and "
+                                           "bases take more than this times the parameter (default 20; lower keeps "
+                                           "fewer)"),
+                      "state_dtype": (("exp_avg", "exp_avg_sq", "basis"), "torch.bfloat16 stores m, v and the bases "
+                                      "in half the bytes (float32 arithmetic)")}  # see memory_report
 
     SECOND_MOMENT_KEY = "exp_avg_sq"  # restarted where it overflowed (WhitenOptimizer.restart_overflowed_moments)
 
@@ -114,6 +139,7 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         weight_decay: float = 0.01,
         precondition_frequency: int = 10,
         max_precond_dim: int = 10000,
+        max_factor_ratio: float | None = DEFAULT_MAX_FACTOR_RATIO,
         precondition_1d: bool = False,
         normalize_grads: bool = False,
         correct_bias: bool = True,
@@ -122,11 +148,14 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         process_group=None,
         batched: bool = True,
         rotation_dtype: torch.dtype | str | None = None,
+        state_dtype: torch.dtype | str | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                         precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
+                        max_factor_ratio=max_factor_ratio,
                         precondition_1d=precondition_1d, normalize_grads=normalize_grads, correct_bias=correct_bias,
-                        ema_rate=ema_rate, role=None, rotation_dtype=rotation_dtype)
+                        ema_rate=ema_rate, role=None, rotation_dtype=rotation_dtype,
+                        state_dtype=state_dtype)
         self.batched = bool(batched)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
@@ -139,35 +168,42 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         check_weight_decay(group["weight_decay"])
         check_int("precondition_frequency", group["precondition_frequency"], 1)
         check_int("max_precond_dim", group["max_precond_dim"], 1)
+        check_max_factor_ratio(group.get("max_factor_ratio"))
         for flag in ("precondition_1d", "normalize_grads", "correct_bias"):
             check_bool(flag, group[flag])
         check_ema_rate(group["ema_rate"])
         check_role(group["role"])
         rotation_dtype(group.get("rotation_dtype"))
+        state_dtype_option(group.get("state_dtype"))
 
     def expected_state(self, p: torch.Tensor, group: dict) -> dict:
         meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-        return self._shapes_of(self._init_state(meta, _layout(meta, group)))
+        return self._shapes_of(self._init_state(meta, _layout(meta, group), group))
 
-    def _init_state(self, p: torch.Tensor, layout: _Layout) -> dict:
-        dtype = state_dtype(p)
+    def stored_dtypes(self, p: torch.Tensor, group: dict) -> dict:
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        return self._dtypes_of(self._init_state(meta, _layout(meta, group), group), p)
+
+    def _init_state(self, p: torch.Tensor, layout: _Layout, group: dict) -> dict:
+        stored = stored_dtype(p, group)  # the state_dtype option: m, v and the bases
         state = {"step": 0,
-                 "exp_avg": torch.zeros(p.shape, dtype=dtype, device=p.device),
-                 "exp_avg_sq": torch.zeros(p.shape, dtype=dtype, device=p.device)}
+                 "exp_avg": torch.zeros(p.shape, dtype=stored, device=p.device),
+                 "exp_avg_sq": torch.zeros(p.shape, dtype=stored, device=p.device)}
         if layout.matrix is None:
             return state
-        return self.factor_state(state, layout.matrix, layout.left, layout.right, dtype, p.device)
+        return self.factor_state(state, layout.matrix, layout.left, layout.right, state_dtype(p), p.device,
+                                 basis_dtype=stored)
 
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         layouts = [_layout(p, group) for p in params]
         states = []
         for p, layout in zip(params, layouts):
             if not self.state[p]:
-                self.state[p] = self._init_state(p, layout)
+                self.state[p] = self._init_state(p, layout, group)
             self.state[p]["step"] += 1
             states.append(self.state[p])
         self.update_averages(group, params, states)
-        dtype_of = [s["exp_avg"].dtype for s in states]
+        dtype_of = [state_dtype(p) for p in params]  # the arithmetic's dtype (state_dtype may store m, v, Q lower)
         grads = [grad_in(p, d) for p, d in zip(params, dtype_of)]
 
         # Adam in the eigenbasis; the first call of a parameter only builds its factors and basis.
@@ -182,6 +218,8 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             bases = {k: v if pos is None else v[pos] for k, v in S.items() if k.startswith("basis")}
             if low is not None:
                 bases = {k: v.to(low) for k, v in bases.items()}
+            elif any(v.dtype != dtype_of[idxs[0]] for v in bases.values()):  # state_dtype: cast up for the step
+                bases = {k: v.to(dtype_of[idxs[0]]) for k, v in bases.items()}
             buckets[bkey] = (idxs, bases)
         rotated: list = list(grads)
         for idxs, S in buckets.values():
@@ -234,9 +272,18 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         beta1, beta2 = group["betas"]
         m = [s["exp_avg"] for s in states]
         v = [s["exp_avg_sq"] for s in states]
+        stored = None
+        if any(x.dtype != r.dtype for x, r in zip(m, rotated)):  # state_dtype: float32 arithmetic, rounded once
+            stored = (m, v)
+            m, v = [x.to(r.dtype) for x, r in zip(m, rotated)], [x.to(r.dtype) for x, r in zip(v, rotated)]
         torch._foreach_lerp_(m, rotated, 1.0 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, rotated, rotated, 1.0 - beta2)
+        if stored is not None:
+            for kept, new in zip(stored[0] + stored[1], m + v):
+                kept.copy_(new)
+            # the step uses the stored (rounded) moments, so it is a function of the state a checkpoint holds
+            m, v = [x.to(r.dtype) for x, r in zip(stored[0], rotated)], [x.to(r.dtype) for x, r in zip(stored[1], rotated)]
         denom = torch._foreach_sqrt(v)
         torch._foreach_add_(denom, group["eps"])
         return torch._foreach_div(m, denom)
@@ -258,7 +305,14 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         for bkey, idxs in bucket(due, lambda i: self._bucket_key(gi, group, params[i])).items():
             stacks, pos = self._stacks_for(gi, group, bkey, [params[i] for i in idxs], layouts[idxs[0]])
             S = stacks if pos is None else {k: v[pos] for k, v in stacks.items()}  # the due members, copied
-            self._qr_refresh_stacks(S)
+            work = S["factor_left" if "factor_left" in S else "factor_right"].dtype
+            if S["exp_avg"].dtype != work:  # state_dtype: refresh in float32, round once into the stored m, v, Q
+                up = {k: v.to(work) for k, v in S.items()}
+                self._qr_refresh_stacks(up)
+                for k, v in up.items():
+                    S[k].copy_(v)
+            else:
+                self._qr_refresh_stacks(S)
             if pos is not None:
                 for k, v in S.items():
                     stacks[k].index_copy_(0, pos, v)

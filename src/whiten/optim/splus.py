@@ -13,9 +13,10 @@ from ..roles import role_from_shape
 from ._base import WhitenOptimizer
 from .eigenbasis import EigenbasisFactors
 from .checks import (check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay,
-                     rotation_dtype)
+                     rotation_dtype, state_dtype_option)
+from .sides import DEFAULT_MAX_FACTOR_RATIO, check_max_factor_ratio, kept_sides
 from .stacks import bucket
-from .update import decays, grads_in, state_dtype, step_all
+from .update import decays, grad_in, state_dtype, step_all, stored_dtype
 
 __all__ = ["SPlus", "derived_nonstandard_constant", "hidden_width"]
 
@@ -46,8 +47,12 @@ def _view(p: torch.Tensor, group: dict) -> tuple[tuple[int, int] | None, bool, b
         matrix = (p.shape[0], p.shape[1])
     elif p.ndim >= 3 and group["whiten_conv"] and role in ("conv", "hidden"):
         matrix = (p.shape[0], p.numel() // p.shape[0])
-    left = matrix is not None and matrix[0] < group["max_dim"]
-    right = matrix is not None and matrix[1] < group["max_dim"]
+    left = right = False
+    if matrix is not None:
+        # max_dim first (the paper's rule), then max_factor_ratio among the sides it leaves; a group from a
+        # checkpoint of before the option has no key: its state was built with every side below max_dim
+        sides = kept_sides(matrix, [j for j in (0, 1) if matrix[j] < group["max_dim"]], group.get("max_factor_ratio"))
+        left, right = 0 in sides, 1 in sides
     if not (left or right):
         matrix = None
     return matrix, left, right, matrix is not None and left and right and role in ("hidden", "conv")
@@ -122,7 +127,15 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         weight_decay: λ, decoupled and scaled by the same s as the update (default 0.1).
         inverse_every: refresh the eigenbasis every this many steps, and at step 1 (default 100).
         eps: added to the factors' diagonal before the eigendecomposition (default 1e-30).
-        max_dim: sides of this size or more get no factor (default 10000).
+        max_dim: sides of this size or more get no factor (default 10000, the paper's).
+        max_factor_ratio: r ≥ 2, or None for the paper's rule (``max_dim`` only): of the sides below ``max_dim``,
+            the largest is left out (no factor, no basis, not rotated) while the factors and bases of the rest
+            (``2 Σ d²`` numbers) exceed r times the parameter's ``m·n`` and 2^16 numbers (default 20, as
+            Shampoo's; :func:`whiten.optim.sides.kept_sides`). A (8192, 256) embedding or head then keeps only
+            its 256-side pair (the 8192 one alone would be 64× its memory); square and 1:4 hidden matrices, and
+            every matrix with both sides up to 181, keep both, as in the paper. A hidden matrix that loses a side
+            (one side more than about 10× the other) takes the non-standard scale, as one beyond ``max_dim``.
+            It decides the state keys: do not change it once a parameter has state.
         nonstandard_constant: c, the scale of non-hidden parameters, a number ≥ 0 or None (default None: derived,
             ``1e-3 · max(1, 768 / d)`` with d the median smaller side of the hidden matrices of all the groups, 1e-3
             when there are none). The derived number is written into each group that had None, at construction and by
@@ -143,12 +156,27 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             the loss stays within seed noise (lm, 4 seeds), the step is 13-28% faster on an H200 at width 768, no
             faster at width 128, and 9x slower on a CPU without bfloat16 units; see docs/performance.md.
 
+        state_dtype: None (default: float32 state, float64 for float64 parameters) or ``torch.bfloat16`` (also
+            ``"bf16"``/``"bfloat16"``): the storage of ``momentum`` and the bases ``basis_*``, half the bytes. The
+            arithmetic stays in float32: the stored values are cast up for the step and the new momentum (and a
+            refreshed basis) is rounded once on the way back. The factors stay float32 (an EMA adding 5% of GGᵀ a
+            step, whose small eigenvalues order the basis: bfloat16's 8 bits would lose them) and so does ``ema``
+            (with r ≥ 0.99 an increment of (1-r)(θ-ē) is below bfloat16's rounding of ē: it would stop moving;
+            tests/test_state_dtype.py shows both). It decides the state's dtypes: set it before the first step.
+
     Reference: K. Frans, S. Levine, P. Abbeel, "A Stable Whitening Optimizer for Efficient Neural Network
     Training", arXiv 2506.07254 (2025).
     """
 
+    BEFORE_OPTIONS = {"max_factor_ratio": None}  # a checkpoint from before the option: its factors are all there
+
     MEMORY_OPTIONS = {"max_dim": (("factor", "basis"), "a side of max_dim or more gets no factor and no basis (its m x m "
-                              "or n x n pair)")}  # see memory_report
+                              "or n x n pair)"),
+                      "max_factor_ratio": (("factor", "basis"), "the largest side is left out while the factors and "
+                                           "bases take more than this times the parameter (default 20; lower keeps "
+                                           "fewer)"),
+                      "state_dtype": (("momentum", "basis"), "torch.bfloat16 stores the momentum and the bases in "
+                                      "half the bytes (float32 arithmetic)")}  # see memory_report
 
     def __init__(
         self,
@@ -160,17 +188,19 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         inverse_every: int = 100,
         eps: float = 1e-30,
         max_dim: int = 10000,
+        max_factor_ratio: float | None = DEFAULT_MAX_FACTOR_RATIO,
         nonstandard_constant: float | None = None,
         whiten_conv: bool = False,
         nonfinite: str = "skip",
         process_group=None,
         batched: bool = True,
         rotation_dtype: torch.dtype | str | None = None,
+        state_dtype: torch.dtype | str | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, ema_rate=ema_rate, weight_decay=weight_decay,
-                        inverse_every=inverse_every, eps=eps, max_dim=max_dim,
+                        inverse_every=inverse_every, eps=eps, max_dim=max_dim, max_factor_ratio=max_factor_ratio,
                         nonstandard_constant=nonstandard_constant, whiten_conv=whiten_conv, role=None,
-                        rotation_dtype=rotation_dtype)
+                        rotation_dtype=rotation_dtype, state_dtype=state_dtype)
         self.batched = bool(batched)
         self._constructing = True  # the width is read once every group is in (the embeddings may come first)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
@@ -207,22 +237,29 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         check_int("inverse_every", group["inverse_every"], 1)
         check_range("eps", group["eps"], 0.0)
         check_int("max_dim", group["max_dim"], 1)
+        check_max_factor_ratio(group.get("max_factor_ratio"))
         if group["nonstandard_constant"] is not None:  # None: derived once every group is in
             check_range("nonstandard_constant", group["nonstandard_constant"], 0.0)
         check_bool("whiten_conv", group["whiten_conv"])
         check_role(group["role"])
         rotation_dtype(group.get("rotation_dtype"))
+        state_dtype_option(group.get("state_dtype"))
 
     def expected_state(self, p: torch.Tensor, group: dict) -> dict:
         meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-        return self._shapes_of(self._init_state(meta, _layout(meta, group)))
+        return self._shapes_of(self._init_state(meta, _layout(meta, group), group))
 
-    def _init_state(self, p: torch.Tensor, layout: _Layout) -> dict:
-        dtype = state_dtype(p)
-        state = {"step": 0, "momentum": torch.zeros(p.shape, dtype=dtype, device=p.device)}
+    def stored_dtypes(self, p: torch.Tensor, group: dict) -> dict:
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        return self._dtypes_of(self._init_state(meta, _layout(meta, group), group), p)
+
+    def _init_state(self, p: torch.Tensor, layout: _Layout, group: dict) -> dict:
+        stored = stored_dtype(p, group)  # the state_dtype option: momentum and bases
+        state = {"step": 0, "momentum": torch.zeros(p.shape, dtype=stored, device=p.device)}
         if layout.matrix is None:
             return state
-        return self.factor_state(state, layout.matrix, layout.left, layout.right, dtype, p.device)
+        return self.factor_state(state, layout.matrix, layout.left, layout.right, state_dtype(p), p.device,
+                                 basis_dtype=stored)
 
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]
@@ -231,14 +268,25 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         states = []
         for p, layout in zip(params, layouts):
             if not self.state[p]:
-                self.state[p] = self._init_state(p, layout)
+                self.state[p] = self._init_state(p, layout, group)
             state = self.state[p]
             state["step"] += 1
             states.append(state)
 
         moms = [s["momentum"] for s in states]
-        grads = grads_in(params, moms)
-        torch._foreach_lerp_(moms, grads, 1.0 - beta1)
+        work = [state_dtype(p) for p in params]  # the arithmetic's dtype; the momentum may be stored in bf16
+        grads = [grad_in(p, d) for p, d in zip(params, work)]
+        low = [i for i, m in enumerate(moms) if m.dtype != work[i]]
+        if not low:
+            torch._foreach_lerp_(moms, grads, 1.0 - beta1)
+        else:  # state_dtype: cast up, update, round once into the stored momentum
+            if len(low) < len(moms):
+                same = [i for i in range(len(moms)) if i not in set(low)]
+                torch._foreach_lerp_([moms[i] for i in same], [grads[i] for i in same], 1.0 - beta1)
+            up = [moms[i].to(work[i]) for i in low]
+            torch._foreach_lerp_(up, [grads[i] for i in low], 1.0 - beta1)
+            for i, u in zip(low, up):
+                moms[i].copy_(u)
         # The average is of the pre-update parameters (the experiment code; the released torch file differs).
         self.update_averages(group, params, states)
 
@@ -246,7 +294,7 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         plain = [i for i, lay in enumerate(layouts) if lay.matrix is None]
         if plain:
             for i, u in zip(plain, torch._foreach_sign([moms[i] for i in plain])):
-                updates[i] = u
+                updates[i] = u if u.dtype == work[i] else u.to(work[i])  # ±1 and 0: exact in any dtype
         whitened = [i for i, lay in enumerate(layouts) if lay.matrix is not None]
         key_of = lambda q: self._bucket_key(gi, group, q)  # noqa: E731
         for bucket_key, idxs in bucket(whitened, lambda i: key_of(params[i])).items():
@@ -256,7 +304,7 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         # theta <- theta - s*(U + wd*theta), written as theta*(1 - s*wd) - s*U so it is two fused passes.
         keep = [1.0 - lr * lay.scale * group["weight_decay"] * lay.decay for lay in layouts]
         torch._foreach_mul_(updates, [-lr * lay.scale for lay in layouts])
-        step_all(params, [m.dtype for m in moms], updates, keep)
+        step_all(params, work, updates, keep)
 
         due = [i for i in whitened
                if states[i]["step"] == 1 or states[i]["step"] % group["inverse_every"] == 0]
@@ -286,6 +334,9 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         if pos is not None:  # some members have no gradient this step: rotate the others' copies
             S = {k: v[pos] for k, v in S.items() if k != "factor_left" and k != "factor_right"}
         QL, QR, M = S.get("basis_left"), S.get("basis_right"), S["momentum"]
+        work = grads[idxs[0]].dtype  # the arithmetic's dtype (the state_dtype option stores M and Q lower)
+        if M.dtype != work:
+            M, QL, QR = (None if X is None else X.to(work) for X in (M, QL, QR))
         low = rotation_dtype(group.get("rotation_dtype"))
         if low is not None:
             # cast per step, not cached: the casts cost ~1% of a step (H200, width 768), and a cached copy would be

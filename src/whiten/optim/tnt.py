@@ -13,6 +13,7 @@ from ..averaging import AveragingMixin
 from ..fisher import FisherMixin
 from ._base import WhitenOptimizer
 from .checks import check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
+from .sides import DEFAULT_MAX_FACTOR_RATIO, check_max_factor_ratio, kept_sides
 from .update import decays, grad_in, state_dtype, step_to
 
 __all__ = ["TNT", "CONV_RESHAPES"]
@@ -37,7 +38,11 @@ def _layout(p: torch.Tensor, group: dict) -> _Layout:
     elif p.ndim >= 3 and group["conv_reshape"] == "kfac":
         shape = (shape[0], math.prod(shape[1:]))
     limit = group["max_precond_dim"]
-    return _Layout(shape, tuple(d <= limit for d in shape), decays(p, group))
+    present = [j for j, d in enumerate(shape) if d <= limit]
+    if len(shape) >= 2:  # max_factor_ratio among the modes max_precond_dim leaves; vectors keep the authors' factor
+        # (a group from a checkpoint of before the option has no key: its state was built without it)
+        present = kept_sides(shape, present, group.get("max_factor_ratio"))
+    return _Layout(shape, tuple(j in present for j in range(len(shape))), decays(p, group))
 
 
 def mode_contraction(G: torch.Tensor, k: int) -> torch.Tensor:
@@ -139,6 +144,12 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         inverse_freq: T2, steps between inversions after the first T2 steps (default 100, CIFAR; autoencoders 20).
         conv_reshape: ``"filter"`` (default), ``"kfac"`` or ``"none"`` (see ``CONV_RESHAPES``).
         max_precond_dim: longest mode that gets a factor (default 10000).
+        max_factor_ratio: r ≥ 2, or None for ``max_precond_dim`` only: of the modes of a matrix or tensor within
+            ``max_precond_dim``, the largest is left out (the :math:`cI` of an unfactored mode) while the factors and
+            inverses of the rest (``2 Σ d²`` numbers) exceed r times the parameter's size and 2^16 numbers
+            (default 20, as Shampoo's; :func:`whiten.optim.sides.kept_sides`): a (8192, 256) embedding keeps only
+            its 256-mode factor; square and 1:4 matrices, every tensor with all modes up to 181, and vectors (the
+            authors factor them) keep all. It decides the state keys: do not change it once a parameter has state.
         ema_rate: iterate averaging for ``eval()``/``train()`` (default None: off).
         fisher_seed: seed of the sampled labels (default 0).
         nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient (ordinary or sampled).
@@ -149,8 +160,13 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
     (arXiv 2106.02925); code github.com/renyiryry/tnt_neurips_2021.
     """
 
+    BEFORE_OPTIONS = {"max_factor_ratio": None}  # a checkpoint from before the option: its factors are all there
+
     MEMORY_OPTIONS = {"max_precond_dim": (("factor", "inverse"), "a side larger than max_precond_dim gets no factor and "
-                                        "no inverse")}  # see memory_report
+                                        "no inverse"),
+                      "max_factor_ratio": (("factor", "inverse"), "the largest mode is left out while the factors "
+                                           "and inverses take more than this times the parameter (default 20; lower "
+                                           "keeps fewer)")}  # see memory_report
 
     PICKLED = {"update_freq": 10, "inverse_freq": 100}  # settings kept as attributes, with their defaults
 
@@ -167,6 +183,7 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         inverse_freq: int = 100,
         conv_reshape: str = "filter",
         max_precond_dim: int = 10000,
+        max_factor_ratio: float | None = DEFAULT_MAX_FACTOR_RATIO,
         ema_rate: float | None = None,
         fisher_seed: int = 0,
         nonfinite: str = "skip",
@@ -178,7 +195,8 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         self._init_fisher(fisher_seed)
         defaults = dict(lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay,
                         factor_decay=factor_decay, factor_weight=factor_weight, conv_reshape=conv_reshape,
-                        max_precond_dim=max_precond_dim, ema_rate=ema_rate, role=None)
+                        max_precond_dim=max_precond_dim, max_factor_ratio=max_factor_ratio, ema_rate=ema_rate,
+                        role=None)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
@@ -192,6 +210,7 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
             raise ValueError(f"Invalid conv_reshape: {group['conv_reshape']!r} "
                              f"(allowed: {', '.join(map(repr, CONV_RESHAPES))})")
         check_int("max_precond_dim", group["max_precond_dim"], 1)
+        check_max_factor_ratio(group.get("max_factor_ratio"))
         check_ema_rate(group["ema_rate"])
         check_role(group["role"])
 

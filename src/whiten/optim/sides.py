@@ -1,0 +1,38 @@
+"""Which sides of a matrix (modes of a tensor) get a factor: the memory-aware rule SPlus, SOAP, TNT and Shampoo
+share (``max_factor_ratio``). A side's factor and its basis / root / inverse are ``2 d²`` numbers against the
+parameter's ``Π d_j``: a vocabulary-sized side of an embedding or head costs (vocabulary / width) times the
+parameter twice over, while a square or 1:4 hidden matrix costs 4× and 8.5×. The rule leaves out the largest
+side while the others' cost exceeds the ratio, so the big side of a long matrix goes first and hidden matrices
+keep both."""
+
+from __future__ import annotations
+
+import math
+
+from .checks import check_range
+
+__all__ = ["SMALL_FACTORS", "DEFAULT_MAX_FACTOR_RATIO", "kept_sides", "check_max_factor_ratio"]
+
+# Factors of at most this many numbers in all (256 KiB in float32) are kept whatever max_factor_ratio says: they
+# cost nothing worth saving, and small models (every side up to 181) keep the papers' preconditioning exactly.
+SMALL_FACTORS = 2**16
+# The default r: Shampoo's since issue 11; SPlus, SOAP and TNT took it in issue 23 (docs/memory.md has the
+# evidence): a side more than about 10 times the other (a vocabulary side of an embedding or head) goes.
+DEFAULT_MAX_FACTOR_RATIO = 20.0
+
+
+def kept_sides(dims: tuple[int, ...], candidates, max_factor_ratio: float | None) -> tuple[int, ...]:
+    """The sides (indices into ``dims``) among ``candidates`` that keep a factor: all of them when
+    ``max_factor_ratio`` is None; else, largest first, sides are left out while ``2 Σ d_j²`` over the rest exceeds
+    both ``max_factor_ratio · Π dims`` and :data:`SMALL_FACTORS`."""
+    sides = list(candidates)
+    if max_factor_ratio is not None:
+        numel = math.prod(dims)
+        while sides and 2 * sum(dims[j] ** 2 for j in sides) > max(max_factor_ratio * numel, SMALL_FACTORS):
+            sides.remove(max(sides, key=lambda j: dims[j]))
+    return tuple(sides)
+
+
+def check_max_factor_ratio(value) -> None:
+    if value is not None:
+        check_range("max_factor_ratio", value, 2.0, 1e6)
