@@ -11,9 +11,10 @@ from ..averaging import AveragingMixin
 from ..linalg import finite_flags, rotate, unrotate, update_factors, warn_eigh_failure
 
 from ._base import WhitenOptimizer
-from .eigenbasis import EigenbasisFactors
+from .eigenbasis import EigenbasisFactors, basis_slots, read_bases, write_basis
 from .checks import (check_betas, check_bool, check_ema_rate, check_int, check_lr, check_range, check_role,
                      check_weight_decay, rotation_dtype, state_dtype_option)
+from .quantize import check_basis_bits
 from .sides import DEFAULT_MAX_FACTOR_RATIO, check_max_factor_ratio, kept_sides
 from .stacks import bucket
 from .update import decays, grad_in, state_dtype, step_to, stored_dtype
@@ -46,6 +47,9 @@ def _layout(p: torch.Tensor, group: dict) -> _Layout:
     if not (left or right):
         return _Layout(None, False, False, decay)
     return _Layout((m, n), left, right, decay)
+
+
+BASIS_KEYS = ("basis_", "qbasis_", "qscale_")  # a side's basis: the tensor, or its codes and scales
 
 
 class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
@@ -113,6 +117,12 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             refresh) and the new ones rounded once on the way back. The factors stay float32 (their small
             eigenvalues order the basis) and so does ``ema`` (see SPlus). It decides the state's dtypes: set it
             before the first step.
+        basis_bits: None (default: the bases in the state dtype), 8 or 4: each basis kept block-wise quantized
+            (``qbasis_*`` uint8 codes, ``qscale_*`` a float32 scale per 64 entries of a row; 1.06 or 0.56 bytes an
+            entry against 4), dequantized per bucket for each step's rotations and for the refresh (whose new
+            basis is quantized again); 4 bits follows 4-bit Shampoo (Wang et al. 2024): the linear-square map and,
+            on use, one Björck step of orthogonal rectification (:mod:`whiten.optim.quantize`). It decides the state
+            keys: set it before the first step.
 
     Reference: N. Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", arXiv 2409.11321 (2024).
     """
@@ -125,7 +135,9 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
                                            "bases take more than this times the parameter (default 20; lower keeps "
                                            "fewer)"),
                       "state_dtype": (("exp_avg", "exp_avg_sq", "basis"), "torch.bfloat16 stores m, v and the bases "
-                                      "in half the bytes (float32 arithmetic)")}  # see memory_report
+                                      "in half the bytes (float32 arithmetic)"),
+                      "basis_bits": (("basis",), "8 or 4 keeps each basis block-wise quantized: 1.06 or 0.56 bytes "
+                                     "an entry against 4")}  # see memory_report
 
     SECOND_MOMENT_KEY = "exp_avg_sq"  # restarted where it overflowed (WhitenOptimizer.restart_overflowed_moments)
 
@@ -149,13 +161,14 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         batched: bool = True,
         rotation_dtype: torch.dtype | str | None = None,
         state_dtype: torch.dtype | str | None = None,
+        basis_bits: int | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                         precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
                         max_factor_ratio=max_factor_ratio,
                         precondition_1d=precondition_1d, normalize_grads=normalize_grads, correct_bias=correct_bias,
                         ema_rate=ema_rate, role=None, rotation_dtype=rotation_dtype,
-                        state_dtype=state_dtype)
+                        state_dtype=state_dtype, basis_bits=basis_bits)
         self.batched = bool(batched)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
@@ -175,6 +188,7 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         check_role(group["role"])
         rotation_dtype(group.get("rotation_dtype"))
         state_dtype_option(group.get("state_dtype"))
+        check_basis_bits(group.get("basis_bits"))
 
     def expected_state(self, p: torch.Tensor, group: dict) -> dict:
         meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
@@ -192,7 +206,7 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         if layout.matrix is None:
             return state
         return self.factor_state(state, layout.matrix, layout.left, layout.right, state_dtype(p), p.device,
-                                 basis_dtype=stored)
+                                 basis_dtype=stored, basis_bits=group.get("basis_bits"))
 
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         layouts = [_layout(p, group) for p in params]
@@ -211,15 +225,16 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         # rotation_dtype: the bases are cast once per step for both rotations (a cast is O(d²), the rotations
         # O(d²n): ~1% of a step; a cached copy would be state to keep in step with the basis and in checkpoints)
         low = rotation_dtype(group.get("rotation_dtype"))
+        bits = group.get("basis_bits")
         buckets = {}
         for bkey, idxs in bucket([i for i in rest if layouts[i].matrix is not None],
                                  lambda i: self._bucket_key(gi, group, params[i])).items():
             S, pos = self._stacks_for(gi, group, bkey, [params[i] for i in idxs], layouts[idxs[0]])
-            bases = {k: v if pos is None else v[pos] for k, v in S.items() if k.startswith("basis")}
+            stored = {k: v if pos is None else v[pos] for k, v in S.items() if k.startswith(BASIS_KEYS)}
+            # in the work dtype: the stacks themselves, or cast up (state_dtype), or dequantized (basis_bits)
+            bases = read_bases(stored, bits, dtype_of[idxs[0]])
             if low is not None:
                 bases = {k: v.to(low) for k, v in bases.items()}
-            elif any(v.dtype != dtype_of[idxs[0]] for v in bases.values()):  # state_dtype: cast up for the step
-                bases = {k: v.to(dtype_of[idxs[0]]) for k, v in bases.items()}
             buckets[bkey] = (idxs, bases)
         rotated: list = list(grads)
         for idxs, S in buckets.values():
@@ -247,7 +262,8 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         first = [i for i, s in enumerate(states) if s["step"] == 1]
         if first:
             # descending eigenvalue order, as the reference
-            self.refresh_bases([states[i] for i in first if layouts[i].matrix is not None], 1e-30, descending=True)
+            self.refresh_bases([states[i] for i in first if layouts[i].matrix is not None], 1e-30, descending=True,
+                               bits=group.get("basis_bits"))
         freq = group["precondition_frequency"]
         due = [i for i in rest if layouts[i].matrix is not None and (states[i]["step"] - 1) % freq == 0]
         if due:
@@ -264,7 +280,8 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         shapes = {"exp_avg": (m, n), "exp_avg_sq": (m, n)}
         for side, d, has in (("left", m, layout.left), ("right", n, layout.right)):
             if has:
-                shapes[f"factor_{side}"] = shapes[f"basis_{side}"] = (d, d)
+                shapes[f"factor_{side}"] = (d, d)
+                shapes.update(basis_slots(side, d, group.get("basis_bits")))
         return self.bucket_stacks(gi, key, present, lambda q: self._bucket_key(gi, group, q), shapes)
 
     def _adam_direction(self, group, states, rotated) -> list[torch.Tensor]:
@@ -306,11 +323,17 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             stacks, pos = self._stacks_for(gi, group, bkey, [params[i] for i in idxs], layouts[idxs[0]])
             S = stacks if pos is None else {k: v[pos] for k, v in stacks.items()}  # the due members, copied
             work = S["factor_left" if "factor_left" in S else "factor_right"].dtype
-            if S["exp_avg"].dtype != work:  # state_dtype: refresh in float32, round once into the stored m, v, Q
-                up = {k: v.to(work) for k, v in S.items()}
+            bits = group.get("basis_bits")
+            if S["exp_avg"].dtype != work or bits is not None:
+                # state_dtype / basis_bits: refresh in float32 (bases dequantized), round once into the stored m, v, Q
+                up = {k: v.to(work) for k, v in S.items() if not k.startswith(BASIS_KEYS)}
+                up.update(read_bases(S, bits, work))
                 self._qr_refresh_stacks(up)
                 for k, v in up.items():
-                    S[k].copy_(v)
+                    if k.startswith("basis_"):
+                        write_basis(S, k[len("basis_"):], v, bits)
+                    else:
+                        S[k].copy_(v)
             else:
                 self._qr_refresh_stacks(S)
             if pos is not None:

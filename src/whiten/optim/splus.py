@@ -11,9 +11,10 @@ from ..averaging import AUTO, AveragingMixin, check_ema_rate
 from ..linalg import rotate, unrotate, update_factors
 from ..roles import role_from_shape
 from ._base import WhitenOptimizer
-from .eigenbasis import EigenbasisFactors
+from .eigenbasis import EigenbasisFactors, basis_slots, read_bases
 from .checks import (check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay,
                      rotation_dtype, state_dtype_option)
+from .quantize import check_basis_bits
 from .sides import DEFAULT_MAX_FACTOR_RATIO, check_max_factor_ratio, kept_sides
 from .stacks import bucket
 from .update import decays, grad_in, state_dtype, step_all, stored_dtype
@@ -162,7 +163,12 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             refreshed basis) is rounded once on the way back. The factors stay float32 (an EMA adding 5% of GGᵀ a
             step, whose small eigenvalues order the basis: bfloat16's 8 bits would lose them) and so does ``ema``
             (with r ≥ 0.99 an increment of (1-r)(θ-ē) is below bfloat16's rounding of ē: it would stop moving;
-            tests/test_state_dtype.py shows both). It decides the state's dtypes: set it before the first step.
+            tests/test_state_options.py shows both). It decides the state's dtypes: set it before the first step.
+        basis_bits: None (default: the bases in the state dtype), 8 or 4: each basis kept block-wise quantized
+            (``qbasis_*`` uint8 codes, ``qscale_*`` a float32 scale per 64 entries of a row; 1.06 or 0.56 bytes an
+            entry against 4), dequantized per bucket for each step's rotations; 4 bits follows 4-bit Shampoo (Wang
+            et al. 2024): the linear-square map and, on use, one Björck step of orthogonal rectification
+            (:mod:`whiten.optim.quantize`). It decides the state keys: set it before the first step.
 
     Reference: K. Frans, S. Levine, P. Abbeel, "A Stable Whitening Optimizer for Efficient Neural Network
     Training", arXiv 2506.07254 (2025).
@@ -176,7 +182,9 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
                                            "bases take more than this times the parameter (default 20; lower keeps "
                                            "fewer)"),
                       "state_dtype": (("momentum", "basis"), "torch.bfloat16 stores the momentum and the bases in "
-                                      "half the bytes (float32 arithmetic)")}  # see memory_report
+                                      "half the bytes (float32 arithmetic)"),
+                      "basis_bits": (("basis",), "8 or 4 keeps each basis block-wise quantized: 1.06 or 0.56 bytes "
+                                     "an entry against 4")}  # see memory_report
 
     def __init__(
         self,
@@ -196,11 +204,12 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         batched: bool = True,
         rotation_dtype: torch.dtype | str | None = None,
         state_dtype: torch.dtype | str | None = None,
+        basis_bits: int | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, ema_rate=ema_rate, weight_decay=weight_decay,
                         inverse_every=inverse_every, eps=eps, max_dim=max_dim, max_factor_ratio=max_factor_ratio,
                         nonstandard_constant=nonstandard_constant, whiten_conv=whiten_conv, role=None,
-                        rotation_dtype=rotation_dtype, state_dtype=state_dtype)
+                        rotation_dtype=rotation_dtype, state_dtype=state_dtype, basis_bits=basis_bits)
         self.batched = bool(batched)
         self._constructing = True  # the width is read once every group is in (the embeddings may come first)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
@@ -244,6 +253,7 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         check_role(group["role"])
         rotation_dtype(group.get("rotation_dtype"))
         state_dtype_option(group.get("state_dtype"))
+        check_basis_bits(group.get("basis_bits"))
 
     def expected_state(self, p: torch.Tensor, group: dict) -> dict:
         meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
@@ -259,7 +269,7 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         if layout.matrix is None:
             return state
         return self.factor_state(state, layout.matrix, layout.left, layout.right, state_dtype(p), p.device,
-                                 basis_dtype=stored)
+                                 basis_dtype=stored, basis_bits=group.get("basis_bits"))
 
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]
@@ -309,7 +319,7 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         due = [i for i in whitened
                if states[i]["step"] == 1 or states[i]["step"] % group["inverse_every"] == 0]
         if due:
-            self.refresh_bases([states[i] for i in due], group["eps"])
+            self.refresh_bases([states[i] for i in due], group["eps"], bits=group.get("basis_bits"))
 
     def _bucket_key(self, gi: int, group: dict, p: torch.Tensor):
         if not self.batched:
@@ -320,10 +330,12 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
     def _whiten_bucket(self, gi, group, key, key_of, idxs, layout, params, grads, updates, beta2) -> None:
         """Factor update and U = Q_L sign(Q_Lᵀ M Q_R) Q_Rᵀ for same-shape matrices, batched, state in place."""
         m, n = layout.matrix
+        bits = group.get("basis_bits")
         shapes = {"momentum": (m, n)}
         for side, d, present in (("left", m, layout.left), ("right", n, layout.right)):
             if present:
-                shapes[f"factor_{side}"] = shapes[f"basis_{side}"] = (d, d)
+                shapes[f"factor_{side}"] = (d, d)
+                shapes.update(basis_slots(side, d, bits))
         S, pos = self.bucket_stacks(gi, key, [params[i] for i in idxs], key_of, shapes)
         rows = range(len(idxs)) if pos is None else pos.tolist()
         # Factor updates go matrix by matrix into the stacked factors: stacking the gradients would cost a copy
@@ -333,10 +345,10 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
                            S["factor_right"][j] if "factor_right" in S else None, grads[i].reshape(m, n), beta2)
         if pos is not None:  # some members have no gradient this step: rotate the others' copies
             S = {k: v[pos] for k, v in S.items() if k != "factor_left" and k != "factor_right"}
-        QL, QR, M = S.get("basis_left"), S.get("basis_right"), S["momentum"]
-        work = grads[idxs[0]].dtype  # the arithmetic's dtype (the state_dtype option stores M and Q lower)
-        if M.dtype != work:
-            M, QL, QR = (None if X is None else X.to(work) for X in (M, QL, QR))
+        work = grads[idxs[0]].dtype  # the arithmetic's dtype (state_dtype and basis_bits store M and Q lower)
+        M = S["momentum"] if S["momentum"].dtype == work else S["momentum"].to(work)
+        bases = read_bases(S, bits, work)  # the stacks themselves when stored in the work dtype
+        QL, QR = bases.get("basis_left"), bases.get("basis_right")
         low = rotation_dtype(group.get("rotation_dtype"))
         if low is not None:
             # cast per step, not cached: the casts cost ~1% of a step (H200, width 768), and a cached copy would be
