@@ -148,7 +148,7 @@ def _equal_to_one_process_with(rank, world, mode, cases):
 # issue 23's state options (tests/test_state_options.py): bfloat16 momenta and bases, quantized bases
 OPTION_CASES = [("SPlus", {"state_dtype": "bf16"}), ("SOAP", {"state_dtype": "bf16"}),
                 ("SPlus", {"basis_bits": 8}), ("SOAP", {"basis_bits": 4}),
-                ("Muon", {"state_dtype": "bf16"}), ("Conda", {"state_dtype": "bf16"})]
+                ("Muon", {"state_dtype": "bf16"}), ("Conda", {"state_dtype": "bf16"}), ("TNT", {"state_dtype": "bf16"})]
 
 
 @pytest.mark.parametrize("mode,world", [("ddp", 2), ("fsdp", 3)])

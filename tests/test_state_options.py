@@ -28,7 +28,8 @@ RATIO_OPTIMIZERS = {**OPTIMIZERS, "TNT": lambda params, **kw: whiten.TNT(params,
 # state_dtype: every optimizer that has it (the suite's settings for Muon and Conda)
 DTYPE_OPTIMIZERS = {**OPTIMIZERS,
                     "Muon": lambda params, **kw: whiten.Muon(params, **{"lr": 0.02, "adam_lr": 0.01, **kw}),
-                    "Conda": lambda params, **kw: whiten.Conda(params, **{"lr": 0.01, "update_proj_gap": 3, **kw})}
+                    "Conda": lambda params, **kw: whiten.Conda(params, **{"lr": 0.01, "update_proj_gap": 3, **kw}),
+                    "TNT": RATIO_OPTIMIZERS["TNT"]}
 
 
 def make_model(seed=0, vocab=VOCAB, width=WIDTH):
@@ -161,7 +162,8 @@ def test_bad_state_dtype_is_refused_by_name(name, bad):
 REDUCED = {"SPlus": ("momentum", "basis_left", "basis_right"),
            "SOAP": ("exp_avg", "exp_avg_sq", "basis_left", "basis_right"),
            "Muon": ("momentum",),  # the Muon path's; the AdamW path's moments stay float32
-           "Conda": ("exp_avg", "basis_left", "basis_right")}  # v stays float32 (β2 = 0.999)
+           "Conda": ("exp_avg", "basis_left", "basis_right"),  # v stays float32 (β2 = 0.999)
+           "TNT": ("momentum", "inverse_0", "inverse_1")}
 
 
 @pytest.mark.parametrize("name", list(DTYPE_OPTIMIZERS))
@@ -183,8 +185,8 @@ def test_state_dtype_keeps_in_bf16_exactly_what_the_docs_say_and_planned_equals_
     assert any("state_dtype" == option for option, _, _ in full.options)
 
 
-@pytest.mark.parametrize("name", ["Muon", "Conda"])
-def test_state_dtype_resume_is_exact_for_muon_and_conda(name):
+@pytest.mark.parametrize("name", ["Muon", "Conda", "TNT"])
+def test_state_dtype_resume_is_exact_for_muon_conda_and_tnt(name):
     model = make_model()
     opt = DTYPE_OPTIMIZERS[name](whiten.param_groups(model), state_dtype="bf16")
     train(model, opt, 0, 5)
@@ -203,8 +205,8 @@ def test_state_dtype_resume_is_exact_for_muon_and_conda(name):
         assert_same_state(opt.state[p], opt3.state[q])
 
 
-@pytest.mark.parametrize("name", ["Muon", "Conda"])
-def test_state_dtype_step_is_close_to_the_full_one_for_muon_and_conda(name):
+@pytest.mark.parametrize("name", ["Muon", "Conda", "TNT"])
+def test_state_dtype_step_is_close_to_the_full_one_for_muon_conda_and_tnt(name):
     """60 steps of the small model, float32 state against bfloat16: the parameters stay within 4% (relative,
     Frobenius; measured Muon 1.9%, Conda 0.12%: 60 steps let the two runs drift apart) and the loss within 2% of
     its start (measured 3.2e-4 against 3.1e-4, 0.2052 against 0.2056)."""

@@ -151,7 +151,6 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         weight_decay: float = 0.01,
         precondition_frequency: int = 10,
         max_precond_dim: int = 10000,
-        max_factor_ratio: float | None = DEFAULT_MAX_FACTOR_RATIO,
         precondition_1d: bool = False,
         normalize_grads: bool = False,
         correct_bias: bool = True,
@@ -162,6 +161,7 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         rotation_dtype: torch.dtype | str | None = None,
         state_dtype: torch.dtype | str | None = None,
         basis_bits: int | None = None,
+        max_factor_ratio: float | None = DEFAULT_MAX_FACTOR_RATIO,
     ):
         defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                         precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,

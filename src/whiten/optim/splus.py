@@ -196,7 +196,6 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         inverse_every: int = 100,
         eps: float = 1e-30,
         max_dim: int = 10000,
-        max_factor_ratio: float | None = DEFAULT_MAX_FACTOR_RATIO,
         nonstandard_constant: float | None = None,
         whiten_conv: bool = False,
         nonfinite: str = "skip",
@@ -205,6 +204,7 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         rotation_dtype: torch.dtype | str | None = None,
         state_dtype: torch.dtype | str | None = None,
         basis_bits: int | None = None,
+        max_factor_ratio: float | None = DEFAULT_MAX_FACTOR_RATIO,
     ):
         defaults = dict(lr=lr, betas=betas, ema_rate=ema_rate, weight_decay=weight_decay,
                         inverse_every=inverse_every, eps=eps, max_dim=max_dim, max_factor_ratio=max_factor_ratio,

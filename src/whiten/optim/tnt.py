@@ -12,9 +12,10 @@ import torch
 from ..averaging import AveragingMixin
 from ..fisher import FisherMixin
 from ._base import WhitenOptimizer
-from .checks import check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
+from .checks import (check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay,
+                     state_dtype_option)
 from .sides import DEFAULT_MAX_FACTOR_RATIO, check_max_factor_ratio, kept_sides
-from .update import decays, grad_in, state_dtype, step_to
+from .update import decays, grad_in, state_dtype, step_to, stored_dtype
 
 __all__ = ["TNT", "CONV_RESHAPES"]
 
@@ -150,6 +151,10 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
             (default 20, as Shampoo's; :func:`whiten.optim.sides.kept_sides`): a (8192, 256) embedding keeps only
             its 256-mode factor; square and 1:4 matrices, every tensor with all modes up to 181, and vectors (the
             authors factor them) keep all. It decides the state keys: do not change it once a parameter has state.
+        state_dtype: None (default: float32, float64 for float64 parameters) or ``torch.bfloat16`` (also
+            ``"bf16"``/``"bfloat16"``): ``momentum`` and the inverses ``inverse_*`` stored in bfloat16, half their
+            bytes; the arithmetic stays float32 (cast up for the step, rounded once back). The factors stay float32
+            (an EMA at factor_decay whose small eigenvalues the inverse amplifies). Set it before the first step.
         ema_rate: iterate averaging for ``eval()``/``train()`` (default None: off).
         fisher_seed: seed of the sampled labels (default 0).
         nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient (ordinary or sampled).
@@ -166,7 +171,9 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
                                         "no inverse"),
                       "max_factor_ratio": (("factor", "inverse"), "the largest mode is left out while the factors "
                                            "and inverses take more than this times the parameter (default 20; lower "
-                                           "keeps fewer)")}  # see memory_report
+                                           "keeps fewer)"),
+                      "state_dtype": (("momentum", "inverse"), "torch.bfloat16 stores the momentum and the inverses "
+                                      "in half the bytes (float32 arithmetic)")}  # see memory_report
 
     PICKLED = {"update_freq": 10, "inverse_freq": 100}  # settings kept as attributes, with their defaults
 
@@ -183,11 +190,12 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         inverse_freq: int = 100,
         conv_reshape: str = "filter",
         max_precond_dim: int = 10000,
-        max_factor_ratio: float | None = DEFAULT_MAX_FACTOR_RATIO,
         ema_rate: float | None = None,
         fisher_seed: int = 0,
         nonfinite: str = "skip",
         process_group=None,
+        max_factor_ratio: float | None = DEFAULT_MAX_FACTOR_RATIO,
+        state_dtype: torch.dtype | str | None = None,
     ):
         check_int("update_freq", update_freq, 1)
         check_int("inverse_freq", inverse_freq, 1)
@@ -196,7 +204,7 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         defaults = dict(lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay,
                         factor_decay=factor_decay, factor_weight=factor_weight, conv_reshape=conv_reshape,
                         max_precond_dim=max_precond_dim, max_factor_ratio=max_factor_ratio, ema_rate=ema_rate,
-                        role=None)
+                        role=None, state_dtype=state_dtype)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
@@ -211,6 +219,7 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
                              f"(allowed: {', '.join(map(repr, CONV_RESHAPES))})")
         check_int("max_precond_dim", group["max_precond_dim"], 1)
         check_max_factor_ratio(group.get("max_factor_ratio"))
+        state_dtype_option(group.get("state_dtype"))
         check_ema_rate(group["ema_rate"])
         check_role(group["role"])
 
@@ -228,18 +237,23 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
     # ----- state --------------------------------------------------------------------------------------------
     def expected_state(self, p: torch.Tensor, group: dict) -> dict:
         meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-        return self._shapes_of(self._init_state(meta, _layout(meta, group)))
+        return self._shapes_of(self._init_state(meta, _layout(meta, group), group))
+
+    def stored_dtypes(self, p: torch.Tensor, group: dict) -> dict:
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        return self._dtypes_of(self._init_state(meta, _layout(meta, group), group), p)
 
     @staticmethod
-    def _init_state(p: torch.Tensor, layout: _Layout) -> dict:
+    def _init_state(p: torch.Tensor, layout: _Layout, group: dict) -> dict:
         dtype = state_dtype(p)
-        state = {"step": 0, "captures": 0, "momentum": torch.zeros(p.shape, dtype=dtype, device=p.device),
+        stored = stored_dtype(p, group)  # state_dtype: the momentum and the inverses in bfloat16
+        state = {"step": 0, "captures": 0, "momentum": torch.zeros(p.shape, dtype=stored, device=p.device),
                  "trace": torch.zeros((), dtype=dtype, device=p.device),
                  "inverse_scale": torch.ones((), dtype=dtype, device=p.device)}
         for i, (d, f) in enumerate(zip(layout.modes, layout.factored)):
             if f:
                 state[f"factor_{i}"] = torch.zeros(d, d, dtype=dtype, device=p.device)
-                state[f"inverse_{i}"] = torch.eye(d, dtype=dtype, device=p.device)
+                state[f"inverse_{i}"] = torch.eye(d, dtype=stored, device=p.device)
         return state
 
     # ----- the step -------------------------------------------------------------------------------------------
@@ -248,7 +262,7 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         states = []
         for p, lay in zip(params, layouts):
             if not self.state[p]:
-                self.state[p] = self._init_state(p, lay)
+                self.state[p] = self._init_state(p, lay, group)
             states.append(self.state[p])
         for s in states:
             s["step"] += 1
@@ -256,7 +270,7 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         lr, mu = float(group["lr"]), group["momentum"]
         for p, lay, s in zip(params, layouts, states):
             t = s["step"] - 1  # steps this parameter took before this one (the authors' i)
-            dtype = s["momentum"].dtype
+            dtype = state_dtype(p)  # the arithmetic's (state_dtype stores the momentum and inverses in bfloat16)
             sampled = self.fisher_grad(p)
             if sampled is not None:
                 self._update_factors(s, lay, sampled.to(dtype).reshape(lay.modes), t, group)
@@ -264,8 +278,13 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
             if due and s["captures"] > 0:
                 self._refresh_inverses(s, lay, group["damping"])
             g = grad_in(p, dtype)
-            m = s["momentum"].mul_(mu).add_(g)
+            if s["momentum"].dtype == dtype:
+                m = s["momentum"].mul_(mu).add_(g)
+            else:  # cast up, update, round once into the stored momentum; the step uses the stored value
+                s["momentum"].copy_(s["momentum"].to(dtype).mul_(mu).add_(g))
+                m = s["momentum"].to(dtype)
             inverses = [s.get(f"inverse_{i}") for i in range(len(lay.modes))]
+            inverses = [inv if inv is None or inv.dtype == dtype else inv.to(dtype) for inv in inverses]
             delta = precondition(m.reshape(lay.modes), inverses, s["inverse_scale"]).reshape(p.shape)
             step_to(p, dtype, delta, -lr, keep=1.0 - lr * group["weight_decay"] * lay.decay)
 
