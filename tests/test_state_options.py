@@ -16,7 +16,7 @@ import whiten
 from dist_utils import load_dcp, save_dcp
 from state_checks import assert_same_state
 from whiten.optim.quantize import bytes_per_entry, dequantize, quantize, rectify
-from whiten.optim.sides import SMALL_FACTORS, kept_sides
+from whiten.optim.sides import ALWAYS_KEPT_SIDE, SMALL_FACTORS, kept_sides
 
 VOCAB, WIDTH = 20, 16
 
@@ -66,6 +66,10 @@ def test_kept_sides_leaves_out_the_vocabulary_side_and_keeps_hidden_matrices():
     assert 2 * (182**2 + 1) > SMALL_FACTORS and kept_sides((182, 1), (0, 1), r) == (1,)
     assert kept_sides((8192, 256), (1,), r) == (1,)  # only the candidates (those max_dim leaves) are considered
     assert kept_sides((8192, 256), (0, 1), None) == (0, 1)
+    # SPlus, SOAP and TNT never leave out a side of at most 1024 (Shampoo's blocks do)
+    assert kept_sides((10, 256), (0, 1), r) == (0,) and kept_sides((10, 256), (0, 1), r, ALWAYS_KEPT_SIDE) == (0, 1)
+    assert kept_sides((1025, 16), (0, 1), r, ALWAYS_KEPT_SIDE) == (1,)
+    assert kept_sides((1, 6400), (0, 1), r, ALWAYS_KEPT_SIDE) == (0,)
 
 
 @pytest.mark.parametrize("name", list(RATIO_OPTIMIZERS))
@@ -473,3 +477,27 @@ def test_quantized_bases_train_as_well_as_float32(name, bits):
 def test_bad_basis_bits_is_refused_by_name(name, bad):
     with pytest.raises(ValueError, match=r"Invalid basis_bits: .*allowed: None .*, 8 or 4"):
         OPTIMIZERS[name](make_model().parameters(), basis_bits=bad)
+
+
+@pytest.mark.parametrize("task", ["lm", "vit", "dit"])
+@pytest.mark.parametrize("name", list(RATIO_OPTIMIZERS))
+def test_the_benchmarks_models_keep_every_factor_under_the_default(name, task):
+    """whiten-bench's cpu-profile models (lm: the 65-character Shakespeare vocabulary; vit, dit: Fashion-MNIST) at
+    widths 128-512 have the same state under the default max_factor_ratio as under the papers' rule, so their
+    results are the papers' rule's bit for bit (the step depends only on the layout), with one exception: SOAP's
+    positional embedding of vit/dit at width 128, (1, 50, 128) viewed as (1, 6400), whose 6400 × 6400 factor and
+    basis (312 MiB for a 25 KiB parameter) the default leaves out (docs/memory.md has its runs)."""
+    from whiten.bench.models import PROFILES, build_model
+
+    for width in (128, 256, 512):
+        profile = {**PROFILES["cpu"][task], "width": width}
+        model = build_model(task, profile, vocab_size=65 if task == "lm" else None)
+        default = RATIO_OPTIMIZERS[name](whiten.param_groups(model))
+        papers = RATIO_OPTIMIZERS[name](whiten.param_groups(model), max_factor_ratio=None)
+        for g, h in zip(default.param_groups, papers.param_groups):
+            for p in g["params"]:
+                a, b = default.planned_state(p, g), papers.planned_state(p, h)
+                if name == "SOAP" and task in ("vit", "dit") and width == 128 and p.ndim == 3 and p.shape[1] > 1:
+                    assert set(b) - set(a) == {"factor_right", "basis_right"} and p.shape[1] * p.shape[2] > 1024
+                else:
+                    assert a == b, (tuple(p.shape), a, b)

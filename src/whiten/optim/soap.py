@@ -15,7 +15,7 @@ from .eigenbasis import EigenbasisFactors, basis_slots, read_bases, write_basis
 from .checks import (check_betas, check_bool, check_ema_rate, check_int, check_lr, check_range, check_role,
                      check_weight_decay, rotation_dtype, state_dtype_option)
 from .quantize import check_basis_bits
-from .sides import DEFAULT_MAX_FACTOR_RATIO, check_max_factor_ratio, kept_sides
+from .sides import ALWAYS_KEPT_SIDE, DEFAULT_MAX_FACTOR_RATIO, check_max_factor_ratio, kept_sides
 from .stacks import bucket
 from .update import decays, grad_in, state_dtype, step_to, stored_dtype
 
@@ -42,7 +42,8 @@ def _layout(p: torch.Tensor, group: dict) -> _Layout:
         return _Layout(None, False, False, decay)
     if p.ndim >= 2:  # max_factor_ratio among the sides max_precond_dim leaves; precondition_1d is asked for
         # (a group from a checkpoint of before the option has no key: its state was built without it)
-        sides = kept_sides((m, n), [j for j, keep in ((0, left), (1, right)) if keep], group.get("max_factor_ratio"))
+        sides = kept_sides((m, n), [j for j, keep in ((0, left), (1, right)) if keep], group.get("max_factor_ratio"),
+                           ALWAYS_KEPT_SIDE)
         left, right = 0 in sides, 1 in sides
     if not (left or right):
         return _Layout(None, False, False, decay)
@@ -92,7 +93,7 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             ``max_precond_dim``, the largest is left out (no factor, no basis) while the factors and bases of the
             rest (``2 Σ d²`` numbers) exceed r times the parameter's ``m·n`` and 2^16 numbers (default 20, as
             Shampoo's; :func:`whiten.optim.sides.kept_sides`): a (8192, 256) embedding keeps only its 256-side
-            pair; square and 1:4 matrices, and every matrix with both sides up to 181, keep both. It decides the
+            pair; square and 1:4 matrices, and every matrix with both sides up to 1024 (a side that small is never left out), keep both. It decides the
             state keys: do not change it once a parameter has state.
         precondition_1d: give 1-D parameters a factor (default False).
         normalize_grads: divide the update by its RMS (default False).

@@ -15,7 +15,7 @@ from .eigenbasis import EigenbasisFactors, basis_slots, read_bases
 from .checks import (check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay,
                      rotation_dtype, state_dtype_option)
 from .quantize import check_basis_bits
-from .sides import DEFAULT_MAX_FACTOR_RATIO, check_max_factor_ratio, kept_sides
+from .sides import ALWAYS_KEPT_SIDE, DEFAULT_MAX_FACTOR_RATIO, check_max_factor_ratio, kept_sides
 from .stacks import bucket
 from .update import decays, grad_in, state_dtype, step_all, stored_dtype
 
@@ -52,7 +52,8 @@ def _view(p: torch.Tensor, group: dict) -> tuple[tuple[int, int] | None, bool, b
     if matrix is not None:
         # max_dim first (the paper's rule), then max_factor_ratio among the sides it leaves; a group from a
         # checkpoint of before the option has no key: its state was built with every side below max_dim
-        sides = kept_sides(matrix, [j for j in (0, 1) if matrix[j] < group["max_dim"]], group.get("max_factor_ratio"))
+        sides = kept_sides(matrix, [j for j in (0, 1) if matrix[j] < group["max_dim"]], group.get("max_factor_ratio"),
+                           ALWAYS_KEPT_SIDE)
         left, right = 0 in sides, 1 in sides
     if not (left or right):
         matrix = None
@@ -134,7 +135,7 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             (``2 Σ d²`` numbers) exceed r times the parameter's ``m·n`` and 2^16 numbers (default 20, as
             Shampoo's; :func:`whiten.optim.sides.kept_sides`). A (8192, 256) embedding or head then keeps only
             its 256-side pair (the 8192 one alone would be 64× its memory); square and 1:4 hidden matrices, and
-            every matrix with both sides up to 181, keep both, as in the paper. A hidden matrix that loses a side
+            every matrix with both sides up to 1024 (ALWAYS_KEPT_SIDE: a side that small is never left out), keep both, as in the paper. A hidden matrix that loses a side
             (one side more than about 10× the other) takes the non-standard scale, as one beyond ``max_dim``.
             It decides the state keys: do not change it once a parameter has state.
         nonstandard_constant: c, the scale of non-hidden parameters, a number ≥ 0 or None (default None: derived,

@@ -14,7 +14,7 @@ from ..fisher import FisherMixin
 from ._base import WhitenOptimizer
 from .checks import (check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
-from .sides import DEFAULT_MAX_FACTOR_RATIO, check_max_factor_ratio, kept_sides
+from .sides import ALWAYS_KEPT_SIDE, DEFAULT_MAX_FACTOR_RATIO, check_max_factor_ratio, kept_sides
 from .update import decays, grad_in, state_dtype, step_to, stored_dtype
 
 __all__ = ["TNT", "CONV_RESHAPES"]
@@ -42,7 +42,8 @@ def _layout(p: torch.Tensor, group: dict) -> _Layout:
     present = [j for j, d in enumerate(shape) if d <= limit]
     if len(shape) >= 2:  # max_factor_ratio among the modes max_precond_dim leaves; vectors keep the authors' factor
         # (a group from a checkpoint of before the option has no key: its state was built without it)
-        present = kept_sides(shape, present, group.get("max_factor_ratio"))
+        present = kept_sides(shape, present, group.get("max_factor_ratio"),
+                           ALWAYS_KEPT_SIDE)
     return _Layout(shape, tuple(j in present for j in range(len(shape))), decays(p, group))
 
 
@@ -149,7 +150,7 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
             ``max_precond_dim``, the largest is left out (the :math:`cI` of an unfactored mode) while the factors and
             inverses of the rest (``2 Σ d²`` numbers) exceed r times the parameter's size and 2^16 numbers
             (default 20, as Shampoo's; :func:`whiten.optim.sides.kept_sides`): a (8192, 256) embedding keeps only
-            its 256-mode factor; square and 1:4 matrices, every tensor with all modes up to 181, and vectors (the
+            its 256-mode factor; square and 1:4 matrices, every tensor with all modes up to 1024 (never left out), and vectors (the
             authors factor them) keep all. It decides the state keys: do not change it once a parameter has state.
         state_dtype: None (default: float32, float64 for float64 parameters) or ``torch.bfloat16`` (also
             ``"bf16"``/``"bfloat16"``): ``momentum`` and the inverses ``inverse_*`` stored in bfloat16, half their
