@@ -93,7 +93,8 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             ``max_precond_dim``, the largest is left out (no factor, no basis) while the factors and bases of the
             rest (``2 Σ d²`` numbers) exceed r times the parameter's ``m·n`` and 2^16 numbers (default 20, as
             Shampoo's; :func:`whiten.optim.sides.kept_sides`): a (8192, 256) embedding keeps only its 256-side
-            pair; square and 1:4 matrices, and every matrix with both sides up to 1024 (a side that small is never left out), keep both. It decides the
+            pair; square and 1:4 matrices, and every matrix with both sides up to 1024 (a side that small
+            is never left out), keep both. It decides the
             state keys: do not change it once a parameter has state.
         precondition_1d: give 1-D parameters a factor (default False).
         normalize_grads: divide the update by its RMS (default False).

@@ -135,7 +135,8 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             (``2 Σ d²`` numbers) exceed r times the parameter's ``m·n`` and 2^16 numbers (default 20, as
             Shampoo's; :func:`whiten.optim.sides.kept_sides`). A (8192, 256) embedding or head then keeps only
             its 256-side pair (the 8192 one alone would be 64× its memory); square and 1:4 hidden matrices, and
-            every matrix with both sides up to 1024 (ALWAYS_KEPT_SIDE: a side that small is never left out), keep both, as in the paper. A hidden matrix that loses a side
+            every matrix with both sides up to 1024 (ALWAYS_KEPT_SIDE: a side that small is never left
+            out), keep both, as in the paper. A hidden matrix that loses a side
             (one side more than about 10× the other) takes the non-standard scale, as one beyond ``max_dim``.
             It decides the state keys: do not change it once a parameter has state.
         nonstandard_constant: c, the scale of non-hidden parameters, a number ≥ 0 or None (default None: derived,

@@ -150,7 +150,8 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
             ``max_precond_dim``, the largest is left out (the :math:`cI` of an unfactored mode) while the factors and
             inverses of the rest (``2 Σ d²`` numbers) exceed r times the parameter's size and 2^16 numbers
             (default 20, as Shampoo's; :func:`whiten.optim.sides.kept_sides`): a (8192, 256) embedding keeps only
-            its 256-mode factor; square and 1:4 matrices, every tensor with all modes up to 1024 (never left out), and vectors (the
+            its 256-mode factor; square and 1:4 matrices, every tensor with all modes up to 1024 (never
+            left out), and vectors (the
             authors factor them) keep all. It decides the state keys: do not change it once a parameter has state.
         state_dtype: None (default: float32, float64 for float64 parameters) or ``torch.bfloat16`` (also
             ``"bf16"``/``"bfloat16"``): ``momentum`` and the inverses ``inverse_*`` stored in bfloat16, half their
