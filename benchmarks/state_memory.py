@@ -40,20 +40,31 @@ class GPT(nn.Module):
 
 
 # Issue 23's state options: (row label, optimizer, options). The first rows of each optimizer are its defaults.
+R20 = dict(max_factor_ratio=20)
 OPTION_ROWS = [
-    ("SPlus max_factor_ratio=None (the paper's rule)", "SPlus", dict(max_factor_ratio=None)),
     ("SPlus state_dtype=bf16", "SPlus", dict(state_dtype="bf16")),
     ("SPlus basis_bits=8", "SPlus", dict(basis_bits=8)),
     ("SPlus basis_bits=4", "SPlus", dict(basis_bits=4)),
     ("SPlus state_dtype=bf16, basis_bits=4", "SPlus", dict(state_dtype="bf16", basis_bits=4)),
-    ("SPlus state_dtype=bf16, basis_bits=4, ema_rate=None", "SPlus",
-     dict(state_dtype="bf16", basis_bits=4, ema_rate=None)),
-    ("SOAP max_factor_ratio=None (the reference's rule)", "SOAP", dict(max_factor_ratio=None)),
+    ("SPlus max_factor_ratio=20", "SPlus", R20),
+    ("SPlus max_factor_ratio=20, state_dtype=bf16", "SPlus", dict(R20, state_dtype="bf16")),
+    ("SPlus max_factor_ratio=20, basis_bits=4", "SPlus", dict(R20, basis_bits=4)),
+    ("SPlus max_factor_ratio=20, state_dtype=bf16, basis_bits=4", "SPlus", dict(R20, state_dtype="bf16", basis_bits=4)),
+    ("SPlus max_factor_ratio=20, state_dtype=bf16, basis_bits=4, ema_rate=None", "SPlus",
+     dict(R20, state_dtype="bf16", basis_bits=4, ema_rate=None)),
     ("SOAP state_dtype=bf16", "SOAP", dict(state_dtype="bf16")),
     ("SOAP basis_bits=8", "SOAP", dict(basis_bits=8)),
     ("SOAP basis_bits=4", "SOAP", dict(basis_bits=4)),
     ("SOAP state_dtype=bf16, basis_bits=4", "SOAP", dict(state_dtype="bf16", basis_bits=4)),
-    ("TNT max_factor_ratio=None", "TNT", dict(max_factor_ratio=None)),
+    ("SOAP max_factor_ratio=20", "SOAP", R20),
+    ("SOAP max_factor_ratio=20, state_dtype=bf16", "SOAP", dict(R20, state_dtype="bf16")),
+    ("SOAP max_factor_ratio=20, basis_bits=4", "SOAP", dict(R20, basis_bits=4)),
+    ("SOAP max_factor_ratio=20, state_dtype=bf16, basis_bits=4", "SOAP", dict(R20, state_dtype="bf16", basis_bits=4)),
+    ("TNT max_factor_ratio=20", "TNT", R20),
+    ("TNT state_dtype=bf16", "TNT", dict(state_dtype="bf16")),
+    ("KFAC max_dim=None (before issue 23)", "KFAC", dict(max_dim=None)),
+    ("EKFAC max_dim=None (before issue 23)", "EKFAC", dict(max_dim=None)),
+    ("KBFGS max_dim=None (before issue 23)", "KBFGS", dict(max_dim=None)),
     ("Muon state_dtype=bf16", "Muon", dict(state_dtype="bf16")),
     ("Conda state_dtype=bf16", "Conda", dict(state_dtype="bf16")),
 ]

@@ -51,11 +51,10 @@ def test_the_planned_state_is_the_state_held_after_the_first_step(name):
 
 
 def test_the_ratio_and_what_governs_it_on_a_vocabulary_model():
-    """The issue's measurement: SPlus with the paper's rule (``max_factor_ratio=None``; the default before issue 23)
-    on a GPT-like model with an 8192-token vocabulary keeps ~50x its parameters, nearly all of it the embedding's and
-    head's 8192-sided factors and bases, which max_dim governs."""
+    """The issue's measurement: SPlus on a GPT-like model with an 8192-token vocabulary keeps ~50x its parameters,
+    nearly all of it the embedding's and head's 8192-sided factors and bases, which max_dim governs."""
     model = nn.Sequential(nn.Embedding(8192, 256), nn.Linear(256, 256), nn.Linear(256, 8192, bias=False))
-    report = whiten.SPlus(whiten.param_groups(model), max_factor_ratio=None).memory_report()
+    report = whiten.SPlus(whiten.param_groups(model)).memory_report()
     assert 50 < report.ratio < 70  # 65x: two 8192x8192 factors and bases against 4.2M parameters
     assert report.by_kind()["factor"] + report.by_kind()["basis"] > 0.95 * report.state_bytes
     assert report.largest[0][1] == (8192, 256) and report.largest[0][2] in ("embedding", "head")

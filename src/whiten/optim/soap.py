@@ -15,7 +15,7 @@ from .eigenbasis import EigenbasisFactors, basis_slots, read_bases, write_basis
 from .checks import (check_betas, check_bool, check_ema_rate, check_int, check_lr, check_range, check_role,
                      check_weight_decay, rotation_dtype, state_dtype_option)
 from .quantize import check_basis_bits
-from .sides import ALWAYS_KEPT_SIDE, DEFAULT_MAX_FACTOR_RATIO, check_max_factor_ratio, kept_sides
+from .sides import ALWAYS_KEPT_SIDE, check_max_factor_ratio, kept_sides
 from .stacks import bucket
 from .update import decays, grad_in, state_dtype, step_to, stored_dtype
 
@@ -89,13 +89,13 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         eps: ε (default 1e-8). weight_decay: λ, decoupled, after the update (default 0.01).
         precondition_frequency: refresh the bases every this many updates (default 10).
         max_precond_dim: longest side that gets a factor (default 10000, the reference's).
-        max_factor_ratio: r ≥ 2, or None for the reference's rule (``max_precond_dim`` only): of the sides within
-            ``max_precond_dim``, the largest is left out (no factor, no basis) while the factors and bases of the
-            rest (``2 Σ d²`` numbers) exceed r times the parameter's ``m·n`` and 2^16 numbers (default 20, as
-            Shampoo's; :func:`whiten.optim.sides.kept_sides`): a (8192, 256) embedding keeps only its 256-side
-            pair; square and 1:4 matrices, and every matrix with both sides up to 1024 (a side that small
-            is never left out), keep both. It decides the
-            state keys: do not change it once a parameter has state.
+        max_factor_ratio: None (default: the reference's rule, ``max_precond_dim`` only) or r ≥ 2, e.g. 20
+            (Shampoo's): of the sides within ``max_precond_dim``, the largest is left out (no factor, no basis)
+            while the factors and bases of the rest (``2 Σ d²`` numbers) exceed r times the parameter's ``m·n`` and
+            2^16 numbers, a side of at most 1024 never (:func:`whiten.optim.sides.kept_sides`): with 20 a (8192,
+            256) embedding keeps only its 256-side pair. It costs loss where the vocabulary side matters (0.13 more
+            validation loss, 2 seeds, docs/results/memory-defaults), hence not the default. It decides the state
+            keys: do not change it once a parameter has state.
         precondition_1d: give 1-D parameters a factor (default False).
         normalize_grads: divide the update by its RMS (default False).
         correct_bias: Adam's bias correction (default True).
@@ -134,8 +134,8 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
     MEMORY_OPTIONS = {"max_precond_dim": (("factor", "basis"), "a side larger than max_precond_dim gets no factor and "
                                       "no basis"),
                       "max_factor_ratio": (("factor", "basis"), "the largest side is left out while the factors and "
-                                           "bases take more than this times the parameter (default 20; lower keeps "
-                                           "fewer)"),
+                                           "bases take more than this times the parameter (e.g. 20: a vocabulary "
+                                           "side goes; costs loss, docs/memory.md)"),
                       "state_dtype": (("exp_avg", "exp_avg_sq", "basis"), "torch.bfloat16 stores m, v and the bases "
                                       "in half the bytes (float32 arithmetic)"),
                       "basis_bits": (("basis",), "8 or 4 keeps each basis block-wise quantized: 1.06 or 0.56 bytes "
@@ -163,7 +163,7 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         rotation_dtype: torch.dtype | str | None = None,
         state_dtype: torch.dtype | str | None = None,
         basis_bits: int | None = None,
-        max_factor_ratio: float | None = DEFAULT_MAX_FACTOR_RATIO,
+        max_factor_ratio: float | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                         precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,

@@ -15,7 +15,7 @@ from .eigenbasis import EigenbasisFactors, basis_slots, read_bases
 from .checks import (check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay,
                      rotation_dtype, state_dtype_option)
 from .quantize import check_basis_bits
-from .sides import ALWAYS_KEPT_SIDE, DEFAULT_MAX_FACTOR_RATIO, check_max_factor_ratio, kept_sides
+from .sides import ALWAYS_KEPT_SIDE, check_max_factor_ratio, kept_sides
 from .stacks import bucket
 from .update import decays, grad_in, state_dtype, step_all, stored_dtype
 
@@ -130,15 +130,16 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         inverse_every: refresh the eigenbasis every this many steps, and at step 1 (default 100).
         eps: added to the factors' diagonal before the eigendecomposition (default 1e-30).
         max_dim: sides of this size or more get no factor (default 10000, the paper's).
-        max_factor_ratio: r ≥ 2, or None for the paper's rule (``max_dim`` only): of the sides below ``max_dim``,
-            the largest is left out (no factor, no basis, not rotated) while the factors and bases of the rest
-            (``2 Σ d²`` numbers) exceed r times the parameter's ``m·n`` and 2^16 numbers (default 20, as
-            Shampoo's; :func:`whiten.optim.sides.kept_sides`). A (8192, 256) embedding or head then keeps only
-            its 256-side pair (the 8192 one alone would be 64× its memory); square and 1:4 hidden matrices, and
-            every matrix with both sides up to 1024 (ALWAYS_KEPT_SIDE: a side that small is never left
-            out), keep both, as in the paper. A hidden matrix that loses a side
-            (one side more than about 10× the other) takes the non-standard scale, as one beyond ``max_dim``.
-            It decides the state keys: do not change it once a parameter has state.
+        max_factor_ratio: None (default: the paper's rule, ``max_dim`` only) or r ≥ 2, e.g. 20 (Shampoo's): of the
+            sides below ``max_dim``, the largest is left out (no factor, no basis, not rotated) while the factors and
+            bases of the rest (``2 Σ d²`` numbers) exceed r times the parameter's ``m·n`` and 2^16 numbers, a side
+            of at most 1024 never (:func:`whiten.optim.sides.kept_sides`). With 20 a (8192, 256) embedding or head
+            keeps only its 256-side pair (50× → 4× the parameters of a width-256 GPT, docs/memory.md); square and
+            1:4 hidden matrices and every matrix with both sides up to 1024 keep both. It costs loss where the
+            vocabulary side matters: 0.12 more validation loss (2 seeds) on a word-level Shakespeare GPT with a
+            2048-word vocabulary at width 128 (docs/results/memory-defaults), hence not the default. A hidden
+            matrix that loses a side takes the non-standard scale, as one beyond ``max_dim``. It decides the state
+            keys: do not change it once a parameter has state.
         nonstandard_constant: c, the scale of non-hidden parameters, a number ≥ 0 or None (default None: derived,
             ``1e-3 · max(1, 768 / d)`` with d the median smaller side of the hidden matrices of all the groups, 1e-3
             when there are none). The derived number is written into each group that had None, at construction and by
@@ -181,8 +182,8 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
     MEMORY_OPTIONS = {"max_dim": (("factor", "basis"), "a side of max_dim or more gets no factor and no basis (its m x m "
                               "or n x n pair)"),
                       "max_factor_ratio": (("factor", "basis"), "the largest side is left out while the factors and "
-                                           "bases take more than this times the parameter (default 20; lower keeps "
-                                           "fewer)"),
+                                           "bases take more than this times the parameter (e.g. 20: a vocabulary "
+                                           "side goes; costs loss, docs/memory.md)"),
                       "state_dtype": (("momentum", "basis"), "torch.bfloat16 stores the momentum and the bases in "
                                       "half the bytes (float32 arithmetic)"),
                       "basis_bits": (("basis",), "8 or 4 keeps each basis block-wise quantized: 1.06 or 0.56 bytes "
@@ -206,7 +207,7 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         rotation_dtype: torch.dtype | str | None = None,
         state_dtype: torch.dtype | str | None = None,
         basis_bits: int | None = None,
-        max_factor_ratio: float | None = DEFAULT_MAX_FACTOR_RATIO,
+        max_factor_ratio: float | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, ema_rate=ema_rate, weight_decay=weight_decay,
                         inverse_every=inverse_every, eps=eps, max_dim=max_dim, max_factor_ratio=max_factor_ratio,

@@ -14,7 +14,7 @@ from ..fisher import FisherMixin
 from ._base import WhitenOptimizer
 from .checks import (check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
-from .sides import ALWAYS_KEPT_SIDE, DEFAULT_MAX_FACTOR_RATIO, check_max_factor_ratio, kept_sides
+from .sides import ALWAYS_KEPT_SIDE, check_max_factor_ratio, kept_sides
 from .update import decays, grad_in, state_dtype, step_to, stored_dtype
 
 __all__ = ["TNT", "CONV_RESHAPES"]
@@ -146,13 +146,12 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         inverse_freq: T2, steps between inversions after the first T2 steps (default 100, CIFAR; autoencoders 20).
         conv_reshape: ``"filter"`` (default), ``"kfac"`` or ``"none"`` (see ``CONV_RESHAPES``).
         max_precond_dim: longest mode that gets a factor (default 10000).
-        max_factor_ratio: r ≥ 2, or None for ``max_precond_dim`` only: of the modes of a matrix or tensor within
-            ``max_precond_dim``, the largest is left out (the :math:`cI` of an unfactored mode) while the factors and
-            inverses of the rest (``2 Σ d²`` numbers) exceed r times the parameter's size and 2^16 numbers
-            (default 20, as Shampoo's; :func:`whiten.optim.sides.kept_sides`): a (8192, 256) embedding keeps only
-            its 256-mode factor; square and 1:4 matrices, every tensor with all modes up to 1024 (never
-            left out), and vectors (the
-            authors factor them) keep all. It decides the state keys: do not change it once a parameter has state.
+        max_factor_ratio: None (default: ``max_precond_dim`` only) or r ≥ 2, e.g. 20 (Shampoo's): of the modes of
+            a matrix or tensor within ``max_precond_dim``, the largest is left out (the :math:`cI` of an unfactored
+            mode) while the factors and inverses of the rest (``2 Σ d²`` numbers) exceed r times the parameter's
+            size and 2^16 numbers, a mode of at most 1024 never (:func:`whiten.optim.sides.kept_sides`); vectors
+            keep the authors' factor. As SPlus's and SOAP's: not the default, see docs/memory.md. It decides the
+            state keys: do not change it once a parameter has state.
         state_dtype: None (default: float32, float64 for float64 parameters) or ``torch.bfloat16`` (also
             ``"bf16"``/``"bfloat16"``): ``momentum`` and the inverses ``inverse_*`` stored in bfloat16, half their
             bytes; the arithmetic stays float32 (cast up for the step, rounded once back). The factors stay float32
@@ -172,8 +171,8 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
     MEMORY_OPTIONS = {"max_precond_dim": (("factor", "inverse"), "a side larger than max_precond_dim gets no factor and "
                                         "no inverse"),
                       "max_factor_ratio": (("factor", "inverse"), "the largest mode is left out while the factors "
-                                           "and inverses take more than this times the parameter (default 20; lower "
-                                           "keeps fewer)"),
+                                           "and inverses take more than this times the parameter (e.g. 20: a "
+                                           "vocabulary side goes)"),
                       "state_dtype": (("momentum", "inverse"), "torch.bfloat16 stores the momentum and the inverses "
                                       "in half the bytes (float32 arithmetic)")}  # see memory_report
 
@@ -196,7 +195,7 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         fisher_seed: int = 0,
         nonfinite: str = "skip",
         process_group=None,
-        max_factor_ratio: float | None = DEFAULT_MAX_FACTOR_RATIO,
+        max_factor_ratio: float | None = None,
         state_dtype: torch.dtype | str | None = None,
     ):
         check_int("update_freq", update_freq, 1)
