@@ -80,7 +80,9 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
 
     State per parameter (float32, float64 for float64 parameters): ``step`` (int, counts calls including the first),
     ``exp_avg``, ``exp_avg_sq`` (shape of p; in the eigenbasis), ``factor_left`` / ``basis_left`` (m, m) and
-    ``factor_right`` / ``basis_right`` (n, n) for each rotated side, ``ema`` when averaging.
+    ``factor_right`` / ``basis_right`` (n, n) for each rotated side, ``ema`` when averaging. With
+    ``state_dtype=torch.bfloat16`` m, v and the bases are bfloat16; with ``basis_bits`` each basis is ``qbasis_*``
+    (uint8 codes) and ``qscale_*`` (float32 scales) instead.
 
     Args:
         params: parameters or param-group dicts (groups from :func:`whiten.param_groups` carry a ``role``).

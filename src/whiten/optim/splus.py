@@ -116,7 +116,9 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
 
     State per parameter (``optimizer.state[p]``), in float32 (float64 for float64 parameters):
     ``step`` (int), ``momentum`` and ``ema`` (shape of p; ``live`` too while in eval mode); for whitened matrices ``factor_left`` (m, m),
-    ``basis_left`` (m, m), ``factor_right`` (n, n), ``basis_right`` (n, n) for each side that has a factor.
+    ``basis_left`` (m, m), ``factor_right`` (n, n), ``basis_right`` (n, n) for each side that has a factor. With
+    ``state_dtype=torch.bfloat16`` the momentum and bases are bfloat16; with ``basis_bits`` each basis is
+    ``qbasis_*`` (uint8 codes) and ``qscale_*`` (float32 scales) instead.
 
     Args:
         params: parameters or param-group dicts; groups from :func:`whiten.param_groups` carry a ``role``. Without a
