@@ -135,6 +135,30 @@ def test_bit_identical_to_one_process(mode, world):
         assert sum(w > 0 for w in results[0][name][2]) == world  # every rank owns work
 
 
+def _equal_to_one_process_with(rank, world, mode, cases):
+    out = []
+    for name, kw in cases:
+        r = Runner(name, mode, **kw)
+        for t in range(STEPS):
+            r.step(t)
+        out.append(same(r.params(), control(name, **kw)))
+    return out
+
+
+# issue 23's state options (tests/test_state_options.py): bfloat16 momenta and bases, quantized bases
+OPTION_CASES = [("SPlus", {"state_dtype": "bf16"}), ("SOAP", {"state_dtype": "bf16"}),
+                ("SPlus", {"basis_bits": 8}), ("SOAP", {"basis_bits": 4}),
+                ("Muon", {"state_dtype": "bf16"}), ("Conda", {"state_dtype": "bf16"}), ("TNT", {"state_dtype": "bf16"})]
+
+
+@pytest.mark.parametrize("mode,world", [("ddp", 2), ("fsdp", 3)])
+def test_state_options_bit_identical_to_one_process(mode, world):
+    results = launch(_equal_to_one_process_with, world, mode, OPTION_CASES)
+    for rank, res in enumerate(results):
+        for (name, kw), differ in zip(OPTION_CASES, res):
+            assert differ == [], f"{name} {kw}, {mode} on {world} ranks, rank {rank}: {differ} differ"
+
+
 def test_bf16_parameters_with_fp32_state_under_fsdp():
     names = ["SPlus", "Muon", "SOAP", "Conda", "Prodigy", "MFAC"]
     results = launch(_equal_to_one_process, 3, "fsdp", names, torch.bfloat16)

@@ -2,7 +2,8 @@
 
 Names: ``adamw`` (torch.optim.AdamW, the baseline); whiten's ``splus``, ``soap``, ``shampoo`` (``shampoo-nograft``
 without grafting), ``psgd-kron``, ``muon``, ``schedule-free-adamw`` and ``schedule-free-adamw-b0.999``, ``scion``, ``specgd``;
-``splus-bf16`` and ``soap-bf16`` (the same with bfloat16 rotations); ``tnt`` and ``sophia`` (sampled-label
+``splus-bf16`` and ``soap-bf16`` (the same with bfloat16 rotations); ``splus-state-bf16``, ``splus-basis8``,
+``splus-basis4`` and the same for ``soap`` (issue 23's state options: bfloat16 momenta and bases, 8- and 4-bit bases); ``tnt`` and ``sophia`` (sampled-label
 curvature: the harness calls their ``sample_fisher``); ``kfac``, ``ekfac`` and their ``-sampled`` variants;
 ``kbfgs`` and ``kbfgs-l`` (K-BFGS and K-BFGS(L): the harness calls ``step(closure)``);
 ``torch:Muon`` (torch.optim.Muon on hidden matrices, AdamW on the rest); and ``pytorch_optimizer:<Class>`` for any
@@ -264,6 +265,19 @@ REGISTRY: dict[str, OptimizerSpec] = {
         "soap-bf16", _whiten("SOAP"), default_lr=4.64e-3, lr_grid=lr_grid(-10, -5),
         options=dict(betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10, rotation_dtype="bf16"),
         source="whiten.SOAP as soap, rotations in bfloat16"),
+    # Issue 23's state options, the same settings as splus / soap otherwise, to measure what each reduction of the
+    # state costs in loss (docs/memory.md): bfloat16 momenta and bases (-state-bf16), 8- or 4-bit bases (-basis8,
+    # -basis4).
+    **{f"{base}{suffix}": OptimizerSpec(
+        f"{base}{suffix}", builder, default_lr=lr, lr_grid=grid, options={**options, **extra},
+        averages=base == "splus", source=f"whiten.{cls} as {base}, {what}")
+       for base, cls, builder, lr, grid, options in (
+           ("splus", "SPlus", _splus, 0.1, lr_grid(-4, 1), dict(ema_rate="1-10/steps")),
+           ("soap", "SOAP", _whiten("SOAP"), 4.64e-3, lr_grid(-10, -5),
+            dict(betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10)))
+       for suffix, extra, what in (("-state-bf16", dict(state_dtype="bf16"), "momenta and bases stored in bfloat16"),
+                                   ("-basis8", dict(basis_bits=8), "8-bit bases"),
+                                   ("-basis4", dict(basis_bits=4), "4-bit bases"))},
     "pytorch_optimizer:SPlus": OptimizerSpec(
         "pytorch_optimizer:SPlus", _pytorch_optimizer("SPlus"), default_lr=0.1, lr_grid=lr_grid(-4, 1),
         # Same settings as whiten's splus entry, so the two implementations are compared like for like (its

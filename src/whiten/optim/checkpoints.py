@@ -150,7 +150,7 @@ class Checkpoints:
                 raise ValueError(f"{name}.load_state_dict: group {gi} has {len(saved['params'])} parameters in the "
                                  f"checkpoint and {len(group['params'])} here (another model?)")
             id_to_param.update(zip(saved["params"], group["params"]))
-            candidate = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            candidate = {**group, **self.BEFORE_OPTIONS, **{k: v for k, v in saved.items() if k != "params"}}
             try:
                 self.validate_group(candidate)
             except (ValueError, KeyError) as e:
@@ -165,8 +165,9 @@ class Checkpoints:
             gi = group_of[pid]
             # an empty entry, or one with only live weights, marks a parameter another rank owned (distributed)
             owned_elsewhere = set(entry) <= {"live"}
-            expected = None if owned_elsewhere else self.expected_state_of(p, {**self.param_groups[gi], **{
-                k: v for k, v in saved_groups[gi].items() if k != "params"}})
+            expected = None if owned_elsewhere else self.expected_state_of(p, {
+                **self.param_groups[gi], **self.BEFORE_OPTIONS,
+                **{k: v for k, v in saved_groups[gi].items() if k != "params"}})
             if not owned_elsewhere:
                 self.check_state_entry(pid, p, entry, {**self.param_groups[gi], **saved_groups[gi]})
             for key, shape in (expected or {}).items():
@@ -198,6 +199,21 @@ class Checkpoints:
         state initialiser on a meta tensor (no memory)."""
         return None
 
+    # {option: value} a checkpoint from before the option resumes with instead of the default: the behaviour its state
+    # was built by (SPlus's, SOAP's and TNT's max_factor_ratio: None, every side below the size limit has a factor)
+    BEFORE_OPTIONS: dict = {}
+
+    def stored_dtypes(self, p: torch.Tensor, group: dict) -> dict:
+        """``{key: dtype}`` of the state tensors ``p`` keeps in another dtype than :func:`state_dtype` (the
+        ``state_dtype`` option's bfloat16 momenta and bases): what :meth:`load_state_dict` restores them in and what
+        ``memory_report`` counts before the first step. Empty by default."""
+        return {}
+
+    @staticmethod
+    def _dtypes_of(state: dict, p: torch.Tensor) -> dict:
+        full = state_dtype(p)
+        return {k: v.dtype for k, v in state.items() if isinstance(v, torch.Tensor) and v.dtype != full}
+
     @staticmethod
     def _shapes_of(state: dict) -> dict:
         return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
@@ -213,14 +229,15 @@ class Checkpoints:
             for key in self.global_state_keys():
                 group.pop(key, None)
             for key, value in self.defaults.items():  # a checkpoint from before an option
-                group.setdefault(key, value)
+                group.setdefault(key, self.BEFORE_OPTIONS.get(key, value))
         self.reset_stacks()
         # torch casts floating-point state to the parameter's dtype; whiten keeps state in its own dtype (fp32
         # factors for bf16 parameters), so restore each saved tensor with its saved dtype. Cloning also keeps this
         # optimizer from sharing tensors with the dict it was loaded from.
-        id_to_param = {}
+        id_to_param, group_of = {}, {}
         for saved, group in zip(state_dict["param_groups"], self.param_groups):
             id_to_param.update(zip(saved["params"], group["params"]))
+            group_of.update((pid, group) for pid in saved["params"])
         ctx = self.distributed_context()
         for pid, saved_state in state_dict["state"].items():
             p = id_to_param.get(pid)
@@ -235,9 +252,11 @@ class Checkpoints:
             # Floating state takes the dtype this optimizer creates for p (float32, float64 for float64
             # parameters), whatever it was saved in: an fp32 checkpoint loaded into a float64 model would
             # otherwise keep float32 state that later kernels mix with float64 (a mid-step failure).
+            # The state_dtype option's entries (bfloat16 momenta, bases) take that dtype instead.
             dtype = state_dtype(p)
+            stored = self.stored_dtypes(p, group_of[pid])
             self.state[p] = {
-                k: v.detach().to(device=p.device, dtype=(p.dtype if k == "live" else dtype)
+                k: v.detach().to(device=p.device, dtype=(p.dtype if k == "live" else stored.get(k, dtype))
                                  if v.is_floating_point() else None, copy=True)
                 if isinstance(v, torch.Tensor) else v
                 for k, v in saved_state.items()

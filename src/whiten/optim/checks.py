@@ -76,6 +76,17 @@ def check_role(value) -> None:
 ROTATION_DTYPES = {None: None, torch.bfloat16: torch.bfloat16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
+def state_dtype_option(value) -> torch.dtype | None:
+    """The storage dtype of an optimizer's reduced-precision state (``state_dtype``): None (float32, float64 for
+    float64 parameters) or torch.bfloat16, spelled as ``rotation_dtype`` is. Raises a ValueError naming
+    ``state_dtype`` for anything else."""
+    try:
+        return ROTATION_DTYPES[value]
+    except (KeyError, TypeError):  # TypeError: an unhashable value
+        raise ValueError(f"Invalid state_dtype: {value!r} (allowed: None, torch.bfloat16, 'bf16' or "
+                         "'bfloat16')") from None
+
+
 def rotation_dtype(value) -> torch.dtype | None:
     """The dtype of the rotations into and out of the eigenbasis: None (the state dtype) or torch.bfloat16.
     Raises a ValueError naming ``rotation_dtype`` for anything else."""

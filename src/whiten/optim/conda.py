@@ -10,8 +10,9 @@ import torch
 from ..linalg import finite_flags, warn_eigh_failure
 from ..roles import role_from_shape
 from ._base import WhitenOptimizer
-from .checks import check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay
-from .update import decays, grad_in, state_dtype, write
+from .checks import (check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay,
+                     state_dtype_option)
+from .update import decays, grad_in, state_dtype, stored_dtype, write
 
 __all__ = ["Conda"]
 
@@ -106,10 +107,17 @@ class Conda(WhitenOptimizer):
         process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
             averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
             Each parameter's step runs on one owner rank; the numbers are those of one process.
+        state_dtype: None (default: float32, float64 for float64 parameters) or ``torch.bfloat16`` (also
+            ``"bf16"``/``"bfloat16"``): ``exp_avg`` and the basis stored in bfloat16, half their bytes; each step
+            works on float32 copies, rounded once back. ``exp_avg_sq`` stays float32: with β2 = 0.999 its update
+            (0.1% a step) is below bfloat16's rounding and would be lost. Set it before the first step.
 
     Reference: J. Wang et al., "Conda: Column-Normalized Adam for Training Large Language Models Faster",
     arXiv 2509.24218 (2025).
     """
+
+    MEMORY_OPTIONS = {"state_dtype": (("exp_avg", "basis"), "torch.bfloat16 stores m and the basis in half the "
+                                      "bytes (float32 arithmetic)")}  # see memory_report
 
     def __init__(
         self,
@@ -124,9 +132,11 @@ class Conda(WhitenOptimizer):
         svd_dtype: torch.dtype | None = torch.float32,
         nonfinite: str = "skip",
         process_group=None,
+        state_dtype: torch.dtype | str | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-                        update_proj_gap=update_proj_gap, scale=scale, svd_dtype=svd_dtype, role=None)
+                        update_proj_gap=update_proj_gap, scale=scale, svd_dtype=svd_dtype, role=None,
+                        state_dtype=state_dtype)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
@@ -141,6 +151,7 @@ class Conda(WhitenOptimizer):
         if dt is not None and dt not in (torch.float32, torch.float64):
             raise ValueError(f"Invalid svd_dtype: {dt!r} (allowed: None, torch.float32 or torch.float64)")
         check_role(group["role"])
+        state_dtype_option(group.get("state_dtype"))
 
     def stack_invariant(self, p: torch.Tensor, group: dict) -> bool:
         return True  # every parameter is stepped on its own tensors: no stacks whose layout could change the bits
@@ -150,15 +161,20 @@ class Conda(WhitenOptimizer):
         return self._shapes_of(self._init_state(meta, group))
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        dtype = state_dtype(p)
+        dtype = stored_dtype(p, group)  # state_dtype: m and the basis in bfloat16
+        # v stays in the state dtype: β2 = 0.999 adds 0.1% a step, under bfloat16's rounding (its updates are lost)
         state = {"step": 0, "exp_avg": torch.zeros(p.shape, dtype=dtype, device=p.device),
-                 "exp_avg_sq": torch.zeros(p.shape, dtype=dtype, device=p.device)}
+                 "exp_avg_sq": torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)}
         matrix = _matrix(p, group)
         if matrix is not None:
             side = _side(matrix)
             k = matrix[1] if side == "right" else matrix[0]
             state[f"basis_{side}"] = torch.eye(k, dtype=dtype, device=p.device)
         return state
+
+    def stored_dtypes(self, p: torch.Tensor, group: dict) -> dict:
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        return self._dtypes_of(self._init_state(meta, group), p)
 
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]
@@ -176,6 +192,9 @@ class Conda(WhitenOptimizer):
                     s["exp_avg_sq"].zero_()
         lr = float(group["lr"])
         for p, s in zip(params, states):
+            stored = None
+            if s["exp_avg"].dtype != state_dtype(p):  # state_dtype: a float32 copy, rounded once back at the end
+                stored, s = s, {k: v.to(state_dtype(p)) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
             m, v = s["exp_avg"], s["exp_avg_sq"]
             g = grad_in(p, m.dtype)
             matrix = _matrix(p, group)
@@ -216,6 +235,12 @@ class Conda(WhitenOptimizer):
                     x.add_(x, alpha=-decay)
 
             write(p, m.dtype, update)
+            if stored is not None:
+                for k, value in s.items():
+                    if isinstance(value, torch.Tensor):
+                        stored[k].copy_(value)
+                    else:
+                        stored[k] = value
 
     def _refresh(self, B: torch.Tensor, M: torch.Tensor, side: str, svd_dtype) -> None:
         """B <- Vᵀ (side right) or U (side left) of the reduced SVD of M; on failure B is kept and counted."""

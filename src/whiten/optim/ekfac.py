@@ -90,7 +90,7 @@ class EKFAC(KFAC):
                  factor_decay: float = 0.95, kl_clip: float | None = 1e-3, weight_decay: float = 0.0,
                  factor_every: int = 10, inverse_every: int = 100, scale_every: int = 10,
                  fisher: str = "empirical", loss_average: str = "batch+sequence", fisher_seed: int = 0,
-                 nonfinite: str = "skip", process_group=None):
+                 nonfinite: str = "skip", process_group=None, max_dim: int | None = 10000):
         check_int("scale_every", scale_every, 1)
         self.scale_every = scale_every  # before the hooks exist
         self._replicas: dict = {}  # distributed: id(weight) -> (basis_a, basis_g) held by every rank
@@ -98,7 +98,7 @@ class EKFAC(KFAC):
         super().__init__(params, model, lr=lr, momentum=momentum, damping=damping, factor_decay=factor_decay,
                          kl_clip=kl_clip, weight_decay=weight_decay, factor_every=factor_every,
                          inverse_every=inverse_every, fisher=fisher, loss_average=loss_average,
-                         fisher_seed=fisher_seed, nonfinite=nonfinite, process_group=process_group)
+                         fisher_seed=fisher_seed, nonfinite=nonfinite, process_group=process_group, max_dim=max_dim)
 
     def _scale_step(self, step: int) -> bool:
         return step % self.scale_every == 0

@@ -193,6 +193,12 @@ class KBFGS(LayerHooksMixin, WhitenOptimizer):
         loss_average: ``"batch+sequence"`` (default) or ``"batch"``, as :class:`whiten.KFAC`'s.
         nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient.
         process_group: a ``torch.distributed`` group (DDP); default None.
+        max_dim: a layer with an output side, or a non-diagonal input side, of this size or more is not
+            preconditioned: its weight and bias take the SGD fallback (default 10000, SPlus's paper's side limit;
+            None: every layer, as before issue 23). A 50304-vocabulary head would otherwise keep a 50304² G and its
+            inverse (two 10 GB matrices); no model of whiten's tests or benchmarks has such a side, so their
+            results are unchanged. (An embedding's vocabulary side is its diagonal A: not counted.) Set it at
+            construction; it decides which parameters are layers.
 
     Reference: D. Goldfarb, Y. Ren, A. Bahamou, "Practical Quasi-Newton Methods for Training Deep Neural
     Networks", NeurIPS 2020 (arXiv 2006.08877).
@@ -202,6 +208,9 @@ class KBFGS(LayerHooksMixin, WhitenOptimizer):
     LAYER_KINDS = ("linear", "conv2d")
     STATS = ("a", "mean_in", "mean_out", "grad")
     factor_every = 1  # the hooks' statistics are taken at every step
+    MEMORY_OPTIONS = {"max_dim": (("factor_a", "inverse_a", "inverse_g", "pairs_s", "pairs_y"), "a layer with a side "
+                                  "of max_dim or more takes the SGD fallback")}  # see memory_report
+
     PICKLED = {"variant": "K-BFGS", "memory": 100, "hg_init": 1.0}
 
     def __init__(
@@ -220,11 +229,12 @@ class KBFGS(LayerHooksMixin, WhitenOptimizer):
         loss_average: str = "batch+sequence",
         nonfinite: str = "skip",
         process_group=None,
+        max_dim: int | None = 10000,
     ):
         check_choice("variant", variant, VARIANTS)
         check_int("memory", memory, 1)
         check_range("hg_init", hg_init, 0.0, 1e6, low_open=True)
-        self._set_model(model, loss_average)
+        self._set_model(model, loss_average, max_dim)
         self.variant = variant
         self.memory = memory
         self.hg_init = float(hg_init)

@@ -126,6 +126,12 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
             ``"batch"`` (see above). fisher_seed: the sampled labels' seed (default 0).
         nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient.
         process_group: a ``torch.distributed`` group (DDP); default None.
+        max_dim: a layer with an output side, or a non-diagonal input side, of this size or more is not
+            preconditioned: its weight and bias take the SGD fallback (default 10000, SPlus's paper's side limit;
+            None: every layer, as before issue 23). A 50304-vocabulary head would otherwise keep a 50304² G and its
+            inverse (two 10 GB matrices); no model of whiten's tests or benchmarks has such a side, so their
+            results are unchanged. (An embedding's vocabulary side is its diagonal A: not counted.) Set it at
+            construction; it decides which parameters are layers.
 
     References: J. Martens, R. Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate Curvature",
     ICML 2015; R. Grosse, J. Martens, "A Kronecker-factored approximate Fisher matrix for convolution layers",
@@ -136,6 +142,10 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
     scale_every: int | None = None  # EKFAC's
     # settings kept as attributes, with their defaults; the model travels with the optimizer so that a copy hooks
     # its own copy of the model
+    MEMORY_OPTIONS = {"max_dim": (("factor_a", "factor_g", "inverse_a", "inverse_g", "basis_a", "basis_g", "scale"),
+                                  "a layer with a side of max_dim or more (its factor would be max_dim² or more) "
+                                  "takes the SGD fallback")}  # see memory_report
+
     PICKLED = {"model": None, "fisher": "empirical", "loss_average": "batch+sequence", "kl_clip": 1e-3,
                "factor_every": 10, "inverse_every": 100, "scale_every": None}
 
@@ -156,13 +166,14 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         fisher_seed: int = 0,
         nonfinite: str = "skip",
         process_group=None,
+        max_dim: int | None = 10000,
     ):
         check_choice("fisher", fisher, FISHER_TYPES)
         if kl_clip is not None:
             check_range("kl_clip", kl_clip, 0.0)
         check_int("factor_every", factor_every, 1)
         check_int("inverse_every", inverse_every, 1)
-        self._set_model(model, loss_average)
+        self._set_model(model, loss_average, max_dim)
         self.fisher = fisher
         self.kl_clip = float(kl_clip) if kl_clip else 0.0
         self.factor_every = factor_every

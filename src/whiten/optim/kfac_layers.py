@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import all_reduce_flat
-from .checks import check_choice
+from .checks import check_choice, check_int
 from .update import state_dtype
 
 # what the loss averages, for the number of loss terms L of the ordinary backward (see _loss_terms)
@@ -232,7 +232,7 @@ class LayerHooksMixin:
     """
 
     # the model travels with the optimizer, so that a copy hooks its own copy of the model
-    PICKLED = {"model": None, "loss_average": "batch+sequence"}
+    PICKLED = {"model": None, "loss_average": "batch+sequence", "max_dim": None}
     # the layer kinds this optimizer preconditions (see layer_kind); modules of other kinds take the fallback
     LAYER_KINDS: tuple[str, ...] = ("linear", "conv2d", "embedding")
 
@@ -240,15 +240,18 @@ class LayerHooksMixin:
         kind = layer_kind(module)
         return kind if kind in self.LAYER_KINDS else None
 
-    def _set_model(self, model: nn.Module, loss_average: str) -> None:
-        """Keep ``model`` and ``loss_average`` (checked) and start the hooks' bookkeeping: before
+    def _set_model(self, model: nn.Module, loss_average: str, max_dim: int | None = None) -> None:
+        """Keep ``model``, ``loss_average`` and ``max_dim`` (checked) and start the hooks' bookkeeping: before
         ``WhitenOptimizer.__init__``."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__}: model must be the torch.nn.Module whose layers it "
                             f"preconditions, got {type(model).__name__}")
         check_choice("loss_average", loss_average, LOSS_AVERAGES)
+        if max_dim is not None:
+            check_int("max_dim", max_dim, 1)
         self.model = model
         self.loss_average = loss_average
+        self.max_dim = max_dim
         self._reset_layers()
 
     def _check_in_model(self, group: dict) -> None:
@@ -386,6 +389,8 @@ class LayerHooksMixin:
             if b is not None and (id(b) not in ours or len(holders.get(id(b), ())) > 1):
                 b = None
             layer = Layer(name=name, module=m, kind=kind, weight=w, bias=b)
+            if self.max_dim is not None and max(layer.d_out, 0 if layer.diagonal_a else layer.d_in) >= self.max_dim:
+                continue  # max_dim: a side this long would get a d × d factor (a vocabulary head): fallback
             plan.layers.append(layer)
             plan.by_module[id(m)] = layer
             plan.role[id(w)] = ("weight", layer)

@@ -105,7 +105,9 @@ def memory_report(opt, top: int = 3) -> MemoryReport:
                 if ctx is not None and p in ctx.experts:  # this rank's experts of the stack
                     mine = len(ctx.owned_experts(p))
                     shapes = {k: None if s is None else (mine, *s[1:]) for k, s in shapes.items()}
-                entries = [(k, shape, state_dtype(p)) for k, shape in shapes.items() if shape is not None]
+                stored = opt.stored_dtypes(p, group)
+                entries = [(k, shape, stored.get(k, state_dtype(p))) for k, shape in shapes.items()
+                           if shape is not None]
             total = 0
             for key, shape, dtype in entries:
                 size = _tensor_bytes(shape, dtype)

@@ -17,6 +17,7 @@ from ..linalg import InverseRootResult, matrix_inverse_root
 
 from ._base import WhitenOptimizer
 from .checks import check_bool, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
+from .sides import SMALL_FACTORS, check_max_factor_ratio, kept_sides  # noqa: F401 (SMALL_FACTORS: re-exported)
 from .stacks import bucket
 from .update import decays, grad_in, state_dtype, write
 
@@ -25,9 +26,6 @@ __all__ = ["Shampoo", "InverseRootResult", "block_layout", "matrix_inverse_root"
 GRAFTING_TYPES = (None, "adagrad", "rmsprop", "adam")
 # grafting_beta2=None takes Distributed Shampoo's default of each grafting config.
 DEFAULT_GRAFTING_BETA2 = {"adagrad": 1.0, "rmsprop": 0.99, "adam": 0.999}
-# Factors and roots of at most this many numbers (256 KiB in float32) are kept whatever max_factor_ratio says: they
-# cost nothing worth saving, and small parameters keep DS's preconditioning.
-SMALL_FACTORS = 2**16
 # Distributed Shampoo's guard on the Shampoo direction's norm when grafting.
 GRAFT_NORM_EPS = 1e-16
 
@@ -62,15 +60,11 @@ class Block(NamedTuple):
 def preconditioned_modes(dims: tuple[int, ...], max_factor_ratio: float | None) -> tuple[int, ...]:
     """The modes of a block that get a factor. All of them in Distributed Shampoo (``max_factor_ratio=None``).
     With a ratio r, the largest mode is left out (identity on it) while the factors and roots of the others
-    (``2 Σ d_j²`` numbers) exceed r times the block's ``Π d_j`` and :data:`SMALL_FACTORS`: a vector longer than 181
-    keeps no factor, a (1024, 64) block only its 64-side one, while square and 1:4 matrices keep both (4× and
-    8.5×), and so does every block whose factors are small anyway."""
-    modes = list(range(len(dims)))
-    if max_factor_ratio is not None:
-        numel = math.prod(dims)
-        while modes and 2 * sum(dims[j] ** 2 for j in modes) > max(max_factor_ratio * numel, SMALL_FACTORS):
-            modes.remove(max(modes, key=lambda j: dims[j]))
-    return tuple(modes)
+    (``2 Σ d_j²`` numbers) exceed r times the block's ``Π d_j`` and :data:`SMALL_FACTORS` (:func:`kept_sides`,
+    the rule SPlus, SOAP and TNT share): a vector longer than 181 keeps no factor, a (1024, 64) block only its
+    64-side one, while square and 1:4 matrices keep both (4× and 8.5×), and so does every block whose factors are
+    small anyway."""
+    return kept_sides(dims, range(len(dims)), max_factor_ratio)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -261,8 +255,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         check_range("epsilon", group["epsilon"], 0.0, low_open=True)
         check_weight_decay(group["weight_decay"])
         check_int("max_preconditioner_dim", group["max_preconditioner_dim"], 1)
-        if group["max_factor_ratio"] is not None:
-            check_range("max_factor_ratio", group["max_factor_ratio"], 2.0, 1e6)
+        check_max_factor_ratio(group["max_factor_ratio"])
         check_int("precondition_frequency", group["precondition_frequency"], 1)
         start, freq = group["start_preconditioning_step"], group["precondition_frequency"]
         if start is not None and start != math.inf:

@@ -11,11 +11,13 @@ from ..averaging import AveragingMixin
 from ..linalg import finite_flags, rotate, unrotate, update_factors, warn_eigh_failure
 
 from ._base import WhitenOptimizer
-from .eigenbasis import EigenbasisFactors
+from .eigenbasis import EigenbasisFactors, basis_slots, read_bases, write_basis
 from .checks import (check_betas, check_bool, check_ema_rate, check_int, check_lr, check_range, check_role,
-                     check_weight_decay, rotation_dtype)
+                     check_weight_decay, rotation_dtype, state_dtype_option)
+from .quantize import check_basis_bits
+from .sides import ALWAYS_KEPT_SIDE, check_max_factor_ratio, kept_sides
 from .stacks import bucket
-from .update import decays, grad_in, state_dtype, step_to
+from .update import decays, grad_in, state_dtype, step_to, stored_dtype
 
 __all__ = ["SOAP"]
 
@@ -38,9 +40,17 @@ def _layout(p: torch.Tensor, group: dict) -> _Layout:
         left, right = m <= limit, False
     else:
         return _Layout(None, False, False, decay)
+    if p.ndim >= 2:  # max_factor_ratio among the sides max_precond_dim leaves; precondition_1d is asked for
+        # (a group from a checkpoint of before the option has no key: its state was built without it)
+        sides = kept_sides((m, n), [j for j, keep in ((0, left), (1, right)) if keep], group.get("max_factor_ratio"),
+                           ALWAYS_KEPT_SIDE)
+        left, right = 0 in sides, 1 in sides
     if not (left or right):
         return _Layout(None, False, False, decay)
     return _Layout((m, n), left, right, decay)
+
+
+BASIS_KEYS = ("basis_", "qbasis_", "qscale_")  # a side's basis: the tensor, or its codes and scales
 
 
 class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
@@ -70,7 +80,9 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
 
     State per parameter (float32, float64 for float64 parameters): ``step`` (int, counts calls including the first),
     ``exp_avg``, ``exp_avg_sq`` (shape of p; in the eigenbasis), ``factor_left`` / ``basis_left`` (m, m) and
-    ``factor_right`` / ``basis_right`` (n, n) for each rotated side, ``ema`` when averaging.
+    ``factor_right`` / ``basis_right`` (n, n) for each rotated side, ``ema`` when averaging. With
+    ``state_dtype=torch.bfloat16`` m, v and the bases are bfloat16; with ``basis_bits`` each basis is ``qbasis_*``
+    (uint8 codes) and ``qscale_*`` (float32 scales) instead.
 
     Args:
         params: parameters or param-group dicts (groups from :func:`whiten.param_groups` carry a ``role``).
@@ -78,7 +90,14 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         shampoo_beta: β_s for the factors (default None: β2).
         eps: ε (default 1e-8). weight_decay: λ, decoupled, after the update (default 0.01).
         precondition_frequency: refresh the bases every this many updates (default 10).
-        max_precond_dim: longest side that gets a factor (default 10000).
+        max_precond_dim: longest side that gets a factor (default 10000, the reference's).
+        max_factor_ratio: None (default: the reference's rule, ``max_precond_dim`` only) or r ≥ 2, e.g. 20
+            (Shampoo's): of the sides within ``max_precond_dim``, the largest is left out (no factor, no basis)
+            while the factors and bases of the rest (``2 Σ d²`` numbers) exceed r times the parameter's ``m·n`` and
+            2^16 numbers, a side of at most 1024 never (:func:`whiten.optim.sides.kept_sides`): with 20 a (8192,
+            256) embedding keeps only its 256-side pair. It costs loss where the vocabulary side matters (0.13 more
+            validation loss, 2 seeds, docs/results/memory-defaults), hence not the default. It decides the state
+            keys: do not change it once a parameter has state.
         precondition_1d: give 1-D parameters a factor (default False).
         normalize_grads: divide the update by its RMS (default False).
         correct_bias: Adam's bias correction (default True).
@@ -96,11 +115,33 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             is no faster on an H200 (the refreshes dominate it) and 6x slower on a CPU without bfloat16 units;
             see docs/performance.md.
 
+        state_dtype: None (default: float32 state, float64 for float64 parameters) or ``torch.bfloat16`` (also
+            ``"bf16"``/``"bfloat16"``): the storage of ``exp_avg``, ``exp_avg_sq`` and the bases ``basis_*``, half
+            the bytes. The arithmetic stays in float32: the stored values are cast up for the step (and for a
+            refresh) and the new ones rounded once on the way back. The factors stay float32 (their small
+            eigenvalues order the basis) and so does ``ema`` (see SPlus). It decides the state's dtypes: set it
+            before the first step.
+        basis_bits: None (default: the bases in the state dtype), 8 or 4: each basis kept block-wise quantized
+            (``qbasis_*`` uint8 codes, ``qscale_*`` a float32 scale per 64 entries of a row; 1.06 or 0.56 bytes an
+            entry against 4), dequantized per bucket for each step's rotations and for the refresh (whose new
+            basis is quantized again); 4 bits follows 4-bit Shampoo (Wang et al. 2024): the linear-square map and,
+            on use, one Björck step of orthogonal rectification (:mod:`whiten.optim.quantize`). It decides the state
+            keys: set it before the first step.
+
     Reference: N. Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", arXiv 2409.11321 (2024).
     """
 
+    BEFORE_OPTIONS = {"max_factor_ratio": None}  # a checkpoint from before the option: its factors are all there
+
     MEMORY_OPTIONS = {"max_precond_dim": (("factor", "basis"), "a side larger than max_precond_dim gets no factor and "
-                                      "no basis")}  # see memory_report
+                                      "no basis"),
+                      "max_factor_ratio": (("factor", "basis"), "the largest side is left out while the factors and "
+                                           "bases take more than this times the parameter (e.g. 20: a vocabulary "
+                                           "side goes; costs loss, docs/memory.md)"),
+                      "state_dtype": (("exp_avg", "exp_avg_sq", "basis"), "torch.bfloat16 stores m, v and the bases "
+                                      "in half the bytes (float32 arithmetic)"),
+                      "basis_bits": (("basis",), "8 or 4 keeps each basis block-wise quantized: 1.06 or 0.56 bytes "
+                                     "an entry against 4")}  # see memory_report
 
     SECOND_MOMENT_KEY = "exp_avg_sq"  # restarted where it overflowed (WhitenOptimizer.restart_overflowed_moments)
 
@@ -122,11 +163,16 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         process_group=None,
         batched: bool = True,
         rotation_dtype: torch.dtype | str | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        basis_bits: int | None = None,
+        max_factor_ratio: float | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                         precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
+                        max_factor_ratio=max_factor_ratio,
                         precondition_1d=precondition_1d, normalize_grads=normalize_grads, correct_bias=correct_bias,
-                        ema_rate=ema_rate, role=None, rotation_dtype=rotation_dtype)
+                        ema_rate=ema_rate, role=None, rotation_dtype=rotation_dtype,
+                        state_dtype=state_dtype, basis_bits=basis_bits)
         self.batched = bool(batched)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
@@ -139,35 +185,43 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         check_weight_decay(group["weight_decay"])
         check_int("precondition_frequency", group["precondition_frequency"], 1)
         check_int("max_precond_dim", group["max_precond_dim"], 1)
+        check_max_factor_ratio(group.get("max_factor_ratio"))
         for flag in ("precondition_1d", "normalize_grads", "correct_bias"):
             check_bool(flag, group[flag])
         check_ema_rate(group["ema_rate"])
         check_role(group["role"])
         rotation_dtype(group.get("rotation_dtype"))
+        state_dtype_option(group.get("state_dtype"))
+        check_basis_bits(group.get("basis_bits"))
 
     def expected_state(self, p: torch.Tensor, group: dict) -> dict:
         meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-        return self._shapes_of(self._init_state(meta, _layout(meta, group)))
+        return self._shapes_of(self._init_state(meta, _layout(meta, group), group))
 
-    def _init_state(self, p: torch.Tensor, layout: _Layout) -> dict:
-        dtype = state_dtype(p)
+    def stored_dtypes(self, p: torch.Tensor, group: dict) -> dict:
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        return self._dtypes_of(self._init_state(meta, _layout(meta, group), group), p)
+
+    def _init_state(self, p: torch.Tensor, layout: _Layout, group: dict) -> dict:
+        stored = stored_dtype(p, group)  # the state_dtype option: m, v and the bases
         state = {"step": 0,
-                 "exp_avg": torch.zeros(p.shape, dtype=dtype, device=p.device),
-                 "exp_avg_sq": torch.zeros(p.shape, dtype=dtype, device=p.device)}
+                 "exp_avg": torch.zeros(p.shape, dtype=stored, device=p.device),
+                 "exp_avg_sq": torch.zeros(p.shape, dtype=stored, device=p.device)}
         if layout.matrix is None:
             return state
-        return self.factor_state(state, layout.matrix, layout.left, layout.right, dtype, p.device)
+        return self.factor_state(state, layout.matrix, layout.left, layout.right, state_dtype(p), p.device,
+                                 basis_dtype=stored, basis_bits=group.get("basis_bits"))
 
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         layouts = [_layout(p, group) for p in params]
         states = []
         for p, layout in zip(params, layouts):
             if not self.state[p]:
-                self.state[p] = self._init_state(p, layout)
+                self.state[p] = self._init_state(p, layout, group)
             self.state[p]["step"] += 1
             states.append(self.state[p])
         self.update_averages(group, params, states)
-        dtype_of = [s["exp_avg"].dtype for s in states]
+        dtype_of = [state_dtype(p) for p in params]  # the arithmetic's dtype (state_dtype may store m, v, Q lower)
         grads = [grad_in(p, d) for p, d in zip(params, dtype_of)]
 
         # Adam in the eigenbasis; the first call of a parameter only builds its factors and basis.
@@ -175,11 +229,14 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         # rotation_dtype: the bases are cast once per step for both rotations (a cast is O(d²), the rotations
         # O(d²n): ~1% of a step; a cached copy would be state to keep in step with the basis and in checkpoints)
         low = rotation_dtype(group.get("rotation_dtype"))
+        bits = group.get("basis_bits")
         buckets = {}
         for bkey, idxs in bucket([i for i in rest if layouts[i].matrix is not None],
                                  lambda i: self._bucket_key(gi, group, params[i])).items():
             S, pos = self._stacks_for(gi, group, bkey, [params[i] for i in idxs], layouts[idxs[0]])
-            bases = {k: v if pos is None else v[pos] for k, v in S.items() if k.startswith("basis")}
+            stored = {k: v if pos is None else v[pos] for k, v in S.items() if k.startswith(BASIS_KEYS)}
+            # in the work dtype: the stacks themselves, or cast up (state_dtype), or dequantized (basis_bits)
+            bases = read_bases(stored, bits, dtype_of[idxs[0]])
             if low is not None:
                 bases = {k: v.to(low) for k, v in bases.items()}
             buckets[bkey] = (idxs, bases)
@@ -209,7 +266,8 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         first = [i for i, s in enumerate(states) if s["step"] == 1]
         if first:
             # descending eigenvalue order, as the reference
-            self.refresh_bases([states[i] for i in first if layouts[i].matrix is not None], 1e-30, descending=True)
+            self.refresh_bases([states[i] for i in first if layouts[i].matrix is not None], 1e-30, descending=True,
+                               bits=group.get("basis_bits"))
         freq = group["precondition_frequency"]
         due = [i for i in rest if layouts[i].matrix is not None and (states[i]["step"] - 1) % freq == 0]
         if due:
@@ -226,7 +284,8 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         shapes = {"exp_avg": (m, n), "exp_avg_sq": (m, n)}
         for side, d, has in (("left", m, layout.left), ("right", n, layout.right)):
             if has:
-                shapes[f"factor_{side}"] = shapes[f"basis_{side}"] = (d, d)
+                shapes[f"factor_{side}"] = (d, d)
+                shapes.update(basis_slots(side, d, group.get("basis_bits")))
         return self.bucket_stacks(gi, key, present, lambda q: self._bucket_key(gi, group, q), shapes)
 
     def _adam_direction(self, group, states, rotated) -> list[torch.Tensor]:
@@ -234,9 +293,18 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         beta1, beta2 = group["betas"]
         m = [s["exp_avg"] for s in states]
         v = [s["exp_avg_sq"] for s in states]
+        stored = None
+        if any(x.dtype != r.dtype for x, r in zip(m, rotated)):  # state_dtype: float32 arithmetic, rounded once
+            stored = (m, v)
+            m, v = [x.to(r.dtype) for x, r in zip(m, rotated)], [x.to(r.dtype) for x, r in zip(v, rotated)]
         torch._foreach_lerp_(m, rotated, 1.0 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, rotated, rotated, 1.0 - beta2)
+        if stored is not None:
+            for kept, new in zip(stored[0] + stored[1], m + v):
+                kept.copy_(new)
+            # the step uses the stored (rounded) moments, so it is a function of the state a checkpoint holds
+            m, v = [x.to(r.dtype) for x, r in zip(stored[0], rotated)], [x.to(r.dtype) for x, r in zip(stored[1], rotated)]
         denom = torch._foreach_sqrt(v)
         torch._foreach_add_(denom, group["eps"])
         return torch._foreach_div(m, denom)
@@ -258,7 +326,20 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         for bkey, idxs in bucket(due, lambda i: self._bucket_key(gi, group, params[i])).items():
             stacks, pos = self._stacks_for(gi, group, bkey, [params[i] for i in idxs], layouts[idxs[0]])
             S = stacks if pos is None else {k: v[pos] for k, v in stacks.items()}  # the due members, copied
-            self._qr_refresh_stacks(S)
+            work = S["factor_left" if "factor_left" in S else "factor_right"].dtype
+            bits = group.get("basis_bits")
+            if S["exp_avg"].dtype != work or bits is not None:
+                # state_dtype / basis_bits: refresh in float32 (bases dequantized), round once into the stored m, v, Q
+                up = {k: v.to(work) for k, v in S.items() if not k.startswith(BASIS_KEYS)}
+                up.update(read_bases(S, bits, work))
+                self._qr_refresh_stacks(up)
+                for k, v in up.items():
+                    if k.startswith("basis_"):
+                        write_basis(S, k[len("basis_"):], v, bits)
+                    else:
+                        S[k].copy_(v)
+            else:
+                self._qr_refresh_stacks(S)
             if pos is not None:
                 for k, v in S.items():
                     stacks[k].index_copy_(0, pos, v)

@@ -11,11 +11,13 @@ from ..averaging import AUTO, AveragingMixin, check_ema_rate
 from ..linalg import rotate, unrotate, update_factors
 from ..roles import role_from_shape
 from ._base import WhitenOptimizer
-from .eigenbasis import EigenbasisFactors
+from .eigenbasis import EigenbasisFactors, basis_slots, read_bases
 from .checks import (check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay,
-                     rotation_dtype)
+                     rotation_dtype, state_dtype_option)
+from .quantize import check_basis_bits
+from .sides import ALWAYS_KEPT_SIDE, check_max_factor_ratio, kept_sides
 from .stacks import bucket
-from .update import decays, grads_in, state_dtype, step_all
+from .update import decays, grad_in, state_dtype, step_all, stored_dtype
 
 __all__ = ["SPlus", "derived_nonstandard_constant", "hidden_width"]
 
@@ -46,8 +48,13 @@ def _view(p: torch.Tensor, group: dict) -> tuple[tuple[int, int] | None, bool, b
         matrix = (p.shape[0], p.shape[1])
     elif p.ndim >= 3 and group["whiten_conv"] and role in ("conv", "hidden"):
         matrix = (p.shape[0], p.numel() // p.shape[0])
-    left = matrix is not None and matrix[0] < group["max_dim"]
-    right = matrix is not None and matrix[1] < group["max_dim"]
+    left = right = False
+    if matrix is not None:
+        # max_dim first (the paper's rule), then max_factor_ratio among the sides it leaves; a group from a
+        # checkpoint of before the option has no key: its state was built with every side below max_dim
+        sides = kept_sides(matrix, [j for j in (0, 1) if matrix[j] < group["max_dim"]], group.get("max_factor_ratio"),
+                           ALWAYS_KEPT_SIDE)
+        left, right = 0 in sides, 1 in sides
     if not (left or right):
         matrix = None
     return matrix, left, right, matrix is not None and left and right and role in ("hidden", "conv", "experts")
@@ -109,7 +116,9 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
 
     State per parameter (``optimizer.state[p]``), in float32 (float64 for float64 parameters):
     ``step`` (int), ``momentum`` and ``ema`` (shape of p; ``live`` too while in eval mode); for whitened matrices ``factor_left`` (m, m),
-    ``basis_left`` (m, m), ``factor_right`` (n, n), ``basis_right`` (n, n) for each side that has a factor.
+    ``basis_left`` (m, m), ``factor_right`` (n, n), ``basis_right`` (n, n) for each side that has a factor. With
+    ``state_dtype=torch.bfloat16`` the momentum and bases are bfloat16; with ``basis_bits`` each basis is
+    ``qbasis_*`` (uint8 codes) and ``qscale_*`` (float32 scales) instead.
 
     Args:
         params: parameters or param-group dicts; groups from :func:`whiten.param_groups` carry a ``role``. Without a
@@ -122,7 +131,17 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         weight_decay: λ, decoupled and scaled by the same s as the update (default 0.1).
         inverse_every: refresh the eigenbasis every this many steps, and at step 1 (default 100).
         eps: added to the factors' diagonal before the eigendecomposition (default 1e-30).
-        max_dim: sides of this size or more get no factor (default 10000).
+        max_dim: sides of this size or more get no factor (default 10000, the paper's).
+        max_factor_ratio: None (default: the paper's rule, ``max_dim`` only) or r ≥ 2, e.g. 20 (Shampoo's): of the
+            sides below ``max_dim``, the largest is left out (no factor, no basis, not rotated) while the factors and
+            bases of the rest (``2 Σ d²`` numbers) exceed r times the parameter's ``m·n`` and 2^16 numbers, a side
+            of at most 1024 never (:func:`whiten.optim.sides.kept_sides`). With 20 a (8192, 256) embedding or head
+            keeps only its 256-side pair (50× → 4× the parameters of a width-256 GPT, docs/memory.md); square and
+            1:4 hidden matrices and every matrix with both sides up to 1024 keep both. It costs loss where the
+            vocabulary side matters: 0.12 more validation loss (2 seeds) on a word-level Shakespeare GPT with a
+            2048-word vocabulary at width 128 (docs/results/memory-defaults), hence not the default. A hidden
+            matrix that loses a side takes the non-standard scale, as one beyond ``max_dim``. It decides the state
+            keys: do not change it once a parameter has state.
         nonstandard_constant: c, the scale of non-hidden parameters, a number ≥ 0 or None (default None: derived,
             ``1e-3 · max(1, 768 / d)`` with d the median smaller side of the hidden matrices of all the groups, 1e-3
             when there are none). The derived number is written into each group that had None, at construction and by
@@ -143,12 +162,34 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             the loss stays within seed noise (lm, 4 seeds), the step is 13-28% faster on an H200 at width 768, no
             faster at width 128, and 9x slower on a CPU without bfloat16 units; see docs/performance.md.
 
+        state_dtype: None (default: float32 state, float64 for float64 parameters) or ``torch.bfloat16`` (also
+            ``"bf16"``/``"bfloat16"``): the storage of ``momentum`` and the bases ``basis_*``, half the bytes. The
+            arithmetic stays in float32: the stored values are cast up for the step and the new momentum (and a
+            refreshed basis) is rounded once on the way back. The factors stay float32 (an EMA adding 5% of GGᵀ a
+            step, whose small eigenvalues order the basis: bfloat16's 8 bits would lose them) and so does ``ema``
+            (with r ≥ 0.99 an increment of (1-r)(θ-ē) is below bfloat16's rounding of ē: it would stop moving;
+            tests/test_state_options.py shows both). It decides the state's dtypes: set it before the first step.
+        basis_bits: None (default: the bases in the state dtype), 8 or 4: each basis kept block-wise quantized
+            (``qbasis_*`` uint8 codes, ``qscale_*`` a float32 scale per 64 entries of a row; 1.06 or 0.56 bytes an
+            entry against 4), dequantized per bucket for each step's rotations; 4 bits follows 4-bit Shampoo (Wang
+            et al. 2024): the linear-square map and, on use, one Björck step of orthogonal rectification
+            (:mod:`whiten.optim.quantize`). It decides the state keys: set it before the first step.
+
     Reference: K. Frans, S. Levine, P. Abbeel, "A Stable Whitening Optimizer for Efficient Neural Network
     Training", arXiv 2506.07254 (2025).
     """
 
+    BEFORE_OPTIONS = {"max_factor_ratio": None}  # a checkpoint from before the option: its factors are all there
+
     MEMORY_OPTIONS = {"max_dim": (("factor", "basis"), "a side of max_dim or more gets no factor and no basis (its m x m "
-                              "or n x n pair)")}  # see memory_report
+                              "or n x n pair)"),
+                      "max_factor_ratio": (("factor", "basis"), "the largest side is left out while the factors and "
+                                           "bases take more than this times the parameter (e.g. 20: a vocabulary "
+                                           "side goes; costs loss, docs/memory.md)"),
+                      "state_dtype": (("momentum", "basis"), "torch.bfloat16 stores the momentum and the bases in "
+                                      "half the bytes (float32 arithmetic)"),
+                      "basis_bits": (("basis",), "8 or 4 keeps each basis block-wise quantized: 1.06 or 0.56 bytes "
+                                     "an entry against 4")}  # see memory_report
 
     def __init__(
         self,
@@ -166,11 +207,14 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         process_group=None,
         batched: bool = True,
         rotation_dtype: torch.dtype | str | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        basis_bits: int | None = None,
+        max_factor_ratio: float | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, ema_rate=ema_rate, weight_decay=weight_decay,
-                        inverse_every=inverse_every, eps=eps, max_dim=max_dim,
+                        inverse_every=inverse_every, eps=eps, max_dim=max_dim, max_factor_ratio=max_factor_ratio,
                         nonstandard_constant=nonstandard_constant, whiten_conv=whiten_conv, role=None,
-                        rotation_dtype=rotation_dtype)
+                        rotation_dtype=rotation_dtype, state_dtype=state_dtype, basis_bits=basis_bits)
         self.batched = bool(batched)
         self._constructing = True  # the width is read once every group is in (the embeddings may come first)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
@@ -207,22 +251,30 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         check_int("inverse_every", group["inverse_every"], 1)
         check_range("eps", group["eps"], 0.0)
         check_int("max_dim", group["max_dim"], 1)
+        check_max_factor_ratio(group.get("max_factor_ratio"))
         if group["nonstandard_constant"] is not None:  # None: derived once every group is in
             check_range("nonstandard_constant", group["nonstandard_constant"], 0.0)
         check_bool("whiten_conv", group["whiten_conv"])
         check_role(group["role"])
         rotation_dtype(group.get("rotation_dtype"))
+        state_dtype_option(group.get("state_dtype"))
+        check_basis_bits(group.get("basis_bits"))
 
     def expected_state(self, p: torch.Tensor, group: dict) -> dict:
         meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-        return self._shapes_of(self._init_state(meta, _layout(meta, group)))
+        return self._shapes_of(self._init_state(meta, _layout(meta, group), group))
 
-    def _init_state(self, p: torch.Tensor, layout: _Layout) -> dict:
-        dtype = state_dtype(p)
-        state = {"step": 0, "momentum": torch.zeros(p.shape, dtype=dtype, device=p.device)}
+    def stored_dtypes(self, p: torch.Tensor, group: dict) -> dict:
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        return self._dtypes_of(self._init_state(meta, _layout(meta, group), group), p)
+
+    def _init_state(self, p: torch.Tensor, layout: _Layout, group: dict) -> dict:
+        stored = stored_dtype(p, group)  # the state_dtype option: momentum and bases
+        state = {"step": 0, "momentum": torch.zeros(p.shape, dtype=stored, device=p.device)}
         if layout.matrix is None:
             return state
-        return self.factor_state(state, layout.matrix, layout.left, layout.right, dtype, p.device)
+        return self.factor_state(state, layout.matrix, layout.left, layout.right, state_dtype(p), p.device,
+                                 basis_dtype=stored, basis_bits=group.get("basis_bits"))
 
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]
@@ -231,14 +283,25 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         states = []
         for p, layout in zip(params, layouts):
             if not self.state[p]:
-                self.state[p] = self._init_state(p, layout)
+                self.state[p] = self._init_state(p, layout, group)
             state = self.state[p]
             state["step"] += 1
             states.append(state)
 
         moms = [s["momentum"] for s in states]
-        grads = grads_in(params, moms)
-        torch._foreach_lerp_(moms, grads, 1.0 - beta1)
+        work = [state_dtype(p) for p in params]  # the arithmetic's dtype; the momentum may be stored in bf16
+        grads = [grad_in(p, d) for p, d in zip(params, work)]
+        low = [i for i, m in enumerate(moms) if m.dtype != work[i]]
+        if not low:
+            torch._foreach_lerp_(moms, grads, 1.0 - beta1)
+        else:  # state_dtype: cast up, update, round once into the stored momentum
+            if len(low) < len(moms):
+                same = [i for i in range(len(moms)) if i not in set(low)]
+                torch._foreach_lerp_([moms[i] for i in same], [grads[i] for i in same], 1.0 - beta1)
+            up = [moms[i].to(work[i]) for i in low]
+            torch._foreach_lerp_(up, [grads[i] for i in low], 1.0 - beta1)
+            for i, u in zip(low, up):
+                moms[i].copy_(u)
         # The average is of the pre-update parameters (the experiment code; the released torch file differs).
         self.update_averages(group, params, states)
 
@@ -246,7 +309,7 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         plain = [i for i, lay in enumerate(layouts) if lay.matrix is None]
         if plain:
             for i, u in zip(plain, torch._foreach_sign([moms[i] for i in plain])):
-                updates[i] = u
+                updates[i] = u if u.dtype == work[i] else u.to(work[i])  # ±1 and 0: exact in any dtype
         whitened = [i for i, lay in enumerate(layouts) if lay.matrix is not None]
         key_of = lambda q: self._bucket_key(gi, group, q)  # noqa: E731
         for bucket_key, idxs in bucket(whitened, lambda i: key_of(params[i])).items():
@@ -256,12 +319,12 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         # theta <- theta - s*(U + wd*theta), written as theta*(1 - s*wd) - s*U so it is two fused passes.
         keep = [1.0 - lr * lay.scale * group["weight_decay"] * lay.decay for lay in layouts]
         torch._foreach_mul_(updates, [-lr * lay.scale for lay in layouts])
-        step_all(params, [m.dtype for m in moms], updates, keep)
+        step_all(params, work, updates, keep)
 
         due = [i for i in whitened
                if states[i]["step"] == 1 or states[i]["step"] % group["inverse_every"] == 0]
         if due:
-            self.refresh_bases([states[i] for i in due], group["eps"])
+            self.refresh_bases([states[i] for i in due], group["eps"], bits=group.get("basis_bits"))
 
     def _bucket_key(self, gi: int, group: dict, p: torch.Tensor):
         if not self.batched:
@@ -272,10 +335,12 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
     def _whiten_bucket(self, gi, group, key, key_of, idxs, layout, params, grads, updates, beta2) -> None:
         """Factor update and U = Q_L sign(Q_Lᵀ M Q_R) Q_Rᵀ for same-shape matrices, batched, state in place."""
         m, n = layout.matrix
+        bits = group.get("basis_bits")
         shapes = {"momentum": (m, n)}
         for side, d, present in (("left", m, layout.left), ("right", n, layout.right)):
             if present:
-                shapes[f"factor_{side}"] = shapes[f"basis_{side}"] = (d, d)
+                shapes[f"factor_{side}"] = (d, d)
+                shapes.update(basis_slots(side, d, bits))
         S, pos = self.bucket_stacks(gi, key, [params[i] for i in idxs], key_of, shapes)
         rows = range(len(idxs)) if pos is None else pos.tolist()
         # Factor updates go matrix by matrix into the stacked factors: stacking the gradients would cost a copy
@@ -285,7 +350,10 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
                            S["factor_right"][j] if "factor_right" in S else None, grads[i].reshape(m, n), beta2)
         if pos is not None:  # some members have no gradient this step: rotate the others' copies
             S = {k: v[pos] for k, v in S.items() if k != "factor_left" and k != "factor_right"}
-        QL, QR, M = S.get("basis_left"), S.get("basis_right"), S["momentum"]
+        work = grads[idxs[0]].dtype  # the arithmetic's dtype (state_dtype and basis_bits store M and Q lower)
+        M = S["momentum"] if S["momentum"].dtype == work else S["momentum"].to(work)
+        bases = read_bases(S, bits, work)  # the stacks themselves when stored in the work dtype
+        QL, QR = bases.get("basis_left"), bases.get("basis_right")
         low = rotation_dtype(group.get("rotation_dtype"))
         if low is not None:
             # cast per step, not cached: the casts cost ~1% of a step (H200, width 768), and a cached copy would be

@@ -12,8 +12,10 @@ import torch
 from ..averaging import AveragingMixin
 from ..fisher import FisherMixin
 from ._base import WhitenOptimizer
-from .checks import check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
-from .update import decays, grad_in, state_dtype, step_to
+from .checks import (check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay,
+                     state_dtype_option)
+from .sides import ALWAYS_KEPT_SIDE, check_max_factor_ratio, kept_sides
+from .update import decays, grad_in, state_dtype, step_to, stored_dtype
 
 __all__ = ["TNT", "CONV_RESHAPES"]
 
@@ -37,7 +39,12 @@ def _layout(p: torch.Tensor, group: dict) -> _Layout:
     elif p.ndim >= 3 and group["conv_reshape"] == "kfac":
         shape = (shape[0], math.prod(shape[1:]))
     limit = group["max_precond_dim"]
-    return _Layout(shape, tuple(d <= limit for d in shape), decays(p, group))
+    present = [j for j, d in enumerate(shape) if d <= limit]
+    if len(shape) >= 2:  # max_factor_ratio among the modes max_precond_dim leaves; vectors keep the authors' factor
+        # (a group from a checkpoint of before the option has no key: its state was built without it)
+        present = kept_sides(shape, present, group.get("max_factor_ratio"),
+                           ALWAYS_KEPT_SIDE)
+    return _Layout(shape, tuple(j in present for j in range(len(shape))), decays(p, group))
 
 
 def mode_contraction(G: torch.Tensor, k: int) -> torch.Tensor:
@@ -139,6 +146,16 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         inverse_freq: T2, steps between inversions after the first T2 steps (default 100, CIFAR; autoencoders 20).
         conv_reshape: ``"filter"`` (default), ``"kfac"`` or ``"none"`` (see ``CONV_RESHAPES``).
         max_precond_dim: longest mode that gets a factor (default 10000).
+        max_factor_ratio: None (default: ``max_precond_dim`` only) or r ≥ 2, e.g. 20 (Shampoo's): of the modes of
+            a matrix or tensor within ``max_precond_dim``, the largest is left out (the :math:`cI` of an unfactored
+            mode) while the factors and inverses of the rest (``2 Σ d²`` numbers) exceed r times the parameter's
+            size and 2^16 numbers, a mode of at most 1024 never (:func:`whiten.optim.sides.kept_sides`); vectors
+            keep the authors' factor. As SPlus's and SOAP's: not the default, see docs/memory.md. It decides the
+            state keys: do not change it once a parameter has state.
+        state_dtype: None (default: float32, float64 for float64 parameters) or ``torch.bfloat16`` (also
+            ``"bf16"``/``"bfloat16"``): ``momentum`` and the inverses ``inverse_*`` stored in bfloat16, half their
+            bytes; the arithmetic stays float32 (cast up for the step, rounded once back). The factors stay float32
+            (an EMA at factor_decay whose small eigenvalues the inverse amplifies). Set it before the first step.
         ema_rate: iterate averaging for ``eval()``/``train()`` (default None: off).
         fisher_seed: seed of the sampled labels (default 0).
         nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient (ordinary or sampled).
@@ -149,8 +166,15 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
     (arXiv 2106.02925); code github.com/renyiryry/tnt_neurips_2021.
     """
 
+    BEFORE_OPTIONS = {"max_factor_ratio": None}  # a checkpoint from before the option: its factors are all there
+
     MEMORY_OPTIONS = {"max_precond_dim": (("factor", "inverse"), "a side larger than max_precond_dim gets no factor and "
-                                        "no inverse")}  # see memory_report
+                                        "no inverse"),
+                      "max_factor_ratio": (("factor", "inverse"), "the largest mode is left out while the factors "
+                                           "and inverses take more than this times the parameter (e.g. 20: a "
+                                           "vocabulary side goes)"),
+                      "state_dtype": (("momentum", "inverse"), "torch.bfloat16 stores the momentum and the inverses "
+                                      "in half the bytes (float32 arithmetic)")}  # see memory_report
 
     PICKLED = {"update_freq": 10, "inverse_freq": 100}  # settings kept as attributes, with their defaults
 
@@ -171,6 +195,8 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         fisher_seed: int = 0,
         nonfinite: str = "skip",
         process_group=None,
+        max_factor_ratio: float | None = None,
+        state_dtype: torch.dtype | str | None = None,
     ):
         check_int("update_freq", update_freq, 1)
         check_int("inverse_freq", inverse_freq, 1)
@@ -178,7 +204,8 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         self._init_fisher(fisher_seed)
         defaults = dict(lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay,
                         factor_decay=factor_decay, factor_weight=factor_weight, conv_reshape=conv_reshape,
-                        max_precond_dim=max_precond_dim, ema_rate=ema_rate, role=None)
+                        max_precond_dim=max_precond_dim, max_factor_ratio=max_factor_ratio, ema_rate=ema_rate,
+                        role=None, state_dtype=state_dtype)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def validate_group(self, group: dict) -> None:
@@ -192,6 +219,8 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
             raise ValueError(f"Invalid conv_reshape: {group['conv_reshape']!r} "
                              f"(allowed: {', '.join(map(repr, CONV_RESHAPES))})")
         check_int("max_precond_dim", group["max_precond_dim"], 1)
+        check_max_factor_ratio(group.get("max_factor_ratio"))
+        state_dtype_option(group.get("state_dtype"))
         check_ema_rate(group["ema_rate"])
         check_role(group["role"])
 
@@ -209,18 +238,23 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
     # ----- state --------------------------------------------------------------------------------------------
     def expected_state(self, p: torch.Tensor, group: dict) -> dict:
         meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-        return self._shapes_of(self._init_state(meta, _layout(meta, group)))
+        return self._shapes_of(self._init_state(meta, _layout(meta, group), group))
+
+    def stored_dtypes(self, p: torch.Tensor, group: dict) -> dict:
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        return self._dtypes_of(self._init_state(meta, _layout(meta, group), group), p)
 
     @staticmethod
-    def _init_state(p: torch.Tensor, layout: _Layout) -> dict:
+    def _init_state(p: torch.Tensor, layout: _Layout, group: dict) -> dict:
         dtype = state_dtype(p)
-        state = {"step": 0, "captures": 0, "momentum": torch.zeros(p.shape, dtype=dtype, device=p.device),
+        stored = stored_dtype(p, group)  # state_dtype: the momentum and the inverses in bfloat16
+        state = {"step": 0, "captures": 0, "momentum": torch.zeros(p.shape, dtype=stored, device=p.device),
                  "trace": torch.zeros((), dtype=dtype, device=p.device),
                  "inverse_scale": torch.ones((), dtype=dtype, device=p.device)}
         for i, (d, f) in enumerate(zip(layout.modes, layout.factored)):
             if f:
                 state[f"factor_{i}"] = torch.zeros(d, d, dtype=dtype, device=p.device)
-                state[f"inverse_{i}"] = torch.eye(d, dtype=dtype, device=p.device)
+                state[f"inverse_{i}"] = torch.eye(d, dtype=stored, device=p.device)
         return state
 
     # ----- the step -------------------------------------------------------------------------------------------
@@ -229,7 +263,7 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         states = []
         for p, lay in zip(params, layouts):
             if not self.state[p]:
-                self.state[p] = self._init_state(p, lay)
+                self.state[p] = self._init_state(p, lay, group)
             states.append(self.state[p])
         for s in states:
             s["step"] += 1
@@ -237,7 +271,7 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         lr, mu = float(group["lr"]), group["momentum"]
         for p, lay, s in zip(params, layouts, states):
             t = s["step"] - 1  # steps this parameter took before this one (the authors' i)
-            dtype = s["momentum"].dtype
+            dtype = state_dtype(p)  # the arithmetic's (state_dtype stores the momentum and inverses in bfloat16)
             sampled = self.fisher_grad(p)
             if sampled is not None:
                 self._update_factors(s, lay, sampled.to(dtype).reshape(lay.modes), t, group)
@@ -245,8 +279,13 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
             if due and s["captures"] > 0:
                 self._refresh_inverses(s, lay, group["damping"])
             g = grad_in(p, dtype)
-            m = s["momentum"].mul_(mu).add_(g)
+            if s["momentum"].dtype == dtype:
+                m = s["momentum"].mul_(mu).add_(g)
+            else:  # cast up, update, round once into the stored momentum; the step uses the stored value
+                s["momentum"].copy_(s["momentum"].to(dtype).mul_(mu).add_(g))
+                m = s["momentum"].to(dtype)
             inverses = [s.get(f"inverse_{i}") for i in range(len(lay.modes))]
+            inverses = [inv if inv is None or inv.dtype == dtype else inv.to(dtype) for inv in inverses]
             delta = precondition(m.reshape(lay.modes), inverses, s["inverse_scale"]).reshape(p.shape)
             step_to(p, dtype, delta, -lr, keep=1.0 - lr * group["weight_decay"] * lay.decay)
 

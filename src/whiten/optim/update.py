@@ -10,13 +10,22 @@ from typing import Callable
 import torch
 
 from ..roles import NO_DECAY_ROLES, role_from_shape
+from .checks import state_dtype_option
 
-__all__ = ["state_dtype", "decays", "grad_in", "grads_in", "write", "step_to", "step_all"]
+__all__ = ["state_dtype", "stored_dtype", "decays", "grad_in", "grads_in", "write", "step_to", "step_all"]
 
 
 def state_dtype(p: torch.Tensor) -> torch.dtype:
     """Optimizer state is float32 whatever the parameter's dtype, float64 for float64 parameters."""
     return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def stored_dtype(p: torch.Tensor, group: dict) -> torch.dtype:
+    """The storage dtype of the state a group's ``state_dtype`` option covers (momenta, second moments, bases):
+    bfloat16 when the option is on, else :func:`state_dtype`. The arithmetic stays in :func:`state_dtype`: the
+    stored value is cast up, updated and rounded once on the way back. (A group from a checkpoint of before the
+    option has no key: off.)"""
+    return state_dtype_option(group.get("state_dtype")) or state_dtype(p)
 
 
 def decays(p: torch.Tensor, group: dict) -> bool:
