@@ -275,3 +275,52 @@ def _run_pending(args, plan, pending, task, par, checkpoint_path, parse_start, r
     print(f"\nreport: {path}" + ("" if args.no_plots else f"\nplots:  {args.out / 'plots'}"))
     print(path.read_text())
     return 0
+
+
+def run_tune(args, progress_interval: float | None = None) -> int:
+    """Runs what a tune command line asks for (arguments whiten.bench.cli has checked): a coordinate descent per
+    optimizer, budget, starting point and width (whiten.bench.tune), finished runs reused, then the report."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    from .parallel import from_environment
+    from .report import write_report
+    from .run import run
+    from .tasks import make_task
+    from .tune import run_root, tune_runs
+
+    par, args.device = from_environment(args.parallel, args.device)
+    if par.world > 1:
+        raise UsageError("tune runs in one process (its runs are small and many); use sweep under torchrun")
+    task = make_task(args.task, args.profile, args.device, text_path=args.text, data_root=args.data_root)
+    base = PROFILES[args.profile][args.task]["width"]
+    widths = list(dict.fromkeys(None if w == base else w for w in (args.width or [None])))
+    print(f"tune: task {args.task}, profile {args.profile}, device {args.device} ({torch.get_num_threads()} threads), "
+          f"optimizers {','.join(args.optimizers)}, {args.steps} steps x budgets {','.join(f'{b:g}' for b in args.budgets)}, "
+          f"seeds {','.join(map(str, args.seeds))} -> {args.out}", flush=True)
+    if task.note():
+        print(f"note: {task.note()}", flush=True)
+    with sweep_lock(args.out, True):
+        for start in args.starts:
+            for width in widths:
+                fields = dict(start=start, schedule=args.schedule, evals=args.evals, compile=args.compile,
+                              width=width)
+
+                def runner(cfg, task=task):
+                    progress = Progress([cfg], interval=progress_interval)
+                    progress.start_run(cfg)
+                    try:
+                        summary = run(cfg, task, run_root(args.out, cfg), progress=progress.step)
+                    finally:
+                        progress.close()
+                    status = "diverged" if summary["diverged"] else f"final val loss {summary['final_val_loss']:.4f}"
+                    print(f"    {cfg.variant():40s} lr {cfg.lr:<8.3g} warmup {cfg.warmup_steps():<4d} seed "
+                          f"{cfg.seed} {status}", flush=True)
+                    return summary
+
+                tune_runs(task.with_width(width), args.optimizers, args.steps, args.budgets, args.out,
+                          spaces=args.space, seeds=args.seeds, noise_seeds=args.noise_seeds,
+                          noise_floor=args.noise_floor, max_rounds=args.max_rounds,
+                          radius=None if args.full_grid else 1, run_fields=fields, runner=runner)
+    path = write_report(args.out, plots=not args.no_plots)
+    print(f"\nreport: {path}" + ("" if args.no_plots else f"\nplots:  {args.out / 'plots'}"))
+    return 0
