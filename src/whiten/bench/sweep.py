@@ -19,7 +19,7 @@ import torch
 
 from .errors import UsageError
 from .models import PROFILES
-from .registry import build_optimizer, get_spec, with_options
+from .registry import build_optimizer, get_spec, task_default, with_options
 
 # Seconds between plain progress lines when stderr is not a terminal (a log file, nohup, CI).
 PROGRESS_INTERVAL = 30.0
@@ -31,8 +31,8 @@ PROGRESS_INTERVAL = 30.0
 
 def plan_runs(args) -> list:
     """The runs a compare, sweep or stability command line asks for, in the order they run: each starting point,
-    width, seed and optimizer, then each refresh interval and lr (compare: the registry's default lr; sweep and
-    stability: --lrs, or the registry's grid)."""
+    width, seed and optimizer, then each refresh interval and lr (compare: the lr and options tuned for the task,
+    else the registry's default, see registry.task_default; sweep and stability: --lrs, or the registry's grid)."""
     from .run import RunConfig
 
     # the profile's own width is no --width at all: those runs are the plain ones (same folder, same identity)
@@ -47,8 +47,11 @@ def plan_runs(args) -> list:
             for seed in args.seeds:
                 for name in args.optimizers:
                     spec = get_spec(name)
+                    run_options = options
                     if args.command == "compare":
-                        grid = [spec.default_lr]
+                        lr, tuned, _ = task_default(name, args.task)
+                        grid = [lr]
+                        run_options = tuple(sorted({**tuned, **dict(args.opt)}.items()))
                     elif isinstance(lrs, dict):
                         grid = lrs.get(name) or list(spec.lr_grid)
                     else:
@@ -58,8 +61,18 @@ def plan_runs(args) -> list:
                             plan.append(RunConfig(task=args.task, profile=args.profile, optimizer=name, lr=lr,
                                                   seed=seed, steps=args.steps, start=start, warmup=args.warmup,
                                                   schedule=args.schedule, evals=args.evals, compile=args.compile,
-                                                  width=width, refresh=refresh, options=options))
+                                                  width=width, refresh=refresh, options=run_options))
     return plan
+
+
+def compare_notes(names, task: str) -> list[str]:
+    """What compare tells the user about its defaults: which lrs were not tuned on this task (their comparison rests
+    on a setting from another task, or on none), and how to tune them."""
+    notes = [note for name in names if (note := task_default(name, task)[2])]
+    if notes:
+        notes.append(f"a fair comparison tunes every optimizer on the task: whiten-bench sweep --task {task} (lr) "
+                     f"or whiten-bench tune --task {task} (every hyperparameter)")
+    return notes
 
 
 def check_options(args, task) -> None:
@@ -252,6 +265,9 @@ def _run_pending(args, plan, pending, task, par, checkpoint_path, parse_start, r
           + (f" ({args.parallel} over {par.world} processes)" if par.world > 1 else ""), flush=True)
     if task.note():
         print(f"note: {task.note()}", flush=True)
+    if args.command == "compare":
+        for line in compare_notes(args.optimizers, args.task):
+            print(f"note: {line}", flush=True)
     if args.profile == "gpu" and args.device.type == "cpu":
         print("note: the gpu profile on a CPU takes hours per run; --profile cpu is sized for 2 cores", flush=True)
     progress = Progress(pending, stream=None if par.main else open(os.devnull, "w"), interval=progress_interval)

@@ -263,7 +263,8 @@ def budget_info(task) -> dict:
     params = sum(p.numel() for p in model.parameters())
     cfg = task.config
     per_step = cfg.get("batch_size", 1) * cfg.get("ctx", 1)
-    return {"parameters": params, "tokens_per_step": per_step, "unit": "tokens" if "ctx" in cfg else "examples"}
+    unit = "tokens" if "ctx" in cfg else "examples" if "batch_size" in cfg else "batches"
+    return {"parameters": params, "tokens_per_step": per_step, "unit": unit}
 
 
 def tune_runs(task, names: list[str], base_steps: int, budgets: list[float], root: Path, *, spaces: dict | None = None,
