@@ -251,3 +251,26 @@ def test_api_mistakes_are_clear(tmp_path):
     with pytest.raises(ValueError, match=r"loss_fn must return \(loss, output\)"):
         api.sweep(task, ["sophia"], steps=12, lrs={"sophia": [1e-3]}, out=tmp_path / "f", evals=1,
                   log=lambda *a: None)
+
+
+def _fake_run(name, seed, losses, lr=0.01):
+    records = [{"step": 10 * i, "seconds": 1.0 * i, "cpu_seconds": 1.0 * i, "val_loss": v} for i, v in enumerate(losses)]
+    return {"config": {"task": "lm", "profile": "tiny", "start": "init", "optimizer": name, "lr": lr, "seed": seed,
+                       "steps": records[-1]["step"]},
+            "final_val_loss": losses[-1], "diverged": False, "records": records, "seconds_per_step": 0.1,
+            "train_seconds": 4.0, "data_seconds": 0.1}
+
+
+def test_report_states_the_interval_and_the_test_for_steps_to_adamw():
+    from whiten.bench.report import section, summarize
+
+    runs = [_fake_run("adamw", 0, [4, 3, 2.5, 2.2, 2.0]), _fake_run("adamw", 1, [4, 3, 2.6, 2.3, 2.1]),
+            # reaches AdamW's final loss halfway (step 20 of 40) on both seeds: 0.5 and 0.5
+            _fake_run("splus", 0, [4, 2.5, 2.0, 1.9, 1.8]), _fake_run("splus", 1, [4, 2.6, 2.1, 2.0, 1.9]),
+            # about as fast as AdamW: 0.9 and 1.0
+            _fake_run("soap", 0, [4, 3, 2.5, 2.0, 1.95]), _fake_run("soap", 1, [4, 3, 2.6, 2.3, 2.1])]
+    (key, by_opt), = summarize(runs).items()
+    text = "\n".join(section(key, by_opt, None))
+    assert "| splus | 0.50 [0.50, 0.50] | **yes** (no spread) |" in text
+    soap = next(line for line in text.splitlines() if line.startswith("| soap | 0.88"))
+    assert "| no (t = " in soap  # 0.75 and 1.0: the mean 0.875 is not below 1 at 2 seeds
