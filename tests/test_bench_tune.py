@@ -189,7 +189,7 @@ def test_tune_cli_on_tiny_budgets_report_and_resume(tmp_path, monkeypatch, capsy
     (["--opt", "weight_decay=0"], ["--opt", "--space"]),
     (["--warmup", "3"], ["--warmup", "--space"]),
     (["--space", "{not json"], ["--space", "JSON"]),
-    (["--space", '{"soap": {"lr": [0.1]}}'], ["--space", "soap", "--optimizers"]),
+    (["--space", '{"adamx": {"lr": [0.1]}}'], ["--space", "adamx", "unknown optimizer"]),
     (["--space", '{"adamw": {"bogus": [1]}}'], ["--space", "bogus"]),
     (["--budgets", "1,0"], ["--budgets", "positive"]),
     (["--noise-floor", "-1"], ["--noise-floor"]),

@@ -390,9 +390,11 @@ def _check_tune_args(args) -> None:
     if args.warmup != -1:
         raise UsageError("--warmup: tune tunes the warm-up; give its grid (fractions of the run) with --space, "
                          'e.g. \'{"adamw": {"warmup": [0.05]}}\'')
-    for name in args.space or {}:
-        if name not in args.optimizers:
-            raise UsageError(f"--space names {name}, which is not among --optimizers ({','.join(args.optimizers)})")
+    for name in args.space or {}:  # a space file may hold optimizers this command does not run; not unknown ones
+        try:
+            get_spec(name)
+        except ValueError as e:
+            raise UsageError(f"--space: {e}") from None
     for name in args.optimizers:
         try:
             resolve_space(name, (args.space or {}).get(name))
