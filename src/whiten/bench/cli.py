@@ -6,6 +6,8 @@
     whiten-bench sweep --optimizers adamw,splus --lrs "adamw=0.00215,0.00464;splus=0.1,0.215" --width 64,128,256
     whiten-bench compare --task vit --data-root DIR          # your own images: class folders, .npz, .npy, IDX
     whiten-bench stability --steps 300                       # refresh interval x lr: who diverges?
+    whiten-bench tune --optimizers adamw,splus --steps 500 --budgets 1,2   # every hyperparameter, per budget
+    whiten-bench tune --optimizers adamw --space '{"adamw": {"lr": [0.002, 0.005], "betas[1]": null}}'
     whiten-bench report results/sweep [--clock cpu]
     whiten-bench samples results/sweep/dit/cpu/init/splus/lr0.464-seed0   # grid of DiT samples
     whiten-bench list                          # the optimizer registry
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import json
 import math
 import os
 import sys
@@ -33,12 +36,12 @@ from .errors import DataUnavailable, UsageError
 from .models import PROFILES, TASKS
 from .registry import REGISTRY, get_spec, with_options
 from .samples import write_samples
-from .sweep import PROGRESS_INTERVAL, run_sweep
+from .sweep import PROGRESS_INTERVAL, run_sweep, run_tune
 # cli.Progress and cli._plan: their names from before they moved to sweep.py
 from .sweep import Progress, plan_runs as _plan  # noqa: F401
 
 BENCH_EXTRA = 'pip install "whiten[bench]" (from a clone: pip install -e ".[bench]")'
-RUN_COMMANDS = ("compare", "sweep", "stability")
+RUN_COMMANDS = ("compare", "sweep", "stability", "tune")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,11 +118,28 @@ def _option(text):
     return key.strip(), tuple(parsed) if isinstance(parsed, list) else parsed
 
 
+def _space(text):
+    """``--space``: JSON, or the path of a JSON file: {optimizer: {hyperparameter: grid}}."""
+    source = text
+    if not text.lstrip().startswith("{"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(f"expected JSON or a JSON file, got {text!r} (no such file)")
+        source = path.read_text()
+    try:
+        value = json.loads(source)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise argparse.ArgumentTypeError('expected {"OPTIMIZER": {"KEY": [values], ...}, ...}')
+    return value
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _common(p: argparse.ArgumentParser, out: str, steps: int, optimizers=("adamw", "splus")):
+def _common(p: argparse.ArgumentParser, out: str, steps: int, optimizers=("adamw", "splus"), seeds=(0,)):
     p.add_argument("--task", choices=sorted(TASKS), default="lm",
                    help="lm: character GPT on Shakespeare (or --text); vit: image classification; dit: "
                         "class-conditional flow matching; both on Fashion-MNIST or --data-root (default: lm)")
@@ -130,8 +150,10 @@ def _common(p: argparse.ArgumentParser, out: str, steps: int, optimizers=("adamw
                    help="comma-separated registry names, or pytorch_optimizer:<Class> (see `whiten-bench list`) "
                         f"(default: {','.join(optimizers)})")
     p.add_argument("--steps", type=_positive_int, default=steps, help=f"training steps per run (default: {steps})")
-    p.add_argument("--seeds", type=_csv(int, "integers"), default=[0],
-                   help="comma-separated seeds; each seed runs every optimizer (default: 0)")
+    p.add_argument("--seeds", type=_csv(int, "integers"), default=list(seeds),
+                   help="comma-separated seeds; each seed runs every optimizer "
+                        + ("(tune: the sweeps run the first, the tuned point all) " if len(seeds) > 1 else "")
+                        + f"(default: {','.join(map(str, seeds))})")
     p.add_argument("--starts", type=_csv(str, "starting points"), default=["init"],
                    help="init and/or adamw@N: AdamW's weights after N steps, fresh optimizer state (default: init)")
     p.add_argument("--evals", type=_positive_int, default=20,
@@ -173,9 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="whiten-bench", description=__doc__.split("\n")[0],
                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
     sub = ap.add_subparsers(dest="command", required=True,
-                            metavar="{compare,sweep,stability,report,samples,list}")
-    c = sub.add_parser("compare", help="each optimizer at its default lr (the main comparison)",
-                       description="Each optimizer at its registry default lr: AdamW vs SPlus on lm by default.")
+                            metavar="{compare,sweep,stability,tune,report,samples,list}")
+    c = sub.add_parser("compare", help="each optimizer at its default lr for the task (the main comparison)",
+                       description="Each optimizer at the lr tuned for the task in the project's results (see "
+                                   "registry.TASK_DEFAULTS), else its registry default, which the command names as "
+                                   "not tuned on that task: AdamW vs SPlus on lm by default.")
     _common(c, "results/compare", 1000)
     s = sub.add_parser("sweep", help="each optimizer over its lr grid (resumable)",
                        description="Each optimizer over its lr grid (see `whiten-bench list`); finished runs are "
@@ -198,6 +222,35 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--refresh", type=_csv(int, "integers"), default=[10, 30, 100],
                     help="refresh intervals (SPlus inverse_every, SOAP and Shampoo precondition_frequency) "
                          "(default: 10,30,100)")
+    t = sub.add_parser("tune", help="coordinate descent over every hyperparameter, per budget (resumable)",
+                       description="Coordinate descent over each optimizer's hyperparameters (lr, weight decay, "
+                                   "betas or momentum, warm-up, refresh interval, its own knobs: the registry's "
+                                   "search space, `--space` over it), from the registry's setting, one at a time at "
+                                   "the others' current best, until a round changes nothing by more than the seed "
+                                   "noise; at each budget (--budgets x --steps). Finished runs are reused by "
+                                   "identity, so an interrupted tune resumes. The report gives the path, each "
+                                   "hyperparameter's sensitivity, steps to AdamW's tuned loss with a 95%% interval "
+                                   "and a one-sided t-test, and the speedup against the budget.")
+    _common(t, "results/tune", 500, seeds=(0, 1))
+    t.add_argument("--space", type=_space, default=None,
+                   help='JSON (or a JSON file) over the registry\'s search spaces: {"OPTIMIZER": {"KEY": [values] | '
+                        '{"grid": [...], "start": v} | null}}; KEY is lr, warmup (a fraction of the run), an option, '
+                        'or OPTION[i] for one element of a tuple option (betas[1]); null drops it (default: the '
+                        "registry's spaces; `whiten-bench list --spaces` prints them)")
+    t.add_argument("--budgets", type=_csv(float, "numbers"), default=[1.0],
+                   help="multiples of --steps to tune at, e.g. 1,2,4,8 (the data-to-model ratio grows with them; "
+                        "the report gives tokens per parameter: at the cpu profile's lm, 500 steps are 2.5 tokens "
+                        "per parameter, so 1,2,4,8 x 500 reach Chinchilla's 20) (default: 1)")
+    t.add_argument("--noise-seeds", type=_csv(int, "integers"), default=None,
+                   help="seeds run at the starting point to measure the noise (their std) (default: the first two "
+                        "of --seeds)")
+    t.add_argument("--noise-floor", type=float, default=None,
+                   help="the smallest noise assumed, in nats (default: 0.002)")
+    t.add_argument("--max-rounds", type=_positive_int, default=3, help="rounds over all hyperparameters at most "
+                                                                         "(default: 3)")
+    t.add_argument("--full-grid", action="store_true",
+                   help="sweep each hyperparameter's whole grid (default: the current value's neighbours, walking "
+                        "on while the best is at an edge)")
     r = sub.add_parser("report", help="tables and plots from a results directory",
                        description="Markdown tables (report.md) and PNG plots (plots/) from a results directory.")
     r.add_argument("out", type=Path, help="a results directory (compare's, sweep's or stability's --out)")
@@ -210,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("run_dir", type=Path, help="a finished dit run's directory (holds done.json and model.pt)")
     sm.add_argument("--steps", type=_positive_int, default=50, help="Euler steps (default: 50)")
     sm.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (default: 1.5)")
-    sub.add_parser("list", help="the optimizer registry: names, default lrs, lr grids",
-                   description="The optimizer registry: names, default lrs, lr grids.")
+    ls = sub.add_parser("list", help="the optimizer registry: names, default lrs, lr grids",
+                        description="The optimizer registry: names, default lrs, lr grids.")
+    ls.add_argument("--spaces", action="store_true", help="also each optimizer's search space for tune")
     return ap
 
 
@@ -324,6 +378,40 @@ def _check_run_args(args) -> None:
                 raise UsageError(f"--refresh: {e}") from None
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a directory")
+    if args.command == "tune":
+        _check_tune_args(args)
+
+
+def _check_tune_args(args) -> None:
+    from .tune import NOISE_FLOOR, resolve_space
+
+    if args.opt:
+        raise UsageError("--opt: tune sets the options itself; give their values with --space (a grid of one "
+                         "value fixes an option)")
+    if args.warmup != -1:
+        raise UsageError("--warmup: tune tunes the warm-up; give its grid (fractions of the run) with --space, "
+                         'e.g. \'{"adamw": {"warmup": [0.05]}}\'')
+    for name in args.space or {}:  # a space file may hold optimizers this command does not run; not unknown ones
+        try:
+            get_spec(name)
+        except ValueError as e:
+            raise UsageError(f"--space: {e}") from None
+    for name in args.optimizers:
+        try:
+            resolve_space(name, (args.space or {}).get(name))
+        except ValueError as e:
+            raise UsageError(f"--space: {e}") from None
+    if any(b <= 0 or not math.isfinite(b) for b in args.budgets):
+        raise UsageError(f"--budgets: every budget must be a positive multiple of --steps, got "
+                         f"{','.join(map(str, args.budgets))}")
+    if len(set(args.budgets)) < len(args.budgets):
+        raise UsageError("--budgets: a budget is given twice")
+    if args.noise_floor is None:
+        args.noise_floor = NOISE_FLOOR
+    elif not (args.noise_floor >= 0 and math.isfinite(args.noise_floor)):
+        raise UsageError(f"--noise-floor: must be a non-negative number of nats, got {args.noise_floor}")
+    if args.noise_seeds is None:
+        args.noise_seeds = args.seeds[:2]
 
 
 def _check_lrs(args) -> None:
@@ -360,10 +448,19 @@ def _samples(args) -> int:
     return 0
 
 
-def _list() -> int:
+def _list(spaces: bool = False) -> int:
     for name, spec in REGISTRY.items():
         grid = ", ".join(f"{x:.3g}" for x in spec.lr_grid)
         print(f"{name:26s} default lr {spec.default_lr:<8.3g} grid [{grid}]  {spec.source}")
+        if spaces:
+            from .tune import resolve_space
+
+            try:
+                params = resolve_space(name)
+            except ValueError as e:
+                print(f"{'':26s} tune: {e}")
+                continue
+            print(f"{'':26s} tune: " + "; ".join(f"{p.key} {list(p.grid)} (start {p.start})" for p in params))
     print("pytorch_optimizer:<Class>  any optimizer of the pytorch-optimizer package")
     return 0
 
@@ -376,7 +473,7 @@ def main(argv=None) -> int:
         return e.code if isinstance(e.code, int) else 2
     try:
         if args.command == "list":
-            return _list()
+            return _list(args.spaces)
         _require(args)
         if args.command == "report":
             return _report(args)
@@ -384,6 +481,8 @@ def main(argv=None) -> int:
             return _samples(args)
         _check_run_args(args)
         # cli.PROGRESS_INTERVAL is read as the command starts, so setting it here still sets the progress interval
+        if args.command == "tune":
+            return run_tune(args, progress_interval=PROGRESS_INTERVAL)
         return run_sweep(args, progress_interval=PROGRESS_INTERVAL)
     except (UsageError, ValueError, DataUnavailable, FileNotFoundError) as e:
         print(f"whiten-bench: error: {e}", file=sys.stderr)

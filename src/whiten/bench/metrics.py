@@ -98,3 +98,65 @@ def significantly_lower(a: list[float], b: list[float], z: float = 2.0) -> bool 
     se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
     diff = statistics.fmean(b) - statistics.fmean(a)
     return diff > z * se if se > 0 else diff > 0
+
+
+# One-sided 95% quantiles of Student's t (df 1..30); beyond 30 the normal's 1.645 is within 2%. A table, so that
+# the report needs no scipy.
+_T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761, 1.753,
+        1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701, 1.699, 1.697)
+# Two-sided 95% (the confidence interval's half-width), df 1..30.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile(df: int, two_sided: bool) -> float:
+    """Student's t quantile at 95% (one-sided) or 97.5% (for a two-sided 95% interval), ``df`` degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"df must be at least 1, got {df}")
+    table = _T975 if two_sided else _T95
+    return table[df - 1] if df <= len(table) else (1.960 if two_sided else 1.645)
+
+
+def speedup_test(fractions: list[float]) -> dict:
+    """Steps (or time) to AdamW's final loss as a fraction of AdamW's, over seeds: the mean, a 95% confidence
+    interval (mean ± t(0.975, n-1) · s/√n) and a one-sided t-test of "fraction < 1" (speedup > 1) at the 5% level:
+    significant when (mean - 1) / (s/√n) < -t(0.95, n-1). A seed that never reaches the target counts as not
+    below 1 (its fraction is infinite: no interval, not significant). Fewer than 2 seeds: no interval, no test."""
+    n = len(fractions)
+    out = {"n": n, "mean": math.nan, "low": math.nan, "high": math.nan, "t": math.nan, "significant": None}
+    if n == 0:
+        return out
+    if any(not math.isfinite(f) for f in fractions):
+        out.update(mean=math.inf, significant=False if n >= 2 else None)
+        return out
+    mean = statistics.fmean(fractions)
+    out["mean"] = mean
+    if n < 2:
+        return out
+    se = statistics.stdev(fractions) / math.sqrt(n)
+    half = t_quantile(n - 1, two_sided=True) * se
+    out.update(low=mean - half, high=mean + half)
+    if se == 0:
+        out["significant"] = mean < 1
+        out["t"] = -math.inf if mean < 1 else math.inf
+    else:
+        out["t"] = (mean - 1) / se
+        out["significant"] = out["t"] < -t_quantile(n - 1, two_sided=False)
+    return out
+
+
+def data_equivalent_speedup(budgets: list[float], losses: list[float], loss: float, budget: float) -> float:
+    """Fantastic Pretraining Optimizers' speedup: the budget AdamW would need to reach ``loss`` (from its tuned final
+    losses at ``budgets``, interpolated linearly in log budget between neighbouring budgets) divided by ``budget``.
+    NaN when ``loss`` lies outside AdamW's range (no extrapolation: below AdamW's best loss the speedup is at least
+    max(budgets)/budget, which the report says in words)."""
+    pts = sorted((b, l) for b, l in zip(budgets, losses) if math.isfinite(l))
+    for (b0, l0), (b1, l1) in zip(pts, pts[1:]):
+        lo, hi = min(l0, l1), max(l0, l1)
+        if lo <= loss <= hi and l0 != l1:
+            frac = (l0 - loss) / (l0 - l1)
+            return math.exp(math.log(b0) + frac * (math.log(b1) - math.log(b0))) / budget
+    for b, l in pts:
+        if l == loss:
+            return b / budget
+    return math.nan

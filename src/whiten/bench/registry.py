@@ -87,6 +87,7 @@ def _whiten(class_name: str):
         return getattr(whiten, class_name)(whiten.param_groups(model), lr=lr, **_resolve(options, width, steps))
 
     build.whiten = True
+    build.target = ("whiten", class_name)
     return build
 
 
@@ -97,6 +98,7 @@ def _whiten_hooked(class_name: str):
                                            **_resolve(options, width, steps))
 
     build.whiten = True
+    build.target = ("whiten", class_name)
     return build
 
 
@@ -108,6 +110,7 @@ def _whiten_muon(model, lr, options, width, steps):
 
 
 _splus.whiten = _whiten_muon.whiten = True  # builders of whiten's optimizers: they take process_group
+_splus.target, _whiten_muon.target = ("whiten", "SPlus"), ("whiten", "Muon")
 
 
 def _whiten_specgd(model, lr, options, width, steps):
@@ -124,6 +127,8 @@ def _whiten_scion(model, lr, options, width, steps):
 
 
 _whiten_specgd.whiten = _whiten_scion.whiten = True
+_whiten_specgd.target, _whiten_scion.target = ("whiten", "SpecGD"), ("whiten", "Scion")
+_adamw.target = ("torch.optim", "AdamW")
 
 
 def _torch_muon(model, lr, options, width, steps):
@@ -150,6 +155,7 @@ def _pytorch_optimizer(class_name: str):
             raise ValueError(f"pytorch_optimizer has no optimizer named {class_name!r}")
         return cls(whiten.param_groups(model), lr=lr, **_resolve(options, width, steps))
 
+    build.target = ("pytorch_optimizer", class_name)
     return build
 
 
@@ -412,3 +418,123 @@ def build_optimizer(spec: OptimizerSpec, model, lr: float, width: int, steps: in
     if spec.averages and not (hasattr(opt, "eval") and hasattr(opt, "train")):
         raise TypeError(f"{spec.name} is registered as averaging but has no eval()/train()")
     return opt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Defaults per task: what `compare` runs
+# ---------------------------------------------------------------------------------------------------------------
+
+# Best lrs measured on each task (docs/results). An optimizer missing here for a task runs at its registry default
+# (its lm setting where LM_TUNED lists it), and `compare` says that default was not tuned on the task.
+# vit: docs/results/vit-dit-seeds and fisher-family/vit-report.md (2 seeds; soap ran one lr only, kbfgs 4.64 was
+# best of its vit grid). dit: vit-dit-seeds/dit-report (2 seeds) and cpu-protocol.
+TASK_DEFAULTS: dict[str, dict[str, dict]] = {
+    "vit": {
+        "adamw": dict(lr=4.64e-4, source="docs/results/vit-dit-seeds (2 seeds, interior best)"),
+        "splus": dict(lr=0.0215, source="docs/results/vit-dit-seeds (2 seeds, interior best)"),
+        "soap": dict(lr=2.15e-3, source="docs/results/fisher-family/vit-report.md (one lr run: not a sweep)"),
+        "tnt": dict(lr=1e-6, source="docs/results/fisher-family/vit-report.md"),
+        "kfac-sampled": dict(lr=0.0215, source="docs/results/fisher-family/vit-report.md"),
+        "ekfac-sampled": dict(lr=0.0215, source="docs/results/fisher-family/vit-report.md"),
+        "mfac": dict(lr=0.01, source="docs/results/fisher-family/vit-report.md"),
+        "sophia": dict(lr=1e-4, source="docs/results/fisher-family/vit-report.md"),
+        "kbfgs": dict(lr=4.64, source="docs/results/fisher-family (kbfgs-vit-report.md)"),
+    },
+    "dit": {
+        "adamw": dict(lr=4.64e-3, source="docs/results/vit-dit-seeds (2 seeds)"),
+        "splus": dict(lr=0.215, source="docs/results/vit-dit-seeds (2 seeds, interior best)"),
+    },
+}
+# Registry defaults that are the best of an lm sweep at the cpu profile (docs/results/cpu-protocol and the family
+# pages): on lm they are tuned, elsewhere they are lm's.
+LM_TUNED = frozenset({"adamw", "splus", "muon", "torch:Muon", "psgd-kron", "soap", "shampoo", "pytorch_optimizer:SOAP",
+                      "schedule-free-adamw", "schedule-free-adamw-b0.999", "kbfgs", "scion", "specgd", "conda",
+                      "prodigy"})
+
+
+def task_default(name: str, task: str) -> tuple[float, dict, str | None]:
+    """(lr, options, note) for ``compare`` on ``task``: the setting tuned on that task where the project has one;
+    else the registry default, with a note saying it was not tuned on ``task`` (None when it was)."""
+    spec = get_spec(name)
+    tuned = TASK_DEFAULTS.get(task, {}).get(name)
+    if tuned is not None:
+        return tuned["lr"], dict(tuned.get("options", {})), None
+    if task == "lm" and name in LM_TUNED:
+        return spec.default_lr, {}, None
+    where = "tuned on lm" if name in LM_TUNED else "not from a sweep"
+    return spec.default_lr, {}, f"{name}: lr {spec.default_lr:.3g} is the registry default ({where}), not tuned on {task}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Search spaces: what `whiten-bench tune` varies
+# ---------------------------------------------------------------------------------------------------------------
+
+# Each entry: hyperparameter -> grid. "lr" is the peak lr (the registry grid by default), "warmup" the warm-up as a
+# fraction of the run (0.05 is the harness default); any other key is an optimizer option, and "name[i]" sets one
+# element of a tuple option (betas[1] is β2). The start of the search is the registry's setting (its options, else
+# the constructor's default); every grid holds it. Values follow the references' common ranges, kept to 3-4 points
+# so a coordinate sweep costs a few runs.
+_WARMUP = (0.02, 0.05, 0.1)
+SEARCH_SPACES: dict[str, dict[str, tuple]] = {
+    "adamw": {"lr": (), "weight_decay": (0.0, 0.05, 0.1, 0.2), "betas[0]": (0.8, 0.9, 0.95),
+              "betas[1]": (0.95, 0.98, 0.99), "warmup": _WARMUP},
+    "splus": {"lr": (), "weight_decay": (0.0, 0.05, 0.1, 0.2), "betas[0]": (0.8, 0.9, 0.95),
+              "betas[1]": (0.95, 0.98, 0.99), "ema_rate": ("1-5/steps", "1-10/steps", "1-20/steps"),
+              "inverse_every": (30, 100, 300), "warmup": _WARMUP},
+    "soap": {"lr": (), "weight_decay": (0.0, 0.01, 0.1), "betas[0]": (0.9, 0.95), "betas[1]": (0.95, 0.99),
+             "precondition_frequency": (5, 10, 30), "warmup": _WARMUP},
+    "muon": {"lr": (), "weight_decay": (0.0, 0.05, 0.1, 0.2), "momentum": (0.9, 0.95, 0.98),
+             "adam_lr_ratio": (0.05, 0.15, 0.5), "warmup": _WARMUP},
+    "psgd-kron": {"lr": (), "weight_decay": (0.0, 0.05, 0.1, 0.2), "b1": (0.9, 0.95),
+                  "precond_lr": (0.05, 0.1, 0.2), "warmup": _WARMUP},
+    "kfac": {"lr": (), "damping": (1e-4, 1e-3, 1e-2), "kl_clip": (1e-4, 1e-3, 1e-2), "momentum": (0.8, 0.9, 0.95),
+             "weight_decay": (0.0, 0.01, 0.1), "warmup": _WARMUP},
+    "sophia": {"lr": (), "rho": (0.01, 0.04, 0.1), "betas[1]": (0.99, 0.995), "weight_decay": (0.0, 0.1, 0.2),
+               "warmup": _WARMUP},
+}
+
+
+def search_space(name: str) -> dict[str, tuple]:
+    """The registry's search space for ``name``: its own entry, else lr, weight decay (where the optimizer has it)
+    and warm-up. An empty "lr" grid means the registry's lr grid."""
+    spec = get_spec(name)
+    space = SEARCH_SPACES.get(name)
+    if space is None:
+        space = {"lr": ()}
+        if "weight_decay" in spec.options:
+            wd = spec.options["weight_decay"]
+            space["weight_decay"] = tuple(sorted({0.0, wd / 10, wd, wd * 2}))
+        space["warmup"] = _WARMUP
+    return {k: (tuple(v) if v else tuple(spec.lr_grid) if k == "lr" else ()) for k, v in space.items()}
+
+
+def _constructor(spec: OptimizerSpec):
+    """The optimizer class a registry builder makes (for the defaults of options the registry does not set)."""
+    target = getattr(spec.build, "target", None)
+    if target is None:
+        return None
+    module, cls = target
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError):
+        return None
+
+
+_MISSING = object()
+
+
+def option_default(spec: OptimizerSpec, key: str):
+    """The value a run of ``spec`` uses for option ``key`` when nothing overrides it: the registry's, else the
+    constructor's default. ValueError naming the key when it cannot be told."""
+    if key in spec.options:
+        return spec.options[key]
+    cls = _constructor(spec)
+    if cls is not None:
+        import inspect
+
+        param = inspect.signature(cls.__init__).parameters.get(key)
+        if param is not None and param.default is not inspect.Parameter.empty:
+            return param.default
+    raise ValueError(f"{spec.name} has no option {key!r} with a known default (registry options: "
+                     f"{', '.join(sorted(spec.options)) or 'none'}); give its start in the space, "
+                     f'e.g. {{"{key}": {{"grid": [...], "start": VALUE}}}}')

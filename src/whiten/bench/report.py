@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .metrics import (LOADED_UTILIZATION, best_lr, fraction_to_target, mean_std, significantly_lower, unstable,
-                      utilization)
+from .metrics import (LOADED_UTILIZATION, best_lr, fraction_to_target, mean_std, significantly_lower, speedup_test,
+                      unstable, utilization)
 from .models import PROFILES
 
 BASELINE = "adamw"
@@ -39,7 +40,8 @@ def _fraction(mean: float, std: float) -> str:
 def variant(config: dict) -> str:
     """The optimizer and what changes it ("shampoo refresh=100"), from a run's config (as RunConfig.variant)."""
     extra = ([f"refresh={config['refresh']}"] if config.get("refresh") is not None else []) + \
-        [f"{k}={v}" for k, v in config.get("options") or ()]
+        [f"{k}={v}" for k, v in config.get("options") or ()] + \
+        ([f"warmup={config['warmup']}"] if config.get("warmup", -1) != -1 else [])
     return " ".join([config["optimizer"], *extra])
 
 
@@ -54,9 +56,15 @@ def run_width(run: dict) -> int:
 def summarize(runs: list[dict]) -> dict:
     """{(task, profile, start): {optimizer variant: {lr: [run, ...]}}}; the profile reads "cpu-w64" for --width 64."""
     out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    steps: dict = defaultdict(set)
+    for r in runs:
+        c = r["config"]
+        steps[(c["task"], c["profile"], c.get("width"), c["start"])].add(c["steps"])
     for r in runs:
         c = r["config"]
         profile = c["profile"] if not c.get("width") else f"{c['profile']}-w{c['width']}"
+        if len(steps[(c["task"], c["profile"], c.get("width"), c["start"])]) > 1:  # tune's budgets: one section each
+            profile += f"-{c['steps']}steps"
         out[(c["task"], profile, c["start"])][variant(c)][c["lr"]].append(r)
     return out
 
@@ -95,6 +103,7 @@ def section(key, by_opt: dict, plots_dir: Path | None, clock: str = "wall") -> l
     lines.append("|---|---|---|---|---|---|---|---|")
     base_by_seed = {r["config"]["seed"]: r for r in base[2]} if base else {}
     fractions = {}  # name -> (mean steps-to-AdamW, mean time-to-AdamW), for the plots
+    tests = {}  # name -> (speedup_test of steps, of time)
     for name, (lr, edge, runs) in sorted(best.items(), key=lambda kv: (kv[0] != base_name, kv[0])):
         finals = [r["final_val_loss"] for r in runs]
         f_mean, f_std = mean_std(finals)
@@ -108,6 +117,8 @@ def section(key, by_opt: dict, plots_dir: Path | None, clock: str = "wall") -> l
             tta.append(t)
         if sta:
             fractions[name] = (mean_std(sta)[0], mean_std(tta)[0])
+            if name != base_name:
+                tests[name] = (speedup_test(sta), speedup_test(tta))
         n_div = sum(r["diverged"] for rs in by_opt[name].values() for r in rs)
         n_all = sum(len(rs) for rs in by_opt[name].values())
         sig = "—" if name == base_name or base is None else \
@@ -118,6 +129,14 @@ def section(key, by_opt: dict, plots_dir: Path | None, clock: str = "wall") -> l
         lines.append(f"| {name} | {lr:.3g}{' (edge of grid)' if edge else ''} | {_fmt(f_mean, f_std)} | "
                      f"{_fraction(*mean_std(sta)) if sta else 'n/a'} | {time_cell} | "
                      f"{sps:.3f} | {n_div}/{n_all} | {sig} |")
+    if any(st["n"] >= 2 for st, _ in tests.values()):
+        lines += ["", "Steps and time to AdamW's final loss over seeds: mean [95% interval, mean ± t(0.975, n-1) · "
+                      "s/√n]; below 1 significantly = a one-sided t-test of \"fraction < 1\" at the 5% level "
+                      "(t = (mean - 1)/(s/√n) below -t(0.95, n-1): 6.31 for 2 seeds).", "",
+                  "| optimizer | steps-to-AdamW [95%] | below 1? | time-to-AdamW [95%] | below 1? |",
+                  "|---|---|---|---|---|"]
+        for name, (st, tt) in sorted(tests.items()):
+            lines.append(f"| {name} | {_ci(st)} | {_verdict(st)} | {_ci(tt)} | {_verdict(tt)} |")
     extra = [k for r in base[2] for k in r if k.startswith("final_val_") and k != "final_val_loss"] if base else []
     for metric in sorted(set(extra)):
         lines.append("")
@@ -519,6 +538,225 @@ def write_report(root: Path, plots: bool = True, clock: str = "wall") -> Path:
         lines += section(key, by_opt, plots_dir, clock)
     lines += stability_sections(runs, plots_dir)
     lines += transfer_sections(runs, plots_dir)
+    lines += tune_sections(root, plots_dir, clock)
     path = root / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tuned comparisons (whiten-bench tune): the path, the sensitivities, steps to AdamW's tuned loss, the budget axis
+# ---------------------------------------------------------------------------------------------------------------
+
+def _ci(test: dict, digits: int = 2) -> str:
+    if test["n"] == 0:
+        return "n/a"
+    if test["mean"] == math.inf:
+        return "> 1 (a seed never reached it)"
+    text = f"{test['mean']:.{digits}f}"
+    if math.isfinite(test["low"]):
+        text += f" [{test['low']:.{digits}f}, {test['high']:.{digits}f}]"
+    return text
+
+
+def _verdict(test: dict) -> str:
+    if test["significant"] is None:
+        return "n/a (1 seed)"
+    t = f"t = {test['t']:.2f}" if math.isfinite(test["t"]) else "no spread"
+    return ("**yes**" if test["significant"] else "no") + (f" ({t})" if test["mean"] != math.inf else "")
+
+
+def tuned_fractions(base_runs: list[dict], runs: list[dict], clock: str = "seconds") -> tuple:
+    """Per seed, the steps and the time ``runs`` need to reach AdamW's final loss, as fractions of AdamW's steps and
+    time: paired by seed (the target of seed s is AdamW's seed-s final loss, so both saw the same data order); a seed
+    AdamW did not run is held to the mean of AdamW's seeds. Interpolated between evaluations; inf when never
+    reached. AdamW against itself is 1 by definition."""
+    from .metrics import crossing
+
+    by_seed = {r["config"]["seed"]: r for r in base_runs}
+    mean_target = statistics.fmean(r["final_val_loss"] for r in base_runs)
+    mean_steps = statistics.fmean(r["records"][-1]["step"] for r in base_runs)
+    mean_time = statistics.fmean(r["records"][-1].get(clock, math.nan) for r in base_runs)
+    s, t = [], []
+    for r in runs:
+        b = by_seed.get(r["config"]["seed"])
+        if b is not None and b["config"] == r["config"]:
+            s.append(1.0)
+            t.append(1.0)
+            continue
+        target = b["final_val_loss"] if b is not None else mean_target
+        steps = b["records"][-1]["step"] if b is not None else mean_steps
+        seconds = b["records"][-1].get(clock, math.nan) if b is not None else mean_time
+        s.append(crossing(r["records"], target, "step") / steps)
+        t.append(crossing(r["records"], target, clock) / seconds if seconds > 0 else math.nan)
+    return s, t
+
+
+def tune_sections(root: Path, plots_dir: Path | None, clock: str = "wall") -> list[str]:
+    """Sections for the tunes under root/tune: per task and budget, each optimizer's tuned point, the steps and
+    time it needs to reach AdamW's tuned final loss with a 95% interval over seeds and a one-sided t-test of
+    "below 1", its path and each hyperparameter's sensitivity; then speedup against the budget."""
+    from .metrics import data_equivalent_speedup, speedup_test
+    from .tune import load_tunes
+
+    tunes = load_tunes(root)
+    if not tunes:
+        return []
+    ckey = CLOCKS[clock]
+    groups: dict = defaultdict(lambda: defaultdict(dict))
+    for t in tunes:
+        groups[(t["task"], t["label"])][t["steps"]][t["optimizer"]] = t
+    lines = []
+    for (task, label), by_steps in sorted(groups.items()):
+        speedups: dict = defaultdict(dict)  # optimizer -> {steps: (steps-speedup, data-equivalent speedup)}
+        adamw_curve = {s: _tuned_mean(by_opt[BASELINE], root) for s, by_opt in by_steps.items() if BASELINE in by_opt}
+        for steps, by_opt in sorted(by_steps.items()):
+            any_t = next(iter(by_opt.values()))
+            per_param = steps * any_t["tokens_per_step"] / any_t["parameters"]
+            lines += [f"## Tuned: {task} · profile {label} · {steps} steps (×{any_t['budget']:g} of {any_t['base_steps']}; "
+                      f"{steps * any_t['tokens_per_step']:,} {any_t['unit']}, {per_param:.2f} per parameter)", "",
+                      "Coordinate descent from the registry's setting (`whiten-bench tune`): one hyperparameter at a "
+                      "time over its grid, the others at their current best, a change kept only when it lowers the "
+                      "final validation loss of the first seed by more than the noise (the std over the noise seeds "
+                      "at the start point, at least the floor), until a round changes nothing. The tuned point then "
+                      "ran every seed.", ""]
+            base = by_opt.get(BASELINE)
+            base_runs = _tuned_runs(base, root) if base else []
+            target = statistics.fmean(r["final_val_loss"] for r in base_runs) if base_runs else math.nan
+            lines += ["| optimizer | tuned setting | final val loss (seeds) | start's loss | noise | rounds | sweeps |",
+                      "|---|---|---|---|---|---|---|"]
+            for name, t in sorted(by_opt.items(), key=lambda kv: (kv[0] != BASELINE, kv[0])):
+                finals = [v for v in t["final"].values()]
+                f_mean, f_std = mean_std(finals)
+                first = next(iter(t["noise_seeds"].values()))
+                changed = [f"{k} {_short(v)}" for k, v in t["point"].items() if k != "lr" and v != t["start"].get(k)]
+                setting = ", ".join([f"lr {t['point']['lr']:.3g}"] + changed) + ("" if changed else " (rest as registry)")
+                lines.append(f"| {name} | {setting} | {_fmt(f_mean, f_std)} ({len(finals)}) | {first:.3f} | "
+                             f"{t['noise']:.4f} | {t['rounds']}{'' if t['converged'] else ' (not converged)'} | "
+                             f"{len(t['path'])} |")
+            lines.append("")
+            if base_runs and math.isfinite(target):
+                lines += [f"Steps and time ({clock} clock) to reach AdamW's tuned final loss ({target:.4f}, mean "
+                          "over seeds; each seed is held to AdamW's final loss with the same seed, the same data "
+                          "order), as fractions of AdamW's steps and time: mean over seeds [95% interval: mean ± "
+                          "t(0.975, n-1) · s/√n]. Significant: a one-sided t-test of \"fraction < 1\" at the 5% "
+                          "level, t = (mean - 1)/(s/√n) below -t(0.95, n-1) (6.31 for 2 seeds, 2.92 for 3). A seed "
+                          "that never reaches the target makes the fraction > 1.", "",
+                          "| optimizer | steps to AdamW | significant? | time to AdamW | significant? | speedup (1/steps) |",
+                          "|---|---|---|---|---|---|"]
+                for name, t in sorted(by_opt.items(), key=lambda kv: (kv[0] != BASELINE, kv[0])):
+                    runs = _tuned_runs(t, root)
+                    if not runs:
+                        continue
+                    s, tm = tuned_fractions(base_runs, runs, ckey)
+                    st, tt = speedup_test(s), speedup_test(tm)
+                    inv = 1 / st["mean"] if st["mean"] and math.isfinite(st["mean"]) else math.nan
+                    lines.append(f"| {name} | {_ci(st)} | {_verdict(st)} | {_ci(tt)} | {_verdict(tt)} | "
+                                 f"{inv:.2f}× |" if math.isfinite(inv) else
+                                 f"| {name} | {_ci(st)} | {_verdict(st)} | {_ci(tt)} | {_verdict(tt)} | < 1× |")
+                    loss = _tuned_mean(t, root)
+                    eq = data_equivalent_speedup(list(adamw_curve), list(adamw_curve.values()), loss, steps) \
+                        if len(adamw_curve) > 1 else math.nan
+                    speedups[name][steps] = (inv, eq)
+                lines.append("")
+            for name, t in sorted(by_opt.items()):
+                lines += _path_lines(name, t)
+        if len(by_steps) > 1:
+            lines += _budget_lines(task, label, by_steps, speedups, plots_dir)
+    return lines
+
+
+def _short(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(tuple(v) if isinstance(v, list) else v)
+
+
+def _tuned_runs(t: dict, root: Path) -> list[dict]:
+    runs = []
+    for rel in t.get("runs", {}).values():
+        path = Path(root) / rel / "done.json"
+        if path.exists():
+            runs.append(json.loads(path.read_text()))
+    return runs
+
+
+def _tuned_mean(t: dict, root: Path) -> float:
+    finals = list(t["final"].values())
+    return statistics.fmean(finals) if finals and all(map(math.isfinite, finals)) else math.inf
+
+
+def _path_lines(name: str, t: dict) -> list[str]:
+    """The path the descent took (one line per coordinate sweep) and each hyperparameter's sensitivity: the loss
+    range over the values its last sweep tried (diverged values counted apart)."""
+    lines = [f"**{name}**: the path (first seed's final val loss per value; ✓ kept):", ""]
+    last: dict = {}
+    for p in t["path"]:
+        cells = []
+        for v, loss in p["tried"]:
+            mark = " ✓" if p["accepted"] and v == p["best"] else ""
+            cells.append(f"{_short(v)}: {'∞' if not math.isfinite(loss) else f'{loss:.4f}'}{mark}")
+        lines.append(f"- round {p['round']}, {p['key']}: " + ", ".join(cells)
+                     + ("" if p["accepted"] else f" (kept {_short(p['from'])})"))
+        last[p["key"]] = p
+    lines += ["", "Sensitivity (last sweep of each: worst minus best final loss over the values tried):", "",
+              "| hyperparameter | values tried | best | loss range | diverged |", "|---|---|---|---|---|"]
+    for key, p in last.items():
+        losses = [loss for _, loss in p["tried"]]
+        finite = [x for x in losses if math.isfinite(x)]
+        spread = max(finite) - min(finite) if finite else math.nan
+        lines.append(f"| {key} | {len(losses)} | {_short(min(p['tried'], key=lambda x: x[1])[0])} | {spread:.4f} | "
+                     f"{len(losses) - len(finite)} |")
+    return lines + [""]
+
+
+def _budget_lines(task, label, by_steps, speedups, plots_dir) -> list[str]:
+    steps_list = sorted(by_steps)
+    lines = [f"## Speedup over AdamW against the budget: {task} · profile {label}", "",
+             "Each budget tuned on its own (the first from the registry's setting, each later one from the point "
+             "tuned at the budget before). Two speedups: 1/(steps to AdamW's tuned final loss), and Fantastic "
+             "Pretraining Optimizers' data-equivalent one: the budget AdamW would need for the optimizer's final "
+             "loss (AdamW's tuned losses interpolated in log budget) over the budget used; '—' where that loss lies "
+             "outside AdamW's range (no extrapolation).", "",
+             "| optimizer | " + " | ".join(f"{s} steps" for s in steps_list) + " |",
+             "|---|" + "---|" * len(steps_list)]
+    for name, by in sorted(speedups.items()):
+        cells = []
+        for s in steps_list:
+            inv, eq = by.get(s, (math.nan, math.nan))
+            cells.append(("—" if not math.isfinite(inv) else f"{inv:.2f}×") + " / "
+                         + ("—" if not math.isfinite(eq) else f"{eq:.2f}×"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if plots_dir is not None and speedups:
+        name = _budget_plot(task, label, steps_list, speedups, plots_dir)
+        lines += [f"![{name}](plots/{name})", ""]
+    return lines
+
+
+def _budget_plot(task, label, steps_list, speedups, plots_dir: Path) -> str:
+    matplotlib, plt = _matplotlib()
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = 0
+    for k, (name, by) in enumerate(sorted(speedups.items())):
+        color = f"C{k}"
+        for i, (style, what) in enumerate((("o-", "1/steps"), ("s--", "data-equivalent"))):
+            xs = [s for s in steps_list if s in by and math.isfinite(by[s][i])]
+            if xs:
+                ax.plot(xs, [by[s][i] for s in xs], style, color=color, label=f"{name} ({what})")
+                drawn += 1
+    ax.axhline(1.0, color="black", ls=":", lw=1)
+    if drawn:  # a log axis with nothing on it cannot place its ticks
+        ax.set_xscale("log", base=2)
+    else:
+        ax.text(0.5, 0.5, "no optimizer reached AdamW's loss", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("training steps (budget)")
+    ax.set_ylabel("speedup over tuned AdamW (1 / steps-to-AdamW)")
+    ax.set_title(f"{task} · {label}: speedup vs budget, every hyperparameter tuned", fontsize=11)
+    ax.grid(alpha=0.3, which="both")
+    if drawn:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    name = f"{task}-{label}-tuned-budget.png"
+    fig.savefig(plots_dir / name, dpi=100)
+    plt.close(fig)
+    return name

@@ -19,7 +19,7 @@ import torch
 
 from .errors import UsageError
 from .models import PROFILES
-from .registry import build_optimizer, get_spec, with_options
+from .registry import build_optimizer, get_spec, task_default, with_options
 
 # Seconds between plain progress lines when stderr is not a terminal (a log file, nohup, CI).
 PROGRESS_INTERVAL = 30.0
@@ -31,8 +31,8 @@ PROGRESS_INTERVAL = 30.0
 
 def plan_runs(args) -> list:
     """The runs a compare, sweep or stability command line asks for, in the order they run: each starting point,
-    width, seed and optimizer, then each refresh interval and lr (compare: the registry's default lr; sweep and
-    stability: --lrs, or the registry's grid)."""
+    width, seed and optimizer, then each refresh interval and lr (compare: the lr and options tuned for the task,
+    else the registry's default, see registry.task_default; sweep and stability: --lrs, or the registry's grid)."""
     from .run import RunConfig
 
     # the profile's own width is no --width at all: those runs are the plain ones (same folder, same identity)
@@ -47,8 +47,11 @@ def plan_runs(args) -> list:
             for seed in args.seeds:
                 for name in args.optimizers:
                     spec = get_spec(name)
+                    run_options = options
                     if args.command == "compare":
-                        grid = [spec.default_lr]
+                        lr, tuned, _ = task_default(name, args.task)
+                        grid = [lr]
+                        run_options = tuple(sorted({**tuned, **dict(args.opt)}.items()))
                     elif isinstance(lrs, dict):
                         grid = lrs.get(name) or list(spec.lr_grid)
                     else:
@@ -58,8 +61,18 @@ def plan_runs(args) -> list:
                             plan.append(RunConfig(task=args.task, profile=args.profile, optimizer=name, lr=lr,
                                                   seed=seed, steps=args.steps, start=start, warmup=args.warmup,
                                                   schedule=args.schedule, evals=args.evals, compile=args.compile,
-                                                  width=width, refresh=refresh, options=options))
+                                                  width=width, refresh=refresh, options=run_options))
     return plan
+
+
+def compare_notes(names, task: str) -> list[str]:
+    """What compare tells the user about its defaults: which lrs were not tuned on this task (their comparison rests
+    on a setting from another task, or on none), and how to tune them."""
+    notes = [note for name in names if (note := task_default(name, task)[2])]
+    if notes:
+        notes.append(f"a fair comparison tunes every optimizer on the task: whiten-bench sweep --task {task} (lr) "
+                     f"or whiten-bench tune --task {task} (every hyperparameter)")
+    return notes
 
 
 def check_options(args, task) -> None:
@@ -252,6 +265,9 @@ def _run_pending(args, plan, pending, task, par, checkpoint_path, parse_start, r
           + (f" ({args.parallel} over {par.world} processes)" if par.world > 1 else ""), flush=True)
     if task.note():
         print(f"note: {task.note()}", flush=True)
+    if args.command == "compare":
+        for line in compare_notes(args.optimizers, args.task):
+            print(f"note: {line}", flush=True)
     if args.profile == "gpu" and args.device.type == "cpu":
         print("note: the gpu profile on a CPU takes hours per run; --profile cpu is sized for 2 cores", flush=True)
     progress = Progress(pending, stream=None if par.main else open(os.devnull, "w"), interval=progress_interval)
@@ -274,4 +290,53 @@ def _run_pending(args, plan, pending, task, par, checkpoint_path, parse_start, r
     path = write_report(args.out, plots=not args.no_plots)
     print(f"\nreport: {path}" + ("" if args.no_plots else f"\nplots:  {args.out / 'plots'}"))
     print(path.read_text())
+    return 0
+
+
+def run_tune(args, progress_interval: float | None = None) -> int:
+    """Runs what a tune command line asks for (arguments whiten.bench.cli has checked): a coordinate descent per
+    optimizer, budget, starting point and width (whiten.bench.tune), finished runs reused, then the report."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    from .parallel import from_environment
+    from .report import write_report
+    from .run import run
+    from .tasks import make_task
+    from .tune import run_root, tune_runs
+
+    par, args.device = from_environment(args.parallel, args.device)
+    if par.world > 1:
+        raise UsageError("tune runs in one process (its runs are small and many); use sweep under torchrun")
+    task = make_task(args.task, args.profile, args.device, text_path=args.text, data_root=args.data_root)
+    base = PROFILES[args.profile][args.task]["width"]
+    widths = list(dict.fromkeys(None if w == base else w for w in (args.width or [None])))
+    print(f"tune: task {args.task}, profile {args.profile}, device {args.device} ({torch.get_num_threads()} threads), "
+          f"optimizers {','.join(args.optimizers)}, {args.steps} steps x budgets {','.join(f'{b:g}' for b in args.budgets)}, "
+          f"seeds {','.join(map(str, args.seeds))} -> {args.out}", flush=True)
+    if task.note():
+        print(f"note: {task.note()}", flush=True)
+    with sweep_lock(args.out, True):
+        for start in args.starts:
+            for width in widths:
+                fields = dict(start=start, schedule=args.schedule, evals=args.evals, compile=args.compile,
+                              width=width)
+
+                def runner(cfg, task=task):
+                    progress = Progress([cfg], interval=progress_interval)
+                    progress.start_run(cfg)
+                    try:
+                        summary = run(cfg, task, run_root(args.out, cfg), progress=progress.step)
+                    finally:
+                        progress.close()
+                    status = "diverged" if summary["diverged"] else f"final val loss {summary['final_val_loss']:.4f}"
+                    print(f"    {cfg.variant():40s} lr {cfg.lr:<8.3g} warmup {cfg.warmup_steps():<4d} seed "
+                          f"{cfg.seed} {status}", flush=True)
+                    return summary
+
+                tune_runs(task.with_width(width), args.optimizers, args.steps, args.budgets, args.out,
+                          spaces=args.space, seeds=args.seeds, noise_seeds=args.noise_seeds,
+                          noise_floor=args.noise_floor, max_rounds=args.max_rounds,
+                          radius=None if args.full_grid else 1, run_fields=fields, runner=runner)
+    path = write_report(args.out, plots=not args.no_plots)
+    print(f"\nreport: {path}" + ("" if args.no_plots else f"\nplots:  {args.out / 'plots'}"))
     return 0
