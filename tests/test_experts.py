@@ -153,3 +153,14 @@ def test_planned_work_counts_each_expert():
     assert opt.work_cost(p, opt.param_groups[0]) == 4 * one
     report = opt.memory_report()  # planned before the first step: the stacks of the experts' state
     assert "experts" in str(report)
+
+
+@pytest.mark.parametrize("name,options", [("SPlus", {"state_dtype": "bf16"}), ("SPlus", {"basis_bits": 4}),
+                                          ("SOAP", {"basis_bits": 8}), ("TNT", {"state_dtype": "bf16"}),
+                                          ("Muon", {"state_dtype": "bf16"}), ("Conda", {"state_dtype": "bf16"}),
+                                          ("SOAP", {"max_factor_ratio": 20})])
+def test_experts_with_reduced_state_step_as_separate_matrices(name, options):
+    """The state options of issue 23 (bf16 storage, quantized bases, sides left out) hold per expert too."""
+    (a, stacked), (b, apart) = _runs(name, **options)
+    assert _differences(a, stacked, b, apart) == []
+    assert a.memory_report() is not None
