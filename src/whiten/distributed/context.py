@@ -152,13 +152,19 @@ class DistributedContext:
         self.world, self.rank = world_and_rank(group)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.owner, self.costs = plan(optimizer, self.world)
+        # parameters whose whole update is elementwise: no owner, every rank steps the block it holds (a replicated
+        # one whole, redundantly) and keeps its state as that block, so nothing of theirs crosses the network
+        self.local = [p for gi, g in enumerate(optimizer.param_groups) for p in g["params"]
+                      if optimizer.elementwise(p, g)]
+        self._local_ids = {id(p) for p in self.local}
+        self._views: dict = {}  # sharded elementwise parameter -> the plain alias of its local shard
         # sharded parameter -> (offset, size) of the block of the full tensor each rank of the group holds
         self.blocks: dict = read_layout(type(optimizer).__name__, self.params, group, self.world)
         # sharded parameter -> [(rank, offset, size)]: the rank each block goes to the owner from, one per distinct
         # non-empty block, the owner itself where it holds it (replicas: HSDP's Replicate, TP's replicated norms)
         self.sources: dict = {}
         for i, p in enumerate(self.params):
-            if p in self.blocks and p in self.owner:  # not an experts parameter: its experts are the units
+            if p in self.blocks and p in self.owner:  # not an experts or elementwise parameter
                 self.sources[p] = pick_sources(self.blocks[p], self.owner[p], i)
         self.full: dict = {}  # owned sharded parameter -> full-size plain tensor the step works on
         for p in self.params:
@@ -183,8 +189,20 @@ class DistributedContext:
         self._mesh = None
 
     # ----- who does what ------------------------------------------------------------------------------------------
+    def is_local(self, p) -> bool:
+        """Whether ``p`` is stepped where it lies: every rank steps its block, no owner (elementwise updates)."""
+        return id(p) in self._local_ids
+
+    def is_local_view(self, t) -> bool:
+        """Whether ``t`` is what the step sees of an elementwise parameter: the parameter itself (replicated) or
+        the alias of its block (sharded)."""
+        return id(t) in self._local_ids or any(v is t for v in self._views.values())
+
     def owns(self, p) -> bool:
-        """Whether this rank steps ``p`` (an experts parameter: at least one of its experts)."""
+        """Whether this rank steps ``p`` (an experts parameter: at least one of its experts; an elementwise
+        parameter: every rank, its own block)."""
+        if id(p) in self._local_ids:
+            return True
         if p in self.experts:
             return any(self.owner[x] == self.rank for x in self.experts[p])
         return self.owner[p] == self.rank
@@ -224,8 +242,9 @@ class DistributedContext:
                                   stride=stride)
 
     def expand(self, params: list) -> list:
-        """``params`` with each experts parameter replaced by its experts: the units the exchanges move."""
-        return [x for p in params for x in self.experts.get(p, [p])]
+        """``params`` with each experts parameter replaced by its experts, without the elementwise ones (they stay
+        where they are): the units the exchanges move."""
+        return [x for p in params if id(p) not in self._local_ids for x in self.experts.get(p, [p])]
 
     def _full_of(self, x):
         return self.expert_full[x] if isinstance(x, Expert) else self.full[x]
@@ -247,14 +266,55 @@ class DistributedContext:
         return local.new_zeros(self.blocks[x][self.rank][1])
 
     def view(self, p):
-        """What the optimizer's math works on for an owned parameter: the parameter, or its full stand-in."""
+        """What the optimizer's math works on for an owned parameter: the parameter, its full stand-in, or (a
+        sharded elementwise parameter) the plain alias of this rank's block."""
+        if id(p) in self._local_ids and p in self.blocks:
+            return self.local_view(p)
         return self.full.get(p, p)
 
+    def local_view(self, p) -> torch.Tensor:
+        """A plain tensor that aliases this rank's block of the sharded parameter ``p`` (writing it writes the
+        parameter); the same object while the block's storage stays, so state keyed by it keeps its stacks."""
+        local = p.to_local()
+        view = self._views.get(p)
+        if (view is None or view.data_ptr() != local.data_ptr() or view.shape != local.shape
+                or view.stride() != local.stride()):
+            view = self._views[p] = local.detach()
+        return view
+
+    def local_grad(self, p) -> torch.Tensor | None:
+        """This rank's block of ``p``'s gradient (None where it has none)."""
+        if p.grad is None:
+            return None
+        return self._local_grad(p) if p in self.blocks else p.grad
+
+    def as_parameter(self, p, local: torch.Tensor):
+        """A state tensor of elementwise parameter ``p`` laid out as ``p``: for a sharded ``p`` the DTensor on its
+        mesh, with its placements, whose block on this rank is ``local`` (no copy), so DCP saves each block once and
+        reshards it to any layout; a replicated ``p``'s is ``local`` itself (every rank holds it whole)."""
+        if p not in self.blocks:
+            return local
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride())
+
+    def block_of(self, p, t: torch.Tensor) -> torch.Tensor:
+        """This rank's block of a full tensor ``t`` laid out as parameter ``p``."""
+        if p not in self.blocks:
+            return t
+        offset, size = self.blocks[p][self.rank]
+        return block(t, offset, size)
+
     def ranks_work(self) -> list[float]:
-        """The planned work of each rank (experts counted one by one)."""
+        """The work of each rank: the owners' planned work (experts counted one by one), and each rank's blocks of
+        the elementwise parameters (their element counts)."""
         load = [0.0] * self.world
         for p, r in self.owner.items():
             load[r] += self.costs[p]
+        for p in self.local:
+            for r in range(self.world):
+                load[r] += float(math.prod(self.blocks[p][r][1]) if p in self.blocks else p.numel())
         return load
 
     # ----- collectives ---------------------------------------------------------------------------------------------
@@ -267,17 +327,35 @@ class DistributedContext:
         """Python numbers summed over the ranks, in float64."""
         return sum_values(values, self.group)
 
-    def agree(self, present: list[torch.Tensor], nonfinite_local: bool) -> tuple[list[bool], bool]:
+    def agree(self, present: list[torch.Tensor], nonfinite_local: bool,
+              overflowed: list[bool] | None = None) -> tuple[list[bool], bool, list[bool]]:
         """One collective before a step: which parameters have a gradient (their owner's for replicated ones, any
-        shard's for sharded ones) and whether any rank saw a non-finite gradient."""
-        mask = [0.0] * (len(self.params) + 1)
+        shard's for sharded ones and for replicated elementwise ones, which must then have one on every rank),
+        whether any rank saw a non-finite gradient, and which elementwise parameters (``overflowed``: one flag per
+        parameter of ``self.local``) have an overflowed second moment on any rank: each counts once, as on one
+        process."""
+        overflowed = list(overflowed or [False] * len(self.local))
+        replicated = [p for p in self.local if p not in self.blocks]
+        n, m = len(self.params), len(replicated)
         mine = set(map(id, present))
+        mask = [0.0] * (n + m + len(overflowed) + 1)
         for i, p in enumerate(self.params):
             if id(p) in mine and (p in self.blocks or self.owns(p)):
                 mask[i] = 1.0
+        for j, p in enumerate(replicated):  # lacks a gradient here
+            mask[n + j] = 0.0 if id(p) in mine else 1.0
+        for j, bad in enumerate(overflowed):
+            mask[n + m + j] = 1.0 if bad else 0.0
         mask[-1] = 1.0 if nonfinite_local else 0.0
         flags = any_true(mask, self.group)
-        return flags[:-1], flags[-1]
+        has = dict(zip(map(id, self.params), flags[:n]))
+        for j, p in enumerate(replicated):
+            if has[id(p)] and flags[n + j]:
+                raise RuntimeError(
+                    f"a replicated parameter of shape {tuple(p.shape)} has a gradient on some ranks of the group and "
+                    "not on others: every rank steps it where it lies (its update is elementwise), so every rank "
+                    "needs the same gradient (DDP gives every rank the averaged one)")
+        return flags[:n], flags[-1], flags[n + m:n + m + len(overflowed)]
 
     def _exchange(self, dtypes: list, outgoing: dict[int, list[torch.Tensor]],
                   incoming: dict[int, list[tuple]]) -> dict:

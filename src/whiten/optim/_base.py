@@ -277,6 +277,16 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         n = p.numel() // m
         return all(size % 16 == 0 for size in (m * n, m * m, n * n))
 
+    def elementwise(self, p: torch.Tensor, group: dict) -> bool:
+        """Whether ``p``'s whole update is elementwise: each entry's new value and state depend on that entry alone
+        (and on numbers every rank computes alike: the group's step count, lr, the global shape), whatever the
+        shape of the block it is computed on. In a distributed run such a parameter has no owner: every rank steps
+        the block it holds (a replicated one whole) and keeps its state as that block, a DTensor laid out as the
+        parameter, so no gradient or value of it crosses the network. Elementwise arithmetic on a block gives the
+        bits it gives on the whole tensor. Anything with a reduction across entries (a norm, a global sum, a factor)
+        is not elementwise. Default False; optimizers declare it per parameter."""
+        return False
+
     def owner_unit(self, p: torch.Tensor, group: dict, gi: int, position: int):
         """The key of the unit ``p`` belongs to in the owner plan: parameters with the same key get one owner.
         By default a parameter is a unit of its own (keyed by its ``position`` among all parameters) when it is
@@ -377,33 +387,56 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
                           "sizes (print(opt.memory_report()) names them)", RuntimeWarning, stacklevel=3)
 
     def _distributed_step(self, ctx, work) -> None:
-        # Each rank checks the gradients it holds: its owned ones (replicated) or its shards (sharded).
-        mine = [p for _, params in work for p in params if p in ctx.blocks or ctx.owns(p)]
-        # (an experts parameter's second moments are a DTensor of its experts' rows: not checked here)
-        flags, overflowed = self._finite_with_moments([wdist.local_shard(p.grad) for p in mine],
-                                                      [p for p in mine if ctx.owns(p) and p not in ctx.experts])
-        local_bad = not all(flags)
-        present, bad = ctx.agree([p for _, params in work for p in params], local_bad)
-        if bad:
-            self._nonfinite(f"{type(self).__name__}: non-finite gradient on at least one rank", stacklevel=4)
-            return
-        has = dict(zip(ctx.params, present))
-        everyone = [(g, [p for p in g["params"] if has[p]]) for g in self.param_groups]
-        ctx.gather_full([p for _, params in everyone for p in params], with_grad=True)
-        # An empty entry marks a parameter another rank owns (DCP keys stay per owner). Set at every step, not once:
-        # a new plan (add_param_group) must not leave a full state behind on its former owner.
-        for p in ctx.params:
-            if not ctx.owns(p):
-                self.state[p] = {}
-        owned = [(g, [ctx.view(p) for p in params if ctx.owns(p)]) for g, params in everyone]
-        owner_counters = [k for k in self.counters if k != "skipped_steps"]  # counted where the work runs
-        before = {k: self.counters[k] for k in owner_counters}
-        with self._owned_state(ctx):
-            self.restart_overflowed_moments(*overflowed)  # on the owner, inside the counters it reports
-            views = [(g, [ctx.view(p) if ctx.owns(p) else p for p in params]) for g, params in everyone]
-            with self.experts(views, owned, ctx) as (views, owned):
-                self.before_step(views)
-                self.apply_step(owned)
+        work_ids = {id(p) for _, params in work for p in params}
+        # this rank's block of each elementwise parameter's gradient (a redistribute where it is placed otherwise)
+        local_grads = {id(p): ctx.local_grad(p) for p in ctx.local if id(p) in work_ids}
+        with self._local_state(ctx):
+            # Each rank checks the gradients it holds: its owned ones (replicated) or its shards (sharded), and its
+            # blocks of the elementwise ones, with their second moments (one host sync).
+            mine = [p for _, params in work for p in params
+                    if not ctx.is_local(p) and (p in ctx.blocks or ctx.owns(p))]
+            local = [p for p in ctx.local if local_grads.get(id(p)) is not None]
+            grads = [wdist.local_shard(p.grad) for p in mine] + [local_grads[id(p)] for p in local]
+            # (an experts parameter's second moments are a DTensor of its experts' rows: not checked here)
+            owned = [p for p in mine if ctx.owns(p) and p not in ctx.experts]
+            flags, overflowed, local_overflowed = self._finite_with_local_moments(
+                grads, owned, [ctx.view(p) for p in local])
+            over = dict(zip(map(id, local), local_overflowed[0]))
+            present, bad, over_any = ctx.agree([p for _, params in work for p in params], not all(flags),
+                                               [over.get(id(p), False) for p in ctx.local])
+            if bad:
+                self._nonfinite(f"{type(self).__name__}: non-finite gradient on at least one rank", stacklevel=4)
+                return
+            # an elementwise parameter's overflowed moments: each rank restarts its entries, and every rank counts
+            # each parameter once (as one process does), outside the owners' counters summed below
+            self.restart_overflowed_moments(*local_overflowed[1:], count=sum(over_any))
+            has = dict(zip(ctx.params, present))
+            everyone = [(g, [p for p in g["params"] if has[p]]) for g in self.param_groups]
+            ctx.gather_full([p for _, params in everyone for p in params], with_grad=True)
+            # An empty entry marks a parameter another rank owns (DCP keys stay per owner). Set at every step, not
+            # once: a new plan (add_param_group) must not leave a full state behind on its former owner.
+            for p in ctx.params:
+                if not ctx.owns(p):
+                    self.state[p] = {}
+            for p in ctx.local:  # a rank without a gradient of a sharded one present elsewhere steps zeros
+                if has[p] and p in ctx.blocks:
+                    view = ctx.view(p)
+                    g = local_grads.get(id(p))
+                    view.grad = torch.zeros_like(view) if g is None else g
+            owned = [(g, [ctx.view(p) for p in params if ctx.owns(p)]) for g, params in everyone]
+            owner_counters = [k for k in self.counters if k != "skipped_steps"]  # counted where the work runs
+            before = {k: self.counters[k] for k in owner_counters}
+            try:
+                with self._owned_state(ctx):
+                    self.restart_overflowed_moments(*overflowed)  # on the owner, inside the counters it reports
+                    views = [(g, [ctx.view(p) if ctx.owns(p) else p for p in params]) for g, params in everyone]
+                    with self.experts(views, owned, ctx) as (views, owned):
+                        self.before_step(views)
+                        self.apply_step(owned)
+            finally:
+                for p in ctx.local:
+                    if p in ctx.blocks:
+                        ctx.view(p).grad = None
         ctx.publish([p for _, params in everyone for p in params])
         for full in (*ctx.full.values(), *ctx.expert_full.values()):
             full.grad = None
@@ -411,11 +444,49 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         for k, d in zip(owner_counters, deltas):
             self.counters[k] = before[k] + int(d)
 
+    def _finite_with_local_moments(self, grads, owned, local_views):
+        """:meth:`_finite_with_moments` for a distributed step: ``grads`` (this rank's), the second moments of the
+        ``owned`` parameters and of the elementwise parameters' blocks (``local_views``), in one call. Returns the
+        gradients' flags, the owned parameters' ``(second, first)`` overflowed moments, and for the elementwise
+        ones ``(one flag per view, second, first)``."""
+        key = self.SECOND_MOMENT_KEY
+        states = []
+        if key is not None:
+            states = [(j, s) for j, p in enumerate([*owned, *local_views])
+                      if isinstance((s := self.state.get(p) or {}).get(key), torch.Tensor)]
+        flags = finite_flags(grads + [s[key] for _, s in states])
+        bad = [(j, s) for (j, s), ok in zip(states, flags[len(grads):]) if not ok]
+        n = len(owned)
+        mine = [s for j, s in bad if j < n]
+        theirs = [(j - n, s) for j, s in bad if j >= n]
+        over = [False] * len(local_views)
+        for j, _ in theirs:
+            over[j] = True
+        return (flags[:len(grads)], ([s[key] for s in mine], [s.get(self.FIRST_MOMENT_KEY) for s in mine]),
+                (over, [s[key] for _, s in theirs], [s.get(self.FIRST_MOMENT_KEY) for _, s in theirs]))
+
+    @contextlib.contextmanager
+    def _local_state(self, ctx):
+        """While the step runs, the state of a sharded elementwise parameter is its plain blocks, keyed by the
+        alias of the parameter's block (:meth:`DistributedContext.view`); after it, DTensors laid out as the
+        parameter again (no copies either way)."""
+        moved = [(p, ctx.view(p)) for p in ctx.local if p in ctx.blocks]
+        for p, view in moved:
+            self.state[view] = {k: wdist.local_shard(v) if isinstance(v, torch.Tensor) else v
+                                for k, v in self.state.pop(p, {}).items()}
+        try:
+            yield
+        finally:
+            for p, view in moved:
+                self.state[p] = {k: ctx.as_parameter(p, v) if isinstance(v, torch.Tensor) and v.shape == view.shape
+                                 else v for k, v in self.state.pop(view, {}).items()}
+
     @torch.no_grad()
     def owner_update(self, params: list[torch.Tensor], fn) -> None:
         """``fn(p, tensor, state)`` writes a new value of each parameter into ``tensor`` from its optimizer state;
         in a distributed run it runs on the owner, on the full tensor, and every rank gets the result (eval() and
-        train() swaps). ``params`` must be the same list on every rank."""
+        train() swaps); for an elementwise parameter every rank runs it on its block, with its blocks of the state.
+        ``params`` must be the same list on every rank."""
         ctx = self.distributed_context()
         if ctx is None:
             for p in params:
@@ -431,6 +502,9 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
                     fn(p, ctx.expert_full[x], {k: v[i] if isinstance(v, torch.Tensor) else
                                                v[x.index] if isinstance(v, list) and len(v) == count else v
                                                for k, v in rows.items()})
+            elif ctx.is_local(p):  # every rank, on its block and its block of the state
+                fn(p, ctx.view(p), {k: wdist.local_shard(v) if isinstance(v, torch.Tensor) else v
+                                    for k, v in self.state.get(p, {}).items()})
             elif ctx.owns(p):
                 fn(p, ctx.view(p), self.state.get(p, {}))
         ctx.publish(params)
@@ -475,6 +549,9 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
                     continue
                 flat = []
                 for p in params:
+                    if ctx is not None and ctx.is_local_view(p):  # elementwise: the block whole, same numbers
+                        flat.append(p)
+                        continue
                     if ctx is not None and p in ctx.experts:
                         flat += split_distributed(p, with_values)
                         continue
@@ -640,25 +717,28 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         bad = [s for s, ok in zip(states, flags[len(grads):]) if not ok]
         return flags[:len(grads)], ([s[key] for s in bad], [s.get(self.FIRST_MOMENT_KEY) for s in bad])
 
-    def restart_overflowed_moments(self, second: list[torch.Tensor], first: list | None = None) -> None:
+    def restart_overflowed_moments(self, second: list[torch.Tensor], first: list | None = None,
+                                   count: int | None = None) -> None:
         """Adam-style second moments that overflowed to inf (a huge finite gradient squared): their non-finite
         entries restart at zero, with the same entries of the first moment (``first``: aligned with ``second``,
         None where there is none). The step finds them (:meth:`_finite_with_moments`) and calls this before any
         state changes: the spike's own step was a zero update (m / inf), and without the restart every later one
         would be too, for good (inf never decays), while the first moment's huge entry would meet a small
         denominator once v were finite again.
-        Counted in ``counters["factor_restarts"]``; warns once per optimizer."""
-        if not second:
+        Counted in ``counters["factor_restarts"]`` (``count`` of them, default ``len(second)``: an elementwise
+        parameter's blocks restart on each rank, and count once); warns once per optimizer."""
+        count = len(second) if count is None else count
+        if not second and not count:
             return
         for i, v in enumerate(second):
             bad = ~torch.isfinite(v)
             v.masked_fill_(bad, 0.0)
             if first is not None and first[i] is not None:
                 first[i].masked_fill_(bad, 0.0)
-        self.counters["factor_restarts"] += len(second)
+        self.counters["factor_restarts"] += count
         if not getattr(self, "_warned_moment_restart", False):  # apart from the factors' warning
             self._warned_moment_restart = True
-            warnings.warn(f"{type(self).__name__}: the second moment of {len(second)} parameter(s) overflowed (a "
+            warnings.warn(f"{type(self).__name__}: the second moment of {count} parameter(s) overflowed (a "
                           "huge finite gradient?); the overflowed entries restart from zero. Counted in "
                           "counters['factor_restarts']; this warning is shown once.", RuntimeWarning, stacklevel=4)
 

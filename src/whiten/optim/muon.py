@@ -73,6 +73,9 @@ class OrthogonalMomentum(AdamWPath, AveragingMixin, WhitenOptimizer):
     def uses_own_rule(self, p: torch.Tensor, role: str | None) -> bool:
         return _uses_muon(p, role)
 
+    def elementwise(self, p: torch.Tensor, group: dict) -> bool:
+        return not _uses_muon(p, group["role"])  # the AdamW path (and its average): stepped where it lies
+
     def validate_group(self, group: dict) -> None:
         check_lr("lr", group["lr"])
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)

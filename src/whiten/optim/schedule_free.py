@@ -47,9 +47,9 @@ class ScheduleFreeAdamW(SwapsWeights, WhitenOptimizer):
         r: polynomial weighting power of the average (default 0).
         weight_lr_power: weights of the average ∝ max lr so far to this power (default 2).
         nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient.
-        process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
-            averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
-            Each parameter's step runs on one owner rank; the numbers are those of one process.
+        process_group: a ``torch.distributed`` group (DDP: replicated parameters, averaged gradients); default
+            None: one process, or the mesh of DTensor (FSDP2) parameters. The step is elementwise: every rank steps
+            the block of each parameter it holds, with nothing exchanged; the numbers are those of one process.
 
     Reference: A. Defazio et al., "The Road Less Scheduled", NeurIPS 2024.
     """
@@ -134,6 +134,9 @@ class ScheduleFreeAdamW(SwapsWeights, WhitenOptimizer):
 
     def expected_state(self, p: torch.Tensor, group: dict) -> dict:
         return {"z": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+
+    def elementwise(self, p: torch.Tensor, group: dict) -> bool:
+        return True  # every entry's step reads only its own z, v, y and g, and the group's scalars
 
     @staticmethod
     def swaps_weights(group: dict) -> bool:

@@ -276,6 +276,16 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         return self.factor_state(state, layout.matrix, layout.left, layout.right, state_dtype(p), p.device,
                                  basis_dtype=stored, basis_bits=group.get("basis_bits"))
 
+    def elementwise(self, p: torch.Tensor, group: dict) -> bool:
+        """Sign descent (no whitened view) decided by the number of dims and the role alone, never by the sizes:
+        a block of the parameter takes the same path. (A matrix with no side below ``max_dim`` is also plain sign
+        descent, but its block's sides could be kept: it stays with its owner.)"""
+        if self.splits_experts(p, group):
+            return False
+        role = group["role"] or role_from_shape(p)
+        return p.ndim < 2 or role == "vector" or (p.ndim >= 3 and not (group["whiten_conv"]
+                                                                       and role in ("conv", "hidden")))
+
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
