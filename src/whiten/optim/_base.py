@@ -361,7 +361,8 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         """What this optimizer's state costs (:class:`whiten.optim.memory.MemoryReport`; ``print()`` it): before
         the first step the state each parameter will get, after it the state held; per role and kind of state
         (``factor``, ``basis``, ``momentum``, ...), the ``top`` parameters that hold the most, and the options of
-        this optimizer that would reduce it. In a distributed run, this process's share (the parameters it owns)."""
+        this optimizer that would reduce it. In a distributed run, this process's share (the parameters it owns,
+        its blocks of the elementwise ones)."""
         from .memory import memory_report
 
         return memory_report(self, top)

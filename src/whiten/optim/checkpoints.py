@@ -218,6 +218,21 @@ class Checkpoints:
     def _shapes_of(state: dict) -> dict:
         return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
 
+    @staticmethod
+    def _laid_out_as(ctx, p: torch.Tensor, v):
+        """A loaded state entry of an elementwise parameter ``p`` (every rank keeps its block) laid out as ``p``: a
+        full tensor (``full_state_dict``, a one-process checkpoint) is cut to this rank's block, a DTensor placed
+        otherwise is gathered first (a collective: every rank loads the same checkpoint)."""
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(p.shape):
+            return v
+        same = (wdist.is_dtensor(v) and wdist.is_dtensor(p) and v.device_mesh == p.device_mesh
+                and tuple(v.placements) == tuple(p.placements))
+        if same:
+            return v
+        if wdist.is_dtensor(v):
+            v = v.full_tensor()
+        return ctx.as_parameter(p, ctx.block_of(p, v).clone())
+
     def load_state_dict(self, state_dict) -> None:
         """Checks ``state_dict`` (:meth:`check_state_dict`: nothing changes if it is refused), then loads it: the
         parameters' state in the dtypes this optimizer keeps, the optimizer-wide state, the groups' settings (a
@@ -261,5 +276,8 @@ class Checkpoints:
                 if isinstance(v, torch.Tensor) else v
                 for k, v in saved_state.items()
             }
+            if ctx is not None and ctx.is_local(p):
+                self.state[p] = {k: v if k == "live" else self._laid_out_as(ctx, p, v)
+                                 for k, v in self.state[p].items()}
         self.load_global_state(global_state)
         self.after_load()

@@ -28,7 +28,8 @@ class MemoryReport:
     """``rows``: ``(role, kind, tensors, bytes)``; ``largest``: ``(bytes, shape, role)`` of the parameters holding
     the most; ``options``: ``(option, bytes it governs, what it does)`` for the options of this optimizer that
     would reduce the state present. ``planned``: True before the first step (the state each parameter will get),
-    False for the state held. In a distributed run: this process's share (the parameters it owns)."""
+    False for the state held. In a distributed run: this process's share (the parameters it owns, its blocks of
+    the elementwise ones)."""
 
     optimizer: str
     planned: bool
@@ -105,6 +106,9 @@ def memory_report(opt, top: int = 3) -> MemoryReport:
                 if ctx is not None and p in ctx.experts:  # this rank's experts of the stack
                     mine = len(ctx.owned_experts(p))
                     shapes = {k: None if s is None else (mine, *s[1:]) for k, s in shapes.items()}
+                if ctx is not None and ctx.is_local(p) and p in ctx.blocks:  # an elementwise one: this rank's block
+                    size = ctx.blocks[p][ctx.rank][1]
+                    shapes = {k: size if s == tuple(p.shape) else s for k, s in shapes.items()}
                 stored = opt.stored_dtypes(p, group)
                 entries = [(k, shape, stored.get(k, state_dtype(p))) for k, shape in shapes.items()
                            if shape is not None]
