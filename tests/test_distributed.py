@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 import whiten
 import whiten.distributed
@@ -533,3 +534,232 @@ def test_full_state_dict_saves_with_torch_save_on_rank_0(tmp_path):
     for rank, res in enumerate(launch(_full_state, 2, ALL, str(tmp_path))):
         for name in ALL:
             assert res[name] == ([], [], True), f"{name}, rank {rank}: {res[name]}"
+
+
+# ----- elementwise parameters stay where they lie ----------------------------------------------------------------------
+
+# optimizers with elementwise parameters: all of Schedule-Free AdamW's, the AdamW path of Muon and SpecGD (embedding,
+# head, vectors), SPlus's sign-descent vectors
+ELEMENTWISE = ["ScheduleFreeAdamW", "Muon", "SpecGD", "SPlus"]
+
+
+def owner_scheme(opt):
+    """``opt`` stepping every parameter on one owner, as before elementwise parameters stayed local: the layout
+    whiten's checkpoints had then."""
+    opt.elementwise = lambda p, group: False
+    return opt
+
+
+class Exchanged:
+    """Bytes this rank receives through the exchanges of the owner scheme (all-to-all, broadcast): the flags and
+    counters all-reduced at every step are not counted."""
+
+    def __enter__(self):
+        self.bytes, self._orig = 0, (dist.all_to_all_single, dist.broadcast)
+        rank = dist.get_rank()
+
+        def all_to_all_single(out, inp, out_sizes=None, in_sizes=None, group=None, **kw):
+            sizes = out_sizes or [out.numel() // dist.get_world_size(group)] * dist.get_world_size(group)
+            self.bytes += (sum(sizes) - sizes[dist.get_rank(group)]) * out.element_size()
+            return self._orig[0](out, inp, out_sizes, in_sizes, group=group, **kw)
+
+        def broadcast(tensor, src, group=None, **kw):
+            self.bytes += 0 if src == rank else tensor.numel() * tensor.element_size()
+            return self._orig[1](tensor, src, group=group, **kw)
+
+        dist.all_to_all_single, dist.broadcast = all_to_all_single, broadcast
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_to_all_single, dist.broadcast = self._orig
+
+
+def _local_steps(rank, world, mode, names):
+    out = {}
+    for name in names:
+        runs = {}
+        for scheme in ("local", "owners"):
+            r = Runner(name, mode)
+            if scheme == "owners":
+                owner_scheme(r.opt)
+            r.step(0)
+            with Exchanged() as seen:
+                for t in range(1, STEPS):
+                    r.step(t)
+            runs[scheme] = (r, seen.bytes)
+        r, local_bytes = runs["local"]
+        ctx = r.opt.distributed_context()
+        names_of = {p: n for n, p in r.model.named_parameters()}
+        state = {}
+        for p in ctx.local:
+            entry = {k: v for k, v in r.opt.state[p].items() if isinstance(v, torch.Tensor)}
+            state[names_of[p]] = [(type(v).__name__, tuple(v.placements) == tuple(p.placements)
+                                   if isinstance(v, DTensor) else None, tuple(whiten.distributed.local_shard(v).shape),
+                                   tuple(whiten.distributed.local_shard(p).shape)) for v in entry.values()]
+        report = r.opt.memory_report()
+        mine = sum(whiten.distributed.local_shard(v).numel() * v.element_size() for p in r.opt.state
+                   for v in r.opt.state[p].values() if isinstance(v, torch.Tensor) and (ctx.owns(p)))
+        out[name] = dict(local=sorted(names_of[p] for p in ctx.local), bytes=(local_bytes, runs["owners"][1]),
+                         same=(same(r.params(), control(name)), same(runs["owners"][0].params(), control(name))),
+                         state=state, report=(report.state_bytes, mine))
+    return out
+
+
+@pytest.mark.parametrize("mode,world", [("ddp", 2), ("fsdp", 3)])
+def test_elementwise_parameters_are_stepped_where_they_lie(mode, world):
+    """No gradient or value of an elementwise parameter crosses the network: Schedule-Free AdamW exchanges nothing,
+    the others less than the owner scheme; each rank's state of such a parameter is its block (a DTensor laid out as
+    the parameter under FSDP2, the whole tensor on every rank under DDP), which memory_report counts; the numbers
+    are one process's either way."""
+    adamw_path = ["emb.weight", "fc1.bias", "fc2.bias", "head.weight", "norm.bias", "norm.weight"]
+    expected = {"ScheduleFreeAdamW": sorted(n for n, _ in make_net().named_parameters()), "Muon": adamw_path,
+                "SpecGD": adamw_path, "SPlus": ["fc1.bias", "fc2.bias", "norm.bias", "norm.weight"]}
+    results = launch(_local_steps, world, mode, ELEMENTWISE)
+    for name in ELEMENTWISE:
+        for rank, res in enumerate(results):
+            res = res[name]
+            assert res["local"] == expected[name], (name, res["local"])
+            assert res["same"] == ([], []), (name, mode, rank, res["same"])
+            local_bytes, owner_bytes = res["bytes"]
+            assert local_bytes <= owner_bytes, (name, mode, rank, res["bytes"])
+            if name == "ScheduleFreeAdamW":
+                assert local_bytes == 0, (mode, rank, res["bytes"])
+            for n, entries in res["state"].items():
+                for kind, placed, shape, block in entries:
+                    assert shape == block, (name, n, entries)  # each rank keeps its block of the state
+                    assert kind == ("DTensor" if mode == "fsdp" else "Tensor") and placed in (True, None), (name, n)
+            assert res["report"][0] == res["report"][1], (name, rank, res["report"])
+        total = [sum(res[name]["bytes"][i] for res in results) for i in (0, 1)]
+        assert total[0] < total[1], (name, mode, total)  # fewer bytes over the group
+
+
+def _old_checkpoint(rank, world, mode, names, root, owners):
+    for name in names:
+        r = Runner(name, mode)
+        if owners:
+            owner_scheme(r.opt)
+        for t in range(SAVE_AT):
+            r.step(t)
+        sd = {"model": get_model_state_dict(r.model), "optim": get_optimizer_state_dict(r.model, r.opt)}
+        dcp.save(sd, checkpoint_id=f"{root}/{name}")
+    return True
+
+
+def _resume_scheme(rank, world, mode, names, root, owners):
+    out = {}
+    for name in names:
+        r = Runner(name, mode)
+        if owners:
+            owner_scheme(r.opt)
+        sd = {"model": get_model_state_dict(r.model), "optim": get_optimizer_state_dict(r.model, r.opt)}
+        dcp.load(sd, checkpoint_id=f"{root}/{name}")
+        set_model_state_dict(r.model, sd["model"])
+        set_optimizer_state_dict(r.model, r.opt, sd["optim"])
+        for t in range(SAVE_AT, STEPS):
+            r.step(t)
+        out[name] = same(r.params(), control(name))
+    return out
+
+
+@pytest.mark.parametrize("saved,saved_scheme,mode,world,scheme", [
+    ("fsdp", "owners", "fsdp", 3, "local"), ("fsdp", "owners", "ddp", 1, "local"), ("ddp", "owners", "fsdp", 2, "local"),
+    ("fsdp", "local", "ddp", 2, "owners")])
+def test_dcp_checkpoints_of_the_owner_scheme_and_of_local_steps_load_in_each_other(saved, saved_scheme, mode, world,
+                                                                                      scheme, tmp_path):
+    """A DCP checkpoint written when every parameter had an owner (whiten before elementwise parameters stayed
+    local: full state on the owner, ``{}`` elsewhere) resumes exactly with local steps, on other layouts; and
+    back: DCP reshards by the saved blocks either way."""
+    launch(_old_checkpoint, 2, saved, ELEMENTWISE, str(tmp_path), saved_scheme == "owners")
+    for rank, res in enumerate(launch(_resume_scheme, world, mode, ELEMENTWISE, str(tmp_path), scheme == "owners")):
+        for name in ELEMENTWISE:
+            assert res[name] == [], (name, saved, saved_scheme, mode, world, rank)
+
+
+def _full_state_fsdp(rank, world, names, root):
+    out = {}
+    for name in names:
+        r = Runner(name, "fsdp")
+        for t in range(SAVE_AT):
+            r.step(t)
+        full_sd = whiten.distributed.full_state_dict(r.opt)
+        single = Runner(name, "single")
+        for t in range(SAVE_AT):
+            single.step(t)
+        # ("live", the slot state_dict() adds for eval mode, is a copy of the parameter: a DTensor here)
+        mine = {i: {k: v for k, v in e.items() if k != "live"} for i, e in single.opt.state_dict()["state"].items()}
+        full_sd["state"] = {i: {k: v for k, v in e.items() if k != "live"} for i, e in full_sd["state"].items()}
+        equal = sorted(mine) == sorted(full_sd["state"]) and all(
+            set(mine[i]) == set(full_sd["state"][i]) and all(
+                torch.equal(v, full_sd["state"][i][k]) if isinstance(v, torch.Tensor) else v == full_sd["state"][i][k]
+                for k, v in mine[i].items()) for i in mine)
+        again = Runner(name, "fsdp")
+        with torch.no_grad():
+            for q, p in zip(again.model.parameters(), r.model.parameters()):
+                q.copy_(p)
+        again.opt.load_state_dict(full_sd)
+        for t in range(SAVE_AT, STEPS):
+            again.step(t)
+        out[name] = (equal, same(again.params(), control(name)))
+    return out
+
+
+def test_full_state_dict_assembles_the_blocks_of_elementwise_parameters():
+    """Under FSDP2 on 3 ranks an elementwise parameter's state is a DTensor on every rank: full_state_dict gives one
+    process's state dict, tensor for tensor, and loading it cuts each rank's block again (then training goes on
+    exactly)."""
+    for rank, res in enumerate(launch(_full_state_fsdp, 3, ELEMENTWISE, None)):
+        for name in ELEMENTWISE:
+            assert res[name] == (True, []), (name, rank, res[name])
+
+
+def _huge_gradient(rank, world, mode):
+    def run(m):
+        r = Runner("ScheduleFreeAdamW", m)
+        for t in range(STEPS):
+            if t == 3:  # a huge finite gradient in both halves of fc1.weight: v overflows in every rank's block
+                params = dict(r.model.named_parameters())
+                with torch.no_grad():
+                    for n, q in r.ref.named_parameters():
+                        q.copy_(full(params[n]))
+                r.ref.zero_grad()
+                loss_of(r.ref, batch(t)).backward()
+                for n, q in r.ref.named_parameters():
+                    g = q.grad.clone()
+                    if n == "fc1.weight":
+                        g[0, 0] = g[-1, -1] = 1e30
+                    params[n].grad = shard_like(g, params[n])
+                r.opt.step()
+            else:
+                r.step(t)
+        return r
+
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got, one = run(mode), run("single")
+    return same(got.params(), one.params()), got.opt.counters["factor_restarts"], one.opt.counters["factor_restarts"]
+
+
+@pytest.mark.parametrize("mode,world", [("fsdp", 2), ("ddp", 2)])
+def test_an_overflowed_second_moment_of_an_elementwise_parameter_counts_once(mode, world):
+    for rank, (differ, got, one) in enumerate(launch(_huge_gradient, world, mode)):
+        assert differ == [] and got == one == 1, (mode, rank, differ, got, one)
+
+
+def _uneven_replicated(rank, world):
+    r = Runner("ScheduleFreeAdamW", "ddp")
+    r.step(0)
+    r.model.norm.weight.grad = torch.ones_like(r.model.norm.weight) if rank == 0 else None
+    for n, p in r.model.named_parameters():
+        if n != "norm.weight":
+            p.grad = torch.zeros_like(p)
+    try:
+        r.opt.step()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def test_a_replicated_elementwise_parameter_needs_its_gradient_on_every_rank():
+    for message in launch(_uneven_replicated, 2):
+        assert message is not None and "gradient on some ranks" in message
