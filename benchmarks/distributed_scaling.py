@@ -5,6 +5,8 @@ needs; load balance as max/mean over ranks.
     python benchmarks/distributed_scaling.py                       # GPT cpu shapes, DDP and FSDP2, 1/2/4 ranks
     python benchmarks/distributed_scaling.py --optimizers SPlus,Muon --worlds 2 --modes fsdp --steps 20
     python benchmarks/distributed_scaling.py --modes tp,fsdp_tp,hsdp --worlds 4   # past FSDP2
+    python benchmarks/distributed_scaling.py --optimizers ScheduleFreeAdamW,Muon,SPlus --schemes local,owners --worlds 4
+                                                                   # elementwise parameters local, or on owners
 
 Modes: ``ddp`` (replicated, ``process_group=``), ``fsdp`` (``fully_shard`` on a 1-D mesh), ``tp`` (tensor parallel
 on a 1-D mesh: q, k, v, fc1 ColwiseParallel, o, fc2 RowwiseParallel, the rest plain), ``fsdp_tp`` (that TP plan on
@@ -18,7 +20,12 @@ not scaling; the planned work and the bytes do not depend on the machine.
 Minimum bytes received per step by one rank (the owner scheme: each parameter's whole step on one rank):
 a replicated parameter it does not own (sent by its owner); for each owned sharded parameter, every distinct block
 of its gradient and value that the owner does not hold (replicas of a block are sent once); for each sharded
-parameter owned elsewhere, its own block of the new value.
+parameter owned elsewhere, its own block of the new value. An elementwise parameter (every parameter of
+Schedule-Free AdamW, the AdamW path of Muon, SPlus's sign-descent vectors) has no owner: every rank steps its block,
+so it needs no bytes. ``--schemes local,owners`` measures both: ``owners`` puts every parameter on an owner, as whiten
+did before elementwise parameters stayed local. The bytes counted include the small all-reduce of flags (which
+gradients are present, non-finite, overflowed) and of counters at each step; where the minimum is 0 the ratio is
+not defined ("-").
 """
 
 from __future__ import annotations
@@ -84,6 +91,8 @@ class ByteCounter:
 def minimum_bytes(ctx) -> int:
     rank, total = ctx.rank, 0
     for p in ctx.params:
+        if ctx.is_local(p):  # elementwise: stepped where it lies
+            continue
         if p not in ctx.blocks:  # replicated
             total += 0 if ctx.owns(p) else p.numel() * p.element_size()
             continue
@@ -142,7 +151,7 @@ def model(args):
     return GPT(vocab_size=65, ctx=args.ctx, width=args.width, depth=args.depth, heads=args.heads)
 
 
-def worker(rank, world, store_path, args, mode, name, queue):
+def worker(rank, world, store_path, args, mode, name, scheme, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     try:
@@ -150,6 +159,8 @@ def worker(rank, world, store_path, args, mode, name, queue):
         if world > 1 or mode == "fsdp":
             lay_out(net, mode, world)
         opt = FACTORIES[name](whiten.param_groups(net), dist.group.WORLD if mode == "ddp" else None, args.refresh)
+        if scheme == "owners":  # every parameter on an owner, elementwise ones too
+            opt.elementwise = lambda p, group: False
         params = [p for g in opt.param_groups for p in g["params"]]
         times = []
         with ByteCounter() as counter:
@@ -174,13 +185,13 @@ def worker(rank, world, store_path, args, mode, name, queue):
         dist.destroy_process_group()
 
 
-def measure(args, mode, name, world):
+def measure(args, mode, name, world, scheme="local"):
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     fd, store = tempfile.mkstemp(prefix="whiten-scaling-")
     os.close(fd)
     os.unlink(store)
-    procs = [ctx.Process(target=worker, args=(r, world, store, args, mode, name, queue)) for r in range(world)]
+    procs = [ctx.Process(target=worker, args=(r, world, store, args, mode, name, scheme, queue)) for r in range(world)]
     for p in procs:
         p.start()
     out = {}
@@ -205,22 +216,27 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="timed steps (two refresh periods by default)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--schemes", default="local",
+                    help="local (elementwise parameters stepped where they lie) and/or owners (every parameter on "
+                         "an owner: the scheme before), comma-separated")
     args = ap.parse_args()
     print(f"GPT width {args.width}, depth {args.depth}, vocabulary 65; {args.steps} timed steps, refresh every "
           f"{args.refresh}; torch {torch.__version__}, {os.cpu_count()} cores, 1 thread per rank\n")
-    print("| optimizer | mode | ranks | planned work max/mean | step ms per rank (median) | step time max/mean "
-          "| MB received per step per rank (max) | bytes / minimum |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| optimizer | mode | ranks | scheme | planned work max/mean | step ms per rank (median) | step time "
+          "max/mean | MB received per step per rank (max) | bytes / minimum |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.optimizers.split(","):
         for mode in args.modes.split(","):
             for world in map(int, args.worlds.split(",")):
-                res = measure(args, mode, name, world)
-                work = [r["work"] for r in res]
-                ms = [r["step_ms"] for r in res]
-                ratio = max(r["bytes"] / r["minimum"] for r in res if r["minimum"]) if world > 1 else float("nan")
-                print(f"| {name} | {mode} | {world} | {max(work) / (sum(work) / world):.3f} | "
-                      f"{', '.join(f'{m:.0f}' for m in ms)} | {max(ms) / statistics.mean(ms):.2f} | "
-                      f"{max(r['bytes'] for r in res) / 1e6:.2f} | {ratio:.3f} |", flush=True)
+                for scheme in args.schemes.split(","):
+                    res = measure(args, mode, name, world, scheme)
+                    work = [r["work"] for r in res]
+                    ms = [r["step_ms"] for r in res]
+                    ratios = [r["bytes"] / r["minimum"] for r in res if r["minimum"]]
+                    ratio = f"{max(ratios):.3f}" if world > 1 and ratios else "-"
+                    print(f"| {name} | {mode} | {world} | {scheme} | {max(work) / (sum(work) / world):.3f} | "
+                          f"{', '.join(f'{m:.0f}' for m in ms)} | {max(ms) / statistics.mean(ms):.2f} | "
+                          f"{max(r['bytes'] for r in res) / 1e6:.3f} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":
