@@ -16,14 +16,20 @@ work. The new values then go back to the other ranks:
   the owner itself where it holds it; replicas are not sent twice), and the owner assembles the full tensors;
   after the step a second one sends every rank that holds a block its block of the new value.
 
+A parameter whose whole update is elementwise (:meth:`WhitenOptimizer.elementwise`: Schedule-Free AdamW's, the
+AdamW path of Muon and SpecGD, SPlus's sign-descent vectors) has no owner: every rank steps the block it holds (a
+replicated one whole) with its block of the gradient, and keeps its block of the state, a DTensor laid out as the
+parameter (the whole tensor under DDP). Nothing of it is exchanged; elementwise arithmetic on a block gives the bits
+of the whole tensor.
+
 Why whole parameters rather than only the refreshes: a whitening step's per-step matrix work (factor updates,
 rotations, Newton–Schulz) costs as much as its refreshes, so splitting only the refreshes would leave every rank
 doing most of the work; and the owner holding the full state is what lets it run the single-device math with no
 extra communication of momenta or factors. The state of the optimizer is then split over the ranks (1/N each),
 like ZeRO-1.
 
-Checkpoints: each rank's ``state_dict()`` holds the full state of the parameters it owns and an empty entry for the
-others, so ``torch.distributed.checkpoint`` saves every entry once and, on load, each rank reads the entries of the
+Checkpoints: each rank's ``state_dict()`` holds the full state of the parameters it owns, its blocks of the
+elementwise ones' (DTensors) and an empty entry for the others, so ``torch.distributed.checkpoint`` saves every entry once and, on load, each rank reads the entries of the
 parameters it owns under the new world size. Anything global (counters, random generators) is identical on every
 rank and travels in ``param_groups``.
 
