@@ -223,8 +223,8 @@ def main():
     print(f"GPT width {args.width}, depth {args.depth}, vocabulary 65; {args.steps} timed steps, refresh every "
           f"{args.refresh}; torch {torch.__version__}, {os.cpu_count()} cores, 1 thread per rank\n")
     print("| optimizer | mode | ranks | scheme | planned work max/mean | step ms per rank (median) | step time "
-          "max/mean | MB received per step per rank (max) | bytes / minimum |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "max/mean | MB received per step per rank (max) | MB received per step, all ranks | bytes / minimum |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.optimizers.split(","):
         for mode in args.modes.split(","):
             for world in map(int, args.worlds.split(",")):
@@ -236,7 +236,8 @@ def main():
                     ratio = f"{max(ratios):.3f}" if world > 1 and ratios else "-"
                     print(f"| {name} | {mode} | {world} | {scheme} | {max(work) / (sum(work) / world):.3f} | "
                           f"{', '.join(f'{m:.0f}' for m in ms)} | {max(ms) / statistics.mean(ms):.2f} | "
-                          f"{max(r['bytes'] for r in res) / 1e6:.3f} | {ratio} |", flush=True)
+                          f"{max(r['bytes'] for r in res) / 1e6:.3f} | {sum(r['bytes'] for r in res) / 1e6:.3f} | "
+                          f"{ratio} |", flush=True)
 
 
 if __name__ == "__main__":
