@@ -766,3 +766,50 @@ def _uneven_replicated(rank, world):
 def test_a_replicated_elementwise_parameter_needs_its_gradient_on_every_rank():
     for message in launch(_uneven_replicated, 2):
         assert message is not None and "gradient on some ranks" in message
+
+
+# ----- the owners' exchanges overlap their math, group by group ---------------------------------------------------------
+
+
+def _overlapping(rank, world, mode, names):
+    out = {}
+    for name in names:
+        results = {}
+        for overlap in (True, False):
+            r = Runner(name, mode)
+            r.opt.overlap_exchanges = overlap
+            issued = []
+            orig = dist.all_to_all_single, dist.broadcast
+
+            def all_to_all_single(*a, async_op=False, **kw):
+                issued.append(("all_to_all", async_op))
+                return orig[0](*a, async_op=async_op, **kw)
+
+            def broadcast(*a, async_op=False, **kw):
+                issued.append(("broadcast", async_op))
+                return orig[1](*a, async_op=async_op, **kw)
+
+            dist.all_to_all_single, dist.broadcast = all_to_all_single, broadcast
+            try:
+                for t in range(STEPS):
+                    r.step(t)
+            finally:
+                dist.all_to_all_single, dist.broadcast = orig
+            results[overlap] = (same(r.params(), control(name)), sorted(set(issued)), dict(r.opt.counters))
+        out[name] = results
+    return out
+
+
+@pytest.mark.parametrize("mode,world", [("fsdp", 3), ("ddp", 2)])
+def test_exchanges_overlap_the_owners_math_with_the_same_numbers(mode, world):
+    """Optimizers stepped group by group (the base's apply_step) issue each group's exchanges asynchronously, so a
+    group's blocks travel while the owners step the others; the numbers are one process's with and without it."""
+    names = ["SPlus", "SOAP", "Muon", "Conda"]
+    for rank, res in enumerate(launch(_overlapping, world, mode, names)):
+        for name in names:
+            on, off = res[name][True], res[name][False]
+            assert on[0] == [] and off[0] == [], (name, mode, rank, on[0], off[0])
+            assert on[2] == off[2]
+            kind = "all_to_all" if mode == "fsdp" else "broadcast"
+            assert (kind, True) in on[1] and (kind, False) not in on[1], (name, on[1])
+            assert (kind, False) in off[1] and (kind, True) not in off[1], (name, off[1])

@@ -76,18 +76,20 @@ def sum_values(values: list[float], group) -> list[float]:
     return t.tolist()
 
 
-def broadcast_flat(parts: list[torch.Tensor] | None, numel: int, dtype: torch.dtype, owner: int, group) -> torch.Tensor:
+def broadcast_flat(parts: list[torch.Tensor] | None, numel: int, dtype: torch.dtype, owner: int, group,
+                   async_op: bool = False):
     """One flat buffer of ``dtype`` and ``numel`` elements from ``owner`` (a rank of ``group``) to every rank: the
     owner passes its ``parts`` (concatenated in order), the others None. Returns the buffer, on the collective's
-    device on the ranks that received it."""
+    device on the ranks that received it; with ``async_op``, ``(buffer, work)``: the buffer holds the values once
+    ``work.wait()`` returns."""
     device = collective_device(group)
     if parts is not None:
         flat = torch.cat([t.reshape(-1).to(device) for t in parts]) if parts else torch.empty(0, dtype=dtype,
                                                                                              device=device)
     else:
         flat = torch.empty(numel, dtype=dtype, device=device)
-    dist.broadcast(flat, src=dist.get_global_rank(group, owner), group=group)
-    return flat
+    work = dist.broadcast(flat, src=dist.get_global_rank(group, owner), group=group, async_op=async_op)
+    return (flat, work) if async_op else flat
 
 
 def broadcast_objects(objects: list, owner: int, group) -> list:

@@ -362,8 +362,13 @@ class DistributedContext:
         """Send ``outgoing[r]`` (tensors, flattened) to rank r and receive ``incoming[r]`` (``(numel, dtype)``
         pieces) from rank r: one ``all_to_all_single`` per dtype in ``dtypes``, which must be the same list on every
         rank (it comes from the plan). Returns ``{r: [flat tensors]}`` in the order of ``incoming[r]``."""
+        return self._finish_exchange(self._start_exchange(dtypes, outgoing, incoming, async_op=False))
+
+    def _start_exchange(self, dtypes: list, outgoing: dict, incoming: dict, async_op: bool = True):
+        """:meth:`_exchange`'s collectives, issued (``async_op``: not waited for); :meth:`_finish_exchange` waits
+        and cuts what arrived. The buffers sent are copies: the tensors given may change meanwhile."""
         device = self.device
-        received: dict = {r: [None] * len(incoming.get(r, [])) for r in range(self.world)}
+        pending = []
         for dtype in dtypes:
             send_parts, send_sizes = [], []
             for r in range(self.world):
@@ -376,7 +381,16 @@ class DistributedContext:
             else:
                 send = torch.empty(0, dtype=dtype, device=device)
             recv = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
-            dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group)
+            work = dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group, async_op=async_op)
+            pending.append((dtype, recv, send, work))  # the send buffer lives until the wait
+        return incoming, pending
+
+    def _finish_exchange(self, started) -> dict:
+        incoming, pending = started
+        received: dict = {r: [None] * len(incoming.get(r, [])) for r in range(self.world)}
+        for dtype, recv, _, work in pending:
+            if work is not None:
+                work.wait()
             offset = 0
             for r in range(self.world):
                 for j, (n, dt) in enumerate(incoming.get(r, [])):
@@ -388,6 +402,11 @@ class DistributedContext:
     def gather_full(self, params: list[torch.Tensor], with_grad: bool) -> None:
         """Bring the blocks of ``params`` (sharded ones; the same list on every rank) to their owners, who assemble
         the full value (and gradient) in their stand-ins. Replicated parameters need nothing."""
+        self.finish_gather(self.start_gather(params, with_grad, async_op=False))
+
+    def start_gather(self, params: list[torch.Tensor], with_grad: bool, async_op: bool = True):
+        """:meth:`gather_full` issued: the blocks are copied into the buffers sent now, the stand-ins are written by
+        :meth:`finish_gather` (the same list of calls, in the same order, on every rank)."""
         units = self.expand(params)
         for x in units:  # an owned expert of a replicated parameter: its own matrix, as on one process
             if isinstance(x, Expert) and x.param not in self.blocks and self.owner[x] == self.rank:
@@ -397,7 +416,7 @@ class DistributedContext:
                     full.grad = x.param.grad[x.index].clone()
         sharded = [x for x in units if x in self.blocks]
         if not sharded:
-            return
+            return None
         locals_ = []
         for x in sharded:
             local = self._local(x)
@@ -413,8 +432,13 @@ class DistributedContext:
                 locals_.append([grad, local])
             else:
                 locals_.append([local])
-        assembled = self._to_owners(sharded, locals_)
-        for x, parts in assembled.items():
+        return with_grad, self._start_to_owners(sharded, locals_, async_op)
+
+    def finish_gather(self, started) -> None:
+        if started is None:
+            return
+        with_grad, pending = started
+        for x, parts in self._finish_to_owners(pending).items():
             full = self._full_of(x)
             if with_grad:
                 full.grad = parts[0]
@@ -432,6 +456,9 @@ class DistributedContext:
         """Send this rank's block of each tensor of ``tensors[i]`` (laid out as ``params[i]``, sharded, the same
         list on every rank) to the owner where the plan takes that block from this rank. Returns, on each owner,
         ``{parameter: [full tensors, one per entry of tensors[i]]}``."""
+        return self._finish_to_owners(self._start_to_owners(params, tensors, async_op=False))
+
+    def _start_to_owners(self, params: list, tensors: list[list[torch.Tensor]], async_op: bool = True):
         outgoing: dict = defaultdict(list)
         incoming: dict = defaultdict(list)
         for p, ts in zip(params, tensors):
@@ -441,13 +468,19 @@ class DistributedContext:
                     outgoing[o] += ts
                 if o == self.rank:
                     incoming[r] += [(math.prod(size), t.dtype) for t in ts]
-        received = self._exchange(sorted({t.dtype for ts in tensors for t in ts}, key=str), outgoing, incoming)
+        dtypes = sorted({t.dtype for ts in tensors for t in ts}, key=str)
+        shapes = [[(t.dtype, t.device) for t in ts] for ts in tensors]
+        return params, shapes, self._start_exchange(dtypes, outgoing, incoming, async_op)
+
+    def _finish_to_owners(self, started) -> dict:
+        params, shapes, pending = started
+        received = self._finish_exchange(pending)
         cursor = {r: 0 for r in range(self.world)}
         out = {}
-        for p, ts in zip(params, tensors):
+        for p, kinds in zip(params, shapes):
             if self.owner[p] != self.rank:
                 continue
-            fulls = [torch.empty(p.shape, dtype=t.dtype, device=t.device) for t in ts]
+            fulls = [torch.empty(p.shape, dtype=dtype, device=device) for dtype, device in kinds]
             for r, offset, size in self.sources[p]:
                 for full in fulls:
                     block(full, offset, size).copy_(received[r][cursor[r]].view(size))
@@ -463,27 +496,32 @@ class DistributedContext:
 
     def publish(self, params: list[torch.Tensor]) -> None:
         """Give every rank the new values of ``params`` (the same list on every rank) from their owners."""
+        self.finish_publish(self.start_publish(params, async_op=False))
+
+    def start_publish(self, params: list[torch.Tensor], async_op: bool = True):
+        """:meth:`publish` issued: the owners' new values are copied into the buffers sent now, the other ranks'
+        parameters are written by :meth:`finish_publish` (the same list of calls, in the same order, on every
+        rank)."""
         units = self.expand(params)
         replicated = [x for x in units if x not in self.blocks]
         sharded = [x for x in units if x in self.blocks]
         for x in replicated:
             if isinstance(x, Expert) and self.owner[x] == self.rank:
                 self._value(x).copy_(self.expert_full[x])
+        broadcasts = []
         for owner in range(self.world):
             mine = [p for p in replicated if self.owner[p] == owner]
             by_dtype: dict = defaultdict(list)
             for p in mine:
                 by_dtype[p.dtype].append(p)
             for dtype, ps in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
-                flat = broadcast_flat([self._value(p) for p in ps] if owner == self.rank else None,
-                                      sum(p.numel() for p in ps), dtype, owner, self.group)
-                if owner != self.rank:
-                    offset = 0
-                    for p in ps:
-                        self._value(p).copy_(flat[offset:offset + p.numel()].view(p.shape))
-                        offset += p.numel()
+                flat, work = broadcast_flat([self._value(p) for p in ps] if owner == self.rank else None,
+                                            sum(p.numel() for p in ps), dtype, owner, self.group, async_op=True) \
+                    if async_op else (broadcast_flat([self._value(p) for p in ps] if owner == self.rank else None,
+                                                     sum(p.numel() for p in ps), dtype, owner, self.group), None)
+                broadcasts.append((owner, ps, flat, work))
         if not sharded:
-            return
+            return broadcasts, sharded, None
         outgoing: dict = defaultdict(list)
         incoming: dict = defaultdict(list)
         for p in sharded:
@@ -495,7 +533,22 @@ class DistributedContext:
                         outgoing[r].append(block(self._full_of(p), offset, size))
             if local.numel():
                 incoming[o].append((local.numel(), local.dtype))
-        received = self._exchange(sorted({p.dtype for p in sharded}, key=str), outgoing, incoming)
+        started = self._start_exchange(sorted({p.dtype for p in sharded}, key=str), outgoing, incoming, async_op)
+        return broadcasts, sharded, started
+
+    def finish_publish(self, started) -> None:
+        broadcasts, sharded, pending = started
+        for owner, ps, flat, work in broadcasts:
+            if work is not None:
+                work.wait()
+            if owner != self.rank:
+                offset = 0
+                for p in ps:
+                    self._value(p).copy_(flat[offset:offset + p.numel()].view(p.shape))
+                    offset += p.numel()
+        if pending is None:
+            return
+        received = self._finish_exchange(pending)
         cursor = {r: 0 for r in range(self.world)}
         for p in sharded:
             o = self.owner[p]

@@ -413,7 +413,9 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
             self.restart_overflowed_moments(*local_overflowed[1:], count=sum(over_any))
             has = dict(zip(ctx.params, present))
             everyone = [(g, [p for p in g["params"] if has[p]]) for g in self.param_groups]
-            ctx.gather_full([p for _, params in everyone for p in params], with_grad=True)
+            chunks = self._overlapped(everyone)
+            if chunks is None:
+                ctx.gather_full([p for _, params in everyone for p in params], with_grad=True)
             # An empty entry marks a parameter another rank owns (DCP keys stay per owner). Set at every step, not
             # once: a new plan (add_param_group) must not leave a full state behind on its former owner.
             for p in ctx.params:
@@ -433,17 +435,55 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
                     views = [(g, [ctx.view(p) if ctx.owns(p) else p for p in params]) for g, params in everyone]
                     with self.experts(views, owned, ctx) as (views, owned):
                         self.before_step(views)
-                        self.apply_step(owned)
+                        if chunks is None:
+                            self.apply_step(owned)
+                        else:
+                            published = self._overlapped_step(ctx, everyone, owned, chunks)
             finally:
                 for p in ctx.local:
                     if p in ctx.blocks:
                         ctx.view(p).grad = None
-        ctx.publish([p for _, params in everyone for p in params])
+        if chunks is None:
+            ctx.publish([p for _, params in everyone for p in params])
+        else:
+            for started in published:
+                ctx.finish_publish(started)
         for full in (*ctx.full.values(), *ctx.expert_full.values()):
             full.grad = None
         deltas = ctx.sum_values([self.counters[k] - before[k] for k in owner_counters])
         for k, d in zip(owner_counters, deltas):
             self.counters[k] = before[k] + int(d)
+
+    # Overlap the owners' exchanges with their math, group by group (see _overlapped); False: one exchange before
+    # and one after the whole step. The numbers are the same either way.
+    overlap_exchanges = True
+
+    def _overlapped(self, everyone) -> list[int] | None:
+        """The groups (indices, in order) whose exchanges overlap the math of the others, or None. A group's
+        gradients and values travel while the owners step the groups before it, and its new values while they step
+        the groups after it; it needs the base's ``apply_step`` (one ``_step_group`` per group, each on its own),
+        so optimizers whose step spans groups (global sums, random draws, layers) do not overlap, nor do runs with
+        ``experts`` groups (their matrices are moved in and out around the whole step)."""
+        if not self.overlap_exchanges or type(self).apply_step is not WhitenOptimizer.apply_step:
+            return None
+        if any(g.get("role") == EXPERTS for g in self.param_groups):
+            return None
+        chunks = [gi for gi, (_, params) in enumerate(everyone) if params]
+        return chunks if len(chunks) > 1 else None
+
+    def _overlapped_step(self, ctx, everyone, owned, chunks) -> list:
+        """The base's ``apply_step``, group by group: every group's blocks are sent to their owners at once
+        (asynchronous collectives, in group order on every rank), each group is stepped as soon as its own have
+        arrived, and its new values leave before the next group's math. Returns the publishes to finish."""
+        gathers = [ctx.start_gather(everyone[gi][1], with_grad=True) for gi in chunks]
+        published = []
+        for gi, started in zip(chunks, gathers):
+            ctx.finish_gather(started)
+            group, params = owned[gi]
+            if params:
+                self._step_group(gi, group, params)
+            published.append(ctx.start_publish(everyone[gi][1]))
+        return published
 
     def _finite_with_local_moments(self, grads, owned, local_views):
         """:meth:`_finite_with_moments` for a distributed step: ``grads`` (this rank's), the second moments of the
