@@ -7,6 +7,8 @@ needs; load balance as max/mean over ranks.
     python benchmarks/distributed_scaling.py --modes tp,fsdp_tp,hsdp --worlds 4   # past FSDP2
     python benchmarks/distributed_scaling.py --optimizers ScheduleFreeAdamW,Muon,SPlus --schemes local,owners --worlds 4
                                                                    # elementwise parameters local, or on owners
+    python benchmarks/distributed_scaling.py --optimizers SPlus,SOAP,Muon --overlap ab --worlds 2,4
+                                                                   # exchanges overlapped with the math, or not
 
 Modes: ``ddp`` (replicated, ``process_group=``), ``fsdp`` (``fully_shard`` on a 1-D mesh), ``tp`` (tensor parallel
 on a 1-D mesh: q, k, v, fc1 ColwiseParallel, o, fc2 RowwiseParallel, the rest plain), ``fsdp_tp`` (that TP plan on
@@ -162,7 +164,7 @@ def worker(rank, world, store_path, args, mode, name, scheme, queue):
         if scheme == "owners":  # every parameter on an owner, elementwise ones too
             opt.elementwise = lambda p, group: False
         params = [p for g in opt.param_groups for p in g["params"]]
-        times = []
+        times = {True: [], False: []}  # by overlap_exchanges
         with ByteCounter() as counter:
             for t in range(args.warmup + args.steps):
                 gen = torch.Generator().manual_seed(t)
@@ -170,15 +172,19 @@ def worker(rank, world, store_path, args, mode, name, scheme, queue):
                     p.grad = place(torch.randn(p.shape, generator=gen) * 1e-2, p)
                 if t == args.warmup:
                     counter.received = 0
+                # "ab": overlap on and off in turn, in the same processes under the same load
+                opt.overlap_exchanges = t % 2 == 0 if args.overlap == "ab" else args.overlap == "on"
                 dist.barrier()
                 t0 = time.perf_counter()
                 opt.step()
                 if t >= args.warmup:
-                    times.append(time.perf_counter() - t0)
+                    times[opt.overlap_exchanges].append(time.perf_counter() - t0)
         ctx = opt.distributed_context()
         work = ctx.ranks_work() if ctx else [1.0]
-        queue.put((rank, pickle.dumps({"work": work[rank], "step_ms": statistics.median(times) * 1e3,
-                                       "mean_ms": statistics.mean(times) * 1e3,
+        timed = times[True] or times[False]
+        queue.put((rank, pickle.dumps({"work": work[rank], "step_ms": statistics.median(timed) * 1e3,
+                                       "mean_ms": statistics.mean(timed) * 1e3,
+                                       "off_ms": statistics.median(times[False]) * 1e3 if times[False] else None,
                                        "bytes": counter.received / args.steps,
                                        "minimum": minimum_bytes(ctx) if ctx else 0})))
     finally:
@@ -216,15 +222,20 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="timed steps (two refresh periods by default)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--overlap", choices=("on", "off", "ab"), default="on",
+                    help="overlap the owners' exchanges with their math (on, the default), not (off), or both in "
+                         "turn, step by step (ab: the step ms column is overlap on, one more column overlap off)")
     ap.add_argument("--schemes", default="local",
                     help="local (elementwise parameters stepped where they lie) and/or owners (every parameter on "
                          "an owner: the scheme before), comma-separated")
     args = ap.parse_args()
     print(f"GPT width {args.width}, depth {args.depth}, vocabulary 65; {args.steps} timed steps, refresh every "
           f"{args.refresh}; torch {torch.__version__}, {os.cpu_count()} cores, 1 thread per rank\n")
-    print("| optimizer | mode | ranks | scheme | planned work max/mean | step ms per rank (median) | step time "
-          "max/mean | MB received per step per rank (max) | MB received per step, all ranks | bytes / minimum |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    ab = args.overlap == "ab"
+    print("| optimizer | mode | ranks | scheme | planned work max/mean | step ms per rank (median) | "
+          + ("step ms per rank, overlap off | " if ab else "") + "step time max/mean | MB received per step per rank "
+          "(max) | MB received per step, all ranks | bytes / minimum |")
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if ab else ""))
     for name in args.optimizers.split(","):
         for mode in args.modes.split(","):
             for world in map(int, args.worlds.split(",")):
@@ -234,8 +245,10 @@ def main():
                     ms = [r["step_ms"] for r in res]
                     ratios = [r["bytes"] / r["minimum"] for r in res if r["minimum"]]
                     ratio = f"{max(ratios):.3f}" if world > 1 and ratios else "-"
+                    off = ", ".join(f"{r['off_ms']:.0f}" for r in res) if ab else ""
                     print(f"| {name} | {mode} | {world} | {scheme} | {max(work) / (sum(work) / world):.3f} | "
-                          f"{', '.join(f'{m:.0f}' for m in ms)} | {max(ms) / statistics.mean(ms):.2f} | "
+                          f"{', '.join(f'{m:.0f}' for m in ms)} | " + (f"{off} | " if ab else "")
+                          + f"{max(ms) / statistics.mean(ms):.2f} | "
                           f"{max(r['bytes'] for r in res) / 1e6:.3f} | {sum(r['bytes'] for r in res) / 1e6:.3f} | "
                           f"{ratio} |", flush=True)
 
