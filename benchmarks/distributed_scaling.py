@@ -172,8 +172,9 @@ def worker(rank, world, store_path, args, mode, name, scheme, queue):
                     p.grad = place(torch.randn(p.shape, generator=gen) * 1e-2, p)
                 if t == args.warmup:
                     counter.received = 0
-                # "ab": overlap on and off in turn, in the same processes under the same load
-                opt.overlap_exchanges = t % 2 == 0 if args.overlap == "ab" else args.overlap == "on"
+                # "ab": overlap on and off in turn (on, off, off, on, ...: the refreshes every 10 steps fall on
+                # both), in the same processes under the same load
+                opt.overlap_exchanges = t % 4 in (0, 3) if args.overlap == "ab" else args.overlap == "on"
                 dist.barrier()
                 t0 = time.perf_counter()
                 opt.step()
