@@ -323,6 +323,12 @@ class DistributedContext:
         """Where this group's collectives take their tensors."""
         return collective_device(self.group)
 
+    @property
+    def collectives_beside_math(self) -> bool:
+        """Whether an asynchronous collective of this group runs beside the math rather than on the CPU it needs
+        (NCCL: on a stream of its own): where overlapping the exchanges with the math can pay."""
+        return self.device.type == "cuda"
+
     def sum_values(self, values: list[float]) -> list[float]:
         """Python numbers summed over the ranks, in float64."""
         return sum_values(values, self.group)

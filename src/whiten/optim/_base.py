@@ -454,9 +454,11 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         for k, d in zip(owner_counters, deltas):
             self.counters[k] = before[k] + int(d)
 
-    # Overlap the owners' exchanges with their math, group by group (see _overlapped); False: one exchange before
-    # and one after the whole step. The numbers are the same either way.
-    overlap_exchanges = True
+    # Overlap the owners' exchanges with their math, group by group (see _overlapped): True, False (one exchange
+    # before and one after the whole step), or None: where the collectives run beside the math (NCCL, on their own
+    # stream); on gloo they share the CPU with it, and 2-4 gloo ranks measured no gain (docs/distributed-scaling.md).
+    # The numbers are the same either way.
+    overlap_exchanges: bool | None = None
 
     def _overlapped(self, everyone) -> list[int] | None:
         """The groups (indices, in order) whose exchanges overlap the math of the others, or None. A group's
@@ -464,7 +466,10 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         the groups after it; it needs the base's ``apply_step`` (one ``_step_group`` per group, each on its own),
         so optimizers whose step spans groups (global sums, random draws, layers) do not overlap, nor do runs with
         ``experts`` groups (their matrices are moved in and out around the whole step)."""
-        if not self.overlap_exchanges or type(self).apply_step is not WhitenOptimizer.apply_step:
+        overlap = self.overlap_exchanges
+        if overlap is None:
+            overlap = self._dist[1].collectives_beside_math if self._dist is not None and self._dist[1] else False
+        if not overlap or type(self).apply_step is not WhitenOptimizer.apply_step:
             return None
         if any(g.get("role") == EXPERTS for g in self.param_groups):
             return None
