@@ -223,6 +223,26 @@ def test_fsdp_tp_on_a_3x2_mesh_where_torchs_offsets_are_not_fsdp2s():
             assert res[name][0] == [], f"{name}, fsdp_tp@6, rank {rank}: {res[name][0]}"
 
 
+def _overlapped(rank, world, kind, names):
+    out = {}
+    for name in names:
+        r = Runner(name, kind)
+        r.opt.overlap_exchanges = True  # the default only on NCCL
+        for t in range(STEPS):
+            r.step(t)
+        out[name] = same(r.params(), control(name, kind))
+    return out
+
+
+@pytest.mark.parametrize("kind,world", [("fsdp_tp", 4), ("hsdp", 4)])
+def test_overlapped_exchanges_give_one_process_numbers(kind, world):
+    """The exchanges issued group by group, asynchronously (``overlap_exchanges=True``), on 2-D layouts."""
+    names = ["SPlus", "SOAP", "Muon", "Conda", "TNT"]
+    for rank, res in enumerate(launch(_overlapped, world, kind, names, timeout=400)):
+        for name in names:
+            assert res[name] == [], f"{name}, {kind}@{world} overlapped, rank {rank}: {res[name]}"
+
+
 @pytest.mark.parametrize("kind,world", [("tp", 2), ("fsdp_tp", 4)])
 def test_bf16_parameters(kind, world):
     names = ["SPlus", "Muon", "SOAP", "ScheduleFreeAdamW"]
