@@ -150,7 +150,7 @@ def place(g, p):
 
 def model(args):
     torch.manual_seed(0)
-    return GPT(vocab_size=65, ctx=args.ctx, width=args.width, depth=args.depth, heads=args.heads)
+    return GPT(vocab_size=args.vocab, ctx=args.ctx, width=args.width, depth=args.depth, heads=args.heads)
 
 
 def worker(rank, world, store_path, args, mode, name, scheme, queue):
@@ -217,6 +217,7 @@ def main():
     ap.add_argument("--modes", default="ddp,fsdp")
     ap.add_argument("--worlds", default="1,2,4")
     ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=65, help="vocabulary (the embedding and head: AdamW's share)")
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--ctx", type=int, default=128)
@@ -232,7 +233,7 @@ def main():
                     help="local (elementwise parameters stepped where they lie) and/or owners (every parameter on "
                          "an owner: the scheme before), comma-separated")
     args = ap.parse_args()
-    print(f"GPT width {args.width}, depth {args.depth}, vocabulary 65; {args.steps} timed steps, refresh every "
+    print(f"GPT width {args.width}, depth {args.depth}, vocabulary {args.vocab}; {args.steps} timed steps, refresh every "
           f"{args.refresh}; torch {torch.__version__}, {os.cpu_count()} cores, 1 thread per rank\n")
     ab = args.overlap == "ab"
     print("| optimizer | mode | ranks | scheme | planned work max/mean | step ms per rank (median) | "
