@@ -541,9 +541,9 @@ def test_full_state_dict_saves_with_torch_save_on_rank_0(tmp_path):
 
 # ----- elementwise parameters stay where they lie ----------------------------------------------------------------------
 
-# optimizers with elementwise parameters: all of Schedule-Free AdamW's, the AdamW path of Muon and SpecGD (embedding,
-# head, vectors), SPlus's sign-descent vectors
-ELEMENTWISE = ["ScheduleFreeAdamW", "Muon", "SpecGD", "SPlus"]
+# optimizers with elementwise parameters: all of Schedule-Free AdamW's and Sophia's, the AdamW path of Muon and SpecGD
+# (embedding, head, vectors), SPlus's sign-descent vectors
+ELEMENTWISE = ["ScheduleFreeAdamW", "Sophia", "Muon", "SpecGD", "SPlus"]
 
 
 def owner_scheme(opt):
@@ -610,12 +610,13 @@ def _local_steps(rank, world, mode, names):
 
 @pytest.mark.parametrize("mode,world", [("ddp", 2), ("fsdp", 3)])
 def test_elementwise_parameters_are_stepped_where_they_lie(mode, world):
-    """No gradient or value of an elementwise parameter crosses the network: Schedule-Free AdamW exchanges nothing,
-    the others less than the owner scheme; each rank's state of such a parameter is its block (a DTensor laid out as
-    the parameter under FSDP2, the whole tensor on every rank under DDP), which memory_report counts; the numbers
-    are one process's either way."""
+    """No gradient or value of an elementwise parameter crosses the network: Schedule-Free AdamW and Sophia exchange
+    nothing, the others less than the owner scheme; each rank's state of such a parameter is its block (a DTensor
+    laid out as the parameter under FSDP2, the whole tensor on every rank under DDP), which memory_report counts; the
+    numbers are one process's either way."""
     adamw_path = ["emb.weight", "fc1.bias", "fc2.bias", "head.weight", "norm.bias", "norm.weight"]
-    expected = {"ScheduleFreeAdamW": sorted(n for n, _ in make_net().named_parameters()), "Muon": adamw_path,
+    every = sorted(n for n, _ in make_net().named_parameters())
+    expected = {"ScheduleFreeAdamW": every, "Sophia": every, "Muon": adamw_path,
                 "SpecGD": adamw_path, "SPlus": ["fc1.bias", "fc2.bias", "norm.bias", "norm.weight"]}
     results = launch(_local_steps, world, mode, ELEMENTWISE)
     for name in ELEMENTWISE:
@@ -625,8 +626,8 @@ def test_elementwise_parameters_are_stepped_where_they_lie(mode, world):
             assert res["same"] == ([], []), (name, mode, rank, res["same"])
             local_bytes, owner_bytes = res["bytes"]
             assert local_bytes <= owner_bytes, (name, mode, rank, res["bytes"])
-            if name == "ScheduleFreeAdamW":
-                assert local_bytes == 0, (mode, rank, res["bytes"])
+            if name in ("ScheduleFreeAdamW", "Sophia"):
+                assert local_bytes == 0, (name, mode, rank, res["bytes"])
             for n, entries in res["state"].items():
                 for kind, placed, shape, block in entries:
                     assert shape == block, (name, n, entries)  # each rank keeps its block of the state

@@ -76,8 +76,8 @@ otherwise stays AdamW's::
   over all labels (unequal and empty local batches included: a rank without labels still joins the backward's
   collectives); it carries the ranks' non-finite-logits flags too, so a call skipped on one rank is skipped on all
   and no rank waits in FSDP's backward alone. At the step one ``all_to_all_single`` brings each parameter's rows
-  to its owner (whiten's plan), which captures the full mean gradient; the numbers are again those of one
-  process. It is a collective: call it on every rank, with FSDP's gradient sync on (the default). With
+  to its owner (whiten's plan), which captures the full mean gradient (an elementwise parameter, e.g. Sophia's,
+  has no owner: each rank captures its rows); the numbers are again those of one process. It is a collective: call it on every rank, with FSDP's gradient sync on (the default). With
   ``set_requires_gradient_sync(False)`` FSDP adds the sampled gradients to its unsynced ones: ``sample_fisher``
   then raises, since that step's gradients are wrong, and it must not be called on a synced micro-batch after
   unsynced ones either (the same mixing happens, and cannot be seen from the optimizer). Parameters of the model
@@ -403,7 +403,8 @@ class FisherMixin:
 
     def _reduce_sharded_fisher(self, params, sums):
         """FSDP2: each owner assembles the full sampled gradients of its sharded parameters from every rank's rows
-        (the non-owners keep None); replicated parameters' shares are summed over the ranks. Which entries exist
+        (the non-owners keep None), each rank keeps its rows of an elementwise parameter's (no owner); replicated
+        parameters' shares are summed over the ranks. Which entries exist
         is agreed first (a rank may have no gradient where another has)."""
         group = self._fisher_sync
         ctx = self.distributed_context()
@@ -416,6 +417,11 @@ class FisherMixin:
                                dtype=torch.float64 if params[i].dtype == torch.float64 else torch.float32)
 
         sharded = [i for i in range(len(params)) if present[i] and is_dtensor(params[i])]
+        # an elementwise parameter is stepped where it lies: FSDP's reduce-scatter left this rank its block already
+        for i in sharded:
+            if ctx.is_local(params[i]):
+                out[i] = local[i] if local[i] is not None else zeros(i)
+        sharded = [i for i in sharded if not ctx.is_local(params[i])]
         if sharded:
             full = ctx.gather_to_owners([params[i] for i in sharded],
                                         [local[i] if local[i] is not None else zeros(i) for i in sharded])

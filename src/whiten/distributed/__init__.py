@@ -16,8 +16,8 @@ work. The new values then go back to the other ranks:
   the owner itself where it holds it; replicas are not sent twice), and the owner assembles the full tensors;
   after the step a second one sends every rank that holds a block its block of the new value.
 
-A parameter whose whole update is elementwise (:meth:`WhitenOptimizer.elementwise`: Schedule-Free AdamW's, the
-AdamW path of Muon and SpecGD, SPlus's sign-descent vectors) has no owner: every rank steps the block it holds (a
+A parameter whose whole update is elementwise (:meth:`WhitenOptimizer.elementwise`: Schedule-Free AdamW's and
+Sophia's, the AdamW path of Muon and SpecGD, SPlus's sign-descent vectors) has no owner: every rank steps the block it holds (a
 replicated one whole) with its block of the gradient, and keeps its block of the state, a DTensor laid out as the
 parameter (the whole tensor under DDP). Nothing of it is exchanged; elementwise arithmetic on a block gives the bits
 of the whole tensor.

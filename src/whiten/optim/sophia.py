@@ -63,8 +63,9 @@ class Sophia(FisherMixin, AveragingMixin, WhitenOptimizer):
         ema_rate: iterate averaging for ``eval()``/``train()`` (default None: off).
         fisher_seed: seed of the sampled labels (default 0).
         nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient (ordinary or sampled).
-        process_group: a ``torch.distributed`` group (DDP: replicated parameters, averaged gradients); each
-            parameter's step runs on one owner rank and the sampled gradients are averaged over the group.
+        process_group: a ``torch.distributed`` group (DDP: replicated parameters, averaged gradients); the step
+            is elementwise: every rank steps the block of each parameter it holds, with nothing exchanged, and the
+            sampled gradients are averaged over the group.
 
     Reference: H. Liu, Z. Li, D. Hall, P. Liang, T. Ma, "Sophia: A Scalable Stochastic Second-order Optimizer for
     Language Model Pre-training", ICLR 2024 (arXiv 2305.14342); code github.com/Liuhong99/Sophia.
@@ -104,6 +105,9 @@ class Sophia(FisherMixin, AveragingMixin, WhitenOptimizer):
 
     def stack_invariant(self, p: torch.Tensor, group: dict) -> bool:
         return True  # element-wise: a parameter's numbers never depend on its neighbours
+
+    def elementwise(self, p: torch.Tensor, group: dict) -> bool:
+        return True  # its sampled curvature too: each rank keeps its rows of the mean sampled gradient
 
     def work_cost(self, p: torch.Tensor, group: dict) -> float:
         return float(p.numel())
