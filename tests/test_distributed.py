@@ -816,3 +816,30 @@ def test_exchanges_overlap_the_owners_math_with_the_same_numbers(mode, world):
             assert (kind, True) in on[1] and (kind, False) not in on[1], (name, on[1])
             assert (kind, False) in off[1] and (kind, True) not in off[1], (name, off[1])
             assert res[name][None] == off, (name, res[name][None])
+
+
+def _replicated_on_owners(rank, world, mode):
+    r = Runner("ScheduleFreeAdamW", mode)
+    r.opt.step_replicated_locally = False
+    r.step(0)
+    with Exchanged() as seen:
+        for t in range(1, STEPS):
+            r.step(t)
+    ctx = r.opt.distributed_context()
+    held = sum(bool(r.opt.state[p]) for p in ctx.params)
+    return same(r.params(), control("ScheduleFreeAdamW")), seen.bytes, len(ctx.local), held, len(ctx.params)
+
+
+@pytest.mark.parametrize("mode,world", [("ddp", 2), ("fsdp", 2)])
+def test_replicated_elementwise_parameters_can_stay_on_owners(mode, world):
+    """``step_replicated_locally = False``: under DDP elementwise parameters go back to owners (state split over the
+    ranks, values broadcast); sharded ones are stepped where they lie either way."""
+    results = launch(_replicated_on_owners, world, mode)
+    for rank, (differ, sent, local, held, count) in enumerate(results):
+        assert differ == [], (mode, rank, differ)
+        if mode == "ddp":
+            assert local == 0 and sent > 0 and 0 < held < count, (rank, sent, local, held)
+        else:
+            assert local == count and sent == 0, (rank, sent, local)
+    if mode == "ddp":
+        assert sum(r[3] for r in results) == results[0][4]  # each parameter's state on one rank

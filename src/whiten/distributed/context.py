@@ -155,7 +155,7 @@ class DistributedContext:
         # parameters whose whole update is elementwise: no owner, every rank steps the block it holds (a replicated
         # one whole, redundantly) and keeps its state as that block, so nothing of theirs crosses the network
         self.local = [p for gi, g in enumerate(optimizer.param_groups) for p in g["params"]
-                      if optimizer.elementwise(p, g)]
+                      if optimizer.steps_locally(p, g)]
         self._local_ids = {id(p) for p in self.local}
         self._views: dict = {}  # sharded elementwise parameter -> the plain alias of its local shard
         # sharded parameter -> (offset, size) of the block of the full tensor each rank of the group holds

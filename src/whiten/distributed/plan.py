@@ -58,7 +58,7 @@ def plan(optimizer, world: int) -> tuple[dict, dict]:
     preconditions as one matrix. A unit's cost is the sum of its parameters' :meth:`WhitenOptimizer.work_cost`.
     An ``experts`` parameter (:meth:`WhitenOptimizer.splits_experts`) is no unit: each of its experts is one
     (an :class:`Expert` key), placed first by :func:`expert_owner`; the other units fill in around them. A
-    parameter whose whole update is elementwise (:meth:`WhitenOptimizer.elementwise`) has no owner: every rank
+    parameter whose whole update is elementwise (:meth:`WhitenOptimizer.steps_locally`) has no owner: every rank
     steps the block it holds, so it is in neither dict."""
     costs: dict = {}
     units: dict = {}  # unit key -> its parameters
@@ -66,7 +66,7 @@ def plan(optimizer, world: int) -> tuple[dict, dict]:
     owner: dict = {}
     for gi, g in enumerate(optimizer.param_groups):
         for p in g["params"]:
-            if optimizer.elementwise(p, g):
+            if optimizer.steps_locally(p, g):
                 continue
             costs[p] = float(optimizer.work_cost(p, g))
             if optimizer.splits_experts(p, g):

@@ -287,6 +287,16 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         is not elementwise. Default False; optimizers declare it per parameter."""
         return False
 
+    # Under DDP (replicated parameters) an elementwise parameter stepped locally costs no bytes, but every rank does
+    # its whole update and keeps its whole state. False keeps replicated ones on owners (their state split over the
+    # ranks, like ZeRO-1, and their new values broadcast); sharded ones (DTensors) are stepped locally either way.
+    step_replicated_locally = True
+
+    def steps_locally(self, p: torch.Tensor, group: dict) -> bool:
+        """Whether a distributed run steps ``p`` where it lies, on every rank (no owner): :meth:`elementwise`, and,
+        for a replicated (plain) parameter, ``step_replicated_locally``."""
+        return self.elementwise(p, group) and (self.step_replicated_locally or wdist.is_dtensor(p))
+
     def owner_unit(self, p: torch.Tensor, group: dict, gi: int, position: int):
         """The key of the unit ``p`` belongs to in the owner plan: parameters with the same key get one owner.
         By default a parameter is a unit of its own (keyed by its ``position`` among all parameters) when it is
