@@ -409,9 +409,9 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
             local = [p for p in ctx.local if local_grads.get(id(p)) is not None]
             grads = [wdist.local_shard(p.grad) for p in mine] + [local_grads[id(p)] for p in local]
             # (an experts parameter's second moments are a DTensor of its experts' rows: not checked here)
-            owned = [p for p in mine if ctx.owns(p) and p not in ctx.experts]
+            with_moments = [p for p in mine if ctx.owns(p) and p not in ctx.experts]
             flags, overflowed, local_overflowed = self._finite_with_local_moments(
-                grads, owned, [ctx.view(p) for p in local])
+                grads, with_moments, [ctx.view(p) for p in local])
             over = dict(zip(map(id, local), local_overflowed[0]))
             present, bad, over_any = ctx.agree([p for _, params in work for p in params], not all(flags),
                                                [over.get(id(p), False) for p in ctx.local])
