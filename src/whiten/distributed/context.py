@@ -521,10 +521,12 @@ class DistributedContext:
             for p in mine:
                 by_dtype[p.dtype].append(p)
             for dtype, ps in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
-                flat, work = broadcast_flat([self._value(p) for p in ps] if owner == self.rank else None,
-                                            sum(p.numel() for p in ps), dtype, owner, self.group, async_op=True) \
-                    if async_op else (broadcast_flat([self._value(p) for p in ps] if owner == self.rank else None,
-                                                     sum(p.numel() for p in ps), dtype, owner, self.group), None)
+                parts = [self._value(p) for p in ps] if owner == self.rank else None
+                numel = sum(p.numel() for p in ps)
+                if async_op:
+                    flat, work = broadcast_flat(parts, numel, dtype, owner, self.group, async_op=True)
+                else:
+                    flat, work = broadcast_flat(parts, numel, dtype, owner, self.group), None
                 broadcasts.append((owner, ps, flat, work))
         if not sharded:
             return broadcasts, sharded, None
