@@ -69,7 +69,21 @@ def model(blocks: int) -> nn.Module:
     return nn.Sequential(*[m for _ in range(blocks) for m in (nn.Linear(32, 32), nn.LayerNorm(32))])
 
 
-def counts(name: str, blocks: int) -> tuple[int, int]:
+def counts(name: str, blocks: int, accelerator: bool = False) -> tuple[int, int]:
+    """(host syncs, ops) of one ordinary step. ``accelerator``: the finiteness check takes the path it takes on a
+    GPU (``_foreach_norm``, one op per dtype) instead of the CPU's per-tensor sums, so the ops are the launches a GPU
+    would see."""
+    if accelerator:
+        import functools
+
+        from whiten.optim import _base
+
+        real = _base.finite_flags
+        _base.finite_flags = functools.partial(real, fused=True)
+        try:
+            return counts(name, blocks)
+        finally:
+            _base.finite_flags = real
     net = model(blocks)
     kw = dict(NO_REFRESH.get(name, {}))
     if name in ("KFAC", "EKFAC"):
@@ -91,13 +105,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--blocks", default="4,16")
     ap.add_argument("--optimizers", default=",".join(NAMES))
+    ap.add_argument("--accelerator", action="store_true",
+                    help="the finiteness check's GPU path (_foreach_norm) instead of the CPU's per-tensor sums")
     args = ap.parse_args()
     blocks = [int(b) for b in args.blocks.split(",")]
     print("| optimizer | " + " | ".join(f"syncs, {b} blocks | ops, {b} blocks" for b in blocks)
           + (f" | ops {blocks[-1]} / {blocks[0]} |" if len(blocks) > 1 else " |"))
     print("|---|" + "---|---|" * len(blocks) + ("---|" if len(blocks) > 1 else ""))
     for name in args.optimizers.split(","):
-        row = [counts(name, b) for b in blocks]
+        row = [counts(name, b, args.accelerator) for b in blocks]
         ratio = f" {row[-1][1] / row[0][1]:.2f} |" if len(blocks) > 1 else ""
         print(f"| {name} | " + " | ".join(f"{s} | {o}" for s, o in row) + " |" + ratio)
 

@@ -38,10 +38,16 @@ def adamw_step(group: dict, params: list[torch.Tensor], states: list[dict]) -> N
     denom = torch._foreach_sqrt(v)
     torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in steps])
     torch._foreach_add_(denom, eps)
-    for p, mi, di, t in zip(params, m, denom, steps):
-        keep = 1.0 - lr * group["weight_decay"] * decays(p, group)
-        step = -lr / (1.0 - beta1**t)
-        write(p, mi.dtype, lambda x, mi=mi, di=di, keep=keep, step=step: x.mul_(keep).addcdiv_(mi, di, value=step))
+    keeps = [1.0 - lr * group["weight_decay"] * decays(p, group) for p in params]
+    alphas = [-lr / (1.0 - beta1**t) for t in steps]
+    same = [i for i, p in enumerate(params) if p.dtype == m[i].dtype]  # fused: a launch per op, not per parameter
+    if same:
+        ps = [params[i] for i in same]
+        torch._foreach_mul_(ps, [keeps[i] for i in same])
+        torch._foreach_addcdiv_(ps, [m[i] for i in same], [denom[i] for i in same], [alphas[i] for i in same])
+    for i, p in enumerate(params):  # a low-precision parameter: in the state's dtype, rounded once
+        if p.dtype != m[i].dtype:
+            write(p, m[i].dtype, lambda x, i=i: x.mul_(keeps[i]).addcdiv_(m[i], denom[i], value=alphas[i]))
 
 
 class AdamWPath:

@@ -145,5 +145,12 @@ class Sophia(FisherMixin, AveragingMixin, WhitenOptimizer):
         torch._foreach_div_(steps, denom)
         torch._foreach_clamp_max_(steps, 1.0)
         torch._foreach_mul_(steps, torch._foreach_sign(ms))
-        for p, m, step in zip(params, ms, steps):
-            step_to(p, m.dtype, step, -lr, keep=1.0 - lr * group["weight_decay"] * decays(p, group))
+        keeps = [1.0 - lr * group["weight_decay"] * decays(p, group) for p in params]
+        same = [i for i, p in enumerate(params) if p.dtype == ms[i].dtype]  # one launch per op, not per parameter
+        if same:
+            ps = [params[i] for i in same]
+            torch._foreach_mul_(ps, [keeps[i] for i in same])
+            torch._foreach_add_(ps, [steps[i] for i in same], alpha=-lr)
+        for i, p in enumerate(params):  # a low-precision parameter: in the state's dtype, rounded once
+            if p.dtype != ms[i].dtype:
+                step_to(p, ms[i].dtype, steps[i], -lr, keep=keeps[i])
