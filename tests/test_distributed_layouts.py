@@ -227,7 +227,7 @@ def _overlapped(rank, world, kind, names):
     out = {}
     for name in names:
         r = Runner(name, kind)
-        r.opt.overlap_exchanges = True  # the default only on NCCL
+        r.opt.overlap_exchanges = True  # off by default
         for t in range(STEPS):
             r.step(t)
         out[name] = same(r.params(), control(name, kind))

@@ -467,8 +467,9 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
     # Overlap the owners' exchanges with their math, group by group (see _overlapped): True, False (one exchange
     # before and one after the whole step), or None: where the collectives run beside the math (NCCL, on their own
     # stream); on gloo they share the CPU with it, and 2-4 gloo ranks measured no gain (docs/distributed-scaling.md).
-    # The numbers are the same either way.
-    overlap_exchanges: bool | None = None
+    # The numbers are the same either way. Default False until it is measured on NCCL: a default that no run has
+    # timed on the backend it is meant for would be a guess.
+    overlap_exchanges: bool | None = False
 
     def _overlapped(self, everyone) -> list[int] | None:
         """The groups (indices, in order) whose exchanges overlap the math of the others, or None. A group's
