@@ -1,6 +1,6 @@
 """Issue 23's state options: ``max_factor_ratio`` (which sides of SPlus's, SOAP's and TNT's matrices get a factor,
-the rule Shampoo already had) and ``state_dtype`` (bfloat16 storage of SPlus's and SOAP's momenta and bases, float32
-arithmetic). The bytes are asserted (machine-independent), resume is exact (torch.save and DCP), small models are
+the rule Shampoo already had) and ``state_dtype`` (bfloat16 storage of momenta, bases, roots, inverses, float32
+arithmetic: SPlus, SOAP, TNT, Muon, Conda, Shampoo, PSGD-Kron, K-FAC, EKFAC). The bytes are asserted (machine-independent), resume is exact (torch.save and DCP), small models are
 unchanged by the new default, and the reduced-precision step stays close to the float32 one."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import nn
 import whiten
 from dist_utils import load_dcp, save_dcp
 from state_checks import assert_same_state
+from whiten.optim.memory import state_kind
 from whiten.optim.quantize import bytes_per_entry, dequantize, quantize, rectify
 from whiten.optim.sides import ALWAYS_KEPT_SIDE, SMALL_FACTORS, kept_sides
 
@@ -29,7 +30,26 @@ RATIO_OPTIMIZERS = {**OPTIMIZERS, "TNT": lambda params, **kw: whiten.TNT(params,
 DTYPE_OPTIMIZERS = {**OPTIMIZERS,
                     "Muon": lambda params, **kw: whiten.Muon(params, **{"lr": 0.02, "adam_lr": 0.01, **kw}),
                     "Conda": lambda params, **kw: whiten.Conda(params, **{"lr": 0.01, "update_proj_gap": 3, **kw}),
-                    "TNT": RATIO_OPTIMIZERS["TNT"]}
+                    "TNT": RATIO_OPTIMIZERS["TNT"],
+                    # Shampoo: blocks of at most 16 so the small model's matrices keep their factors (the default
+                    # 1024 merges a (16, 16) weight into a 256-vector, which max_factor_ratio leaves without one);
+                    # epsilon 1e-6 as the suite's
+                    "Shampoo": lambda params, **kw: whiten.Shampoo(params, **{
+                        "lr": 0.01, "precondition_frequency": 3, "epsilon": 1e-6, "max_preconditioner_dim": 16, **kw}),
+                    "PSGDKron": lambda params, **kw: whiten.PSGDKron(params, **{"lr": 0.01, **kw}),
+                    "KFAC": lambda params, **kw: whiten.KFAC(params, **{"lr": 0.05, "factor_every": 2,
+                                                                       "inverse_every": 3, **kw}),
+                    "EKFAC": lambda params, **kw: whiten.EKFAC(params, **{"lr": 0.05, "factor_every": 2,
+                                                                         "inverse_every": 3, "scale_every": 2, **kw})}
+NEEDS_MODEL = ("KFAC", "EKFAC")  # their statistics come from hooks on the model they step
+# the four that got state_dtype last (their own tests below; the ones above are parametrized over all)
+LATER = ["Shampoo", "PSGDKron", "KFAC", "EKFAC"]
+
+
+def build(name, model, params=None, **kw):
+    """DTYPE_OPTIMIZERS[name] on ``model``'s param groups (or ``params``), with ``model=`` where it needs one."""
+    extra = {"model": model} if name in NEEDS_MODEL else {}
+    return DTYPE_OPTIMIZERS[name](whiten.param_groups(model) if params is None else params, **extra, **kw)
 
 
 def make_model(seed=0, vocab=VOCAB, width=WIDTH):
@@ -168,23 +188,34 @@ def test_bad_max_factor_ratio_is_refused_by_name(name, bad):
 @pytest.mark.parametrize("name", list(DTYPE_OPTIMIZERS))
 @pytest.mark.parametrize("bad", [torch.float16, torch.float32, "fp16", "", 16, ["bf16"]])
 def test_bad_state_dtype_is_refused_by_name(name, bad):
+    model = make_model()
     with pytest.raises(ValueError, match=r"Invalid state_dtype: .*allowed: None, torch.bfloat16, 'bf16'"):
-        DTYPE_OPTIMIZERS[name](make_model().parameters(), state_dtype=bad)
+        build(name, model, model.parameters(), state_dtype=bad)
 
 
 REDUCED = {"SPlus": ("momentum", "basis_left", "basis_right"),
            "SOAP": ("exp_avg", "exp_avg_sq", "basis_left", "basis_right"),
            "Muon": ("momentum",),  # the Muon path's; the AdamW path's moments stay float32
            "Conda": ("exp_avg", "basis_left", "basis_right"),  # v stays float32 (β2 = 0.999)
-           "TNT": ("momentum", "inverse_0", "inverse_1")}
+           "TNT": ("momentum", "inverse_0", "inverse_1"),
+           "Shampoo": ("momentum", "root"),  # every root_{block}_{mode}; graft and the factors stay float32
+           "PSGDKron": ("momentum", "factor"),  # every factor_k (Q); only ema (not used here) stays float32
+           "KFAC": ("momentum", "inverse_a", "inverse_g"),  # every parameter's momentum; the factors stay float32
+           "EKFAC": ("momentum", "basis_a", "basis_g", "scale")}
+
+
+def reduced(name, key):
+    """Whether ``key`` is stored in bfloat16 under state_dtype (named in REDUCED itself or by its kind)."""
+    return key in REDUCED[name] or (name in LATER and state_kind(key) in REDUCED[name])
 
 
 @pytest.mark.parametrize("name", list(DTYPE_OPTIMIZERS))
 def test_state_dtype_keeps_in_bf16_exactly_what_the_docs_say_and_planned_equals_held(name):
     model = make_model()
-    opt = DTYPE_OPTIMIZERS[name](whiten.param_groups(model), state_dtype="bf16")
+    opt = build(name, model, state_dtype="bf16")
     planned = opt.memory_report()
-    full = DTYPE_OPTIMIZERS[name](whiten.param_groups(make_model())).memory_report()
+    full_model = make_model()
+    full = build(name, full_model).memory_report()
     train(model, opt, 0, 4)
     held = opt.memory_report()
     assert planned.state_bytes == held.state_bytes < full.state_bytes
@@ -192,8 +223,10 @@ def test_state_dtype_keeps_in_bf16_exactly_what_the_docs_say_and_planned_equals_
     for p in model.parameters():
         for k, v in opt.state[p].items():
             if isinstance(v, torch.Tensor) and v.is_floating_point():
-                assert v.dtype == (torch.bfloat16 if k in REDUCED[name] else torch.float32), (name, k)
-                expect += v.numel() * (2 if k in REDUCED[name] else 4)
+                assert v.dtype == (torch.bfloat16 if reduced(name, k) else torch.float32), (name, k)
+                expect += v.numel() * (2 if reduced(name, k) else 4)
+    if name == "PSGDKron":  # its probe generators' states (uint8), optimizer-wide
+        expect += held.global_bytes
     assert held.state_bytes == expect
     assert any("state_dtype" == option for option, _, _ in full.options)
 

@@ -441,24 +441,27 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
             else:
                 probe_g = torch.stack([grads[i].reshape(layout.shape) for i in idxs])
             fit_factors_(qs, probe_g, probe, group["precond_lr"])
-        if any(q.dtype != work for q in stored) and (probe is not None or (balance and n > 1)):
+        low = any(q.dtype != work for q in stored)
+        if low and (probe is not None or (balance and n > 1)):
             for q, new in zip(stored, qs):
                 q.copy_(new)
             qs = [q.to(work) for q in stored]
         # no cache for copies (bkey None): they are new tensors at every step
-        cached = self.cache_preconditioner and probe is None and bkey
-        grams = self._factor_grams(bkey, stored, work) if cached else None
+        grams = None
+        if self.cache_preconditioner and probe is None and bkey:
+            grams = self._factor_grams(bkey, stored, work) if low else self._factor_grams(bkey, stored)
         pre = precondition(qs, m_hat, grams)
         clip_rms_(pre, MAX_UPDATE_RMS)
         return pre
 
-    def _factor_grams(self, bkey, qs: list[torch.Tensor], dtype: torch.dtype) -> list:
-        """Q_kᵀQ_k in ``dtype`` of each triangular factor stack (None for diagonal ones), cached while the stacks
-        are the same tensors and unmodified: any in-place change (the fit, balancing, a load) bumps a tensor's
-        version."""
+    def _factor_grams(self, bkey, qs: list[torch.Tensor], dtype: torch.dtype | None = None) -> list:
+        """Q_kᵀQ_k of each triangular factor stack (None for diagonal ones), in ``dtype`` (the arithmetic's, where
+        state_dtype stores Q lower; default the stacks' own), cached while the stacks are the same tensors and
+        unmodified: any in-place change (the fit, balancing, a load) bumps a tensor's version."""
         cached = self._grams.get(bkey)
         if cached is not None and all(q is cq and q._version == version for q, (cq, version, _) in zip(qs, cached)):
             return [gram for _, _, gram in cached]
+        dtype = dtype or qs[0].dtype
         entries = [(q, q._version, q.to(dtype).mT @ q.to(dtype) if q.ndim == 3 else None) for q in qs]
         self._grams[bkey] = entries
         return [gram for _, _, gram in entries]
