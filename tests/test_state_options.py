@@ -575,6 +575,36 @@ def test_kfac_and_ekfac_bf16_state_step_is_close_to_the_full_one(name):
         assert float((a - b).norm() / a.norm()) < 0.02
 
 
+@pytest.mark.usefixtures("float64_default")  # tests/conftest.py: test_kfac.py's models are float64
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_kfac_state_dtype_under_ddp_and_fsdp2_equals_one_process(mode):
+    """K-FAC and EKFAC with bfloat16 state, the runs of tests/test_kfac.py (2 ranks, float64 parameters: their
+    factors are means of the ranks' all-reduced statistics, so the comparison is theirs, rtol 1e-9): DDP and FSDP2
+    give one process's numbers on the full batch. EKFAC's bfloat16 bases are sent to the other ranks as float64,
+    exactly."""
+    from dist_utils import launch
+    from test_kfac import BOTH, _ddp_worker, _fsdp_worker, one_process
+
+    extra = {"state_dtype": "bf16"}
+    if mode == "ddp":
+        results = {cls.__name__: [params for params, _, _ in launch(_ddp_worker, 2, cls, False, extra)]
+                   for cls in BOTH}
+    else:
+        runs = launch(_fsdp_worker, 2, BOTH, False, extra)
+        results = {cls.__name__: [run[cls.__name__] for run in runs] for cls in BOTH}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for cls in BOTH:
+            expected = one_process(cls, False, extra=extra)
+            for rank, params in enumerate(results[cls.__name__]):
+                for n in expected:
+                    torch.testing.assert_close(params[n], expected[n], rtol=1e-9, atol=1e-12,
+                                               msg=f"{cls.__name__} {mode}, rank {rank}: {n}")
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ----- why the factors and the average stay float32 -----------------------------------------------------------------
 
 def test_a_bf16_average_stops_moving_where_float32_follows():
