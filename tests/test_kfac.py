@@ -752,7 +752,8 @@ def test_fits_a_fixed_batch(kind, cls, sampled):
 # ----- the benchmark's registry --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("task", ["lm", "vit", "dit"])
-@pytest.mark.parametrize("name", ["kfac", "ekfac", "kfac-sampled", "ekfac-sampled"])
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "kfac-sampled", "ekfac-sampled", "kfac-state-bf16",
+                                  "ekfac-state-bf16"])
 def test_registry_entries_build_with_the_model_and_run(tmp_path, task, name):
     """The harness builds them with model= and, for the sampled Fisher, calls sample_fisher on factor steps (a
     missed call would warn: warnings are errors here)."""
