@@ -4,7 +4,8 @@ Names: ``adamw`` (torch.optim.AdamW, the baseline); whiten's ``splus``, ``soap``
 without grafting), ``psgd-kron``, ``muon``, ``schedule-free-adamw`` and ``schedule-free-adamw-b0.999``, ``scion``, ``specgd``;
 ``splus-bf16`` and ``soap-bf16`` (the same with bfloat16 rotations); ``splus-state-bf16``, ``splus-basis8``,
 ``splus-basis4`` and the same for ``soap`` (issue 23's state options: bfloat16 momenta and bases, 8- and 4-bit bases);
-``shampoo-state-bf16``, ``psgd-kron-state-bf16``, ``kfac-state-bf16``, ``ekfac-state-bf16``; ``tnt`` and ``sophia`` (sampled-label
+``shampoo-state-bf16``, ``psgd-kron-state-bf16``, ``kfac-state-bf16``, ``ekfac-state-bf16``; ``tnt`` and ``sophia``
+(sampled-label
 curvature: the harness calls their ``sample_fisher``); ``kfac``, ``ekfac`` and their ``-sampled`` variants;
 ``kbfgs`` and ``kbfgs-l`` (K-BFGS and K-BFGS(L): the harness calls ``step(closure)``);
 ``torch:Muon`` (torch.optim.Muon on hidden matrices, AdamW on the rest); and ``pytorch_optimizer:<Class>`` for any

@@ -139,7 +139,7 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
             ``inverse_a``, ``inverse_g`` stored in bfloat16, half their bytes; the arithmetic stays float32 (an
             inverse is rounded once into storage when refreshed and cast up to precondition; B is cast up, updated
             and rounded once, and the step takes the stored B). The factors stay float32: EMAs at β = 0.95 whose
-            changes under 4% bfloat16 would round away, and whose eigenvalues set the inverses. An inverse's
+            changes under 4-8% bfloat16 would round away, and whose eigenvalues set the inverses. An inverse's
             rounding moves the direction by up to 2^-9 times its condition number (λ_max + δ)/δ, δ the damping:
             measured 0.3% on a layer with the factored damping, 4-11% on a factor spanning 1 to 1e-4 with
             δ = 1e-2 to 3e-3 (docs/memory.md). Set it at construction.

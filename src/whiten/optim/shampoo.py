@@ -213,9 +213,9 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
             β2 = 1 sums whose t-th term is 1/t of them) would soon take increments below bfloat16's rounding, and
             the roots are computed from the factors' small eigenvalues; the ``momentum`` is preconditioned by the
             roots, whose largest eigenvalues (up to ε^(-1/4) where the factors saw little) amplify its rounding
-            (measured: 32-73% of the update with ε = 1e-12). A bfloat16 root moves the update by 2-4.5% (relative,
-            measured on full-rank correlated gradients) and up to 13% where the factors are rank-deficient
-            (docs/memory.md). Set it before the first step.
+            (measured: 32-73% of the update with ε = 1e-12, bfloat16 roots too). A bfloat16 root moves the update
+            by 2.2-4.4% (relative, measured on full-rank correlated gradients) and up to 13% where the factors are
+            rank-deficient (docs/memory.md). Set it before the first step.
 
     References: V. Gupta, T. Koren, Y. Singer, "Shampoo: Preconditioned Stochastic Tensor Optimization", ICML 2018;
     H.-J. M. Shi et al., "A Distributed Data-Parallel PyTorch Implementation of the Distributed Shampoo Optimizer
