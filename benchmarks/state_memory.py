@@ -67,6 +67,10 @@ OPTION_ROWS = [
     ("KBFGS max_dim=None (before issue 23)", "KBFGS", dict(max_dim=None)),
     ("Muon state_dtype=bf16", "Muon", dict(state_dtype="bf16")),
     ("Conda state_dtype=bf16", "Conda", dict(state_dtype="bf16")),
+    ("Shampoo state_dtype=bf16", "Shampoo", dict(state_dtype="bf16")),
+    ("PSGDKron state_dtype=bf16", "PSGDKron", dict(state_dtype="bf16")),
+    ("KFAC state_dtype=bf16", "KFAC", dict(state_dtype="bf16")),
+    ("EKFAC state_dtype=bf16", "EKFAC", dict(state_dtype="bf16")),
 ]
 
 

@@ -106,6 +106,7 @@ def test_tiny_end_to_end(tasks, tmp_path, name, optimizer):
 
 @pytest.mark.parametrize("optimizer", ["soap", "soap-ema", "shampoo", "psgd-kron", "muon", "schedule-free-adamw",
                                        "splus-bf16", "soap-bf16", "splus-state-bf16", "soap-basis4",
+                                       "shampoo-state-bf16", "psgd-kron-state-bf16",
                                        "conda", "pytorch_optimizer:Conda", "prodigy", "prodigyopt:Prodigy", "mfac",
                                        "scion", "specgd"])
 def test_tiny_lm_with_whiten_family(tasks, tmp_path, optimizer):

@@ -149,7 +149,10 @@ def _equal_to_one_process_with(rank, world, mode, cases):
 # issue 23's state options (tests/test_state_options.py): bfloat16 momenta and bases, quantized bases
 OPTION_CASES = [("SPlus", {"state_dtype": "bf16"}), ("SOAP", {"state_dtype": "bf16"}),
                 ("SPlus", {"basis_bits": 8}), ("SOAP", {"basis_bits": 4}),
-                ("Muon", {"state_dtype": "bf16"}), ("Conda", {"state_dtype": "bf16"}), ("TNT", {"state_dtype": "bf16"})]
+                ("Muon", {"state_dtype": "bf16"}), ("Conda", {"state_dtype": "bf16"}), ("TNT", {"state_dtype": "bf16"}),
+                ("Shampoo", {"state_dtype": "bf16"}), ("PSGDKron", {"state_dtype": "bf16"})]
+# K-FAC and EKFAC need their model's hooks: tests/test_state_options.py runs them with test_kfac.py's DDP and FSDP2
+# workers (test_kfac_state_dtype_under_ddp_and_fsdp2_equals_one_process)
 
 
 @pytest.mark.parametrize("mode,world", [("ddp", 2), ("fsdp", 3)])

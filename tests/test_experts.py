@@ -158,7 +158,9 @@ def test_planned_work_counts_each_expert():
 @pytest.mark.parametrize("name,options", [("SPlus", {"state_dtype": "bf16"}), ("SPlus", {"basis_bits": 4}),
                                           ("SOAP", {"basis_bits": 8}), ("TNT", {"state_dtype": "bf16"}),
                                           ("Muon", {"state_dtype": "bf16"}), ("Conda", {"state_dtype": "bf16"}),
-                                          ("SOAP", {"max_factor_ratio": 20})])
+                                          ("SOAP", {"max_factor_ratio": 20}), ("Shampoo", {"state_dtype": "bf16"}),
+                                          ("PSGDKron", {"state_dtype": "bf16"}), ("KFAC", {"state_dtype": "bf16"}),
+                                          ("EKFAC", {"state_dtype": "bf16"})])
 def test_experts_with_reduced_state_step_as_separate_matrices(name, options):
     """The state options of issue 23 (bf16 storage, quantized bases, sides left out) hold per expert too."""
     (a, stacked), (b, apart) = _runs(name, **options)

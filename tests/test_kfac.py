@@ -651,11 +651,11 @@ def test_sampled_mode_without_sample_fisher_says_so():
 DDP_STEPS, DDP_SAVE = 8, 4
 
 
-def ddp_settings(cls, sampled):
+def ddp_settings(cls, sampled, extra=None):
     kw = dict(factor_every=2, inverse_every=3, lr=0.05, fisher="sampled" if sampled else "empirical")
     if cls is EKFAC:
         kw["scale_every"] = 2
-    return kw
+    return {**kw, **(extra or {})}  # extra: e.g. state_dtype (tests/test_state_options.py)
 
 
 def ddp_batch(t):
@@ -663,13 +663,14 @@ def ddp_batch(t):
     return torch.cat([idx, lm_batch(50 + t)[0]]), torch.cat([y, lm_batch(50 + t)[1]])  # 8 sequences
 
 
-def _ddp_worker(rank, world, cls, sampled):
+def _ddp_worker(rank, world, cls, sampled, extra=None):
     import torch.distributed as dist
 
     torch.set_default_dtype(torch.float64)
     model = lm()
     ddp = nn.parallel.DistributedDataParallel(model)
-    opt = cls(whiten.param_groups(model), model=model, process_group=dist.group.WORLD, **ddp_settings(cls, sampled))
+    opt = cls(whiten.param_groups(model), model=model, process_group=dist.group.WORLD,
+              **ddp_settings(cls, sampled, extra))
     rows = slice(4 * rank, 4 * rank + 4)
     saved = None
     for t in range(DDP_STEPS):
@@ -686,11 +687,11 @@ def _ddp_worker(rank, world, cls, sampled):
     return {n: p.detach().clone() for n, p in model.named_parameters()}, saved, owned
 
 
-def one_process(cls, sampled, start=0, resume=None):
+def one_process(cls, sampled, start=0, resume=None, extra=None):
     """The full batch in one process: one forward for the empirical Fisher; the two halves as micro-batches
     (sample_fisher on each, half of each loss) for the sampled one, as DDP's ranks draw their labels."""
     model = lm()
-    opt = cls(whiten.param_groups(model), model=model, **ddp_settings(cls, sampled))
+    opt = cls(whiten.param_groups(model), model=model, **ddp_settings(cls, sampled, extra))
     if resume is not None:
         model.load_state_dict(resume[0])
         opt.load_state_dict(resume[1])
@@ -751,7 +752,8 @@ def test_fits_a_fixed_batch(kind, cls, sampled):
 # ----- the benchmark's registry --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("task", ["lm", "vit", "dit"])
-@pytest.mark.parametrize("name", ["kfac", "ekfac", "kfac-sampled", "ekfac-sampled"])
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "kfac-sampled", "ekfac-sampled", "kfac-state-bf16",
+                                  "ekfac-state-bf16"])
 def test_registry_entries_build_with_the_model_and_run(tmp_path, task, name):
     """The harness builds them with model= and, for the sampled Fisher, calls sample_fisher on factor steps (a
     missed call would warn: warnings are errors here)."""
@@ -772,7 +774,7 @@ def test_registry_entries_build_with_the_model_and_run(tmp_path, task, name):
     assert not summary["diverged"] and math.isfinite(summary["final_val_loss"])
 
 
-def _fsdp_worker(rank, world, classes, sampled=False):
+def _fsdp_worker(rank, world, classes, sampled=False, extra=None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -784,7 +786,7 @@ def _fsdp_worker(rank, world, classes, sampled=False):
         if sampled:  # the hidden Linear its own FSDP unit: FSDP's per-unit hooks run in the sampled backward
             fully_shard(model[1], mesh=mesh)
         fully_shard(model, mesh=mesh)
-        opt = cls(whiten.param_groups(model), model=model, **ddp_settings(cls, sampled))
+        opt = cls(whiten.param_groups(model), model=model, **ddp_settings(cls, sampled, extra))
         rows = slice(4 * rank, 4 * rank + 4)
         for t in range(DDP_STEPS):
             idx, y = ddp_batch(t)

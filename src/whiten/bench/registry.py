@@ -3,7 +3,9 @@
 Names: ``adamw`` (torch.optim.AdamW, the baseline); whiten's ``splus``, ``soap``, ``shampoo`` (``shampoo-nograft``
 without grafting), ``psgd-kron``, ``muon``, ``schedule-free-adamw`` and ``schedule-free-adamw-b0.999``, ``scion``, ``specgd``;
 ``splus-bf16`` and ``soap-bf16`` (the same with bfloat16 rotations); ``splus-state-bf16``, ``splus-basis8``,
-``splus-basis4`` and the same for ``soap`` (issue 23's state options: bfloat16 momenta and bases, 8- and 4-bit bases); ``tnt`` and ``sophia`` (sampled-label
+``splus-basis4`` and the same for ``soap`` (issue 23's state options: bfloat16 momenta and bases, 8- and 4-bit bases);
+``shampoo-state-bf16``, ``psgd-kron-state-bf16``, ``kfac-state-bf16``, ``ekfac-state-bf16``; ``tnt`` and ``sophia``
+(sampled-label
 curvature: the harness calls their ``sample_fisher``); ``kfac``, ``ekfac`` and their ``-sampled`` variants;
 ``kbfgs`` and ``kbfgs-l`` (K-BFGS and K-BFGS(L): the harness calls ``step(closure)``);
 ``torch:Muon`` (torch.optim.Muon on hidden matrices, AdamW on the rest); and ``pytorch_optimizer:<Class>`` for any
@@ -377,6 +379,15 @@ REGISTRY.update({
         "mfac", _whiten("MFAC"), default_lr=1e-3, lr_grid=lr_grid(-12, -6),
         options=dict(ngrads=128, damp=1e-5), source="whiten.MFAC, ngrads 128, damp 1e-5"),
 })
+
+# Issue 23's state_dtype on Shampoo, PSGD-Kron, K-FAC and EKFAC: each entry's settings with the state the option
+# covers stored in bfloat16 (Shampoo's roots; PSGD-Kron's momentum and Q; K-FAC's momenta and inverses; EKFAC's
+# momenta, bases and scale), to measure what it costs in loss (docs/memory.md).
+REGISTRY.update({
+    f"{base}-state-bf16": dataclasses.replace(
+        REGISTRY[base], name=f"{base}-state-bf16", options={**REGISTRY[base].options, "state_dtype": "bf16"},
+        source=f"{REGISTRY[base].source}, state_dtype bfloat16")
+    for base in ("shampoo", "psgd-kron", "kfac", "ekfac")})
 
 
 def get_spec(name: str) -> OptimizerSpec:

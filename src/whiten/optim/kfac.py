@@ -20,9 +20,10 @@ from torch import nn
 from ..fisher import FisherMixin
 from ..linalg import robust_eigh_basis
 from ._base import WhitenOptimizer
-from .checks import check_choice, check_int, check_lr, check_range, check_role, check_weight_decay
+from .checks import (check_choice, check_int, check_lr, check_range, check_role, check_weight_decay,
+                     state_dtype_option)
 from .kfac_layers import Layer, LayerHooksMixin, Ready
-from .update import decays, step_to
+from .update import decays, state_dtype, step_to
 
 __all__ = ["KFAC"]
 
@@ -108,7 +109,8 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
     State per K-FAC weight (float32; float64 for float64 parameters): ``step`` (int), ``momentum`` (shape of p),
     ``factor_a`` (d_in, d_in) or (vocabulary,) for an embedding, ``factor_g`` (d_out, d_out), ``inverse_a``,
     ``inverse_g`` (same shapes), ``factor_updates`` and ``refreshes`` (ints). A K-FAC bias and a fallback
-    parameter: ``step``, ``momentum``. The step clock (``fisher_steps``, also the sampled-label stream's) travels in
+    parameter: ``step``, ``momentum``. With ``state_dtype=torch.bfloat16`` every ``momentum`` and the inverses are
+    bfloat16, the factors float32. The step clock (``fisher_steps``, also the sampled-label stream's) travels in
     ``state_dict()["param_groups"][0]["fisher"]``.
 
     Args:
@@ -132,6 +134,15 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
             inverse (two 10 GB matrices); no model of whiten's tests or benchmarks has such a side, so their
             results are unchanged. (An embedding's vocabulary side is its diagonal A: not counted.) Set it at
             construction; it decides which parameters are layers.
+        state_dtype: None (default: float32, float64 for float64 parameters) or ``torch.bfloat16`` (also
+            ``"bf16"``/``"bfloat16"``): every ``momentum`` (μ = 0.9 adds 10% a step) and the damped inverses
+            ``inverse_a``, ``inverse_g`` stored in bfloat16, half their bytes; the arithmetic stays float32 (an
+            inverse is rounded once into storage when refreshed and cast up to precondition; B is cast up, updated
+            and rounded once, and the step takes the stored B). The factors stay float32: EMAs at β = 0.95 whose
+            changes under 4-8% bfloat16 would round away, and whose eigenvalues set the inverses. An inverse's
+            rounding moves the direction by up to 2^-9 times its condition number (λ_max + δ)/δ, δ the damping:
+            measured 0.3% on a layer with the factored damping, 4-11% on a factor spanning 1 to 1e-4 with
+            δ = 1e-2 to 3e-3 (docs/memory.md). Set it at construction.
 
     References: J. Martens, R. Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate Curvature",
     ICML 2015; R. Grosse, J. Martens, "A Kronecker-factored approximate Fisher matrix for convolution layers",
@@ -144,7 +155,10 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
     # its own copy of the model
     MEMORY_OPTIONS = {"max_dim": (("factor_a", "factor_g", "inverse_a", "inverse_g", "basis_a", "basis_g", "scale"),
                                   "a layer with a side of max_dim or more (its factor would be max_dim² or more) "
-                                  "takes the SGD fallback")}  # see memory_report
+                                  "takes the SGD fallback"),
+                      "state_dtype": (("momentum", "inverse_a", "inverse_g"), "torch.bfloat16 stores the momenta and "
+                                      "the inverses in half the bytes (float32 arithmetic)")}  # see memory_report
+    STATE_DTYPE_KEYS = ("momentum", "inverse_a", "inverse_g")  # see kfac_layers.LayerHooksMixin._init_state
 
     PICKLED = {"model": None, "fisher": "empirical", "loss_average": "batch+sequence", "kl_clip": 1e-3,
                "factor_every": 10, "inverse_every": 100, "scale_every": None}
@@ -167,6 +181,7 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         nonfinite: str = "skip",
         process_group=None,
         max_dim: int | None = 10000,
+        state_dtype: torch.dtype | str | None = None,
     ):
         check_choice("fisher", fisher, FISHER_TYPES)
         if kl_clip is not None:
@@ -180,7 +195,7 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         self.inverse_every = inverse_every
         self._init_fisher(fisher_seed)
         defaults = dict(lr=lr, momentum=momentum, damping=damping, factor_decay=factor_decay,
-                        weight_decay=weight_decay, role=None)
+                        weight_decay=weight_decay, role=None, state_dtype=state_dtype)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
         self.register_hooks()
 
@@ -192,6 +207,7 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         check_range("factor_decay", group["factor_decay"], 0.0, 1.0, high_open=True)
         check_weight_decay(group["weight_decay"])
         check_role(group["role"])
+        state_dtype_option(group.get("state_dtype"))
         self._check_in_model(group)
 
     # ----- state ----------------------------------------------------------------------------------------------
@@ -239,7 +255,8 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         for layer in owned:
             ready = self._ready.get(layer)
             if ready is not None:
-                self._fold(layer, self._layer_state(layer, view), ready, group_of[id(layer.weight)])
+                group = group_of[id(layer.weight)]
+                self._fold(layer, self._layer_state(layer, view, group), ready, group)
         self._refresh_due(step, [(layer, self.state.get(view(layer.weight)), group_of[id(layer.weight)])
                                  for layer in owned])
         self._after_refresh(ctx, step, plan.layers)
@@ -253,8 +270,8 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
                 pairs.append((layer.bias, view(layer.bias)))
             if not any(id(q) in with_grad for _, q in pairs):
                 continue
-            state = self._layer_state(layer, view)
-            dtype = state["momentum"].dtype
+            state = self._layer_state(layer, view, group_of[id(layer.weight)])
+            dtype = state_dtype(layer.weight)  # the arithmetic's (state_dtype may store momenta, inverses lower)
             grads = [q.grad if id(q) in with_grad else None for _, q in pairs]
             M = layer.matrix(grads[0], grads[1] if len(grads) > 1 else None, dtype)
             V = self._precondition(layer, state, M, group_of[id(layer.weight)]) if state["refreshes"] else M
@@ -280,18 +297,23 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         for q, group, d, preconditioned in items:
             state = self.state.get(q)
             if not state:
-                state = self.state[q] = self._init_state(q)
+                state = self.state[q] = self._init_state(q, group)
             state["step"] += 1
-            self._update(q, group, state, d.to(state["momentum"].dtype), nu if preconditioned else 1.0)
+            self._update(q, group, state, d.to(state_dtype(q)), nu if preconditioned else 1.0)
 
     def _update(self, p: torch.Tensor, group: dict, state: dict, direction: torch.Tensor, nu: float) -> None:
         """B <- mu B + nu d + wd p; p <- p - lr B (in the state dtype for low-precision parameters)."""
-        buf = state["momentum"]
+        stored = state["momentum"]
+        dtype = direction.dtype  # the arithmetic's; state_dtype may store B in bfloat16
+        buf = stored.to(dtype)  # B itself when it is stored in that dtype
         lr, wd = float(group["lr"]), group["weight_decay"] * decays(p, group)
         buf.mul_(group["momentum"]).add_(direction, alpha=nu)
         if wd:
             buf.add_(p.to(buf.dtype), alpha=wd)
-        step_to(p, buf.dtype, buf, -lr)
+        if buf is not stored:  # state_dtype: round once into storage; the step takes the stored value
+            stored.copy_(buf)
+            buf = stored.to(dtype)
+        step_to(p, dtype, buf, -lr)
 
     # ----- factors, inverses, preconditioning (K-FAC) ----------------------------------------------------------------
     def _fold(self, layer: Layer, state: dict, ready: Ready, group: dict) -> None:
@@ -301,7 +323,7 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         if ready.a is None or ready.g is None:
             return
         beta = group["factor_decay"]
-        for key, value in (("factor_a", ready.a), ("factor_g", ready.g)):
+        for key, value in (("factor_a", ready.a), ("factor_g", ready.g)):  # float32 under state_dtype too
             state[key].mul_(beta).add_(value.to(state[key].dtype), alpha=1.0 - beta)
         state["factor_updates"] += 1
 
@@ -350,6 +372,7 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         ea = None if layer.diagonal_a else self._eigh(s["factor_a"])
         if eg is None or (ea is None and not layer.diagonal_a):
             return False
+        # copy_: rounded once into a bfloat16 inverse (state_dtype)
         if layer.diagonal_a:
             s["inverse_a"].copy_(1.0 / (s["factor_a"].clamp_min(0) + pi * root))
         else:
@@ -363,9 +386,10 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         pass
 
     def _precondition(self, layer: Layer, s: dict, M: torch.Tensor, group: dict) -> torch.Tensor:
+        inv_g, inv_a = s["inverse_g"].to(M.dtype), s["inverse_a"].to(M.dtype)  # state_dtype: cast up
         if layer.diagonal_a:
-            return (s["inverse_g"] @ M) * s["inverse_a"]
-        return s["inverse_g"] @ M @ s["inverse_a"]
+            return (inv_g @ M) * inv_a
+        return inv_g @ M @ inv_a
 
 
 def _set_identity(F: torch.Tensor) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..distributed import all_reduce_flat
 from .checks import check_choice, check_int
-from .update import state_dtype
+from .update import state_dtype, stored_dtype
 
 # what the loss averages, for the number of loss terms L of the ordinary backward (see _loss_terms)
 LOSS_AVERAGES = ("batch+sequence", "batch")
@@ -487,22 +487,36 @@ class LayerHooksMixin:
     # ----- state -----------------------------------------------------------------------------------------------
     # a layer's integer counters, kept in its weight's state beside the tensors of _layer_shapes
     LAYER_COUNTERS: tuple[str, ...] = ()
+    # the state keys the ``state_dtype`` option stores in bfloat16 (an optimizer that has the option names them)
+    STATE_DTYPE_KEYS: tuple[str, ...] = ()
 
     def _start_layer(self, state: dict, layer: Layer) -> None:
         """Set a new layer state's tensors (created as zeros) to their starting values."""
 
-    def _init_state(self, p: torch.Tensor) -> dict:
+    def _init_state(self, p: torch.Tensor, group: dict | None = None) -> dict:
         """``step`` and ``momentum`` for every parameter; for a layer's weight also the tensors of
-        :meth:`_layer_shapes` and the counters ``LAYER_COUNTERS`` at 0, started by :meth:`_start_layer`."""
-        dtype = state_dtype(p)
-        state = {"step": 0, "momentum": torch.zeros(p.shape, dtype=dtype, device=p.device)}
+        :meth:`_layer_shapes` and the counters ``LAYER_COUNTERS`` at 0, started by :meth:`_start_layer`. The keys
+        of ``STATE_DTYPE_KEYS`` take the dtype of ``group``'s ``state_dtype`` option (the weight's group)."""
+        dtype = self._key_dtypes(p, group)
+        state = {"step": 0, "momentum": torch.zeros(p.shape, dtype=dtype("momentum"), device=p.device)}
         kind = self.plan().role.get(id(p))
         if kind is not None and kind[0] == "weight":
             for key, shape in self._layer_shapes(kind[1]).items():
-                state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+                state[key] = torch.zeros(shape, dtype=dtype(key), device=p.device)
             state.update(dict.fromkeys(self.LAYER_COUNTERS, 0))
             self._start_layer(state, kind[1])
         return state
+
+    def _key_dtypes(self, p: torch.Tensor, group: dict | None):
+        """key -> the dtype ``p``'s state tensor of that key is stored in."""
+        full = state_dtype(p)
+        low = stored_dtype(p, group) if group is not None else full
+        return lambda key: low if key in self.STATE_DTYPE_KEYS else full
+
+    def stored_dtypes(self, p: torch.Tensor, group: dict) -> dict:
+        dtype = self._key_dtypes(p, group)
+        return {k: dtype(k) for k, shape in self.expected_state(p, group).items()
+                if shape is not None and dtype(k) != state_dtype(p)}
 
     def expected_state(self, p: torch.Tensor, group: dict) -> dict:
         shapes = {"step": None, "momentum": tuple(p.shape)}
@@ -512,11 +526,12 @@ class LayerHooksMixin:
             shapes.update(dict.fromkeys(self.LAYER_COUNTERS))
         return shapes
 
-    def _layer_state(self, layer: Layer, view) -> dict:
-        """The state of ``layer`` (kept under its weight, or its full stand-in ``view(weight)``), created at first."""
+    def _layer_state(self, layer: Layer, view, group: dict | None = None) -> dict:
+        """The state of ``layer`` (kept under its weight, or its full stand-in ``view(weight)``), created at first
+        (``group``: the weight's, for the ``state_dtype`` option)."""
         w = view(layer.weight)
         if not self.state.get(w):
-            self.state[w] = self._init_state(layer.weight)
+            self.state[w] = self._init_state(layer.weight, group)
         return self.state[w]
 
     # ----- distribution and copies -----------------------------------------------------------------------------
