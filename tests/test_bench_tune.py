@@ -147,6 +147,20 @@ def test_compare_uses_the_lr_tuned_on_the_task_and_names_the_untuned():
     assert compare_notes(["adamw", "splus"], "lm") == []
 
 
+def test_an_options_variant_runs_at_its_base_entrys_setting():
+    # soap-state-bf16 against soap must measure the state option, not the option plus another lr: each variant takes
+    # its base entry's setting on every task (vit has one for soap, dit none).
+    for task in ("lm", "vit", "dit"):
+        for base, variants in (("soap", ("soap-bf16", "soap-state-bf16", "soap-basis8", "soap-basis4")),
+                               ("splus", ("splus-bf16", "splus-state-bf16", "splus-basis8", "splus-basis4")),
+                               ("kfac", ("kfac-state-bf16",)), ("psgd-kron", ("psgd-kron-state-bf16",))):
+            for name in variants:
+                assert task_default(name, task)[:2] == task_default(base, task)[:2], (name, task)
+    assert task_default("soap-basis4", "vit") == (2.15e-3, {}, None)
+    note = task_default("soap-basis4", "dit")[2]
+    assert "soap-basis4" in note and "soap's setting" in note and "not tuned on dit" in note
+
+
 def _text(tmp_path):
     import random
 

@@ -41,6 +41,9 @@ class OptimizerSpec:
     averages: bool = False  # has eval()/train() that swap in averaged parameters
     source: str = ""
     refresh_option: str | None = None  # the option that sets how often the preconditioner is refreshed (--refresh)
+    # The entry this one varies by a speed or memory option (soap-state-bf16 -> soap): it runs at that entry's tuned
+    # setting on each task, so compare measures the option at the same lr, not the option plus another lr.
+    variant_of: str | None = None
 
 
 def _resolve(options: dict, width: int, steps: int) -> dict:
@@ -268,17 +271,17 @@ REGISTRY: dict[str, OptimizerSpec] = {
     "splus-bf16": OptimizerSpec(
         "splus-bf16", _splus, default_lr=0.1, lr_grid=lr_grid(-4, 1),
         options=dict(ema_rate="1-10/steps", rotation_dtype="bf16"), averages=True,
-        source="whiten.SPlus as splus, rotations in bfloat16"),
+        source="whiten.SPlus as splus, rotations in bfloat16", variant_of="splus"),
     "soap-bf16": OptimizerSpec(
         "soap-bf16", _whiten("SOAP"), default_lr=4.64e-3, lr_grid=lr_grid(-10, -5),
         options=dict(betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10, rotation_dtype="bf16"),
-        source="whiten.SOAP as soap, rotations in bfloat16"),
+        source="whiten.SOAP as soap, rotations in bfloat16", variant_of="soap"),
     # Issue 23's state options, the same settings as splus / soap otherwise, to measure what each reduction of the
     # state costs in loss (docs/memory.md): bfloat16 momenta and bases (-state-bf16), 8- or 4-bit bases (-basis8,
     # -basis4).
     **{f"{base}{suffix}": OptimizerSpec(
         f"{base}{suffix}", builder, default_lr=lr, lr_grid=grid, options={**options, **extra},
-        averages=base == "splus", source=f"whiten.{cls} as {base}, {what}")
+        averages=base == "splus", source=f"whiten.{cls} as {base}, {what}", variant_of=base)
        for base, cls, builder, lr, grid, options in (
            ("splus", "SPlus", _splus, 0.1, lr_grid(-4, 1), dict(ema_rate="1-10/steps")),
            ("soap", "SOAP", _whiten("SOAP"), 4.64e-3, lr_grid(-10, -5),
@@ -386,7 +389,7 @@ REGISTRY.update({
 REGISTRY.update({
     f"{base}-state-bf16": dataclasses.replace(
         REGISTRY[base], name=f"{base}-state-bf16", options={**REGISTRY[base].options, "state_dtype": "bf16"},
-        source=f"{REGISTRY[base].source}, state_dtype bfloat16")
+        source=f"{REGISTRY[base].source}, state_dtype bfloat16", variant_of=base)
     for base in ("shampoo", "psgd-kron", "kfac", "ekfac")})
 
 
@@ -467,6 +470,9 @@ def task_default(name: str, task: str) -> tuple[float, dict, str | None]:
     """(lr, options, note) for ``compare`` on ``task``: the setting tuned on that task where the project has one;
     else the registry default, with a note saying it was not tuned on ``task`` (None when it was)."""
     spec = get_spec(name)
+    if spec.variant_of is not None and name not in TASK_DEFAULTS.get(task, {}):
+        lr, options, note = task_default(spec.variant_of, task)
+        return lr, options, note and f"{name}: runs at {spec.variant_of}'s setting; {note}"
     tuned = TASK_DEFAULTS.get(task, {}).get(name)
     if tuned is not None:
         return tuned["lr"], dict(tuned.get("options", {})), None
