@@ -52,6 +52,29 @@ def test_coordinate_descent_finds_the_best_point_and_ignores_gains_below_the_noi
     assert res.final == {"0": pytest.approx(1.95), "1": pytest.approx(1.96)}
 
 
+def test_a_gain_within_the_noise_is_decided_on_every_noise_seed():
+    # Seeds 0 and 1 differ by 0.02 at the start: noise 0.0141. Weight decay 0.2 gains 0.01 on seed 0 (within the
+    # noise) and 0.03 on seed 1: a mean gain of 0.02 > 0.0141 · √(2/2), kept. β2 0.99 gains 0.01 on seed 0 and
+    # loses 0.01 on seed 1: kept out. Without the confirmation neither moves.
+    def evaluate(point, seed):
+        loss = 2.0 + (math.log10(point["lr"]) + 3) ** 2 + 0.02 * seed
+        loss -= (0.01, 0.03)[seed] * (point["weight_decay"] == 0.2)
+        loss -= (0.01, -0.01)[seed] * (point["beta2"] == 0.99)
+        return {"diverged": False, "final_val_loss": loss}
+
+    quiet = dict(seeds=(0, 1), log=lambda *a: None)
+    res = coordinate_descent("adamw", evaluate, 100, PARAMS, **quiet)
+    assert res.point == {"lr": 1e-3, "weight_decay": 0.2, "beta2": 0.95} and res.confirm
+    wd, beta2 = res.path[1], res.path[2]
+    assert wd["accepted"] and wd["confirmed"]["mean_gain"] == pytest.approx(0.02)
+    assert wd["confirmed"]["threshold"] == pytest.approx(statistics.stdev([0.0, 0.02]))
+    assert not beta2["accepted"] and beta2["confirmed"]["mean_gain"] == pytest.approx(0.0, abs=1e-12)
+    assert "confirmed" not in res.path[0]  # the lr's sweep changed nothing: no confirmation run
+    plain = coordinate_descent("adamw", evaluate, 100, PARAMS, confirm=False, **quiet)
+    assert plain.point == {"lr": 1e-3, "weight_decay": 0.1, "beta2": 0.95} and not plain.confirm
+    assert all("confirmed" not in p for p in plain.path)
+
+
 def test_noise_has_a_floor_and_a_full_grid_sweeps_every_value():
     res = coordinate_descent("adamw", lambda p, s: _surface(p, 0), 100, PARAMS, seeds=(0, 1), noise_floor=0.02,
                              radius=None, log=lambda *a: None)
@@ -197,6 +220,13 @@ def test_tune_cli_on_tiny_budgets_report_and_resume(tmp_path, monkeypatch, capsy
     capsys.readouterr()
     assert cli.main(argv) == 0
     assert json.loads((out / "tune" / "lm-tiny-splus-6.json").read_text()) == t
+    assert t["confirm"] and "mean over the noise seeds" in report
+    # --no-confirm: the one-seed rule, recorded as such
+    monkeypatch.undo()
+    assert cli.main(argv[:-3] + ["--out", str(tmp_path / "plain"), "--no-plots", "--no-confirm"]) == 0
+    plain = json.loads((tmp_path / "plain" / "tune" / "lm-tiny-splus-6.json").read_text())
+    assert plain["confirm"] is False and all("confirmed" not in p for p in plain["path"])
+    assert "mean over the noise seeds" not in (tmp_path / "plain" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("extra, words", [

@@ -219,9 +219,11 @@ def sweep(task: UserTask, optimizers=("adamw", "splus"), steps: int = 1000, seed
 
 def tune(task: UserTask, optimizers=("adamw", "splus"), steps: int = 1000, budgets=(1,), space: dict | None = None,
          seeds=(0, 1), noise_seeds=None, noise_floor: float | None = None, max_rounds: int = 3,
-         full_grid: bool = False, out="results/tune", plots: bool = False, log=print, **fields) -> Path:
+         full_grid: bool = False, confirm: bool = True, out="results/tune", plots: bool = False, log=print,
+         **fields) -> Path:
     """Coordinate descent over every hyperparameter of each optimizer (whiten.bench.tune), at each budget (multiples
-    of ``steps``); ``space``: {optimizer: {hyperparameter: grid}} over the registry's. Returns the report's path."""
+    of ``steps``); ``space``: {optimizer: {hyperparameter: grid}} over the registry's; ``confirm``: borderline gains
+    decided on every noise seed (see whiten.bench.tune). Returns the report's path."""
     from .report import write_report
     from .sweep import sweep_lock
     from .tune import NOISE_FLOOR, tune_runs
@@ -231,7 +233,7 @@ def tune(task: UserTask, optimizers=("adamw", "splus"), steps: int = 1000, budge
     with sweep_lock(out, True):
         tune_runs(task, names, steps, list(budgets), out, spaces=space, seeds=seeds, noise_seeds=noise_seeds,
                   noise_floor=NOISE_FLOOR if noise_floor is None else noise_floor, max_rounds=max_rounds,
-                  radius=None if full_grid else 1, run_fields=fields, log=log)
+                  radius=None if full_grid else 1, run_fields=fields, confirm=confirm, log=log)
     return write_report(out, plots=plots)
 
 

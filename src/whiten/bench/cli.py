@@ -248,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the smallest noise assumed, in nats (default: 0.002)")
     t.add_argument("--max-rounds", type=_positive_int, default=3, help="rounds over all hyperparameters at most "
                                                                          "(default: 3)")
+    t.add_argument("--no-confirm", action="store_true",
+                   help="keep a change only when it beats the current value on the first seed by more than the "
+                        "noise (default: a smaller gain on the first seed is run on every noise seed and kept when "
+                        "the mean gain exceeds noise x sqrt(2/n))")
     t.add_argument("--full-grid", action="store_true",
                    help="sweep each hyperparameter's whole grid (default: the current value's neighbours, walking "
                         "on while the best is at an edge)")

@@ -618,8 +618,11 @@ def tune_sections(root: Path, plots_dir: Path | None, clock: str = "wall") -> li
                       "Coordinate descent from the registry's setting (`whiten-bench tune`): one hyperparameter at a "
                       "time over its grid, the others at their current best, a change kept only when it lowers the "
                       "final validation loss of the first seed by more than the noise (the std over the noise seeds "
-                      "at the start point, at least the floor), until a round changes nothing. The tuned point then "
-                      "ran every seed.", ""]
+                      "at the start point, at least the floor)"
+                      + (", or, where the first seed's gain was positive but within the noise, when the mean over "
+                         "the noise seeds gains more than noise·√(2/n) (n seeds)"
+                         if any(t.get("confirm") for t in by_opt.values()) else "")
+                      + ", until a round changes nothing. The tuned point then ran every seed.", ""]
             base = by_opt.get(BASELINE)
             base_runs = _tuned_runs(base, root) if base else []
             target = statistics.fmean(r["final_val_loss"] for r in base_runs) if base_runs else math.nan
@@ -694,8 +697,12 @@ def _path_lines(name: str, t: dict) -> list[str]:
         for v, loss in p["tried"]:
             mark = " ✓" if p["accepted"] and v == p["best"] else ""
             cells.append(f"{_short(v)}: {'∞' if not math.isfinite(loss) else f'{loss:.4f}'}{mark}")
+        confirmed = p.get("confirmed")
         lines.append(f"- round {p['round']}, {p['key']}: " + ", ".join(cells)
-                     + ("" if p["accepted"] else f" (kept {_short(p['from'])})"))
+                     + ("" if p["accepted"] else f" (kept {_short(p['from'])})")
+                     + ("" if not confirmed else f"; {_short(p['best'])} against {_short(p['from'])} on seeds "
+                        f"{confirmed['seeds']}: mean gain {confirmed['mean_gain']:.4f}, needed "
+                        f"{confirmed['threshold']:.4f}"))
         last[p["key"]] = p
     lines += ["", "Sensitivity (last sweep of each: worst minus best final loss over the values tried):", "",
               "| hyperparameter | values tried | best | loss range | diverged |", "|---|---|---|---|---|"]

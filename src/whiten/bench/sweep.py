@@ -336,7 +336,8 @@ def run_tune(args, progress_interval: float | None = None) -> int:
                 tune_runs(task.with_width(width), args.optimizers, args.steps, args.budgets, args.out,
                           spaces=args.space, seeds=args.seeds, noise_seeds=args.noise_seeds,
                           noise_floor=args.noise_floor, max_rounds=args.max_rounds,
-                          radius=None if args.full_grid else 1, run_fields=fields, runner=runner)
+                          radius=None if args.full_grid else 1, run_fields=fields, runner=runner,
+                          confirm=not args.no_confirm)
     path = write_report(args.out, plots=not args.no_plots)
     print(f"\nreport: {path}" + ("" if args.no_plots else f"\nplots:  {args.out / 'plots'}"))
     return 0

@@ -5,8 +5,12 @@ them until a whole round changes nothing.
 
 The noise: the standard deviation of the final validation loss over the noise seeds (two by default) at the
 starting point, never below a stated floor (``noise_floor``). The sweeps themselves run the first seed only: every
-point of a sweep sees the same data in the same order, so their differences are paired. The tuned point then runs
-every seed of ``seeds``, and the report gives its mean and spread.
+point of a sweep sees the same data in the same order, so their differences are paired. A best value that beats
+the current one on the first seed, but by no more than the noise, is confirmed (``confirm``, the default): it and
+the current value run every noise seed, and it is kept when its mean loss is lower by more than the standard error
+of a difference of two such means, noise·√(2/n) for n seeds. One seed decides the clear cases; the borderline ones
+are decided on all of them, instead of being dropped because two seeds at a poor start point disagreed. The tuned
+point then runs every seed of ``seeds``, and the report gives its mean and spread.
 
 A point is an ordinary run (:class:`RunConfig`): the lr is its ``lr``, the warm-up its ``warmup``, the rest its
 ``options``, of which only those that differ from the registry's setting are written, so the starting point is the
@@ -141,12 +145,14 @@ class TuneResult:
     rounds: int = 0
     converged: bool = False
     began: dict = field(default_factory=dict)  # where the descent began (the registry's, or an earlier budget's)
+    confirm: bool = True  # whether borderline gains were decided on every noise seed (see coordinate_descent)
 
     def to_json(self) -> dict:
         return {"optimizer": self.optimizer, "steps": self.steps, "start": self.start, "began": self.began,
                 "point": self.point,
                 "noise": self.noise, "noise_seeds": self.noise_seeds, "final": self.final, "path": self.path,
-                "rounds": self.rounds, "converged": self.converged, "noise_floor": NOISE_FLOOR}
+                "rounds": self.rounds, "converged": self.converged, "noise_floor": NOISE_FLOOR,
+                "confirm": self.confirm}
 
 
 def _loss(summary: dict) -> float:
@@ -155,13 +161,14 @@ def _loss(summary: dict) -> float:
 
 def coordinate_descent(name: str, evaluate, steps: int, params: list[Param], seeds=(0, 1), noise_seeds=None,
                        noise_floor: float = NOISE_FLOOR, max_rounds: int = 3, radius: int | None = 1,
-                       start: dict | None = None, log=print) -> TuneResult:
+                       start: dict | None = None, confirm: bool = True, log=print) -> TuneResult:
     """Tune optimizer ``name`` over ``params``. ``evaluate(point, seed) -> summary`` runs (or finds) one run.
 
     A sweep of a numeric hyperparameter tries the grid values within ``radius`` places of the current one and walks
     on while the best is at the edge of what was tried (None: the whole grid); other grids are tried whole. A value
-    replaces the current one only when its loss is lower by more than the noise. Rounds repeat until one changes
-    nothing (converged) or ``max_rounds`` have run."""
+    replaces the current one only when its loss is lower by more than the noise, or (``confirm``) when a smaller
+    gain holds on the mean over the noise seeds by more than noise·√(2/n) (see the module's docstring). Rounds
+    repeat until one changes nothing (converged) or ``max_rounds`` have run."""
     seeds = list(seeds)
     noise_seeds = list(noise_seeds) if noise_seeds is not None else seeds[:2]
     first = seeds[0]
@@ -183,7 +190,12 @@ def coordinate_descent(name: str, evaluate, steps: int, params: list[Param], see
     log(f"{name}: start {describe_point(point, registry_start)}: loss {at_start[first]:.4f}; noise {noise:.4f} "
         f"(std over seeds {noise_seeds} {spread:.4f}, floor {noise_floor})")
     result = TuneResult(name, steps, registry_start, point, noise, {str(s): at_start[s] for s in noise_seeds}, {},
-                        began=begin)
+                        began=begin, confirm=confirm)
+    confirm_seeds = list(dict.fromkeys([first, *noise_seeds]))
+
+    def mean_loss(pt: dict) -> float:
+        losses = [loss(pt, s) for s in confirm_seeds]
+        return statistics.fmean(losses) if all(map(math.isfinite, losses)) else math.inf
     for rnd in range(1, max_rounds + 1):
         changed = False
         for p in params:
@@ -192,10 +204,18 @@ def coordinate_descent(name: str, evaluate, steps: int, params: list[Param], see
             best = min(tried, key=lambda v: (tried[v], v != current))
             gain = tried[current] - tried[best]
             accept = best != current and gain > noise
-            result.path.append({"round": rnd, "key": p.key, "tried": [[v, tried[v]] for v in tried],
-                                "from": current, "best": best, "gain": gain, "accepted": accept})
+            record = {"round": rnd, "key": p.key, "tried": [[v, tried[v]] for v in tried],
+                      "from": current, "best": best, "gain": gain, "accepted": accept}
+            note = ""
+            if confirm and best != current and 0 < gain <= noise and len(confirm_seeds) > 1:
+                mean_gain = mean_loss({**point, p.key: current}) - mean_loss({**point, p.key: best})
+                threshold = noise * math.sqrt(2 / len(confirm_seeds))
+                accept = record["accepted"] = mean_gain > threshold  # inf - inf is nan: not kept
+                record["confirmed"] = {"seeds": confirm_seeds, "mean_gain": mean_gain, "threshold": threshold}
+                note = (f" (on seeds {confirm_seeds}: mean gain {mean_gain:.4f} against {threshold:.4f})")
+            result.path.append(record)
             log(f"  round {rnd} {p.key}: " + ", ".join(f"{v}: {tried[v]:.4f}" for v in tried)
-                + (f" -> {best} (-{gain:.4f})" if accept else f" -> keep {current}"))
+                + (f" -> {best} (-{gain:.4f})" if accept else f" -> keep {current}") + note)
             if accept:
                 point[p.key] = best
                 changed = True
@@ -269,7 +289,8 @@ def budget_info(task) -> dict:
 
 def tune_runs(task, names: list[str], base_steps: int, budgets: list[float], root: Path, *, spaces: dict | None = None,
               seeds=(0, 1), noise_seeds=None, noise_floor: float = NOISE_FLOOR, max_rounds: int = 3,
-              radius: int | None = 1, run_fields: dict | None = None, runner=None, log=print) -> list[TuneResult]:
+              radius: int | None = 1, run_fields: dict | None = None, runner=None, confirm: bool = True,
+              log=print) -> list[TuneResult]:
     """Tune every optimizer of ``names`` at every budget (``base_steps`` × each of ``budgets``, in that order); the
     first budget starts from the registry's setting, each later one from the point tuned at the budget before (the
     best point moves little with the budget, and the descent still tries every neighbour). ``spaces``:
@@ -300,7 +321,7 @@ def tune_runs(task, names: list[str], base_steps: int, budgets: list[float], roo
                 + ", ".join(f"{p.key} {list(p.grid)}" for p in params))
             res = coordinate_descent(name, evaluate, steps, params, seeds=seeds, noise_seeds=noise_seeds,
                                      noise_floor=noise_floor, max_rounds=max_rounds, radius=radius, start=start,
-                                     log=log)
+                                     confirm=confirm, log=log)
             record = res.to_json()
             record.update(task=task.name, label=task.label, budget=multiple, base_steps=base_steps, **info,
                           runs={str(s): str(_dir(root, run_config(name, res.point, steps, s, **fields)))
