@@ -75,6 +75,21 @@ def test_a_gain_within_the_noise_is_decided_on_every_noise_seed():
     assert all("confirmed" not in p for p in plain.path)
 
 
+def test_a_confirmation_that_diverges_on_another_seed_is_not_kept():
+    # Weight decay 0.2 wins on seed 0 by less than the noise and diverges on seed 1: its mean is infinite, it stays
+    # out (no inf - inf arithmetic decides it).
+    def evaluate(point, seed):
+        if seed == 1 and point["weight_decay"] == 0.2:
+            return {"diverged": True, "final_val_loss": math.inf}
+        loss = 2.0 + (math.log10(point["lr"]) + 3) ** 2 + 0.02 * seed - 0.01 * (point["weight_decay"] == 0.2)
+        return {"diverged": False, "final_val_loss": loss}
+
+    res = coordinate_descent("adamw", evaluate, 100, PARAMS[:2], seeds=(0, 1), log=lambda *a: None)
+    wd = res.path[1]
+    assert wd["best"] == 0.2 and not wd["accepted"] and wd["confirmed"]["mean_gain"] == -math.inf
+    assert res.point["weight_decay"] == 0.1
+
+
 def test_noise_has_a_floor_and_a_full_grid_sweeps_every_value():
     res = coordinate_descent("adamw", lambda p, s: _surface(p, 0), 100, PARAMS, seeds=(0, 1), noise_floor=0.02,
                              radius=None, log=lambda *a: None)
