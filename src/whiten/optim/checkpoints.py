@@ -193,11 +193,20 @@ class Checkpoints:
         if error:
             raise ValueError(error)
 
+    def initial_state(self, p: torch.Tensor, group: dict) -> dict | None:
+        """The state this optimizer's initialiser creates for ``p`` in ``group``, ``p`` a meta tensor (no memory):
+        what :meth:`expected_state` and :meth:`stored_dtypes` read by default. None: an optimizer that gives those
+        itself."""
+        return None
+
+    def _initial_on_meta(self, p: torch.Tensor, group: dict) -> dict | None:
+        return self.initial_state(torch.empty(p.shape, dtype=p.dtype, device="meta"), group)
+
     def expected_state(self, p: torch.Tensor, group: dict) -> dict | None:
         """``{key: shape (None for a non-tensor)}`` of the state this optimizer creates for ``p`` in ``group``,
-        which a checkpoint's non-empty entry must have; None: not checked. Optimizers build it by running their
-        state initialiser on a meta tensor (no memory)."""
-        return None
+        which a checkpoint's non-empty entry must have; None: not checked. By default from :meth:`initial_state`."""
+        state = self._initial_on_meta(p, group)
+        return None if state is None else self._shapes_of(state)
 
     # {option: value} a checkpoint from before the option resumes with instead of the default: the behaviour its state
     # was built by (SPlus's, SOAP's and TNT's max_factor_ratio: None, every side below the size limit has a factor)
@@ -206,8 +215,9 @@ class Checkpoints:
     def stored_dtypes(self, p: torch.Tensor, group: dict) -> dict:
         """``{key: dtype}`` of the state tensors ``p`` keeps in another dtype than :func:`state_dtype` (the
         ``state_dtype`` option's bfloat16 momenta and bases): what :meth:`load_state_dict` restores them in and what
-        ``memory_report`` counts before the first step. Empty by default."""
-        return {}
+        ``memory_report`` counts before the first step. By default from :meth:`initial_state` (empty without it)."""
+        state = self._initial_on_meta(p, group)
+        return {} if state is None else self._dtypes_of(state, p)
 
     @staticmethod
     def _dtypes_of(state: dict, p: torch.Tensor) -> dict:

@@ -156,9 +156,8 @@ class Conda(WhitenOptimizer):
     def stack_invariant(self, p: torch.Tensor, group: dict) -> bool:
         return True  # every parameter is stepped on its own tensors: no stacks whose layout could change the bits
 
-    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
-        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-        return self._shapes_of(self._init_state(meta, group))
+    def initial_state(self, p: torch.Tensor, group: dict) -> dict:
+        return self._init_state(p, group)
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         dtype = stored_dtype(p, group)  # state_dtype: m and the basis in bfloat16
@@ -171,10 +170,6 @@ class Conda(WhitenOptimizer):
             k = matrix[1] if side == "right" else matrix[0]
             state[f"basis_{side}"] = torch.eye(k, dtype=dtype, device=p.device)
         return state
-
-    def stored_dtypes(self, p: torch.Tensor, group: dict) -> dict:
-        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-        return self._dtypes_of(self._init_state(meta, group), p)
 
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]

@@ -312,13 +312,8 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
             gen.set_state(gen_state.detach().to("cpu", torch.uint8).clone())
 
     # ----- step -----------------------------------------------------------------------------------------------
-    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
-        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-        return self._shapes_of(self._init_state(meta, _layout(meta, group), group))
-
-    def stored_dtypes(self, p: torch.Tensor, group: dict) -> dict:
-        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-        return self._dtypes_of(self._init_state(meta, _layout(meta, group), group), p)
+    def initial_state(self, p: torch.Tensor, group: dict) -> dict:
+        return self._init_state(p, _layout(p, group), group)
 
     def _init_state(self, p: torch.Tensor, layout: _Layout, group: dict) -> dict:
         dtype = stored_dtype(p, group)  # state_dtype: the momentum and the factors Q in bfloat16

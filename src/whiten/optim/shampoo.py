@@ -325,21 +325,13 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                 return False
         return True
 
-    def expected_state(self, p: torch.Tensor, group: dict) -> dict | None:
+    def initial_state(self, p: torch.Tensor, group: dict) -> dict | None:
         if p.numel() == 0:
             return None
-        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
         state: dict = {}
         _, blocks = block_layout(tuple(p.shape), group["max_preconditioner_dim"], group["max_factor_ratio"])
-        self._init_state(meta, state, blocks, group, group["start_preconditioning_step"] != math.inf)
-        return self._shapes_of(state)
-
-    def stored_dtypes(self, p: torch.Tensor, group: dict) -> dict:
-        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-        state: dict = {}
-        _, blocks = block_layout(tuple(p.shape), group["max_preconditioner_dim"], group["max_factor_ratio"])
-        self._init_state(meta, state, blocks, group, group["start_preconditioning_step"] != math.inf)
-        return self._dtypes_of(state, p)
+        self._init_state(p, state, blocks, group, group["start_preconditioning_step"] != math.inf)
+        return state
 
     def _init_state(self, p: torch.Tensor, state: dict, blocks, group: dict, precondition: bool) -> None:
         """Create missing entries (all on the first step; later ones if a group option was changed)."""

@@ -194,13 +194,8 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         state_dtype_option(group.get("state_dtype"))
         check_basis_bits(group.get("basis_bits"))
 
-    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
-        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-        return self._shapes_of(self._init_state(meta, _layout(meta, group), group))
-
-    def stored_dtypes(self, p: torch.Tensor, group: dict) -> dict:
-        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-        return self._dtypes_of(self._init_state(meta, _layout(meta, group), group), p)
+    def initial_state(self, p: torch.Tensor, group: dict) -> dict:
+        return self._init_state(p, _layout(p, group), group)
 
     def _init_state(self, p: torch.Tensor, layout: _Layout, group: dict) -> dict:
         stored = stored_dtype(p, group)  # the state_dtype option: m, v and the bases

@@ -10,7 +10,7 @@ from ..fisher import FisherMixin
 
 from ._base import WhitenOptimizer
 from .checks import check_betas, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
-from .update import decays, grads_in, state_dtype, step_to
+from .update import decays, grads_in, state_dtype, step_all
 
 __all__ = ["Sophia"]
 
@@ -146,11 +146,4 @@ class Sophia(FisherMixin, AveragingMixin, WhitenOptimizer):
         torch._foreach_clamp_max_(steps, 1.0)
         torch._foreach_mul_(steps, torch._foreach_sign(ms))
         keeps = [1.0 - lr * group["weight_decay"] * decays(p, group) for p in params]
-        same = [i for i, p in enumerate(params) if p.dtype == ms[i].dtype]  # one launch per op, not per parameter
-        if same:
-            ps = [params[i] for i in same]
-            torch._foreach_mul_(ps, [keeps[i] for i in same])
-            torch._foreach_add_(ps, [steps[i] for i in same], alpha=-lr)
-        for i, p in enumerate(params):  # a low-precision parameter: in the state's dtype, rounded once
-            if p.dtype != ms[i].dtype:
-                step_to(p, ms[i].dtype, steps[i], -lr, keep=keeps[i])
+        step_all(params, [m.dtype for m in ms], steps, keeps, alpha=-lr)

@@ -236,13 +236,8 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         return float(n + sum(n * d + d**3 / max(self.inverse_freq, 1) for d, f in zip(lay.modes, lay.factored) if f))
 
     # ----- state --------------------------------------------------------------------------------------------
-    def expected_state(self, p: torch.Tensor, group: dict) -> dict:
-        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-        return self._shapes_of(self._init_state(meta, _layout(meta, group), group))
-
-    def stored_dtypes(self, p: torch.Tensor, group: dict) -> dict:
-        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-        return self._dtypes_of(self._init_state(meta, _layout(meta, group), group), p)
+    def initial_state(self, p: torch.Tensor, group: dict) -> dict:
+        return self._init_state(p, _layout(p, group), group)
 
     @staticmethod
     def _init_state(p: torch.Tensor, layout: _Layout, group: dict) -> dict:

@@ -71,14 +71,15 @@ def step_to(p: torch.Tensor, dtype: torch.dtype, direction: torch.Tensor, alpha:
 
 
 def step_all(params: list[torch.Tensor], dtypes: list[torch.dtype], updates: list[torch.Tensor],
-             keeps: list[float]) -> None:
-    """``θ ← keep·θ + update`` for many parameters: fused (``_foreach``) for those that have their state's dtype,
-    one at a time, in the state's dtype and rounded once, for low-precision ones. ``updates`` are already scaled."""
+             keeps: list[float], alpha: float = 1.0) -> None:
+    """``θ ← keep·θ + alpha·update`` for many parameters: fused (``_foreach``) for those that have their state's
+    dtype, one at a time, in the state's dtype and rounded once, for low-precision ones. :func:`step_to`'s
+    arithmetic (decay first), one launch per op instead of per parameter."""
     same = [i for i, p in enumerate(params) if p.dtype == dtypes[i]]
     if same:
         ps = [params[i] for i in same]
         torch._foreach_mul_(ps, [keeps[i] for i in same])
-        torch._foreach_add_(ps, [updates[i] for i in same])
+        torch._foreach_add_(ps, [updates[i] for i in same], alpha=alpha)
     for i, p in enumerate(params):
         if p.dtype != dtypes[i]:
-            p.copy_(p.to(dtypes[i]).mul_(keeps[i]).add_(updates[i]))
+            p.copy_(p.to(dtypes[i]).mul_(keeps[i]).add_(updates[i], alpha=alpha))
