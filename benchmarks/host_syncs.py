@@ -6,14 +6,17 @@ pays in queue stalls and kernel launches (issue 22). Counted on the CPU, where t
 
 A host sync is a read of a tensor's value in Python: ``item``, ``tolist``, ``bool``, ``float``, ``int`` (counted by
 wrapping those methods of ``torch.Tensor`` while the step runs), plus any ``aten._local_scalar_dense`` they did not
-cover; ops are the aten ops dispatched inside ``step()``. The step measured is the one after a refresh period (``inverse_every`` and its
-kin set to 1000, so the measured step refreshes nothing).
+cover; ops are the aten ops dispatched inside ``step()``. Of those, kernels are the ops that launch work on a GPU (not
+views, reshapes of metadata or allocations), and matmuls the kernels of matrix products and factorizations. The step
+measured is the one after a refresh period (``inverse_every`` and its kin set to 1000, so the measured step refreshes
+nothing).
 """
 
 from __future__ import annotations
 
 import argparse
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -32,6 +35,28 @@ NAMES = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "Muon", "SpecGD", "Scion", "Con
 
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+# ops that launch no kernel beyond views: allocations and metadata changes
+NO_KERNEL = {"_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "set_",
+             "resize_", "_local_scalar_dense"}
+MATMULS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "mv", "addmv", "addmv_", "dot", "matmul", "vdot",
+           "_linalg_eigh", "_linalg_svd", "linalg_cholesky_ex", "linalg_solve_triangular", "cholesky_solve",
+           "_linalg_solve_ex", "linalg_qr", "_linalg_det"}
+
+
+def is_kernel(func) -> bool:
+    """Whether an aten op launches a kernel on a GPU: not a view, an in-place view or an allocation."""
+    return not (func.is_view or torch.Tag.inplace_view in func.tags or func.overloadpacket.__name__ in NO_KERNEL)
+
+
+def is_matmul(func) -> bool:
+    return func.overloadpacket.__name__ in MATMULS
+
+
+class Counts(NamedTuple):
+    syncs: int  # Python reads of tensor values
+    ops: int  # aten ops dispatched
+    kernels: int  # of those, the ones that launch a kernel
+    matmuls: int  # of those, matrix products and factorizations
 
 
 class Count(TorchDispatchMode):
@@ -40,6 +65,8 @@ class Count(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops = Counter()
+        self.kernels = Counter()
+        self.matmuls = Counter()
         self.reads = 0
         self._saved = {}
 
@@ -61,6 +88,10 @@ class Count(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func)] += 1
+        if str(func) not in SYNC_OPS and is_kernel(func):
+            self.kernels[str(func)] += 1
+            if is_matmul(func):
+                self.matmuls[str(func)] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -69,8 +100,8 @@ def model(blocks: int) -> nn.Module:
     return nn.Sequential(*[m for _ in range(blocks) for m in (nn.Linear(32, 32), nn.LayerNorm(32))])
 
 
-def counts(name: str, blocks: int, accelerator: bool = False) -> tuple[int, int]:
-    """(host syncs, ops) of one ordinary step. ``accelerator``: the finiteness check takes the path it takes on a
+def counts(name: str, blocks: int, accelerator: bool = False) -> Counts:
+    """Host syncs, ops, kernels and matmuls of one ordinary step. ``accelerator``: the finiteness check takes the path it takes on a
     GPU (``_foreach_norm``, one op per dtype) instead of the CPU's per-tensor sums, so the ops are the launches a GPU
     would see."""
     if accelerator:
@@ -98,7 +129,8 @@ def counts(name: str, blocks: int, accelerator: bool = False) -> tuple[int, int]
     with Count() as c:
         opt.step()
     # a read through item/bool/float/int also dispatches _local_scalar_dense: count each read once
-    return c.reads, sum(n for op, n in c.ops.items() if op not in SYNC_OPS)
+    return Counts(c.reads, sum(n for op, n in c.ops.items() if op not in SYNC_OPS), sum(c.kernels.values()),
+                  sum(c.matmuls.values()))
 
 
 def main():
@@ -109,13 +141,21 @@ def main():
                     help="the finiteness check's GPU path (_foreach_norm) instead of the CPU's per-tensor sums")
     args = ap.parse_args()
     blocks = [int(b) for b in args.blocks.split(",")]
-    print("| optimizer | " + " | ".join(f"syncs, {b} blocks | ops, {b} blocks" for b in blocks)
-          + (f" | ops {blocks[-1]} / {blocks[0]} |" if len(blocks) > 1 else " |"))
-    print("|---|" + "---|---|" * len(blocks) + ("---|" if len(blocks) > 1 else ""))
+    print("| optimizer | " + " | ".join(f"syncs, {b} blocks | ops | kernels | of which matmuls" for b in blocks)
+          + (f" | ops {blocks[-1]} / {blocks[0]} | other kernels {blocks[-1]} / {blocks[0]} |"
+             if len(blocks) > 1 else " |"))
+    print("|---|" + "---|---|---|---|" * len(blocks) + ("---|---|" if len(blocks) > 1 else ""))
     for name in args.optimizers.split(","):
         row = [counts(name, b, args.accelerator) for b in blocks]
-        ratio = f" {row[-1][1] / row[0][1]:.2f} |" if len(blocks) > 1 else ""
-        print(f"| {name} | " + " | ".join(f"{s} | {o}" for s, o in row) + " |" + ratio)
+        ratio = (f" {row[-1].ops / row[0].ops:.2f} | {other(row[-1]) / other(row[0]):.2f} |"
+                 if len(blocks) > 1 else "")
+        print(f"| {name} | " + " | ".join(f"{c.syncs} | {c.ops} | {c.kernels} | {c.matmuls}" for c in row) + " |"
+              + ratio)
+
+
+def other(c: Counts) -> int:
+    """Kernels other than matmuls: elementwise work and reductions, which ``_foreach`` and stacks can keep flat."""
+    return c.kernels - c.matmuls
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Host syncs and dispatched ops of an ordinary step (benchmarks/host_syncs.py's counter), held to what they are
-today so that none grows unnoticed. Issue 22's goal is 0 syncs and ops that do not grow with the number of
-same-shape layers; these ceilings come down as that work lands (docs/performance.md has the table)."""
+"""Host syncs and kernel launches of an ordinary step (benchmarks/host_syncs.py's counter), held to what they are
+today so that none grows unnoticed. Issue 22's goal is 0 syncs and kernels that do not grow with the number of
+same-shape layers; these ceilings come down as that work lands (docs/performance.md has the table). Counted with the
+finiteness check on its accelerator path (``_foreach_norm``), whose launches are those a GPU sees."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from host_syncs import NAMES, counts  # noqa: E402
+from host_syncs import NAMES, counts, other  # noqa: E402
 
-# optimizer -> (host syncs per ordinary step, ops at 16 blocks / ops at 4 blocks), measured 2026-12-07 (torch 2.13)
+# Kernels other than matmuls (elementwise work, reductions) at 16 blocks may be at most this multiple of those at 4
+# blocks: flat up to the few per-group ops that do not depend on the number of layers.
+FLAT = 1.2
+# optimizer -> (host syncs per ordinary step, other kernels at 16 blocks / at 4), where not yet flat; measured
+# 2026-12-07 (torch 2.13)
 CEILINGS = {
-    "SPlus": (1, 2.79), "SOAP": (1, 3.18), "Shampoo": (1, 2.81), "PSGDKron": (2, 1.81), "Muon": (2, 2.57),
-    "SpecGD": (2, 2.44), "Scion": (2, 3.56), "Conda": (1, 4.05), "Prodigy": (2, 3.92), "ScheduleFreeAdamW": (1, 2.43),
-    "TNT": (1, 3.90), "Sophia": (1, 1.89), "KFAC": (2, 3.78), "EKFAC": (2, 3.81), "MFAC": (2, 3.78),
+    "SPlus": (1, FLAT), "SOAP": (1, 2.52), "Shampoo": (1, 1.92), "PSGDKron": (2, FLAT), "Muon": (2, 1.60),
+    "SpecGD": (2, 1.39), "Scion": (2, 3.67), "Conda": (1, 3.80), "Prodigy": (2, 3.84), "ScheduleFreeAdamW": (1, FLAT),
+    "TNT": (1, 3.63), "Sophia": (1, FLAT), "KFAC": (2, 3.62), "EKFAC": (2, 3.65), "MFAC": (2, 3.71),
 }
 
 
@@ -25,9 +30,8 @@ def test_every_counted_optimizer_has_a_ceiling():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_ordinary_step_syncs_and_ops_do_not_grow(name):
-    syncs, ops4 = counts(name, 4)
-    syncs16, ops16 = counts(name, 16)
+def test_ordinary_step_syncs_and_kernels_do_not_grow(name):
+    four, sixteen = counts(name, 4, accelerator=True), counts(name, 16, accelerator=True)
     most_syncs, most_ratio = CEILINGS[name]
-    assert syncs <= most_syncs and syncs16 <= most_syncs, (syncs, syncs16)
-    assert ops16 / ops4 <= most_ratio + 0.01, (ops4, ops16)
+    assert four.syncs <= most_syncs and sixteen.syncs <= most_syncs, (four, sixteen)
+    assert other(sixteen) / other(four) <= most_ratio + 0.01, (four, sixteen)
