@@ -543,3 +543,20 @@ def test_ill_conditioned_regression_converges():
             loss.backward()
             opt.step()
     assert loss.item() < 1e-3 * first, (loss.item(), first)
+
+
+def test_update_due_of_a_number_rounds_as_the_tensor_comparison():
+    """A Python probability is compared in Python (no tensor read at every step), rounded to float32 as torch's
+    int32-against-float comparison rounds, so the same steps are due."""
+    import random
+
+    from whiten.kron_kernels import update_due
+
+    rng = random.Random(0)
+    probs = [1.0, 0.5, 0.1, 0.03, 1 / 3, 1e-6, 1e-45, 1e-39, 2.0, 7] + [rng.uniform(1e-4, 1.0) for _ in range(300)]
+    # ties: 1/prob exactly at, just below and just above an integer once rounded to float32
+    probs += [1 / (n + d) for n in (3, 33, 16777216, 16777217) for d in (-1e-9, 0.0, 1e-9)]
+    for prob in probs:
+        for counter in (0, 1, 2, 3, 4, 32, 33, 34, 999_999, 1_000_000, 16_777_216, 16_777_217, 2**31 - 1):
+            expected = bool(torch.tensor(counter, dtype=torch.int32) >= 1 / prob)
+            assert update_due(counter, prob) is expected, (counter, prob)

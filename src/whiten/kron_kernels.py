@@ -10,6 +10,7 @@ argument in place).
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -50,10 +51,21 @@ def precond_update_prob_schedule(max_prob: float = 1.0, min_prob: float = 0.03, 
     return UpdateProbabilitySchedule(max_prob, min_prob, decay, flat_start)
 
 
+def _to_float32(x: float) -> float:
+    """``x`` rounded to float32 (to nearest, ties to even, as torch casts), as a Python float."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # beyond float32's range: torch's cast gives inf
+        return math.copysign(math.inf, x)
+
+
 def update_due(counter: int, prob) -> bool:
     """Whether the factors are updated now, ``counter`` steps after their last update, at probability ``prob``."""
-    # The same expression as kron_torch: an int32 tensor against 1/prob, so the comparison runs in float32 (or in
-    # the schedule's tensor dtype) and rounds exactly as there.
+    # The same comparison as kron_torch: an int32 tensor against 1/prob, which torch runs in float32 (or in the
+    # schedule's tensor dtype) and rounds exactly as there. A Python number is compared in Python, rounded to float32
+    # the same way: no tensor to build and read back at every step.
+    if isinstance(prob, (int, float)) and not isinstance(prob, bool):
+        return _to_float32(float(counter)) >= _to_float32(1 / prob)
     return bool(torch.tensor(counter, dtype=torch.int32) >= 1 / prob)
 
 
