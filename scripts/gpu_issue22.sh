@@ -18,4 +18,4 @@ python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.
 timeout 240 python3 benchmarks/gpu_step_time.py --parts step --out "$OUT/step-768.json" 2>&1 | tee "$OUT/step-768.md"
 timeout 120 python3 benchmarks/gpu_step_time.py --parts step --width 2048 --blocks 4 \
     --algorithms splus,soap,muon,psgd-kron,schedule-free-adamw --out "$OUT/step-2048.json" 2>&1 | tee "$OUT/step-2048.md"
-timeout 150 python3 benchmarks/gpu_step_time.py --parts train --out "$OUT/train.json" 2>&1 | tee "$OUT/train.md"
+timeout 170 python3 benchmarks/gpu_step_time.py --parts train --out "$OUT/train.json" 2>&1 | tee "$OUT/train.md"
