@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import whiten
+from whiten.optim import deferred
 
 SYNC_OPS = {"aten._local_scalar_dense.default"}
 NO_REFRESH = {"SPlus": dict(inverse_every=1000), "SOAP": dict(precondition_frequency=1000),
@@ -57,6 +58,7 @@ class Counts(NamedTuple):
     ops: int  # aten ops dispatched
     kernels: int  # of those, the ones that launch a kernel
     matmuls: int  # of those, matrix products and factorizations
+    lagged: int = 0  # reads of a sync-free step's flags one step later, from host memory: not syncs
 
 
 class Count(TorchDispatchMode):
@@ -68,6 +70,8 @@ class Count(TorchDispatchMode):
         self.kernels = Counter()
         self.matmuls = Counter()
         self.reads = 0
+        self.lagged = 0
+        self._quiet = False
         self._saved = {}
 
     def __enter__(self):
@@ -75,15 +79,26 @@ class Count(TorchDispatchMode):
             real = self._saved[name] = getattr(torch.Tensor, name)
 
             def read(t, *a, _real=real, **k):
-                self.reads += 1
+                self.reads += not self._quiet
                 with torch._C.DisableTorchFunction():
                     return _real(t, *a, **k)
             setattr(torch.Tensor, name, read)
+        real_flags = self._real_flags = deferred.read_flags
+
+        def read_flags(host):  # a pinned host copy on a GPU, its event waited for: counted apart
+            self.lagged += 1
+            self._quiet = True
+            try:
+                return real_flags(host)
+            finally:
+                self._quiet = False
+        deferred.read_flags = read_flags
         return super().__enter__()
 
     def __exit__(self, *exc):
         for name, real in self._saved.items():
             setattr(torch.Tensor, name, real)
+        deferred.read_flags = self._real_flags
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -100,7 +115,7 @@ def model(blocks: int) -> nn.Module:
     return nn.Sequential(*[m for _ in range(blocks) for m in (nn.Linear(32, 32), nn.LayerNorm(32))])
 
 
-def counts(name: str, blocks: int, accelerator: bool = False) -> Counts:
+def counts(name: str, blocks: int, accelerator: bool = False, sync_free: bool = False) -> Counts:
     """Host syncs, ops, kernels and matmuls of one ordinary step. ``accelerator``: the finiteness check takes the path it takes on a
     GPU (``_foreach_norm``, one op per dtype) instead of the CPU's per-tensor sums, so the ops are the launches a GPU
     would see."""
@@ -112,13 +127,15 @@ def counts(name: str, blocks: int, accelerator: bool = False) -> Counts:
         real = _base.finite_flags
         _base.finite_flags = functools.partial(real, fused=True)
         try:
-            return counts(name, blocks)
+            return counts(name, blocks, sync_free=sync_free)
         finally:
             _base.finite_flags = real
     net = model(blocks)
     kw = dict(NO_REFRESH.get(name, {}))
     if name in ("KFAC", "EKFAC"):
         kw["model"] = net
+    if sync_free:
+        kw["sync_free"] = True
     opt = getattr(whiten, name)(whiten.param_groups(net), **kw)
     x = torch.randn(8, 32)
     for t in range(3):  # state created, first refresh done
@@ -130,7 +147,7 @@ def counts(name: str, blocks: int, accelerator: bool = False) -> Counts:
         opt.step()
     # a read through item/bool/float/int also dispatches _local_scalar_dense: count each read once
     return Counts(c.reads, sum(n for op, n in c.ops.items() if op not in SYNC_OPS), sum(c.kernels.values()),
-                  sum(c.matmuls.values()))
+                  sum(c.matmuls.values()), c.lagged)
 
 
 def main():
@@ -139,14 +156,19 @@ def main():
     ap.add_argument("--optimizers", default=",".join(NAMES))
     ap.add_argument("--accelerator", action="store_true",
                     help="the finiteness check's GPU path (_foreach_norm) instead of the CPU's per-tensor sums")
+    ap.add_argument("--sync-free", action="store_true",
+                    help="the optimizers that have it, with sync_free=True (the check decided on the device)")
     args = ap.parse_args()
     blocks = [int(b) for b in args.blocks.split(",")]
     print("| optimizer | " + " | ".join(f"syncs, {b} blocks | ops | kernels | of which matmuls" for b in blocks)
           + (f" | ops {blocks[-1]} / {blocks[0]} | other kernels {blocks[-1]} / {blocks[0]} |"
              if len(blocks) > 1 else " |"))
     print("|---|" + "---|---|---|---|" * len(blocks) + ("---|---|" if len(blocks) > 1 else ""))
-    for name in args.optimizers.split(","):
-        row = [counts(name, b, args.accelerator) for b in blocks]
+    names = args.optimizers.split(",")
+    if args.sync_free:
+        names = [n for n in names if getattr(whiten, n).SYNC_FREE]
+    for name in names:
+        row = [counts(name, b, args.accelerator, args.sync_free) for b in blocks]
         ratio = (f" {row[-1].ops / row[0].ops:.2f} | {other(row[-1]) / other(row[0]):.2f} |"
                  if len(blocks) > 1 else "")
         print(f"| {name} | " + " | ".join(f"{c.syncs} | {c.ops} | {c.kernels} | {c.matmuls}" for c in row) + " |"

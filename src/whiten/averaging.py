@@ -183,15 +183,18 @@ class AveragingMixin(SwapsWeights):
             emas.append(state["ema"])
             thetas.append(p if p.dtype == dtype else p.to(dtype))
             weights.append(average_weight(state["step"], ratio) if rate == AUTO else 1.0 - rate)
+        from .optim.update import lerp_all  # here: whiten.optim imports this module
+
+        ok = getattr(self, "_ok", None)  # a sync-free step's device-side flag: the writes are masked
         if rate != AUTO:
-            torch._foreach_lerp_(emas, thetas, 1.0 - rate)
+            lerp_all(emas, thetas, 1.0 - rate, ok)
             return
         # Parameters of one group can be at different steps (one that had no gradient for a while); bucket by weight.
         by_weight: dict[float, list[int]] = {}
         for i, w in enumerate(weights):
             by_weight.setdefault(w, []).append(i)
         for w, idx in by_weight.items():
-            torch._foreach_lerp_([emas[i] for i in idx], [thetas[i] for i in idx], w)
+            lerp_all([emas[i] for i in idx], [thetas[i] for i in idx], w, ok)
 
     def check_can_step(self) -> None:
         if self.in_eval_mode:

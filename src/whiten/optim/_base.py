@@ -17,6 +17,7 @@ from ..linalg import finite_flags
 from .checkpoints import Checkpoints
 from .checks import LR_MAX
 from .compiled import eager_under_compile
+from .deferred import DeferredCheck
 from .stacks import StackedState
 
 NONFINITE_POLICIES = ("skip", "raise")
@@ -80,7 +81,7 @@ def _tensors(shapes: list[tuple], noun: str, most: int = 4) -> str:
             + ", ".join(str(s) for s in shapes[:most]) + more)
 
 
-class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
+class WhitenOptimizer(DeferredCheck, Checkpoints, StackedState, torch.optim.Optimizer):
     """Base class: a torch.optim.Optimizer with whiten's checks, counters and state handling.
 
     Counters (``optimizer.counters``, saved in the state_dict's first param group, where
@@ -103,9 +104,13 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         # torch.compile(opt.step) runs the step eagerly, with the eager numbers (see whiten.optim.compiled)
         cls.step = eager_under_compile(cls.step)
 
-    def __init__(self, params, defaults: dict, nonfinite: str = "skip", process_group=None):
+    def __init__(self, params, defaults: dict, nonfinite: str = "skip", process_group=None, sync_free: bool = False):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r} (allowed: {', '.join(map(repr, NONFINITE_POLICIES))})")
+        if not isinstance(sync_free, bool) or (sync_free and not self.SYNC_FREE):
+            allowed = "True or False" if self.SYNC_FREE else f"False: {type(self).__name__} has no sync-free step yet"
+            raise ValueError(f"Invalid sync_free: {sync_free!r} (allowed: {allowed})")
+        self.sync_free = sync_free
         if process_group is not None and not wdist.is_process_group(process_group):
             raise ValueError(f"Invalid process_group: {process_group!r} (allowed: None or a "
                              "torch.distributed.ProcessGroup, e.g. torch.distributed.group.WORLD)")
@@ -123,6 +128,17 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     EXTRA_COUNTERS: tuple[str, ...] = ()  # an optimizer's own counters, beside BASE_COUNTERS
+
+    @property
+    def counters(self) -> dict:
+        """The counters (see the class's text). With ``sync_free`` reading them reads the last step's
+        non-finite flags first (:meth:`resolve_pending`), so a skipped step is counted."""
+        self.resolve_pending()
+        return self._counters
+
+    @counters.setter
+    def counters(self, value: dict) -> None:
+        self._counters = value
 
     def new_counters(self) -> dict:
         return {k: 0 for k in (*BASE_COUNTERS, *self.EXTRA_COUNTERS)}
@@ -325,6 +341,7 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        self.resolve_pending()  # a sync-free step's flags, read one step later
         self.check_can_step()
         key = tuple(id(p) for g in self.param_groups for p in g["params"])  # also the plan's key, below
         if key != self._checked_key:  # the first step, or tensors changed: checked before anything changes
@@ -338,7 +355,9 @@ class WhitenOptimizer(Checkpoints, StackedState, torch.optim.Optimizer):
         ctx = self.distributed_context(key)
         self._member_keys = {}
         if ctx is None:
-            if self.grads_are_finite(work):  # checked before any state changes
+            if self.can_defer(work):
+                self.deferred_step(work)  # the check decided on the device, read at the next step
+            elif self.grads_are_finite(work):  # checked before any state changes
                 with self.experts(work, work) as (everyone, owned):
                     self.before_step(everyone)
                     self.apply_step(owned)

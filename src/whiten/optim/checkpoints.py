@@ -46,7 +46,7 @@ class Checkpoints:
     """Mixin of :class:`WhitenOptimizer` (see the module's docstring)."""
 
     GLOBAL_STATE_KEYS: tuple[str, ...] = ("whiten_counters", "whiten_optimizer")
-    PICKLED: dict = {"nonfinite": "skip", "batched": True}
+    PICKLED: dict = {"nonfinite": "skip", "batched": True, "sync_free": False}
     # state entries with the parameter's shape, whatever the optimizer
     PARAMETER_SHAPED = ("momentum", "exp_avg", "exp_avg_sq", "ema", "z", "graft", "live")
 
@@ -106,6 +106,7 @@ class Checkpoints:
         return {k: first.get(k, state_dict.get(k)) for k in self.global_state_keys()}
 
     def __getstate__(self):
+        self.resolve_pending()  # a sync-free step's flags: its Python side is final before it is copied
         state = super().__getstate__()  # torch keeps defaults, state and param_groups only
         state.update({k: getattr(self, k, default) for k, default in self.pickled_attributes().items()})
         state["whiten_global_state"] = self.global_state()
@@ -126,6 +127,7 @@ class Checkpoints:
     def state_dict(self):
         """torch's state dict, with the optimizer-wide state in the first param group. In a distributed run each
         rank's dict holds the full state of the parameters it owns and ``{}`` for the others."""
+        self.resolve_pending()  # a sync-free step's flags: a skipped step's counts are put back first
         sd = super().state_dict()
         sd["param_groups"][0].update(self.global_state())
         self.extend_state_dict(sd)
@@ -247,6 +249,7 @@ class Checkpoints:
         """Checks ``state_dict`` (:meth:`check_state_dict`: nothing changes if it is refused), then loads it: the
         parameters' state in the dtypes this optimizer keeps, the optimizer-wide state, the groups' settings (a
         setting the checkpoint predates takes this optimizer's default)."""
+        self.resolve_pending()  # the last step's policy applies (a warning, or raise) before its state is replaced
         self.check_state_dict(state_dict)
         global_state = self.saved_global_state(state_dict)
         super().load_state_dict(state_dict)

@@ -17,7 +17,7 @@ from .checks import (check_betas, check_bool, check_int, check_lr, check_range, 
 from .quantize import check_basis_bits
 from .sides import ALWAYS_KEPT_SIDE, check_max_factor_ratio, kept_sides
 from .stacks import bucket
-from .update import decays, grad_in, state_dtype, step_all, stored_dtype
+from .update import commit, decays, grad_in, lerp_all, state_dtype, step_all, stored_dtype
 
 __all__ = ["SPlus", "derived_nonstandard_constant", "hidden_width"]
 
@@ -169,6 +169,13 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             step, whose small eigenvalues order the basis: bfloat16's 8 bits would lose them) and so does ``ema``
             (with r ≥ 0.99 an increment of (1-r)(θ-ē) is below bfloat16's rounding of ē: it would stop moving;
             tests/test_state_options.py shows both). It decides the state's dtypes: set it before the first step.
+        sync_free: False (default) or True: an ordinary step never waits for the device. The non-finite check
+            is decided on the device, every write of the step is masked by it (a skipped step still changes
+            nothing, bit for bit), and its result is read at the next step, when ``counters`` are read, or by
+            ``state_dict()``: a skipped step is counted, warned about or raised (``nonfinite="raise"``) then, one
+            step late. Refresh steps, a parameter's first step and distributed steps still read the check on the
+            host. It costs one more kernel per written tensor (docs/performance.md); the numbers are the default
+            path's, bit for bit.
         basis_bits: None (default: the bases in the state dtype), 8 or 4: each basis kept block-wise quantized
             (``qbasis_*`` uint8 codes, ``qscale_*`` a float32 scale per 64 entries of a row; 1.06 or 0.56 bytes an
             entry against 4), dequantized per bucket for each step's rotations; 4 bits follows 4-bit Shampoo (Wang
@@ -180,6 +187,7 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
     """
 
     BEFORE_OPTIONS = {"max_factor_ratio": None}  # a checkpoint from before the option: its factors are all there
+    SYNC_FREE = True  # its ordinary step masks every write (whiten.optim.deferred)
 
     MEMORY_OPTIONS = {"max_dim": (("factor", "basis"), "a side of max_dim or more gets no factor and no basis (its m x m "
                               "or n x n pair)"),
@@ -210,6 +218,7 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         state_dtype: torch.dtype | str | None = None,
         basis_bits: int | None = None,
         max_factor_ratio: float | None = None,
+        sync_free: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, ema_rate=ema_rate, weight_decay=weight_decay,
                         inverse_every=inverse_every, eps=eps, max_dim=max_dim, max_factor_ratio=max_factor_ratio,
@@ -217,7 +226,7 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
                         rotation_dtype=rotation_dtype, state_dtype=state_dtype, basis_bits=basis_bits)
         self.batched = bool(batched)
         self._constructing = True  # the width is read once every group is in (the embeddings may come first)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
         del self._constructing
         self.resolve_nonstandard_constant()
 
@@ -293,20 +302,21 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             state["step"] += 1
             states.append(state)
 
+        ok = self._ok  # a sync-free step's device-side flag: every write below is masked by it
         moms = [s["momentum"] for s in states]
         work = [state_dtype(p) for p in params]  # the arithmetic's dtype; the momentum may be stored in bf16
         grads = [grad_in(p, d) for p, d in zip(params, work)]
         low = [i for i, m in enumerate(moms) if m.dtype != work[i]]
         if not low:
-            torch._foreach_lerp_(moms, grads, 1.0 - beta1)
+            lerp_all(moms, grads, 1.0 - beta1, ok)
         else:  # state_dtype: cast up, update, round once into the stored momentum
             if len(low) < len(moms):
                 same = [i for i in range(len(moms)) if i not in set(low)]
-                torch._foreach_lerp_([moms[i] for i in same], [grads[i] for i in same], 1.0 - beta1)
+                lerp_all([moms[i] for i in same], [grads[i] for i in same], 1.0 - beta1, ok)
             up = [moms[i].to(work[i]) for i in low]
             torch._foreach_lerp_(up, [grads[i] for i in low], 1.0 - beta1)
             for i, u in zip(low, up):
-                moms[i].copy_(u)
+                commit(moms[i], u, ok)
         # The average is of the pre-update parameters (the experiment code; the released torch file differs).
         self.update_averages(group, params, states)
 
@@ -324,12 +334,25 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         # theta <- theta - s*(U + wd*theta), written as theta*(1 - s*wd) - s*U so it is two fused passes.
         keep = [1.0 - lr * lay.scale * group["weight_decay"] * lay.decay for lay in layouts]
         torch._foreach_mul_(updates, [-lr * lay.scale for lay in layouts])
-        step_all(params, work, updates, keep)
+        step_all(params, work, updates, keep, ok=ok)
 
         due = [i for i in whitened
                if states[i]["step"] == 1 or states[i]["step"] % group["inverse_every"] == 0]
         if due:
             self.refresh_bases([states[i] for i in due], group["eps"], bits=group.get("basis_bits"))
+
+    def needs_host_check(self, work) -> bool:
+        """A sync-free step is an ordinary one: every parameter has its state, and no basis is due for a refresh
+        (the eigendecompositions run on the host's decision)."""
+        for group, params in work:
+            for p in params:
+                state = self.state.get(p)
+                if not state:
+                    return True
+                step = state["step"] + 1  # _step_group's refresh rule, for this step
+                if _layout(p, group).matrix is not None and (step == 1 or step % group["inverse_every"] == 0):
+                    return True
+        return False
 
     def _bucket_key(self, gi: int, group: dict, p: torch.Tensor):
         if not self.batched:
@@ -350,9 +373,15 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         rows = range(len(idxs)) if pos is None else pos.tolist()
         # Factor updates go matrix by matrix into the stacked factors: stacking the gradients would cost a copy
         # of every gradient for no gain (the matmuls dominate), while the rotations run on stacks already in place.
+        # A sync-free step updates copies of the stacks and commits them under its flag, one kernel per stack.
+        factors = {k: S[k] if self._ok is None else S[k].clone() for k in ("factor_left", "factor_right") if k in S}
         for j, i in zip(rows, idxs):
-            update_factors(S["factor_left"][j] if "factor_left" in S else None,
-                           S["factor_right"][j] if "factor_right" in S else None, grads[i].reshape(m, n), beta2)
+            update_factors(factors["factor_left"][j] if "factor_left" in factors else None,
+                           factors["factor_right"][j] if "factor_right" in factors else None,
+                           grads[i].reshape(m, n), beta2)
+        if self._ok is not None:
+            for k, new in factors.items():
+                commit(S[k], new, self._ok)
         if pos is not None:  # some members have no gradient this step: rotate the others' copies
             S = {k: v[pos] for k, v in S.items() if k != "factor_left" and k != "factor_right"}
         work = grads[idxs[0]].dtype  # the arithmetic's dtype (state_dtype and basis_bits store M and Q lower)

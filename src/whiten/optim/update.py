@@ -12,7 +12,8 @@ import torch
 from ..roles import NO_DECAY_ROLES, role_from_shape
 from .checks import state_dtype_option
 
-__all__ = ["state_dtype", "stored_dtype", "decays", "grad_in", "grads_in", "write", "step_to", "step_all"]
+__all__ = ["state_dtype", "stored_dtype", "decays", "grad_in", "grads_in", "write", "step_to", "step_all", "commit",
+           "lerp_all"]
 
 
 def state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -70,16 +71,42 @@ def step_to(p: torch.Tensor, dtype: torch.dtype, direction: torch.Tensor, alpha:
     write(p, dtype, update)
 
 
+def commit(dst: torch.Tensor, new: torch.Tensor, ok: torch.Tensor | None) -> None:
+    """``dst ← new`` (rounded into ``dst``'s dtype as ``copy_`` rounds). Under a sync-free step's device-side flag
+    ``ok`` (a 0-d bool tensor, :mod:`whiten.optim.deferred`): ``new`` where ``ok``, else ``dst`` left bit for bit
+    as it was, in one kernel and with no host read."""
+    if ok is None:
+        dst.copy_(new)
+    else:  # (where's out= takes no other dtype: round first, as copy_ would)
+        torch.where(ok, new if new.dtype == dst.dtype else new.to(dst.dtype), dst, out=dst)
+
+
+def lerp_all(dsts: list[torch.Tensor], ends: list[torch.Tensor], weight: float, ok: torch.Tensor | None) -> None:
+    """``dst ← dst + weight·(end − dst)`` for each pair, fused (``_foreach_lerp``): in place, or computed aside and
+    :func:`commit`-ed under a sync-free step's flag ``ok``."""
+    if ok is None:
+        torch._foreach_lerp_(dsts, ends, weight)
+    else:
+        for dst, new in zip(dsts, torch._foreach_lerp(dsts, ends, weight)):
+            commit(dst, new, ok)
+
+
 def step_all(params: list[torch.Tensor], dtypes: list[torch.dtype], updates: list[torch.Tensor],
-             keeps: list[float], alpha: float = 1.0) -> None:
+             keeps: list[float], alpha: float = 1.0, ok: torch.Tensor | None = None) -> None:
     """``θ ← keep·θ + alpha·update`` for many parameters: fused (``_foreach``) for those that have their state's
     dtype, one at a time, in the state's dtype and rounded once, for low-precision ones. :func:`step_to`'s
-    arithmetic (decay first), one launch per op instead of per parameter."""
+    arithmetic (decay first), one launch per op instead of per parameter. ``ok``: a sync-free step's flag (the
+    new values are computed aside and :func:`commit`-ed, the same arithmetic)."""
     same = [i for i, p in enumerate(params) if p.dtype == dtypes[i]]
     if same:
         ps = [params[i] for i in same]
-        torch._foreach_mul_(ps, [keeps[i] for i in same])
-        torch._foreach_add_(ps, [updates[i] for i in same], alpha=alpha)
+        new = ps if ok is None else torch._foreach_mul(ps, [keeps[i] for i in same])
+        if ok is None:
+            torch._foreach_mul_(ps, [keeps[i] for i in same])
+        torch._foreach_add_(new, [updates[i] for i in same], alpha=alpha)
+        if ok is not None:
+            for p, n in zip(ps, new):
+                commit(p, n, ok)
     for i, p in enumerate(params):
         if p.dtype != dtypes[i]:
-            p.copy_(p.to(dtypes[i]).mul_(keeps[i]).add_(updates[i], alpha=alpha))
+            commit(p, p.to(dtypes[i]).mul_(keeps[i]).add_(updates[i], alpha=alpha), ok)

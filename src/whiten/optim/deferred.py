@@ -1,0 +1,163 @@
+"""The non-finite check decided on the device and read one step later (``sync_free=True``): an ordinary step that
+never waits for the device.
+
+The default check reads every gradient's finiteness back to the host before any state changes: one host sync per
+step, which on a GPU stalls the host until the backward pass has drained from the queue. With ``sync_free=True`` an
+optimizer that supports it (``SYNC_FREE``) runs its ordinary steps without that read:
+
+* the finiteness flags are computed on the device (a max-abs norm per gradient: finite exactly when every entry
+  is, with no overflow of a sum);
+* every write of the step, state and parameters, is masked by them (:func:`whiten.optim.update.commit`:
+  ``torch.where(ok, new, old, out=old)``), so a step with a non-finite gradient leaves every tensor bit for bit as
+  it was;
+* the flags are copied to the host without waiting (pinned memory, an event), and read at the start of the next
+  step (or when ``counters``, ``state_dict()`` or a pickle needs them), by which time the device has long computed
+  them. A skipped step then puts back the Python side of the optimizer (step counts, group settings the step wrote,
+  counters) as it was before that step, counts it in ``counters["skipped_steps"]`` and warns, or raises for
+  ``nonfinite="raise"``: one step late, with the state already as before the bad step.
+
+Steps that must decide on the host run as before, with the host read: the first step of a parameter (its state is
+created), refresh steps (eigendecompositions), distributed steps (the ranks agree on the flag on the host), and
+optimizers that restart overflowed second moments (``SECOND_MOMENT_KEY``). The optimizer's own numbers are the
+default path's, bit for bit, on every good step (tests/test_sync_free.py).
+
+What it costs: the masked writes compute each new value out of place and select it, one more kernel per written
+tensor (docs/performance.md); a kernel-fused (compiled) step would fold the selection into the update.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["DeferredCheck", "device_finite_flags", "read_flags"]
+
+
+def device_finite_flags(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Whether each tensor is entirely finite, as a bool vector on the tensors' device, and the position in
+    ``tensors`` of each flag (grouped by dtype). The max-abs norm is finite exactly when every entry is (NaN and
+    ±inf propagate; no sum to overflow): one fused ``_foreach_norm`` per dtype, nothing read on the host."""
+    by_dtype: dict = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    order, flags = [], []
+    for dtype, idxs in by_dtype.items():
+        order += idxs
+        norms = torch._foreach_norm([tensors[i] for i in idxs], float("inf"))
+        flags.append(torch.stack(norms).isfinite())
+    return (flags[0] if len(flags) == 1 else torch.cat(flags)), order
+
+
+def read_flags(host: torch.Tensor) -> list[bool]:
+    """The host copy of a step's flags, as Python bools. The copy lives in host memory and its event has been
+    waited for: no device sync (benchmarks/host_syncs.py counts these reads apart)."""
+    return host.tolist()
+
+
+class DeferredCheck:
+    """Mixin of :class:`whiten.optim._base.WhitenOptimizer`: the ``sync_free`` step (see the module's text)."""
+
+    # Whether this optimizer's ordinary step masks its writes under ``self._ok`` (and says, in
+    # :meth:`needs_host_check`, which steps cannot).
+    SYNC_FREE = False
+
+    _ok: torch.Tensor | None = None  # while a sync-free step runs: its 0-d bool flag on the device
+
+    def needs_host_check(self, work: list[tuple[dict, list[torch.Tensor]]]) -> bool:
+        """Whether this step must decide on the host (state created, a refresh due, ...). Optimizers with
+        ``SYNC_FREE`` override it; the default is every step."""
+        return True
+
+    def can_defer(self, work) -> bool:
+        if not (self.sync_free and self.SYNC_FREE) or self.SECOND_MOMENT_KEY is not None:
+            return False
+        params = [p for _, ps in work for p in ps]
+        if not params or len({p.grad.device for p in params}) != 1:
+            return False
+        if any(group.get("role") == "experts" for group, ps in work if ps):
+            return False
+        return not self.needs_host_check(work)
+
+    def deferred_step(self, work) -> None:
+        """One ordinary step under the device-side flag, its Python side recorded to be put back if the flag
+        (read at the next step) says a gradient was not finite."""
+        params = [p for _, ps in work for p in ps]
+        flags, order = device_finite_flags([p.grad for p in params])
+        event = None
+        if flags.device.type == "cuda":  # the copy is queued before the step's kernels: ready early
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = flags.cpu()
+        snapshot = self._python_state(work)
+        self._ok = flags.all()
+        try:
+            with self.experts(work, work) as (everyone, owned):
+                self.before_step(everyone)
+                self.apply_step(owned)
+        finally:
+            self._ok = None
+        undo = self._changes(snapshot)
+        shapes = [(gi, tuple(p.shape)) for gi, (_, ps) in enumerate(work) for p in ps]
+        where = [shapes[i] for i in order]  # aligned with the flags
+        self._pending_check = (host, event, undo, where)
+
+    def resolve_pending(self) -> None:
+        """Read the last sync-free step's flags (waiting, at most, for the device to have computed them); if a
+        gradient was not finite, put the optimizer's Python side back as it was before that step and apply the
+        non-finite policy (count and warn, or raise)."""
+        pending = self.__dict__.get("_pending_check")
+        if pending is None:
+            return
+        self._pending_check = None
+        host, event, undo, where = pending
+        if event is not None:
+            event.synchronize()
+        flags = read_flags(host)
+        if all(flags):
+            return
+        self._restore_python_state(undo)
+        bad = [w for w, ok in zip(where, flags) if not ok]
+        self._nonfinite(f"{type(self).__name__}: non-finite gradient in {len(bad)} parameter(s) (first: group "
+                        f"{bad[0][0]}, shape {bad[0][1]}) at the last step (sync_free: read one step later)",
+                        stacklevel=5)
+
+    def _python_state(self, work) -> list[tuple[dict, dict]]:
+        """The dicts a step may change outside its tensors, each with a shallow copy: every group's settings (the
+        averaging's largest lr, ...), each stepped parameter's state entry (step counts, keys it gains), the
+        counters. Tensors are kept by reference: masked, they do not change on a skipped step."""
+        dicts = [*self.param_groups, *(self.state[p] for _, ps in work for p in ps), self._counters]
+        return [(d, dict(d)) for d in dicts]
+
+    @staticmethod
+    def _changes(snapshot) -> list[tuple[dict, object, object, object]]:
+        """(dict, key, value before the step or _MISSING, value after it) for every entry the step changed."""
+        out = []
+        for d, before in snapshot:
+            for k in set(before) | set(d):
+                old, new = before.get(k, _MISSING), d.get(k, _MISSING)
+                if old is not new and not (_plain(old) and _plain(new) and old == new):
+                    out.append((d, k, old, new))
+        return out
+
+    def _restore_python_state(self, changes) -> None:
+        """Undo a skipped step's changes: each entry it changed goes back to its value before the step, unless
+        something else (a scheduler's lr, a user) wrote it since; the counters lose the step's increments."""
+        for d, k, old, new in changes:
+            now = d.get(k, _MISSING)
+            if d is self._counters and _plain(old) and _plain(new) and _plain(now):
+                d[k] = now - (new - old)
+            elif now is new or (_plain(now) and _plain(new) and now == new):
+                if old is _MISSING:
+                    del d[k]
+                else:
+                    d[k] = old
+
+
+_MISSING = object()
+
+
+def _plain(v) -> bool:
+    """A value compared by ``==`` (a number, a string, a tuple of them): not a tensor, not a container of state."""
+    return isinstance(v, (bool, int, float, str)) or (isinstance(v, tuple) and all(_plain(x) for x in v))

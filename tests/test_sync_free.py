@@ -1,0 +1,223 @@
+"""``sync_free=True`` (whiten.optim.deferred): the non-finite check decided on the device, every write masked by it,
+its result read one step later. The numbers, the skipped steps, the counters, the warnings and checkpoints are the
+default path's, bit for bit; an ordinary step reads nothing back from the device."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import whiten
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from host_syncs import counts  # noqa: E402
+
+CONFIGS = {
+    "float32": dict(),
+    "float64": dict(dtype=torch.float64),
+    "bfloat16 parameters": dict(dtype=torch.bfloat16),
+    "bf16 state": dict(state_dtype="bf16"),
+    "4-bit bases": dict(basis_bits=4),
+    "bf16 rotations": dict(rotation_dtype="bf16"),
+    "fixed ema rate": dict(ema_rate=0.99),
+    "no averaging": dict(ema_rate=None),
+    "one matrix at a time": dict(batched=False),
+}
+
+
+def _net(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 16),
+                         nn.Linear(16, 16), nn.Linear(16, 10)).to(dtype)
+
+
+def _run(sync_free: bool, bad: dict, steps: int = 23, dtype=torch.float32, **kw):
+    """SPlus on a small model for ``steps`` steps, refreshing every 5; ``bad``: {step: value} written into one
+    gradient entry at that step (NaN, inf). Returns the model, the optimizer, the warnings' texts."""
+    net = _net(dtype)
+    opt = whiten.SPlus(whiten.param_groups(net), inverse_every=5, sync_free=sync_free, **kw)
+    gen = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(steps):
+            idx = torch.randint(0, 10, (4, 3), generator=gen)
+            opt.zero_grad()
+            net(idx).float().square().mean().backward()
+            if t in bad:
+                net[3].weight.grad[1, 2] = bad[t]
+            opt.step()
+        counters = dict(opt.counters)
+    return net, opt, counters, [str(w.message) for w in caught if "non-finite" in str(w.message)]
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    # (torch's load_state_dict adds "differentiable": False to each group)
+    assert ([{k: v for k, v in g.items() if k != "differentiable"} for g in a["param_groups"]]
+            == [{k: v for k, v in g.items() if k != "differentiable"} for g in b["param_groups"]])
+    assert a["state"].keys() == b["state"].keys()
+    for i in a["state"]:
+        assert a["state"][i].keys() == b["state"][i].keys(), i
+        for k, v in a["state"][i].items():
+            w = b["state"][i][k]
+            if isinstance(v, torch.Tensor):
+                assert v.dtype == w.dtype and torch.equal(v, w), (i, k)
+            else:
+                assert v == w, (i, k)
+
+
+# bad steps: ordinary ones (deferred), the first step, a refresh step (both on the host), two in a row
+BAD = {0: float("nan"), 3: float("nan"), 7: float("inf"), 8: float("-inf"), 10: float("nan"), 16: float("nan")}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_sync_free_equals_the_default_path_bit_for_bit(config):
+    kw = CONFIGS[config]
+    net_a, opt_a, counters_a, warned_a = _run(False, BAD, **kw)
+    net_b, opt_b, counters_b, warned_b = _run(True, BAD, **kw)
+    for p, q in zip(net_a.parameters(), net_b.parameters()):
+        assert torch.equal(p, q)
+    _assert_same_state(opt_a.state_dict(), opt_b.state_dict())
+    assert counters_a == counters_b and counters_a["skipped_steps"] == len(BAD)
+    assert len(warned_a) == len(warned_b) == len(BAD)
+
+
+def test_the_deferred_steps_are_the_ordinary_ones():
+    net = _net()
+    opt = whiten.SPlus(whiten.param_groups(net), inverse_every=5, sync_free=True)
+    calls = []
+    real = opt.deferred_step
+    opt.deferred_step = lambda work: (calls.append(True), real(work))
+    deferred = []
+    for t in range(1, 13):
+        opt.zero_grad()
+        net(torch.randint(0, 10, (4, 3))).square().mean().backward()
+        opt.step()
+        if calls:
+            deferred.append(t)
+            calls.clear()
+    # steps 1 (state created), 5 and 10 (refreshes) decide on the host; the others on the device
+    assert deferred == [2, 3, 4, 6, 7, 8, 9, 11, 12]
+
+
+def test_a_skipped_step_changes_no_tensor_and_is_counted_when_read():
+    net = _net()
+    opt = whiten.SPlus(whiten.param_groups(net), inverse_every=5, sync_free=True)
+    for _ in range(2):
+        opt.zero_grad()
+        net(torch.randint(0, 10, (4, 3))).square().mean().backward()
+        opt.step()
+    params = [p.detach().clone() for p in net.parameters()]
+    state = {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+             for i, s in enumerate(opt.state.values())}
+    opt.zero_grad()
+    net(torch.randint(0, 10, (4, 3))).square().mean().backward()
+    net[1].weight.grad[0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+        assert not caught  # nothing read yet
+        for p, q in zip(net.parameters(), params):
+            assert torch.equal(p, q)
+        for i, s in enumerate(opt.state.values()):
+            for k, v in state[i].items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(s[k], v), k
+        assert opt.counters["skipped_steps"] == 1  # the read
+        assert len(caught) == 1 and "one step later" in str(caught[0].message)
+    assert [s["step"] for s in opt.state.values()] == [2] * len(opt.state)  # put back
+
+
+def test_raise_policy_raises_at_the_next_read_with_the_state_as_before():
+    net = _net()
+    opt = whiten.SPlus(whiten.param_groups(net), inverse_every=5, sync_free=True, nonfinite="raise")
+    for t in range(3):
+        opt.zero_grad()
+        net(torch.randint(0, 10, (4, 3))).square().mean().backward()
+        if t == 2:
+            net[1].weight.grad[0, 0] = float("inf")
+            params = [p.detach().clone() for p in net.parameters()]
+        opt.step()
+    with pytest.raises(FloatingPointError, match="one step later"):
+        opt.step()
+    for p, q in zip(net.parameters(), params):
+        assert torch.equal(p, q)
+    assert [s["step"] for s in opt.state.values()] == [2] * len(opt.state)
+
+
+def test_a_scheduler_lr_written_after_a_skipped_step_is_kept():
+    """The skipped step's Python side is put back at the next step; an lr a scheduler wrote in between stays."""
+    def run(sync_free):
+        net = _net()
+        opt = whiten.SPlus(whiten.param_groups(net), inverse_every=5, sync_free=sync_free)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+        for t in range(9):
+            opt.zero_grad()
+            net(torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(t))).square().mean().backward()
+            if t in (3, 6):
+                net[1].weight.grad[0, 0] = float("nan")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt.step()
+            sched.step()
+        return net, opt
+
+    (net_a, opt_a), (net_b, opt_b) = run(False), run(True)
+    for p, q in zip(net_a.parameters(), net_b.parameters()):
+        assert torch.equal(p, q)
+    _assert_same_state(opt_a.state_dict(), opt_b.state_dict())
+
+
+def test_checkpoints_and_copies_resolve_the_last_step():
+    """state_dict(), pickling and deepcopy read a pending skipped step first: a resumed run is the uninterrupted
+    one, bit for bit."""
+    whole_net, whole, _, _ = _run(True, {6: float("nan")}, steps=14)
+
+    net = _net()
+    opt = whiten.SPlus(whiten.param_groups(net), inverse_every=5, sync_free=True)
+    gen = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in range(14):
+            idx = torch.randint(0, 10, (4, 3), generator=gen)
+            opt.zero_grad()
+            net(idx).float().square().mean().backward()
+            if t == 6:
+                net[3].weight.grad[1, 2] = float("nan")
+            opt.step()
+            if t == 6:  # the bad step is pending: checkpoint and copy now
+                sd = copy.deepcopy(opt.state_dict())
+                assert sd["param_groups"][0]["whiten_counters"]["skipped_steps"] == 1
+                pickled = pickle.loads(pickle.dumps(opt))
+                assert pickled.counters["skipped_steps"] == 1
+                copied = copy.deepcopy(opt)
+                assert copied.counters["skipped_steps"] == 1
+                net2 = copy.deepcopy(net)
+                opt = whiten.SPlus(whiten.param_groups(net2), inverse_every=5, sync_free=True)
+                opt.load_state_dict(sd)
+                net = net2
+    for p, q in zip(whole_net.parameters(), net.parameters()):
+        assert torch.equal(p, q)
+    _assert_same_state(whole.state_dict(), opt.state_dict())
+
+
+def test_an_ordinary_step_reads_nothing_from_the_device():
+    for blocks in (4, 16):
+        c = counts("SPlus", blocks, accelerator=True, sync_free=True)
+        assert c.syncs == 0 and c.lagged == 1, c  # the last step's flags, from host memory
+    assert counts("SPlus", 4, accelerator=True).syncs == 1  # the default: the check's read
+
+
+def test_sync_free_is_checked():
+    net = _net()
+    with pytest.raises(ValueError, match="Invalid sync_free: 'yes'"):
+        whiten.SPlus(net.parameters(), sync_free="yes")
+    with pytest.raises(ValueError, match="Invalid sync_free: True .*SOAP has no sync-free step"):
+        whiten.optim._base.WhitenOptimizer.__init__(whiten.SOAP.__new__(whiten.SOAP), list(net.parameters()), {},
+                                                    sync_free=True)
