@@ -31,8 +31,8 @@ def _side(matrix: tuple[int, int]) -> str:
     return "right" if matrix[0] >= matrix[1] else "left"
 
 
-def _rotate(X: torch.Tensor, B: torch.Tensor, right: bool, out: torch.Tensor) -> torch.Tensor:
-    """Into the basis: ``X Bᵀ`` (right side) or ``Bᵀ X``, written into ``out``."""
+def _rotate(X: torch.Tensor, B: torch.Tensor, right: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Into the basis: ``X Bᵀ`` (right side) or ``Bᵀ X``, written into ``out`` when given."""
     return torch.mm(X, B.T, out=out) if right else torch.mm(B.T, X, out=out)
 
 
@@ -41,6 +41,18 @@ def _unrotate(X: torch.Tensor, B: torch.Tensor, right: bool, out: torch.Tensor |
     if out is None:
         return X @ B if right else B @ X
     return torch.mm(X, B, out=out) if right else torch.mm(B, X, out=out)
+
+
+def _add_by_alpha(xs: list[torch.Tensor], ys: list[torch.Tensor], alphas: list[float]) -> None:
+    """``x.add_(y, alpha=a)`` for each triple: one ``_foreach_add_`` per distinct alpha (it takes one alpha per
+    call), so the launches follow the number of distinct step sizes, not of parameters."""
+    by_alpha: dict[float, tuple[list, list]] = {}
+    for x, y, a in zip(xs, ys, alphas):
+        pair = by_alpha.setdefault(a, ([], []))
+        pair[0].append(x)
+        pair[1].append(y)
+    for a, (x, y) in by_alpha.items():
+        torch._foreach_add_(x, y, alpha=a)
 
 
 class Conda(WhitenOptimizer):
@@ -186,56 +198,73 @@ class Conda(WhitenOptimizer):
                     s["exp_avg"].zero_()
                     s["exp_avg_sq"].zero_()
         lr = float(group["lr"])
-        for p, s in zip(params, states):
-            stored = None
-            if s["exp_avg"].dtype != state_dtype(p):  # state_dtype: a float32 copy, rounded once back at the end
-                stored, s = s, {k: v.to(state_dtype(p)) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-            m, v = s["exp_avg"], s["exp_avg_sq"]
-            g = grad_in(p, m.dtype)
-            matrix = _matrix(p, group)
-            scratch = self.scratch(m)  # the rotated gradient, then the direction
-            if matrix is None:  # the plain path
-                m.mul_(beta1).add_(g, alpha=1 - beta1)
-                rotated = g
+        # Each elementwise op runs once over the whole group (torch._foreach_*: one launch per op, not per
+        # parameter); only the per-matrix products and a due refresh's SVD are per parameter.
+        # state_dtype: float32 copies of the stored state, rounded once back at the end
+        work = [s if s["exp_avg"].dtype == state_dtype(p) else
+                {k: v.to(state_dtype(p)) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                for p, s in zip(params, states)]
+        ms, vs = [w["exp_avg"] for w in work], [w["exp_avg_sq"] for w in work]
+        grads = [grad_in(p, m.dtype) for p, m in zip(params, ms)]
+        matrices = [_matrix(p, group) for p in params]
+        rotated = list(grads)  # the gradient in the basis the moments live in (the plain path: itself)
+        ordinary = []  # whose momentum takes the ordinary update m <- β1 m + (1-β1) g̃
+        for i, (p, w, matrix) in enumerate(zip(params, work, matrices)):
+            if matrix is None:
+                ordinary.append(i)
+                continue
+            right = _side(matrix) == "right"
+            B = w["basis_right"] if right else w["basis_left"]
+            G, M = grads[i].reshape(matrix), ms[i].view(matrix)
+            if w["step"] % gap == 0:
+                # the momentum in the parameter's basis, updated; the new basis from its SVD; kept rotated
+                full = _unrotate(M, B, right) if w["step"] > 0 else torch.zeros_like(M)
+                full.mul_(beta1).add_(G, alpha=1 - beta1)
+                self._refresh(B, full, "right" if right else "left", group["svd_dtype"])
+                _rotate(full, B, right, out=M)
             else:
-                right = _side(matrix) == "right"
-                B = s["basis_right"] if right else s["basis_left"]
-                G, M = g.reshape(matrix), m.view(matrix)
-                if s["step"] % gap == 0:
-                    # the momentum in the parameter's basis, updated; the new basis from its SVD; kept rotated
-                    full = _unrotate(M, B, right) if s["step"] > 0 else torch.zeros_like(M)
-                    full.mul_(beta1).add_(G, alpha=1 - beta1)
-                    self._refresh(B, full, "right" if right else "left", group["svd_dtype"])
-                    _rotate(full, B, right, out=M)
-                    rotated = _rotate(G, B, right, out=scratch.view(matrix))
-                else:
-                    rotated = _rotate(G, B, right, out=scratch.view(matrix))
-                    M.mul_(beta1).add_(rotated, alpha=1 - beta1)
-                rotated = rotated.view(p.shape)
-            v.mul_(beta2).addcmul_(rotated, rotated, value=1 - beta2)
-            direction = torch.sqrt(v, out=scratch).add_(group["eps"])  # the rotated gradient is used up
-            torch.div(m, direction, out=direction)
-            s["step"] += 1
-            t = s["step"]
+                ordinary.append(i)
+            rotated[i] = _rotate(G, B, right).view(p.shape)
+        if ordinary:
+            torch._foreach_mul_([ms[i] for i in ordinary], beta1)
+            torch._foreach_add_([ms[i] for i in ordinary], [rotated[i] for i in ordinary], alpha=1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, rotated, rotated, value=1 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_add_(denom, group["eps"])
+        directions = list(torch._foreach_div(ms, denom))
+        step_sizes, decay_rates = [], []
+        for i, (p, w, matrix) in enumerate(zip(params, work, matrices)):
+            w["step"] += 1
+            t = w["step"]
             step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t) if group["correct_bias"] else lr
             if matrix is not None:  # back to the parameter's basis
-                back = self.scratch(m, slot=1).view(matrix)
-                direction = _unrotate(direction.view(matrix), B, right, out=back).view(p.shape)
+                right = _side(matrix) == "right"
+                B = w["basis_right"] if right else w["basis_left"]
+                directions[i] = _unrotate(directions[i].view(matrix), B, right).view(p.shape)
                 step_size *= group["scale"]
-            decay = lr * group["weight_decay"] if group["weight_decay"] > 0 and decays(p, group) else 0.0
+            step_sizes.append(step_size)
+            decay_rates.append(lr * group["weight_decay"] if group["weight_decay"] > 0 and decays(p, group) else 0.0)
+        # the reference's θ - lr·λ·θ after the step (not a multiplication by 1 - lr·λ)
+        same = [i for i, p in enumerate(params) if p.dtype == ms[i].dtype]
+        _add_by_alpha([params[i] for i in same], [directions[i] for i in same], [-step_sizes[i] for i in same])
+        decayed = [i for i in same if decay_rates[i]]
+        _add_by_alpha([params[i] for i in decayed], [params[i] for i in decayed], [-decay_rates[i] for i in decayed])
+        for i, p in enumerate(params):  # a low-precision parameter: in the state's dtype, rounded once
+            if p.dtype != ms[i].dtype:
+                def update(x, direction=directions[i], step_size=step_sizes[i], decay=decay_rates[i]):
+                    x.add_(direction, alpha=-step_size)
+                    if decay:
+                        x.add_(x, alpha=-decay)
 
-            def update(x, direction=direction, step_size=step_size, decay=decay):
-                x.add_(direction, alpha=-step_size)
-                if decay:  # the reference's θ - lr·λ·θ after the step (not a multiplication by 1 - lr·λ)
-                    x.add_(x, alpha=-decay)
-
-            write(p, m.dtype, update)
-            if stored is not None:
-                for k, value in s.items():
+                write(p, ms[i].dtype, update)
+        for s, w in zip(states, work):
+            if w is not s:
+                for k, value in w.items():
                     if isinstance(value, torch.Tensor):
-                        stored[k].copy_(value)
+                        s[k].copy_(value)
                     else:
-                        stored[k] = value
+                        s[k] = value
 
     def _refresh(self, B: torch.Tensor, M: torch.Tensor, side: str, svd_dtype) -> None:
         """B <- Vᵀ (side right) or U (side left) of the reduced SVD of M; on failure B is kept and counted."""

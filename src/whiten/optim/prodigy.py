@@ -260,35 +260,51 @@ class Prodigy(WhitenOptimizer):
         dlr = d * lr * bias_correction
         d_numerator = g0["d_numerator"] * beta3
 
+        # Each elementwise op runs once per group over its parameters (torch._foreach_*: one launch per op, not per
+        # parameter). Per parameter stay the dot product and the sum of |s|: foreach has neither (_foreach_norm's
+        # L1 norm sums in another order, other bits), and the reference's D is built from these exact values.
         grads: dict = {}
         stats: dict = {}  # parameter -> (<g, x0 - x>, ||s||_1), tensors
         for group, params in work:
-            decays_coupled = group["weight_decay"] != 0 and not g0["decouple"]
             for p in params:
-                state = self.state[p]
-                if not state:
-                    state.update(self._init_state(p, group))
-                if group["lr"] == 0:
-                    continue  # frozen (see the docstring): state only
-                dtype = state["exp_avg_sq"].dtype
-                x = p if p.dtype == dtype else p.to(dtype)
-                grad = p.grad.to(dtype, copy=True) if decays_coupled or p.grad.dtype != dtype else p.grad
-                if decays_coupled and decays(p, group):
-                    grad.add_(x, alpha=group["weight_decay"])
-                grads[p] = grad
-                sp = group["slice_p"]
-                sliced_grad = grad.reshape(-1) if sp == 1 else grad.reshape(-1)[::sp]
-                x_sliced = x.reshape(-1) if sp == 1 else x.reshape(-1)[::sp]
-                scratch = self.scratch(x).view(-1)  # flat: the sliced and s temporaries fit
-                dot = torch.dot(sliced_grad, torch.sub(state["p0"], x_sliced, out=scratch[:x_sliced.numel()]))
-                if beta1 > 0:
-                    if "exp_avg" not in state:  # β1 raised from 0 by a scheduler
-                        state["exp_avg"] = torch.zeros_like(state["exp_avg_sq"])
-                    state["exp_avg"].mul_(beta1).add_(grad, alpha=d * (1 - beta1))
-                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=d * d * (1 - beta2))
-                alpha = (d / d0) * d if group["safeguard_warmup"] else (d / d0) * dlr
-                state["s"].mul_(beta3).add_(sliced_grad, alpha=alpha)
-                stats[p] = (dot, torch.abs(state["s"], out=scratch[:state["s"].numel()]).sum())
+                if not self.state[p]:
+                    self.state[p].update(self._init_state(p, group))
+            if group["lr"] == 0 or not params:
+                continue  # frozen (see the docstring): state only
+            states = [self.state[p] for p in params]
+            dtypes = [s["exp_avg_sq"].dtype for s in states]
+            xs = [p if p.dtype == dtype else p.to(dtype) for p, dtype in zip(params, dtypes)]
+            gs = [p.grad if p.grad.dtype == dtype else p.grad.to(dtype) for p, dtype in zip(params, dtypes)]
+            if group["weight_decay"] != 0 and not g0["decouple"]:  # coupled: g + λ x, a new tensor (p.grad is kept)
+                coupled = [i for i, p in enumerate(params) if decays(p, group)]
+                if coupled:
+                    added = torch._foreach_add([gs[i] for i in coupled], [xs[i] for i in coupled],
+                                               alpha=group["weight_decay"])
+                    for i, g in zip(coupled, added):
+                        gs[i] = g
+            grads.update(zip(params, gs))
+            sp = group["slice_p"]
+            sliced_grads = [g.reshape(-1) if sp == 1 else g.reshape(-1)[::sp] for g in gs]
+            sliced_xs = [x.reshape(-1) if sp == 1 else x.reshape(-1)[::sp] for x in xs]
+            # x0 - x; an all-zero parameter's x0 is a 0-dim zero, expanded (a view) to the sliced shape
+            travelled = torch._foreach_sub([s["p0"].expand(x.shape) for s, x in zip(states, sliced_xs)], sliced_xs)
+            dots = [torch.dot(g, t) for g, t in zip(sliced_grads, travelled)]
+            if beta1 > 0:
+                for s in states:
+                    if "exp_avg" not in s:  # β1 raised from 0 by a scheduler
+                        s["exp_avg"] = torch.zeros_like(s["exp_avg_sq"])
+                exp_avgs = [s["exp_avg"] for s in states]
+                torch._foreach_mul_(exp_avgs, beta1)
+                torch._foreach_add_(exp_avgs, gs, alpha=d * (1 - beta1))
+            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, gs, gs, value=d * d * (1 - beta2))
+            alpha = (d / d0) * d if group["safeguard_warmup"] else (d / d0) * dlr
+            ss = [s["s"] for s in states]
+            torch._foreach_mul_(ss, beta3)
+            torch._foreach_add_(ss, sliced_grads, alpha=alpha)
+            for p, dot, abs_s in zip(params, dots, torch._foreach_abs(ss)):
+                stats[p] = (dot, abs_s.sum())
 
         # The sums over all parameters, in parameter order, as Python floats: the reference's arithmetic. In a
         # distributed run each owner fills its parameters' entries and one all-reduce gives every rank the same
@@ -330,23 +346,37 @@ class Prodigy(WhitenOptimizer):
                 for p in params:
                     self.state[p]["step"] += 1
                 continue
+            if not params:
+                continue
             decay = group["weight_decay"] if g0["decouple"] else 0.0
-            for p in params:
-                state = self.state[p]
+            states = [self.state[p] for p in params]
+            for state in states:
                 state["step"] += 1
-                v = state["exp_avg_sq"]
-                denom = torch.sqrt(v, out=self.scratch(v)).add_(d * group["eps"])
-                shrink = decay * dlr if decay != 0 and decays(p, group) else 0.0
+            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+            denoms = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_add_(denoms, d * group["eps"])
+            # the numerator: m, or with β1 = 0 the gradient (times D in the value)
+            numerators = [s["exp_avg"] for s in states] if beta1 > 0 else [grads[p] for p in params]
+            value = -dlr if beta1 > 0 else -dlr * d
+            shrink = decay * dlr  # the reference's θ - λ·d·lr·θ before the step
+            same = [i for i, p in enumerate(params) if p.dtype == exp_avg_sqs[i].dtype]
+            shrunk = [params[i] for i in same if decay != 0 and decays(params[i], group)]
+            if shrunk:
+                torch._foreach_add_(shrunk, shrunk, alpha=-shrink)
+            if same:
+                torch._foreach_addcdiv_([params[i] for i in same], [numerators[i] for i in same],
+                                        [denoms[i] for i in same], value=value)
+            for i, p in enumerate(params):  # a low-precision parameter: in the state's dtype, rounded once
+                if p.dtype == exp_avg_sqs[i].dtype:
+                    continue
+                shrink_p = shrink if decay != 0 and decays(p, group) else 0.0
 
-                def update(x, state=state, denom=denom, shrink=shrink, grad=grads.get(p)):
-                    if shrink:  # the reference's θ - λ·d·lr·θ before the step
+                def update(x, numerator=numerators[i], denom=denoms[i], shrink=shrink_p):
+                    if shrink:
                         x.add_(x, alpha=-shrink)
-                    if beta1 > 0:
-                        x.addcdiv_(state["exp_avg"], denom, value=-dlr)
-                    else:
-                        x.addcdiv_(grad, denom, value=-dlr * d)
+                    x.addcdiv_(numerator, denom, value=value)
 
-                write(p, v.dtype, update)
+                write(p, exp_avg_sqs[i].dtype, update)
         for group in self.param_groups:
             group["k"] += 1
 

@@ -429,12 +429,13 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                        bc2=[1.0 - beta2**t if bias_correction and beta2 < 1.0 else 1.0 for t in steps],
                        due=[(t % freq == 0 and t > start) or t == start for t in steps], eps=group["epsilon"])
             entries = [(i, b) for i, (_, blocks) in enumerate(layouts) for b, blk in enumerate(blocks) if blk.modes]
-            for i, (_, blocks) in enumerate(layouts):  # blocks without a factor take the grafted direction (Ḡ)
-                if i in ctx.active:
-                    for b, blk in enumerate(blocks):
-                        if not blk.modes:
-                            ctx.block(directions, i, b).copy_(ctx.block(graft_dirs if graft_dirs is not None
-                                                                        else gbar, i, b))
+            # blocks without a factor take the grafted direction (Ḡ without grafting), in one foreach copy
+            plain = [(i, b) for i, (_, blocks) in enumerate(layouts) if i in ctx.active
+                     for b, blk in enumerate(blocks) if not blk.modes]
+            if plain:
+                source = graft_dirs if graft_dirs is not None else gbar
+                torch._foreach_copy_([ctx.block(directions, i, b) for i, b in plain],
+                                     [ctx.block(source, i, b) for i, b in plain])
             stackable = (lambda e: len(layouts[e[0]][1][e[1]].dims) <= 2) if self.batched else (lambda e: False)
             alone = [e for e in entries if not stackable(e)]
             key = lambda e: ("shampoo", gi, layouts[e[0]][1][e[1]].dims, layouts[e[0]][1][e[1]].modes, dtypes[e[0]],
@@ -456,8 +457,18 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
             for e in alone:
                 failures += self._single_block(e, ctx)
 
-        # W <- W - lr*(P + wd*W), wd masked by role (the reference's L2 form, into the direction).
+        # W <- W - lr*(P + wd*W), wd masked by role (the reference's L2 form, into the direction). Each direction
+        # is this step's own tensor (never state or a gradient), so the decay goes into it in place. One launch per
+        # op for the parameters in their state's dtype; a low-precision one in that dtype, rounded once.
+        same = [i for i, p in enumerate(params) if p.dtype == dtypes[i]]
+        decayed = [i for i in same if wd and decays(params[i], group)]
+        if decayed:
+            torch._foreach_add_([directions[i] for i in decayed], [params[i] for i in decayed], alpha=wd)
+        if same:
+            torch._foreach_add_([params[i] for i in same], [directions[i] for i in same], alpha=-lr)
         for i, p in enumerate(params):
+            if p.dtype == dtypes[i]:
+                continue
             P, decay = directions[i], wd if decays(p, group) else 0.0
 
             def update(x, P=P, decay=decay):
@@ -556,8 +567,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
             P = torch.bmm(P, roots[1]) if 1 in roots else P.clone()
         D = torch.stack([c.block(c.graft_dirs, i, b) for i, b in act_entries]) if c.graft_dirs is not None else X
         P = _graft(P, D, c.graft_dirs is not None, tuple(range(1, order + 1)))
-        for (i, b), Pj in zip(act_entries, P.unbind(0)):
-            c.block(c.directions, i, b).copy_(Pj)
+        torch._foreach_copy_([c.block(c.directions, i, b) for i, b in act_entries], list(P.unbind(0)))
         return failures
 
     def _single_block(self, entry: tuple[int, int], c: "_Ctx") -> int:

@@ -309,12 +309,27 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         """theta <- (theta - step_size * direction) * (1 - lr*wd), in the state dtype for low-precision params."""
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
+        ps, ds, sizes, keeps = [], [], [], []
         for p, s, d, lay in items:
-            if group["normalize_grads"]:
+            if group["normalize_grads"]:  # a mean per tensor: foreach has no mean, this option stays per parameter
                 d = d / (1e-30 + d.square().mean().sqrt())
             t = s["step"] - 1  # Adam's step count: the first call made no update
             step_size = lr * ((1.0 - beta2**t) ** 0.5 / (1.0 - beta1**t) if group["correct_bias"] else 1.0)
-            step_to(p, d.dtype, d, -step_size, keep=1.0 - lr * group["weight_decay"] * lay.decay, decay_first=False)
+            keep = 1.0 - lr * group["weight_decay"] * lay.decay
+            if p.dtype != d.dtype:  # low precision: in the state's dtype, rounded once
+                step_to(p, d.dtype, d, -step_size, keep=keep, decay_first=False)
+            else:
+                ps.append(p), ds.append(d), sizes.append(step_size), keeps.append(keep)
+        if not ps:
+            return
+        # step_to's arithmetic, one launch per op: the add takes one alpha per call, so one call per step size
+        # (parameters whose step counts differ); the decay after the step, per-tensor scalars
+        by_size: dict[float, list[int]] = {}
+        for j, size in enumerate(sizes):
+            by_size.setdefault(size, []).append(j)
+        for size, js in by_size.items():
+            torch._foreach_add_([ps[j] for j in js], [ds[j] for j in js], alpha=-size)
+        torch._foreach_mul_(ps, keeps)
 
     def _qr_refresh(self, gi, group, params, layouts, due) -> None:
         """One power-iteration step per basis, ``Q <- qr(F Q_sorted)``, with v permuted and m carried over."""
