@@ -20,16 +20,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from host_syncs import counts  # noqa: E402
 
 CONFIGS = {
-    "float32": dict(),
-    "float64": dict(dtype=torch.float64),
-    "bfloat16 parameters": dict(dtype=torch.bfloat16),
-    "bf16 state": dict(state_dtype="bf16"),
-    "4-bit bases": dict(basis_bits=4),
-    "bf16 rotations": dict(rotation_dtype="bf16"),
-    "fixed ema rate": dict(ema_rate=0.99),
-    "no averaging": dict(ema_rate=None),
-    "one matrix at a time": dict(batched=False),
+    "SPlus": {
+        "float32": dict(),
+        "float64": dict(dtype=torch.float64),
+        "bfloat16 parameters": dict(dtype=torch.bfloat16),
+        "bf16 state": dict(state_dtype="bf16"),
+        "4-bit bases": dict(basis_bits=4),
+        "bf16 rotations": dict(rotation_dtype="bf16"),
+        "fixed ema rate": dict(ema_rate=0.99),
+        "no averaging": dict(ema_rate=None),
+        "one matrix at a time": dict(batched=False),
+    },
+    "ScheduleFreeAdamW": {
+        "float32": dict(),
+        "float64": dict(dtype=torch.float64),
+        "bfloat16 parameters": dict(dtype=torch.bfloat16),
+        "decay and warm-up": dict(weight_decay=0.1, warmup_steps=4),
+    },
 }
+SETTINGS = {"SPlus": dict(inverse_every=5), "ScheduleFreeAdamW": dict(lr=0.01)}
+CASES = [(name, config) for name, configs in CONFIGS.items() for config in configs]
 
 
 def _net(dtype=torch.float32) -> nn.Module:
@@ -38,11 +48,12 @@ def _net(dtype=torch.float32) -> nn.Module:
                          nn.Linear(16, 16), nn.Linear(16, 10)).to(dtype)
 
 
-def _run(sync_free: bool, bad: dict, steps: int = 23, dtype=torch.float32, **kw):
-    """SPlus on a small model for ``steps`` steps, refreshing every 5; ``bad``: {step: value} written into one
-    gradient entry at that step (NaN, inf). Returns the model, the optimizer, the warnings' texts."""
+def _run(sync_free: bool, bad: dict, steps: int = 23, dtype=torch.float32, name: str = "SPlus", **kw):
+    """``name`` on a small model for ``steps`` steps (SPlus refreshing every 5); ``bad``: {step: value} written
+    into one gradient entry at that step (NaN, inf, a huge finite value). Returns the model, the optimizer, its
+    counters and the non-finite warnings' texts."""
     net = _net(dtype)
-    opt = whiten.SPlus(whiten.param_groups(net), inverse_every=5, sync_free=sync_free, **kw)
+    opt = getattr(whiten, name)(whiten.param_groups(net), sync_free=sync_free, **{**SETTINGS[name], **kw})
     gen = torch.Generator().manual_seed(1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -72,20 +83,24 @@ def _assert_same_state(a: dict, b: dict) -> None:
                 assert v == w, (i, k)
 
 
-# bad steps: ordinary ones (deferred), the first step, a refresh step (both on the host), two in a row
+# bad steps: ordinary ones (deferred), the first step, a refresh step (both on the host), two in a row; and a huge
+# finite gradient whose square overflows a second moment (restarted at the next step, on the host)
 BAD = {0: float("nan"), 3: float("nan"), 7: float("inf"), 8: float("-inf"), 10: float("nan"), 16: float("nan")}
+HUGE = {12: 1e30}
 
 
-@pytest.mark.parametrize("config", CONFIGS)
-def test_sync_free_equals_the_default_path_bit_for_bit(config):
-    kw = CONFIGS[config]
-    net_a, opt_a, counters_a, warned_a = _run(False, BAD, **kw)
-    net_b, opt_b, counters_b, warned_b = _run(True, BAD, **kw)
+@pytest.mark.parametrize("name,config", CASES)
+def test_sync_free_equals_the_default_path_bit_for_bit(name, config):
+    kw = CONFIGS[name][config]
+    net_a, opt_a, counters_a, warned_a = _run(False, {**BAD, **HUGE}, name=name, **kw)
+    net_b, opt_b, counters_b, warned_b = _run(True, {**BAD, **HUGE}, name=name, **kw)
     for p, q in zip(net_a.parameters(), net_b.parameters()):
         assert torch.equal(p, q)
     _assert_same_state(opt_a.state_dict(), opt_b.state_dict())
     assert counters_a == counters_b and counters_a["skipped_steps"] == len(BAD)
     assert len(warned_a) == len(warned_b) == len(BAD)
+    if name == "ScheduleFreeAdamW" and kw.get("dtype") != torch.float64:
+        assert counters_a["factor_restarts"] == 1  # the overflowed second moment, restarted on both paths
 
 
 def test_the_deferred_steps_are_the_ordinary_ones():
@@ -104,6 +119,26 @@ def test_the_deferred_steps_are_the_ordinary_ones():
             calls.clear()
     # steps 1 (state created), 5 and 10 (refreshes) decide on the host; the others on the device
     assert deferred == [2, 3, 4, 6, 7, 8, 9, 11, 12]
+
+
+def test_an_overflowed_second_moment_is_restarted_on_the_host():
+    """Schedule-Free AdamW's second moments are checked on the device after each step; the step after one
+    overflowed (a huge finite gradient) takes the host path, which restarts it, and the others stay deferred."""
+    host_steps = []
+    net = _net()
+    opt = whiten.ScheduleFreeAdamW(whiten.param_groups(net), lr=0.01, sync_free=True)
+    real = opt.grads_are_finite
+    opt.grads_are_finite = lambda work: (host_steps.append(step), real(work))[1]
+    for step in range(1, 9):
+        opt.zero_grad()
+        net(torch.randint(0, 10, (4, 3))).square().mean().backward()
+        if step == 4:
+            net[3].weight.grad[1, 2] = 1e30
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+    assert host_steps == [1, 5]  # the state created; the restart
+    assert opt.counters["factor_restarts"] == 1
 
 
 def test_a_skipped_step_changes_no_tensor_and_is_counted_when_read():
@@ -207,11 +242,13 @@ def test_checkpoints_and_copies_resolve_the_last_step():
     _assert_same_state(whole.state_dict(), opt.state_dict())
 
 
-def test_an_ordinary_step_reads_nothing_from_the_device():
+@pytest.mark.parametrize("name", CONFIGS)
+def test_an_ordinary_step_reads_nothing_from_the_device(name):
+    lagged = 1 if getattr(whiten, name).SECOND_MOMENT_KEY is None else 2  # and the second moments' flag
     for blocks in (4, 16):
-        c = counts("SPlus", blocks, accelerator=True, sync_free=True)
-        assert c.syncs == 0 and c.lagged == 1, c  # the last step's flags, from host memory
-    assert counts("SPlus", 4, accelerator=True).syncs == 1  # the default: the check's read
+        c = counts(name, blocks, accelerator=True, sync_free=True)
+        assert c.syncs == 0 and c.lagged == lagged, c  # the last step's flags, from host memory
+    assert counts(name, 4, accelerator=True).syncs == 1  # the default: the check's read
 
 
 def test_sync_free_is_checked():

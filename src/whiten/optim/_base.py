@@ -361,6 +361,8 @@ class WhitenOptimizer(DeferredCheck, Checkpoints, StackedState, torch.optim.Opti
                 with self.experts(work, work) as (everyone, owned):
                     self.before_step(everyone)
                     self.apply_step(owned)
+            if self.sync_free and self.SECOND_MOMENT_KEY is not None:
+                self.check_moments_after_step()
         else:
             self._distributed_step(ctx, work)
         if not getattr(self, "_memory_checked", False) and self.state:

@@ -250,6 +250,7 @@ class Checkpoints:
         parameters' state in the dtypes this optimizer keeps, the optimizer-wide state, the groups' settings (a
         setting the checkpoint predates takes this optimizer's default)."""
         self.resolve_pending()  # the last step's policy applies (a warning, or raise) before its state is replaced
+        self._moments_after = None  # the loaded second moments are checked on the host at the next step
         self.check_state_dict(state_dict)
         global_state = self.saved_global_state(state_dict)
         super().load_state_dict(state_dict)

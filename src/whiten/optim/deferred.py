@@ -68,8 +68,10 @@ class DeferredCheck:
         return True
 
     def can_defer(self, work) -> bool:
-        if not (self.sync_free and self.SYNC_FREE) or self.SECOND_MOMENT_KEY is not None:
+        if not (self.sync_free and self.SYNC_FREE):
             return False
+        if self.SECOND_MOMENT_KEY is not None and not self._moments_finite():
+            return False  # overflowed second moments (or not known): the host path restarts them
         params = [p for _, ps in work for p in ps]
         if not params or len({p.grad.device for p in params}) != 1:
             return False
@@ -82,14 +84,7 @@ class DeferredCheck:
         (read at the next step) says a gradient was not finite."""
         params = [p for _, ps in work for p in ps]
         flags, order = device_finite_flags([p.grad for p in params])
-        event = None
-        if flags.device.type == "cuda":  # the copy is queued before the step's kernels: ready early
-            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-            host.copy_(flags, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host = flags.cpu()
+        host, event = _to_host(flags)  # queued before the step's kernels: ready early
         snapshot = self._python_state(work)
         self._ok = flags.all()
         try:
@@ -112,9 +107,7 @@ class DeferredCheck:
             return
         self._pending_check = None
         host, event, undo, where = pending
-        if event is not None:
-            event.synchronize()
-        flags = read_flags(host)
+        flags = _read(host, event)
         if all(flags):
             return
         self._restore_python_state(undo)
@@ -122,6 +115,24 @@ class DeferredCheck:
         self._nonfinite(f"{type(self).__name__}: non-finite gradient in {len(bad)} parameter(s) (first: group "
                         f"{bad[0][0]}, shape {bad[0][1]}) at the last step (sync_free: read one step later)",
                         stacklevel=5)
+
+    def check_moments_after_step(self) -> None:
+        """With second moments (``SECOND_MOMENT_KEY``): whether all of them are finite after this step, computed on
+        the device and copied to the host without waiting, for the next step's :meth:`can_defer`. The default
+        check reads them with the gradients at the next step and restarts an overflowed one (a huge finite
+        gradient squared); a sync-free step takes the host path then, and only then."""
+        key = self.SECOND_MOMENT_KEY
+        moments = [v for s in self.state.values() if isinstance(v := s.get(key), torch.Tensor)]
+        if not moments or len({v.device for v in moments}) != 1:
+            self._moments_after = None
+            return
+        flags, _ = device_finite_flags(moments)
+        self._moments_after = _to_host(flags.all().reshape(1))
+
+    def _moments_finite(self) -> bool:
+        """Whether every second moment was finite after the last step (False when not known: after a load)."""
+        known = self.__dict__.get("_moments_after")
+        return known is not None and all(_read(*known))
 
     def _python_state(self, work) -> list[tuple[dict, dict]]:
         """The dicts a step may change outside its tensors, each with a shallow copy: every group's settings (the
@@ -156,6 +167,23 @@ class DeferredCheck:
 
 
 _MISSING = object()
+
+
+def _to_host(flags: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """A host copy of device flags, queued without waiting (pinned memory and an event on a GPU)."""
+    if flags.device.type != "cuda":
+        return flags.cpu(), None
+    host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+    host.copy_(flags, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _read(host: torch.Tensor, event) -> list[bool]:
+    if event is not None:
+        event.synchronize()  # the device has long passed it: the copy was queued a step ago
+    return read_flags(host)
 
 
 def _plain(v) -> bool:

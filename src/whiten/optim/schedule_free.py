@@ -8,7 +8,7 @@ import torch
 from ..averaging import SwapsWeights
 from ._base import WhitenOptimizer
 from .checks import check_betas, check_int, check_lr, check_range, check_role, check_weight_decay
-from .update import decays, grads_in, state_dtype
+from .update import commit, decays, grads_in, state_dtype
 
 __all__ = ["ScheduleFreeAdamW"]
 
@@ -50,11 +50,14 @@ class ScheduleFreeAdamW(SwapsWeights, WhitenOptimizer):
         process_group: a ``torch.distributed`` group (DDP: replicated parameters, averaged gradients); default
             None: one process, or the mesh of DTensor (FSDP2) parameters. The step is elementwise: every rank steps
             the block of each parameter it holds, with nothing exchanged; the numbers are those of one process.
+        sync_free: False (default) or True: an ordinary step never waits for the device; the non-finite check is
+            decided there, every write masked by it, and read one step later (see :class:`whiten.SPlus`).
 
     Reference: A. Defazio et al., "The Road Less Scheduled", NeurIPS 2024.
     """
 
     SECOND_MOMENT_KEY = "exp_avg_sq"  # restarted where it overflowed (WhitenOptimizer.restart_overflowed_moments)
+    SYNC_FREE = True  # its ordinary step masks every write (whiten.optim.deferred)
 
     def __init__(
         self,
@@ -68,11 +71,12 @@ class ScheduleFreeAdamW(SwapsWeights, WhitenOptimizer):
         weight_lr_power: float = 2.0,
         nonfinite: str = "skip",
         process_group=None,
+        sync_free: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
                         weight_lr_power=weight_lr_power, role=None, k=0, train_mode=True, weight_sum=0.0,
                         lr_max=-1.0, scheduled_lr=0.0)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
 
     def validate_group(self, group: dict) -> None:
         check_lr("lr", group["lr"])
@@ -143,6 +147,10 @@ class ScheduleFreeAdamW(SwapsWeights, WhitenOptimizer):
         """Every group: eval() puts x in place of y (see WhitenOptimizer.state_dict)."""
         return True
 
+    def needs_host_check(self, work) -> bool:
+        """A sync-free step is one where every parameter with a gradient has its state."""
+        return any(not self.state.get(p) for _, params in work for p in params)
+
     def check_can_step(self) -> None:
         if self.in_eval_mode:
             raise RuntimeError("ScheduleFreeAdamW.step() called in eval mode: the parameters hold the averaged "
@@ -173,9 +181,12 @@ class ScheduleFreeAdamW(SwapsWeights, WhitenOptimizer):
         v = [self.state[p]["exp_avg_sq"] for p in params]
         grads = grads_in(params, z)
         y = [p if p.dtype == zi.dtype else p.to(zi.dtype) for p, zi in zip(params, z)]
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, grads, grads, 1.0 - beta2)
-        denom = torch._foreach_div(v, 1.0 - beta2 ** (k + 1))
+        ok = self._ok  # a sync-free step's device-side flag: the new values are computed aside and committed
+        new_v = torch._foreach_mul(v, beta2) if ok is not None else v
+        if ok is None:
+            torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(new_v, grads, grads, 1.0 - beta2)
+        denom = torch._foreach_div(new_v, 1.0 - beta2 ** (k + 1))
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, group["eps"])
         step = torch._foreach_div(grads, denom)  # new tensors: p.grad stays the user's (the reference divides it)
@@ -183,9 +194,15 @@ class ScheduleFreeAdamW(SwapsWeights, WhitenOptimizer):
             decayed = [i for i, p in enumerate(params) if decays(p, group)]
             if decayed:
                 torch._foreach_add_([step[i] for i in decayed], [y[i] for i in decayed], alpha=group["weight_decay"])
-        torch._foreach_lerp_(y, z, c)
-        torch._foreach_add_(y, step, alpha=lr * (beta1 * (1.0 - c) - 1.0))
-        torch._foreach_sub_(z, step, alpha=lr)
-        for p, yi in zip(params, y):
-            if yi is not p:  # low-precision parameter: computed in the state dtype, rounded once
-                p.copy_(yi)
+        new_y = torch._foreach_lerp(y, z, c) if ok is not None else y
+        if ok is None:
+            torch._foreach_lerp_(y, z, c)
+        torch._foreach_add_(new_y, step, alpha=lr * (beta1 * (1.0 - c) - 1.0))
+        if ok is None:
+            torch._foreach_sub_(z, step, alpha=lr)
+            for p, yi in zip(params, y):
+                if yi is not p:  # low-precision parameter: computed in the state dtype, rounded once
+                    p.copy_(yi)
+            return
+        for dst, new in zip(v + z + params, new_v + torch._foreach_sub(z, step, alpha=lr) + new_y):
+            commit(dst, new, ok)
