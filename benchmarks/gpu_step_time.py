@@ -193,12 +193,13 @@ def step_table(args, device) -> list[dict]:
     return results
 
 
-TRAIN_OPTIMIZERS = ["adamw", "splus", "splus+nocheck", "splus-bf16", "soap", "muon", "psgd-kron",
-                    "schedule-free-adamw", "scion"]
+TRAIN_OPTIMIZERS = ["adamw", "splus", "splus+syncfree", "splus+nocheck", "splus-bf16", "soap", "muon", "psgd-kron",
+                    "schedule-free-adamw", "schedule-free-adamw+syncfree", "scion"]
 # "<name>+nocheck": the optimizer with its non-finite check turned off (no host sync: a non-finite gradient would
 # reach the state). Not a setting for training; it measures what the check's one host sync per step costs in a
-# pipelined loop, the most that a device-side check could save (issue 22, item 1).
-NOCHECK = "+nocheck"
+# pipelined loop, the most that a device-side check could save (issue 22, item 1). "<name>+syncfree": with
+# sync_free=True (the check decided on the device, writes masked: no host sync, more kernels).
+NOCHECK, SYNCFREE = "+nocheck", "+syncfree"
 
 
 def train_table(args, device) -> list[dict]:
@@ -213,7 +214,7 @@ def train_table(args, device) -> list[dict]:
             torch.manual_seed(0)
             model = GPT(vocab_size=args.train_vocab, ctx=args.train_ctx, width=args.train_width,
                         depth=args.train_depth, heads=args.train_heads).to(device)
-            base_name = name.removesuffix(NOCHECK)
+            base_name = name.removesuffix(NOCHECK).removesuffix(SYNCFREE)
             spec = get_spec(base_name)
             if base_name == "adamw" and device.type == "cuda":
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
@@ -223,6 +224,9 @@ def train_table(args, device) -> list[dict]:
             if name.endswith(NOCHECK):
                 opt.grads_are_finite = lambda work: True
                 record["note"] = "finiteness check off (no host sync)"
+            if name.endswith(SYNCFREE):
+                opt.sync_free = True  # as sync_free=True in the constructor (the registry builds it)
+                record["note"] = "sync_free=True"
             g = torch.Generator(device="cpu").manual_seed(0)
             x = torch.randint(0, args.train_vocab, (args.train_batch, args.train_ctx), generator=g).to(device)
             y = torch.randint(0, args.train_vocab, (args.train_batch, args.train_ctx), generator=g).to(device)

@@ -16,6 +16,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 # the optimizer step at GPT-2-small shapes, then at width 2048 (4 blocks), then the training step
 timeout 240 python3 benchmarks/gpu_step_time.py --parts step --out "$OUT/step-768.json" 2>&1 | tee "$OUT/step-768.md"
-timeout 120 python3 benchmarks/gpu_step_time.py --parts step --width 2048 --blocks 4 \
+timeout 100 python3 benchmarks/gpu_step_time.py --parts step --width 2048 --blocks 4 \
     --algorithms splus,soap,muon,psgd-kron,schedule-free-adamw --out "$OUT/step-2048.json" 2>&1 | tee "$OUT/step-2048.md"
-timeout 170 python3 benchmarks/gpu_step_time.py --parts train --out "$OUT/train.json" 2>&1 | tee "$OUT/train.md"
+timeout 190 python3 benchmarks/gpu_step_time.py --parts train --out "$OUT/train.json" 2>&1 | tee "$OUT/train.md"
