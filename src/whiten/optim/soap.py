@@ -17,7 +17,7 @@ from .checks import (check_betas, check_bool, check_ema_rate, check_int, check_l
 from .quantize import check_basis_bits
 from .sides import ALWAYS_KEPT_SIDE, check_max_factor_ratio, kept_sides
 from .stacks import bucket
-from .update import decays, grad_in, state_dtype, step_to, stored_dtype
+from .update import commit, decays, grad_in, state_dtype, step_to, stored_dtype
 
 __all__ = ["SOAP"]
 
@@ -106,6 +106,8 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
             averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
             Each parameter's step runs on one owner rank; the numbers are those of one process.
+        sync_free: False (default) or True: an ordinary step never waits for the device; the non-finite check is
+            decided there, every write masked by it, and read one step later (see :class:`whiten.SPlus`).
         batched: process same-shape matrices as one stack (default True).
         rotation_dtype: None (default) or ``torch.bfloat16`` (also ``"bf16"``/``"bfloat16"``): the dtype of the two
             per-step rotations, the gradient into the eigenbasis and the Adam direction out of it (the gradient,
@@ -144,6 +146,7 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
                                      "an entry against 4")}  # see memory_report
 
     SECOND_MOMENT_KEY = "exp_avg_sq"  # restarted where it overflowed (WhitenOptimizer.restart_overflowed_moments)
+    SYNC_FREE = True  # its ordinary step masks every write (whiten.optim.deferred)
 
     def __init__(
         self,
@@ -161,6 +164,7 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         ema_rate: float | None = None,
         nonfinite: str = "skip",
         process_group=None,
+        sync_free: bool = False,
         batched: bool = True,
         rotation_dtype: torch.dtype | str | None = None,
         state_dtype: torch.dtype | str | None = None,
@@ -174,7 +178,7 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
                         ema_rate=ema_rate, role=None, rotation_dtype=rotation_dtype,
                         state_dtype=state_dtype, basis_bits=basis_bits)
         self.batched = bool(batched)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
 
     def validate_group(self, group: dict) -> None:
         check_lr("lr", group["lr"])
@@ -249,7 +253,7 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
                 D = unrotate(D if low is None else D.to(low), S.get("basis_left"), S.get("basis_right"))
                 for j, i in enumerate(idxs):
                     direction[i] = D[j].view(params[i].shape).to(dtype_of[i])
-            self._apply(group, [(params[i], states[i], direction[i], layouts[i]) for i in rest])
+            self._apply(group, [(params[i], states[i], direction[i], layouts[i]) for i in rest], self._ok)
 
         # Factors take the raw gradient; new bases at the first call (eigh) and every precondition_frequency
         # updates (power iteration + QR).
@@ -257,7 +261,14 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         for i, (p, lay) in enumerate(zip(params, layouts)):
             if lay.matrix is not None:
                 s = states[i]
-                update_factors(s.get("factor_left"), s.get("factor_right"), grads[i].reshape(lay.matrix), beta_s)
+                factors = [s.get("factor_left"), s.get("factor_right")]
+                if self._ok is not None:  # a sync-free step: updated on copies, committed
+                    factors = [None if f is None else f.clone() for f in factors]
+                update_factors(*factors, grads[i].reshape(lay.matrix), beta_s)
+                if self._ok is not None:
+                    for key, new in zip(("factor_left", "factor_right"), factors):
+                        if new is not None:
+                            commit(s[key], new, self._ok)
         first = [i for i, s in enumerate(states) if s["step"] == 1]
         if first:
             # descending eigenvalue order, as the reference
@@ -267,6 +278,18 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         due = [i for i in rest if layouts[i].matrix is not None and (states[i]["step"] - 1) % freq == 0]
         if due:
             self._qr_refresh(gi, group, params, layouts, due)
+
+    def needs_host_check(self, work) -> bool:
+        """A sync-free step is an ordinary one: every parameter has its state and has been stepped once (the first
+        call builds the bases), and no basis is due for a refresh."""
+        for group, params in work:
+            for p in params:
+                state = self.state.get(p)
+                if not state or state["step"] == 0:
+                    return True
+                if _layout(p, group).matrix is not None and state["step"] % group["precondition_frequency"] == 0:
+                    return True  # (step + 1 - 1) % freq: _step_group's refresh rule for this step
+        return False
 
     def _bucket_key(self, gi: int, group: dict, p: torch.Tensor):
         if not self.batched:
@@ -292,12 +315,20 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         if any(x.dtype != r.dtype for x, r in zip(m, rotated)):  # state_dtype: float32 arithmetic, rounded once
             stored = (m, v)
             m, v = [x.to(r.dtype) for x, r in zip(m, rotated)], [x.to(r.dtype) for x, r in zip(v, rotated)]
-        torch._foreach_lerp_(m, rotated, 1.0 - beta1)
-        torch._foreach_mul_(v, beta2)
+        ok = self._ok  # a sync-free step's device-side flag: the new moments are computed aside and committed
+        if ok is None or stored is not None:  # (state_dtype: m and v are already float32 copies)
+            torch._foreach_lerp_(m, rotated, 1.0 - beta1)
+            torch._foreach_mul_(v, beta2)
+        else:
+            kept_m, kept_v = m, v
+            m, v = torch._foreach_lerp(m, rotated, 1.0 - beta1), torch._foreach_mul(v, beta2)
         torch._foreach_addcmul_(v, rotated, rotated, 1.0 - beta2)
+        if ok is not None and stored is None:
+            for kept, new in zip(kept_m + kept_v, m + v):
+                commit(kept, new, ok)
         if stored is not None:
             for kept, new in zip(stored[0] + stored[1], m + v):
-                kept.copy_(new)
+                commit(kept, new, ok)
             # the step uses the stored (rounded) moments, so it is a function of the state a checkpoint holds
             m, v = [x.to(r.dtype) for x, r in zip(stored[0], rotated)], [x.to(r.dtype) for x, r in zip(stored[1], rotated)]
         denom = torch._foreach_sqrt(v)
@@ -305,8 +336,9 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         return torch._foreach_div(m, denom)
 
     @staticmethod
-    def _apply(group, items) -> None:
-        """theta <- (theta - step_size * direction) * (1 - lr*wd), in the state dtype for low-precision params."""
+    def _apply(group, items, ok=None) -> None:
+        """theta <- (theta - step_size * direction) * (1 - lr*wd), in the state dtype for low-precision params.
+        ``ok``: a sync-free step's flag (the new values computed aside and committed, the same arithmetic)."""
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
         ps, ds, sizes, keeps = [], [], [], []
@@ -317,7 +349,10 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             step_size = lr * ((1.0 - beta2**t) ** 0.5 / (1.0 - beta1**t) if group["correct_bias"] else 1.0)
             keep = 1.0 - lr * group["weight_decay"] * lay.decay
             if p.dtype != d.dtype:  # low precision: in the state's dtype, rounded once
-                step_to(p, d.dtype, d, -step_size, keep=keep, decay_first=False)
+                if ok is None:
+                    step_to(p, d.dtype, d, -step_size, keep=keep, decay_first=False)
+                else:  # step_to's arithmetic on a copy, committed
+                    commit(p, p.to(d.dtype).add_(d, alpha=-step_size).mul_(keep), ok)
             else:
                 ps.append(p), ds.append(d), sizes.append(step_size), keeps.append(keep)
         if not ps:
@@ -327,9 +362,17 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         by_size: dict[float, list[int]] = {}
         for j, size in enumerate(sizes):
             by_size.setdefault(size, []).append(j)
+        new = ps if ok is None else [None] * len(ps)
         for size, js in by_size.items():
-            torch._foreach_add_([ps[j] for j in js], [ds[j] for j in js], alpha=-size)
-        torch._foreach_mul_(ps, keeps)
+            if ok is None:
+                torch._foreach_add_([ps[j] for j in js], [ds[j] for j in js], alpha=-size)
+            else:
+                for j, n in zip(js, torch._foreach_add([ps[j] for j in js], [ds[j] for j in js], alpha=-size)):
+                    new[j] = n
+        torch._foreach_mul_(new, keeps)
+        if ok is not None:
+            for p, n in zip(ps, new):
+                commit(p, n, ok)
 
     def _qr_refresh(self, gi, group, params, layouts, due) -> None:
         """One power-iteration step per basis, ``Q <- qr(F Q_sorted)``, with v permuted and m carried over."""
