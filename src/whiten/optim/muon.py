@@ -14,7 +14,7 @@ from ._base import WhitenOptimizer
 from .checks import (check_bool, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
 from .stacks import bucket
-from .update import decays, grad_in, state_dtype, step_to, stored_dtype
+from .update import decays, grad_in, state_dtype, step_all, stored_dtype
 from .adamw_path import AdamWPath, adamw_step, check_adamw_path
 
 __all__ = ["Muon", "OrthogonalMomentum"]
@@ -140,28 +140,27 @@ class OrthogonalMomentum(AdamWPath, AveragingMixin, WhitenOptimizer):
         shapes = [(m, n) for _, m, n in views]
         key = (lambda i: (shapes[i], moms[i].dtype, moms[i].device)) if self.batched else (lambda i: i)
         for idxs in bucket(range(len(params)), key).values():
-            # The direction is written straight into the stack Newton–Schulz works in (no per-matrix temporaries,
-            # no stacking copy); Nesterov's is (1-mu) g + mu B, so p.grad stays the user's.
+            # The direction is built in the stack Newton–Schulz works in, a launch per op for the whole bucket;
+            # Nesterov's is (1-mu) g + mu B (g copied into the stack, then lerped in place), so p.grad stays the
+            # user's.
             m, n = shapes[idxs[0]]
             starts = [0]
             for i in idxs:
                 starts.append(starts[-1] + counts[i])
-            X = torch.empty((starts[-1], m, n), dtype=moms[idxs[0]].dtype, device=moms[idxs[0]].device)
-            for j, i in enumerate(idxs):
-                rows = X[starts[j]:starts[j + 1]]
-                if group["nesterov"]:
-                    torch.lerp(grads[i].reshape(rows.shape), moms[i].reshape(rows.shape), mu, out=rows)
-                else:
-                    rows.copy_(moms[i].reshape(rows.shape))
-            O = self._orthogonalize(X, group)
+            X = torch.cat([(grads[i] if group["nesterov"] else moms[i]).reshape(-1, m, n) for i in idxs])
+            if group["nesterov"]:
+                rows = [X[starts[j]:starts[j + 1]] for j in range(len(idxs))]
+                torch._foreach_lerp_(rows, [moms[i].reshape(r.shape) for i, r in zip(idxs, rows)], mu)
+            # in ns_dtype; the step's dtype lets one fused add take the bucket (widening from bfloat16 is exact: the
+            # same numbers as add_ promoting the direction, as torch.optim.Muon)
+            O = self._orthogonalize(X, group).to(X.dtype)
             if group.get("transposed"):  # stored (in, out) (Conv1D); NS commutes with the transpose, the scale not
                 m, n = n, m
             step = -lr * self._lr_multiplier(m, n, group)
-            for j, i in enumerate(idxs):
-                p = params[i]
-                keep = 1.0 - lr * group["weight_decay"] * decays(p, group)
-                u = O[starts[j]:starts[j + 1]].view(p.shape)  # in ns_dtype: add_ promotes it, as torch.optim.Muon
-                step_to(p, moms[i].dtype, u, step, keep=keep)
+            ps = [params[i] for i in idxs]
+            step_all(ps, [moms[i].dtype for i in idxs],
+                     [O[starts[j]:starts[j + 1]].view(p.shape) for j, p in enumerate(ps)],
+                     [1.0 - lr * group["weight_decay"] * decays(p, group) for p in ps], alpha=step)
 
 class Muon(OrthogonalMomentum):
     r"""Muon for hidden matrices and AdamW for every other parameter, in one torch optimizer.

@@ -13,7 +13,7 @@ from ..roles import ROLES, role_from_shape
 from ._base import WhitenOptimizer
 from .checks import check_bool, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
 from .stacks import bucket
-from .update import grads_in, state_dtype, step_to
+from .update import grads_in, state_dtype, step_all
 
 __all__ = ["Scion", "NORMS", "ROLE_NORMS"]
 
@@ -40,6 +40,9 @@ ROLE_NORMS = {
     "vector": ("BiasRMS", {}),
 }
 NS_EPS = 1e-7  # the reference's guard on the Frobenius normalization before Newton–Schulz
+# The longest vector whose BiasRMS is taken as a row of a stack: aten's CPU grain size. A shorter row is summed
+# serially alone and in a stack alike (same bits); a longer one alone may be split between threads.
+STACK_ROW_LIMIT = 32768
 
 
 def resolve_norm(p: torch.Tensor, group: dict) -> tuple[str, dict]:
@@ -125,6 +128,17 @@ def lmo(g: torch.Tensor, name: str, options: dict, eps: float, transposed: bool 
             rms.mul_(math.sqrt(M.shape[-1]))
     u = M.div_(rms.add_(eps))
     return (u.mT if options["transpose"] else u).reshape(shape)
+
+
+def bias_rms_rows(X: torch.Tensor, eps: float) -> torch.Tensor:
+    """``lmo(x, "BiasRMS")`` of every row ``x`` of a (k, n) stack, in place: the same ops as :func:`lmo` on one
+    vector (each row divided by its own max|x|), one launch per op for all the rows."""
+    c = X.abs().amax(dim=1, keepdim=True)
+    c = torch.where(c > 0, c, torch.ones_like(c))
+    eps = eps / c
+    X = X.div_(c)
+    rms = X.square().mean(dim=1, keepdim=True).sqrt_()
+    return X.div_(rms.add_(eps))
 
 
 def _init_value(shape: tuple[int, ...], device, name: str, options: dict, transposed: bool, generator,
@@ -410,8 +424,15 @@ class Scion(AveragingMixin, WhitenOptimizer):
         updates: list = [None] * len(params)
         factors = [_radius(p, group) for p in params]
         spectral = [i for i, (name, _) in enumerate(norms) if name in SPECTRAL]
+        # Vectors (biases, norm gains: the non-spectral parameters of every block) take BiasRMS as rows of one
+        # stack per length; the other LMOs (embeddings, heads: a few per model) are taken one tensor at a time.
+        vectors = [i for i, (name, _) in enumerate(norms)
+                   if name == "BiasRMS" and bd == 0 and params[i].ndim == 1 and params[i].numel() < STACK_ROW_LIMIT]
+        for idxs in bucket(vectors, lambda i: (params[i].numel(), moms[i].dtype, moms[i].device)).values():
+            for i, u in zip(idxs, bias_rms_rows(torch.stack([moms[i] for i in idxs]), group["eps"])):
+                updates[i] = u
         for i, (name, options) in enumerate(norms):
-            if name not in SPECTRAL:
+            if name not in SPECTRAL and updates[i] is None:
                 updates[i] = lmo(moms[i], name, options, group["eps"], transposed, bd)
         def steps_of(i: int) -> int:  # a norm's own ``steps`` (the reference's norm_kwargs) wins over ns_steps
             steps = norms[i][1].get("steps")
@@ -425,19 +446,21 @@ class Scion(AveragingMixin, WhitenOptimizer):
             starts = [0]
             for i in idxs:
                 starts.append(starts[-1] + math.prod(views[i][0]))
-            X = torch.empty((starts[-1], m, n), dtype=moms[idxs[0]].dtype, device=moms[idxs[0]].device)
-            for j, i in enumerate(idxs):
-                rows = X[starts[j]:starts[j + 1]]
-                rows.copy_(moms[i].reshape(rows.shape))
+            X = torch.cat([moms[i].reshape(-1, m, n) for i in idxs])  # one copy into the stack
             dtype = group["ns_dtype"] or (torch.bfloat16 if X.device.type == "cuda" else X.dtype)
             O = newton_schulz(X, steps_of(idxs[0]), group["ns_coefficients"], NS_EPS, dtype, overwrite=True)
+            # the step's dtype, so that one fused add takes every parameter (widening from bfloat16 is exact: the
+            # same numbers as add_ promoting the direction)
+            O = O.to(X.dtype)
             for j, i in enumerate(idxs):
                 updates[i] = O[starts[j]:starts[j + 1]].view(params[i].shape)
                 factors[i] *= spectral_factor(params[i].shape[bd:], *norms[i], transposed)
 
         keep = 1.0 - lr * ((0.0 if group["unconstrained"] else 1.0) + group["weight_decay"])
-        for p, m, u, f in zip(params, moms, updates, factors):
-            step_to(p, m.dtype, u, -lr * f, keep=keep)
+        # one fused step per distinct step size (radius × the spectral factor: a few per group)
+        for idxs in bucket(range(len(params)), lambda i: factors[i]).values():
+            step_all([params[i] for i in idxs], [moms[i].dtype for i in idxs], [updates[i] for i in idxs],
+                     [keep] * len(idxs), alpha=-lr * factors[idxs[0]])
 
     # ----- initialization -----------------------------------------------------------------------------------------
     @torch.no_grad()
