@@ -21,7 +21,7 @@ FLAT = 1.2
 CEILINGS = {
     "SPlus": (1, FLAT), "SOAP": (1, 2.52), "Shampoo": (1, 1.92), "PSGDKron": (2, FLAT), "Muon": (2, 1.60),
     "SpecGD": (2, 1.39), "Scion": (2, 3.67), "Conda": (1, 3.80), "Prodigy": (2, 3.84), "ScheduleFreeAdamW": (1, FLAT),
-    "TNT": (1, 3.63), "Sophia": (1, FLAT), "KFAC": (2, 3.62), "EKFAC": (2, 3.65), "MFAC": (2, 3.71),
+    "TNT": (1, FLAT), "Sophia": (1, FLAT), "KFAC": (2, 2.06), "EKFAC": (2, 2.00), "MFAC": (2, FLAT),
 }
 
 
