@@ -21,7 +21,7 @@ FLAT = 1.2
 CEILINGS = {
     "SPlus": (1, FLAT), "SOAP": (1, FLAT), "Shampoo": (1, FLAT), "PSGDKron": (1, FLAT), "Muon": (2, FLAT),
     "SpecGD": (2, FLAT), "Scion": (2, FLAT), "Conda": (1, FLAT), "Prodigy": (2, 1.80), "ScheduleFreeAdamW": (1, FLAT),
-    "TNT": (1, 3.63), "Sophia": (1, FLAT), "KFAC": (2, 3.62), "EKFAC": (2, 3.65), "MFAC": (2, 3.71),
+    "TNT": (1, FLAT), "Sophia": (1, FLAT), "KFAC": (2, 2.06), "EKFAC": (2, 2.00), "MFAC": (2, FLAT),
 }
 
 

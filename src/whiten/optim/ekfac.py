@@ -11,7 +11,7 @@ from torch import nn
 from ..distributed import all_reduce_flat, broadcast_flat
 from .checks import check_int
 from .kfac import KFAC
-from .kfac_layers import Layer, Ready, layer_stat_dtype
+from .kfac_layers import Layer, Ready, by_value, cast_all, layer_stat_dtype
 
 __all__ = ["EKFAC"]
 
@@ -166,14 +166,27 @@ class EKFAC(KFAC):
         return True
 
     def _precondition(self, layer: Layer, s: dict, M: torch.Tensor, group: dict) -> torch.Tensor:
-        QG = s["basis_g"].to(M.dtype)  # state_dtype: the stored bfloat16 bases and scale cast up
-        QA = None if layer.diagonal_a else s["basis_a"].to(M.dtype)
-        R = QG.T @ M
-        if QA is not None:
-            R = R @ QA
-        R = R / (s["scale"].to(M.dtype) + group["damping"])
-        R = QG @ R
-        return R if QA is None else R @ QA.T
+        return self._precondition_all([(layer, s, M, group)])[0]
+
+    def _precondition_all(self, batch: list[tuple[Layer, dict, torch.Tensor, dict]]) -> list[torch.Tensor]:
+        """QG (QGᵀ M QA / (scale + damping)) QAᵀ for each layer: the products layer by layer, the division by the
+        damped scales as one _foreach op per dtype and damping."""
+        dtypes = [M.dtype for _, _, M, _ in batch]
+        bases, Rs = [], []
+        for (layer, s, M, group), dtype in zip(batch, dtypes):
+            QG = s["basis_g"].to(dtype)  # state_dtype: the stored bfloat16 bases and scale cast up
+            QA = None if layer.diagonal_a else s["basis_a"].to(dtype)
+            R = QG.T @ M
+            Rs.append(R if QA is None else R @ QA)
+            bases.append((QG, QA))
+        for (dtype, damping), members in by_value(range(len(batch)), lambda i: (dtypes[i], batch[i][3]["damping"])):
+            scales = cast_all([batch[i][1]["scale"] for i in members], dtype)
+            torch._foreach_div_([Rs[i] for i in members], torch._foreach_add(scales, damping))
+        out = []
+        for (QG, QA), R in zip(bases, Rs):
+            R = QG @ R
+            out.append(R if QA is None else R @ QA.T)
+        return out
 
     def _after_refresh(self, ctx, step: int, layers) -> None:
         """Distributed: give every rank the bases of the layers refreshed at this step (or all of them, after a

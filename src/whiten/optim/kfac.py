@@ -22,8 +22,8 @@ from ..linalg import robust_eigh_basis
 from ._base import WhitenOptimizer
 from .checks import (check_choice, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
-from .kfac_layers import Layer, LayerHooksMixin, Ready
-from .update import decays, state_dtype, step_to
+from .kfac_layers import Layer, LayerHooksMixin, Ready, by_value, cast_all, step_all_to
+from .update import decays, state_dtype
 
 __all__ = ["KFAC"]
 
@@ -261,9 +261,10 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
                                  for layer in owned])
         self._after_refresh(ctx, step, plan.layers)
 
-        # 2. the natural gradient of each owned layer that has a gradient
+        # 2. the natural gradient of each owned layer that has a gradient (its matrix products one layer at a time)
         with_grad = {id(q) for _, params in work for q in params}
-        items, products = [], []  # (parameter (view), group, direction, preconditioned), lr²<V, grad> terms
+        items = []  # (parameter (view), group, direction, preconditioned)
+        layers = []  # (layer, its (parameter, view) pairs, state, gradient matrix)
         for layer in owned:
             pairs = [(layer.weight, view(layer.weight))]
             if layer.bias is not None:
@@ -274,17 +275,33 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
             dtype = state_dtype(layer.weight)  # the arithmetic's (state_dtype may store momenta, inverses lower)
             grads = [q.grad if id(q) in with_grad else None for _, q in pairs]
             M = layer.matrix(grads[0], grads[1] if len(grads) > 1 else None, dtype)
-            V = self._precondition(layer, state, M, group_of[id(layer.weight)]) if state["refreshes"] else M
+            layers.append((layer, pairs, state, M))
+        preconditioned = iter(self._precondition_all([(layer, state, M, group_of[id(layer.weight)])
+                                                      for layer, _, state, M in layers if state["refreshes"]]))
+        for layer, pairs, state, M in layers:
+            V = next(preconditioned) if state["refreshes"] else M
             for (p, q), d in zip(pairs, layer.split(V)):
                 if id(q) in with_grad:
-                    group = group_of[id(p)]
-                    products.append((d * q.grad.to(dtype)).sum(dtype=torch.float64) * float(group["lr"]) ** 2)
-                    items.append((q, group, d, True))
+                    items.append((q, group_of[id(p)], d, True))
 
-        # 3. the KL clip: one factor for every K-FAC direction, from the sum over all layers (and ranks)
+        # 3. the KL clip: one factor for every K-FAC direction, from the sum over all layers (and ranks) of
+        # lr²<V, grad>, each parameter's term summed on its own
         nu = 1.0
         if self.kl_clip > 0:
-            vg = float(torch.stack([t.to(products[0].device) for t in products]).sum()) if products else 0.0
+            vg = 0.0
+            if items:
+                dirs = [d for _, _, d, _ in items]
+                terms = [None] * len(items)
+                for dtype, members in by_value(range(len(items)), lambda i: dirs[i].dtype):
+                    products = torch._foreach_mul([dirs[i] for i in members],
+                                                  cast_all([items[i][0].grad for i in members], dtype))
+                    for i, t in zip(members, products):
+                        terms[i] = t
+                # no _foreach sum: a stacked sum would add in another order than each tensor's own (a CPU sum of
+                # a large tensor on several threads adds the threads' parts), so each term is one reduction
+                sums = [t.sum(dtype=torch.float64) for t in terms]
+                torch._foreach_mul_(sums, [float(group["lr"]) ** 2 for _, group, _, _ in items])
+                vg = float(torch.stack([t.to(sums[0].device) for t in sums]).sum())
             if ctx is not None:
                 vg = ctx.sum_values([vg])[0]
             if vg != 0.0:
@@ -294,26 +311,34 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         layer_views = {id(view(p)) for p in self._layer_params()}
         for group, params in work:
             items.extend((q, group, q.grad, False) for q in params if id(q) not in layer_views)
-        for q, group, d, preconditioned in items:
+        for q, group, _, _ in items:
             state = self.state.get(q)
             if not state:
                 state = self.state[q] = self._init_state(q, group)
             state["step"] += 1
-            self._update(q, group, state, d.to(state_dtype(q)), nu if preconditioned else 1.0)
+        for (_, dtype), part in by_value(items, lambda item: (id(item[1]), state_dtype(item[0]))):
+            self._update(part[0][1], dtype, [q for q, _, _, _ in part],
+                         cast_all([d for _, _, d, _ in part], dtype), [nu if pre else 1.0 for _, _, _, pre in part])
 
-    def _update(self, p: torch.Tensor, group: dict, state: dict, direction: torch.Tensor, nu: float) -> None:
-        """B <- mu B + nu d + wd p; p <- p - lr B (in the state dtype for low-precision parameters)."""
-        stored = state["momentum"]
-        dtype = direction.dtype  # the arithmetic's; state_dtype may store B in bfloat16
-        buf = stored.to(dtype)  # B itself when it is stored in that dtype
-        lr, wd = float(group["lr"]), group["weight_decay"] * decays(p, group)
-        buf.mul_(group["momentum"]).add_(direction, alpha=nu)
-        if wd:
-            buf.add_(p.to(buf.dtype), alpha=wd)
-        if buf is not stored:  # state_dtype: round once into storage; the step takes the stored value
-            stored.copy_(buf)
-            buf = stored.to(dtype)
-        step_to(p, dtype, buf, -lr)
+    def _update(self, group: dict, dtype: torch.dtype, params: list[torch.Tensor], directions: list[torch.Tensor],
+                nus: list[float]) -> None:
+        """B <- mu B + nu d + wd p; p <- p - lr B, for the parameters of one group whose state's dtype (the
+        arithmetic's) is ``dtype``: in that dtype for low-precision parameters, the momenta stored per state_dtype."""
+        stored = [self.state[p]["momentum"] for p in params]
+        bufs = cast_all(stored, dtype)  # the momenta themselves where stored in that dtype
+        torch._foreach_mul_(bufs, group["momentum"])
+        for nu, members in by_value(range(len(params)), lambda i: nus[i]):
+            torch._foreach_add_([bufs[i] for i in members], [directions[i] for i in members], alpha=nu)
+        decayed = [i for i, p in enumerate(params) if decays(p, group)]
+        if group["weight_decay"] and decayed:
+            torch._foreach_add_([bufs[i] for i in decayed], cast_all([params[i] for i in decayed], dtype),
+                                alpha=group["weight_decay"])
+        lower = [i for i in range(len(params)) if bufs[i] is not stored[i]]
+        if lower:  # state_dtype: round once into storage; the step takes the stored value
+            torch._foreach_copy_([stored[i] for i in lower], [bufs[i] for i in lower])
+            for i, b in zip(lower, cast_all([stored[i] for i in lower], dtype)):
+                bufs[i] = b
+        step_all_to(params, dtype, bufs, -float(group["lr"]))
 
     # ----- factors, inverses, preconditioning (K-FAC) ----------------------------------------------------------------
     def _fold(self, layer: Layer, state: dict, ready: Ready, group: dict) -> None:
@@ -384,6 +409,10 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
 
     def _after_refresh(self, ctx, step: int, layers) -> None:
         pass
+
+    def _precondition_all(self, batch: list[tuple[Layer, dict, torch.Tensor, dict]]) -> list[torch.Tensor]:
+        """:meth:`_precondition` of each (layer, state, gradient matrix, group)."""
+        return [self._precondition(*entry) for entry in batch]
 
     def _precondition(self, layer: Layer, s: dict, M: torch.Tensor, group: dict) -> torch.Tensor:
         inv_g, inv_a = s["inverse_g"].to(M.dtype), s["inverse_a"].to(M.dtype)  # state_dtype: cast up

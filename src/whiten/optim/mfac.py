@@ -3,13 +3,16 @@ last m gradients, applied to the gradient with the Woodbury identity, all parame
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..distributed import all_reduce_flat
 
 from ._base import WhitenOptimizer
 from .checks import check_int, check_lr, check_range, check_role, check_weight_decay
-from .update import decays, state_dtype, step_to
+from .kfac_layers import by_value, step_all_to
+from .update import decays, state_dtype
 
 __all__ = ["MFAC"]
 
@@ -35,6 +38,17 @@ def _gib(n: float) -> str:
 
 def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if hasattr(p, "to_local") else p
+
+
+class _Entry(NamedTuple):
+    pos: int  # position among all parameters (of every rank)
+    group: dict
+    q: torch.Tensor  # the tensor stepped (the local part of a DTensor)
+    has_grad: bool
+
+
+def _where(flags: list[bool], items: list) -> list:
+    return [x for f, x in zip(flags, items) if f]
 
 
 class MFAC(WhitenOptimizer):
@@ -201,37 +215,47 @@ class MFAC(WhitenOptimizer):
         m, slot = self.ngrads, self._count % self.ngrads
         # Every parameter this process steps, with or without a gradient: one without writes zeros into its
         # columns of the new row (the window moves for the whole vector).
-        entries = []  # (position among all parameters, group, tensor stepped, has a gradient)
+        entries = []
         pos = 0
         for group in self.param_groups:
             for p in group["params"]:
                 if ctx is None or ctx.owns(p):
                     q = ctx.view(p) if ctx is not None else p
                     if q.numel() > 0 and (q.grad is not None or self.state.get(q)):
-                        entries.append((pos, group, q, q.grad is not None))
+                        entries.append(_Entry(pos, group, q, q.grad is not None))
                 pos += 1
         device = self._device()
         gram = self._gram_on(device)
-        rows = torch.zeros(pos, m, dtype=torch.float64, device=device)
-        for i, group, q, has_grad in entries:
-            state = self.state[q]
-            if not state:
-                state.update(step=0, grads=torch.zeros(m, q.numel(), dtype=state_dtype(q), device=q.device))
-            window = state["grads"]
-            new = window[slot]
-            if has_grad:
-                new.copy_(q.grad.reshape(-1))
-                wd = group["weight_decay"]
-                if wd != 0 and decays(q, group):
-                    new.add_(q.reshape(-1).to(new.dtype), alpha=wd)  # L2, as the reference
-            else:
-                new.zero_()
-            # this parameter's part of the new row of K, G g; scaled so that one huge finite gradient does not
+        for e in entries:
+            if not self.state[e.q]:
+                self.state[e.q].update(step=0, grads=torch.zeros(m, e.q.numel(), dtype=state_dtype(e.q),
+                                                                 device=e.q.device))
+        # The elementwise work runs as _foreach ops over the parameters whose windows share a dtype (one launch per
+        # op, whatever the number of parameters); the products with each window stay one per parameter.
+        zero = torch.zeros(m, dtype=torch.float64, device=device)
+        rows = [zero] * pos  # the rows of a (parameter tensors × m) table; zeros for those not stepped here
+        for dtype, part in by_value(entries, lambda e: self.state[e.q]["grads"].dtype):
+            windows = [self.state[e.q]["grads"] for e in part]
+            news = [w[slot] for w in windows]
+            with_grad = [e.has_grad for e in part]
+            if any(with_grad):
+                torch._foreach_copy_(_where(with_grad, news), [e.q.grad.reshape(-1) for e in part if e.has_grad])
+            if not all(with_grad):
+                torch._foreach_zero_(_where([not h for h in with_grad], news))
+            decayed = [i for i, e in enumerate(part) if e.has_grad and decays(e.q, e.group)]
+            for wd, members in by_value(decayed, lambda i: part[i].group["weight_decay"]):
+                if wd != 0:  # L2, as the reference
+                    torch._foreach_add_([news[i] for i in members],
+                                        [part[i].q.reshape(-1).to(dtype) for i in members], alpha=wd)
+            # each parameter's part of the new row of K, G g; scaled so that one huge finite gradient does not
             # overflow the float32 products (its square does)
-            top = torch.linalg.vector_norm(new, float("inf"))
-            top = torch.where(top > 0, top, torch.ones_like(top))
-            scaled = torch.div(new, top, out=self.scratch(new))
-            rows[i] = (window @ scaled).to(torch.float64) * top.to(torch.float64)
+            tops = torch.stack(torch._foreach_norm(news, float("inf")))
+            tops = torch.where(tops > 0, tops, torch.ones_like(tops))
+            scaled = torch._foreach_div(news, list(tops.unbind()))
+            products = torch.stack([w @ g for w, g in zip(windows, scaled)])
+            for e, row in zip(part, (products.to(torch.float64) * tops.to(torch.float64).unsqueeze(1)).unbind()):
+                rows[e.pos] = row
+        rows = torch.stack(rows) if rows else zero[:0].view(0, m)
         if ctx is not None:
             rows = all_reduce_flat([rows], ctx.group)[0].to(device)
         row = rows.sum(0)  # in parameter order: the same bits on every rank and on one process
@@ -242,19 +266,24 @@ class MFAC(WhitenOptimizer):
         top = torch.where(top > 0, top, torch.ones_like(top))
         coef = w / top
         scale = top * m  # u = m Gᵀ w = (Gᵀ (w / top)) · (m · top), in the window's dtype without underflow
-        for _, group, q, has_grad in entries:
-            if not has_grad:
-                continue
-            state = self.state[q]
-            state["step"] += 1
-            window = state["grads"]
-            u = (coef.to(window.dtype) @ window).mul_(scale.to(window.dtype)).view(q.shape)
-            mu = group["momentum"]
-            if mu > 0:
-                if "momentum" not in state:  # momentum raised from 0 by a scheduler
-                    state["momentum"] = torch.zeros(q.shape, dtype=window.dtype, device=q.device)
-                u = state["momentum"].mul_(mu).add_(u, alpha=1 - mu)
-            step_to(q, u.dtype, u, -float(group["lr"]))
+        for dtype, part in by_value([e for e in entries if e.has_grad], lambda e: self.state[e.q]["grads"].dtype):
+            coef_d, scale_d = coef.to(dtype), scale.to(dtype)
+            us = [(coef_d @ self.state[e.q]["grads"]).view(e.q.shape) for e in part]
+            torch._foreach_mul_(us, scale_d)
+            for _, members in by_value(list(range(len(part))), lambda i: id(part[i].group)):
+                group, qs, updates = part[members[0]].group, [part[i].q for i in members], [us[i] for i in members]
+                for q in qs:
+                    self.state[q]["step"] += 1
+                mu = group["momentum"]
+                if mu > 0:
+                    for q in qs:
+                        if "momentum" not in self.state[q]:  # momentum raised from 0 by a scheduler
+                            self.state[q]["momentum"] = torch.zeros(q.shape, dtype=dtype, device=q.device)
+                    moms = [self.state[q]["momentum"] for q in qs]
+                    torch._foreach_mul_(moms, mu)
+                    torch._foreach_add_(moms, updates, alpha=1 - mu)
+                    updates = moms
+                step_all_to(qs, dtype, updates, -float(group["lr"]))
         self._count += 1
 
     def _solve(self, gram: torch.Tensor, slot: int) -> torch.Tensor:

@@ -14,8 +14,9 @@ from ..fisher import FisherMixin
 from ._base import WhitenOptimizer
 from .checks import (check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
+from .kfac_layers import by_value, cast_all, step_all_to
 from .sides import ALWAYS_KEPT_SIDE, check_max_factor_ratio, kept_sides
-from .update import decays, grad_in, state_dtype, step_to, stored_dtype
+from .update import decays, grad_in, state_dtype, stored_dtype
 
 __all__ = ["TNT", "CONV_RESHAPES"]
 
@@ -57,9 +58,23 @@ def precondition(M: torch.Tensor, inverses: list[torch.Tensor | None], scale: to
     """``M ×_1 Inv_1 ×_2 Inv_2 … · scale``: each step contracts dim 0 with an inverse (symmetric) and moves the
     result to the end, so after every mode the dims are back in order (the authors' ``tensordot(Δ, Inv, ([0], [0]))``);
     a mode without a factor (None) is only moved."""
+    return mode_products(M, inverses) * scale
+
+
+def mode_products(M: torch.Tensor, inverses: list[torch.Tensor | None]) -> torch.Tensor:
+    """:func:`precondition` without the scale (the step multiplies every parameter's by its own in one op)."""
     for inv in inverses:
         M = torch.tensordot(M, inv, dims=([0], [0])) if inv is not None else M.movedim(0, -1)
-    return M * scale
+    return M
+
+
+def cast_all_or_none(tensors: list[torch.Tensor | None], dtype: torch.dtype) -> list[torch.Tensor | None]:
+    """:func:`~whiten.optim.kfac_layers.cast_all` of the tensors of a list that has Nones (modes without a factor)."""
+    present = [i for i, t in enumerate(tensors) if t is not None]
+    out = list(tensors)
+    for i, t in zip(present, cast_all([tensors[i] for i in present], dtype)):
+        out[i] = t
+    return out
 
 
 class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
@@ -273,16 +288,26 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
             due = t % (self.update_freq if t < self.inverse_freq else self.inverse_freq) == 0
             if due and s["captures"] > 0:
                 self._refresh_inverses(s, lay, group["damping"])
-            g = grad_in(p, dtype)
-            if s["momentum"].dtype == dtype:
-                m = s["momentum"].mul_(mu).add_(g)
-            else:  # cast up, update, round once into the stored momentum; the step uses the stored value
-                s["momentum"].copy_(s["momentum"].to(dtype).mul_(mu).add_(g))
-                m = s["momentum"].to(dtype)
-            inverses = [s.get(f"inverse_{i}") for i in range(len(lay.modes))]
-            inverses = [inv if inv is None or inv.dtype == dtype else inv.to(dtype) for inv in inverses]
-            delta = precondition(m.reshape(lay.modes), inverses, s["inverse_scale"]).reshape(p.shape)
-            step_to(p, dtype, delta, -lr, keep=1.0 - lr * group["weight_decay"] * lay.decay)
+        # the elementwise work as _foreach ops over the parameters of one arithmetic dtype; the mode products one
+        # parameter at a time
+        for dtype, members in by_value(range(len(params)), lambda i: state_dtype(params[i])):
+            ps, lays, ss = [params[i] for i in members], [layouts[i] for i in members], [states[i] for i in members]
+            stored = [s["momentum"] for s in ss]
+            moms = cast_all(stored, dtype)  # the momenta themselves where stored in that dtype
+            torch._foreach_mul_(moms, mu)
+            torch._foreach_add_(moms, [grad_in(p, dtype) for p in ps])
+            lower = [i for i in range(len(ps)) if moms[i] is not stored[i]]
+            if lower:  # cast up, update, round once into the stored momentum; the step uses the stored value
+                torch._foreach_copy_([stored[i] for i in lower], [moms[i] for i in lower])
+                for i, m in zip(lower, cast_all([stored[i] for i in lower], dtype)):
+                    moms[i] = m
+            deltas = []
+            for m, lay, s in zip(moms, lays, ss):
+                inverses = [s.get(f"inverse_{i}") for i in range(len(lay.modes))]
+                deltas.append(mode_products(m.reshape(lay.modes), cast_all_or_none(inverses, dtype)))
+            deltas = torch._foreach_mul(deltas, [s["inverse_scale"] for s in ss])
+            step_all_to(ps, dtype, [d.reshape(p.shape) for d, p in zip(deltas, ps)], -lr,
+                        [1.0 - lr * group["weight_decay"] * lay.decay for lay in lays])
 
     @staticmethod
     def _update_factors(s: dict, lay: _Layout, G: torch.Tensor, t: int, group: dict) -> None:
