@@ -11,7 +11,9 @@ from torch import nn
 from ..distributed import all_reduce_flat, broadcast_flat
 from .checks import check_int
 from .kfac import KFAC
-from .kfac_layers import Layer, Ready, by_value, cast_all, layer_stat_dtype
+from .kfac_layers import Layer, Ready, layer_stat_dtype
+from .stacks import bucket
+from .update import cast_all
 
 __all__ = ["EKFAC"]
 
@@ -179,7 +181,7 @@ class EKFAC(KFAC):
             R = QG.T @ M
             Rs.append(R if QA is None else R @ QA)
             bases.append((QG, QA))
-        for (dtype, damping), members in by_value(range(len(batch)), lambda i: (dtypes[i], batch[i][3]["damping"])):
+        for (dtype, damping), members in bucket(range(len(batch)), lambda i: (dtypes[i], batch[i][3]["damping"])).items():
             scales = cast_all([batch[i][1]["scale"] for i in members], dtype)
             torch._foreach_div_([Rs[i] for i in members], torch._foreach_add(scales, damping))
         out = []

@@ -22,8 +22,9 @@ from ..linalg import robust_eigh_basis
 from ._base import WhitenOptimizer
 from .checks import (check_choice, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
-from .kfac_layers import Layer, LayerHooksMixin, Ready, by_value, cast_all, step_all_to
-from .update import decays, state_dtype
+from .kfac_layers import Layer, LayerHooksMixin, Ready
+from .stacks import bucket
+from .update import cast_all, decays, state_dtype, step_all
 
 __all__ = ["KFAC"]
 
@@ -292,7 +293,7 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
             if items:
                 dirs = [d for _, _, d, _ in items]
                 terms = [None] * len(items)
-                for dtype, members in by_value(range(len(items)), lambda i: dirs[i].dtype):
+                for dtype, members in bucket(range(len(items)), lambda i: dirs[i].dtype).items():
                     products = torch._foreach_mul([dirs[i] for i in members],
                                                   cast_all([items[i][0].grad for i in members], dtype))
                     for i, t in zip(members, products):
@@ -316,7 +317,7 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
             if not state:
                 state = self.state[q] = self._init_state(q, group)
             state["step"] += 1
-        for (_, dtype), part in by_value(items, lambda item: (id(item[1]), state_dtype(item[0]))):
+        for (_, dtype), part in bucket(items, lambda item: (id(item[1]), state_dtype(item[0]))).items():
             self._update(part[0][1], dtype, [q for q, _, _, _ in part],
                          cast_all([d for _, _, d, _ in part], dtype), [nu if pre else 1.0 for _, _, _, pre in part])
 
@@ -327,7 +328,7 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         stored = [self.state[p]["momentum"] for p in params]
         bufs = cast_all(stored, dtype)  # the momenta themselves where stored in that dtype
         torch._foreach_mul_(bufs, group["momentum"])
-        for nu, members in by_value(range(len(params)), lambda i: nus[i]):
+        for nu, members in bucket(range(len(params)), lambda i: nus[i]).items():
             torch._foreach_add_([bufs[i] for i in members], [directions[i] for i in members], alpha=nu)
         decayed = [i for i, p in enumerate(params) if decays(p, group)]
         if group["weight_decay"] and decayed:
@@ -338,7 +339,7 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
             torch._foreach_copy_([stored[i] for i in lower], [bufs[i] for i in lower])
             for i, b in zip(lower, cast_all([stored[i] for i in lower], dtype)):
                 bufs[i] = b
-        step_all_to(params, dtype, bufs, -float(group["lr"]))
+        step_all(params, [dtype] * len(params), bufs, [1.0] * len(params), alpha=-float(group["lr"]))
 
     # ----- factors, inverses, preconditioning (K-FAC) ----------------------------------------------------------------
     def _fold(self, layer: Layer, state: dict, ready: Ready, group: dict) -> None:

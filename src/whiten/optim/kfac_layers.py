@@ -20,55 +20,13 @@ from torch import nn
 
 from ..distributed import all_reduce_flat
 from .checks import check_choice, check_int
-from .update import state_dtype, step_to, stored_dtype
+from .update import state_dtype, stored_dtype
 
 # what the loss averages, for the number of loss terms L of the ordinary backward (see _loss_terms)
 LOSS_AVERAGES = ("batch+sequence", "batch")
 
 
 # ----- which modules are K-FAC layers ------------------------------------------------------------------------------
-
-
-# ----- _foreach helpers of the ordinary step (K-FAC, EKFAC, TNT, M-FAC): one launch per op for a list of tensors
-# instead of one per parameter; each tensor gets the arithmetic of the single-tensor op. (General enough for
-# update.py, where they would sit beside step_all.)
-def by_value(items, key) -> list:
-    """``[(key, [items with that key, in order]), ...]``, keys in order of first appearance: the lists one _foreach
-    op can take (one dtype; one scalar such as a group's lr or weight decay)."""
-    parts: dict = {}
-    for item in items:
-        parts.setdefault(key(item), []).append(item)
-    return list(parts.items())
-
-
-def cast_all(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """``[t.to(dtype) for t in tensors]``: the tensors already in ``dtype`` themselves, the others cast by one
-    ``_foreach_copy_`` (the same rounding as ``to``)."""
-    out = list(tensors)
-    other = [i for i, t in enumerate(tensors) if t.dtype != dtype]
-    if other:
-        fresh = [torch.empty_like(tensors[i], dtype=dtype) for i in other]
-        torch._foreach_copy_(fresh, [tensors[i] for i in other])
-        for i, t in zip(other, fresh):
-            out[i] = t
-    return out
-
-
-def step_all_to(params: list[torch.Tensor], dtype: torch.dtype, updates: list[torch.Tensor], alpha: float,
-                keeps: list[float] | None = None) -> None:
-    """:func:`~whiten.optim.update.step_to` for many parameters (decay first, ``keep`` 1 where ``keeps`` is None):
-    _foreach ops for those of the state's ``dtype``, with the multiply only where keep != 1 as step_to; the others
-    (bf16, fp16) one at a time by step_to itself, in ``dtype`` and rounded once."""
-    same = [i for i, p in enumerate(params) if p.dtype == dtype]
-    kept = [i for i in same if keeps is not None and keeps[i] != 1.0]
-    if kept:
-        torch._foreach_mul_([params[i] for i in kept], [keeps[i] for i in kept])
-    if same:
-        torch._foreach_add_([params[i] for i in same], [updates[i] for i in same], alpha=alpha)
-    for i, p in enumerate(params):
-        if p.dtype != dtype:
-            step_to(p, dtype, updates[i], alpha, keep=1.0 if keeps is None else keeps[i])
-
 
 def layer_kind(module: nn.Module) -> str | None:
     """``"linear"``, ``"conv2d"`` or ``"embedding"`` for a module K-FAC preconditions, None otherwise.

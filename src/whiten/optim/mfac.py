@@ -11,8 +11,8 @@ from ..distributed import all_reduce_flat
 
 from ._base import WhitenOptimizer
 from .checks import check_int, check_lr, check_range, check_role, check_weight_decay
-from .kfac_layers import by_value, step_all_to
-from .update import decays, state_dtype
+from .stacks import bucket
+from .update import decays, state_dtype, step_all
 
 __all__ = ["MFAC"]
 
@@ -234,7 +234,7 @@ class MFAC(WhitenOptimizer):
         # op, whatever the number of parameters); the products with each window stay one per parameter.
         zero = torch.zeros(m, dtype=torch.float64, device=device)
         rows = [zero] * pos  # the rows of a (parameter tensors × m) table; zeros for those not stepped here
-        for dtype, part in by_value(entries, lambda e: self.state[e.q]["grads"].dtype):
+        for dtype, part in bucket(entries, lambda e: self.state[e.q]["grads"].dtype).items():
             windows = [self.state[e.q]["grads"] for e in part]
             news = [w[slot] for w in windows]
             with_grad = [e.has_grad for e in part]
@@ -243,7 +243,7 @@ class MFAC(WhitenOptimizer):
             if not all(with_grad):
                 torch._foreach_zero_(_where([not h for h in with_grad], news))
             decayed = [i for i, e in enumerate(part) if e.has_grad and decays(e.q, e.group)]
-            for wd, members in by_value(decayed, lambda i: part[i].group["weight_decay"]):
+            for wd, members in bucket(decayed, lambda i: part[i].group["weight_decay"]).items():
                 if wd != 0:  # L2, as the reference
                     torch._foreach_add_([news[i] for i in members],
                                         [part[i].q.reshape(-1).to(dtype) for i in members], alpha=wd)
@@ -266,11 +266,11 @@ class MFAC(WhitenOptimizer):
         top = torch.where(top > 0, top, torch.ones_like(top))
         coef = w / top
         scale = top * m  # u = m Gᵀ w = (Gᵀ (w / top)) · (m · top), in the window's dtype without underflow
-        for dtype, part in by_value([e for e in entries if e.has_grad], lambda e: self.state[e.q]["grads"].dtype):
+        for dtype, part in bucket([e for e in entries if e.has_grad], lambda e: self.state[e.q]["grads"].dtype).items():
             coef_d, scale_d = coef.to(dtype), scale.to(dtype)
             us = [(coef_d @ self.state[e.q]["grads"]).view(e.q.shape) for e in part]
             torch._foreach_mul_(us, scale_d)
-            for _, members in by_value(list(range(len(part))), lambda i: id(part[i].group)):
+            for _, members in bucket(list(range(len(part))), lambda i: id(part[i].group)).items():
                 group, qs, updates = part[members[0]].group, [part[i].q for i in members], [us[i] for i in members]
                 for q in qs:
                     self.state[q]["step"] += 1
@@ -283,7 +283,7 @@ class MFAC(WhitenOptimizer):
                     torch._foreach_mul_(moms, mu)
                     torch._foreach_add_(moms, updates, alpha=1 - mu)
                     updates = moms
-                step_all_to(qs, dtype, updates, -float(group["lr"]))
+                step_all(qs, [dtype] * len(qs), updates, [1.0] * len(qs), alpha=-float(group["lr"]))
         self._count += 1
 
     def _solve(self, gram: torch.Tensor, slot: int) -> torch.Tensor:

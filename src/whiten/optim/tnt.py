@@ -14,9 +14,9 @@ from ..fisher import FisherMixin
 from ._base import WhitenOptimizer
 from .checks import (check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
-from .kfac_layers import by_value, cast_all, step_all_to
+from .stacks import bucket
 from .sides import ALWAYS_KEPT_SIDE, check_max_factor_ratio, kept_sides
-from .update import decays, grad_in, state_dtype, stored_dtype
+from .update import cast_all, decays, grad_in, state_dtype, step_all, stored_dtype
 
 __all__ = ["TNT", "CONV_RESHAPES"]
 
@@ -69,7 +69,7 @@ def mode_products(M: torch.Tensor, inverses: list[torch.Tensor | None]) -> torch
 
 
 def cast_all_or_none(tensors: list[torch.Tensor | None], dtype: torch.dtype) -> list[torch.Tensor | None]:
-    """:func:`~whiten.optim.kfac_layers.cast_all` of the tensors of a list that has Nones (modes without a factor)."""
+    """:func:`~whiten.optim.update.cast_all` of the tensors of a list that has Nones (modes without a factor)."""
     present = [i for i, t in enumerate(tensors) if t is not None]
     out = list(tensors)
     for i, t in zip(present, cast_all([tensors[i] for i in present], dtype)):
@@ -290,7 +290,7 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
                 self._refresh_inverses(s, lay, group["damping"])
         # the elementwise work as _foreach ops over the parameters of one arithmetic dtype; the mode products one
         # parameter at a time
-        for dtype, members in by_value(range(len(params)), lambda i: state_dtype(params[i])):
+        for dtype, members in bucket(range(len(params)), lambda i: state_dtype(params[i])).items():
             ps, lays, ss = [params[i] for i in members], [layouts[i] for i in members], [states[i] for i in members]
             stored = [s["momentum"] for s in ss]
             moms = cast_all(stored, dtype)  # the momenta themselves where stored in that dtype
@@ -306,8 +306,8 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
                 inverses = [s.get(f"inverse_{i}") for i in range(len(lay.modes))]
                 deltas.append(mode_products(m.reshape(lay.modes), cast_all_or_none(inverses, dtype)))
             deltas = torch._foreach_mul(deltas, [s["inverse_scale"] for s in ss])
-            step_all_to(ps, dtype, [d.reshape(p.shape) for d, p in zip(deltas, ps)], -lr,
-                        [1.0 - lr * group["weight_decay"] * lay.decay for lay in lays])
+            step_all(ps, [dtype] * len(ps), [d.reshape(p.shape) for d, p in zip(deltas, ps)],
+                     [1.0 - lr * group["weight_decay"] * lay.decay for lay in lays], alpha=-lr)
 
     @staticmethod
     def _update_factors(s: dict, lay: _Layout, G: torch.Tensor, t: int, group: dict) -> None:

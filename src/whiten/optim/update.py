@@ -13,7 +13,7 @@ from ..roles import NO_DECAY_ROLES, role_from_shape
 from .checks import state_dtype_option
 
 __all__ = ["state_dtype", "stored_dtype", "decays", "grad_in", "grads_in", "write", "step_to", "step_all", "commit",
-           "lerp_all"]
+           "lerp_all", "cast_all"]
 
 
 def state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -71,6 +71,19 @@ def step_to(p: torch.Tensor, dtype: torch.dtype, direction: torch.Tensor, alpha:
     write(p, dtype, update)
 
 
+def cast_all(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """``[t.to(dtype) for t in tensors]``: the tensors already in ``dtype`` themselves, the others cast by one
+    ``_foreach_copy_`` (the same rounding as ``to``)."""
+    out = list(tensors)
+    other = [i for i, t in enumerate(tensors) if t.dtype != dtype]
+    if other:
+        fresh = [torch.empty_like(tensors[i], dtype=dtype) for i in other]
+        torch._foreach_copy_(fresh, [tensors[i] for i in other])
+        for i, t in zip(other, fresh):
+            out[i] = t
+    return out
+
+
 def commit(dst: torch.Tensor, new: torch.Tensor, ok: torch.Tensor | None) -> None:
     """``dst ← new`` (rounded into ``dst``'s dtype as ``copy_`` rounds). Under a sync-free step's device-side flag
     ``ok`` (a 0-d bool tensor, :mod:`whiten.optim.deferred`): ``new`` where ``ok``, else ``dst`` left bit for bit
@@ -100,9 +113,13 @@ def step_all(params: list[torch.Tensor], dtypes: list[torch.dtype], updates: lis
     same = [i for i, p in enumerate(params) if p.dtype == dtypes[i]]
     if same:
         ps = [params[i] for i in same]
-        new = ps if ok is None else torch._foreach_mul(ps, [keeps[i] for i in same])
         if ok is None:
-            torch._foreach_mul_(ps, [keeps[i] for i in same])
+            kept = [i for i in same if keeps[i] != 1.0]  # (a multiply by 1 changes nothing: no pass for it)
+            if kept:
+                torch._foreach_mul_([params[i] for i in kept], [keeps[i] for i in kept])
+            new = ps
+        else:
+            new = torch._foreach_mul(ps, [keeps[i] for i in same])
         torch._foreach_add_(new, [updates[i] for i in same], alpha=alpha)
         if ok is not None:
             for p, n in zip(ps, new):
