@@ -39,6 +39,13 @@ CONFIGS = {
         "8-bit bases": dict(basis_bits=8),
         "averaging": dict(ema_rate=0.99),
     },
+    "Muon": {
+        "float32": dict(),
+        "float64": dict(dtype=torch.float64),
+        "bfloat16 parameters": dict(dtype=torch.bfloat16),
+        "bf16 state": dict(state_dtype="bf16"),
+        "no Nesterov, decay": dict(nesterov=False, weight_decay=0.1),
+    },
     "ScheduleFreeAdamW": {
         "float32": dict(),
         "float64": dict(dtype=torch.float64),
@@ -46,7 +53,7 @@ CONFIGS = {
         "decay and warm-up": dict(weight_decay=0.1, warmup_steps=4),
     },
 }
-SETTINGS = {"SPlus": dict(inverse_every=5), "SOAP": dict(precondition_frequency=5),
+SETTINGS = {"SPlus": dict(inverse_every=5), "SOAP": dict(precondition_frequency=5), "Muon": dict(),
             "ScheduleFreeAdamW": dict(lr=0.01)}
 CASES = [(name, config) for name, configs in CONFIGS.items() for config in configs]
 
@@ -57,10 +64,11 @@ def _net(dtype=torch.float32) -> nn.Module:
                          nn.Linear(16, 16), nn.Linear(16, 10)).to(dtype)
 
 
-def _run(sync_free: bool, bad: dict, steps: int = 23, dtype=torch.float32, name: str = "SPlus", **kw):
+def _run(sync_free: bool, bad: dict, steps: int = 23, dtype=torch.float32, name: str = "SPlus", huge=None, **kw):
     """``name`` on a small model for ``steps`` steps (SPlus refreshing every 5); ``bad``: {step: value} written
-    into one gradient entry at that step (NaN, inf, a huge finite value). Returns the model, the optimizer, its
-    counters and the non-finite warnings' texts."""
+    into one entry of a matrix's gradient at that step (NaN, inf); ``huge``: the same into a bias's (a huge finite
+    value). Returns the model, the optimizer, its counters and the non-finite warnings' texts."""
+    huge = huge or {}
     net = _net(dtype)
     opt = getattr(whiten, name)(whiten.param_groups(net), sync_free=sync_free, **{**SETTINGS[name], **kw})
     gen = torch.Generator().manual_seed(1)
@@ -72,6 +80,8 @@ def _run(sync_free: bool, bad: dict, steps: int = 23, dtype=torch.float32, name:
             net(idx).float().square().mean().backward()
             if t in bad:
                 net[3].weight.grad[1, 2] = bad[t]
+            if t in huge:
+                net[3].bias.grad[1] = huge[t]
             opt.step()
         counters = dict(opt.counters)
     return net, opt, counters, [str(w.message) for w in caught if "non-finite" in str(w.message)]
@@ -101,15 +111,15 @@ HUGE = {12: 1e30}
 @pytest.mark.parametrize("name,config", CASES)
 def test_sync_free_equals_the_default_path_bit_for_bit(name, config):
     kw = CONFIGS[name][config]
-    net_a, opt_a, counters_a, warned_a = _run(False, {**BAD, **HUGE}, name=name, **kw)
-    net_b, opt_b, counters_b, warned_b = _run(True, {**BAD, **HUGE}, name=name, **kw)
+    net_a, opt_a, counters_a, warned_a = _run(False, BAD, name=name, huge=HUGE, **kw)
+    net_b, opt_b, counters_b, warned_b = _run(True, BAD, name=name, huge=HUGE, **kw)
     for p, q in zip(net_a.parameters(), net_b.parameters()):
         assert torch.equal(p, q)
     _assert_same_state(opt_a.state_dict(), opt_b.state_dict())
     assert counters_a == counters_b and counters_a["skipped_steps"] == len(BAD)
     assert len(warned_a) == len(warned_b) == len(BAD)
-    if name != "SPlus" and kw.get("dtype") != torch.float64:
-        assert counters_a["factor_restarts"] >= 1  # the overflowed second moment, restarted on both paths
+    if name != "SPlus" and kw.get("dtype") != torch.float64:  # (SPlus steps a bias by the sign of its momentum)
+        assert counters_a["factor_restarts"] == 1  # the bias's overflowed second moment, restarted on both paths
 
 
 def test_the_deferred_steps_are_the_ordinary_ones():
@@ -251,13 +261,19 @@ def test_checkpoints_and_copies_resolve_the_last_step():
     _assert_same_state(whole.state_dict(), opt.state_dict())
 
 
+# Newton–Schulz's overflow test of the norm reads it on a CPU only (an accelerator recomputes the norm in float64
+# instead; whiten.linalg.newton_schulz): not a device sync, but counted here
+CPU_ONLY_READS = {"Muon": 1}
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_an_ordinary_step_reads_nothing_from_the_device(name):
     lagged = 1 if getattr(whiten, name).SECOND_MOMENT_KEY is None else 2  # and the second moments' flag
+    cpu = CPU_ONLY_READS.get(name, 0)
     for blocks in (4, 16):
         c = counts(name, blocks, accelerator=True, sync_free=True)
-        assert c.syncs == 0 and c.lagged == lagged, c  # the last step's flags, from host memory
-    assert counts(name, 4, accelerator=True).syncs == 1  # the default: the check's read
+        assert c.syncs == cpu and c.lagged == lagged, c  # the last step's flags, from host memory
+    assert counts(name, 4, accelerator=True).syncs == 1 + cpu  # the default: the check's read
 
 
 def test_sync_free_is_checked():

@@ -14,7 +14,7 @@ from ._base import WhitenOptimizer
 from .checks import (check_bool, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
 from .stacks import bucket
-from .update import decays, grad_in, state_dtype, step_all, stored_dtype
+from .update import commit, decays, grad_in, lerp_all, state_dtype, step_all, stored_dtype
 from .adamw_path import AdamWPath, adamw_step, check_adamw_path
 
 __all__ = ["Muon", "OrthogonalMomentum"]
@@ -121,18 +121,19 @@ class OrthogonalMomentum(AdamWPath, AveragingMixin, WhitenOptimizer):
         if muon:
             self._muon(gi, group, muon)
         if adam:
-            adamw_step(group, adam, [self.state[p] for p in adam])
+            adamw_step(group, adam, [self.state[p] for p in adam], self._ok)
 
     def _muon(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         mu, lr = group["momentum"], float(group["lr"]) * group["lr_scale"]
         moms = [self.state[p]["momentum"] for p in params]
         work = [state_dtype(p) for p in params]  # the arithmetic's dtype
         grads = [grad_in(p, d) for p, d in zip(params, work)]
+        ok = self._ok  # a sync-free step's device-side flag: every write below is masked by it
         if all(m.dtype == d for m, d in zip(moms, work)):
-            torch._foreach_lerp_(moms, grads, 1.0 - mu)
+            lerp_all(moms, grads, 1.0 - mu, ok)
         else:  # state_dtype: the bfloat16 momentum cast up, updated, rounded once; the step reads the stored value
             for m, g, d in zip(moms, grads, work):
-                m.copy_(m.to(d).lerp_(g, 1.0 - mu))
+                commit(m, m.to(d).lerp_(g, 1.0 - mu), ok)
             moms = [m.to(d) for m, d in zip(moms, work)]
         # conv weights as (out, in·k·k); with batch_dims, a stack of such matrices (the experts of an MoE layer)
         views = [matrix_view(p.shape, group["batch_dims"]) for p in params]
@@ -160,7 +161,7 @@ class OrthogonalMomentum(AdamWPath, AveragingMixin, WhitenOptimizer):
             ps = [params[i] for i in idxs]
             step_all(ps, [moms[i].dtype for i in idxs],
                      [O[starts[j]:starts[j + 1]].view(p.shape) for j, p in enumerate(ps)],
-                     [1.0 - lr * group["weight_decay"] * decays(p, group) for p in ps], alpha=step)
+                     [1.0 - lr * group["weight_decay"] * decays(p, group) for p in ps], alpha=step, ok=ok)
 
 class Muon(OrthogonalMomentum):
     r"""Muon for hidden matrices and AdamW for every other parameter, in one torch optimizer.
@@ -222,6 +223,8 @@ class Muon(OrthogonalMomentum):
         process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
             averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
             Each parameter's step runs on one owner rank; the numbers are those of one process.
+        sync_free: False (default) or True: an ordinary step never waits for the device; the non-finite check is
+            decided there, every write masked by it, and read one step later (see :class:`whiten.SPlus`).
         batched: orthogonalise same-shape matrices in one batched call (default True).
         batch_dims: the number of leading dims that index a stack of matrices (default 0): a group of mixture-of-
             experts weights (E, out, in) with ``batch_dims=1`` orthogonalises E (out, in) matrices, each with the
@@ -234,6 +237,8 @@ class Muon(OrthogonalMomentum):
     References: K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024); J. Liu et al.,
     "Muon is Scalable for LLM Training", arXiv 2502.16982 (2025).
     """
+
+    SYNC_FREE = True  # its ordinary step masks every write (whiten.optim.deferred)
 
     MEMORY_OPTIONS = {"state_dtype": (("momentum",), "torch.bfloat16 stores the matrices' momentum in half the "
                                       "bytes (float32 arithmetic)")}  # see memory_report
@@ -256,6 +261,7 @@ class Muon(OrthogonalMomentum):
         ema_rate: float | None = None,
         nonfinite: str = "skip",
         process_group=None,
+        sync_free: bool = False,
         batched: bool = True,
         batch_dims: int = 0,
         state_dtype: torch.dtype | str | None = None,
@@ -266,7 +272,11 @@ class Muon(OrthogonalMomentum):
                         ns_dtype=ns_dtype, adam_lr=adam_lr, adam_betas=adam_betas, adam_eps=adam_eps,
                         ema_rate=ema_rate, role=None, lr_scale=1.0, state_dtype=state_dtype)
         self.batched = bool(batched)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
+
+    def needs_host_check(self, work) -> bool:
+        """A sync-free step is one where every parameter with a gradient has its state (Muon has no refresh)."""
+        return any(not self.state.get(p) for _, params in work for p in params)
 
     def validate_group(self, group: dict) -> None:
         super().validate_group(group)
