@@ -46,6 +46,19 @@ CONFIGS = {
         "bf16 state": dict(state_dtype="bf16"),
         "no Nesterov, decay": dict(nesterov=False, weight_decay=0.1),
     },
+    "Scion": {
+        "float32": dict(),
+        "float64": dict(dtype=torch.float64),
+        "bfloat16 parameters": dict(dtype=torch.bfloat16),
+        "unconstrained, decay": dict(unconstrained=True, weight_decay=0.1),
+    },
+    "Conda": {
+        "float32": dict(),
+        "float64": dict(dtype=torch.float64),
+        "bfloat16 parameters": dict(dtype=torch.bfloat16),
+        "bf16 state": dict(state_dtype="bf16"),
+        "decay": dict(weight_decay=0.1),
+    },
     "ScheduleFreeAdamW": {
         "float32": dict(),
         "float64": dict(dtype=torch.float64),
@@ -54,7 +67,7 @@ CONFIGS = {
     },
 }
 SETTINGS = {"SPlus": dict(inverse_every=5), "SOAP": dict(precondition_frequency=5), "Muon": dict(),
-            "ScheduleFreeAdamW": dict(lr=0.01)}
+            "Scion": dict(), "Conda": dict(update_proj_gap=5), "ScheduleFreeAdamW": dict(lr=0.01)}
 CASES = [(name, config) for name, configs in CONFIGS.items() for config in configs]
 
 
@@ -118,7 +131,7 @@ def test_sync_free_equals_the_default_path_bit_for_bit(name, config):
     _assert_same_state(opt_a.state_dict(), opt_b.state_dict())
     assert counters_a == counters_b and counters_a["skipped_steps"] == len(BAD)
     assert len(warned_a) == len(warned_b) == len(BAD)
-    if name != "SPlus" and kw.get("dtype") != torch.float64:  # (SPlus steps a bias by the sign of its momentum)
+    if getattr(whiten, name).SECOND_MOMENT_KEY and kw.get("dtype") != torch.float64:
         assert counters_a["factor_restarts"] == 1  # the bias's overflowed second moment, restarted on both paths
 
 
@@ -263,7 +276,7 @@ def test_checkpoints_and_copies_resolve_the_last_step():
 
 # Newton–Schulz's overflow test of the norm reads it on a CPU only (an accelerator recomputes the norm in float64
 # instead; whiten.linalg.newton_schulz): not a device sync, but counted here
-CPU_ONLY_READS = {"Muon": 1}
+CPU_ONLY_READS = {"Muon": 1, "Scion": 1}
 
 
 @pytest.mark.parametrize("name", CONFIGS)

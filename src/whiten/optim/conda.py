@@ -12,7 +12,7 @@ from ..roles import role_from_shape
 from ._base import WhitenOptimizer
 from .checks import (check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
-from .update import decays, grad_in, state_dtype, stored_dtype, write
+from .update import commit, decays, grad_in, state_dtype, stored_dtype, write
 
 __all__ = ["Conda"]
 
@@ -119,6 +119,8 @@ class Conda(WhitenOptimizer):
         process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
             averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
             Each parameter's step runs on one owner rank; the numbers are those of one process.
+        sync_free: False (default) or True: an ordinary step never waits for the device; the non-finite check is
+            decided there, every write masked by it, and read one step later (see :class:`whiten.SPlus`).
         state_dtype: None (default: float32, float64 for float64 parameters) or ``torch.bfloat16`` (also
             ``"bf16"``/``"bfloat16"``): ``exp_avg`` and the basis stored in bfloat16, half their bytes; each step
             works on float32 copies, rounded once back. ``exp_avg_sq`` stays float32: with β2 = 0.999 its update
@@ -127,6 +129,8 @@ class Conda(WhitenOptimizer):
     Reference: J. Wang et al., "Conda: Column-Normalized Adam for Training Large Language Models Faster",
     arXiv 2509.24218 (2025).
     """
+
+    SYNC_FREE = True  # its ordinary step masks every write (whiten.optim.deferred)
 
     MEMORY_OPTIONS = {"state_dtype": (("exp_avg", "basis"), "torch.bfloat16 stores m and the basis in half the "
                                       "bytes (float32 arithmetic)")}  # see memory_report
@@ -144,12 +148,13 @@ class Conda(WhitenOptimizer):
         svd_dtype: torch.dtype | None = torch.float32,
         nonfinite: str = "skip",
         process_group=None,
+        sync_free: bool = False,
         state_dtype: torch.dtype | str | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         update_proj_gap=update_proj_gap, scale=scale, svd_dtype=svd_dtype, role=None,
                         state_dtype=state_dtype)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
 
     def validate_group(self, group: dict) -> None:
         check_lr("lr", group["lr"])
@@ -183,6 +188,11 @@ class Conda(WhitenOptimizer):
             state[f"basis_{side}"] = torch.eye(k, dtype=dtype, device=p.device)
         return state
 
+    def needs_host_check(self, work) -> bool:
+        """A sync-free step is an ordinary one: every parameter has its state and no basis is due for a refresh."""
+        return any(not (s := self.state.get(p)) or s["step"] % group["update_proj_gap"] == 0
+                   for group, params in work for p in params)
+
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]
         gap = group["update_proj_gap"]
@@ -201,9 +211,14 @@ class Conda(WhitenOptimizer):
         # Each elementwise op runs once over the whole group (torch._foreach_*: one launch per op, not per
         # parameter); only the per-matrix products and a due refresh's SVD are per parameter.
         # state_dtype: float32 copies of the stored state, rounded once back at the end
-        work = [s if s["exp_avg"].dtype == state_dtype(p) else
-                {k: v.to(state_dtype(p)) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+        # A sync-free step (its device-side flag ``ok``) works on copies of the moments and the parameters too, and
+        # commits them under the flag at the end.
+        ok = self._ok
+        work = [s if s["exp_avg"].dtype == state_dtype(p) and ok is None else
+                {k: v.to(state_dtype(p), copy=k in ("exp_avg", "exp_avg_sq")) if isinstance(v, torch.Tensor) else v
+                 for k, v in s.items()}
                 for p, s in zip(params, states)]
+        targets = params if ok is None else [q.detach().clone() for q in params]
         ms, vs = [w["exp_avg"] for w in work], [w["exp_avg_sq"] for w in work]
         grads = [grad_in(p, m.dtype) for p, m in zip(params, ms)]
         matrices = [_matrix(p, group) for p in params]
@@ -247,10 +262,10 @@ class Conda(WhitenOptimizer):
             decay_rates.append(lr * group["weight_decay"] if group["weight_decay"] > 0 and decays(p, group) else 0.0)
         # the reference's θ - lr·λ·θ after the step (not a multiplication by 1 - lr·λ)
         same = [i for i, p in enumerate(params) if p.dtype == ms[i].dtype]
-        _add_by_alpha([params[i] for i in same], [directions[i] for i in same], [-step_sizes[i] for i in same])
+        _add_by_alpha([targets[i] for i in same], [directions[i] for i in same], [-step_sizes[i] for i in same])
         decayed = [i for i in same if decay_rates[i]]
-        _add_by_alpha([params[i] for i in decayed], [params[i] for i in decayed], [-decay_rates[i] for i in decayed])
-        for i, p in enumerate(params):  # a low-precision parameter: in the state's dtype, rounded once
+        _add_by_alpha([targets[i] for i in decayed], [targets[i] for i in decayed], [-decay_rates[i] for i in decayed])
+        for i, p in enumerate(targets):  # a low-precision parameter: in the state's dtype, rounded once
             if p.dtype != ms[i].dtype:
                 def update(x, direction=directions[i], step_size=step_sizes[i], decay=decay_rates[i]):
                     x.add_(direction, alpha=-step_size)
@@ -258,11 +273,15 @@ class Conda(WhitenOptimizer):
                         x.add_(x, alpha=-decay)
 
                 write(p, ms[i].dtype, update)
+        if ok is not None:
+            for p, new in zip(params, targets):
+                commit(p, new, ok)
         for s, w in zip(states, work):
             if w is not s:
                 for k, value in w.items():
                     if isinstance(value, torch.Tensor):
-                        s[k].copy_(value)
+                        if value is not s[k]:  # (a basis, read only: the state's own tensor)
+                            commit(s[k], value, ok)
                     else:
                         s[k] = value
 

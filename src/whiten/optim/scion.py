@@ -13,7 +13,7 @@ from ..roles import ROLES, role_from_shape
 from ._base import WhitenOptimizer
 from .checks import check_bool, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
 from .stacks import bucket
-from .update import grads_in, state_dtype, step_all
+from .update import commit, grads_in, state_dtype, step_all
 
 __all__ = ["Scion", "NORMS", "ROLE_NORMS"]
 
@@ -279,6 +279,8 @@ class Scion(AveragingMixin, WhitenOptimizer):
         process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
             averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
             Each parameter's step runs on one owner rank; the numbers are those of one process.
+        sync_free: False (default) or True: an ordinary step never waits for the device; the non-finite check is
+            decided there, every write masked by it, and read one step later (see :class:`whiten.SPlus`).
         batched: orthogonalise same-shape matrices of a group in one batched call (default True).
         batch_dims: leading dims that index a stack of same-shape weights (default 0): a group of mixture-of-experts
             weights (E, out, in) with ``batch_dims=1`` takes the LMO of each (out, in) matrix (and init() draws each
@@ -305,6 +307,7 @@ class Scion(AveragingMixin, WhitenOptimizer):
         ema_rate: float | None = None,
         nonfinite: str = "skip",
         process_group=None,
+        sync_free: bool = False,
         batched: bool = True,
         batch_dims: int = 0,
     ):
@@ -313,9 +316,15 @@ class Scion(AveragingMixin, WhitenOptimizer):
                         unconstrained=unconstrained, weight_decay=weight_decay, ns_steps=ns_steps,
                         ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, eps=eps, ema_rate=ema_rate, role=None)
         self.batched = bool(batched)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
 
     # ----- arguments ------------------------------------------------------------------------------------------
+    SYNC_FREE = True  # its ordinary step masks every write (whiten.optim.deferred)
+
+    def needs_host_check(self, work) -> bool:
+        """A sync-free step is one where every parameter with a gradient has its state (Scion has no refresh)."""
+        return any(not self.state.get(p) for _, params in work for p in params)
+
     def validate_group(self, group: dict) -> None:
         check_bool("unconstrained", group["unconstrained"])
         if group["unconstrained"]:
@@ -415,9 +424,15 @@ class Scion(AveragingMixin, WhitenOptimizer):
         self.update_averages(group, params, states)
         moms = [s["momentum"] for s in states]
         grads = grads_in(params, moms)
-        # the reference's arithmetic: buf*(1-m) + g*m with m = 1 - beta
-        torch._foreach_mul_(moms, beta)
+        ok = self._ok  # a sync-free step's device-side flag: the new momenta are computed aside and committed
+        if ok is None:  # the reference's arithmetic: buf*(1-m) + g*m with m = 1 - beta
+            torch._foreach_mul_(moms, beta)
+        else:
+            kept, moms = moms, list(torch._foreach_mul(moms, beta))
         torch._foreach_add_(moms, grads, alpha=1.0 - beta)
+        if ok is not None:
+            for dst, new in zip(kept, moms):
+                commit(dst, new, ok)
 
         transposed, bd = bool(group.get("transposed")), group["batch_dims"]
         norms = [resolve_norm(p, group) for p in params]
@@ -460,7 +475,7 @@ class Scion(AveragingMixin, WhitenOptimizer):
         # one fused step per distinct step size (radius × the spectral factor: a few per group)
         for idxs in bucket(range(len(params)), lambda i: factors[i]).values():
             step_all([params[i] for i in idxs], [moms[i].dtype for i in idxs], [updates[i] for i in idxs],
-                     [keep] * len(idxs), alpha=-lr * factors[idxs[0]])
+                     [keep] * len(idxs), alpha=-lr * factors[idxs[0]], ok=ok)
 
     # ----- initialization -----------------------------------------------------------------------------------------
     @torch.no_grad()
