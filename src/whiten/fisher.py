@@ -164,6 +164,7 @@ class FisherMixin:
 
     def fisher_due(self) -> bool:
         """Whether the coming ``step()`` wants sampled gradients (what ``sample_fisher`` checks)."""
+        self.resolve_pending()  # a sync-free step read one step later: a skipped one does not advance the clock
         return bool(self.fisher_schedule(self.fisher_steps))
 
     def fisher_params(self) -> list[torch.Tensor]:
@@ -454,6 +455,11 @@ class FisherMixin:
         for i, t in zip(idx, summed):
             out[i] = t.to(params[i].device)
         return out, total
+
+    def fisher_waiting(self) -> bool:
+        """Whether ``sample_fisher`` was called since the last step: this step consumes its gradients (a
+        sync-free optimizer decides such a step on the host)."""
+        return self._fisher_calls > 0
 
     def before_step(self, work) -> None:
         super().before_step(work)

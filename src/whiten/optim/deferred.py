@@ -134,20 +134,26 @@ class DeferredCheck:
         known = self.__dict__.get("_moments_after")
         return known is not None and all(_read(*known))
 
-    def _python_state(self, work) -> list[tuple[dict, dict]]:
+    def _python_state(self, work) -> list[tuple[dict, dict, bool]]:
         """The dicts a step may change outside its tensors, each with a shallow copy: every group's settings (the
-        averaging's largest lr, ...), each stepped parameter's state entry (step counts, keys it gains), the
-        counters. Tensors are kept by reference: masked, they do not change on a skipped step."""
+        averaging's largest lr, Schedule-Free's k, ...), each stepped parameter's state entry (step counts, keys it
+        gains), the counters, and the optimizer's own attributes (of which only numbers and strings count: the
+        Fisher schedule's clock, ...). Tensors are kept by reference: masked, they do not change on a skipped
+        step."""
         dicts = [*self.param_groups, *(self.state[p] for _, ps in work for p in ps), self._counters]
-        return [(d, dict(d)) for d in dicts]
+        return [(d, dict(d), False) for d in dicts] + [(self.__dict__, dict(self.__dict__), True)]
 
     @staticmethod
     def _changes(snapshot) -> list[tuple[dict, object, object, object]]:
-        """(dict, key, value before the step or _MISSING, value after it) for every entry the step changed."""
+        """(dict, key, value before the step or _MISSING, value after it) for every entry the step changed (of a
+        dict whose plain values only count: those)."""
         out = []
-        for d, before in snapshot:
+        for d, before, plain_only in snapshot:
             for k in set(before) | set(d):
                 old, new = before.get(k, _MISSING), d.get(k, _MISSING)
+                if plain_only and not ((old is _MISSING or _plain(old)) and _plain(new)
+                                       and not str(k).startswith("_warned")):
+                    continue
                 if old is not new and not (_plain(old) and _plain(new) and old == new):
                     out.append((d, k, old, new))
         return out

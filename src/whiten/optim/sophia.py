@@ -10,7 +10,7 @@ from ..fisher import FisherMixin
 
 from ._base import WhitenOptimizer
 from .checks import check_betas, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
-from .update import decays, grads_in, state_dtype, step_all
+from .update import commit, decays, grads_in, state_dtype, step_all
 
 __all__ = ["Sophia"]
 
@@ -66,12 +66,20 @@ class Sophia(FisherMixin, AveragingMixin, WhitenOptimizer):
         process_group: a ``torch.distributed`` group (DDP: replicated parameters, averaged gradients); the step
             is elementwise: every rank steps the block of each parameter it holds, with nothing exchanged, and the
             sampled gradients are averaged over the group.
+        sync_free: False (default) or True: an ordinary step never waits for the device; the non-finite check is
+            decided there, every write masked by it, and read one step later (see :class:`whiten.SPlus`). A step
+            that consumes sampled gradients decides on the host.
 
     Reference: H. Liu, Z. Li, D. Hall, P. Liang, T. Ma, "Sophia: A Scalable Stochastic Second-order Optimizer for
     Language Model Pre-training", ICLR 2024 (arXiv 2305.14342); code github.com/Liuhong99/Sophia.
     """
 
     PICKLED = {"k": 10}  # a setting kept as an attribute, with its default
+    SYNC_FREE = True  # its ordinary step masks every write (whiten.optim.deferred)
+
+    def needs_host_check(self, work) -> bool:
+        """A sync-free step is one where every parameter has its state and no sampled gradient is consumed."""
+        return self.fisher_waiting() or any(not self.state.get(p) for _, params in work for p in params)
 
     def __init__(
         self,
@@ -85,12 +93,13 @@ class Sophia(FisherMixin, AveragingMixin, WhitenOptimizer):
         fisher_seed: int = 0,
         nonfinite: str = "skip",
         process_group=None,
+        sync_free: bool = False,
     ):
         check_int("k", k, 1)
         self.k = k
         self._init_fisher(fisher_seed)
         defaults = dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, ema_rate=ema_rate, role=None)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
 
     def validate_group(self, group: dict) -> None:
         check_lr("lr", group["lr"])
@@ -137,7 +146,13 @@ class Sophia(FisherMixin, AveragingMixin, WhitenOptimizer):
             torch._foreach_addcmul_(hs, gs, gs, value=(1.0 - beta2) * self.fisher_n)
         ms, hs = [s["exp_avg"] for s in states], [s["hessian"] for s in states]
         grads = grads_in(params, ms)
-        torch._foreach_lerp_(ms, grads, 1.0 - beta1)
+        ok = self._ok  # a sync-free step's device-side flag: the new values are computed aside and committed
+        if ok is None:
+            torch._foreach_lerp_(ms, grads, 1.0 - beta1)
+        else:
+            kept, ms = ms, list(torch._foreach_lerp(ms, grads, 1.0 - beta1))
+            for dst, new in zip(kept, ms):
+                commit(dst, new, ok)
         # sign(m) · min(1, |m| / (ρh + 1e-15)), the reference's arithmetic, with foreach kernels
         denom = torch._foreach_mul(hs, rho)
         torch._foreach_add_(denom, HESSIAN_EPS)
@@ -146,4 +161,4 @@ class Sophia(FisherMixin, AveragingMixin, WhitenOptimizer):
         torch._foreach_clamp_max_(steps, 1.0)
         torch._foreach_mul_(steps, torch._foreach_sign(ms))
         keeps = [1.0 - lr * group["weight_decay"] * decays(p, group) for p in params]
-        step_all(params, [m.dtype for m in ms], steps, keeps, alpha=-lr)
+        step_all(params, [m.dtype for m in ms], steps, keeps, alpha=-lr, ok=ok)

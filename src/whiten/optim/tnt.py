@@ -16,7 +16,7 @@ from .checks import (check_ema_rate, check_int, check_lr, check_range, check_rol
                      state_dtype_option)
 from .stacks import bucket
 from .sides import ALWAYS_KEPT_SIDE, check_max_factor_ratio, kept_sides
-from .update import cast_all, decays, grad_in, state_dtype, step_all, stored_dtype
+from .update import cast_all, commit, decays, grad_in, state_dtype, step_all, stored_dtype
 
 __all__ = ["TNT", "CONV_RESHAPES"]
 
@@ -176,6 +176,9 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient (ordinary or sampled).
         process_group: a ``torch.distributed`` group (DDP: replicated parameters, averaged gradients); each
             parameter's step runs on one owner rank and the sampled gradients are averaged over the group.
+        sync_free: False (default) or True: an ordinary step never waits for the device; the non-finite check is
+            decided there, every write masked by it, and read one step later (see :class:`whiten.SPlus`). A step
+            that consumes sampled gradients decides on the host.
 
     Reference: Y. Ren and D. Goldfarb, "Tensor Normal Training for Deep Learning Models", NeurIPS 2021
     (arXiv 2106.02925); code github.com/renyiryry/tnt_neurips_2021.
@@ -192,6 +195,22 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
                                       "in half the bytes (float32 arithmetic)")}  # see memory_report
 
     PICKLED = {"update_freq": 10, "inverse_freq": 100}  # settings kept as attributes, with their defaults
+    SYNC_FREE = True  # its ordinary step masks every write (whiten.optim.deferred)
+
+    def needs_host_check(self, work) -> bool:
+        """A sync-free step is an ordinary one: every parameter has its state, no sampled gradient is consumed
+        and no inverse is due for a refresh."""
+        if self.fisher_waiting():
+            return True
+        for group, params in work:
+            for p in params:
+                s = self.state.get(p)
+                if not s:
+                    return True
+                t = s["step"]  # _step_group's t for this step
+                if s["captures"] > 0 and t % (self.update_freq if t < self.inverse_freq else self.inverse_freq) == 0:
+                    return True
+        return False
 
     def __init__(
         self,
@@ -210,6 +229,7 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         fisher_seed: int = 0,
         nonfinite: str = "skip",
         process_group=None,
+        sync_free: bool = False,
         max_factor_ratio: float | None = None,
         state_dtype: torch.dtype | str | None = None,
     ):
@@ -221,7 +241,7 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
                         factor_decay=factor_decay, factor_weight=factor_weight, conv_reshape=conv_reshape,
                         max_precond_dim=max_precond_dim, max_factor_ratio=max_factor_ratio, ema_rate=ema_rate,
                         role=None, state_dtype=state_dtype)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
 
     def validate_group(self, group: dict) -> None:
         check_lr("lr", group["lr"])
@@ -279,6 +299,7 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
             s["step"] += 1
         self.update_averages(group, params, states)
         lr, mu = float(group["lr"]), group["momentum"]
+        ok = self._ok  # a sync-free step's device-side flag (its writes below are masked by it)
         for p, lay, s in zip(params, layouts, states):
             t = s["step"] - 1  # steps this parameter took before this one (the authors' i)
             dtype = state_dtype(p)  # the arithmetic's (state_dtype stores the momentum and inverses in bfloat16)
@@ -294,11 +315,18 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
             ps, lays, ss = [params[i] for i in members], [layouts[i] for i in members], [states[i] for i in members]
             stored = [s["momentum"] for s in ss]
             moms = cast_all(stored, dtype)  # the momenta themselves where stored in that dtype
-            torch._foreach_mul_(moms, mu)
+            if ok is None:
+                torch._foreach_mul_(moms, mu)
+            else:  # a sync-free step: computed aside, committed under its device-side flag
+                moms = list(torch._foreach_mul(moms, mu))
             torch._foreach_add_(moms, [grad_in(p, dtype) for p in ps])
-            lower = [i for i in range(len(ps)) if moms[i] is not stored[i]]
-            if lower:  # cast up, update, round once into the stored momentum; the step uses the stored value
+            lower = [i for i in range(len(ps)) if moms[i].dtype != stored[i].dtype]
+            if ok is not None:
+                for dst, new in zip(stored, moms):
+                    commit(dst, new, ok)
+            elif lower:  # cast up, update, round once into the stored momentum
                 torch._foreach_copy_([stored[i] for i in lower], [moms[i] for i in lower])
+            if lower:  # the step uses the stored value
                 for i, m in zip(lower, cast_all([stored[i] for i in lower], dtype)):
                     moms[i] = m
             deltas = []
@@ -307,7 +335,7 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
                 deltas.append(mode_products(m.reshape(lay.modes), cast_all_or_none(inverses, dtype)))
             deltas = torch._foreach_mul(deltas, [s["inverse_scale"] for s in ss])
             step_all(ps, [dtype] * len(ps), [d.reshape(p.shape) for d, p in zip(deltas, ps)],
-                     [1.0 - lr * group["weight_decay"] * lay.decay for lay in lays], alpha=-lr)
+                     [1.0 - lr * group["weight_decay"] * lay.decay for lay in lays], alpha=-lr, ok=ok)
 
     @staticmethod
     def _update_factors(s: dict, lay: _Layout, G: torch.Tensor, t: int, group: dict) -> None:
