@@ -20,7 +20,7 @@ from .checks import (check_bool, check_ema_rate, check_int, check_lr, check_rang
                      state_dtype_option)
 from .sides import SMALL_FACTORS, check_max_factor_ratio, kept_sides  # noqa: F401 (SMALL_FACTORS: re-exported)
 from .stacks import bucket
-from .update import decays, grad_in, state_dtype, stored_dtype, write
+from .update import commit, decays, grad_in, state_dtype, stored_dtype, write
 
 __all__ = ["Shampoo", "InverseRootResult", "block_layout", "matrix_inverse_root", "merge_small_dims"]
 
@@ -203,6 +203,8 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
             averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
             Each parameter's step runs on one owner rank; the numbers are those of one process.
+        sync_free: False (default) or True: an ordinary step never waits for the device; the non-finite check is
+            decided there, every write masked by it, and read one step later (see :class:`whiten.SPlus`).
         batched: process same-shape matrix and vector blocks of a group as stacks: batched factor updates, root
             computations and ``torch.bmm`` preconditioning (default True). False does each block alone; blocks of
             order 3 or more always go one by one.
@@ -247,6 +249,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         ema_rate: float | None = None,
         nonfinite: str = "skip",
         process_group=None,
+        sync_free: bool = False,
         batched: bool = True,
         state_dtype: torch.dtype | str | None = None,
     ):
@@ -258,7 +261,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                         grafting_epsilon=grafting_epsilon, ema_rate=ema_rate, role=None, state_dtype=state_dtype)
         check_bool("batched", batched)
         self.batched = batched
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
 
     def validate_group(self, group: dict) -> None:
         check_lr("lr", group["lr"])
@@ -294,6 +297,23 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         state_dtype_option(group.get("state_dtype"))
 
     # ----- the step -----------------------------------------------------------------------------------------------
+    SYNC_FREE = True  # its ordinary step masks every write (whiten.optim.deferred)
+
+    def needs_host_check(self, work) -> bool:
+        """A sync-free step is an ordinary one: every parameter has its state and no root is due (nor the grafting
+        statistic's restart check, on the same steps)."""
+        for group, params in work:
+            freq = group["precondition_frequency"]
+            start = freq if group["start_preconditioning_step"] is None else group["start_preconditioning_step"]
+            for p in params:
+                state = self.state.get(p)
+                if not state or "step" not in state:
+                    return True
+                t = state["step"] + 1  # _step_group's t for this step
+                if t % freq == 0 or t == start:
+                    return True
+        return False
+
     def apply_step(self, work) -> None:
         failures = 0
         for gi, (group, params) in enumerate(work):
@@ -377,6 +397,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         steps = [s["step"] for s in states]
         dtypes = [state_dtype(p) for p in params]
         grads = [grad_in(p, dt) for p, dt in zip(params, dtypes)]
+        ok = self._ok  # a sync-free step's device-side flag: every write below is masked by it
 
         # Grafting second moment, from the raw gradient.
         graft_dirs = None
@@ -390,15 +411,27 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
             for i, bad in zip(check, self.restart_nonfinite([V[i] for i in check])):
                 if bad and "momentum" in states[i]:
                     states[i]["momentum"].zero_()
+            kept = V
+            if ok is not None:  # a sync-free step: computed aside, committed under its device-side flag
+                V = list(torch._foreach_mul(V, 1.0 if gb2 == 1.0 else gb2))
             if gb2 == 1.0:
                 torch._foreach_addcmul_(V, grads, grads, value=1.0)
             else:
-                torch._foreach_mul_(V, gb2)
+                if ok is None:
+                    torch._foreach_mul_(V, gb2)
                 torch._foreach_addcmul_(V, grads, grads, value=1.0 - gb2)
+            if ok is not None:
+                for dst, new in zip(kept, V):
+                    commit(dst, new, ok)
         # First moment ("filtered gradient").
         if beta1 > 0:
             moms = [s["momentum"] for s in states]
-            torch._foreach_lerp_(moms, grads, 1.0 - beta1)
+            if ok is None:
+                torch._foreach_lerp_(moms, grads, 1.0 - beta1)
+            else:
+                kept, moms = moms, list(torch._foreach_lerp(moms, grads, 1.0 - beta1))
+                for dst, new in zip(kept, moms):
+                    commit(dst, new, ok)
             gbar = torch._foreach_div(moms, [1.0 - beta1**t for t in steps]) if bias_correction else moms
         else:
             gbar = grads
@@ -424,7 +457,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                 active.append(i)
         failures = 0
         if precondition:
-            ctx = _Ctx(params, states, layouts, grads, gbar, graft_dirs, directions,
+            ctx = _Ctx(params, states, layouts, grads, gbar, graft_dirs, directions, ok=ok,
                        active=set(active), beta2=beta2, w=1.0 if beta2 == 1.0 else 1.0 - beta2,
                        bc2=[1.0 - beta2**t if bias_correction and beta2 < 1.0 else 1.0 for t in steps],
                        due=[(t % freq == 0 and t > start) or t == start for t in steps], eps=group["epsilon"])
@@ -464,8 +497,12 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         decayed = [i for i in same if wd and decays(params[i], group)]
         if decayed:
             torch._foreach_add_([directions[i] for i in decayed], [params[i] for i in decayed], alpha=wd)
-        if same:
+        if same and ok is None:
             torch._foreach_add_([params[i] for i in same], [directions[i] for i in same], alpha=-lr)
+        elif same:
+            for i, new in zip(same, torch._foreach_add([params[i] for i in same], [directions[i] for i in same],
+                                                       alpha=-lr)):
+                commit(params[i], new, ok)
         for i, p in enumerate(params):
             if p.dtype == dtypes[i]:
                 continue
@@ -474,7 +511,12 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
             def update(x, P=P, decay=decay):
                 x.add_(P.add_(x, alpha=decay) if decay else P, alpha=-lr)
 
-            write(p, dtypes[i], update)
+            if ok is None:
+                write(p, dtypes[i], update)
+            else:
+                x = p.to(dtypes[i])
+                update(x)
+                commit(p, x, ok)
         return failures
 
     def _refresh(self, factors: torch.Tensor, roots: torch.Tensor, bc2: list[float], eps: float, order: int) -> int:
@@ -515,7 +557,9 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
 
         G = torch.stack([c.block(c.grads, i, b) for i, b in entries])
         present = index(range(len(entries)))
-        Fs = {m: S[f"F{m}"] if present is None else S[f"F{m}"][present] for m in modes}
+        # (a sync-free step updates copies, committed under its flag below)
+        Fs = {m: S[f"F{m}"] if present is None and c.ok is None else
+              S[f"F{m}"].clone() if present is None else S[f"F{m}"][present] for m in modes}
         if order == 1:
             # No matrix product with a dimension of 1 on a stack (here a rank-1 update, below a matrix-vector
             # product): torch sends a stack of one to gemm and larger ones to batched gemm, which round those
@@ -530,7 +574,10 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                 Fs[0].baddbmm_(G, G.mT, beta=c.beta2, alpha=c.w)
             if 1 in Fs:
                 Fs[1].baddbmm_(G.mT, G, beta=c.beta2, alpha=c.w)
-        if present is not None:
+        if c.ok is not None:
+            for m in modes:
+                commit(S[f"F{m}"], Fs[m] if present is None else S[f"F{m}"].index_copy(0, present, Fs[m]), c.ok)
+        elif present is not None:
             for m in modes:
                 S[f"F{m}"].index_copy_(0, present, Fs[m])
         del G, Fs
@@ -578,10 +625,12 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         G = c.block(c.grads, i, b)
         failures = 0
         for j, fk in zip(blk.modes, blk.factor_keys):
-            F = state[fk]
+            F = state[fk] if c.ok is None else state[fk].clone()  # a sync-free step: a copy, committed
             if c.beta2 != 1.0:
                 F.mul_(c.beta2)
             F.add_(_contract_all_but(G, j), alpha=c.w)
+            if c.ok is not None:
+                commit(state[fk], F, c.ok)
         if c.due[i]:
             for fk, rk in zip(blk.factor_keys, blk.root_keys):
                 failures += self._refresh(state[fk].unsqueeze(0), state[rk].unsqueeze(0), [c.bc2[i]], c.eps,
@@ -612,7 +661,8 @@ class _Ctx:
     """What the block routines of one group step share (plain holder, never stored)."""
 
     def __init__(self, params, states, layouts, grads, gbar, graft_dirs, directions, *, active, beta2, w, bc2, due,
-                 eps):
+                 eps, ok=None):
+        self.ok = ok  # a sync-free step's device-side flag (the factors' writes are masked by it)
         self.params, self.states, self.layouts = params, states, layouts
         self.grads, self.gbar, self.graft_dirs, self.directions = grads, gbar, graft_dirs, directions
         self.active, self.beta2, self.w, self.bc2, self.due, self.eps = active, beta2, w, bc2, due, eps
