@@ -6,7 +6,7 @@ pays in queue stalls and kernel launches (issue 22). Counted on the CPU, where t
 
 A host sync is a read of a tensor's value in Python: ``item``, ``tolist``, ``bool``, ``float``, ``int`` (counted by
 wrapping those methods of ``torch.Tensor`` while the step runs), plus any ``aten._local_scalar_dense`` they did not
-cover; ops are the aten ops dispatched inside ``step()``. Of those, kernels are the ops that launch work on a GPU (not
+cover, plus ``torch.tensor(data, device=...)`` (a copy of host data that synchronizes the stream on CUDA); ops are the aten ops dispatched inside ``step()``. Of those, kernels are the ops that launch work on a GPU (not
 views, reshapes of metadata or allocations), and matmuls the kernels of matrix products and factorizations. The step
 measured is the one after a refresh period (``inverse_every`` and its kin set to 1000, so the measured step refreshes
 nothing).
@@ -83,6 +83,14 @@ class Count(TorchDispatchMode):
                 with torch._C.DisableTorchFunction():
                     return _real(t, *a, **k)
             setattr(torch.Tensor, name, read)
+        # torch.tensor(data, device=...) copies host data to the device: on CUDA, from pageable memory, a copy that
+        # synchronizes the stream (whiten.optim.update.host_values is the way without)
+        real_tensor = self._real_tensor = torch.tensor
+
+        def tensor(*a, **k):
+            self.reads += k.get("device") is not None and not self._quiet
+            return real_tensor(*a, **k)
+        torch.tensor = tensor
         real_flags = self._real_flags = deferred.read_flags
 
         def read_flags(host):  # a pinned host copy on a GPU, its event waited for: counted apart
@@ -99,6 +107,7 @@ class Count(TorchDispatchMode):
         for name, real in self._saved.items():
             setattr(torch.Tensor, name, real)
         deferred.read_flags = self._real_flags
+        torch.tensor = self._real_tensor
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -35,3 +35,17 @@ def test_ordinary_step_syncs_and_kernels_do_not_grow(name):
     most_syncs, most_ratio = CEILINGS[name]
     assert four.syncs <= most_syncs and sixteen.syncs <= most_syncs, (four, sixteen)
     assert other(sixteen) / other(four) <= most_ratio + 0.01, (four, sixteen)
+
+
+def test_the_counter_sees_reads_and_copies_of_host_data():
+    """What the counter calls a sync: a Python read of a tensor's value, and a copy of host data to a device (which
+    on CUDA, from pageable memory, synchronizes the stream); a tensor built without a device is neither."""
+    import torch
+    from host_syncs import Count
+
+    x = torch.ones(3)
+    with Count() as c:
+        x.sum().item()
+        torch.tensor([1.0, 2.0], device=x.device)
+        torch.tensor([1.0, 2.0])
+    assert c.reads == 2

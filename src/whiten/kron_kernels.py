@@ -244,7 +244,9 @@ def fit_factors_(qs: list[torch.Tensor], g: torch.Tensor, v: torch.Tensor, preco
     tiny = torch.finfo(dtype).tiny
     mean_abs = g.abs().mean(dim=tuple(range(1, n)), keepdim=True)
     # damping noise of relative size sqrt(eps_fp32), as kron_torch: keeps the fit well posed for rank-deficient g
-    sqrt_eps = torch.tensor(torch.finfo(torch.float32).eps, dtype=dtype, device=g.device).sqrt()
+    # (a Python number, not a tensor copied to the device at every update: the square root of a float32 taken in
+    # float64 and rounded to float32 is the float32 square root, so the product is the same)
+    sqrt_eps = math.sqrt(torch.finfo(torch.float32).eps)
     g.add_(sqrt_eps * mean_abs * v)
     a, conj_b = g, v
     for k, q in enumerate(qs):

@@ -17,7 +17,7 @@ from ._base import WhitenOptimizer
 from .checks import (check_bool, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
 from .stacks import bucket
-from .update import decays, state_dtype, stored_dtype, write
+from .update import decays, host_values, state_dtype, stored_dtype, write
 
 __all__ = ["PSGDKron", "UpdateProbabilitySchedule", "precond_update_prob_schedule"]
 
@@ -426,8 +426,11 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         qs = [q.to(work) for q in stored]
         mom = S["momentum"].to(work)
         b1 = group["momentum"]
-        debias = torch.tensor([1.0 - b1 ** states[i]["step"] for i in idxs], dtype=mom.dtype, device=mom.device)
-        m_hat = mom / per_slice(debias, mom.ndim)
+        debias = [1.0 - b1 ** states[i]["step"] for i in idxs]
+        if len(set(debias)) == 1:  # (a Python number: no copy to the device; the same float32 division)
+            m_hat = mom / debias[0]
+        else:  # members at different steps (one had no gradient for a while)
+            m_hat = mom / per_slice(host_values(debias, mom.dtype, mom.device), mom.ndim)
         if balance and n > 1:
             balance_factors_(qs)
         if probe is not None:

@@ -26,6 +26,14 @@ __all__ = ["BLOCK", "BASIS_BITS", "check_basis_bits", "code_shape", "quantize", 
 BLOCK = 64
 BASIS_BITS = (None, 8, 4)
 _LEVELS4 = torch.tensor([(1 if j >= 0 else -1) * (j / 7) ** 2 for j in range(-7, 8)], dtype=torch.float64)
+_LEVELS4_ON: dict = {}  # (device, dtype) -> _LEVELS4 there: copied once, not at every step (a host sync on CUDA)
+
+
+def _levels4(device, dtype) -> torch.Tensor:
+    key = (device, dtype)
+    if key not in _LEVELS4_ON:
+        _LEVELS4_ON[key] = _LEVELS4.to(device=device, dtype=dtype)
+    return _LEVELS4_ON[key]
 
 
 def check_basis_bits(value) -> None:
@@ -61,7 +69,7 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     if bits == 8:
         codes = (t * 127).round_().add_(127).to(torch.uint8)
     else:
-        levels = _LEVELS4.to(device=x.device, dtype=x.dtype)
+        levels = _levels4(x.device, x.dtype)
         codes = torch.bucketize(t.contiguous(), (levels[1:] + levels[:-1]) / 2).to(torch.uint8)  # nearest level, 0…14
     codes = codes.reshape(*x.shape[:-1], -1)[..., :d]
     if bits == 4:
@@ -78,7 +86,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, d: int, dty
     else:
         low, high = codes & 15, codes >> 4
         idx = torch.stack((low, high), dim=-1).reshape(*codes.shape[:-1], -1)[..., :d]
-        t = _LEVELS4.to(device=codes.device, dtype=dtype)[idx.long()]
+        t = _levels4(codes.device, dtype)[idx.long()]
     blocks = _blocks(t) * scales.to(dtype).unsqueeze(-1)
     return blocks.reshape(*t.shape[:-1], -1)[..., :d]
 

@@ -20,7 +20,7 @@ from .checks import (check_bool, check_ema_rate, check_int, check_lr, check_rang
                      state_dtype_option)
 from .sides import SMALL_FACTORS, check_max_factor_ratio, kept_sides  # noqa: F401 (SMALL_FACTORS: re-exported)
 from .stacks import bucket
-from .update import commit, decays, grad_in, state_dtype, stored_dtype, write
+from .update import commit, decays, grad_in, host_values, state_dtype, stored_dtype, write
 
 __all__ = ["Shampoo", "InverseRootResult", "block_layout", "matrix_inverse_root", "merge_small_dims"]
 
@@ -524,7 +524,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         # An overflowed factor (a huge finite gradient) restarts from zero and keeps its root this time; its next
         # refresh is a normal one (with β2 = 1 an inf sum would otherwise block every refresh for good).
         restarted = self.restart_nonfinite(list(factors.unbind(0)))
-        scale = torch.tensor(bc2, dtype=factors.dtype, device=factors.device).view(-1, 1, 1)
+        scale = host_values(bc2, factors.dtype, factors.device).view(-1, 1, 1)
         result = matrix_inverse_root(factors / scale, 2 * order, eps)
         self.counters["eigh_retries"] += result.retried
         if all(result.ok) and not any(restarted):
@@ -553,7 +553,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
 
         def index(js):  # stack positions of entries js, or None when they are the whole stack in order
             sel = [rows[j] for j in js]
-            return None if sel == list(range(len(members))) else torch.tensor(sel, device=S["F0"].device)
+            return None if sel == list(range(len(members))) else host_values(sel, torch.int64, S["F0"].device)
 
         G = torch.stack([c.block(c.grads, i, b) for i, b in entries])
         present = index(range(len(entries)))

@@ -8,6 +8,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from .update import host_values
+
 __all__ = ["bucket", "StackedState"]
 
 
@@ -43,7 +45,7 @@ class StackedState:
         if len(members) == len(present) and all(a is b for a, b in zip(members, present)):
             return stacks, None
         where = {id(q): j for j, q in enumerate(members)}
-        return stacks, torch.tensor([where[id(p)] for p in present], device=present[0].device)
+        return stacks, host_values([where[id(p)] for p in present], torch.int64, present[0].device)
 
     def stacked_state(self, key, params: list[torch.Tensor], shapes: dict[str, tuple[int, ...]],
                       names: list[dict[str, str]] | None = None) -> dict:

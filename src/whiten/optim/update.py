@@ -13,7 +13,7 @@ from ..roles import NO_DECAY_ROLES, role_from_shape
 from .checks import state_dtype_option
 
 __all__ = ["state_dtype", "stored_dtype", "decays", "grad_in", "grads_in", "write", "step_to", "step_all", "commit",
-           "lerp_all", "cast_all"]
+           "lerp_all", "cast_all", "host_values"]
 
 
 def state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -82,6 +82,17 @@ def cast_all(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tens
         for i, t in zip(other, fresh):
             out[i] = t
     return out
+
+
+def host_values(values: list, dtype: torch.dtype, device) -> torch.Tensor:
+    """A tensor of Python numbers on ``device``, copied there without a host sync: on CUDA a copy from ordinary
+    (pageable) host memory synchronizes the stream, waiting for every queued kernel; from pinned memory it is queued
+    like a kernel."""
+    t = torch.tensor(values, dtype=dtype)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t if device.type == "cpu" else t.to(device)
 
 
 def commit(dst: torch.Tensor, new: torch.Tensor, ok: torch.Tensor | None) -> None:
