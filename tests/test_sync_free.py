@@ -47,6 +47,13 @@ CONFIGS = {
         "unbatched, no grafting": dict(batched=False, grafting=None, lr=1e-4),
         "blocks of 8": dict(max_preconditioner_dim=8),
     },
+    "PSGDKron": {
+        "float32": dict(),
+        "float64": dict(dtype=torch.float64),
+        "bfloat16 parameters": dict(dtype=torch.bfloat16),
+        "bf16 state": dict(state_dtype="bf16"),
+        "unbatched, uncached": dict(batched=False, cache_preconditioner=False),
+    },
     "Muon": {
         "float32": dict(),
         "float64": dict(dtype=torch.float64),
@@ -87,7 +94,8 @@ CONFIGS = {
     },
 }
 SETTINGS = {"SPlus": dict(inverse_every=5), "SOAP": dict(precondition_frequency=5),
-            "Shampoo": dict(precondition_frequency=5), "Muon": dict(),
+            "Shampoo": dict(precondition_frequency=5), "PSGDKron": dict(preconditioner_update_probability=0.3),
+            "Muon": dict(),
             "Scion": dict(), "Conda": dict(update_proj_gap=5), "TNT": dict(lr=1e-3, update_freq=2, inverse_freq=5),
             "Sophia": dict(k=3), "ScheduleFreeAdamW": dict(lr=0.01)}
 CASES = [(name, config) for name, configs in CONFIGS.items() for config in configs]
@@ -122,10 +130,22 @@ def _run(sync_free: bool, bad: dict, steps: int = 23, dtype=torch.float32, name:
     return net, opt, counters, [str(w.message) for w in caught if "non-finite" in str(w.message)]
 
 
+def _same(a, b) -> bool:
+    """Equal values, tensors bit for bit (dtype included), through dicts, lists and tuples."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and torch.equal(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def _assert_same_state(a: dict, b: dict) -> None:
     # (torch's load_state_dict adds "differentiable": False to each group)
-    assert ([{k: v for k, v in g.items() if k != "differentiable"} for g in a["param_groups"]]
-            == [{k: v for k, v in g.items() if k != "differentiable"} for g in b["param_groups"]])
+    assert _same([{k: v for k, v in g.items() if k != "differentiable"} for g in a["param_groups"]],
+                 [{k: v for k, v in g.items() if k != "differentiable"} for g in b["param_groups"]])
     assert a["state"].keys() == b["state"].keys()
     for i in a["state"]:
         assert a["state"][i].keys() == b["state"][i].keys(), i
@@ -346,6 +366,6 @@ def test_sync_free_is_checked():
     net = _net()
     with pytest.raises(ValueError, match="Invalid sync_free: 'yes'"):
         whiten.SPlus(net.parameters(), sync_free="yes")
-    with pytest.raises(ValueError, match="Invalid sync_free: True .*PSGDKron has no sync-free step"):
-        whiten.optim._base.WhitenOptimizer.__init__(whiten.PSGDKron.__new__(whiten.PSGDKron), list(net.parameters()), {},
+    with pytest.raises(ValueError, match="Invalid sync_free: True .*SpecGD has no sync-free step"):
+        whiten.optim._base.WhitenOptimizer.__init__(whiten.SpecGD.__new__(whiten.SpecGD), list(net.parameters()), {},
                                                     sync_free=True)

@@ -86,6 +86,7 @@ class DeferredCheck:
         flags, order = device_finite_flags([p.grad for p in params])
         host, event = _to_host(flags)  # queued before the step's kernels: ready early
         snapshot = self._python_state(work)
+        put_back = self.python_extras()
         self._ok = flags.all()
         try:
             with self.experts(work, work) as (everyone, owned):
@@ -93,7 +94,7 @@ class DeferredCheck:
                 self.apply_step(owned)
         finally:
             self._ok = None
-        undo = self._changes(snapshot)
+        undo = (self._changes(snapshot), put_back)
         shapes = [(gi, tuple(p.shape)) for gi, (_, ps) in enumerate(work) for p in ps]
         where = [shapes[i] for i in order]  # aligned with the flags
         self._pending_check = (host, event, undo, where)
@@ -158,9 +159,17 @@ class DeferredCheck:
                     out.append((d, k, old, new))
         return out
 
-    def _restore_python_state(self, changes) -> None:
+    def python_extras(self):
+        """Python state outside dicts that an ordinary step changes (a random generator), taken before a sync-free
+        step: a callable that puts it back, or None (the default: there is none)."""
+        return None
+
+    def _restore_python_state(self, undo) -> None:
         """Undo a skipped step's changes: each entry it changed goes back to its value before the step, unless
         something else (a scheduler's lr, a user) wrote it since; the counters lose the step's increments."""
+        changes, put_back = undo
+        if put_back is not None:
+            put_back()
         for d, k, old, new in changes:
             now = d.get(k, _MISSING)
             if d is self._counters and _plain(old) and _plain(new) and _plain(now):

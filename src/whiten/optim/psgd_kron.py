@@ -17,7 +17,7 @@ from ._base import WhitenOptimizer
 from .checks import (check_bool, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
 from .stacks import bucket
-from .update import decays, host_values, state_dtype, stored_dtype, write
+from .update import commit, decays, host_values, state_dtype, stored_dtype, write
 
 __all__ = ["PSGDKron", "UpdateProbabilitySchedule", "precond_update_prob_schedule"]
 
@@ -150,6 +150,10 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
             averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
             Each parameter's step runs on one owner rank; the numbers are those of one process.
+        sync_free: False (default) or True: a step that does not update the factors never waits for the device;
+            the non-finite check is decided there, every write masked by it, and read one step later (see
+            :class:`whiten.SPlus`). With the default schedule the factors are updated at every step for the first
+            500, then at 3% of them by about step 4000.
         batched: process same-shape parameters of a group as one stack with batched matmuls and triangular solves
             (default True). False does each parameter alone; the results are the same up to rounding.
         cache_preconditioner: on steps that do not update the factors, precondition with a cached
@@ -198,6 +202,7 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         seed: int = 0,
         nonfinite: str = "skip",
         process_group=None,
+        sync_free: bool = False,
         batched: bool = True,
         cache_preconditioner: bool = True,
         state_dtype: torch.dtype | str | None = None,
@@ -219,7 +224,7 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         self.cache_preconditioner = cache_preconditioner
         self._grams: dict = {}  # bucket -> [(factor stack, its version, QᵀQ or None)]
         self._reset_random_sources()
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
         # every device's generator exists from the start, so a checkpoint template (DCP's) always has its entry
         for device in {p.device for g in self.param_groups for p in g["params"]}:
             self._generator(device)
@@ -261,8 +266,7 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         """Fill ``out`` (one parameter's probe, contiguous) with N(0, 1) from this optimizer's generator."""
         out.normal_(generator=self._generator(out.device))
 
-    def _advance_schedule(self) -> bool:
-        """One step of the deterministic schedule: True when the factors are updated this step."""
+    def _probability(self):
         prob = self.preconditioner_update_probability
         if prob is None:
             prob = _DEFAULT_SCHEDULE
@@ -272,6 +276,11 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"Invalid preconditioner_update_probability: the schedule returned {value!r} at "
                                  f"step {self._prob_step} (allowed: (0, 1])")
+        return prob
+
+    def _advance_schedule(self) -> bool:
+        """One step of the deterministic schedule: True when the factors are updated this step."""
+        prob = self._probability()
         self._update_counter += 1
         due = update_due(self._update_counter, prob)
         if due:
@@ -324,6 +333,19 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
             state[f"factor_{k}"] = scale * eye
         return state
 
+    SYNC_FREE = True  # its ordinary step masks every write (whiten.optim.deferred)
+
+    def needs_host_check(self, work) -> bool:
+        """A sync-free step is an ordinary one: every parameter has its state and the factors are not updated
+        (the schedule's decision, taken without advancing it)."""
+        if any("momentum" not in self.state.get(p, {}) for _, params in work for p in params):
+            return True
+        return update_due(self._update_counter + 1, self._probability())
+
+    def python_extras(self):
+        coin = self._coin.getstate()  # drawn at every step (the balancing's coin)
+        return lambda: self._coin.setstate(coin)
+
     def before_step(self, work) -> None:
         """The schedule, the coin and, on update steps, the probes of every parameter with a gradient, drawn one
         parameter at a time in group and parameter order: every rank of a distributed run draws the same numbers
@@ -361,12 +383,18 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         moms = [s["momentum"] for s in states]
         work = [state_dtype(p) for p in params]  # the arithmetic's dtype (state_dtype may store M and Q lower)
         grads = [p.grad if p.grad.dtype == d else p.grad.to(d) for p, d in zip(params, work)]
-        if all(m.dtype == d for m, d in zip(moms, work)):
+        ok = self._ok  # a sync-free step's device-side flag: every write below is masked by it
+        if all(m.dtype == d for m, d in zip(moms, work)) and ok is None:
             torch._foreach_mul_(moms, b1)
             torch._foreach_add_(moms, grads, alpha=1.0 - b1)
+        elif all(m.dtype == d for m, d in zip(moms, work)):
+            new = torch._foreach_mul(moms, b1)
+            torch._foreach_add_(new, grads, alpha=1.0 - b1)
+            for m, n in zip(moms, new):
+                commit(m, n, ok)
         else:  # state_dtype: cast up, update (the same two operations), round once into the stored momentum
             for m, g, d in zip(moms, grads, work):
-                m.copy_(m.to(d).mul_(b1).add_(g, alpha=1.0 - b1))
+                commit(m, m.to(d).mul_(b1).add_(g, alpha=1.0 - b1), ok)
 
         def key_of(q):
             if not self.batched:
@@ -391,13 +419,25 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         decayed = [i for i in same if wd != 0 and layouts[i].decay]
         if decayed:
             torch._foreach_add_([updates[i] for i in decayed], [params[i] for i in decayed], alpha=wd)
-        if same:
+        if same and ok is None:
             torch._foreach_add_([params[i] for i in same], [updates[i] for i in same], alpha=-lr)
+        elif same:
+            for i, n in zip(same, torch._foreach_add([params[i] for i in same], [updates[i] for i in same],
+                                                     alpha=-lr)):
+                commit(params[i], n, ok)
         for i, p in enumerate(params):
             if p.dtype != updates[i].dtype:  # low-precision parameter: update in the state dtype, round once
                 decay = wd if layouts[i].decay else 0.0
-                write(p, updates[i].dtype,
-                      lambda x, u=updates[i], decay=decay: x.add_(u.add_(x, alpha=decay) if decay else u, alpha=-lr))
+
+                def step(x, u=updates[i], decay=decay):
+                    x.add_(u.add_(x, alpha=decay) if decay else u, alpha=-lr)
+
+                if ok is None:
+                    write(p, updates[i].dtype, step)
+                else:
+                    x = p.to(updates[i].dtype)
+                    step(x)
+                    commit(p, x, ok)
 
     def _precondition_bucket(self, gi, bkey, key_of, idxs, layout: _Layout, group: dict, params, grads, states,
                              probe: torch.Tensor | None, balance: bool) -> torch.Tensor:
