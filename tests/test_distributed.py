@@ -163,6 +163,21 @@ def test_state_options_bit_identical_to_one_process(mode, world):
             assert differ == [], f"{name} {kw}, {mode} on {world} ranks, rank {rank}: {differ} differ"
 
 
+# sync_free=True: one process decides the non-finite check on the device (masked writes, read one step later); a
+# distributed step decides it on the host, as before. The numbers are the same.
+SYNC_FREE_CASES = [(name, {"sync_free": True}) for name in ALL
+                   if getattr(getattr(whiten, name, None), "SYNC_FREE", False)]
+
+
+@pytest.mark.parametrize("mode,world", [("ddp", 2), ("fsdp", 3)])
+def test_sync_free_bit_identical_to_one_process(mode, world):
+    assert len(SYNC_FREE_CASES) >= 9
+    results = launch(_equal_to_one_process_with, world, mode, SYNC_FREE_CASES)
+    for rank, res in enumerate(results):
+        for (name, kw), differ in zip(SYNC_FREE_CASES, res):
+            assert differ == [], f"{name} {kw}, {mode} on {world} ranks, rank {rank}: {differ} differ"
+
+
 def test_bf16_parameters_with_fp32_state_under_fsdp():
     names = ["SPlus", "Muon", "SOAP", "Conda", "Prodigy", "MFAC"]
     results = launch(_equal_to_one_process, 3, "fsdp", names, torch.bfloat16)

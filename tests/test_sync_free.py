@@ -362,6 +362,12 @@ def test_an_ordinary_step_reads_nothing_from_the_device(name):
     assert counts(name, 4, accelerator=True).syncs == 1 + cpu  # the default: the check's read
 
 
+def test_every_sync_free_optimizer_is_tested_here():
+    from test_suite import OPTIMIZERS
+
+    assert {n for n in OPTIMIZERS if getattr(getattr(whiten, n, None), "SYNC_FREE", False)} == set(CONFIGS)
+
+
 def test_sync_free_is_checked():
     net = _net()
     with pytest.raises(ValueError, match="Invalid sync_free: 'yes'"):
