@@ -17,9 +17,11 @@ optimizer that supports it (``SYNC_FREE``) runs its ordinary steps without that 
   ``nonfinite="raise"``: one step late, with the state already as before the bad step.
 
 Steps that must decide on the host run as before, with the host read: the first step of a parameter (its state is
-created), refresh steps (eigendecompositions), distributed steps (the ranks agree on the flag on the host), and
-optimizers that restart overflowed second moments (``SECOND_MOMENT_KEY``). The optimizer's own numbers are the
-default path's, bit for bit, on every good step (tests/test_sync_free.py).
+created), refresh steps (eigendecompositions), what else an optimizer's :meth:`DeferredCheck.needs_host_check`
+names (PSGD-Kron's factor updates, steps that consume sampled gradients), the step after a second moment
+(``SECOND_MOMENT_KEY``) overflowed (the host path restarts it; the moments are checked on the device after each
+step), and distributed steps (the ranks agree on the flag on the host). The numbers are the default path's, bit for
+bit (tests/test_sync_free.py).
 
 What it costs: the masked writes compute each new value out of place and select it, one more kernel per written
 tensor (docs/performance.md); a kernel-fused (compiled) step would fold the selection into the update.
@@ -40,7 +42,7 @@ def device_finite_flags(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list
     for i, t in enumerate(tensors):
         by_dtype.setdefault(t.dtype, []).append(i)
     order, flags = [], []
-    for dtype, idxs in by_dtype.items():
+    for idxs in by_dtype.values():
         order += idxs
         norms = torch._foreach_norm([tensors[i] for i in idxs], float("inf"))
         flags.append(torch.stack(norms).isfinite())

@@ -173,8 +173,8 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             is decided on the device, every write of the step is masked by it (a skipped step still changes
             nothing, bit for bit), and its result is read at the next step, when ``counters`` are read, or by
             ``state_dict()``: a skipped step is counted, warned about or raised (``nonfinite="raise"``) then, one
-            step late. Refresh steps, a parameter's first step and distributed steps still read the check on the
-            host. It costs one more kernel per written tensor (docs/performance.md); the numbers are the default
+            step late (until then its step counts read as if it had been taken; its tensors never change).
+            Refresh steps, a parameter's first step and distributed steps still read the check on the host. It costs one more kernel per written tensor (docs/performance.md); the numbers are the default
             path's, bit for bit.
         basis_bits: None (default: the bases in the state dtype), 8 or 4: each basis kept block-wise quantized
             (``qbasis_*`` uint8 codes, ``qscale_*`` a float32 scale per 64 entries of a row; 1.06 or 0.56 bytes an
