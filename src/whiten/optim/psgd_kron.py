@@ -17,7 +17,7 @@ from ._base import WhitenOptimizer
 from .checks import (check_bool, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
 from .stacks import bucket
-from .update import commit, decays, host_values, state_dtype, stored_dtype, write
+from .update import add_all, commit, decays, host_values, state_dtype, stored_dtype, write
 
 __all__ = ["PSGDKron", "UpdateProbabilitySchedule", "precond_update_prob_schedule"]
 
@@ -419,12 +419,8 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         decayed = [i for i in same if wd != 0 and layouts[i].decay]
         if decayed:
             torch._foreach_add_([updates[i] for i in decayed], [params[i] for i in decayed], alpha=wd)
-        if same and ok is None:
-            torch._foreach_add_([params[i] for i in same], [updates[i] for i in same], alpha=-lr)
-        elif same:
-            for i, n in zip(same, torch._foreach_add([params[i] for i in same], [updates[i] for i in same],
-                                                     alpha=-lr)):
-                commit(params[i], n, ok)
+        if same:
+            add_all([params[i] for i in same], [updates[i] for i in same], -lr, ok)
         for i, p in enumerate(params):
             if p.dtype != updates[i].dtype:  # low-precision parameter: update in the state dtype, round once
                 decay = wd if layouts[i].decay else 0.0

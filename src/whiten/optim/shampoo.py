@@ -20,7 +20,7 @@ from .checks import (check_bool, check_ema_rate, check_int, check_lr, check_rang
                      state_dtype_option)
 from .sides import SMALL_FACTORS, check_max_factor_ratio, kept_sides  # noqa: F401 (SMALL_FACTORS: re-exported)
 from .stacks import bucket
-from .update import commit, decays, grad_in, host_values, state_dtype, stored_dtype, write
+from .update import add_all, commit, decays, grad_in, host_values, lerp_all, state_dtype, stored_dtype, write
 
 __all__ = ["Shampoo", "InverseRootResult", "block_layout", "matrix_inverse_root", "merge_small_dims"]
 
@@ -425,13 +425,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                     commit(dst, new, ok)
         # First moment ("filtered gradient").
         if beta1 > 0:
-            moms = [s["momentum"] for s in states]
-            if ok is None:
-                torch._foreach_lerp_(moms, grads, 1.0 - beta1)
-            else:
-                kept, moms = moms, list(torch._foreach_lerp(moms, grads, 1.0 - beta1))
-                for dst, new in zip(kept, moms):
-                    commit(dst, new, ok)
+            moms = lerp_all([s["momentum"] for s in states], grads, 1.0 - beta1, ok)
             gbar = torch._foreach_div(moms, [1.0 - beta1**t for t in steps]) if bias_correction else moms
         else:
             gbar = grads
@@ -497,12 +491,8 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         decayed = [i for i in same if wd and decays(params[i], group)]
         if decayed:
             torch._foreach_add_([directions[i] for i in decayed], [params[i] for i in decayed], alpha=wd)
-        if same and ok is None:
-            torch._foreach_add_([params[i] for i in same], [directions[i] for i in same], alpha=-lr)
-        elif same:
-            for i, new in zip(same, torch._foreach_add([params[i] for i in same], [directions[i] for i in same],
-                                                       alpha=-lr)):
-                commit(params[i], new, ok)
+        if same:
+            add_all([params[i] for i in same], [directions[i] for i in same], -lr, ok)
         for i, p in enumerate(params):
             if p.dtype == dtypes[i]:
                 continue

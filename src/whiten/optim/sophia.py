@@ -10,7 +10,7 @@ from ..fisher import FisherMixin
 
 from ._base import WhitenOptimizer
 from .checks import check_betas, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
-from .update import commit, decays, grads_in, state_dtype, step_all
+from .update import decays, grads_in, lerp_all, state_dtype, step_all
 
 __all__ = ["Sophia"]
 
@@ -147,12 +147,7 @@ class Sophia(FisherMixin, AveragingMixin, WhitenOptimizer):
         ms, hs = [s["exp_avg"] for s in states], [s["hessian"] for s in states]
         grads = grads_in(params, ms)
         ok = self._ok  # a sync-free step's device-side flag: the new values are computed aside and committed
-        if ok is None:
-            torch._foreach_lerp_(ms, grads, 1.0 - beta1)
-        else:
-            kept, ms = ms, list(torch._foreach_lerp(ms, grads, 1.0 - beta1))
-            for dst, new in zip(kept, ms):
-                commit(dst, new, ok)
+        ms = lerp_all(ms, grads, 1.0 - beta1, ok)
         # sign(m) · min(1, |m| / (ρh + 1e-15)), the reference's arithmetic, with foreach kernels
         denom = torch._foreach_mul(hs, rho)
         torch._foreach_add_(denom, HESSIAN_EPS)

@@ -13,7 +13,7 @@ from ..roles import NO_DECAY_ROLES, role_from_shape
 from .checks import state_dtype_option
 
 __all__ = ["state_dtype", "stored_dtype", "decays", "grad_in", "grads_in", "write", "step_to", "step_all", "commit",
-           "lerp_all", "cast_all", "host_values"]
+           "lerp_all", "add_all", "cast_all", "host_values"]
 
 
 def state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -105,14 +105,27 @@ def commit(dst: torch.Tensor, new: torch.Tensor, ok: torch.Tensor | None) -> Non
         torch.where(ok, new if new.dtype == dst.dtype else new.to(dst.dtype), dst, out=dst)
 
 
-def lerp_all(dsts: list[torch.Tensor], ends: list[torch.Tensor], weight: float, ok: torch.Tensor | None) -> None:
+def lerp_all(dsts: list[torch.Tensor], ends: list[torch.Tensor], weight: float,
+             ok: torch.Tensor | None) -> list[torch.Tensor]:
     """``dst ← dst + weight·(end − dst)`` for each pair, fused (``_foreach_lerp``): in place, or computed aside and
-    :func:`commit`-ed under a sync-free step's flag ``ok``."""
+    :func:`commit`-ed under a sync-free step's flag ``ok``. Returns the new values (``dsts`` themselves in place)."""
     if ok is None:
         torch._foreach_lerp_(dsts, ends, weight)
+        return dsts
+    new = list(torch._foreach_lerp(dsts, ends, weight))
+    for dst, n in zip(dsts, new):
+        commit(dst, n, ok)
+    return new
+
+
+def add_all(dsts: list[torch.Tensor], others: list[torch.Tensor], alpha: float, ok: torch.Tensor | None) -> None:
+    """``dst ← dst + alpha·other`` for each pair, fused (``_foreach_add``): in place, or computed aside and
+    :func:`commit`-ed under a sync-free step's flag ``ok``."""
+    if ok is None:
+        torch._foreach_add_(dsts, others, alpha=alpha)
     else:
-        for dst, new in zip(dsts, torch._foreach_lerp(dsts, ends, weight)):
-            commit(dst, new, ok)
+        for dst, n in zip(dsts, torch._foreach_add(dsts, others, alpha=alpha)):
+            commit(dst, n, ok)
 
 
 def step_all(params: list[torch.Tensor], dtypes: list[torch.dtype], updates: list[torch.Tensor],
