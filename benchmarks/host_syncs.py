@@ -125,20 +125,24 @@ def model(blocks: int) -> nn.Module:
 
 
 def counts(name: str, blocks: int, accelerator: bool = False, sync_free: bool = False) -> Counts:
-    """Host syncs, ops, kernels and matmuls of one ordinary step. ``accelerator``: the finiteness check takes the path it takes on a
-    GPU (``_foreach_norm``, one op per dtype) instead of the CPU's per-tensor sums, so the ops are the launches a GPU
-    would see."""
+    """Host syncs, ops, kernels and matmuls of one ordinary step. ``accelerator``: the finiteness check takes the path it
+    takes on a GPU (``_foreach_norm``, one op per dtype) instead of the CPU's per-tensor sums, and the elementwise
+    chains their one-run path (``update.CPU_PATHS``), so the ops are the launches a GPU would see."""
     if accelerator:
         import functools
 
         from whiten.optim import _base
 
+        from whiten.optim import update
+
         real = _base.finite_flags
         _base.finite_flags = functools.partial(real, fused=True)
+        update.CPU_PATHS = False  # one run, one launch per op, as on a GPU (the same numbers)
         try:
             return counts(name, blocks, sync_free=sync_free)
         finally:
             _base.finite_flags = real
+            update.CPU_PATHS = True
     net = model(blocks)
     kw = dict(NO_REFRESH.get(name, {}))
     if name in ("KFAC", "EKFAC"):

@@ -18,6 +18,7 @@ from .checkpoints import Checkpoints
 from .checks import LR_MAX
 from .compiled import eager_under_compile
 from .deferred import DeferredCheck
+from . import update
 from .stacks import StackedState
 
 NONFINITE_POLICIES = ("skip", "raise")
@@ -778,6 +779,32 @@ class WhitenOptimizer(DeferredCheck, Checkpoints, StackedState, torch.optim.Opti
             size = max([like.numel()] + [q.numel() for g in self.param_groups for q in g["params"]])
             buf = buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
         return buf[:like.numel()].view(like.shape)
+
+    def foreach_new(self, op: str, tensors: list[torch.Tensor], *args, slot: int = 0, **kwargs) -> list[torch.Tensor]:
+        """``torch._foreach_<op>(tensors, *args)`` (an arg that is a list or tuple gives each tensor its own entry):
+        results that live for this step only. On an accelerator they are new tensors from one launch (its caching
+        allocator reuses the memory); on a CPU, where there is no launch to save, ``torch.<op>(..., out=)`` tensor
+        by tensor into views of a reused buffer (``slot``: another one for results that live at once), since fresh
+        multi-megabyte tensors at every step cost page faults there (Prodigy's step, width 256: 21 ms against 14).
+        The same numbers either way."""
+        if not tensors:
+            return []
+        if tensors[0].device.type != "cpu" or not update.CPU_PATHS or len({t.dtype for t in tensors}) != 1:
+            return list(getattr(torch, f"_foreach_{op}")(tensors, *args, **kwargs))
+        total = sum(t.numel() for t in tensors)
+        buffers = self.__dict__.setdefault("_foreach_buffers", {})
+        key = (tensors[0].dtype, slot)
+        buf = buffers.get(key)
+        if buf is None or buf.numel() < total:
+            buf = buffers[key] = torch.empty(total, dtype=tensors[0].dtype)
+        out, start = [], 0
+        for t in tensors:
+            out.append(buf[start:start + t.numel()].view(t.shape))
+            start += t.numel()
+        fn = getattr(torch, op)
+        for i, (t, o) in enumerate(zip(tensors, out)):
+            fn(t, *[a[i] if isinstance(a, (list, tuple)) else a for a in args], out=o, **kwargs)
+        return out
 
     # the state keys of the Adam-style moments whose overflow restart_overflowed_moments repairs: the second
     # moments are checked in the gradients' pass (one reduction call, one host sync); None: the optimizer has none

@@ -12,7 +12,7 @@ from ..roles import role_from_shape
 from ._base import WhitenOptimizer
 from .checks import (check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
-from .update import commit, decays, grad_in, state_dtype, stored_dtype, write
+from .update import cache_runs, commit, decays, grad_in, state_dtype, stored_dtype, write
 
 __all__ = ["Conda"]
 
@@ -194,7 +194,6 @@ class Conda(WhitenOptimizer):
                    for group, params in work for p in params)
 
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
-        beta1, beta2 = group["betas"]
         gap = group["update_proj_gap"]
         states = []
         for p in params:
@@ -207,9 +206,16 @@ class Conda(WhitenOptimizer):
                 if bad or not bool(torch.isfinite(s["exp_avg"]).all()):
                     s["exp_avg"].zero_()
                     s["exp_avg_sq"].zero_()
-        lr = float(group["lr"])
         # Each elementwise op runs once over the whole group (torch._foreach_*: one launch per op, not per
-        # parameter); only the per-matrix products and a due refresh's SVD are per parameter.
+        # parameter), on a CPU once per run of parameters that fits in cache; only the per-matrix products and a due
+        # refresh's SVD are per parameter.
+        for run in cache_runs(params):
+            self._step_run(group, [params[i] for i in run], [states[i] for i in run])
+
+    def _step_run(self, group: dict, params: list[torch.Tensor], states: list[dict]) -> None:
+        beta1, beta2 = group["betas"]
+        gap = group["update_proj_gap"]
+        lr = float(group["lr"])
         # state_dtype: float32 copies of the stored state, rounded once back at the end
         # A sync-free step (its device-side flag ``ok``) works on copies of the moments and the parameters too, and
         # commits them under the flag at the end.

@@ -12,7 +12,7 @@ from ..distributed import all_reduce_flat
 
 from ._base import WhitenOptimizer
 from .checks import check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay
-from .update import decays, state_dtype, write
+from .update import cache_runs, decays, state_dtype, write
 
 __all__ = ["Prodigy"]
 
@@ -265,46 +265,49 @@ class Prodigy(WhitenOptimizer):
         # L1 norm sums in another order, other bits), and the reference's D is built from these exact values.
         grads: dict = {}
         stats: dict = {}  # parameter -> (<g, x0 - x>, ||s||_1), tensors
-        for group, params in work:
-            for p in params:
+        for group, group_params in work:
+            for p in group_params:
                 if not self.state[p]:
                     self.state[p].update(self._init_state(p, group))
-            if group["lr"] == 0 or not params:
+            if group["lr"] == 0 or not group_params:
                 continue  # frozen (see the docstring): state only
-            states = [self.state[p] for p in params]
-            dtypes = [s["exp_avg_sq"].dtype for s in states]
-            xs = [p if p.dtype == dtype else p.to(dtype) for p, dtype in zip(params, dtypes)]
-            gs = [p.grad if p.grad.dtype == dtype else p.grad.to(dtype) for p, dtype in zip(params, dtypes)]
-            if group["weight_decay"] != 0 and not g0["decouple"]:  # coupled: g + λ x, a new tensor (p.grad is kept)
-                coupled = [i for i, p in enumerate(params) if decays(p, group)]
-                if coupled:
-                    added = torch._foreach_add([gs[i] for i in coupled], [xs[i] for i in coupled],
-                                               alpha=group["weight_decay"])
-                    for i, g in zip(coupled, added):
-                        gs[i] = g
-            grads.update(zip(params, gs))
-            sp = group["slice_p"]
-            sliced_grads = [g.reshape(-1) if sp == 1 else g.reshape(-1)[::sp] for g in gs]
-            sliced_xs = [x.reshape(-1) if sp == 1 else x.reshape(-1)[::sp] for x in xs]
-            # x0 - x; an all-zero parameter's x0 is a 0-dim zero, expanded (a view) to the sliced shape
-            travelled = torch._foreach_sub([s["p0"].expand(x.shape) for s, x in zip(states, sliced_xs)], sliced_xs)
-            dots = [torch.dot(g, t) for g, t in zip(sliced_grads, travelled)]
-            if beta1 > 0:
-                for s in states:
-                    if "exp_avg" not in s:  # β1 raised from 0 by a scheduler
-                        s["exp_avg"] = torch.zeros_like(s["exp_avg_sq"])
-                exp_avgs = [s["exp_avg"] for s in states]
-                torch._foreach_mul_(exp_avgs, beta1)
-                torch._foreach_add_(exp_avgs, gs, alpha=d * (1 - beta1))
-            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, gs, gs, value=d * d * (1 - beta2))
-            alpha = (d / d0) * d if group["safeguard_warmup"] else (d / d0) * dlr
-            ss = [s["s"] for s in states]
-            torch._foreach_mul_(ss, beta3)
-            torch._foreach_add_(ss, sliced_grads, alpha=alpha)
-            for p, dot, abs_s in zip(params, dots, torch._foreach_abs(ss)):
-                stats[p] = (dot, abs_s.sum())
+            for run in cache_runs(group_params):  # (on a CPU, runs that stay in cache through the ops)
+                params = [group_params[i] for i in run]
+                states = [self.state[p] for p in params]
+                dtypes = [s["exp_avg_sq"].dtype for s in states]
+                xs = [p if p.dtype == dtype else p.to(dtype) for p, dtype in zip(params, dtypes)]
+                gs = [p.grad if p.grad.dtype == dtype else p.grad.to(dtype) for p, dtype in zip(params, dtypes)]
+                if group["weight_decay"] != 0 and not g0["decouple"]:  # coupled: g + λ x, a new tensor (p.grad is kept)
+                    coupled = [i for i, p in enumerate(params) if decays(p, group)]
+                    if coupled:
+                        added = torch._foreach_add([gs[i] for i in coupled], [xs[i] for i in coupled],
+                                                   alpha=group["weight_decay"])
+                        for i, g in zip(coupled, added):
+                            gs[i] = g
+                grads.update(zip(params, gs))
+                sp = group["slice_p"]
+                sliced_grads = [g.reshape(-1) if sp == 1 else g.reshape(-1)[::sp] for g in gs]
+                sliced_xs = [x.reshape(-1) if sp == 1 else x.reshape(-1)[::sp] for x in xs]
+                # x0 - x; an all-zero parameter's x0 is a 0-dim zero, expanded (a view) to the sliced shape
+                travelled = self.foreach_new("sub", [s["p0"].expand(x.shape) for s, x in zip(states, sliced_xs)],
+                                             sliced_xs)
+                dots = [torch.dot(g, t) for g, t in zip(sliced_grads, travelled)]
+                if beta1 > 0:
+                    for s in states:
+                        if "exp_avg" not in s:  # β1 raised from 0 by a scheduler
+                            s["exp_avg"] = torch.zeros_like(s["exp_avg_sq"])
+                    exp_avgs = [s["exp_avg"] for s in states]
+                    torch._foreach_mul_(exp_avgs, beta1)
+                    torch._foreach_add_(exp_avgs, gs, alpha=d * (1 - beta1))
+                exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+                torch._foreach_mul_(exp_avg_sqs, beta2)
+                torch._foreach_addcmul_(exp_avg_sqs, gs, gs, value=d * d * (1 - beta2))
+                alpha = (d / d0) * d if group["safeguard_warmup"] else (d / d0) * dlr
+                ss = [s["s"] for s in states]
+                torch._foreach_mul_(ss, beta3)
+                torch._foreach_add_(ss, sliced_grads, alpha=alpha)
+                for p, dot, abs_s in zip(params, dots, self.foreach_new("abs", ss, slot=1)):
+                    stats[p] = (dot, abs_s.sum())
 
         # The sums over all parameters, in parameter order, as Python floats: the reference's arithmetic. In a
         # distributed run each owner fills its parameters' entries and one all-reduce gives every rank the same
@@ -341,42 +344,42 @@ class Prodigy(WhitenOptimizer):
         for group in self.param_groups:
             group.update(d_numerator=global_numerator, d_denom=d_denom, d=d, d_max=d_max, d_hat=d_hat)
 
-        for group, params in work:
+        for group, group_params in work:
             if group["lr"] == 0:
-                for p in params:
+                for p in group_params:
                     self.state[p]["step"] += 1
                 continue
-            if not params:
-                continue
             decay = group["weight_decay"] if g0["decouple"] else 0.0
-            states = [self.state[p] for p in params]
-            for state in states:
-                state["step"] += 1
-            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-            denoms = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_add_(denoms, d * group["eps"])
-            # the numerator: m, or with β1 = 0 the gradient (times D in the value)
-            numerators = [s["exp_avg"] for s in states] if beta1 > 0 else [grads[p] for p in params]
-            value = -dlr if beta1 > 0 else -dlr * d
-            shrink = decay * dlr  # the reference's θ - λ·d·lr·θ before the step
-            same = [i for i, p in enumerate(params) if p.dtype == exp_avg_sqs[i].dtype]
-            shrunk = [params[i] for i in same if decay != 0 and decays(params[i], group)]
-            if shrunk:
-                torch._foreach_add_(shrunk, shrunk, alpha=-shrink)
-            if same:
-                torch._foreach_addcdiv_([params[i] for i in same], [numerators[i] for i in same],
-                                        [denoms[i] for i in same], value=value)
-            for i, p in enumerate(params):  # a low-precision parameter: in the state's dtype, rounded once
-                if p.dtype == exp_avg_sqs[i].dtype:
-                    continue
-                shrink_p = shrink if decay != 0 and decays(p, group) else 0.0
+            for run in cache_runs(group_params):  # (on a CPU, runs that stay in cache through the ops)
+                params = [group_params[i] for i in run]
+                states = [self.state[p] for p in params]
+                for state in states:
+                    state["step"] += 1
+                exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+                denoms = self.foreach_new("sqrt", exp_avg_sqs)
+                torch._foreach_add_(denoms, d * group["eps"])
+                # the numerator: m, or with β1 = 0 the gradient (times D in the value)
+                numerators = [s["exp_avg"] for s in states] if beta1 > 0 else [grads[p] for p in params]
+                value = -dlr if beta1 > 0 else -dlr * d
+                shrink = decay * dlr  # the reference's θ - λ·d·lr·θ before the step
+                same = [i for i, p in enumerate(params) if p.dtype == exp_avg_sqs[i].dtype]
+                shrunk = [params[i] for i in same if decay != 0 and decays(params[i], group)]
+                if shrunk:
+                    torch._foreach_add_(shrunk, shrunk, alpha=-shrink)
+                if same:
+                    torch._foreach_addcdiv_([params[i] for i in same], [numerators[i] for i in same],
+                                            [denoms[i] for i in same], value=value)
+                for i, p in enumerate(params):  # a low-precision parameter: in the state's dtype, rounded once
+                    if p.dtype == exp_avg_sqs[i].dtype:
+                        continue
+                    shrink_p = shrink if decay != 0 and decays(p, group) else 0.0
 
-                def update(x, numerator=numerators[i], denom=denoms[i], shrink=shrink_p):
-                    if shrink:
-                        x.add_(x, alpha=-shrink)
-                    x.addcdiv_(numerator, denom, value=value)
+                    def update(x, numerator=numerators[i], denom=denoms[i], shrink=shrink_p):
+                        if shrink:
+                            x.add_(x, alpha=-shrink)
+                        x.addcdiv_(numerator, denom, value=value)
 
-                write(p, exp_avg_sqs[i].dtype, update)
+                    write(p, exp_avg_sqs[i].dtype, update)
         for group in self.param_groups:
             group["k"] += 1
 
