@@ -277,7 +277,8 @@ class Prodigy(WhitenOptimizer):
                 dtypes = [s["exp_avg_sq"].dtype for s in states]
                 xs = [p if p.dtype == dtype else p.to(dtype) for p, dtype in zip(params, dtypes)]
                 gs = [p.grad if p.grad.dtype == dtype else p.grad.to(dtype) for p, dtype in zip(params, dtypes)]
-                if group["weight_decay"] != 0 and not g0["decouple"]:  # coupled: g + λ x, a new tensor (p.grad is kept)
+                # coupled decay: g + λ x, a new tensor (p.grad is kept)
+                if group["weight_decay"] != 0 and not g0["decouple"]:
                     coupled = [i for i, p in enumerate(params) if decays(p, group)]
                     if coupled:
                         added = torch._foreach_add([gs[i] for i in coupled], [xs[i] for i in coupled],

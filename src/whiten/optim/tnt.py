@@ -16,7 +16,7 @@ from .checks import (check_ema_rate, check_int, check_lr, check_range, check_rol
                      state_dtype_option)
 from .stacks import bucket
 from .sides import ALWAYS_KEPT_SIDE, check_max_factor_ratio, kept_sides
-from .update import cast_all, commit, decays, grad_in, state_dtype, step_all, stored_dtype
+from .update import cache_runs, cast_all, commit, decays, grad_in, state_dtype, step_all, stored_dtype
 
 __all__ = ["TNT", "CONV_RESHAPES"]
 
@@ -312,30 +312,32 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         # the elementwise work as _foreach ops over the parameters of one arithmetic dtype; the mode products one
         # parameter at a time
         for dtype, members in bucket(range(len(params)), lambda i: state_dtype(params[i])).items():
-            ps, lays, ss = [params[i] for i in members], [layouts[i] for i in members], [states[i] for i in members]
-            stored = [s["momentum"] for s in ss]
-            moms = cast_all(stored, dtype)  # the momenta themselves where stored in that dtype
-            if ok is None:
-                torch._foreach_mul_(moms, mu)
-            else:  # a sync-free step: computed aside, committed under its device-side flag
-                moms = list(torch._foreach_mul(moms, mu))
-            torch._foreach_add_(moms, [grad_in(p, dtype) for p in ps])
-            lower = [i for i in range(len(ps)) if moms[i].dtype != stored[i].dtype]
-            if ok is not None:
-                for dst, new in zip(stored, moms):
-                    commit(dst, new, ok)
-            elif lower:  # cast up, update, round once into the stored momentum
-                torch._foreach_copy_([stored[i] for i in lower], [moms[i] for i in lower])
-            if lower:  # the step uses the stored value
-                for i, m in zip(lower, cast_all([stored[i] for i in lower], dtype)):
-                    moms[i] = m
-            deltas = []
-            for m, lay, s in zip(moms, lays, ss):
-                inverses = [s.get(f"inverse_{i}") for i in range(len(lay.modes))]
-                deltas.append(mode_products(m.reshape(lay.modes), cast_all_or_none(inverses, dtype)))
-            deltas = torch._foreach_mul(deltas, [s["inverse_scale"] for s in ss])
-            step_all(ps, [dtype] * len(ps), [d.reshape(p.shape) for d, p in zip(deltas, ps)],
-                     [1.0 - lr * group["weight_decay"] * lay.decay for lay in lays], alpha=-lr, ok=ok)
+            for run in cache_runs([params[i] for i in members]):  # (on a CPU, runs that stay in cache)
+                part = [members[j] for j in run]
+                ps, lays, ss = [params[i] for i in part], [layouts[i] for i in part], [states[i] for i in part]
+                stored = [s["momentum"] for s in ss]
+                moms = cast_all(stored, dtype)  # the momenta themselves where stored in that dtype
+                if ok is None:
+                    torch._foreach_mul_(moms, mu)
+                else:  # a sync-free step: computed aside, committed under its device-side flag
+                    moms = list(torch._foreach_mul(moms, mu))
+                torch._foreach_add_(moms, [grad_in(p, dtype) for p in ps])
+                lower = [i for i in range(len(ps)) if moms[i].dtype != stored[i].dtype]
+                if ok is not None:
+                    for dst, new in zip(stored, moms):
+                        commit(dst, new, ok)
+                elif lower:  # cast up, update, round once into the stored momentum
+                    torch._foreach_copy_([stored[i] for i in lower], [moms[i] for i in lower])
+                if lower:  # the step uses the stored value
+                    for i, m in zip(lower, cast_all([stored[i] for i in lower], dtype)):
+                        moms[i] = m
+                deltas = []
+                for m, lay, s in zip(moms, lays, ss):
+                    inverses = [s.get(f"inverse_{i}") for i in range(len(lay.modes))]
+                    deltas.append(mode_products(m.reshape(lay.modes), cast_all_or_none(inverses, dtype)))
+                deltas = self.foreach_new("mul", deltas, [s["inverse_scale"] for s in ss])
+                step_all(ps, [dtype] * len(ps), [d.reshape(p.shape) for d, p in zip(deltas, ps)],
+                         [1.0 - lr * group["weight_decay"] * lay.decay for lay in lays], alpha=-lr, ok=ok)
 
     @staticmethod
     def _update_factors(s: dict, lay: _Layout, G: torch.Tensor, t: int, group: dict) -> None:
