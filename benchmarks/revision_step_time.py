@@ -24,7 +24,7 @@ import time
 NAMES = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "Muon", "ScheduleFreeAdamW"]
 
 
-def child(name: str, width: int, blocks: int, period: int, threads: int) -> None:
+def child(name: str, width: int, blocks: int, period: int, threads: int, grouped: bool = False) -> None:
     import torch
 
     import whiten
@@ -36,7 +36,13 @@ def child(name: str, width: int, blocks: int, period: int, threads: int) -> None
     shapes += [(65, width)]
     params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
     roles = ["embedding"] + [("hidden" if len(s) == 2 else "vector") for s in shapes[1:-1]] + ["head"]
-    groups = [{"params": [p], "role": r} for p, r in zip(params, roles)]
+    if grouped:  # one group per role, as whiten.param_groups makes them
+        by_role: dict = {}
+        for p, r in zip(params, roles):
+            by_role.setdefault(r, []).append(p)
+        groups = [{"params": ps, "role": r} for r, ps in by_role.items()]
+    else:  # a group per parameter
+        groups = [{"params": [p], "role": r} for p, r in zip(params, roles)]
     kw = {"SPlus": dict(inverse_every=period), "SOAP": dict(precondition_frequency=period),
           "Shampoo": dict(precondition_frequency=period), "PSGDKron": dict(preconditioner_update_probability=1.0),
           }.get(name, {})  # the others (SpecGD, Scion, Conda, Prodigy, Sophia, TNT) with their defaults
@@ -64,10 +70,12 @@ def main():
     ap.add_argument("--optimizers", default=",".join(NAMES))
     ap.add_argument("--threads", type=int, default=1, help="torch threads in each child (default 1: steadier on a "
                                                             "shared machine)")
+    ap.add_argument("--grouped", action="store_true", help="one param group per role (whiten.param_groups' "
+                                                          "layout) instead of a group per parameter")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.width, args.blocks, args.period, args.threads)
+        child(args.child, args.width, args.blocks, args.period, args.threads, args.grouped)
         return
     trees = {"before": os.path.abspath(args.before), "after": os.path.abspath(args.after)}
     times: dict = {(n, t): [] for n in args.optimizers.split(",") for t in trees}
@@ -78,13 +86,14 @@ def main():
                 env = {**os.environ, "PYTHONPATH": trees[tree]}
                 out = subprocess.run([sys.executable, __file__, "x", "y", "--child", name, "--width", str(args.width),
                                       "--blocks", str(args.blocks), "--period", str(args.period),
-                                      "--threads", str(args.threads)],
+                                      "--threads", str(args.threads)] + (["--grouped"] if args.grouped else []),
                                      env=env, capture_output=True, text=True, check=True).stdout
                 res = json.loads(out.strip().splitlines()[-1])
                 assert res["file"].startswith(trees[tree]), (res["file"], trees[tree])
                 times[(name, tree)].append(res["ms"])
     print(f"width {args.width}, {args.blocks} blocks, {args.rounds} interleaved rounds, {args.threads} thread(s), "
-          f"median ms/step over a refresh period of {args.period}\n")
+          f"{'a group per role' if args.grouped else 'a group per parameter'}, median ms/step over a refresh period "
+          f"of {args.period}\n")
     print("| optimizer | before | after | after / before |")
     print("|---|---|---|---|")
     for name in args.optimizers.split(","):
