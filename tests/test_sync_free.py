@@ -362,6 +362,26 @@ def test_an_ordinary_step_reads_nothing_from_the_device(name):
     assert counts(name, 4, accelerator=True).syncs == 1 + cpu  # the default: the check's read
 
 
+def test_a_bucket_with_a_member_without_gradient_reads_nothing():
+    """SPlus's factors of a partial bucket are updated at positions it knows in Python (a tensor of positions read
+    back would be a sync on a GPU)."""
+    from host_syncs import Count
+
+    net = nn.Sequential(*[nn.Linear(8, 8, bias=False) for _ in range(3)])
+    opt = whiten.SPlus(whiten.param_groups(net), inverse_every=100, sync_free=True)
+    x = torch.randn(4, 8)
+    for t in range(4):
+        opt.zero_grad(set_to_none=True)
+        net(x).square().mean().backward()
+        if t >= 2:
+            net[1].weight.grad = None  # a member of the bucket without a gradient this step
+        if t < 3:
+            opt.step()
+    with Count() as c:
+        opt.step()
+    assert c.reads == 0 and c.lagged == 1
+
+
 def test_every_sync_free_optimizer_is_tested_here():
     from test_suite import OPTIMIZERS
 

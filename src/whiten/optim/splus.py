@@ -370,7 +370,7 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
                 shapes[f"factor_{side}"] = (d, d)
                 shapes.update(basis_slots(side, d, bits))
         S, pos = self.bucket_stacks(gi, key, [params[i] for i in idxs], key_of, shapes)
-        rows = range(len(idxs)) if pos is None else pos.tolist()
+        rows = range(len(idxs)) if pos is None else self.bucket_rows(gi, key, [params[i] for i in idxs], key_of)
         # Factor updates go matrix by matrix into the stacked factors: stacking the gradients would cost a copy
         # of every gradient for no gain (the matmuls dominate), while the rotations run on stacks already in place.
         # A sync-free step updates copies of the stacks and commits them under its flag, one kernel per stack.

@@ -21,6 +21,14 @@ def bucket(items: Iterable, key: Callable) -> dict:
     return out
 
 
+def _rows(members: list[torch.Tensor], present: list[torch.Tensor]) -> list[int] | None:
+    """The positions of ``present`` among ``members``, or None when they are all of them, in order."""
+    if len(members) == len(present) and all(a is b for a, b in zip(members, present)):
+        return None
+    where = {id(q): j for j, q in enumerate(members)}
+    return [where[id(p)] for p in present]
+
+
 class StackedState:
     """Mixin of :class:`WhitenOptimizer`: stable stacks of state. ``_stacks`` holds, per bucket key, the members,
     the stacks and the views that are the members' state entries; ``stack_builds`` counts (re)builds (after the
@@ -36,16 +44,22 @@ class StackedState:
         """Stable stacks: :meth:`stacked_state` over every parameter of group ``gi`` with state whose bucket key
         (``key_of(p)``) is ``key``, with or without a gradient this step, so a missing gradient neither rebuilds
         the stacks nor keeps an old stack alive. Returns the stacks and the positions of ``present`` in them
-        (None when they are all the members, in order)."""
+        (None when they are all the members, in order), an index tensor on their device (:meth:`bucket_rows`:
+        the same positions as Python ints)."""
+        members = self._bucket_members(gi, key, key_of)
+        stacks = self.stacked_state(key, members, shapes)
+        rows = _rows(members, present)
+        return stacks, None if rows is None else host_values(rows, torch.int64, present[0].device)
+
+    def bucket_rows(self, gi: int, key, present: list[torch.Tensor], key_of: Callable) -> list[int] | None:
+        """:meth:`bucket_stacks`' positions as Python ints (nothing read back from a device)."""
+        return _rows(self._bucket_members(gi, key, key_of), present)
+
+    def _bucket_members(self, gi: int, key, key_of: Callable) -> list[torch.Tensor]:
         keyed = self._member_keys.get(gi)  # the group's members and their keys, once per step
         if keyed is None:
             keyed = self._member_keys[gi] = [(q, key_of(q)) for q in self.group_members(gi) if self.state.get(q)]
-        members = [q for q, k in keyed if k == key]
-        stacks = self.stacked_state(key, members, shapes)
-        if len(members) == len(present) and all(a is b for a, b in zip(members, present)):
-            return stacks, None
-        where = {id(q): j for j, q in enumerate(members)}
-        return stacks, host_values([where[id(p)] for p in present], torch.int64, present[0].device)
+        return [q for q, k in keyed if k == key]
 
     def stacked_state(self, key, params: list[torch.Tensor], shapes: dict[str, tuple[int, ...]],
                       names: list[dict[str, str]] | None = None) -> dict:
