@@ -316,16 +316,13 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             stored = (m, v)
             m, v = [x.to(r.dtype) for x, r in zip(m, rotated)], [x.to(r.dtype) for x, r in zip(v, rotated)]
         ok = self._ok  # a sync-free step's device-side flag: the new moments are computed aside and committed
-        if ok is None or stored is not None:  # (state_dtype: m and v are already float32 copies)
+        if ok is not None and stored is None:
+            stored = (m, v)
+            m, v = list(torch._foreach_lerp(m, rotated, 1.0 - beta1)), list(torch._foreach_mul(v, beta2))
+        else:  # in place: the state itself, or state_dtype's float32 copies
             torch._foreach_lerp_(m, rotated, 1.0 - beta1)
             torch._foreach_mul_(v, beta2)
-        else:
-            kept_m, kept_v = m, v
-            m, v = torch._foreach_lerp(m, rotated, 1.0 - beta1), torch._foreach_mul(v, beta2)
         torch._foreach_addcmul_(v, rotated, rotated, 1.0 - beta2)
-        if ok is not None and stored is None:
-            for kept, new in zip(kept_m + kept_v, m + v):
-                commit(kept, new, ok)
         if stored is not None:
             for kept, new in zip(stored[0] + stored[1], m + v):
                 commit(kept, new, ok)
