@@ -19,85 +19,28 @@ import whiten
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from host_syncs import counts  # noqa: E402
 
+# every optimizer in three parameter dtypes, with bf16 state where it has the option, and its own options
+DTYPES = {"float32": dict(), "float64": dict(dtype=torch.float64), "bfloat16 parameters": dict(dtype=torch.bfloat16)}
+BF16_STATE = {"bf16 state": dict(state_dtype="bf16")}
 CONFIGS = {
-    "SPlus": {
-        "float32": dict(),
-        "float64": dict(dtype=torch.float64),
-        "bfloat16 parameters": dict(dtype=torch.bfloat16),
-        "bf16 state": dict(state_dtype="bf16"),
-        "4-bit bases": dict(basis_bits=4),
-        "bf16 rotations": dict(rotation_dtype="bf16"),
-        "fixed ema rate": dict(ema_rate=0.99),
-        "no averaging": dict(ema_rate=None),
-        "one matrix at a time": dict(batched=False),
-    },
-    "SOAP": {
-        "float32": dict(),
-        "float64": dict(dtype=torch.float64),
-        "bfloat16 parameters": dict(dtype=torch.bfloat16),
-        "bf16 state": dict(state_dtype="bf16"),
-        "8-bit bases": dict(basis_bits=8),
-        "averaging": dict(ema_rate=0.99),
-    },
-    "Shampoo": {
-        "float32": dict(),
-        "float64": dict(dtype=torch.float64),
-        "bfloat16 parameters": dict(dtype=torch.bfloat16),
-        "bf16 state": dict(state_dtype="bf16"),
-        "unbatched, no grafting": dict(batched=False, grafting=None, lr=1e-4),
-        "blocks of 8": dict(max_preconditioner_dim=8),
-    },
-    "PSGDKron": {
-        "float32": dict(),
-        "float64": dict(dtype=torch.float64),
-        "bfloat16 parameters": dict(dtype=torch.bfloat16),
-        "bf16 state": dict(state_dtype="bf16"),
-        "unbatched, uncached": dict(batched=False, cache_preconditioner=False),
-    },
-    "Muon": {
-        "float32": dict(),
-        "float64": dict(dtype=torch.float64),
-        "bfloat16 parameters": dict(dtype=torch.bfloat16),
-        "bf16 state": dict(state_dtype="bf16"),
-        "no Nesterov, decay": dict(nesterov=False, weight_decay=0.1),
-    },
-    "Scion": {
-        "float32": dict(),
-        "float64": dict(dtype=torch.float64),
-        "bfloat16 parameters": dict(dtype=torch.bfloat16),
-        "unconstrained, decay": dict(unconstrained=True, weight_decay=0.1),
-    },
-    "Conda": {
-        "float32": dict(),
-        "float64": dict(dtype=torch.float64),
-        "bfloat16 parameters": dict(dtype=torch.bfloat16),
-        "bf16 state": dict(state_dtype="bf16"),
-        "decay": dict(weight_decay=0.1),
-    },
-    "TNT": {
-        "float32": dict(),
-        "float64": dict(dtype=torch.float64),
-        "bfloat16 parameters": dict(dtype=torch.bfloat16),
-        "bf16 state": dict(state_dtype="bf16"),
-    },
-    "Sophia": {
-        "float32": dict(),
-        "float64": dict(dtype=torch.float64),
-        "bfloat16 parameters": dict(dtype=torch.bfloat16),
-        "averaging": dict(ema_rate=0.99),
-    },
-    "ScheduleFreeAdamW": {
-        "float32": dict(),
-        "float64": dict(dtype=torch.float64),
-        "bfloat16 parameters": dict(dtype=torch.bfloat16),
-        "decay and warm-up": dict(weight_decay=0.1, warmup_steps=4),
-    },
+    "SPlus": {**DTYPES, **BF16_STATE, "4-bit bases": dict(basis_bits=4), "bf16 rotations": dict(rotation_dtype="bf16"),
+              "fixed ema rate": dict(ema_rate=0.99), "no averaging": dict(ema_rate=None),
+              "one matrix at a time": dict(batched=False)},
+    "SOAP": {**DTYPES, **BF16_STATE, "8-bit bases": dict(basis_bits=8), "averaging": dict(ema_rate=0.99)},
+    "Shampoo": {**DTYPES, **BF16_STATE, "unbatched, no grafting": dict(batched=False, grafting=None, lr=1e-4),
+                "blocks of 8": dict(max_preconditioner_dim=8)},
+    "PSGDKron": {**DTYPES, **BF16_STATE, "unbatched, uncached": dict(batched=False, cache_preconditioner=False)},
+    "Muon": {**DTYPES, **BF16_STATE, "no Nesterov, decay": dict(nesterov=False, weight_decay=0.1)},
+    "Scion": {**DTYPES, "unconstrained, decay": dict(unconstrained=True, weight_decay=0.1)},
+    "Conda": {**DTYPES, **BF16_STATE, "decay": dict(weight_decay=0.1)},
+    "TNT": {**DTYPES, **BF16_STATE},
+    "Sophia": {**DTYPES, "averaging": dict(ema_rate=0.99)},
+    "ScheduleFreeAdamW": {**DTYPES, "decay and warm-up": dict(weight_decay=0.1, warmup_steps=4)},
 }
 SETTINGS = {"SPlus": dict(inverse_every=5), "SOAP": dict(precondition_frequency=5),
             "Shampoo": dict(precondition_frequency=5), "PSGDKron": dict(preconditioner_update_probability=0.3),
-            "Muon": dict(),
-            "Scion": dict(), "Conda": dict(update_proj_gap=5), "TNT": dict(lr=1e-3, update_freq=2, inverse_freq=5),
-            "Sophia": dict(k=3), "ScheduleFreeAdamW": dict(lr=0.01)}
+            "Muon": dict(), "Scion": dict(), "Conda": dict(update_proj_gap=5),
+            "TNT": dict(lr=1e-3, update_freq=2, inverse_freq=5), "Sophia": dict(k=3), "ScheduleFreeAdamW": dict(lr=0.01)}
 CASES = [(name, config) for name, configs in CONFIGS.items() for config in configs]
 
 

@@ -457,9 +457,12 @@ class FisherMixin:
         return out, total
 
     def fisher_waiting(self) -> bool:
-        """Whether ``sample_fisher`` was called since the last step: this step consumes its gradients (a
-        sync-free optimizer decides such a step on the host)."""
+        """Whether ``sample_fisher`` was called since the last step: this step consumes its gradients."""
         return self._fisher_calls > 0
+
+    def needs_host_check(self, work) -> bool:
+        """A sync-free step that consumes sampled gradients decides on the host (see whiten.optim.deferred)."""
+        return self.fisher_waiting() or super().needs_host_check(work)
 
     def before_step(self, work) -> None:
         super().before_step(work)

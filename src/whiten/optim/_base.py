@@ -772,13 +772,20 @@ class WhitenOptimizer(DeferredCheck, Checkpoints, StackedState, torch.optim.Opti
         """A reused buffer of ``like``'s shape (dtype, device) for a step's temporaries, never state: fresh
         multi-megabyte tensors per parameter and step cost page faults. Sized once for the largest parameter;
         ``slot`` picks another buffer when two temporaries live at once."""
-        buffers = self.__dict__.setdefault("_scratch_buffers", {})
-        key = (like.dtype, like.device, slot)
-        buf = buffers.get(key)
-        if buf is None or buf.numel() < like.numel():
-            size = max([like.numel()] + [q.numel() for g in self.param_groups for q in g["params"]])
-            buf = buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
+        buf = self._buffer(like.numel(), like.dtype, like.device, slot, for_any_parameter=True)
         return buf[:like.numel()].view(like.shape)
+
+    def _buffer(self, numel: int, dtype: torch.dtype, device, slot, for_any_parameter: bool = False) -> torch.Tensor:
+        """The reused flat buffer of ``slot`` (dtype, device), of at least ``numel`` entries, made anew when it is
+        smaller: of ``numel``, or (``for_any_parameter``) of the largest parameter's size if that is more."""
+        buffers = self.__dict__.setdefault("_scratch_buffers", {})
+        key = (dtype, device, slot)
+        buf = buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            if for_any_parameter:
+                numel = max([numel] + [q.numel() for g in self.param_groups for q in g["params"]])
+            buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf
 
     def foreach_new(self, op: str, tensors: list[torch.Tensor], *args, slot: int = 0, **kwargs) -> list[torch.Tensor]:
         """``torch._foreach_<op>(tensors, *args)`` (an arg that is a list or tuple gives each tensor its own entry):
@@ -791,12 +798,7 @@ class WhitenOptimizer(DeferredCheck, Checkpoints, StackedState, torch.optim.Opti
             return []
         if tensors[0].device.type != "cpu" or not update.CPU_PATHS or len({t.dtype for t in tensors}) != 1:
             return list(getattr(torch, f"_foreach_{op}")(tensors, *args, **kwargs))
-        total = sum(t.numel() for t in tensors)
-        buffers = self.__dict__.setdefault("_foreach_buffers", {})
-        key = (tensors[0].dtype, slot)
-        buf = buffers.get(key)
-        if buf is None or buf.numel() < total:
-            buf = buffers[key] = torch.empty(total, dtype=tensors[0].dtype)
+        buf = self._buffer(sum(t.numel() for t in tensors), tensors[0].dtype, tensors[0].device, ("foreach", slot))
         out, start = [], 0
         for t in tensors:
             out.append(buf[start:start + t.numel()].view(t.shape))

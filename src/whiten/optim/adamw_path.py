@@ -9,7 +9,7 @@ import math
 import torch
 
 from .checks import check_betas, check_lr, check_range
-from .update import commit, decays, grads_in, write
+from .update import apply_all, commit_all, decays, grads_in, lerp_all, write
 
 __all__ = ["AdamWPath", "adamw_step", "check_adamw_path"]
 
@@ -31,16 +31,10 @@ def adamw_step(group: dict, params: list[torch.Tensor], states: list[dict], ok: 
     m = [s["exp_avg"] for s in states]
     v = [s["exp_avg_sq"] for s in states]
     grads = grads_in(params, m)
-    if ok is None:
-        torch._foreach_lerp_(m, grads, 1.0 - beta1)
-        torch._foreach_mul_(v, beta2)
-    else:
-        kept = m + v
-        m, v = list(torch._foreach_lerp(m, grads, 1.0 - beta1)), list(torch._foreach_mul(v, beta2))
+    m = lerp_all(m, grads, 1.0 - beta1, ok)
+    kept, v = v, apply_all("mul", v, beta2, ok=ok)
     torch._foreach_addcmul_(v, grads, grads, 1.0 - beta2)
-    if ok is not None:
-        for dst, new in zip(kept, m + v):
-            commit(dst, new, ok)
+    commit_all(kept, v, ok)
     # torch.optim.AdamW's arithmetic: p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
     steps = [s["step"] for s in states]
     denom = torch._foreach_sqrt(v)
@@ -51,19 +45,12 @@ def adamw_step(group: dict, params: list[torch.Tensor], states: list[dict], ok: 
     same = [i for i, p in enumerate(params) if p.dtype == m[i].dtype]  # fused: a launch per op, not per parameter
     if same:
         ps = [params[i] for i in same]
-        new = ps if ok is None else torch._foreach_mul(ps, [keeps[i] for i in same])
-        if ok is None:
-            torch._foreach_mul_(ps, [keeps[i] for i in same])
+        new = apply_all("mul", ps, [keeps[i] for i in same], ok=ok)
         torch._foreach_addcdiv_(new, [m[i] for i in same], [denom[i] for i in same], [alphas[i] for i in same])
-        if ok is not None:
-            for p, n in zip(ps, new):
-                commit(p, n, ok)
+        commit_all(ps, new, ok)
     for i, p in enumerate(params):  # a low-precision parameter: in the state's dtype, rounded once
         if p.dtype != m[i].dtype:
-            if ok is None:
-                write(p, m[i].dtype, lambda x, i=i: x.mul_(keeps[i]).addcdiv_(m[i], denom[i], value=alphas[i]))
-            else:
-                commit(p, p.to(m[i].dtype).mul_(keeps[i]).addcdiv_(m[i], denom[i], value=alphas[i]), ok)
+            write(p, m[i].dtype, lambda x, i=i: x.mul_(keeps[i]).addcdiv_(m[i], denom[i], value=alphas[i]), ok)
 
 
 class AdamWPath:

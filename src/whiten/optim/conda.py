@@ -12,7 +12,7 @@ from ..roles import role_from_shape
 from ._base import WhitenOptimizer
 from .checks import (check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
-from .update import cache_runs, commit, decays, grad_in, state_dtype, stored_dtype, write
+from .update import cache_runs, commit_all, decays, grad_in, state_dtype, stored_dtype, write
 
 __all__ = ["Conda"]
 
@@ -189,9 +189,8 @@ class Conda(WhitenOptimizer):
         return state
 
     def needs_host_check(self, work) -> bool:
-        """A sync-free step is an ordinary one: every parameter has its state and no basis is due for a refresh."""
-        return any(not (s := self.state.get(p)) or s["step"] % group["update_proj_gap"] == 0
-                   for group, params in work for p in params)
+        """Steps with a basis due for a refresh decide on the host."""
+        return any(self.state[p]["step"] % group["update_proj_gap"] == 0 for group, params in work for p in params)
 
     def _step_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         gap = group["update_proj_gap"]
@@ -279,17 +278,12 @@ class Conda(WhitenOptimizer):
                         x.add_(x, alpha=-decay)
 
                 write(p, ms[i].dtype, update)
-        if ok is not None:
-            for p, new in zip(params, targets):
-                commit(p, new, ok)
+        commit_all(params, targets, ok)
         for s, w in zip(states, work):
             if w is not s:
-                for k, value in w.items():
-                    if isinstance(value, torch.Tensor):
-                        if value is not s[k]:  # (a basis, read only: the state's own tensor)
-                            commit(s[k], value, ok)
-                    else:
-                        s[k] = value
+                keys = [k for k, value in w.items() if isinstance(value, torch.Tensor)]
+                commit_all([s[k] for k in keys], [w[k] for k in keys], ok)  # (a basis read only: the state's own)
+                s.update((k, value) for k, value in w.items() if not isinstance(value, torch.Tensor))
 
     def _refresh(self, B: torch.Tensor, M: torch.Tensor, side: str, svd_dtype) -> None:
         """B <- Vᵀ (side right) or U (side left) of the reduced SVD of M; on failure B is kept and counted."""

@@ -65,9 +65,10 @@ class DeferredCheck:
     _ok: torch.Tensor | None = None  # while a sync-free step runs: its 0-d bool flag on the device
 
     def needs_host_check(self, work: list[tuple[dict, list[torch.Tensor]]]) -> bool:
-        """Whether this step must decide on the host (state created, a refresh due, ...). Optimizers with
-        ``SYNC_FREE`` override it; the default is every step."""
-        return True
+        """Whether this step, every parameter of ``work`` having its state, must still decide on the host (a refresh
+        due, ...): optimizers override it; by default no step does. (A parameter's first step always decides on the
+        host: its state is created then.)"""
+        return False
 
     def can_defer(self, work) -> bool:
         if not (self.sync_free and self.SYNC_FREE):
@@ -79,6 +80,8 @@ class DeferredCheck:
             return False
         if any(group.get("role") == "experts" for group, ps in work if ps):
             return False
+        if any(not self.state.get(p) for p in params):
+            return False  # its state is created
         return not self.needs_host_check(work)
 
     def deferred_step(self, work) -> None:

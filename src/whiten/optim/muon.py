@@ -274,9 +274,6 @@ class Muon(OrthogonalMomentum):
         self.batched = bool(batched)
         super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
 
-    def needs_host_check(self, work) -> bool:
-        """A sync-free step is one where every parameter with a gradient has its state (Muon has no refresh)."""
-        return any(not self.state.get(p) for _, params in work for p in params)
 
     def validate_group(self, group: dict) -> None:
         super().validate_group(group)

@@ -17,7 +17,8 @@ from ._base import WhitenOptimizer
 from .checks import (check_bool, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
 from .stacks import bucket
-from .update import add_all, commit, decays, host_values, state_dtype, stored_dtype, write
+from .update import (add_all, apply_all, commit, commit_all, decays, host_values, state_dtype, stored_dtype,
+                     write)
 
 __all__ = ["PSGDKron", "UpdateProbabilitySchedule", "precond_update_prob_schedule"]
 
@@ -336,9 +337,9 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
     SYNC_FREE = True  # its ordinary step masks every write (whiten.optim.deferred)
 
     def needs_host_check(self, work) -> bool:
-        """A sync-free step is an ordinary one: every parameter has its state and the factors are not updated
-        (the schedule's decision, taken without advancing it)."""
-        if any("momentum" not in self.state.get(p, {}) for _, params in work for p in params):
+        """Steps that update the factors (the schedule's decision, taken without advancing it) decide on the host,
+        and so does one that creates a parameter's momentum."""
+        if any("momentum" not in self.state[p] for _, params in work for p in params):
             return True
         return update_due(self._update_counter + 1, self._probability())
 
@@ -384,14 +385,10 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         work = [state_dtype(p) for p in params]  # the arithmetic's dtype (state_dtype may store M and Q lower)
         grads = [p.grad if p.grad.dtype == d else p.grad.to(d) for p, d in zip(params, work)]
         ok = self._ok  # a sync-free step's device-side flag: every write below is masked by it
-        if all(m.dtype == d for m, d in zip(moms, work)) and ok is None:
-            torch._foreach_mul_(moms, b1)
-            torch._foreach_add_(moms, grads, alpha=1.0 - b1)
-        elif all(m.dtype == d for m, d in zip(moms, work)):
-            new = torch._foreach_mul(moms, b1)
+        if all(m.dtype == d for m, d in zip(moms, work)):
+            new = apply_all("mul", moms, b1, ok=ok)
             torch._foreach_add_(new, grads, alpha=1.0 - b1)
-            for m, n in zip(moms, new):
-                commit(m, n, ok)
+            commit_all(moms, new, ok)
         else:  # state_dtype: cast up, update (the same two operations), round once into the stored momentum
             for m, g, d in zip(moms, grads, work):
                 commit(m, m.to(d).mul_(b1).add_(g, alpha=1.0 - b1), ok)
@@ -428,12 +425,7 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
                 def step(x, u=updates[i], decay=decay):
                     x.add_(u.add_(x, alpha=decay) if decay else u, alpha=-lr)
 
-                if ok is None:
-                    write(p, updates[i].dtype, step)
-                else:
-                    x = p.to(updates[i].dtype)
-                    step(x)
-                    commit(p, x, ok)
+                write(p, updates[i].dtype, step, ok)
 
     def _precondition_bucket(self, gi, bkey, key_of, idxs, layout: _Layout, group: dict, params, grads, states,
                              probe: torch.Tensor | None, balance: bool) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from ..averaging import SwapsWeights
 from ._base import WhitenOptimizer
 from .checks import check_betas, check_int, check_lr, check_range, check_role, check_weight_decay
-from .update import commit, decays, grads_in, state_dtype
+from .update import apply_all, commit_all, decays, grads_in, state_dtype
 
 __all__ = ["ScheduleFreeAdamW"]
 
@@ -147,9 +147,6 @@ class ScheduleFreeAdamW(SwapsWeights, WhitenOptimizer):
         """Every group: eval() puts x in place of y (see WhitenOptimizer.state_dict)."""
         return True
 
-    def needs_host_check(self, work) -> bool:
-        """A sync-free step is one where every parameter with a gradient has its state."""
-        return any(not self.state.get(p) for _, params in work for p in params)
 
     def check_can_step(self) -> None:
         if self.in_eval_mode:
@@ -182,9 +179,7 @@ class ScheduleFreeAdamW(SwapsWeights, WhitenOptimizer):
         grads = grads_in(params, z)
         y = [p if p.dtype == zi.dtype else p.to(zi.dtype) for p, zi in zip(params, z)]
         ok = self._ok  # a sync-free step's device-side flag: the new values are computed aside and committed
-        new_v = torch._foreach_mul(v, beta2) if ok is not None else v
-        if ok is None:
-            torch._foreach_mul_(v, beta2)
+        new_v = apply_all("mul", v, beta2, ok=ok)
         torch._foreach_addcmul_(new_v, grads, grads, 1.0 - beta2)
         denom = torch._foreach_div(new_v, 1.0 - beta2 ** (k + 1))
         torch._foreach_sqrt_(denom)
@@ -194,15 +189,8 @@ class ScheduleFreeAdamW(SwapsWeights, WhitenOptimizer):
             decayed = [i for i, p in enumerate(params) if decays(p, group)]
             if decayed:
                 torch._foreach_add_([step[i] for i in decayed], [y[i] for i in decayed], alpha=group["weight_decay"])
-        new_y = torch._foreach_lerp(y, z, c) if ok is not None else y
-        if ok is None:
-            torch._foreach_lerp_(y, z, c)
+        new_y = apply_all("lerp", y, z, c, ok=ok)
         torch._foreach_add_(new_y, step, alpha=lr * (beta1 * (1.0 - c) - 1.0))
-        if ok is None:
-            torch._foreach_sub_(z, step, alpha=lr)
-            for p, yi in zip(params, y):
-                if yi is not p:  # low-precision parameter: computed in the state dtype, rounded once
-                    p.copy_(yi)
-            return
-        for dst, new in zip(v + z + params, new_v + torch._foreach_sub(z, step, alpha=lr) + new_y):
-            commit(dst, new, ok)
+        new_z = apply_all("sub", z, step, alpha=lr, ok=ok)
+        # (a low-precision parameter's y is computed in the state dtype and rounded once into it)
+        commit_all(v + z + params, new_v + new_z + new_y, ok)

@@ -13,7 +13,7 @@ from ..roles import ROLES, role_from_shape
 from ._base import WhitenOptimizer
 from .checks import check_bool, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
 from .stacks import bucket
-from .update import commit, grads_in, state_dtype, step_all
+from .update import apply_all, commit_all, grads_in, state_dtype, step_all
 
 __all__ = ["Scion", "NORMS", "ROLE_NORMS"]
 
@@ -321,9 +321,6 @@ class Scion(AveragingMixin, WhitenOptimizer):
     # ----- arguments ------------------------------------------------------------------------------------------
     SYNC_FREE = True  # its ordinary step masks every write (whiten.optim.deferred)
 
-    def needs_host_check(self, work) -> bool:
-        """A sync-free step is one where every parameter with a gradient has its state (Scion has no refresh)."""
-        return any(not self.state.get(p) for _, params in work for p in params)
 
     def validate_group(self, group: dict) -> None:
         check_bool("unconstrained", group["unconstrained"])
@@ -425,14 +422,10 @@ class Scion(AveragingMixin, WhitenOptimizer):
         moms = [s["momentum"] for s in states]
         grads = grads_in(params, moms)
         ok = self._ok  # a sync-free step's device-side flag: the new momenta are computed aside and committed
-        if ok is None:  # the reference's arithmetic: buf*(1-m) + g*m with m = 1 - beta
-            torch._foreach_mul_(moms, beta)
-        else:
-            kept, moms = moms, list(torch._foreach_mul(moms, beta))
+        # the reference's arithmetic: buf*(1-m) + g*m with m = 1 - beta
+        kept, moms = moms, apply_all("mul", moms, beta, ok=ok)
         torch._foreach_add_(moms, grads, alpha=1.0 - beta)
-        if ok is not None:
-            for dst, new in zip(kept, moms):
-                commit(dst, new, ok)
+        commit_all(kept, moms, ok)
 
         transposed, bd = bool(group.get("transposed")), group["batch_dims"]
         norms = [resolve_norm(p, group) for p in params]

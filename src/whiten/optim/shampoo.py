@@ -20,7 +20,8 @@ from .checks import (check_bool, check_ema_rate, check_int, check_lr, check_rang
                      state_dtype_option)
 from .sides import SMALL_FACTORS, check_max_factor_ratio, kept_sides  # noqa: F401 (SMALL_FACTORS: re-exported)
 from .stacks import bucket
-from .update import add_all, commit, decays, grad_in, host_values, lerp_all, state_dtype, stored_dtype, write
+from .update import (add_all, apply_all, commit, commit_all, decays, grad_in, host_values, lerp_all, state_dtype,
+                     stored_dtype, write)
 
 __all__ = ["Shampoo", "InverseRootResult", "block_layout", "matrix_inverse_root", "merge_small_dims"]
 
@@ -300,19 +301,15 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
     SYNC_FREE = True  # its ordinary step masks every write (whiten.optim.deferred)
 
     def needs_host_check(self, work) -> bool:
-        """A sync-free step is an ordinary one: every parameter has its state and no root is due (nor the grafting
-        statistic's restart check, on the same steps)."""
-        for group, params in work:
+        """Steps with a root due (and the grafting statistic's restart check, on the same steps) decide on the
+        host."""
+        def due(p: torch.Tensor, group: dict) -> bool:  # _step_group's rule, with its t for this step
             freq = group["precondition_frequency"]
             start = freq if group["start_preconditioning_step"] is None else group["start_preconditioning_step"]
-            for p in params:
-                state = self.state.get(p)
-                if not state or "step" not in state:
-                    return True
-                t = state["step"] + 1  # _step_group's t for this step
-                if t % freq == 0 or t == start:
-                    return True
-        return False
+            t = self.state[p].get("step", -1) + 1  # (no step yet: state from a changed option, made on the host)
+            return t == 0 or t % freq == 0 or t == start
+
+        return any(due(p, group) for group, params in work for p in params)
 
     def apply_step(self, work) -> None:
         failures = 0
@@ -411,18 +408,10 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
             for i, bad in zip(check, self.restart_nonfinite([V[i] for i in check])):
                 if bad and "momentum" in states[i]:
                     states[i]["momentum"].zero_()
-            kept = V
-            if ok is not None:  # a sync-free step: computed aside, committed under its device-side flag
-                V = list(torch._foreach_mul(V, 1.0 if gb2 == 1.0 else gb2))
-            if gb2 == 1.0:
-                torch._foreach_addcmul_(V, grads, grads, value=1.0)
-            else:
-                if ok is None:
-                    torch._foreach_mul_(V, gb2)
-                torch._foreach_addcmul_(V, grads, grads, value=1.0 - gb2)
-            if ok is not None:
-                for dst, new in zip(kept, V):
-                    commit(dst, new, ok)
+            # (AdaGrad's sum, gb2 = 1, has no decay: in place it skips the multiply, a sync-free step copies V by it)
+            kept, V = V, (V if gb2 == 1.0 and ok is None else apply_all("mul", V, gb2, ok=ok))
+            torch._foreach_addcmul_(V, grads, grads, value=1.0 if gb2 == 1.0 else 1.0 - gb2)
+            commit_all(kept, V, ok)
         # First moment ("filtered gradient").
         if beta1 > 0:
             moms = lerp_all([s["momentum"] for s in states], grads, 1.0 - beta1, ok)
@@ -501,12 +490,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
             def update(x, P=P, decay=decay):
                 x.add_(P.add_(x, alpha=decay) if decay else P, alpha=-lr)
 
-            if ok is None:
-                write(p, dtypes[i], update)
-            else:
-                x = p.to(dtypes[i])
-                update(x)
-                commit(p, x, ok)
+            write(p, dtypes[i], update, ok)
         return failures
 
     def _refresh(self, factors: torch.Tensor, roots: torch.Tensor, bc2: list[float], eps: float, order: int) -> int:

@@ -17,7 +17,7 @@ from .checks import (check_betas, check_bool, check_ema_rate, check_int, check_l
 from .quantize import check_basis_bits
 from .sides import ALWAYS_KEPT_SIDE, check_max_factor_ratio, kept_sides
 from .stacks import bucket
-from .update import commit, decays, grad_in, state_dtype, step_to, stored_dtype
+from .update import apply_all, commit, commit_all, decays, grad_in, state_dtype, step_to, stored_dtype
 
 __all__ = ["SOAP"]
 
@@ -280,16 +280,12 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             self._qr_refresh(gi, group, params, layouts, due)
 
     def needs_host_check(self, work) -> bool:
-        """A sync-free step is an ordinary one: every parameter has its state and has been stepped once (the first
-        call builds the bases), and no basis is due for a refresh."""
-        for group, params in work:
-            for p in params:
-                state = self.state.get(p)
-                if not state or state["step"] == 0:
-                    return True
-                if _layout(p, group).matrix is not None and state["step"] % group["precondition_frequency"] == 0:
-                    return True  # (step + 1 - 1) % freq: _step_group's refresh rule for this step
-        return False
+        """A parameter's first call (it builds the bases) and refresh steps decide on the host."""
+        def due(p: torch.Tensor, group: dict) -> bool:  # _step_group's rules, for this step: (step + 1 - 1) % freq
+            step = self.state[p]["step"]
+            return step == 0 or (_layout(p, group).matrix is not None and step % group["precondition_frequency"] == 0)
+
+        return any(due(p, group) for group, params in work for p in params)
 
     def _bucket_key(self, gi: int, group: dict, p: torch.Tensor):
         if not self.batched:
@@ -316,16 +312,11 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             stored = (m, v)
             m, v = [x.to(r.dtype) for x, r in zip(m, rotated)], [x.to(r.dtype) for x, r in zip(v, rotated)]
         ok = self._ok  # a sync-free step's device-side flag: the new moments are computed aside and committed
-        if ok is not None and stored is None:
-            stored = (m, v)
-            m, v = list(torch._foreach_lerp(m, rotated, 1.0 - beta1)), list(torch._foreach_mul(v, beta2))
-        else:  # in place: the state itself, or state_dtype's float32 copies
-            torch._foreach_lerp_(m, rotated, 1.0 - beta1)
-            torch._foreach_mul_(v, beta2)
+        kept = stored if stored is not None else (m, v)
+        m, v = apply_all("lerp", m, rotated, 1.0 - beta1, ok=ok), apply_all("mul", v, beta2, ok=ok)
         torch._foreach_addcmul_(v, rotated, rotated, 1.0 - beta2)
+        commit_all(kept[0] + kept[1], m + v, ok)
         if stored is not None:
-            for kept, new in zip(stored[0] + stored[1], m + v):
-                commit(kept, new, ok)
             # the step uses the stored (rounded) moments, so it is a function of the state a checkpoint holds
             m, v = [x.to(r.dtype) for x, r in zip(stored[0], rotated)], [x.to(r.dtype) for x, r in zip(stored[1], rotated)]
         denom = torch._foreach_sqrt(v)
@@ -346,30 +337,19 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             step_size = lr * ((1.0 - beta2**t) ** 0.5 / (1.0 - beta1**t) if group["correct_bias"] else 1.0)
             keep = 1.0 - lr * group["weight_decay"] * lay.decay
             if p.dtype != d.dtype:  # low precision: in the state's dtype, rounded once
-                if ok is None:
-                    step_to(p, d.dtype, d, -step_size, keep=keep, decay_first=False)
-                else:  # step_to's arithmetic on a copy, committed
-                    commit(p, p.to(d.dtype).add_(d, alpha=-step_size).mul_(keep), ok)
+                step_to(p, d.dtype, d, -step_size, keep=keep, decay_first=False, ok=ok)
             else:
                 ps.append(p), ds.append(d), sizes.append(step_size), keeps.append(keep)
         if not ps:
             return
         # step_to's arithmetic, one launch per op: the add takes one alpha per call, so one call per step size
         # (parameters whose step counts differ); the decay after the step, per-tensor scalars
-        by_size: dict[float, list[int]] = {}
-        for j, size in enumerate(sizes):
-            by_size.setdefault(size, []).append(j)
-        new = ps if ok is None else [None] * len(ps)
-        for size, js in by_size.items():
-            if ok is None:
-                torch._foreach_add_([ps[j] for j in js], [ds[j] for j in js], alpha=-size)
-            else:
-                for j, n in zip(js, torch._foreach_add([ps[j] for j in js], [ds[j] for j in js], alpha=-size)):
-                    new[j] = n
+        new = [None] * len(ps)
+        for size, js in bucket(range(len(ps)), lambda j: sizes[j]).items():
+            for j, n in zip(js, apply_all("add", [ps[j] for j in js], [ds[j] for j in js], alpha=-size, ok=ok)):
+                new[j] = n
         torch._foreach_mul_(new, keeps)
-        if ok is not None:
-            for p, n in zip(ps, new):
-                commit(p, n, ok)
+        commit_all(ps, new, ok)
 
     def _qr_refresh(self, gi, group, params, layouts, due) -> None:
         """One power-iteration step per basis, ``Q <- qr(F Q_sorted)``, with v permuted and m carried over."""

@@ -77,9 +77,6 @@ class Sophia(FisherMixin, AveragingMixin, WhitenOptimizer):
     PICKLED = {"k": 10}  # a setting kept as an attribute, with its default
     SYNC_FREE = True  # its ordinary step masks every write (whiten.optim.deferred)
 
-    def needs_host_check(self, work) -> bool:
-        """A sync-free step is one where every parameter has its state and no sampled gradient is consumed."""
-        return self.fisher_waiting() or any(not self.state.get(p) for _, params in work for p in params)
 
     def __init__(
         self,

@@ -342,17 +342,12 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             self.refresh_bases([states[i] for i in due], group["eps"], bits=group.get("basis_bits"))
 
     def needs_host_check(self, work) -> bool:
-        """A sync-free step is an ordinary one: every parameter has its state, and no basis is due for a refresh
-        (the eigendecompositions run on the host's decision)."""
-        for group, params in work:
-            for p in params:
-                state = self.state.get(p)
-                if not state:
-                    return True
-                step = state["step"] + 1  # _step_group's refresh rule, for this step
-                if _layout(p, group).matrix is not None and (step == 1 or step % group["inverse_every"] == 0):
-                    return True
-        return False
+        """Refresh steps decide on the host (the eigendecompositions)."""
+        def due(p: torch.Tensor, group: dict) -> bool:  # _step_group's refresh rule, for this step
+            step = self.state[p]["step"] + 1
+            return _layout(p, group).matrix is not None and (step == 1 or step % group["inverse_every"] == 0)
+
+        return any(due(p, group) for group, params in work for p in params)
 
     def _bucket_key(self, gi: int, group: dict, p: torch.Tensor):
         if not self.batched:

@@ -16,7 +16,7 @@ from .checks import (check_ema_rate, check_int, check_lr, check_range, check_rol
                      state_dtype_option)
 from .stacks import bucket
 from .sides import ALWAYS_KEPT_SIDE, check_max_factor_ratio, kept_sides
-from .update import cache_runs, cast_all, commit, decays, grad_in, state_dtype, step_all, stored_dtype
+from .update import apply_all, cache_runs, cast_all, commit_all, decays, grad_in, state_dtype, step_all, stored_dtype
 
 __all__ = ["TNT", "CONV_RESHAPES"]
 
@@ -198,19 +198,13 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
     SYNC_FREE = True  # its ordinary step masks every write (whiten.optim.deferred)
 
     def needs_host_check(self, work) -> bool:
-        """A sync-free step is an ordinary one: every parameter has its state, no sampled gradient is consumed
-        and no inverse is due for a refresh."""
-        if self.fisher_waiting():
-            return True
-        for group, params in work:
-            for p in params:
-                s = self.state.get(p)
-                if not s:
-                    return True
-                t = s["step"]  # _step_group's t for this step
-                if s["captures"] > 0 and t % (self.update_freq if t < self.inverse_freq else self.inverse_freq) == 0:
-                    return True
-        return False
+        """Refresh steps of the inverses decide on the host (and, as for Sophia, steps that consume sampled
+        gradients)."""
+        def due(s: dict) -> bool:  # _step_group's rule, with its t for this step
+            t = s["step"]
+            return s["captures"] > 0 and t % (self.update_freq if t < self.inverse_freq else self.inverse_freq) == 0
+
+        return super().needs_host_check(work) or any(due(self.state[p]) for _, params in work for p in params)
 
     def __init__(
         self,
@@ -316,18 +310,12 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
                 part = [members[j] for j in run]
                 ps, lays, ss = [params[i] for i in part], [layouts[i] for i in part], [states[i] for i in part]
                 stored = [s["momentum"] for s in ss]
-                moms = cast_all(stored, dtype)  # the momenta themselves where stored in that dtype
-                if ok is None:
-                    torch._foreach_mul_(moms, mu)
-                else:  # a sync-free step: computed aside, committed under its device-side flag
-                    moms = list(torch._foreach_mul(moms, mu))
+                # the momenta themselves where stored in that dtype (a sync-free step: new ones); rounded once into
+                # a lower stored momentum
+                moms = apply_all("mul", cast_all(stored, dtype), mu, ok=ok)
                 torch._foreach_add_(moms, [grad_in(p, dtype) for p in ps])
+                commit_all(stored, moms, ok)
                 lower = [i for i in range(len(ps)) if moms[i].dtype != stored[i].dtype]
-                if ok is not None:
-                    for dst, new in zip(stored, moms):
-                        commit(dst, new, ok)
-                elif lower:  # cast up, update, round once into the stored momentum
-                    torch._foreach_copy_([stored[i] for i in lower], [moms[i] for i in lower])
                 if lower:  # the step uses the stored value
                     for i, m in zip(lower, cast_all([stored[i] for i in lower], dtype)):
                         moms[i] = m

@@ -13,7 +13,7 @@ from ..roles import NO_DECAY_ROLES, role_from_shape
 from .checks import state_dtype_option
 
 __all__ = ["state_dtype", "stored_dtype", "decays", "grad_in", "grads_in", "write", "step_to", "step_all", "commit",
-           "lerp_all", "add_all", "cast_all", "host_values", "cache_runs"]
+           "apply_all", "commit_all", "lerp_all", "add_all", "cast_all", "host_values", "cache_runs"]
 
 
 def state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -45,21 +45,24 @@ def grads_in(params: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch
     return [grad_in(p, t.dtype) for p, t in zip(params, like)]
 
 
-def write(p: torch.Tensor, dtype: torch.dtype, update: Callable[[torch.Tensor], object]) -> None:
+def write(p: torch.Tensor, dtype: torch.dtype, update: Callable[[torch.Tensor], object],
+          ok: torch.Tensor | None = None) -> None:
     """Run ``update`` (in place, on the parameter's value) in ``dtype``: on ``p`` itself when it has that dtype, else
     on a ``dtype`` copy that is rounded once into ``p``. For updates whose arithmetic is an optimizer's own (its
-    reference's order of operations); :func:`step_to` covers the common one."""
-    x = p if p.dtype == dtype else p.to(dtype)
+    reference's order of operations); :func:`step_to` covers the common one. ``ok``: a sync-free step's flag (the
+    update runs on a copy, :func:`commit`-ed under it)."""
+    x = p if p.dtype == dtype and ok is None else p.to(dtype, copy=True)
     update(x)
     if x is not p:
-        p.copy_(x)
+        commit(p, x, ok)
 
 
 def step_to(p: torch.Tensor, dtype: torch.dtype, direction: torch.Tensor, alpha: float, keep: float = 1.0,
-            decay_first: bool = True) -> None:
+            decay_first: bool = True, ok: torch.Tensor | None = None) -> None:
     """``θ ← keep·θ + alpha·direction`` (``decay_first``: decoupled decay of the old value, AdamW's order) or
     ``θ ← keep·(θ + alpha·direction)`` (decay after the step: SOAP's order), where ``keep = 1 − lr·λ`` (1 where
-    :func:`decays` is False), computed in ``dtype`` and rounded once into a low-precision ``p``."""
+    :func:`decays` is False), computed in ``dtype`` and rounded once into a low-precision ``p`` (``ok``: see
+    :func:`write`)."""
     def update(x: torch.Tensor) -> None:
         if decay_first:
             if keep != 1.0:
@@ -68,7 +71,7 @@ def step_to(p: torch.Tensor, dtype: torch.dtype, direction: torch.Tensor, alpha:
         else:
             x.add_(direction, alpha=alpha).mul_(keep)
 
-    write(p, dtype, update)
+    write(p, dtype, update, ok)
 
 
 # On a CPU an elementwise chain of _foreach ops over a whole group streams every tensor from memory at every op; in
@@ -134,27 +137,41 @@ def commit(dst: torch.Tensor, new: torch.Tensor, ok: torch.Tensor | None) -> Non
         torch.where(ok, new if new.dtype == dst.dtype else new.to(dst.dtype), dst, out=dst)
 
 
+def apply_all(op: str, tensors: list[torch.Tensor], *args, ok: torch.Tensor | None, **kwargs) -> list[torch.Tensor]:
+    """``torch._foreach_<op>(tensors, *args)`` as the first op of an update that :func:`commit_all` writes back: in
+    place (the tensors themselves are returned), or, under a sync-free step's flag ``ok``, into new tensors."""
+    if ok is None:
+        getattr(torch, f"_foreach_{op}_")(tensors, *args, **kwargs)
+        return tensors
+    return list(getattr(torch, f"_foreach_{op}")(tensors, *args, **kwargs))
+
+
+def commit_all(dsts: list[torch.Tensor], news: list[torch.Tensor], ok: torch.Tensor | None) -> None:
+    """:func:`commit` of each new value that is not its destination itself (an update made in place); without a
+    flag, one ``_foreach_copy_`` (the same rounding as ``copy_``)."""
+    pairs = [(dst, new) for dst, new in zip(dsts, news) if new is not dst]
+    if not pairs:
+        return
+    if ok is None:
+        torch._foreach_copy_([dst for dst, _ in pairs], [new for _, new in pairs])
+    else:
+        for dst, new in pairs:
+            commit(dst, new, ok)
+
+
 def lerp_all(dsts: list[torch.Tensor], ends: list[torch.Tensor], weight: float,
              ok: torch.Tensor | None) -> list[torch.Tensor]:
-    """``dst ← dst + weight·(end − dst)`` for each pair, fused (``_foreach_lerp``): in place, or computed aside and
-    :func:`commit`-ed under a sync-free step's flag ``ok``. Returns the new values (``dsts`` themselves in place)."""
-    if ok is None:
-        torch._foreach_lerp_(dsts, ends, weight)
-        return dsts
-    new = list(torch._foreach_lerp(dsts, ends, weight))
-    for dst, n in zip(dsts, new):
-        commit(dst, n, ok)
+    """``dst ← dst + weight·(end − dst)`` for each pair, fused (``_foreach_lerp``), in place or :func:`commit`-ed
+    under a sync-free step's flag ``ok``. Returns the new values (``dsts`` themselves in place)."""
+    new = apply_all("lerp", dsts, ends, weight, ok=ok)
+    commit_all(dsts, new, ok)
     return new
 
 
 def add_all(dsts: list[torch.Tensor], others: list[torch.Tensor], alpha: float, ok: torch.Tensor | None) -> None:
-    """``dst ← dst + alpha·other`` for each pair, fused (``_foreach_add``): in place, or computed aside and
-    :func:`commit`-ed under a sync-free step's flag ``ok``."""
-    if ok is None:
-        torch._foreach_add_(dsts, others, alpha=alpha)
-    else:
-        for dst, n in zip(dsts, torch._foreach_add(dsts, others, alpha=alpha)):
-            commit(dst, n, ok)
+    """``dst ← dst + alpha·other`` for each pair, fused (``_foreach_add``), in place or :func:`commit`-ed under a
+    sync-free step's flag ``ok``."""
+    commit_all(dsts, apply_all("add", dsts, others, alpha=alpha, ok=ok), ok)
 
 
 def step_all(params: list[torch.Tensor], dtypes: list[torch.dtype], updates: list[torch.Tensor],
@@ -172,11 +189,9 @@ def step_all(params: list[torch.Tensor], dtypes: list[torch.dtype], updates: lis
                 torch._foreach_mul_([params[i] for i in kept], [keeps[i] for i in kept])
             new = ps
         else:
-            new = torch._foreach_mul(ps, [keeps[i] for i in same])
+            new = apply_all("mul", ps, [keeps[i] for i in same], ok=ok)
         torch._foreach_add_(new, [updates[i] for i in same], alpha=alpha)
-        if ok is not None:
-            for p, n in zip(ps, new):
-                commit(p, n, ok)
+        commit_all(ps, new, ok)
     for i, p in enumerate(params):
         if p.dtype != dtypes[i]:
             commit(p, p.to(dtypes[i]).mul_(keeps[i]).add_(updates[i], alpha=alpha), ok)
