@@ -17,6 +17,7 @@ from ..linalg import finite_flags
 from .checkpoints import Checkpoints
 from .checks import LR_MAX
 from .compiled import eager_under_compile
+from .kernels import compiled_mode
 from .deferred import DeferredCheck
 from . import update
 from .stacks import StackedState
@@ -105,13 +106,17 @@ class WhitenOptimizer(DeferredCheck, Checkpoints, StackedState, torch.optim.Opti
         # torch.compile(opt.step) runs the step eagerly, with the eager numbers (see whiten.optim.compiled)
         cls.step = eager_under_compile(cls.step)
 
-    def __init__(self, params, defaults: dict, nonfinite: str = "skip", process_group=None, sync_free: bool = False):
+    def __init__(self, params, defaults: dict, nonfinite: str = "skip", process_group=None, sync_free: bool = False,
+                 compiled: bool = False):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r} (allowed: {', '.join(map(repr, NONFINITE_POLICIES))})")
         if not isinstance(sync_free, bool) or (sync_free and not self.SYNC_FREE):
             allowed = "True or False" if self.SYNC_FREE else f"False: {type(self).__name__} has no sync-free step yet"
             raise ValueError(f"Invalid sync_free: {sync_free!r} (allowed: {allowed})")
         self.sync_free = sync_free
+        if not isinstance(compiled, bool):
+            raise ValueError(f"Invalid compiled: {compiled!r} (allowed: True or False)")
+        self.compiled = compiled  # the elementwise chains as compiled kernels (whiten.optim.kernels)
         if process_group is not None and not wdist.is_process_group(process_group):
             raise ValueError(f"Invalid process_group: {process_group!r} (allowed: None or a "
                              "torch.distributed.ProcessGroup, e.g. torch.distributed.group.WORLD)")
@@ -355,17 +360,18 @@ class WhitenOptimizer(DeferredCheck, Checkpoints, StackedState, torch.optim.Opti
         work = self.params_with_grad()
         ctx = self.distributed_context(key)
         self._member_keys = {}
-        if ctx is None:
-            if self.can_defer(work):
-                self.deferred_step(work)  # the check decided on the device, read at the next step
-            elif self.grads_are_finite(work):  # checked before any state changes
-                with self.experts(work, work) as (everyone, owned):
-                    self.before_step(everyone)
-                    self.apply_step(owned)
-            if self.sync_free and self.SECOND_MOMENT_KEY is not None:
-                self.check_moments_after_step()
-        else:
-            self._distributed_step(ctx, work)
+        with compiled_mode(self.compiled):
+            if ctx is None:
+                if self.can_defer(work):
+                    self.deferred_step(work)  # the check decided on the device, read at the next step
+                elif self.grads_are_finite(work):  # checked before any state changes
+                    with self.experts(work, work) as (everyone, owned):
+                        self.before_step(everyone)
+                        self.apply_step(owned)
+                if self.sync_free and self.SECOND_MOMENT_KEY is not None:
+                    self.check_moments_after_step()
+            else:
+                self._distributed_step(ctx, work)
         if not getattr(self, "_memory_checked", False) and self.state:
             self._memory_checked = True
             self.check_state_memory()

@@ -46,7 +46,7 @@ class Checkpoints:
     """Mixin of :class:`WhitenOptimizer` (see the module's docstring)."""
 
     GLOBAL_STATE_KEYS: tuple[str, ...] = ("whiten_counters", "whiten_optimizer")
-    PICKLED: dict = {"nonfinite": "skip", "batched": True, "sync_free": False}
+    PICKLED: dict = {"nonfinite": "skip", "batched": True, "sync_free": False, "compiled": False}
     # state entries with the parameter's shape, whatever the optimizer
     PARAMETER_SHAPED = ("momentum", "exp_avg", "exp_avg_sq", "ema", "z", "graft", "live")
 

@@ -262,6 +262,7 @@ class Muon(OrthogonalMomentum):
         nonfinite: str = "skip",
         process_group=None,
         sync_free: bool = False,
+        compiled: bool = False,
         batched: bool = True,
         batch_dims: int = 0,
         state_dtype: torch.dtype | str | None = None,
@@ -272,7 +273,8 @@ class Muon(OrthogonalMomentum):
                         ns_dtype=ns_dtype, adam_lr=adam_lr, adam_betas=adam_betas, adam_eps=adam_eps,
                         ema_rate=ema_rate, role=None, lr_scale=1.0, state_dtype=state_dtype)
         self.batched = bool(batched)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free,
+                         compiled=compiled)
 
 
     def validate_group(self, group: dict) -> None:

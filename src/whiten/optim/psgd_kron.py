@@ -204,6 +204,7 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         nonfinite: str = "skip",
         process_group=None,
         sync_free: bool = False,
+        compiled: bool = False,
         batched: bool = True,
         cache_preconditioner: bool = True,
         state_dtype: torch.dtype | str | None = None,
@@ -225,7 +226,8 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         self.cache_preconditioner = cache_preconditioner
         self._grams: dict = {}  # bucket -> [(factor stack, its version, QᵀQ or None)]
         self._reset_random_sources()
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free,
+                         compiled=compiled)
         # every device's generator exists from the start, so a checkpoint template (DCP's) always has its entry
         for device in {p.device for g in self.param_groups for p in g["params"]}:
             self._generator(device)

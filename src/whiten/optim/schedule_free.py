@@ -72,11 +72,13 @@ class ScheduleFreeAdamW(SwapsWeights, WhitenOptimizer):
         nonfinite: str = "skip",
         process_group=None,
         sync_free: bool = False,
+        compiled: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
                         weight_lr_power=weight_lr_power, role=None, k=0, train_mode=True, weight_sum=0.0,
                         lr_max=-1.0, scheduled_lr=0.0)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free,
+                         compiled=compiled)
 
     def validate_group(self, group: dict) -> None:
         check_lr("lr", group["lr"])

@@ -308,6 +308,7 @@ class Scion(AveragingMixin, WhitenOptimizer):
         nonfinite: str = "skip",
         process_group=None,
         sync_free: bool = False,
+        compiled: bool = False,
         batched: bool = True,
         batch_dims: int = 0,
     ):
@@ -316,7 +317,8 @@ class Scion(AveragingMixin, WhitenOptimizer):
                         unconstrained=unconstrained, weight_decay=weight_decay, ns_steps=ns_steps,
                         ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, eps=eps, ema_rate=ema_rate, role=None)
         self.batched = bool(batched)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free,
+                         compiled=compiled)
 
     # ----- arguments ------------------------------------------------------------------------------------------
     SYNC_FREE = True  # its ordinary step masks every write (whiten.optim.deferred)

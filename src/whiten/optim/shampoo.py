@@ -251,6 +251,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         nonfinite: str = "skip",
         process_group=None,
         sync_free: bool = False,
+        compiled: bool = False,
         batched: bool = True,
         state_dtype: torch.dtype | str | None = None,
     ):
@@ -262,7 +263,8 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
                         grafting_epsilon=grafting_epsilon, ema_rate=ema_rate, role=None, state_dtype=state_dtype)
         check_bool("batched", batched)
         self.batched = batched
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free,
+                         compiled=compiled)
 
     def validate_group(self, group: dict) -> None:
         check_lr("lr", group["lr"])

@@ -165,6 +165,7 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         nonfinite: str = "skip",
         process_group=None,
         sync_free: bool = False,
+        compiled: bool = False,
         batched: bool = True,
         rotation_dtype: torch.dtype | str | None = None,
         state_dtype: torch.dtype | str | None = None,
@@ -178,7 +179,8 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
                         ema_rate=ema_rate, role=None, rotation_dtype=rotation_dtype,
                         state_dtype=state_dtype, basis_bits=basis_bits)
         self.batched = bool(batched)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free,
+                         compiled=compiled)
 
     def validate_group(self, group: dict) -> None:
         check_lr("lr", group["lr"])

@@ -91,12 +91,14 @@ class Sophia(FisherMixin, AveragingMixin, WhitenOptimizer):
         nonfinite: str = "skip",
         process_group=None,
         sync_free: bool = False,
+        compiled: bool = False,
     ):
         check_int("k", k, 1)
         self.k = k
         self._init_fisher(fisher_seed)
         defaults = dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, ema_rate=ema_rate, role=None)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free,
+                         compiled=compiled)
 
     def validate_group(self, group: dict) -> None:
         check_lr("lr", group["lr"])

@@ -219,6 +219,7 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         basis_bits: int | None = None,
         max_factor_ratio: float | None = None,
         sync_free: bool = False,
+        compiled: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, ema_rate=ema_rate, weight_decay=weight_decay,
                         inverse_every=inverse_every, eps=eps, max_dim=max_dim, max_factor_ratio=max_factor_ratio,
@@ -226,7 +227,8 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
                         rotation_dtype=rotation_dtype, state_dtype=state_dtype, basis_bits=basis_bits)
         self.batched = bool(batched)
         self._constructing = True  # the width is read once every group is in (the embeddings may come first)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free,
+                         compiled=compiled)
         del self._constructing
         self.resolve_nonstandard_constant()
 

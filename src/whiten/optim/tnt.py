@@ -224,6 +224,7 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         nonfinite: str = "skip",
         process_group=None,
         sync_free: bool = False,
+        compiled: bool = False,
         max_factor_ratio: float | None = None,
         state_dtype: torch.dtype | str | None = None,
     ):
@@ -235,7 +236,8 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
                         factor_decay=factor_decay, factor_weight=factor_weight, conv_reshape=conv_reshape,
                         max_precond_dim=max_precond_dim, max_factor_ratio=max_factor_ratio, ema_rate=ema_rate,
                         role=None, state_dtype=state_dtype)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free,
+                         compiled=compiled)
 
     def validate_group(self, group: dict) -> None:
         check_lr("lr", group["lr"])

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from ..roles import NO_DECAY_ROLES, role_from_shape
+from . import kernels
 from .checks import state_dtype_option
 
 __all__ = ["state_dtype", "stored_dtype", "decays", "grad_in", "grads_in", "write", "step_to", "step_all", "commit",
@@ -163,6 +164,9 @@ def lerp_all(dsts: list[torch.Tensor], ends: list[torch.Tensor], weight: float,
              ok: torch.Tensor | None) -> list[torch.Tensor]:
     """``dst ← dst + weight·(end − dst)`` for each pair, fused (``_foreach_lerp``), in place or :func:`commit`-ed
     under a sync-free step's flag ``ok``. Returns the new values (``dsts`` themselves in place)."""
+    if kernels.active(dsts, ends) and all(d.dtype == e.dtype for d, e in zip(dsts, ends)):
+        _lerp_kernel(dsts, ends, kernels.step_values([weight], dsts[0].device), ok)
+        return dsts
     new = apply_all("lerp", dsts, ends, weight, ok=ok)
     commit_all(dsts, new, ok)
     return new
@@ -171,6 +175,10 @@ def lerp_all(dsts: list[torch.Tensor], ends: list[torch.Tensor], weight: float,
 def add_all(dsts: list[torch.Tensor], others: list[torch.Tensor], alpha: float, ok: torch.Tensor | None) -> None:
     """``dst ← dst + alpha·other`` for each pair, fused (``_foreach_add``), in place or :func:`commit`-ed under a
     sync-free step's flag ``ok``."""
+    if kernels.active(dsts, others) and all(d.dtype == o.dtype for d, o in zip(dsts, others)):
+        values = kernels.step_values([1.0] * len(dsts) + [alpha], dsts[0].device)
+        _step_all_kernel(dsts, others, values, ok)
+        return
     commit_all(dsts, apply_all("add", dsts, others, alpha=alpha, ok=ok), ok)
 
 
@@ -180,6 +188,9 @@ def step_all(params: list[torch.Tensor], dtypes: list[torch.dtype], updates: lis
     dtype, one at a time, in the state's dtype and rounded once, for low-precision ones. :func:`step_to`'s
     arithmetic (decay first), one launch per op instead of per parameter. ``ok``: a sync-free step's flag (the
     new values are computed aside and :func:`commit`-ed, the same arithmetic)."""
+    if kernels.active(params, updates) and all(u.dtype == d for u, d in zip(updates, dtypes)):
+        _step_all_kernel(params, updates, kernels.step_values(list(keeps) + [alpha], params[0].device), ok)
+        return
     same = [i for i, p in enumerate(params) if p.dtype == dtypes[i]]
     if same:
         ps = [params[i] for i in same]
@@ -195,3 +206,29 @@ def step_all(params: list[torch.Tensor], dtypes: list[torch.dtype], updates: lis
     for i, p in enumerate(params):
         if p.dtype != dtypes[i]:
             commit(p, p.to(dtypes[i]).mul_(keeps[i]).add_(updates[i], alpha=alpha), ok)
+
+
+# ----- compiled twins (compiled=True, whiten.optim.kernels): the same arithmetic, numbers as float64 tensors ------
+
+def _masked(ok: torch.Tensor | None, new: list[torch.Tensor], old: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Inside a kernel: ``new`` where the sync-free step's flag ``ok`` holds, else ``old`` (fused into the kernel's
+    pass, not a launch of its own)."""
+    return new if ok is None else [torch.where(ok, n, o) for n, o in zip(new, old)]
+
+
+@kernels.kernel
+def _lerp_kernel(dsts, ends, values, ok):
+    """:func:`lerp_all`: ``values[0]`` the weight."""
+    new = torch._foreach_lerp(dsts, ends, [values[0]] * len(dsts))
+    torch._foreach_copy_(dsts, _masked(ok, new, dsts))
+
+
+@kernels.kernel
+def _step_all_kernel(params, updates, values, ok):
+    """:func:`step_all`: ``values`` the keeps, one per parameter, then alpha; a low-precision parameter computed in
+    its update's dtype and rounded once by the copy back."""
+    n = len(params)
+    xs = [p if p.dtype == u.dtype else p.to(u.dtype) for p, u in zip(params, updates)]
+    new = torch._foreach_mul(xs, [values[i] for i in range(n)])
+    torch._foreach_add_(new, torch._foreach_mul(updates, values[n]))
+    torch._foreach_copy_(params, _masked(ok, new, xs))

@@ -1,0 +1,94 @@
+"""``compiled=True``: a step's elementwise chains run as ``torch.compile``-d kernels, the Python around them eager.
+
+What is compiled, and why only that. A whiten step is Python orchestration (layouts, buckets, refresh schedules,
+the non-finite check, distributed owners) around tensor math. Traced whole, the orchestration becomes guards that
+change at every step and state dynamo does not see change (whiten.optim.compiled). The tensor math that launches
+the most kernels per FLOP is the elementwise chain of an update: an Adam-style tail is eight ``_foreach`` ops, one
+launch each, that inductor fuses into one pass over memory (and, on a GPU, into a few horizontally fused kernels
+for the whole list). Those chains are written here as pure functions of tensor lists (:class:`Kernel`), compiled
+with ``fullgraph=True`` and static shapes; the matrix products and eigensolvers stay as they are (a compiled
+matmul is the same cuBLAS or MKL call).
+
+What changes from step to step (the lr a scheduler writes, bias corrections, averaging weights) enters a kernel as
+a float64 tensor (:func:`step_values`), never as a Python number: a Python number would be a guard, and a new lr
+would recompile. Hyperparameters that stay put (betas, eps) are Python numbers, constants of the graph: changing
+one recompiles once. So after the first step (one graph per kernel and group, a second for the steps that take
+the host check under ``sync_free``) nothing recompiles (tests/test_compiled_mode.py counts it).
+
+The numbers: inductor contracts multiplies and adds into FMAs and reorders a chain's roundings, so the compiled
+step is the eager one within float rounding, not bit for bit; tests/test_compiled_mode.py holds every optimizer of
+the registry to the eager numbers in float64. Under ``sync_free`` the masked select (``torch.where``) is fused
+into the kernel instead of costing a launch per written tensor.
+
+Where a step's tensors are not plain tensors (DTensor shards) or a kernel is not written for a path, that path
+runs eagerly: the same numbers, only not fused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+
+__all__ = ["Kernel", "kernel", "compiled_mode", "active", "step_values", "RECOMPILE_LIMIT"]
+
+# One graph per kernel and distinct list of shapes (a group), and per host-checked / device-checked step: a model
+# with many groups needs more than dynamo's default of 8 per function, which would silently turn compilation off.
+RECOMPILE_LIMIT = 256
+
+_MODE = threading.local()
+
+
+@contextlib.contextmanager
+def compiled_mode(on: bool):
+    """Within it, :func:`active` is ``on``: :meth:`WhitenOptimizer.step` sets it from the ``compiled`` argument
+    around the optimizer's own math, so the shared helpers (:mod:`whiten.optim.update`) pick the compiled kernel."""
+    before = getattr(_MODE, "on", False)
+    _MODE.on = on
+    try:
+        yield
+    finally:
+        _MODE.on = before
+
+
+def active(*tensor_lists) -> bool:
+    """Whether the step runs compiled kernels, and these tensors can take one: plain tensors or parameters on one
+    device (not a DTensor or another subclass, which the kernel would trace through its dispatch)."""
+    if not getattr(_MODE, "on", False):
+        return False
+    tensors = [t for ts in tensor_lists for t in ts]
+    return bool(tensors) and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device == tensors[0].device
+                                 for t in tensors)
+
+
+def step_values(values: list[float], device) -> torch.Tensor:
+    """The numbers that change from step to step, as one float64 tensor on ``device`` for a kernel to index: no
+    guard on their values, and no host sync to get them there (pinned memory on CUDA). float64 holds the Python
+    numbers the eager step uses exactly; a kernel rounds each into the arithmetic's dtype as the eager op does."""
+    from .update import host_values
+
+    return host_values([float(v) for v in values], torch.float64, device)
+
+
+class Kernel:
+    """A pure function of tensor lists and numbers, compiled on first use (inductor, ``fullgraph=True``, static
+    shapes), with room for one graph per group (:data:`RECOMPILE_LIMIT`)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+        self._compiled = None
+
+    def __call__(self, *args, **kwargs):
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, fullgraph=True, dynamic=False)
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
+                                        accumulated_recompile_limit=max(RECOMPILE_LIMIT, 256)):
+            return self._compiled(*args, **kwargs)
+
+
+def kernel(fn) -> Kernel:
+    """Decorator: ``fn`` as a :class:`Kernel`."""
+    return Kernel(fn)
