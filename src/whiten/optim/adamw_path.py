@@ -8,8 +8,9 @@ import math
 
 import torch
 
+from . import kernels
 from .checks import check_betas, check_lr, check_range
-from .update import apply_all, commit_all, decays, grads_in, lerp_all, write
+from .update import apply_all, commit_all, decays, grads_in, lerp_all, masked, write
 
 __all__ = ["AdamWPath", "adamw_step", "check_adamw_path"]
 
@@ -31,6 +32,13 @@ def adamw_step(group: dict, params: list[torch.Tensor], states: list[dict], ok: 
     m = [s["exp_avg"] for s in states]
     v = [s["exp_avg_sq"] for s in states]
     grads = grads_in(params, m)
+    if kernels.active(params, m, v, grads):
+        steps = [s["step"] for s in states]
+        values = ([1.0 - beta1, beta2, 1.0 - beta2, eps]
+                  + [1.0 - lr * group["weight_decay"] * decays(p, group) for p in params]
+                  + [-lr / (1.0 - beta1**t) for t in steps] + [math.sqrt(1.0 - beta2**t) for t in steps])
+        _adamw_kernel(params, m, v, grads, kernels.step_values(values, params[0].device), ok)
+        return
     m = lerp_all(m, grads, 1.0 - beta1, ok)
     kept, v = v, apply_all("mul", v, beta2, ok=ok)
     torch._foreach_addcmul_(v, grads, grads, 1.0 - beta2)
@@ -51,6 +59,26 @@ def adamw_step(group: dict, params: list[torch.Tensor], states: list[dict], ok: 
     for i, p in enumerate(params):  # a low-precision parameter: in the state's dtype, rounded once
         if p.dtype != m[i].dtype:
             write(p, m[i].dtype, lambda x, i=i: x.mul_(keeps[i]).addcdiv_(m[i], denom[i], value=alphas[i]), ok)
+
+
+@kernels.kernel
+def _adamw_kernel(params, ms, vs, grads, values, ok):
+    """:func:`adamw_step`'s arithmetic as one kernel (compiled=True): ``values`` = 1 − β1, β2, 1 − β2, ε, then per
+    parameter the keeps, the step sizes −lr/bc1 and the roots √bc2."""
+    n = len(params)
+    weight, beta2, rest2, eps = values[0], values[1], values[2], values[3]
+    keeps, alphas, roots = ([values[4 + k * n + i] for i in range(n)] for k in range(3))
+    m = torch._foreach_lerp(ms, grads, [weight] * n)
+    v = torch._foreach_mul(vs, beta2)
+    torch._foreach_add_(v, torch._foreach_mul(torch._foreach_mul(grads, grads), rest2))
+    denom = torch._foreach_div(torch._foreach_sqrt(v), roots)
+    torch._foreach_add_(denom, eps)
+    xs = [p if p.dtype == mm.dtype else p.to(mm.dtype) for p, mm in zip(params, ms)]
+    new = torch._foreach_mul(xs, keeps)
+    torch._foreach_add_(new, torch._foreach_mul(torch._foreach_div(m, denom), alphas))
+    torch._foreach_copy_(ms, masked(ok, m, ms))
+    torch._foreach_copy_(vs, masked(ok, v, vs))
+    torch._foreach_copy_(params, masked(ok, new, xs))
 
 
 class AdamWPath:

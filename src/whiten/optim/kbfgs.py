@@ -230,6 +230,7 @@ class KBFGS(LayerHooksMixin, WhitenOptimizer):
         nonfinite: str = "skip",
         process_group=None,
         max_dim: int | None = 10000,
+        compiled: bool = False,
     ):
         check_choice("variant", variant, VARIANTS)
         check_int("memory", memory, 1)
@@ -241,7 +242,7 @@ class KBFGS(LayerHooksMixin, WhitenOptimizer):
         self._reset_passes()
         defaults = dict(lr=lr, momentum=momentum, damping=damping, factor_decay=factor_decay,
                         pair_momentum=pair_momentum, weight_decay=weight_decay, role=None)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, compiled=compiled)
         self.register_hooks()
 
     def validate_group(self, group: dict) -> None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 
 from ..averaging import SwapsWeights
+from . import kernels
 from ._base import WhitenOptimizer
 from .checks import check_betas, check_int, check_lr, check_range, check_role, check_weight_decay
-from .update import apply_all, commit_all, decays, grads_in, state_dtype
+from .update import apply_all, commit_all, decays, grads_in, masked, state_dtype
 
 __all__ = ["ScheduleFreeAdamW"]
 
@@ -181,6 +182,12 @@ class ScheduleFreeAdamW(SwapsWeights, WhitenOptimizer):
         grads = grads_in(params, z)
         y = [p if p.dtype == zi.dtype else p.to(zi.dtype) for p, zi in zip(params, z)]
         ok = self._ok  # a sync-free step's device-side flag: the new values are computed aside and committed
+        if kernels.active(params, z, v, grads):
+            wd = [group["weight_decay"] if decays(p, group) else 0.0 for p in params]
+            values = [beta2, 1.0 - beta2, 1.0 - beta2 ** (k + 1), group["eps"], c,
+                      lr * (beta1 * (1.0 - c) - 1.0), lr] + wd
+            _step_kernel(params, z, v, grads, kernels.step_values(values, params[0].device), ok)
+            return
         new_v = apply_all("mul", v, beta2, ok=ok)
         torch._foreach_addcmul_(new_v, grads, grads, 1.0 - beta2)
         denom = torch._foreach_div(new_v, 1.0 - beta2 ** (k + 1))
@@ -196,3 +203,25 @@ class ScheduleFreeAdamW(SwapsWeights, WhitenOptimizer):
         new_z = apply_all("sub", z, step, alpha=lr, ok=ok)
         # (a low-precision parameter's y is computed in the state dtype and rounded once into it)
         commit_all(v + z + params, new_v + new_z + new_y, ok)
+
+
+@kernels.kernel
+def _step_kernel(params, zs, vs, grads, values, ok):
+    """:meth:`ScheduleFreeAdamW._step_group`'s update (compiled=True, whiten.optim.kernels): ``values`` = β2,
+    1 − β2, the bias correction, ε, c, the step's factor on y, lr, then each parameter's weight decay (0 where it
+    does not decay)."""
+    n = len(params)
+    y = [p if p.dtype == z.dtype else p.to(z.dtype) for p, z in zip(params, zs)]
+    v = torch._foreach_mul(vs, values[0])
+    torch._foreach_add_(v, torch._foreach_mul(torch._foreach_mul(grads, grads), values[1]))
+    denom = torch._foreach_div(v, values[2])
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, values[3])
+    step = torch._foreach_div(grads, denom)
+    torch._foreach_add_(step, torch._foreach_mul(y, [values[7 + i] for i in range(n)]))
+    new_y = torch._foreach_lerp(y, zs, [values[4]] * n)
+    torch._foreach_add_(new_y, torch._foreach_mul(step, values[5]))
+    new_z = torch._foreach_sub(zs, torch._foreach_mul(step, values[6]))
+    torch._foreach_copy_(vs, masked(ok, v, vs))
+    torch._foreach_copy_(zs, masked(ok, new_z, zs))
+    torch._foreach_copy_(params, masked(ok, new_y, y))

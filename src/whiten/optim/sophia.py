@@ -8,9 +8,10 @@ import torch
 from ..averaging import AveragingMixin
 from ..fisher import FisherMixin
 
+from . import kernels
 from ._base import WhitenOptimizer
 from .checks import check_betas, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
-from .update import decays, grads_in, lerp_all, state_dtype, step_all
+from .update import decays, grads_in, lerp_all, masked, state_dtype, step_all
 
 __all__ = ["Sophia"]
 
@@ -146,6 +147,11 @@ class Sophia(FisherMixin, AveragingMixin, WhitenOptimizer):
         ms, hs = [s["exp_avg"] for s in states], [s["hessian"] for s in states]
         grads = grads_in(params, ms)
         ok = self._ok  # a sync-free step's device-side flag: the new values are computed aside and committed
+        if kernels.active(params, ms, hs, grads):
+            keeps = [1.0 - lr * group["weight_decay"] * decays(p, group) for p in params]
+            values = kernels.step_values([1.0 - beta1, rho] + keeps + [-lr], params[0].device)
+            _step_kernel(params, ms, hs, grads, values, ok)
+            return
         ms = lerp_all(ms, grads, 1.0 - beta1, ok)
         # sign(m) · min(1, |m| / (ρh + 1e-15)), the reference's arithmetic, with foreach kernels
         denom = torch._foreach_mul(hs, rho)
@@ -156,3 +162,22 @@ class Sophia(FisherMixin, AveragingMixin, WhitenOptimizer):
         torch._foreach_mul_(steps, torch._foreach_sign(ms))
         keeps = [1.0 - lr * group["weight_decay"] * decays(p, group) for p in params]
         step_all(params, [m.dtype for m in ms], steps, keeps, alpha=-lr, ok=ok)
+
+
+@kernels.kernel
+def _step_kernel(params, ms, hs, grads, values, ok):
+    """:meth:`Sophia._step_group`'s update after the Hessian EMA (compiled=True, whiten.optim.kernels): ``values`` =
+    1 − β1, ρ, each parameter's keep, −lr."""
+    n = len(params)
+    m = torch._foreach_lerp(ms, grads, [values[0]] * n)
+    denom = torch._foreach_mul(hs, values[1])
+    torch._foreach_add_(denom, HESSIAN_EPS)
+    steps = torch._foreach_abs(m)
+    torch._foreach_div_(steps, denom)
+    torch._foreach_clamp_max_(steps, 1.0)
+    torch._foreach_mul_(steps, torch._foreach_sign(m))
+    xs = [p if p.dtype == mm.dtype else p.to(mm.dtype) for p, mm in zip(params, ms)]
+    new = torch._foreach_mul(xs, [values[2 + i] for i in range(n)])
+    torch._foreach_add_(new, torch._foreach_mul(steps, values[2 + n]))
+    torch._foreach_copy_(ms, masked(ok, m, ms))
+    torch._foreach_copy_(params, masked(ok, new, xs))

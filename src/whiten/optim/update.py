@@ -14,7 +14,7 @@ from . import kernels
 from .checks import state_dtype_option
 
 __all__ = ["state_dtype", "stored_dtype", "decays", "grad_in", "grads_in", "write", "step_to", "step_all", "commit",
-           "apply_all", "commit_all", "lerp_all", "add_all", "cast_all", "host_values", "cache_runs"]
+           "apply_all", "commit_all", "lerp_all", "add_all", "cast_all", "host_values", "cache_runs", "masked"]
 
 
 def state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -210,7 +210,7 @@ def step_all(params: list[torch.Tensor], dtypes: list[torch.dtype], updates: lis
 
 # ----- compiled twins (compiled=True, whiten.optim.kernels): the same arithmetic, numbers as float64 tensors ------
 
-def _masked(ok: torch.Tensor | None, new: list[torch.Tensor], old: list[torch.Tensor]) -> list[torch.Tensor]:
+def masked(ok: torch.Tensor | None, new: list[torch.Tensor], old: list[torch.Tensor]) -> list[torch.Tensor]:
     """Inside a kernel: ``new`` where the sync-free step's flag ``ok`` holds, else ``old`` (fused into the kernel's
     pass, not a launch of its own)."""
     return new if ok is None else [torch.where(ok, n, o) for n, o in zip(new, old)]
@@ -220,7 +220,7 @@ def _masked(ok: torch.Tensor | None, new: list[torch.Tensor], old: list[torch.Te
 def _lerp_kernel(dsts, ends, values, ok):
     """:func:`lerp_all`: ``values[0]`` the weight."""
     new = torch._foreach_lerp(dsts, ends, [values[0]] * len(dsts))
-    torch._foreach_copy_(dsts, _masked(ok, new, dsts))
+    torch._foreach_copy_(dsts, masked(ok, new, dsts))
 
 
 @kernels.kernel
@@ -231,4 +231,4 @@ def _step_all_kernel(params, updates, values, ok):
     xs = [p if p.dtype == u.dtype else p.to(u.dtype) for p, u in zip(params, updates)]
     new = torch._foreach_mul(xs, [values[i] for i in range(n)])
     torch._foreach_add_(new, torch._foreach_mul(updates, values[n]))
-    torch._foreach_copy_(params, _masked(ok, new, xs))
+    torch._foreach_copy_(params, masked(ok, new, xs))
