@@ -28,7 +28,8 @@ def _warn_eager(optimizer) -> None:
     optimizer._warned_eager_compile = True
     warnings.warn(f"torch.compile: {type(optimizer).__name__}.step() runs eagerly inside the compiled function, with "
                   "the eager numbers (a traced step would follow Python-side state that dynamo does not see change; "
-                  "see whiten.optim.compiled). Compile the model, not the step. This warning is shown once.",
+                  "see whiten.optim.compiled). Compile the model, not the step; compiled=True compiles the step's "
+                  "elementwise kernels (whiten.optim.kernels). This warning is shown once.",
                   RuntimeWarning, stacklevel=3)
 
 

@@ -17,8 +17,7 @@ from ._base import WhitenOptimizer
 from .checks import (check_bool, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
 from .stacks import bucket
-from .update import (add_all, apply_all, commit, commit_all, decays, host_values, state_dtype, stored_dtype,
-                     write)
+from .update import add_all, commit, decays, ema_all, host_values, state_dtype, stored_dtype, write
 
 __all__ = ["PSGDKron", "UpdateProbabilitySchedule", "precond_update_prob_schedule"]
 
@@ -388,9 +387,7 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
         grads = [p.grad if p.grad.dtype == d else p.grad.to(d) for p, d in zip(params, work)]
         ok = self._ok  # a sync-free step's device-side flag: every write below is masked by it
         if all(m.dtype == d for m, d in zip(moms, work)):
-            new = apply_all("mul", moms, b1, ok=ok)
-            torch._foreach_add_(new, grads, alpha=1.0 - b1)
-            commit_all(moms, new, ok)
+            ema_all(moms, grads, b1, 1.0 - b1, ok)
         else:  # state_dtype: cast up, update (the same two operations), round once into the stored momentum
             for m, g, d in zip(moms, grads, work):
                 commit(m, m.to(d).mul_(b1).add_(g, alpha=1.0 - b1), ok)

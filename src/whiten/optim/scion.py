@@ -13,7 +13,7 @@ from ..roles import ROLES, role_from_shape
 from ._base import WhitenOptimizer
 from .checks import check_bool, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
 from .stacks import bucket
-from .update import apply_all, commit_all, grads_in, state_dtype, step_all
+from .update import ema_all, grads_in, state_dtype, step_all
 
 __all__ = ["Scion", "NORMS", "ROLE_NORMS"]
 
@@ -425,9 +425,7 @@ class Scion(AveragingMixin, WhitenOptimizer):
         grads = grads_in(params, moms)
         ok = self._ok  # a sync-free step's device-side flag: the new momenta are computed aside and committed
         # the reference's arithmetic: buf*(1-m) + g*m with m = 1 - beta
-        kept, moms = moms, apply_all("mul", moms, beta, ok=ok)
-        torch._foreach_add_(moms, grads, alpha=1.0 - beta)
-        commit_all(kept, moms, ok)
+        moms = ema_all(moms, grads, beta, 1.0 - beta, ok)
 
         transposed, bd = bool(group.get("transposed")), group["batch_dims"]
         norms = [resolve_norm(p, group) for p in params]

@@ -14,7 +14,7 @@ from . import kernels
 from .checks import state_dtype_option
 
 __all__ = ["state_dtype", "stored_dtype", "decays", "grad_in", "grads_in", "write", "step_to", "step_all", "commit",
-           "apply_all", "commit_all", "lerp_all", "add_all", "cast_all", "host_values", "cache_runs", "masked"]
+           "apply_all", "commit_all", "lerp_all", "add_all", "ema_all", "cast_all", "host_values", "cache_runs", "masked"]
 
 
 def state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -180,6 +180,19 @@ def add_all(dsts: list[torch.Tensor], others: list[torch.Tensor], alpha: float, 
         _step_all_kernel(dsts, others, values, ok)
         return
     commit_all(dsts, apply_all("add", dsts, others, alpha=alpha, ok=ok), ok)
+
+
+def ema_all(dsts: list[torch.Tensor], others: list[torch.Tensor], beta: float, weight: float,
+            ok: torch.Tensor | None) -> list[torch.Tensor]:
+    """``dst ← beta·dst + weight·other`` for each pair (a momentum: a multiply, then an add with alpha), in place or
+    :func:`commit`-ed under a sync-free step's flag ``ok``. Returns the new values (``dsts`` themselves in place)."""
+    if kernels.active(dsts, others) and all(d.dtype == o.dtype for d, o in zip(dsts, others)):
+        _step_all_kernel(dsts, others, kernels.step_values([beta] * len(dsts) + [weight], dsts[0].device), ok)
+        return dsts
+    new = apply_all("mul", dsts, beta, ok=ok)
+    torch._foreach_add_(new, others, alpha=weight)
+    commit_all(dsts, new, ok)
+    return new
 
 
 def step_all(params: list[torch.Tensor], dtypes: list[torch.dtype], updates: list[torch.Tensor],
