@@ -9,10 +9,12 @@ import torch
 
 from ..linalg import finite_flags, warn_eigh_failure
 from ..roles import role_from_shape
+from . import kernels
 from ._base import WhitenOptimizer
 from .checks import (check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
-from .update import cache_runs, commit_all, decays, grad_in, state_dtype, stored_dtype, write
+from .update import (cache_runs, commit_all, decays, ema_all, grad_in, second_moment_direction_kernel, state_dtype,
+                     step_decay_after_kernel, stored_dtype, write)
 
 __all__ = ["Conda"]
 
@@ -248,13 +250,16 @@ class Conda(WhitenOptimizer):
                 ordinary.append(i)
             rotated[i] = _rotate(G, B, right).view(p.shape)
         if ordinary:
-            torch._foreach_mul_([ms[i] for i in ordinary], beta1)
-            torch._foreach_add_([ms[i] for i in ordinary], [rotated[i] for i in ordinary], alpha=1 - beta1)
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_addcmul_(vs, rotated, rotated, value=1 - beta2)
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_add_(denom, group["eps"])
-        directions = list(torch._foreach_div(ms, denom))
+            ema_all([ms[i] for i in ordinary], [rotated[i] for i in ordinary], beta1, 1 - beta1, None)
+        if kernels.active(ms, vs, rotated):
+            values = kernels.step_values([0.0, beta2, 1 - beta2, group["eps"]], ms[0].device)
+            directions = list(second_moment_direction_kernel(ms, vs, rotated, values))
+        else:
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, rotated, rotated, value=1 - beta2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, group["eps"])
+            directions = list(torch._foreach_div(ms, denom))
         step_sizes, decay_rates = [], []
         for i, (p, w, matrix) in enumerate(zip(params, work, matrices)):
             w["step"] += 1
@@ -269,9 +274,15 @@ class Conda(WhitenOptimizer):
             decay_rates.append(lr * group["weight_decay"] if group["weight_decay"] > 0 and decays(p, group) else 0.0)
         # the reference's θ - lr·λ·θ after the step (not a multiplication by 1 - lr·λ)
         same = [i for i, p in enumerate(params) if p.dtype == ms[i].dtype]
-        _add_by_alpha([targets[i] for i in same], [directions[i] for i in same], [-step_sizes[i] for i in same])
-        decayed = [i for i in same if decay_rates[i]]
-        _add_by_alpha([targets[i] for i in decayed], [targets[i] for i in decayed], [-decay_rates[i] for i in decayed])
+        if same and kernels.active([targets[i] for i in same], [directions[i] for i in same]):
+            values = [step_sizes[i] for i in same] + [1.0 - decay_rates[i] for i in same]
+            step_decay_after_kernel([targets[i] for i in same], [directions[i] for i in same],
+                                    kernels.step_values(values, ms[0].device), None)
+        else:
+            _add_by_alpha([targets[i] for i in same], [directions[i] for i in same], [-step_sizes[i] for i in same])
+            decayed = [i for i in same if decay_rates[i]]
+            _add_by_alpha([targets[i] for i in decayed], [targets[i] for i in decayed],
+                          [-decay_rates[i] for i in decayed])
         for i, p in enumerate(targets):  # a low-precision parameter: in the state's dtype, rounded once
             if p.dtype != ms[i].dtype:
                 def update(x, direction=directions[i], step_size=step_sizes[i], decay=decay_rates[i]):

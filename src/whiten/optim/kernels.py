@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 
 import torch
 
@@ -80,13 +81,25 @@ class Kernel:
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
         self._compiled = None
+        self._failed = False
 
     def __call__(self, *args, **kwargs):
+        if self._failed:
+            return self.fn(*args, **kwargs)
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, fullgraph=True, dynamic=False)
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
-                                        accumulated_recompile_limit=max(RECOMPILE_LIMIT, 256)):
-            return self._compiled(*args, **kwargs)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
+                                            accumulated_recompile_limit=max(RECOMPILE_LIMIT, 256)):
+                return self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            # Compilation fails before the kernel runs (no C++ compiler, no Triton): nothing was written, so the
+            # same function runs eagerly, now and from then on, rather than leaving a step half done.
+            self._failed = True
+            warnings.warn(f"compiled=True: the kernel {self.__name__} could not be compiled ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}); it runs eagerly (the same arithmetic, not fused)",
+                          RuntimeWarning, stacklevel=3)
+            return self.fn(*args, **kwargs)
 
 
 def kernel(fn) -> Kernel:

@@ -18,7 +18,8 @@ from .checks import (check_betas, check_bool, check_ema_rate, check_int, check_l
 from .quantize import check_basis_bits
 from .sides import ALWAYS_KEPT_SIDE, check_max_factor_ratio, kept_sides
 from .stacks import bucket
-from .update import apply_all, commit, commit_all, decays, grad_in, masked, state_dtype, step_to, stored_dtype
+from .update import (adam_direction_kernel, apply_all, commit, commit_all, decays, grad_in, state_dtype,
+                     step_decay_after_kernel, step_to, stored_dtype)
 
 __all__ = ["SOAP"]
 
@@ -317,7 +318,7 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         ok = self._ok  # a sync-free step's device-side flag: the new moments are computed aside and committed
         if stored is None and kernels.active(m, v, rotated):
             values = kernels.step_values([1.0 - beta1, beta2, 1.0 - beta2, group["eps"]], m[0].device)
-            return _adam_direction_kernel(m, v, rotated, values, ok)
+            return adam_direction_kernel(m, v, rotated, values, ok)
         kept = stored if stored is not None else (m, v)
         m, v = apply_all("lerp", m, rotated, 1.0 - beta1, ok=ok), apply_all("mul", v, beta2, ok=ok)
         torch._foreach_addcmul_(v, rotated, rotated, 1.0 - beta2)
@@ -349,7 +350,7 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         if not ps:
             return
         if kernels.active(ps, ds):
-            _apply_kernel(ps, ds, kernels.step_values(sizes + keeps, ps[0].device), ok)
+            step_decay_after_kernel(ps, ds, kernels.step_values(sizes + keeps, ps[0].device), ok)
             return
         # step_to's arithmetic, one launch per op: the add takes one alpha per call, so one call per step size
         # (parameters whose step counts differ); the decay after the step, per-tensor scalars
@@ -416,28 +417,3 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         # m into the new basis: Q_newᵀ Q_old m Q_oldᵀ Q_new
         QL, QR = S.get("basis_left"), S.get("basis_right")
         exp_avg.copy_(rotate(unrotate(exp_avg, old.get("left"), old.get("right")), QL, QR))
-
-
-# ----- compiled twins (compiled=True, whiten.optim.kernels) ----------------------------------------------------
-
-@kernels.kernel
-def _adam_direction_kernel(ms, vs, rotated, values, ok):
-    """:meth:`SOAP._adam_direction` (moments stored in the work dtype): ``values`` = 1 − β1, β2, 1 − β2, ε."""
-    n = len(ms)
-    m = torch._foreach_lerp(ms, rotated, [values[0]] * n)
-    v = torch._foreach_mul(vs, values[1])
-    torch._foreach_add_(v, torch._foreach_mul(torch._foreach_mul(rotated, rotated), values[2]))
-    torch._foreach_copy_(ms, masked(ok, m, ms))
-    torch._foreach_copy_(vs, masked(ok, v, vs))
-    denom = torch._foreach_sqrt(v)
-    torch._foreach_add_(denom, values[3])
-    return torch._foreach_div(m, denom)
-
-
-@kernels.kernel
-def _apply_kernel(params, directions, values, ok):
-    """:meth:`SOAP._apply`'s θ ← (θ − size·d)·keep: ``values`` = the step sizes, then the keeps."""
-    n = len(params)
-    new = torch._foreach_sub(params, torch._foreach_mul(directions, [values[i] for i in range(n)]))
-    torch._foreach_mul_(new, [values[n + i] for i in range(n)])
-    torch._foreach_copy_(params, masked(ok, new, params))

@@ -14,7 +14,8 @@ from . import kernels
 from .checks import state_dtype_option
 
 __all__ = ["state_dtype", "stored_dtype", "decays", "grad_in", "grads_in", "write", "step_to", "step_all", "commit",
-           "apply_all", "commit_all", "lerp_all", "add_all", "ema_all", "cast_all", "host_values", "cache_runs", "masked"]
+           "apply_all", "commit_all", "lerp_all", "add_all", "ema_all", "cast_all", "host_values", "cache_runs", "masked",
+           "adam_direction_kernel", "second_moment_direction_kernel", "step_decay_after_kernel"]
 
 
 def state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -245,3 +246,39 @@ def _step_all_kernel(params, updates, values, ok):
     new = torch._foreach_mul(xs, [values[i] for i in range(n)])
     torch._foreach_add_(new, torch._foreach_mul(updates, values[n]))
     torch._foreach_copy_(params, masked(ok, new, xs))
+
+
+def _second_moment_direction(ms, vs, grads, values, ok):
+    """Inside a kernel: v ← β2·v + (1 − β2)·g², and m / (√v + ε), ``values`` = (…, β2, 1 − β2, ε) at 1, 2, 3."""
+    v = torch._foreach_mul(vs, values[1])
+    torch._foreach_add_(v, torch._foreach_mul(torch._foreach_mul(grads, grads), values[2]))
+    torch._foreach_copy_(vs, masked(ok, v, vs))
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_add_(denom, values[3])
+    return torch._foreach_div(ms, denom)
+
+
+@kernels.kernel
+def adam_direction_kernel(ms, vs, grads, values, ok):
+    """Adam's moments and direction (SOAP's, in its eigenbasis): m ← lerp(m, g, 1 − β1), v as
+    :func:`second_moment_direction_kernel`; ``values`` = 1 − β1, β2, 1 − β2, ε. Returns m / (√v + ε)."""
+    m = torch._foreach_lerp(ms, grads, [values[0]] * len(ms))
+    torch._foreach_copy_(ms, masked(ok, m, ms))
+    return _second_moment_direction(m, vs, grads, values, ok)
+
+
+@kernels.kernel
+def second_moment_direction_kernel(ms, vs, grads, values):
+    """v ← β2·v + (1 − β2)·g² in place, and m / (√v + ε) (Conda's, m already updated); ``values`` = (unused), β2,
+    1 − β2, ε."""
+    return _second_moment_direction(ms, vs, grads, values, None)
+
+
+@kernels.kernel
+def step_decay_after_kernel(params, directions, values, ok):
+    """θ ← (θ − size·d)·keep (SOAP's and Conda's order: the decay after the step); ``values`` = the step sizes, then
+    the keeps."""
+    n = len(params)
+    new = torch._foreach_sub(params, torch._foreach_mul(directions, [values[i] for i in range(n)]))
+    torch._foreach_mul_(new, [values[n + i] for i in range(n)])
+    torch._foreach_copy_(params, masked(ok, new, params))
