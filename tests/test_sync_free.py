@@ -438,3 +438,27 @@ def test_sync_free_is_checked():
     with pytest.raises(ValueError, match="Invalid sync_free: True .*SpecGD has no sync-free step"):
         whiten.optim._base.WhitenOptimizer.__init__(whiten.SpecGD.__new__(whiten.SpecGD), list(net.parameters()), {},
                                                     sync_free=True)
+
+
+def test_prodigy_steps_with_zero_statistics_are_put_back_one_step_later():
+    """Prodigy returns before its update where every statistic is zero (no gradient information yet: D, the step
+    counts and k unchanged, the moments decayed). A sync-free step decides that on the device and its Python side
+    (step counts, k) is put back when read, one step later: the default path's state."""
+    def run(sync_free):
+        net = _net(torch.float64)
+        opt = _make("Prodigy", net, sync_free)
+        out = []
+        for t in range(8):
+            opt.zero_grad()
+            loss = net(torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(t))).square().mean()
+            (loss * (0.0 if t < 4 else 1.0)).backward()  # zero gradients for the first four steps
+            opt.step()
+            if t in (3, 7):
+                out.append(copy.deepcopy(opt.state_dict()))
+        return out
+
+    (zero_a, end_a), (zero_b, end_b) = run(False), run(True)
+    assert zero_a["param_groups"][0]["k"] == 0 and {s["step"] for s in zero_a["state"].values()} == {0}
+    _assert_same_state(zero_a, zero_b)  # bit for bit: nothing of D computed yet
+    _assert_same_state(end_a, end_b, _tolerance("Prodigy", dict(dtype=torch.float64)))
+    assert end_b["param_groups"][0]["k"] == 4
