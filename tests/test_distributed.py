@@ -179,7 +179,7 @@ def test_sync_free_bit_identical_to_one_process(mode, world):
     assert len(SYNC_FREE_CASES) >= 9
     results = launch(_equal_to_one_process_with, world, mode, SYNC_FREE_CASES)
     for rank, res in enumerate(results):
-        for (name, kw), differ in zip(SYNC_FREE_CASES, res):
+        for (name, kw, *_), differ in zip(SYNC_FREE_CASES, res):
             assert differ == [], f"{name} {kw}, {mode} on {world} ranks, rank {rank}: {differ} differ"
 
 
