@@ -18,10 +18,17 @@ optimizer that supports it (``SYNC_FREE``) runs its ordinary steps without that 
 
 Steps that must decide on the host run as before, with the host read: the first step of a parameter (its state is
 created), refresh steps (eigendecompositions), what else an optimizer's :meth:`DeferredCheck.needs_host_check`
-names (PSGD-Kron's factor updates, steps that consume sampled gradients), the step after a second moment
-(``SECOND_MOMENT_KEY``) overflowed (the host path restarts it; the moments are checked on the device after each
-step), and distributed steps (the ranks agree on the flag on the host). The numbers are the default path's, bit for
-bit (tests/test_sync_free.py).
+names (PSGD-Kron's factor updates, K-FAC's and EKFAC's factor and scale steps, steps that consume sampled
+gradients), the step after a second moment (``SECOND_MOMENT_KEY``) overflowed (the host path restarts it; the
+moments are checked on the device after each step), and distributed steps (the ranks agree on the flag on the host).
+The numbers are the default path's, bit for bit (tests/test_sync_free.py), except where the default path's ordinary
+step reads a number of its own from the device, which the sync-free step computes there instead: K-FAC's and
+EKFAC's KL clip ν and Prodigy's D, within rounding of the default path's (float64 device arithmetic, applied by
+multiplies where the default path passes Python numbers).
+
+Who has it (``SYNC_FREE``): SPlus, SOAP, Shampoo, PSGD-Kron, Muon, Scion, Conda, TNT, Sophia, Schedule-Free AdamW,
+K-FAC, EKFAC and Prodigy. Not SpecGD (its SVD at every step: ``torch.linalg.svd`` checks its result on the host on
+CUDA) nor M-FAC (its Cholesky's fallback, an eigendecomposition, does too); docs/performance.md says more.
 
 What it costs: the masked writes compute each new value out of place and select it, one more kernel per written
 tensor (docs/performance.md); a kernel-fused (compiled) step would fold the selection into the update.

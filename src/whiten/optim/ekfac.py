@@ -87,7 +87,8 @@ class EKFAC(KFAC):
     float32 arithmetic: cast up, updated, rounded once), the factors stay float32 (their small eigenvalues order the
     basis). The scale's running average at β = 0.95 adds 5% of the new statistic a step, above bfloat16's rounding
     (2^-9 to 2^-8 of a value); at ``factor_decay`` ≥ 0.99 a statistic within 20-40% of the average would be
-    rounded away: keep ``state_dtype`` off there.
+    rounded away: keep ``state_dtype`` off there. ``sync_free``: as :class:`KFAC`'s (scale steps decide on the host
+    too).
 
     Reference: T. George, C. Laurent, X. Bouthillier, N. Ballas, P. Vincent, "Fast Approximate Natural Gradient
     Descent in a Kronecker-factored Eigenbasis", NeurIPS 2018.
@@ -102,7 +103,7 @@ class EKFAC(KFAC):
                  factor_every: int = 10, inverse_every: int = 100, scale_every: int = 10,
                  fisher: str = "empirical", loss_average: str = "batch+sequence", fisher_seed: int = 0,
                  nonfinite: str = "skip", process_group=None, max_dim: int | None = 10000,
-                 state_dtype: torch.dtype | str | None = None):
+                 state_dtype: torch.dtype | str | None = None, sync_free: bool = False):
         check_int("scale_every", scale_every, 1)
         self.scale_every = scale_every  # before the hooks exist
         self._replicas: dict = {}  # distributed: id(weight) -> (basis_a, basis_g) held by every rank
@@ -111,7 +112,7 @@ class EKFAC(KFAC):
                          kl_clip=kl_clip, weight_decay=weight_decay, factor_every=factor_every,
                          inverse_every=inverse_every, fisher=fisher, loss_average=loss_average,
                          fisher_seed=fisher_seed, nonfinite=nonfinite, process_group=process_group, max_dim=max_dim,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, sync_free=sync_free)
 
     def _scale_step(self, step: int) -> bool:
         return step % self.scale_every == 0

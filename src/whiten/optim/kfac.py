@@ -24,7 +24,7 @@ from .checks import (check_choice, check_int, check_lr, check_range, check_role,
                      state_dtype_option)
 from .kfac_layers import Layer, LayerHooksMixin, Ready
 from .stacks import bucket
-from .update import cast_all, decays, state_dtype, step_all
+from .update import apply_all, cast_all, commit_all, decays, state_dtype, step_all
 
 __all__ = ["KFAC"]
 
@@ -144,6 +144,12 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
             rounding moves the direction by up to 2^-9 times its condition number (λ_max + δ)/δ, δ the damping:
             measured 0.3% on a layer with the factored damping, 4-11% on a factor spanning 1 to 1e-4 with
             δ = 1e-2 to 3e-3 (docs/memory.md). Set it at construction.
+        sync_free: False (default) or True: an ordinary step never waits for the device; the non-finite check is
+            decided there, every write masked by it, and read one step later (see :class:`whiten.SPlus`). The KL
+            clip's ν is then computed on the device (float64, from the same sum) and scales the directions by a
+            multiply before the momentum's add, where the default path passes it as the add's Python ``alpha``:
+            the same ν, the momenta within rounding of the default path's. Factor, refresh (and EKFAC's scale)
+            steps, a layer's first refresh, and steps that consume sampled gradients decide on the host.
 
     References: J. Martens, R. Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate Curvature",
     ICML 2015; R. Grosse, J. Martens, "A Kronecker-factored approximate Fisher matrix for convolution layers",
@@ -163,6 +169,7 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
 
     PICKLED = {"model": None, "fisher": "empirical", "loss_average": "batch+sequence", "kl_clip": 1e-3,
                "factor_every": 10, "inverse_every": 100, "scale_every": None}
+    SYNC_FREE = True  # its ordinary step masks every write, ν on the device (whiten.optim.deferred)
 
     def __init__(
         self,
@@ -183,6 +190,7 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         process_group=None,
         max_dim: int | None = 10000,
         state_dtype: torch.dtype | str | None = None,
+        sync_free: bool = False,
     ):
         check_choice("fisher", fisher, FISHER_TYPES)
         if kl_clip is not None:
@@ -197,7 +205,7 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         self._init_fisher(fisher_seed)
         defaults = dict(lr=lr, momentum=momentum, damping=damping, factor_decay=factor_decay,
                         weight_decay=weight_decay, role=None, state_dtype=state_dtype)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
         self.register_hooks()
 
     # ----- arguments --------------------------------------------------------------------------------------------
@@ -233,6 +241,23 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         return float(m * n * (m + n) + (m ** 3 + (n if layer.diagonal_a else n ** 3)) / self.inverse_every)
 
     # ----- the step ---------------------------------------------------------------------------------------------
+    def needs_host_check(self, work) -> bool:
+        """Steps that fold statistics or refresh decide on the host (their eigendecompositions, the statistics the
+        hooks caught), as do a layer's steps until its first refresh, a layer whose weight state is created now,
+        and (FisherMixin) steps that consume sampled gradients: the sync-free step is the preconditioning, the KL
+        clip and the update only."""
+        step = self.fisher_steps
+        if (self._pending or self._factor_step(step) or self._scale_step(step) or step % self.inverse_every == 0
+                or super().needs_host_check(work)):
+            return True
+        stepped = {id(p) for _, params in work for p in params}
+        for layer in self.plan().layers:
+            if id(layer.weight) in stepped or (layer.bias is not None and id(layer.bias) in stepped):
+                s = self.state.get(layer.weight)
+                if not s or (s["factor_updates"] > 0 and s["refreshes"] == 0):
+                    return True
+        return False
+
     def step(self, closure=None):
         try:
             return super().step(closure)
@@ -288,6 +313,7 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         # 3. the KL clip: one factor for every K-FAC direction, from the sum over all layers (and ranks) of
         # lr²<V, grad>, each parameter's term summed on its own
         nu = 1.0
+        ok = self._ok  # a sync-free step's device-side flag: every write below is masked by it
         if self.kl_clip > 0:
             vg = 0.0
             if items:
@@ -302,10 +328,14 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
                 # a large tensor on several threads adds the threads' parts), so each term is one reduction
                 sums = [t.sum(dtype=torch.float64) for t in terms]
                 torch._foreach_mul_(sums, [float(group["lr"]) ** 2 for _, group, _, _ in items])
-                vg = float(torch.stack([t.to(sums[0].device) for t in sums]).sum())
+                vg = torch.stack([t.to(sums[0].device) for t in sums]).sum()
+                if ok is None:
+                    vg = float(vg)
             if ctx is not None:
                 vg = ctx.sum_values([vg])[0]
-            if vg != 0.0:
+            if isinstance(vg, torch.Tensor):  # sync-free: ν on the device, nothing read
+                nu = _device_nu(vg, self.kl_clip)
+            elif vg != 0.0:
                 nu = min(1.0, math.sqrt(self.kl_clip / abs(vg))) if math.isfinite(vg) else 0.0
 
         # 4. updates: the K-FAC directions, and the raw gradients of the fallback parameters
@@ -319,27 +349,34 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
             state["step"] += 1
         for (_, dtype), part in bucket(items, lambda item: (id(item[1]), state_dtype(item[0]))).items():
             self._update(part[0][1], dtype, [q for q, _, _, _ in part],
-                         cast_all([d for _, _, d, _ in part], dtype), [nu if pre else 1.0 for _, _, _, pre in part])
+                         cast_all([d for _, _, d, _ in part], dtype), [nu if pre else 1.0 for _, _, _, pre in part],
+                         ok)
 
     def _update(self, group: dict, dtype: torch.dtype, params: list[torch.Tensor], directions: list[torch.Tensor],
-                nus: list[float]) -> None:
+                nus: list, ok: torch.Tensor | None = None) -> None:
         """B <- mu B + nu d + wd p; p <- p - lr B, for the parameters of one group whose state's dtype (the
-        arithmetic's) is ``dtype``: in that dtype for low-precision parameters, the momenta stored per state_dtype."""
+        arithmetic's) is ``dtype``: in that dtype for low-precision parameters, the momenta stored per state_dtype.
+        ``nus``: Python numbers, or (sync-free) ν as a 0-d device tensor; ``ok``: a sync-free step's flag (the new
+        momenta are computed aside and committed)."""
         stored = [self.state[p]["momentum"] for p in params]
-        bufs = cast_all(stored, dtype)  # the momenta themselves where stored in that dtype
-        torch._foreach_mul_(bufs, group["momentum"])
+        # the momenta themselves where stored in that dtype (a sync-free step: new ones)
+        bufs = apply_all("mul", cast_all(stored, dtype), group["momentum"], ok=ok)
         for nu, members in bucket(range(len(params)), lambda i: nus[i]).items():
-            torch._foreach_add_([bufs[i] for i in members], [directions[i] for i in members], alpha=nu)
+            if isinstance(nu, torch.Tensor):  # a multiply, then the add (a tensor is no add's alpha)
+                torch._foreach_add_([bufs[i] for i in members],
+                                    torch._foreach_mul([directions[i] for i in members], nu))
+            else:
+                torch._foreach_add_([bufs[i] for i in members], [directions[i] for i in members], alpha=nu)
         decayed = [i for i, p in enumerate(params) if decays(p, group)]
         if group["weight_decay"] and decayed:
             torch._foreach_add_([bufs[i] for i in decayed], cast_all([params[i] for i in decayed], dtype),
                                 alpha=group["weight_decay"])
         lower = [i for i in range(len(params)) if bufs[i] is not stored[i]]
         if lower:  # state_dtype: round once into storage; the step takes the stored value
-            torch._foreach_copy_([stored[i] for i in lower], [bufs[i] for i in lower])
+            commit_all([stored[i] for i in lower], [bufs[i] for i in lower], ok)
             for i, b in zip(lower, cast_all([stored[i] for i in lower], dtype)):
                 bufs[i] = b
-        step_all(params, [dtype] * len(params), bufs, [1.0] * len(params), alpha=-float(group["lr"]))
+        step_all(params, [dtype] * len(params), bufs, [1.0] * len(params), alpha=-float(group["lr"]), ok=ok)
 
     # ----- factors, inverses, preconditioning (K-FAC) ----------------------------------------------------------------
     def _fold(self, layer: Layer, state: dict, ready: Ready, group: dict) -> None:
@@ -420,6 +457,15 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         if layer.diagonal_a:
             return (inv_g @ M) * inv_a
         return inv_g @ M @ inv_a
+
+
+def _device_nu(vg: torch.Tensor, kl_clip: float) -> torch.Tensor:
+    """The KL clip's ν = min(1, sqrt(κ / |vg|)) (0 for a non-finite vg, 1 for vg = 0) as a 0-d tensor on vg's
+    device, in vg's float64: the default path's Python arithmetic (a division and a square root, each correctly
+    rounded in IEEE double), with no read."""
+    nu = torch.div(torch.full_like(vg, kl_clip), vg.abs()).sqrt_().clamp_max_(1.0)
+    nu = torch.where(vg.isfinite(), nu, torch.zeros_like(nu))
+    return torch.where(vg == 0, torch.ones_like(nu), nu)
 
 
 def _set_identity(F: torch.Tensor) -> None:

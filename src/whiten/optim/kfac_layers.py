@@ -311,8 +311,16 @@ class LayerHooksMixin:
     def capture_fisher(self, grads: list, n: int) -> None:
         """K-FAC takes the sampled backward's output gradients in its hooks; the parameter gradients are dropped."""
 
+    def _collects(self, step: int) -> bool:
+        return self._factor_step(step) or self._scale_step(step)
+
     def _on_forward(self, module, args, kwargs, output) -> None:
         step = self.fisher_steps
+        if self.__dict__.get("_pending_check") is not None and (self._collects(step) or self._collects(step - 1)):
+            # a sync-free step read one step later: a skipped one does not advance the clock, so whether this
+            # forward collects is decided after its flags are read (only next to a step that collects)
+            self.resolve_pending()
+            step = self.fisher_steps
         factors, scale = self._factor_step(step), self._scale_step(step)
         if not (factors or scale) or not torch.is_grad_enabled():  # most steps, and evaluation: nothing to do
             return

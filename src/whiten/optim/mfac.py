@@ -113,6 +113,10 @@ class MFAC(WhitenOptimizer):
 
     MEMORY_OPTIONS = {"ngrads": (("grads",), "the window holds ngrads past gradients of every parameter")}  # see memory_report
     STEPS_EXPERTS = False  # one vector of all parameters: an experts tensor is its part of it, as any tensor
+    # No sync_free (SYNC_FREE stays False): the Cholesky's success could stay on the device (cholesky_ex and a
+    # torch.where), but its fallback is an eigendecomposition, whose torch.linalg.eigh checks its result on the host
+    # on CUDA; computing both at every step would still sync and add an m x m eigh (m = 1024 by default) to every
+    # step. (The window's position is a Python counter: no read.)
 
     def __init__(
         self,

@@ -12,7 +12,8 @@ from ..distributed import all_reduce_flat
 
 from ._base import WhitenOptimizer
 from .checks import check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay
-from .update import cache_runs, decays, state_dtype, write
+from .deferred import _read, _to_host
+from .update import apply_all, cache_runs, commit, commit_all, decays, host_values, state_dtype, write
 
 __all__ = ["Prodigy"]
 
@@ -128,12 +129,23 @@ class Prodigy(WhitenOptimizer):
         nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient.
         process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
             averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
+        sync_free: False (default) or True: an ordinary step never waits for the device; the non-finite check is
+            decided there, every write masked by it, and read one step later (see :class:`whiten.SPlus`). D and its
+            statistics are then computed on the device (float64, the same formulas; the products with the
+            gradients are a multiply and an add where the default path passes D as a Python ``alpha``), so the
+            numbers are the default path's within rounding. The estimate's entries of ``param_groups`` are brought
+            up to date (one read) at ``opt.d``, ``state_dict()``, a copy, and a step that decides on the host (a
+            parameter's first step, the restart of an overflowed second moment); between those they hold the
+            values of the last such point. A step whose statistics are all zero (the reference's early return) is
+            read one step later too: its step counts are put back, as on the default path; ``d_capped``'s warning
+            comes one step later.
 
     Reference: K. Mishchenko, A. Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free Learner",
     arXiv 2306.06101 (ICML 2024).
     """
 
     SECOND_MOMENT_KEY = "exp_avg_sq"  # restarted where it overflowed (WhitenOptimizer.restart_overflowed_moments)
+    SYNC_FREE = True  # its ordinary step masks every write, D on the device (whiten.optim.deferred)
 
     def __init__(
         self,
@@ -152,17 +164,72 @@ class Prodigy(WhitenOptimizer):
         slice_p: int = 1,
         nonfinite: str = "skip",
         process_group=None,
+        sync_free: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple,
                         use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d0=d0,
                         d_coef=d_coef, growth_rate=growth_rate, slice_p=slice_p, role=None,
                         d=d0, d_max=d0, d_numerator=0.0, d_denom=0.0, d_hat=0.0, k=0, d_capped=0)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
 
     @property
     def d(self) -> float:
         """The current estimate D: every parameter steps with D × lr."""
+        self._materialize()
         return self.param_groups[0]["d"]
+
+    # ----- sync_free: the estimate on the device ------------------------------------------------------------------
+    # While sync-free steps run, ESTIMATE's floats and CAPPED live in one float64 device tensor (_estimate), the
+    # truth while it exists; the groups get them back (one read) where Python needs them.
+    DEVICE_KEYS = ("d", "d_max", "d_numerator", "d_denom", "d_hat", CAPPED)
+
+    def _device_estimate(self, device) -> torch.Tensor:
+        est = self.__dict__.get("_estimate")
+        if est is None or est.device != device:
+            g0 = self.param_groups[0]
+            values = [float(g0.get(k, 0)) for k in self.DEVICE_KEYS]  # (doubles: exact, and d_capped is an int)
+            est = self._estimate = host_values(values, torch.float64, device)
+        return est
+
+    def _materialize(self) -> None:
+        """The device estimate's values into every group, as Python numbers (a read), and the device copy dropped:
+        the groups are the truth again."""
+        self.resolve_pending()
+        est = self.__dict__.get("_estimate")
+        if est is None:
+            return
+        self._estimate = None
+        values = dict(zip(self.DEVICE_KEYS, est.tolist()))
+        values[CAPPED] = int(values[CAPPED])
+        for group in self.param_groups:
+            group.update(values)
+
+    def resolve_pending(self) -> None:
+        """A sync-free step whose statistics were all zero took no step (the reference's early return): its step
+        counts and ``k`` are put back (its moments and s did change, as on the default path); one whose D was
+        held at its limit warns now. Then the non-finite check's flags (the base's)."""
+        lag = self.__dict__.get("_zero_pending")
+        if lag is not None:
+            self._zero_pending = None
+            (host, event), changes, limit = lag
+            stepped, capped = _read(host, event)
+            if not stepped:
+                self._restore_python_state((changes, None))
+            elif capped:
+                self._warn_capped(limit)
+        super().resolve_pending()
+
+    def state_dict(self):
+        self._materialize()
+        return super().state_dict()
+
+    def __getstate__(self):
+        self._materialize()
+        return super().__getstate__()
+
+    def after_load(self) -> None:
+        super().after_load()
+        self._estimate = None  # the loaded groups are the truth
 
     # ----- checks -------------------------------------------------------------------------------------------------
     def validate_group(self, group: dict) -> None:
@@ -217,6 +284,7 @@ class Prodigy(WhitenOptimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         if self.param_groups:  # a group added later joins the running estimate (the reference reads group 0's)
+            self._materialize()
             running = {k: self.param_groups[0][k] for k in ESTIMATE}
             running[CAPPED] = self.param_groups[0].get(CAPPED, 0)
             param_group = {**running, **param_group}
@@ -245,10 +313,17 @@ class Prodigy(WhitenOptimizer):
             self._everyone = []
 
     def _prodigy_step(self, work) -> None:
+        ok = self._ok  # a sync-free step's device-side flag: every write below is masked by it
+        if ok is None:
+            self._materialize()  # a host step: the estimate in Python numbers (after sync-free steps)
+            est = None
+        else:  # D and its statistics as float64 tensors on the device: the same formulas, nothing read
+            est = self._device_estimate(ok.device)
         g0 = self.param_groups[0]
         beta1, beta2 = g0["betas"]
         beta3 = g0["beta3"] if g0["beta3"] is not None else math.sqrt(beta2)
-        k, d, d_max, d0 = g0["k"], g0["d"], g0["d_max"], g0["d0"]
+        k, d0 = g0["k"], g0["d0"]
+        d, d_max, d_numerator = (g0["d"], g0["d_max"], g0["d_numerator"]) if est is None else est[:3].unbind()
         lr = max(g["lr"] for g in self.param_groups)
         bias_correction = ((1 - beta2 ** (k + 1)) ** 0.5) / (1 - beta1 ** (k + 1)) if g0["use_bias_correction"] else 1
         # D only ever grows; on a loss with no finite minimum along the gradient (the same gradient stepped again
@@ -256,9 +331,9 @@ class Prodigy(WhitenOptimizer):
         # the largest D whose products stay finite (the docstring). Never binds on an ordinary run.
         limit = self._d_limit(lr * bias_correction)
         capped = d > limit
-        d = min(d, limit)
+        d = min(d, limit) if est is None else torch.where(capped, limit, d)
         dlr = d * lr * bias_correction
-        d_numerator = g0["d_numerator"] * beta3
+        d_numerator = d_numerator * beta3
 
         # Each elementwise op runs once per group over its parameters (torch._foreach_*: one launch per op, not per
         # parameter). Per parameter stay the dot product and the sum of |s|: foreach has neither (_foreach_norm's
@@ -297,19 +372,29 @@ class Prodigy(WhitenOptimizer):
                     for s in states:
                         if "exp_avg" not in s:  # β1 raised from 0 by a scheduler
                             s["exp_avg"] = torch.zeros_like(s["exp_avg_sq"])
+                    # (in place; a sync-free step: aside, then committed under its flag)
                     exp_avgs = [s["exp_avg"] for s in states]
-                    torch._foreach_mul_(exp_avgs, beta1)
-                    torch._foreach_add_(exp_avgs, gs, alpha=d * (1 - beta1))
+                    new = apply_all("mul", exp_avgs, beta1, ok=ok)
+                    _add_scaled(new, gs, d * (1 - beta1))
+                    commit_all(exp_avgs, new, ok)
                 exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-                torch._foreach_mul_(exp_avg_sqs, beta2)
-                torch._foreach_addcmul_(exp_avg_sqs, gs, gs, value=d * d * (1 - beta2))
+                new = apply_all("mul", exp_avg_sqs, beta2, ok=ok)
+                if est is None:
+                    torch._foreach_addcmul_(new, gs, gs, value=d * d * (1 - beta2))
+                else:
+                    torch._foreach_addcmul_(new, torch._foreach_mul(gs, d * d * (1 - beta2)), gs)
+                commit_all(exp_avg_sqs, new, ok)
                 alpha = (d / d0) * d if group["safeguard_warmup"] else (d / d0) * dlr
                 ss = [s["s"] for s in states]
-                torch._foreach_mul_(ss, beta3)
-                torch._foreach_add_(ss, sliced_grads, alpha=alpha)
+                new = apply_all("mul", ss, beta3, ok=ok)
+                _add_scaled(new, sliced_grads, alpha)
+                commit_all(ss, new, ok)
                 for p, dot, abs_s in zip(params, dots, self.foreach_new("abs", ss, slot=1)):
                     stats[p] = (dot, abs_s.sum())
 
+        if est is not None:
+            self._device_tail(work, est, stats, grads, d, dlr, d_numerator, capped, limit)
+            return
         # The sums over all parameters, in parameter order, as Python floats: the reference's arithmetic. In a
         # distributed run each owner fills its parameters' entries and one all-reduce gives every rank the same
         # values (x + 0 is exact), so every rank, like one process, adds them in the same order.
@@ -384,6 +469,62 @@ class Prodigy(WhitenOptimizer):
         for group in self.param_groups:
             group["k"] += 1
 
+    def _device_tail(self, work, est, stats, grads, d, dlr, d_numerator, capped, limit) -> None:
+        """The rest of a sync-free step (the default path's tail above, with D and its statistics as float64 device
+        tensors): the new estimate, committed under the step's flag and a non-zero denominator (the reference
+        returns before it otherwise), and the parameters' update under the same."""
+        ok = self._ok
+        g0 = self.param_groups[0]
+        beta1 = g0["betas"][0]
+        d0 = g0["d0"]
+        order = [p for p, group in self._everyone if group["lr"] != 0]
+        values = torch.stack([t for p in order for t in stats[p]]).to(torch.float64).view(-1, 2) \
+            if order else est.new_zeros(0, 2)
+        delta_numerator = ((d / d0) * dlr * values[:, 0]).sum()
+        d_denom = values[:, 1].sum()
+        stepped = ok & (d_denom != 0)
+        global_numerator = d_numerator + delta_numerator
+        d_hat = g0["d_coef"] * global_numerator / d_denom
+        # Python's max(a, b) and min(a, b), as the default path takes them: b where b > a (b < a), else a
+        d = torch.where((d == d0) & (d_hat > d), d_hat, d)
+        d_max = torch.where(d_hat > est[1], d_hat, est[1])
+        grown = d * g0["growth_rate"]
+        d = torch.where(grown < d_max, grown, d_max)
+        over = d > limit
+        d = torch.where(over, limit, d)
+        capped = (capped | over) & stepped
+        commit(est, torch.stack([d, d_max, global_numerator, d_denom, d_hat, est[5] + capped]), stepped)
+
+        changes = []  # the Python side a step with a zero denominator puts back (resolve_pending)
+        for group, group_params in work:
+            if group["lr"] == 0:
+                for p in group_params:
+                    changes.append((self.state[p], "step", self.state[p]["step"], self.state[p]["step"] + 1))
+                    self.state[p]["step"] += 1
+                continue
+            decay = group["weight_decay"] if g0["decouple"] else 0.0
+            shrink = decay * dlr
+            for p in group_params:
+                state = self.state[p]
+                changes.append((state, "step", state["step"], state["step"] + 1))
+                state["step"] += 1
+                dtype = state["exp_avg_sq"].dtype
+                denom = state["exp_avg_sq"].sqrt().add_(d * group["eps"])
+                numerator = state["exp_avg"] if beta1 > 0 else grads[p]
+                value = -dlr if beta1 > 0 else -dlr * d
+                shrinks = decay != 0 and decays(p, group)
+
+                def update(x, numerator=numerator, denom=denom, value=value, shrinks=shrinks):
+                    if shrinks:
+                        x.add_(x * -shrink)
+                    x.add_(torch.div(numerator, denom).mul_(value))
+
+                write(p, dtype, update, stepped)
+        for group in self.param_groups:
+            changes.append((group, "k", group["k"], group["k"] + 1))
+            group["k"] += 1
+        self._zero_pending = (_to_host(torch.stack([d_denom != 0, capped])), changes, limit)
+
     def _d_limit(self, lr_scale: float) -> float:
         """The largest D the step can take with finite results (the docstring): ``lr_scale`` = lr × the bias
         correction; the narrowest state dtype and the largest decoupled decay of the parameters that step. The
@@ -404,6 +545,9 @@ class Prodigy(WhitenOptimizer):
         count = self.param_groups[0].get(CAPPED, 0) + 1
         for group in self.param_groups:
             group[CAPPED] = count
+        self._warn_capped(limit)
+
+    def _warn_capped(self, limit: float) -> None:
         if not getattr(self, "_warned_capped", False):
             self._warned_capped = True
             warnings.warn(
@@ -431,3 +575,12 @@ class Prodigy(WhitenOptimizer):
             state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
         state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
         return state
+
+
+def _add_scaled(dsts: list[torch.Tensor], srcs: list[torch.Tensor], coef) -> None:
+    """``dst += coef · src`` for each pair: fused, with ``coef`` a Python number (the default path), or a multiply and
+    an add with ``coef`` a 0-d device tensor (a sync-free step's; a tensor is no add's alpha)."""
+    if isinstance(coef, torch.Tensor):
+        torch._foreach_add_(dsts, torch._foreach_mul(srcs, coef))
+    else:
+        torch._foreach_add_(dsts, srcs, alpha=coef)

@@ -117,6 +117,10 @@ class SpecGD(OrthogonalMomentum):
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             raise ValueError(f"Invalid svd_dtype: {dtype!r} (allowed: None, torch.float32 or torch.float64)")
 
+    # No sync_free (SYNC_FREE stays False): the SVD at every step is the algorithm, and torch.linalg.svd on CUDA
+    # checks cuSOLVER's result on the host (a sync inside torch; there is no svd_ex), before svd_polar's retries and
+    # fallback decide per matrix on the host. Freeing the step would mean another algorithm (Newton–Schulz: Muon).
+
     def _orthogonalize(self, X: torch.Tensor, group: dict) -> torch.Tensor:
         result = svd_polar(X, group["svd_dtype"] or X.dtype)
         self.counters["svd_retries"] += result.retried
