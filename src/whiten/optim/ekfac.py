@@ -103,7 +103,8 @@ class EKFAC(KFAC):
                  factor_every: int = 10, inverse_every: int = 100, scale_every: int = 10,
                  fisher: str = "empirical", loss_average: str = "batch+sequence", fisher_seed: int = 0,
                  nonfinite: str = "skip", process_group=None, max_dim: int | None = 10000,
-                 state_dtype: torch.dtype | str | None = None, sync_free: bool = False):
+                 state_dtype: torch.dtype | str | None = None, sync_free: bool = False,
+                 compiled: bool = False):
         check_int("scale_every", scale_every, 1)
         self.scale_every = scale_every  # before the hooks exist
         self._replicas: dict = {}  # distributed: id(weight) -> (basis_a, basis_g) held by every rank
@@ -112,7 +113,7 @@ class EKFAC(KFAC):
                          kl_clip=kl_clip, weight_decay=weight_decay, factor_every=factor_every,
                          inverse_every=inverse_every, fisher=fisher, loss_average=loss_average,
                          fisher_seed=fisher_seed, nonfinite=nonfinite, process_group=process_group, max_dim=max_dim,
-                         state_dtype=state_dtype, sync_free=sync_free)
+                         state_dtype=state_dtype, sync_free=sync_free, compiled=compiled)
 
     def _scale_step(self, step: int) -> bool:
         return step % self.scale_every == 0

@@ -191,6 +191,7 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         max_dim: int | None = 10000,
         state_dtype: torch.dtype | str | None = None,
         sync_free: bool = False,
+        compiled: bool = False,
     ):
         check_choice("fisher", fisher, FISHER_TYPES)
         if kl_clip is not None:
@@ -205,7 +206,8 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         self._init_fisher(fisher_seed)
         defaults = dict(lr=lr, momentum=momentum, damping=damping, factor_decay=factor_decay,
                         weight_decay=weight_decay, role=None, state_dtype=state_dtype)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free,
+                         compiled=compiled)
         self.register_hooks()
 
     # ----- arguments --------------------------------------------------------------------------------------------

@@ -129,6 +129,7 @@ class MFAC(WhitenOptimizer):
         max_memory: int | None = None,
         nonfinite: str = "skip",
         process_group=None,
+        compiled: bool = False,
     ):
         check_int("ngrads", ngrads, 1)
         check_range("damp", damp, 0.0, low_open=True)
@@ -138,7 +139,7 @@ class MFAC(WhitenOptimizer):
         self._gram: torch.Tensor | None = None  # K = G Gᵀ, float64, the same on every rank
         self._count = 0  # gradients taken; the newest row of the window is _count % ngrads
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, role=None)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, compiled=compiled)
         self._constructed = True
         self.check_memory()
 

@@ -10,10 +10,11 @@ import torch
 
 from ..distributed import all_reduce_flat
 
+from . import kernels
 from ._base import WhitenOptimizer
 from .checks import check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay
 from .deferred import _read, _to_host
-from .update import apply_all, cache_runs, commit, commit_all, decays, host_values, state_dtype, write
+from .update import apply_all, cache_runs, commit, commit_all, decays, ema_all, host_values, state_dtype, write
 
 __all__ = ["Prodigy"]
 
@@ -165,12 +166,14 @@ class Prodigy(WhitenOptimizer):
         nonfinite: str = "skip",
         process_group=None,
         sync_free: bool = False,
+        compiled: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple,
                         use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d0=d0,
                         d_coef=d_coef, growth_rate=growth_rate, slice_p=slice_p, role=None,
                         d=d0, d_max=d0, d_numerator=0.0, d_denom=0.0, d_hat=0.0, k=0, d_capped=0)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, sync_free=sync_free,
+                         compiled=compiled)
 
     @property
     def d(self) -> float:
@@ -373,10 +376,7 @@ class Prodigy(WhitenOptimizer):
                         if "exp_avg" not in s:  # β1 raised from 0 by a scheduler
                             s["exp_avg"] = torch.zeros_like(s["exp_avg_sq"])
                     # (in place; a sync-free step: aside, then committed under its flag)
-                    exp_avgs = [s["exp_avg"] for s in states]
-                    new = apply_all("mul", exp_avgs, beta1, ok=ok)
-                    _add_scaled(new, gs, d * (1 - beta1))
-                    commit_all(exp_avgs, new, ok)
+                    ema_all([s["exp_avg"] for s in states], gs, beta1, d * (1 - beta1), ok)
                 exp_avg_sqs = [s["exp_avg_sq"] for s in states]
                 new = apply_all("mul", exp_avg_sqs, beta2, ok=ok)
                 if est is None:
@@ -385,10 +385,7 @@ class Prodigy(WhitenOptimizer):
                     torch._foreach_addcmul_(new, torch._foreach_mul(gs, d * d * (1 - beta2)), gs)
                 commit_all(exp_avg_sqs, new, ok)
                 alpha = (d / d0) * d if group["safeguard_warmup"] else (d / d0) * dlr
-                ss = [s["s"] for s in states]
-                new = apply_all("mul", ss, beta3, ok=ok)
-                _add_scaled(new, sliced_grads, alpha)
-                commit_all(ss, new, ok)
+                ss = ema_all([s["s"] for s in states], sliced_grads, beta3, alpha, ok)
                 for p, dot, abs_s in zip(params, dots, self.foreach_new("abs", ss, slot=1)):
                     stats[p] = (dot, abs_s.sum())
 
@@ -442,13 +439,18 @@ class Prodigy(WhitenOptimizer):
                 for state in states:
                     state["step"] += 1
                 exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-                denoms = self.foreach_new("sqrt", exp_avg_sqs)
-                torch._foreach_add_(denoms, d * group["eps"])
                 # the numerator: m, or with β1 = 0 the gradient (times D in the value)
                 numerators = [s["exp_avg"] for s in states] if beta1 > 0 else [grads[p] for p in params]
                 value = -dlr if beta1 > 0 else -dlr * d
                 shrink = decay * dlr  # the reference's θ - λ·d·lr·θ before the step
                 same = [i for i, p in enumerate(params) if p.dtype == exp_avg_sqs[i].dtype]
+                if len(same) == len(params) and kernels.active(params, numerators, exp_avg_sqs):
+                    shrinks = [shrink if decay != 0 and decays(p, group) else 0.0 for p in params]
+                    values = kernels.step_values([d * group["eps"], value] + shrinks, params[0].device)
+                    _update_kernel(params, numerators, exp_avg_sqs, values)
+                    continue
+                denoms = self.foreach_new("sqrt", exp_avg_sqs)
+                torch._foreach_add_(denoms, d * group["eps"])
                 shrunk = [params[i] for i in same if decay != 0 and decays(params[i], group)]
                 if shrunk:
                     torch._foreach_add_(shrunk, shrunk, alpha=-shrink)
@@ -577,10 +579,13 @@ class Prodigy(WhitenOptimizer):
         return state
 
 
-def _add_scaled(dsts: list[torch.Tensor], srcs: list[torch.Tensor], coef) -> None:
-    """``dst += coef · src`` for each pair: fused, with ``coef`` a Python number (the default path), or a multiply and
-    an add with ``coef`` a 0-d device tensor (a sync-free step's; a tensor is no add's alpha)."""
-    if isinstance(coef, torch.Tensor):
-        torch._foreach_add_(dsts, torch._foreach_mul(srcs, coef))
-    else:
-        torch._foreach_add_(dsts, srcs, alpha=coef)
+@kernels.kernel
+def _update_kernel(params, numerators, exp_avg_sqs, values):
+    """The parameter update of a host-checked step (compiled=True, whiten.optim.kernels): θ ← θ − shrink·θ, then
+    θ ← θ + value·num / (√v + D·ε); ``values`` = D·ε, value, then each parameter's shrink (0: no decay)."""
+    n = len(params)
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denoms, values[0])
+    new = torch._foreach_sub(params, torch._foreach_mul(params, [values[2 + i] for i in range(n)]))
+    torch._foreach_add_(new, torch._foreach_mul(torch._foreach_div(numerators, denoms), values[1]))
+    torch._foreach_copy_(params, new)

@@ -100,6 +100,7 @@ class SpecGD(OrthogonalMomentum):
         process_group=None,
         batched: bool = True,
         batch_dims: int = 0,
+        compiled: bool = False,
     ):
         check_lr("adam_lr", adam_lr)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, scale=scale, weight_decay=weight_decay,
@@ -107,7 +108,7 @@ class SpecGD(OrthogonalMomentum):
                         svd_dtype=svd_dtype, adam_lr=adam_lr, adam_betas=adam_betas, adam_eps=adam_eps,
                         ema_rate=ema_rate, role=None, lr_scale=1.0)
         self.batched = bool(batched)
-        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group, compiled=compiled)
 
     def validate_group(self, group: dict) -> None:
         super().validate_group(group)

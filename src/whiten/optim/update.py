@@ -183,15 +183,21 @@ def add_all(dsts: list[torch.Tensor], others: list[torch.Tensor], alpha: float, 
     commit_all(dsts, apply_all("add", dsts, others, alpha=alpha, ok=ok), ok)
 
 
-def ema_all(dsts: list[torch.Tensor], others: list[torch.Tensor], beta: float, weight: float,
+def ema_all(dsts: list[torch.Tensor], others: list[torch.Tensor], beta: float, weight: float | torch.Tensor,
             ok: torch.Tensor | None) -> list[torch.Tensor]:
-    """``dst ← beta·dst + weight·other`` for each pair (a momentum: a multiply, then an add with alpha), in place or
-    :func:`commit`-ed under a sync-free step's flag ``ok``. Returns the new values (``dsts`` themselves in place)."""
-    if kernels.active(dsts, others) and all(d.dtype == o.dtype for d, o in zip(dsts, others)):
+    """``dst ← beta·dst + weight·other`` for each pair (a momentum: a multiply, then an add with alpha; a ``weight``
+    that is a 0-d device tensor, as a sync-free step's, multiplies ``other`` first: a tensor is no add's alpha), in
+    place or :func:`commit`-ed under a sync-free step's flag ``ok``. Returns the new values (``dsts`` themselves in
+    place)."""
+    if (not isinstance(weight, torch.Tensor) and kernels.active(dsts, others)
+            and all(d.dtype == o.dtype for d, o in zip(dsts, others))):
         _step_all_kernel(dsts, others, kernels.step_values([beta] * len(dsts) + [weight], dsts[0].device), ok)
         return dsts
     new = apply_all("mul", dsts, beta, ok=ok)
-    torch._foreach_add_(new, others, alpha=weight)
+    if isinstance(weight, torch.Tensor):
+        torch._foreach_add_(new, torch._foreach_mul(others, weight))
+    else:
+        torch._foreach_add_(new, others, alpha=weight)
     commit_all(dsts, new, ok)
     return new
 
