@@ -183,6 +183,20 @@ def test_sync_free_bit_identical_to_one_process(mode, world):
             assert differ == [], f"{name} {kw}, {mode} on {world} ranks, rank {rank}: {differ} differ"
 
 
+# compiled=True (whiten.optim.kernels): each owner runs the same kernels on its parameters (DDP) or its blocks of the
+# elementwise ones (FSDP2), so a compiled distributed run is a compiled run on one process
+COMPILED_CASES = [(name, {"compiled": True}) for name in ("SPlus", "SOAP", "Muon", "ScheduleFreeAdamW", "Conda",
+                                                          "Prodigy", "Scion", "PSGDKron")]
+
+
+@pytest.mark.parametrize("mode,world", [("ddp", 2), ("fsdp", 3)])
+def test_compiled_mode_bit_identical_to_one_process(mode, world):
+    results = launch(_equal_to_one_process_with, world, mode, COMPILED_CASES)
+    for rank, res in enumerate(results):
+        for (name, kw), differ in zip(COMPILED_CASES, res):
+            assert differ == [], f"{name} {kw}, {mode} on {world} ranks, rank {rank}: {differ} differ"
+
+
 def test_bf16_parameters_with_fp32_state_under_fsdp():
     names = ["SPlus", "Muon", "SOAP", "Conda", "Prodigy", "MFAC"]
     results = launch(_equal_to_one_process, 3, "fsdp", names, torch.bfloat16)

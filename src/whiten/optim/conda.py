@@ -123,6 +123,8 @@ class Conda(WhitenOptimizer):
             Each parameter's step runs on one owner rank; the numbers are those of one process.
         sync_free: False (default) or True: an ordinary step never waits for the device; the non-finite check is
             decided there, every write masked by it, and read one step later (see :class:`whiten.SPlus`).
+        compiled: False (default) or True: the step's elementwise chains run as compiled kernels, the eager numbers
+            within float rounding (see :class:`whiten.SPlus`).
         state_dtype: None (default: float32, float64 for float64 parameters) or ``torch.bfloat16`` (also
             ``"bf16"``/``"bfloat16"``): ``exp_avg`` and the basis stored in bfloat16, half their bytes; each step
             works on float32 copies, rounded once back. ``exp_avg_sq`` stays float32: with β2 = 0.999 its update

@@ -87,8 +87,8 @@ class EKFAC(KFAC):
     float32 arithmetic: cast up, updated, rounded once), the factors stay float32 (their small eigenvalues order the
     basis). The scale's running average at β = 0.95 adds 5% of the new statistic a step, above bfloat16's rounding
     (2^-9 to 2^-8 of a value); at ``factor_decay`` ≥ 0.99 a statistic within 20-40% of the average would be
-    rounded away: keep ``state_dtype`` off there. ``sync_free``: as :class:`KFAC`'s (scale steps decide on the host
-    too).
+    rounded away: keep ``state_dtype`` off there. ``sync_free`` and ``compiled``: as :class:`KFAC`'s (with
+    ``sync_free`` scale steps decide on the host too).
 
     Reference: T. George, C. Laurent, X. Bouthillier, N. Ballas, P. Vincent, "Fast Approximate Natural Gradient
     Descent in a Kronecker-factored Eigenbasis", NeurIPS 2018.

@@ -193,6 +193,8 @@ class KBFGS(LayerHooksMixin, WhitenOptimizer):
         loss_average: ``"batch+sequence"`` (default) or ``"batch"``, as :class:`whiten.KFAC`'s.
         nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient.
         process_group: a ``torch.distributed`` group (DDP); default None.
+        compiled: False (default) or True: the step's elementwise chains run as compiled kernels, the eager numbers
+            within float rounding (see :class:`whiten.SPlus`; K-BFGS's per-layer update has none yet: the same step).
         max_dim: a layer with an output side, or a non-diagonal input side, of this size or more is not
             preconditioned: its weight and bias take the SGD fallback (default 10000, SPlus's paper's side limit;
             None: every layer, as before issue 23). A 50304-vocabulary head would otherwise keep a 50304² G and its

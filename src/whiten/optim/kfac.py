@@ -150,6 +150,8 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
             multiply before the momentum's add, where the default path passes it as the add's Python ``alpha``:
             the same ν, the momenta within rounding of the default path's. Factor, refresh (and EKFAC's scale)
             steps, a layer's first refresh, and steps that consume sampled gradients decide on the host.
+        compiled: False (default) or True: the step's elementwise chains run as compiled kernels, the eager numbers
+            within float rounding (see :class:`whiten.SPlus`; here the momentum's update).
 
     References: J. Martens, R. Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate Curvature",
     ICML 2015; R. Grosse, J. Martens, "A Kronecker-factored approximate Fisher matrix for convolution layers",

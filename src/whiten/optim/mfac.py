@@ -106,6 +106,8 @@ class MFAC(WhitenOptimizer):
         nonfinite: ``"skip"`` (default) or ``"raise"`` for a non-finite gradient.
         process_group: a ``torch.distributed`` group to split the window over (DDP: replicated parameters,
             averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
+        compiled: False (default) or True: the step's elementwise chains run as compiled kernels, the eager numbers
+            within float rounding (see :class:`whiten.SPlus`; here the parameter update).
 
     Reference: E. Frantar, E. Kurtic, D. Alistarh, "M-FAC: Efficient Matrix-Free Approximations of Second-Order
     Information", NeurIPS 2021.

@@ -140,6 +140,8 @@ class Prodigy(WhitenOptimizer):
             values of the last such point. A step whose statistics are all zero (the reference's early return) is
             read one step later too: its step counts are put back, as on the default path; ``d_capped``'s warning
             comes one step later.
+        compiled: False (default) or True: the step's elementwise chains run as compiled kernels, the eager numbers
+            within float rounding (see :class:`whiten.SPlus`).
 
     Reference: K. Mishchenko, A. Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free Learner",
     arXiv 2306.06101 (ICML 2024).

@@ -154,6 +154,8 @@ class PSGDKron(AveragingMixin, WhitenOptimizer):
             the non-finite check is decided there, every write masked by it, and read one step later (see
             :class:`whiten.SPlus`). With the default schedule the factors are updated at every step for the first
             500, then at 3% of them by about step 4000.
+        compiled: False (default) or True: the step's elementwise chains run as compiled kernels, the eager numbers
+            within float rounding (see :class:`whiten.SPlus`; here the momentum and the update).
         batched: process same-shape parameters of a group as one stack with batched matmuls and triangular solves
             (default True). False does each parameter alone; the results are the same up to rounding.
         cache_preconditioner: on steps that do not update the factors, precondition with a cached

@@ -53,6 +53,8 @@ class ScheduleFreeAdamW(SwapsWeights, WhitenOptimizer):
             the block of each parameter it holds, with nothing exchanged; the numbers are those of one process.
         sync_free: False (default) or True: an ordinary step never waits for the device; the non-finite check is
             decided there, every write masked by it, and read one step later (see :class:`whiten.SPlus`).
+        compiled: False (default) or True: the step's elementwise chains run as compiled kernels, the eager numbers
+            within float rounding (see :class:`whiten.SPlus`).
 
     Reference: A. Defazio et al., "The Road Less Scheduled", NeurIPS 2024.
     """

@@ -281,6 +281,8 @@ class Scion(AveragingMixin, WhitenOptimizer):
             Each parameter's step runs on one owner rank; the numbers are those of one process.
         sync_free: False (default) or True: an ordinary step never waits for the device; the non-finite check is
             decided there, every write masked by it, and read one step later (see :class:`whiten.SPlus`).
+        compiled: False (default) or True: the step's elementwise chains run as compiled kernels, the eager numbers
+            within float rounding (see :class:`whiten.SPlus`; here the momentum and the update).
         batched: orthogonalise same-shape matrices of a group in one batched call (default True).
         batch_dims: leading dims that index a stack of same-shape weights (default 0): a group of mixture-of-experts
             weights (E, out, in) with ``batch_dims=1`` takes the LMO of each (out, in) matrix (and init() draws each

@@ -110,6 +110,8 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             Each parameter's step runs on one owner rank; the numbers are those of one process.
         sync_free: False (default) or True: an ordinary step never waits for the device; the non-finite check is
             decided there, every write masked by it, and read one step later (see :class:`whiten.SPlus`).
+        compiled: False (default) or True: the step's elementwise chains run as compiled kernels, the eager numbers
+            within float rounding (see :class:`whiten.SPlus`).
         batched: process same-shape matrices as one stack (default True).
         rotation_dtype: None (default) or ``torch.bfloat16`` (also ``"bf16"``/``"bfloat16"``): the dtype of the two
             per-step rotations, the gradient into the eigenbasis and the Adam direction out of it (the gradient,

@@ -70,6 +70,8 @@ class Sophia(FisherMixin, AveragingMixin, WhitenOptimizer):
         sync_free: False (default) or True: an ordinary step never waits for the device; the non-finite check is
             decided there, every write masked by it, and read one step later (see :class:`whiten.SPlus`). A step
             that consumes sampled gradients decides on the host.
+        compiled: False (default) or True: the step's elementwise chains run as compiled kernels, the eager numbers
+            within float rounding (see :class:`whiten.SPlus`).
 
     Reference: H. Liu, Z. Li, D. Hall, P. Liang, T. Ma, "Sophia: A Scalable Stochastic Second-order Optimizer for
     Language Model Pre-training", ICLR 2024 (arXiv 2305.14342); code github.com/Liuhong99/Sophia.

@@ -73,6 +73,8 @@ class SpecGD(OrthogonalMomentum):
         process_group: a ``torch.distributed`` group to split the work over (DDP: replicated parameters,
             averaged gradients); default None: one process, or the mesh of DTensor (FSDP2) parameters.
             Each parameter's step runs on one owner rank; the numbers are those of one process.
+        compiled: False (default) or True: the step's elementwise chains run as compiled kernels, the eager numbers
+            within float rounding (see :class:`whiten.SPlus`; here the AdamW path and the update).
         batched: one SVD call for same-shape matrices (default True).
         batch_dims: leading dims that index a stack of matrices (default 0; mixture-of-experts weights
             (E, out, in) with 1), as :class:`whiten.Muon`.

@@ -176,6 +176,13 @@ class SPlus(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
             step late (until then its step counts read as if it had been taken; its tensors never change).
             Refresh steps, a parameter's first step and distributed steps still read the check on the host. It costs one more kernel per written tensor (docs/performance.md); the numbers are the default
             path's, bit for bit.
+        compiled: False (default) or True: the step's elementwise chains (moments, the update and its decay; under
+            ``sync_free`` the masked writes) run as ``torch.compile``-d kernels, one fused pass instead of a launch
+            per op, and the rest eagerly. The numbers are the eager ones within float rounding (inductor fuses and
+            may contract into FMAs); the kernels compile at the first steps, one graph per kernel and group, and
+            nothing recompiles after (the lr and other numbers that change enter as tensors). Needs inductor (a C++
+            compiler on a CPU, Triton on a GPU): a kernel that cannot compile runs eagerly, with a warning. See
+            :mod:`whiten.optim.kernels` for what is compiled.
         basis_bits: None (default: the bases in the state dtype), 8 or 4: each basis kept block-wise quantized
             (``qbasis_*`` uint8 codes, ``qscale_*`` a float32 scale per 64 entries of a row; 1.06 or 0.56 bytes an
             entry against 4), dequantized per bucket for each step's rotations; 4 bits follows 4-bit Shampoo (Wang

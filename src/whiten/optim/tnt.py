@@ -179,6 +179,8 @@ class TNT(FisherMixin, AveragingMixin, WhitenOptimizer):
         sync_free: False (default) or True: an ordinary step never waits for the device; the non-finite check is
             decided there, every write masked by it, and read one step later (see :class:`whiten.SPlus`). A step
             that consumes sampled gradients decides on the host.
+        compiled: False (default) or True: the step's elementwise chains run as compiled kernels, the eager numbers
+            within float rounding (see :class:`whiten.SPlus`; here the update).
 
     Reference: Y. Ren and D. Goldfarb, "Tensor Normal Training for Deep Learning Models", NeurIPS 2021
     (arXiv 2106.02925); code github.com/renyiryry/tnt_neurips_2021.
