@@ -1,7 +1,8 @@
 """``compiled=True`` (whiten.optim.kernels): the elementwise chains run as inductor kernels. For every optimizer of
-the registry, on the suite's tiny model in float64 over steps that include each one's refresh: the eager numbers
-within float rounding (inductor fuses a chain and may contract a multiply and an add into one FMA), the same counts,
-no graph compiled once every kind of step has run, and a step with a non-finite gradient that leaves everything as it was."""
+the registry, on the suite's tiny model in float64 over steps that include each one's refresh, with the lr changed
+at every step as a scheduler does: the eager numbers within float rounding (inductor fuses a chain and may contract
+a multiply and an add into one FMA), the same counts, no graph compiled once every kind of step has run, and a step
+with a non-finite gradient that leaves everything as it was."""
 
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ def _run(name, steps=STEPS, nan_at=(), **kw):
                        for k, v in before[1].items())
         else:
             fit_step(opt, model, t)
+        for group in opt.param_groups:  # a scheduler's new lr at every step: a tensor input, never a guard
+            group["lr"] *= 0.97
         graphs.append(counters["stats"]["unique_graphs"])
     return _snapshot(model, opt), graphs
 

@@ -10,7 +10,7 @@ import torch
 
 from . import kernels
 from .checks import check_betas, check_lr, check_range
-from .update import apply_all, commit_all, decays, grads_in, lerp_all, masked, write
+from .update import apply_all, commit_all, decays, grads_in, lerp_all, lerp_values, masked, write
 
 __all__ = ["AdamWPath", "adamw_step", "check_adamw_path"]
 
@@ -68,7 +68,7 @@ def _adamw_kernel(params, ms, vs, grads, values, ok):
     n = len(params)
     weight, beta2, rest2, eps = values[0], values[1], values[2], values[3]
     keeps, alphas, roots = ([values[4 + k * n + i] for i in range(n)] for k in range(3))
-    m = torch._foreach_lerp(ms, grads, [weight] * n)
+    m = lerp_values(ms, grads, weight)
     v = torch._foreach_mul(vs, beta2)
     torch._foreach_add_(v, torch._foreach_mul(torch._foreach_mul(grads, grads), rest2))
     denom = torch._foreach_div(torch._foreach_sqrt(v), roots)

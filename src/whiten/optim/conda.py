@@ -214,7 +214,7 @@ class Conda(WhitenOptimizer):
         # Each elementwise op runs once over the whole group (torch._foreach_*: one launch per op, not per
         # parameter), on a CPU once per run of parameters that fits in cache; only the per-matrix products and a due
         # refresh's SVD are per parameter.
-        for run in cache_runs(params):
+        for run in cache_runs(params, compiled_chain=True):
             self._step_run(group, [params[i] for i in run], [states[i] for i in run])
 
     def _step_run(self, group: dict, params: list[torch.Tensor], states: list[dict]) -> None:

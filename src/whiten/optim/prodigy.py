@@ -351,7 +351,7 @@ class Prodigy(WhitenOptimizer):
                     self.state[p].update(self._init_state(p, group))
             if group["lr"] == 0 or not group_params:
                 continue  # frozen (see the docstring): state only
-            for run in cache_runs(group_params):  # (on a CPU, runs that stay in cache through the ops)
+            for run in cache_runs(group_params, compiled_chain=True):  # (on a CPU: runs that stay in cache)
                 params = [group_params[i] for i in run]
                 states = [self.state[p] for p in params]
                 dtypes = [s["exp_avg_sq"].dtype for s in states]
@@ -435,7 +435,7 @@ class Prodigy(WhitenOptimizer):
                     self.state[p]["step"] += 1
                 continue
             decay = group["weight_decay"] if g0["decouple"] else 0.0
-            for run in cache_runs(group_params):  # (on a CPU, runs that stay in cache through the ops)
+            for run in cache_runs(group_params, compiled_chain=True):  # (on a CPU: runs that stay in cache)
                 params = [group_params[i] for i in run]
                 states = [self.state[p] for p in params]
                 for state in states:

@@ -9,7 +9,7 @@ from ..averaging import SwapsWeights
 from . import kernels
 from ._base import WhitenOptimizer
 from .checks import check_betas, check_int, check_lr, check_range, check_role, check_weight_decay
-from .update import apply_all, commit_all, decays, grads_in, masked, state_dtype
+from .update import apply_all, commit_all, decays, grads_in, lerp_values, masked, state_dtype
 
 __all__ = ["ScheduleFreeAdamW"]
 
@@ -221,7 +221,7 @@ def _step_kernel(params, zs, vs, grads, values, ok):
     torch._foreach_add_(denom, values[3])
     step = torch._foreach_div(grads, denom)
     torch._foreach_add_(step, torch._foreach_mul(y, [values[7 + i] for i in range(n)]))
-    new_y = torch._foreach_lerp(y, zs, [values[4]] * n)
+    new_y = lerp_values(y, zs, values[4])
     torch._foreach_add_(new_y, torch._foreach_mul(step, values[5]))
     new_z = torch._foreach_sub(zs, torch._foreach_mul(step, values[6]))
     torch._foreach_copy_(vs, masked(ok, v, vs))

@@ -11,7 +11,7 @@ from ..fisher import FisherMixin
 from . import kernels
 from ._base import WhitenOptimizer
 from .checks import check_betas, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay
-from .update import decays, grads_in, lerp_all, masked, state_dtype, step_all
+from .update import decays, grads_in, lerp_all, lerp_values, masked, state_dtype, step_all
 
 __all__ = ["Sophia"]
 
@@ -171,7 +171,7 @@ def _step_kernel(params, ms, hs, grads, values, ok):
     """:meth:`Sophia._step_group`'s update after the Hessian EMA (compiled=True, whiten.optim.kernels): ``values`` =
     1 − β1, ρ, each parameter's keep, −lr."""
     n = len(params)
-    m = torch._foreach_lerp(ms, grads, [values[0]] * n)
+    m = lerp_values(ms, grads, values[0])
     denom = torch._foreach_mul(hs, values[1])
     torch._foreach_add_(denom, HESSIAN_EPS)
     steps = torch._foreach_abs(m)

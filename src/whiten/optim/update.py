@@ -14,8 +14,9 @@ from . import kernels
 from .checks import state_dtype_option
 
 __all__ = ["state_dtype", "stored_dtype", "decays", "grad_in", "grads_in", "write", "step_to", "step_all", "commit",
-           "apply_all", "commit_all", "lerp_all", "add_all", "ema_all", "cast_all", "host_values", "cache_runs", "masked",
-           "adam_direction_kernel", "second_moment_direction_kernel", "step_decay_after_kernel"]
+           "apply_all", "commit_all", "lerp_all", "add_all", "ema_all", "cast_all", "host_values", "cache_runs",
+           "masked", "lerp_values", "adam_direction_kernel", "second_moment_direction_kernel",
+           "step_decay_after_kernel"]
 
 
 def state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -86,13 +87,15 @@ CPU_RUN_BYTES = 1 << 20
 CPU_PATHS = True
 
 
-def cache_runs(tensors: list[torch.Tensor]) -> list[list[int]]:
+def cache_runs(tensors: list[torch.Tensor], compiled_chain: bool = False) -> list[list[int]]:
     """The indices of ``tensors`` in runs for elementwise ``_foreach`` chains: on a CPU, runs whose tensors together
     hold at most ``CPU_RUN_BYTES`` (or one larger tensor); elsewhere all of them in one run. The numbers do not depend
-    on the runs (each tensor gets the same operations)."""
+    on the runs (each tensor gets the same operations). ``compiled_chain``: the run's elementwise chain
+    is one compiled kernel under ``compiled=True`` (whiten.optim.kernels), which streams each tensor once anyway:
+    one run, one kernel call (each call costs its guards; Prodigy's step 1.3x the eager one in runs)."""
     if not tensors:
         return []
-    if not CPU_PATHS or tensors[0].device.type != "cpu":
+    if not CPU_PATHS or tensors[0].device.type != "cpu" or (compiled_chain and kernels.active(tensors)):
         return [list(range(len(tensors)))]
     runs, run, size = [], [], 0
     for i, t in enumerate(tensors):
@@ -164,10 +167,9 @@ def commit_all(dsts: list[torch.Tensor], news: list[torch.Tensor], ok: torch.Ten
 def lerp_all(dsts: list[torch.Tensor], ends: list[torch.Tensor], weight: float,
              ok: torch.Tensor | None) -> list[torch.Tensor]:
     """``dst ← dst + weight·(end − dst)`` for each pair, fused (``_foreach_lerp``), in place or :func:`commit`-ed
-    under a sync-free step's flag ``ok``. Returns the new values (``dsts`` themselves in place)."""
-    if kernels.active(dsts, ends) and all(d.dtype == e.dtype for d, e in zip(dsts, ends)):
-        _lerp_kernel(dsts, ends, kernels.step_values([weight], dsts[0].device), ok)
-        return dsts
+    under a sync-free step's flag ``ok``. Returns the new values (``dsts`` themselves in place). Never compiled: it
+    is one fused op already, and inductor's lerp rounds differently from torch's (which uses an FMA), which SPlus's
+    sign of a near-zero rotated momentum (a LayerNorm's rank-deficient gradient) would turn into a different step."""
     new = apply_all("lerp", dsts, ends, weight, ok=ok)
     commit_all(dsts, new, ok)
     return new
@@ -230,17 +232,17 @@ def step_all(params: list[torch.Tensor], dtypes: list[torch.dtype], updates: lis
 
 # ----- compiled twins (compiled=True, whiten.optim.kernels): the same arithmetic, numbers as float64 tensors ------
 
+def lerp_values(starts: list[torch.Tensor], ends: list[torch.Tensor], weight: torch.Tensor) -> list[torch.Tensor]:
+    """Inside a kernel: ``start + weight·(end − start)`` (``_foreach_lerp`` with a tensor weight is not lowered by
+    inductor: it would run as one aten call per tensor). Eager ``lerp`` switches to ``end − (1 − w)(end − start)``
+    for w ≥ 0.5: the same value within rounding."""
+    return torch._foreach_add(starts, torch._foreach_mul(torch._foreach_sub(ends, starts), weight))
+
+
 def masked(ok: torch.Tensor | None, new: list[torch.Tensor], old: list[torch.Tensor]) -> list[torch.Tensor]:
     """Inside a kernel: ``new`` where the sync-free step's flag ``ok`` holds, else ``old`` (fused into the kernel's
     pass, not a launch of its own)."""
     return new if ok is None else [torch.where(ok, n, o) for n, o in zip(new, old)]
-
-
-@kernels.kernel
-def _lerp_kernel(dsts, ends, values, ok):
-    """:func:`lerp_all`: ``values[0]`` the weight."""
-    new = torch._foreach_lerp(dsts, ends, [values[0]] * len(dsts))
-    torch._foreach_copy_(dsts, masked(ok, new, dsts))
 
 
 @kernels.kernel
@@ -268,7 +270,7 @@ def _second_moment_direction(ms, vs, grads, values, ok):
 def adam_direction_kernel(ms, vs, grads, values, ok):
     """Adam's moments and direction (SOAP's, in its eigenbasis): m ← lerp(m, g, 1 − β1), v as
     :func:`second_moment_direction_kernel`; ``values`` = 1 − β1, β2, 1 − β2, ε. Returns m / (√v + ε)."""
-    m = torch._foreach_lerp(ms, grads, [values[0]] * len(ms))
+    m = lerp_values(ms, grads, values[0])
     torch._foreach_copy_(ms, masked(ok, m, ms))
     return _second_moment_direction(m, vs, grads, values, ok)
 
