@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import whiten
-from whiten.optim import deferred
+from whiten.optim import deferred, kernels
 
 SYNC_OPS = {"aten._local_scalar_dense.default"}
 NO_REFRESH = {"SPlus": dict(inverse_every=1000), "SOAP": dict(precondition_frequency=1000),
@@ -59,6 +59,7 @@ class Counts(NamedTuple):
     kernels: int  # of those, the ones that launch a kernel
     matmuls: int  # of those, matrix products and factorizations
     lagged: int = 0  # reads of a sync-free step's flags one step later, from host memory: not syncs
+    compiled: int = 0  # calls of compiled kernels (compiled=True), each counted among the kernels
 
 
 class Count(TorchDispatchMode):
@@ -71,6 +72,7 @@ class Count(TorchDispatchMode):
         self.matmuls = Counter()
         self.reads = 0
         self.lagged = 0
+        self.compiled = 0
         self._quiet = False
         self._saved = {}
 
@@ -101,6 +103,21 @@ class Count(TorchDispatchMode):
             finally:
                 self._quiet = False
         deferred.read_flags = read_flags
+        # compiled=True: torch.compile runs under no dispatch mode, so a compiled kernel runs with the mode off and
+        # counts as one kernel (one fused pass on a CPU; on a GPU inductor emits one or a few Triton kernels for it).
+        # Its reads are not counted: inductor's CPU wrapper reads its float64 step values with item() (host memory);
+        # on a GPU they are a device tensor that the kernel loads itself (scripts/gpu_issue22.sh checks it there)
+        real_call = self._real_call = kernels.Kernel.__call__
+
+        def call(kernel, *a, **k):
+            self.compiled += 1
+            self._quiet = True
+            try:
+                with torch.utils._python_dispatch._disable_current_modes():
+                    return real_call(kernel, *a, **k)
+            finally:
+                self._quiet = False
+        kernels.Kernel.__call__ = call
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -108,6 +125,7 @@ class Count(TorchDispatchMode):
             setattr(torch.Tensor, name, real)
         deferred.read_flags = self._real_flags
         torch.tensor = self._real_tensor
+        kernels.Kernel.__call__ = self._real_call
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -124,7 +142,8 @@ def model(blocks: int) -> nn.Module:
     return nn.Sequential(*[m for _ in range(blocks) for m in (nn.Linear(32, 32), nn.LayerNorm(32))])
 
 
-def counts(name: str, blocks: int, accelerator: bool = False, sync_free: bool = False) -> Counts:
+def counts(name: str, blocks: int, accelerator: bool = False, sync_free: bool = False,
+           compiled: bool = False) -> Counts:
     """Host syncs, ops, kernels and matmuls of one ordinary step. ``accelerator``: the finiteness check takes the path it
     takes on a GPU (``_foreach_norm``, one op per dtype) instead of the CPU's per-tensor sums, and the elementwise
     chains their one-run path (``update.CPU_PATHS``), so the ops are the launches a GPU would see."""
@@ -139,7 +158,7 @@ def counts(name: str, blocks: int, accelerator: bool = False, sync_free: bool = 
         _base.finite_flags = functools.partial(real, fused=True)
         update.CPU_PATHS = False  # one run, one launch per op, as on a GPU (the same numbers)
         try:
-            return counts(name, blocks, sync_free=sync_free)
+            return counts(name, blocks, sync_free=sync_free, compiled=compiled)
         finally:
             _base.finite_flags = real
             update.CPU_PATHS = True
@@ -149,6 +168,8 @@ def counts(name: str, blocks: int, accelerator: bool = False, sync_free: bool = 
         kw["model"] = net
     if sync_free:
         kw["sync_free"] = True
+    if compiled:
+        kw["compiled"] = True
     opt = getattr(whiten, name)(whiten.param_groups(net), **kw)
     x = torch.randn(8, 32)
     for t in range(3):  # state created, first refresh done
@@ -159,8 +180,8 @@ def counts(name: str, blocks: int, accelerator: bool = False, sync_free: bool = 
     with Count() as c:
         opt.step()
     # a read through item/bool/float/int also dispatches _local_scalar_dense: count each read once
-    return Counts(c.reads, sum(n for op, n in c.ops.items() if op not in SYNC_OPS), sum(c.kernels.values()),
-                  sum(c.matmuls.values()), c.lagged)
+    return Counts(c.reads, sum(n for op, n in c.ops.items() if op not in SYNC_OPS) + c.compiled,
+                  sum(c.kernels.values()) + c.compiled, sum(c.matmuls.values()), c.lagged, c.compiled)
 
 
 def main():
@@ -171,6 +192,8 @@ def main():
                     help="the finiteness check's GPU path (_foreach_norm) instead of the CPU's per-tensor sums")
     ap.add_argument("--sync-free", action="store_true",
                     help="the optimizers that have it, with sync_free=True (the check decided on the device)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="compiled=True: each call of a compiled kernel counts as one kernel")
     args = ap.parse_args()
     blocks = [int(b) for b in args.blocks.split(",")]
     print("| optimizer | " + " | ".join(f"syncs, {b} blocks | ops | kernels | of which matmuls" for b in blocks)
@@ -181,7 +204,7 @@ def main():
     if args.sync_free:
         names = [n for n in names if getattr(whiten, n).SYNC_FREE]
     for name in names:
-        row = [counts(name, b, args.accelerator, args.sync_free) for b in blocks]
+        row = [counts(name, b, args.accelerator, args.sync_free, args.compiled) for b in blocks]
         ratio = (f" {row[-1].ops / row[0].ops:.2f} | {other(row[-1]) / other(row[0]):.2f} |"
                  if len(blocks) > 1 else "")
         print(f"| {name} | " + " | ".join(f"{c.syncs} | {c.ops} | {c.kernels} | {c.matmuls}" for c in row) + " |"

@@ -293,12 +293,14 @@ class Conda(WhitenOptimizer):
                         x.add_(x, alpha=-decay)
 
                 write(p, ms[i].dtype, update)
-        commit_all(params, targets, ok)
+        olds, news = list(params), list(targets)
         for s, w in zip(states, work):
             if w is not s:
                 keys = [k for k, value in w.items() if isinstance(value, torch.Tensor)]
-                commit_all([s[k] for k in keys], [w[k] for k in keys], ok)  # (a basis read only: the state's own)
+                olds += [s[k] for k in keys]  # (a basis read only: the state's own)
+                news += [w[k] for k in keys]
                 s.update((k, value) for k, value in w.items() if not isinstance(value, torch.Tensor))
+        commit_all(olds, news, ok)  # in one call: one kernel under compiled=True
 
     def _refresh(self, B: torch.Tensor, M: torch.Tensor, side: str, svd_dtype) -> None:
         """B <- Vᵀ (side right) or U (side left) of the reduced SVD of M; on failure B is kept and counted."""

@@ -18,7 +18,7 @@ from .checks import (check_betas, check_bool, check_ema_rate, check_int, check_l
 from .quantize import check_basis_bits
 from .sides import ALWAYS_KEPT_SIDE, check_max_factor_ratio, kept_sides
 from .stacks import bucket
-from .update import (adam_direction_kernel, apply_all, commit, commit_all, decays, grad_in, state_dtype,
+from .update import (adam_direction_kernel, apply_all, commit_all, decays, grad_in, state_dtype,
                      step_decay_after_kernel, step_to, stored_dtype)
 
 __all__ = ["SOAP"]
@@ -264,17 +264,20 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         # Factors take the raw gradient; new bases at the first call (eigh) and every precondition_frequency
         # updates (power iteration + QR).
         beta_s = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
+        olds, news = [], []  # a sync-free step: the factors updated on copies, committed together
         for i, (p, lay) in enumerate(zip(params, layouts)):
             if lay.matrix is not None:
                 s = states[i]
                 factors = [s.get("factor_left"), s.get("factor_right")]
-                if self._ok is not None:  # a sync-free step: updated on copies, committed
+                if self._ok is not None:
                     factors = [None if f is None else f.clone() for f in factors]
                 update_factors(*factors, grads[i].reshape(lay.matrix), beta_s)
                 if self._ok is not None:
                     for key, new in zip(("factor_left", "factor_right"), factors):
                         if new is not None:
-                            commit(s[key], new, self._ok)
+                            olds.append(s[key])
+                            news.append(new)
+        commit_all(olds, news, self._ok)
         first = [i for i, s in enumerate(states) if s["step"] == 1]
         if first:
             # descending eigenvalue order, as the reference

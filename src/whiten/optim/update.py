@@ -159,6 +159,8 @@ def commit_all(dsts: list[torch.Tensor], news: list[torch.Tensor], ok: torch.Ten
         return
     if ok is None:
         torch._foreach_copy_([dst for dst, _ in pairs], [new for _, new in pairs])
+    elif kernels.active([dst for dst, _ in pairs], [new for _, new in pairs]):
+        _commit_kernel([dst for dst, _ in pairs], [new for _, new in pairs], ok)  # one pass, not one per tensor
     else:
         for dst, new in pairs:
             commit(dst, new, ok)
@@ -243,6 +245,12 @@ def masked(ok: torch.Tensor | None, new: list[torch.Tensor], old: list[torch.Ten
     """Inside a kernel: ``new`` where the sync-free step's flag ``ok`` holds, else ``old`` (fused into the kernel's
     pass, not a launch of its own)."""
     return new if ok is None else [torch.where(ok, n, o) for n, o in zip(new, old)]
+
+
+@kernels.kernel
+def _commit_kernel(dsts, news, ok):
+    """:func:`commit_all` under a sync-free step's flag: the same selects and roundings (exact: the eager bits)."""
+    torch._foreach_copy_(dsts, [torch.where(ok, n.to(d.dtype), d) for d, n in zip(dsts, news)])
 
 
 @kernels.kernel
