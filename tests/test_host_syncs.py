@@ -37,6 +37,25 @@ def test_ordinary_step_syncs_and_kernels_do_not_grow(name):
     assert other(sixteen) / other(four) <= most_ratio + 0.01, (four, sixteen)
 
 
+# compiled=True with sync_free=True: the non-finite check on the device and the masked writes fused into the compiled
+# kernels (one call counts as one kernel). optimizer -> (host syncs, other kernels at 16 blocks / at 4) where not 0
+# and flat: Muon's and Scion's Newton-Schulz reads its norm's overflow test on a CPU only (an accelerator recomputes
+# in float64 instead); SOAP's factor copies, Conda's copies of its state, and Prodigy's per-parameter masked writes
+# are still one launch per tensor. SpecGD and M-FAC have no sync-free step (docs/performance.md).
+COMPILED_SYNC_FREE = {"Muon": (1, FLAT), "Scion": (1, FLAT), "SOAP": (0, 1.67), "Conda": (0, 3.09),
+                      "Prodigy": (0, 2.76), "KFAC": (0, 1.65), "EKFAC": (0, 1.63)}
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in ("SpecGD", "MFAC")])
+def test_compiled_sync_free_step_syncs_and_kernels(name):
+    four = counts(name, 4, accelerator=True, sync_free=True, compiled=True)
+    sixteen = counts(name, 16, accelerator=True, sync_free=True, compiled=True)
+    most_syncs, most_ratio = COMPILED_SYNC_FREE.get(name, (0, FLAT))
+    assert four.syncs <= most_syncs and sixteen.syncs <= most_syncs, (four, sixteen)
+    assert other(sixteen) / other(four) <= most_ratio + 0.01, (four, sixteen)
+    assert four.compiled > 0, "no compiled kernel ran"
+
+
 def test_the_counter_sees_reads_and_copies_of_host_data():
     """What the counter calls a sync: a Python read of a tensor's value, and a copy of host data to a device (which
     on CUDA, from pageable memory, synchronizes the stream); a tensor built without a device is neither."""
