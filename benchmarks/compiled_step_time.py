@@ -2,7 +2,7 @@
 fixed gradients: GPT shapes (benchmarks/gpu_step_time.py's ``gpt_shapes``), one group per role. Rounds alternate
 the two so that drift hits both; the table gives medians and the ratio compiled / eager, measured in this run.
 
-    python benchmarks/compiled_step_time.py [--device cpu] [--width 256] [--blocks 4] [--vocab 512]
+    python benchmarks/compiled_step_time.py [--device cpu] [--width 256] [--blocks 4] [--vocab 512] [--sync-free]
 
 Optimizers that need a model's forward pass (K-FAC, EKFAC, K-BFGS) are left out: their step reads statistics from
 hooks. Compilation happens in the warm-up steps, which are not timed.
@@ -43,6 +43,7 @@ def main(argv=None):
     ap.add_argument("--names", default=",".join(NAMES))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per round")
+    ap.add_argument("--sync-free", action="store_true", help="both with sync_free=True (where it exists)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -50,7 +51,8 @@ def main(argv=None):
     shapes = gpt_shapes(args.width, args.blocks, args.vocab)
     grads = [torch.randn(s, device=device) * 1e-3 for s, _ in shapes]
     print(f"# {device}, torch {torch.__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-          f"threads {torch.get_num_threads()}; width {args.width}, {args.blocks} blocks, vocabulary {args.vocab}")
+          f"threads {torch.get_num_threads()}; width {args.width}, {args.blocks} blocks, vocabulary {args.vocab}"
+          + ("; sync_free=True where it exists" if args.sync_free else ""))
     print("| optimizer | eager ms/step | compiled=True ms/step | compiled / eager |")
     print("|---|---|---|---|")
     results = []
@@ -62,8 +64,11 @@ def main(argv=None):
             groups: dict = {}
             for p, r in params:
                 groups.setdefault(r, []).append(p)
+            kw = dict(OPTIONS.get(name, {}))
+            if args.sync_free and getattr(whiten, name).SYNC_FREE:
+                kw["sync_free"] = True
             opt = getattr(whiten, name)([{"params": g, "role": r} for r, g in groups.items()], compiled=compiled,
-                                        **OPTIONS.get(name, {}))
+                                        **kw)
             ps = [p for p, _ in params]
             for _ in range(3):  # warm-up: state, the first refresh, compilation
                 for p, g in zip(ps, grads):

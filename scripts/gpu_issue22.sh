@@ -14,8 +14,8 @@ fi
 export PYTHONPATH=$PWD/src:$PWD/benchmarks:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
-# the optimizer step at GPT-2-small shapes, then at width 2048 (4 blocks), then the training step
-# first the syncs torch itself sees on an ordinary step (default, sync_free, sync_free + compiled), ~1 min
+# first the syncs torch itself sees on an ordinary step (default, sync_free, sync_free + compiled), ~1 min; then
+# the optimizer step at GPT-2-small shapes, at width 2048 (4 blocks), and the training step
 timeout 70 python3 benchmarks/gpu_sync_check.py --out "$OUT/syncs.json" 2>&1 | tee "$OUT/syncs.md"
 timeout 210 python3 benchmarks/gpu_step_time.py --parts step --out "$OUT/step-768.json" 2>&1 | tee "$OUT/step-768.md"
 timeout 90 python3 benchmarks/gpu_step_time.py --parts step --width 2048 --blocks 4 \
