@@ -103,3 +103,23 @@ def test_compiled_must_be_a_bool():
     model = make_model()
     with pytest.raises(ValueError, match="Invalid compiled: 'yes' \\(allowed: True or False\\)"):
         build("SPlus", model, compiled="yes")
+
+
+def test_a_kernel_that_cannot_compile_runs_eagerly_and_says_so():
+    """No working C++ compiler (or Triton): inductor fails before the kernel runs, so nothing is half written; the
+    same function runs eagerly from then on, with one warning."""
+    import torch._inductor.config as inductor_config
+    from whiten.optim.kernels import Kernel
+
+    def scale_(xs, values):
+        torch._foreach_mul_(xs, values[0])
+
+    k = Kernel(scale_)
+    xs = [torch.ones(3), torch.ones(2)]
+    torch._dynamo.reset()
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-compiler"), "fx_graph_cache": False}):
+        with pytest.warns(RuntimeWarning, match="could not be compiled .* it runs eagerly"):
+            k(xs, torch.tensor([2.0], dtype=torch.float64))
+        k(xs, torch.tensor([3.0], dtype=torch.float64))  # eagerly again, without another attempt
+    assert k._failed
+    assert all(torch.equal(x, torch.full_like(x, 6.0)) for x in xs)

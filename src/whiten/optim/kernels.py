@@ -5,23 +5,24 @@ the non-finite check, distributed owners) around tensor math. Traced whole, the 
 change at every step and state dynamo does not see change (whiten.optim.compiled). The tensor math that launches
 the most kernels per FLOP is the elementwise chain of an update: an Adam-style tail is eight ``_foreach`` ops, one
 launch each, that inductor fuses into one pass over memory (and, on a GPU, into a few horizontally fused kernels
-for the whole list). Those chains are written here as pure functions of tensor lists (:class:`Kernel`), compiled
-with ``fullgraph=True`` and static shapes; the matrix products and eigensolvers stay as they are (a compiled
-matmul is the same cuBLAS or MKL call).
+for the whole list). Those chains are written as pure functions of tensor lists (:class:`Kernel`, beside the eager
+code they stand for), compiled with ``fullgraph=True`` and static shapes; the matrix products and eigensolvers stay
+as they are (a compiled matmul is the same cuBLAS or MKL call).
 
-What changes from step to step (the lr a scheduler writes, bias corrections, averaging weights) enters a kernel as
-a float64 tensor (:func:`step_values`), never as a Python number: a Python number would be a guard, and a new lr
-would recompile. Hyperparameters that stay put (betas, eps) are Python numbers, constants of the graph: changing
-one recompiles once. So after the first step (one graph per kernel and group, a second for the steps that take
+The numbers a kernel uses enter as one float64 tensor (:func:`step_values`): the lr a scheduler writes, bias
+corrections, decay factors, and the betas too (a scheduler may cycle them). A Python number would be a guard, and a
+new lr would recompile. So after the first steps (one graph per kernel and group, a second for the steps that take
 the host check under ``sync_free``) nothing recompiles (tests/test_compiled_mode.py counts it).
 
-The numbers: inductor contracts multiplies and adds into FMAs and reorders a chain's roundings, so the compiled
-step is the eager one within float rounding, not bit for bit; tests/test_compiled_mode.py holds every optimizer of
-the registry to the eager numbers in float64. Under ``sync_free`` the masked select (``torch.where``) is fused
-into the kernel instead of costing a launch per written tensor.
+The numbers: a fused chain rounds in another order (and lerp without torch's FMA), so the compiled step is the eager
+one within float rounding, mostly not bit for bit; tests/test_compiled_mode.py holds every optimizer of the registry
+to the eager numbers in float64. A lone lerp is not compiled (:func:`whiten.optim.update.lerp_all`). Under
+``sync_free`` the masked select (``torch.where``) is fused into the kernels instead of costing a launch per written
+tensor.
 
-Where a step's tensors are not plain tensors (DTensor shards) or a kernel is not written for a path, that path
-runs eagerly: the same numbers, only not fused.
+Where a step's tensors are not plain tensors on one device (DTensor shards) or no kernel is written for a path, that
+path runs eagerly: the same numbers, only not fused. Where inductor cannot compile (no C++ compiler, no Triton), the
+kernel runs eagerly, with a warning.
 """
 
 from __future__ import annotations
