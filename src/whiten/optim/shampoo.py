@@ -15,13 +15,14 @@ import torch
 from ..averaging import AveragingMixin
 from ..linalg import InverseRootResult, matrix_inverse_root
 
+from . import kernels
 from ._base import WhitenOptimizer
 from .checks import (check_bool, check_ema_rate, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
 from .sides import SMALL_FACTORS, check_max_factor_ratio, kept_sides  # noqa: F401 (SMALL_FACTORS: re-exported)
 from .stacks import bucket
-from .update import (add_all, apply_all, commit, commit_all, decays, grad_in, host_values, lerp_all, state_dtype,
-                     stored_dtype, write)
+from .update import (add_all, apply_all, commit, commit_all, decays, grad_in, host_values, lerp_all, masked,
+                     state_dtype, stored_dtype, write)
 
 __all__ = ["Shampoo", "InverseRootResult", "block_layout", "matrix_inverse_root", "merge_small_dims"]
 
@@ -412,18 +413,25 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
             for i, bad in zip(check, self.restart_nonfinite([V[i] for i in check])):
                 if bad and "momentum" in states[i]:
                     states[i]["momentum"].zero_()
+        compiled = grafting is not None and kernels.active(params, grads)  # V, Ḡ and the grafted step in one kernel
+        if grafting is not None and not compiled:
             # (AdaGrad's sum, gb2 = 1, has no decay: in place it skips the multiply, a sync-free step copies V by it)
             kept, V = V, (V if gb2 == 1.0 and ok is None else apply_all("mul", V, gb2, ok=ok))
             torch._foreach_addcmul_(V, grads, grads, value=1.0 if gb2 == 1.0 else 1.0 - gb2)
             commit_all(kept, V, ok)
         # First moment ("filtered gradient").
-        if beta1 > 0:
-            moms = lerp_all([s["momentum"] for s in states], grads, 1.0 - beta1, ok)
+        moms = lerp_all([s["momentum"] for s in states], grads, 1.0 - beta1, ok) if beta1 > 0 else grads
+        if compiled:
+            values = ([gb2, 1.0 if gb2 == 1.0 else 1.0 - gb2, group["grafting_epsilon"]]
+                      + [1.0 - beta1**t if beta1 > 0 and bias_correction else 1.0 for t in steps]
+                      + [1.0 - gb2**t if grafting == "adam" else 1.0 for t in steps])
+            gbar, graft_dirs = _graft_kernel(V, grads, moms, kernels.step_values(values, params[0].device), ok)
+        elif beta1 > 0:
             gbar = torch._foreach_div(moms, [1.0 - beta1**t for t in steps]) if bias_correction else moms
         else:
             gbar = grads
-        fresh_gbar = beta1 > 0 and bias_correction  # gbar[i] is not a state tensor or a gradient
-        if grafting is not None:
+        fresh_gbar = beta1 > 0 and bias_correction or compiled  # gbar[i] is not a state tensor or a gradient
+        if grafting is not None and not compiled:
             denom = (torch._foreach_div(V, [1.0 - gb2**t for t in steps]) if grafting == "adam"
                      else torch._foreach_sqrt(V))
             if grafting == "adam":
@@ -649,3 +657,19 @@ class _Ctx:
         """Block b of parameter i's tensor in ``tensors`` (a view when the tensor is contiguous)."""
         merged, blocks = self.layouts[i]
         return tensors[i].reshape(merged)[blocks[b].index]
+
+
+@kernels.kernel
+def _graft_kernel(vs, grads, moms, values, ok):
+    """The grafting statistics and step of :meth:`Shampoo._step_group` (compiled=True, whiten.optim.kernels):
+    V ← β·V + w·g² (committed under ``ok``), Ḡ = m / bc1 and the grafted direction Ḡ / (√(V / bc2) + ε). ``values`` =
+    β, w, ε, then each parameter's bc1 (1 without bias correction or momentum), then its bc2 (1 for AdaGrad). Returns
+    (Ḡ, the grafted directions), new tensors."""
+    n = len(vs)
+    v = torch._foreach_mul(vs, values[0])
+    torch._foreach_add_(v, torch._foreach_mul(torch._foreach_mul(grads, grads), values[1]))
+    torch._foreach_copy_(vs, masked(ok, v, vs))
+    gbar = torch._foreach_div(moms, [values[3 + i] for i in range(n)])
+    denom = torch._foreach_sqrt(torch._foreach_div(v, [values[3 + n + i] for i in range(n)]))
+    torch._foreach_add_(denom, values[2])
+    return gbar, torch._foreach_div(gbar, denom)
