@@ -44,3 +44,25 @@ def test_compiled_step_gives_the_eager_numbers(name):
     assert len(said) == 1, [str(w.message) for w in caught]
     assert counters["stats"]["unique_graphs"] == 0  # nothing traced: no graph, no recompilation
 
+
+
+def test_compiling_the_step_of_a_compiled_mode_optimizer_keeps_its_kernels():
+    """``torch.compile(opt.step)`` with ``compiled=True``: the step still runs eagerly around whiten's own compiled
+    kernels, with the numbers of compiled=True alone."""
+    def run(compile_step):
+        model = make_model(torch.float64)
+        opt = build("ScheduleFreeAdamW", model, compiled=True)
+        if compile_step:
+            opt.step = torch.compile(opt.step)
+        for t in range(4):
+            fit_step(opt, model, t)
+        return [p.detach().clone() for p in model.parameters()]
+
+    alone = run(False)
+    torch._dynamo.reset()
+    counters.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        both = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(alone, both))
+    assert counters["stats"]["unique_graphs"] > 0  # whiten's kernels, compiled inside the eager step
