@@ -264,19 +264,17 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         # Factors take the raw gradient; new bases at the first call (eigh) and every precondition_frequency
         # updates (power iteration + QR).
         beta_s = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
-        olds, news = [], []  # a sync-free step: the factors updated on copies, committed together
-        for i, (p, lay) in enumerate(zip(params, layouts)):
-            if lay.matrix is not None:
-                s = states[i]
-                factors = [s.get("factor_left"), s.get("factor_right")]
-                if self._ok is not None:
-                    factors = [None if f is None else f.clone() for f in factors]
-                update_factors(*factors, grads[i].reshape(lay.matrix), beta_s)
-                if self._ok is not None:
-                    for key, new in zip(("factor_left", "factor_right"), factors):
-                        if new is not None:
-                            olds.append(s[key])
-                            news.append(new)
+        matrices = [i for i, lay in enumerate(layouts) if lay.matrix is not None]
+        factors = [[states[i].get("factor_left"), states[i].get("factor_right")] for i in matrices]
+        olds = [f for pair in factors for f in pair if f is not None]
+        news = olds
+        if self._ok is not None:  # a sync-free step: the factors updated on copies (one copy launch), committed
+            news = [torch.empty_like(f) for f in olds]
+            torch._foreach_copy_(news, olds)
+            copies = iter(news)
+            factors = [[None if f is None else next(copies) for f in pair] for pair in factors]
+        for i, pair in zip(matrices, factors):
+            update_factors(*pair, grads[i].reshape(layouts[i].matrix), beta_s)
         commit_all(olds, news, self._ok)
         first = [i for i, s in enumerate(states) if s["step"] == 1]
         if first:
