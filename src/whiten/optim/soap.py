@@ -268,7 +268,7 @@ class SOAP(EigenbasisFactors, AveragingMixin, WhitenOptimizer):
         factors = [[states[i].get("factor_left"), states[i].get("factor_right")] for i in matrices]
         olds = [f for pair in factors for f in pair if f is not None]
         news = olds
-        if self._ok is not None:  # a sync-free step: the factors updated on copies (one copy launch), committed
+        if self._ok is not None and olds:  # a sync-free step: the factors updated on copies (one launch), committed
             news = [torch.empty_like(f) for f in olds]
             torch._foreach_copy_(news, olds)
             copies = iter(news)
