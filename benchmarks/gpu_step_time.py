@@ -135,6 +135,12 @@ def _peak(device):
     return torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
 
 
+def _progress(record: dict) -> None:
+    """Each row as soon as it is measured: a run cut off by its time limit still brings back what it measured."""
+    print("  done: " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}),
+          flush=True)
+
+
 def step_table(args, device) -> list[dict]:
     torch.manual_seed(0)
     spec = gpt_shapes(args.width, args.blocks, args.vocab)
@@ -186,6 +192,7 @@ def step_table(args, device) -> list[dict]:
         finally:
             del ps, pairs
             opt = None
+        _progress(record)
     for r in results:
         if "median_ms" in r and baseline is not None:
             r["median_vs_adamw"] = r["median_ms"] / baseline["median_ms"]
@@ -261,6 +268,7 @@ def train_table(args, device) -> list[dict]:
             model = opt = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        _progress(record)
     base = next((r for r in results if r["optimizer"] == "adamw" and "median_ms" in r), None)
     for r in results:
         if base and "median_ms" in r:
