@@ -19,6 +19,7 @@ from torch import nn
 
 from ..fisher import FisherMixin
 from ..linalg import robust_eigh_basis
+from . import kernels
 from ._base import WhitenOptimizer
 from .checks import (check_choice, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
@@ -320,7 +321,12 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         ok = self._ok  # a sync-free step's device-side flag: every write below is masked by it
         if self.kl_clip > 0:
             vg = 0.0
-            if items:
+            if items and kernels.active([d for _, _, d, _ in items], [q.grad for q, _, _, _ in items]):
+                values = kernels.step_values([float(group["lr"]) ** 2 for _, group, _, _ in items], items[0][2].device)
+                vg = _kl_kernel([d for _, _, d, _ in items], [q.grad for q, _, _, _ in items], values)
+                if ok is None:
+                    vg = float(vg)
+            elif items:
                 dirs = [d for _, _, d, _ in items]
                 terms = [None] * len(items)
                 for dtype, members in bucket(range(len(items)), lambda i: dirs[i].dtype).items():
@@ -461,6 +467,14 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         if layer.diagonal_a:
             return (inv_g @ M) * inv_a
         return inv_g @ M @ inv_a
+
+
+@kernels.kernel
+def _kl_kernel(directions, grads, values):
+    """The KL clip's Σ lr²·<d, g> in float64 (compiled=True, whiten.optim.kernels): the products in the direction's
+    dtype, each summed in float64, as the eager step; ``values``: each term's lr²."""
+    sums = [(d * g.to(d.dtype)).sum(dtype=torch.float64) for d, g in zip(directions, grads)]
+    return (torch.stack(sums) * values).sum()
 
 
 def _device_nu(vg: torch.Tensor, kl_clip: float) -> torch.Tensor:
