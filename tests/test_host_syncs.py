@@ -40,10 +40,9 @@ def test_ordinary_step_syncs_and_kernels_do_not_grow(name):
 # compiled=True with sync_free=True: the non-finite check on the device and the masked writes fused into the compiled
 # kernels (one call counts as one kernel). optimizer -> (host syncs, other kernels at 16 blocks / at 4) where not 0
 # and flat: Muon's and Scion's Newton-Schulz reads its norm's overflow test on a CPU only (an accelerator recomputes
-# in float64 instead); SOAP's factor copies, Conda's copies of its state, and Prodigy's per-parameter masked writes
-# are still one launch per tensor. SpecGD and M-FAC have no sync-free step (docs/performance.md).
-COMPILED_SYNC_FREE = {"Muon": (1, FLAT), "Scion": (1, FLAT), "SOAP": (0, 1.67), "Conda": (0, 3.09),
-                      "Prodigy": (0, 2.76), "KFAC": (0, 1.65), "EKFAC": (0, 1.63)}
+# in float64 instead); SOAP's factor copies are still one launch per tensor. SpecGD and M-FAC have no sync-free step
+# (docs/performance.md).
+COMPILED_SYNC_FREE = {"Muon": (1, FLAT), "Scion": (1, FLAT), "SOAP": (0, 1.67), "KFAC": (0, 1.65), "EKFAC": (0, 1.63)}
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in ("SpecGD", "MFAC")])

@@ -389,7 +389,10 @@ class Prodigy(WhitenOptimizer):
                 commit_all(exp_avg_sqs, new, ok)
                 alpha = (d / d0) * d if group["safeguard_warmup"] else (d / d0) * dlr
                 ss = ema_all([s["s"] for s in states], sliced_grads, beta3, alpha, ok)
-                if kernels.active(ss):  # one kernel, not a sum per parameter (inductor's order of the sums)
+                # A sync-free step (never distributed): one kernel, not a sum per parameter (inductor's order of the
+                # sums). Not a host step's: there a distributed run's owners sum their own lists, and compiled runs
+                # are held to one process's bits (tests/test_distributed.py).
+                if ok is not None and kernels.active(ss):
                     abs_sums = _abs_sums_kernel(ss)
                 else:
                     abs_sums = [abs_s.sum() for abs_s in self.foreach_new("abs", ss, slot=1)]
@@ -637,6 +640,6 @@ def _device_update_kernel(params, numerators, exp_avg_sqs, values, shrinking, ok
 
 @kernels.kernel
 def _abs_sums_kernel(ss):
-    """Each ``‖s‖₁`` (compiled=True): one kernel for the list, where eager sums one tensor at a time (foreach has no
-    sum; ``_foreach_norm``'s L1 sums in yet another order). Within rounding of the eager sums."""
+    """Each ``‖s‖₁`` of a sync-free step (compiled=True): one kernel for the list, where eager sums one tensor at a
+    time (foreach has no sum; ``_foreach_norm``'s L1 sums in yet another order). Within rounding of the eager sums."""
     return [torch.sum(torch.abs(s)) for s in ss]
