@@ -13,8 +13,8 @@ from . import kernels
 from ._base import WhitenOptimizer
 from .checks import (check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay,
                      state_dtype_option)
-from .update import (cache_runs, commit_all, decays, ema_all, grad_in, second_moment_direction_kernel, state_dtype,
-                     step_decay_after_kernel, stored_dtype, write)
+from .update import (apply_all, cache_runs, commit_all, decays, ema_all, grad_in, second_moment_direction_kernel,
+                     state_dtype, step_decay_after_kernel, stored_dtype, write)
 
 __all__ = ["Conda"]
 
@@ -45,16 +45,23 @@ def _unrotate(X: torch.Tensor, B: torch.Tensor, right: bool, out: torch.Tensor |
     return torch.mm(X, B, out=out) if right else torch.mm(B, X, out=out)
 
 
-def _add_by_alpha(xs: list[torch.Tensor], ys: list[torch.Tensor], alphas: list[float]) -> None:
-    """``x.add_(y, alpha=a)`` for each triple: one ``_foreach_add_`` per distinct alpha (it takes one alpha per
-    call), so the launches follow the number of distinct step sizes, not of parameters."""
-    by_alpha: dict[float, tuple[list, list]] = {}
-    for x, y, a in zip(xs, ys, alphas):
-        pair = by_alpha.setdefault(a, ([], []))
-        pair[0].append(x)
-        pair[1].append(y)
-    for a, (x, y) in by_alpha.items():
-        torch._foreach_add_(x, y, alpha=a)
+def _add_by_alpha(xs: list[torch.Tensor], ys: list[torch.Tensor], alphas: list[float],
+                  in_place: bool = True) -> list[torch.Tensor]:
+    """``x.add_(y, alpha=a)`` for each triple (``in_place`` False: ``x + a·y`` into new tensors, the same bits): one
+    ``_foreach_add`` per distinct alpha (it takes one alpha per call), so the launches follow the number of
+    distinct step sizes, not of parameters. Returns the results (``xs`` themselves in place)."""
+    by_alpha: dict[float, list[int]] = {}
+    for i, a in enumerate(alphas):
+        by_alpha.setdefault(a, []).append(i)
+    out = list(xs)
+    for a, idx in by_alpha.items():
+        x, y = [xs[i] for i in idx], [ys[i] for i in idx]
+        if in_place:
+            torch._foreach_add_(x, y, alpha=a)
+        else:
+            for i, t in zip(idx, torch._foreach_add(x, y, alpha=a)):
+                out[i] = t
+    return out
 
 
 class Conda(WhitenOptimizer):
@@ -221,15 +228,14 @@ class Conda(WhitenOptimizer):
         beta1, beta2 = group["betas"]
         gap = group["update_proj_gap"]
         lr = float(group["lr"])
-        # state_dtype: float32 copies of the stored state, rounded once back at the end
-        # A sync-free step (its device-side flag ``ok``) works on copies of the moments and the parameters too, and
-        # commits them under the flag at the end.
+        # state_dtype: float32 copies of the stored state, rounded once back at the end (the others: the state's own)
+        # A sync-free step (its device-side flag ``ok``) computes each new value aside, over the whole list, and
+        # commits it under the flag (eagerly one select per tensor; under compiled=True the select is fused into
+        # the kernels that write): no copy of the state or of the parameters beforehand.
         ok = self._ok
-        work = [s if s["exp_avg"].dtype == state_dtype(p) and ok is None else
-                {k: v.to(state_dtype(p), copy=k in ("exp_avg", "exp_avg_sq")) if isinstance(v, torch.Tensor) else v
-                 for k, v in s.items()}
+        work = [s if s["exp_avg"].dtype == state_dtype(p) else
+                {k: v.to(state_dtype(p)) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
                 for p, s in zip(params, states)]
-        targets = params if ok is None else [q.detach().clone() for q in params]
         ms, vs = [w["exp_avg"] for w in work], [w["exp_avg_sq"] for w in work]
         grads = [grad_in(p, m.dtype) for p, m in zip(params, ms)]
         matrices = [_matrix(p, group) for p in params]
@@ -242,7 +248,7 @@ class Conda(WhitenOptimizer):
             right = _side(matrix) == "right"
             B = w["basis_right"] if right else w["basis_left"]
             G, M = grads[i].reshape(matrix), ms[i].view(matrix)
-            if w["step"] % gap == 0:
+            if w["step"] % gap == 0:  # (a host-checked step: ok is None)
                 # the momentum in the parameter's basis, updated; the new basis from its SVD; kept rotated
                 full = _unrotate(M, B, right) if w["step"] > 0 else torch.zeros_like(M)
                 full.mul_(beta1).add_(G, alpha=1 - beta1)
@@ -251,15 +257,18 @@ class Conda(WhitenOptimizer):
             else:
                 ordinary.append(i)
             rotated[i] = _rotate(G, B, right).view(p.shape)
-        if ordinary:
-            ema_all([ms[i] for i in ordinary], [rotated[i] for i in ordinary], beta1, 1 - beta1, None)
+        if ordinary:  # (the new values: ms[i] itself, or under ok eagerly a new tensor, committed)
+            new = ema_all([ms[i] for i in ordinary], [rotated[i] for i in ordinary], beta1, 1 - beta1, ok)
+            for i, m in zip(ordinary, new):
+                ms[i] = m
         if kernels.active(ms, vs, rotated):
             values = kernels.step_values([0.0, beta2, 1 - beta2, group["eps"]], ms[0].device)
-            directions = list(second_moment_direction_kernel(ms, vs, rotated, values))
+            directions = list(second_moment_direction_kernel(ms, vs, rotated, values, ok))
         else:
-            torch._foreach_mul_(vs, beta2)
-            torch._foreach_addcmul_(vs, rotated, rotated, value=1 - beta2)
-            denom = torch._foreach_sqrt(vs)
+            new_vs = apply_all("mul", vs, beta2, ok=ok)
+            torch._foreach_addcmul_(new_vs, rotated, rotated, value=1 - beta2)
+            commit_all(vs, new_vs, ok)
+            denom = torch._foreach_sqrt(new_vs)
             torch._foreach_add_(denom, group["eps"])
             directions = list(torch._foreach_div(ms, denom))
         step_sizes, decay_rates = [], []
@@ -276,28 +285,29 @@ class Conda(WhitenOptimizer):
             decay_rates.append(lr * group["weight_decay"] if group["weight_decay"] > 0 and decays(p, group) else 0.0)
         # the reference's θ - lr·λ·θ after the step (not a multiplication by 1 - lr·λ)
         same = [i for i, p in enumerate(params) if p.dtype == ms[i].dtype]
-        if same and kernels.active([targets[i] for i in same], [directions[i] for i in same]):
+        ps, ds = [params[i] for i in same], [directions[i] for i in same]
+        if same and kernels.active(ps, ds):
             values = [step_sizes[i] for i in same] + [1.0 - decay_rates[i] for i in same]
-            step_decay_after_kernel([targets[i] for i in same], [directions[i] for i in same],
-                                    kernels.step_values(values, ms[0].device), None)
-        else:
-            _add_by_alpha([targets[i] for i in same], [directions[i] for i in same], [-step_sizes[i] for i in same])
-            decayed = [i for i in same if decay_rates[i]]
-            _add_by_alpha([targets[i] for i in decayed], [targets[i] for i in decayed],
-                          [-decay_rates[i] for i in decayed])
-        for i, p in enumerate(targets):  # a low-precision parameter: in the state's dtype, rounded once
+            step_decay_after_kernel(ps, ds, kernels.step_values(values, ms[0].device), ok)
+        elif same:
+            new = _add_by_alpha(ps, ds, [-step_sizes[i] for i in same], in_place=ok is None)
+            decayed = [j for j, i in enumerate(same) if decay_rates[i]]  # (new[j]: p itself, or a new tensor)
+            kept = [new[j] for j in decayed]
+            _add_by_alpha(kept, kept, [-decay_rates[same[j]] for j in decayed])
+            commit_all(ps, new, ok)
+        for i, p in enumerate(params):  # a low-precision parameter: in the state's dtype, rounded once
             if p.dtype != ms[i].dtype:
                 def update(x, direction=directions[i], step_size=step_sizes[i], decay=decay_rates[i]):
                     x.add_(direction, alpha=-step_size)
                     if decay:
                         x.add_(x, alpha=-decay)
 
-                write(p, ms[i].dtype, update)
-        olds, news = list(params), list(targets)
+                write(p, ms[i].dtype, update, ok)
+        olds, news = [], []
         for s, w in zip(states, work):
             if w is not s:
                 keys = [k for k, value in w.items() if isinstance(value, torch.Tensor)]
-                olds += [s[k] for k in keys]  # (a basis read only: the state's own)
+                olds += [s[k] for k in keys]  # (a basis read only, and v: the state's own, skipped)
                 news += [w[k] for k in keys]
                 s.update((k, value) for k, value in w.items() if not isinstance(value, torch.Tensor))
         commit_all(olds, news, ok)  # in one call: one kernel under compiled=True

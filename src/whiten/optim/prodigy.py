@@ -14,7 +14,8 @@ from . import kernels
 from ._base import WhitenOptimizer
 from .checks import check_betas, check_bool, check_int, check_lr, check_range, check_role, check_weight_decay
 from .deferred import _read, _to_host
-from .update import apply_all, cache_runs, commit, commit_all, decays, ema_all, host_values, state_dtype, write
+from .update import (apply_all, cache_runs, commit, commit_all, decays, ema_all, host_values, masked, state_dtype,
+                     write)
 
 __all__ = ["Prodigy"]
 
@@ -388,8 +389,15 @@ class Prodigy(WhitenOptimizer):
                 commit_all(exp_avg_sqs, new, ok)
                 alpha = (d / d0) * d if group["safeguard_warmup"] else (d / d0) * dlr
                 ss = ema_all([s["s"] for s in states], sliced_grads, beta3, alpha, ok)
-                for p, dot, abs_s in zip(params, dots, self.foreach_new("abs", ss, slot=1)):
-                    stats[p] = (dot, abs_s.sum())
+                # A sync-free step (never distributed): one kernel, not a sum per parameter (inductor's order of the
+                # sums). Not a host step's: there a distributed run's owners sum their own lists, and compiled runs
+                # are held to one process's bits (tests/test_distributed.py).
+                if ok is not None and kernels.active(ss):
+                    abs_sums = _abs_sums_kernel(ss)
+                else:
+                    abs_sums = [abs_s.sum() for abs_s in self.foreach_new("abs", ss, slot=1)]
+                for p, dot, abs_sum in zip(params, dots, abs_sums):
+                    stats[p] = (dot, abs_sum)
 
         if est is not None:
             self._device_tail(work, est, stats, grads, d, dlr, d_numerator, capped, limit)
@@ -512,22 +520,45 @@ class Prodigy(WhitenOptimizer):
                 state = self.state[p]
                 changes.append((state, "step", state["step"], state["step"] + 1))
                 state["step"] += 1
-                dtype = state["exp_avg_sq"].dtype
-                denom = state["exp_avg_sq"].sqrt().add_(d * group["eps"])
-                numerator = state["exp_avg"] if beta1 > 0 else grads[p]
-                value = -dlr if beta1 > 0 else -dlr * d
-                shrinks = decay != 0 and decays(p, group)
-
-                def update(x, numerator=numerator, denom=denom, value=value, shrinks=shrinks):
-                    if shrinks:
-                        x.add_(x * -shrink)
-                    x.add_(torch.div(numerator, denom).mul_(value))
-
-                write(p, dtype, update, stepped)
+            # The numbers of the update, once per group (the same tensors for every parameter)
+            value = -dlr if beta1 > 0 else -dlr * d
+            eps = d * group["eps"]
+            for run in cache_runs(group_params, compiled_chain=True):  # (on a CPU: runs that stay in cache)
+                params = [group_params[i] for i in run]
+                self._device_update(params, grads, group, beta1, value, eps, -shrink if decay != 0 else None,
+                                    stepped)
         for group in self.param_groups:
             changes.append((group, "k", group["k"], group["k"] + 1))
             group["k"] += 1
         self._zero_pending = (_to_host(torch.stack([d_denom != 0, capped])), changes, limit)
+
+    def _device_update(self, params, grads, group, beta1, value, eps, neg_shrink, ok) -> None:
+        """A sync-free step's parameter update, ``x ← x − shrink·x + value·num / (√v + D·ε)`` (``value``, ``eps``
+        and ``neg_shrink`` 0-d device tensors; ``neg_shrink`` None: no decoupled decay), in the state's dtype and
+        rounded once into a low-precision parameter, committed under ``ok``. The new values are computed over the
+        whole list (``_foreach``, on a CPU the same per-tensor ops, so the same bits as one parameter at a time)
+        and written by one :func:`commit_all`; under ``compiled=True`` the whole of it is one kernel."""
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        numerators = [self.state[p]["exp_avg"] for p in params] if beta1 > 0 else [grads[p] for p in params]
+        shrinking = tuple(neg_shrink is not None and decays(p, group) for p in params)
+        if kernels.active(params, numerators, exp_avg_sqs):
+            shrink_value = eps if neg_shrink is None else neg_shrink  # (a placeholder where nothing shrinks)
+            _device_update_kernel(params, numerators, exp_avg_sqs, torch.stack([eps, value, shrink_value]),
+                                  shrinking, ok)
+            return
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denoms, eps)
+        steps = torch._foreach_div(numerators, denoms)
+        torch._foreach_mul_(steps, value)
+        xs = [p if p.dtype == v.dtype else p.to(v.dtype) for p, v in zip(params, exp_avg_sqs)]
+        bases = list(xs)  # x, or x − shrink·x (as x.add_(x * −shrink): a multiply, then an add)
+        shrunk = [i for i, s in enumerate(shrinking) if s]
+        if shrunk:
+            xs_shrunk = [xs[i] for i in shrunk]
+            for i, t in zip(shrunk, torch._foreach_add(xs_shrunk, torch._foreach_mul(xs_shrunk, neg_shrink))):
+                bases[i] = t
+        # out of place: ``bases`` may be the parameters themselves, written only by the masked commit
+        commit_all(params, torch._foreach_add(bases, steps), ok)
 
     def _d_limit(self, lr_scale: float) -> float:
         """The largest D the step can take with finite results (the docstring): ``lr_scale`` = lr × the bias
@@ -591,3 +622,24 @@ def _update_kernel(params, numerators, exp_avg_sqs, values):
     new = torch._foreach_sub(params, torch._foreach_mul(params, [values[2 + i] for i in range(n)]))
     torch._foreach_add_(new, torch._foreach_mul(torch._foreach_div(numerators, denoms), values[1]))
     torch._foreach_copy_(params, new)
+
+
+@kernels.kernel
+def _device_update_kernel(params, numerators, exp_avg_sqs, values, shrinking, ok):
+    """:meth:`Prodigy._device_update` as one kernel (compiled=True): ``values`` = D·ε, value, −shrink (float64 device
+    tensors, not host numbers: a sync-free step's D lives on the device); ``shrinking``: which parameters decay; a
+    low-precision parameter computed in its state's dtype and rounded once by the copy back; the writes masked by
+    ``ok``."""
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denoms, values[0])
+    steps = torch._foreach_mul(torch._foreach_div(numerators, denoms), values[1])
+    xs = [p if p.dtype == v.dtype else p.to(v.dtype) for p, v in zip(params, exp_avg_sqs)]
+    bases = [x + x * values[2] if s else x for x, s in zip(xs, shrinking)]
+    torch._foreach_copy_(params, masked(ok, torch._foreach_add(bases, steps), xs))
+
+
+@kernels.kernel
+def _abs_sums_kernel(ss):
+    """Each ``‖s‖₁`` of a sync-free step (compiled=True): one kernel for the list, where eager sums one tensor at a
+    time (foreach has no sum; ``_foreach_norm``'s L1 sums in yet another order). Within rounding of the eager sums."""
+    return [torch.sum(torch.abs(s)) for s in ss]

@@ -284,10 +284,10 @@ def adam_direction_kernel(ms, vs, grads, values, ok):
 
 
 @kernels.kernel
-def second_moment_direction_kernel(ms, vs, grads, values):
-    """v ← β2·v + (1 − β2)·g² in place, and m / (√v + ε) (Conda's, m already updated); ``values`` = (unused), β2,
-    1 − β2, ε."""
-    return _second_moment_direction(ms, vs, grads, values, None)
+def second_moment_direction_kernel(ms, vs, grads, values, ok):
+    """v ← β2·v + (1 − β2)·g², written under a sync-free step's flag ``ok`` (None: in place), and m / (√v + ε)
+    (Conda's, m already updated); ``values`` = (unused), β2, 1 − β2, ε."""
+    return _second_moment_direction(ms, vs, grads, values, ok)
 
 
 @kernels.kernel
