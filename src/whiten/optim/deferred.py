@@ -31,7 +31,8 @@ K-FAC, EKFAC and Prodigy. Not SpecGD (its SVD at every step: ``torch.linalg.svd`
 CUDA) nor M-FAC (its Cholesky's fallback, an eigendecomposition, does too); docs/performance.md says more.
 
 What it costs: the masked writes compute each new value out of place and select it, one more kernel per written
-tensor (docs/performance.md); a kernel-fused (compiled) step would fold the selection into the update.
+tensor (docs/performance.md); with ``compiled=True`` the selects are fused into the step's kernels
+(:mod:`whiten.optim.kernels`), and the launches no longer grow with the number of parameters.
 """
 
 from __future__ import annotations
