@@ -26,7 +26,8 @@ from gpu_step_time import gpt_shapes  # noqa: E402
 
 NAMES = ["SPlus", "SOAP", "Shampoo", "PSGDKron", "Muon", "Scion", "SpecGD", "ScheduleFreeAdamW", "Sophia", "TNT",
          "Conda", "Prodigy", "MFAC"]
-OPTIONS = {"MFAC": dict(ngrads=32)}  # a window that fits a small machine's memory
+OPTIONS = {"MFAC": dict(ngrads=32)}
+NEEDS_MODEL = ("KFAC", "EKFAC", "KBFGS")  # their step reads statistics from hooks on a model  # a window that fits a small machine's memory
 
 
 def _sync(device):
@@ -57,6 +58,9 @@ def main(argv=None):
     print("|---|---|---|---|")
     results = []
     for name in args.names.split(","):
+        if name in NEEDS_MODEL:
+            print(f"| {name} | needs a model's forward pass: not timed here | | |", flush=True)
+            continue
         runs = {}
         for compiled in (False, True):
             torch.manual_seed(0)
