@@ -3,7 +3,7 @@
 # $OUT comes back). The peers travel as wheels in .whl/ (see docs/performance.md, "GPU"):
 #   python3 -m pip download --no-deps -d .whl heavyball==3.2.1 pytorch_optimizer==4.1.0 kron-torch==0.3.3 \
 #       schedulefree==1.4.1 prodigyopt==1.1.2
-# then, with the device tool: run(command="bash scripts/gpu_issue22.sh", carry=[".whl"], timeout_s=540)
+# then, with the device tool: run(command="bash scripts/gpu_issue22.sh", carry=[".whl"], timeout_s=560)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
