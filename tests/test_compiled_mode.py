@@ -166,3 +166,24 @@ def test_a_kernel_that_cannot_compile_runs_eagerly_and_says_so():
         k(xs, torch.tensor([3.0], dtype=torch.float64))  # eagerly again, without another attempt
     assert k._failed
     assert all(torch.equal(x, torch.full_like(x, 6.0)) for x in xs)
+
+
+def test_a_kernel_past_its_graph_limit_runs_eagerly_and_says_so(monkeypatch):
+    """More distinct lists of shapes than the limit (many groups): the graphs compiled so far keep running, a new one
+    runs eagerly, with one warning, instead of failing in the middle of a step."""
+    from whiten.optim import kernels
+
+    monkeypatch.setattr(kernels, "RECOMPILE_LIMIT", 2)
+
+    def scale_(xs, values):
+        torch._foreach_mul_(xs, values[0])
+
+    k = kernels.Kernel(scale_)
+    two = torch.tensor([2.0], dtype=torch.float64)
+    torch._dynamo.reset()
+    lists = [[torch.ones(n)] for n in (1, 2, 3, 4)]
+    with pytest.warns(RuntimeWarning, match="reached its 2 graphs"):
+        for xs in lists:
+            k(xs, two)
+    assert all(torch.equal(xs[0], torch.full_like(xs[0], 2.0)) for xs in lists)
+    assert not k._failed

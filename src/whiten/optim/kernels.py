@@ -83,6 +83,7 @@ class Kernel:
         self.__doc__ = fn.__doc__
         self._compiled = None
         self._failed = False
+        self._warned_limit = False
 
     def __call__(self, *args, **kwargs):
         if self._failed:
@@ -93,6 +94,15 @@ class Kernel:
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
                                             accumulated_recompile_limit=max(RECOMPILE_LIMIT, 256)):
                 return self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            # more distinct lists of shapes than RECOMPILE_LIMIT (groups, on a CPU their cache-sized runs): the graphs
+            # compiled so far keep running; this one, refused before it ran, runs eagerly
+            if not self._warned_limit:
+                self._warned_limit = True
+                warnings.warn(f"compiled=True: the kernel {self.__name__} reached its {RECOMPILE_LIMIT} graphs "
+                              "(one per group and list of shapes); new ones run eagerly (the same arithmetic, not "
+                              "fused)", RuntimeWarning, stacklevel=3)
+            return self.fn(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             # Compilation fails before the kernel runs (no C++ compiler, no Triton): nothing was written, so the
             # same function runs eagerly, now and from then on, rather than leaving a step half done.
