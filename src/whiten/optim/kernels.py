@@ -89,7 +89,10 @@ class Kernel:
         if self._failed:
             return self.fn(*args, **kwargs)
         if self._compiled is None:
-            self._compiled = torch.compile(self.fn, fullgraph=True, dynamic=False)
+            try:
+                self._compiled = torch.compile(self.fn, fullgraph=True, dynamic=False)
+            except RuntimeError as e:  # torch.compile refused here (a Python version dynamo does not support)
+                return self._eager_from_now(e, *args, **kwargs)
         try:
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
                                             accumulated_recompile_limit=max(RECOMPILE_LIMIT, 256)):
@@ -106,11 +109,14 @@ class Kernel:
         except torch._dynamo.exc.BackendCompilerFailed as e:
             # Compilation fails before the kernel runs (no C++ compiler, no Triton): nothing was written, so the
             # same function runs eagerly, now and from then on, rather than leaving a step half done.
-            self._failed = True
-            warnings.warn(f"compiled=True: the kernel {self.__name__} could not be compiled ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}); it runs eagerly (the same arithmetic, not fused)",
-                          RuntimeWarning, stacklevel=3)
-            return self.fn(*args, **kwargs)
+            return self._eager_from_now(e, *args, **kwargs)
+
+    def _eager_from_now(self, error: Exception, *args, **kwargs):
+        self._failed = True
+        warnings.warn(f"compiled=True: the kernel {self.__name__} could not be compiled ({type(error).__name__}: "
+                      f"{str(error).splitlines()[0][:200] if str(error) else ''}); it runs eagerly (the same "
+                      "arithmetic, not fused)", RuntimeWarning, stacklevel=4)
+        return self.fn(*args, **kwargs)
 
 
 def kernel(fn) -> Kernel:
