@@ -373,7 +373,6 @@ class Prodigy(WhitenOptimizer):
                 # x0 - x; an all-zero parameter's x0 is a 0-dim zero, expanded (a view) to the sliced shape
                 travelled = self.foreach_new("sub", [s["p0"].expand(x.shape) for s, x in zip(states, sliced_xs)],
                                              sliced_xs)
-                dots = [torch.dot(g, t) for g, t in zip(sliced_grads, travelled)]
                 if beta1 > 0:
                     for s in states:
                         if "exp_avg" not in s:  # β1 raised from 0 by a scheduler
@@ -389,12 +388,12 @@ class Prodigy(WhitenOptimizer):
                 commit_all(exp_avg_sqs, new, ok)
                 alpha = (d / d0) * d if group["safeguard_warmup"] else (d / d0) * dlr
                 ss = ema_all([s["s"] for s in states], sliced_grads, beta3, alpha, ok)
-                # A sync-free step (never distributed): one kernel, not a sum per parameter (inductor's order of the
-                # sums). Not a host step's: there a distributed run's owners sum their own lists, and compiled runs
-                # are held to one process's bits (tests/test_distributed.py).
-                if ok is not None and kernels.active(ss):
-                    abs_sums = _abs_sums_kernel(ss)
+                # compiled=True: the sums of every parameter in one kernel (inductor's order of addition: within
+                # rounding); eagerly one reduction per tensor, the reference's D from these exact values
+                if kernels.active(sliced_grads, travelled, ss):
+                    dots, abs_sums = _sums_kernel(sliced_grads, travelled, ss)
                 else:
+                    dots = [torch.dot(g, t) for g, t in zip(sliced_grads, travelled)]
                     abs_sums = [abs_s.sum() for abs_s in self.foreach_new("abs", ss, slot=1)]
                 for p, dot, abs_sum in zip(params, dots, abs_sums):
                     stats[p] = (dot, abs_sum)
@@ -639,7 +638,8 @@ def _device_update_kernel(params, numerators, exp_avg_sqs, values, shrinking, ok
 
 
 @kernels.kernel
-def _abs_sums_kernel(ss):
-    """Each ``‖s‖₁`` of a sync-free step (compiled=True): one kernel for the list, where eager sums one tensor at a
-    time (foreach has no sum; ``_foreach_norm``'s L1 sums in yet another order). Within rounding of the eager sums."""
-    return [torch.sum(torch.abs(s)) for s in ss]
+def _sums_kernel(grads, travelled, ss):
+    """Each parameter's ⟨g, x0 − x⟩ and ‖s‖₁ (compiled=True): one kernel for the list, where eager makes one
+    reduction per tensor (foreach has no sum or dot; ``_foreach_norm``'s L1 sums in yet another order). Within
+    rounding of the eager sums."""
+    return [torch.sum(g * t) for g, t in zip(grads, travelled)], [torch.sum(torch.abs(s)) for s in ss]
