@@ -152,7 +152,7 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
             the same ν, the momenta within rounding of the default path's. Factor, refresh (and EKFAC's scale)
             steps, a layer's first refresh, and steps that consume sampled gradients decide on the host.
         compiled: False (default) or True: the step's elementwise chains run as compiled kernels, the eager numbers
-            within float rounding (see :class:`whiten.SPlus`; here the momentum's update).
+            within float rounding (see :class:`whiten.SPlus`; here the KL clip's sum and the update).
 
     References: J. Martens, R. Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate Curvature",
     ICML 2015; R. Grosse, J. Martens, "A Kronecker-factored approximate Fisher matrix for convolution layers",

@@ -226,7 +226,7 @@ class Muon(OrthogonalMomentum):
         sync_free: False (default) or True: an ordinary step never waits for the device; the non-finite check is
             decided there, every write masked by it, and read one step later (see :class:`whiten.SPlus`).
         compiled: False (default) or True: the step's elementwise chains run as compiled kernels, the eager numbers
-            within float rounding (see :class:`whiten.SPlus`; here the AdamW path, the momentum and the update).
+            within float rounding (see :class:`whiten.SPlus`; here the AdamW path and the update).
         batched: orthogonalise same-shape matrices in one batched call (default True).
         batch_dims: the number of leading dims that index a stack of matrices (default 0): a group of mixture-of-
             experts weights (E, out, in) with ``batch_dims=1`` orthogonalises E (out, in) matrices, each with the

@@ -208,7 +208,7 @@ class Shampoo(AveragingMixin, WhitenOptimizer):
         sync_free: False (default) or True: an ordinary step never waits for the device; the non-finite check is
             decided there, every write masked by it, and read one step later (see :class:`whiten.SPlus`).
         compiled: False (default) or True: the step's elementwise chains run as compiled kernels, the eager numbers
-            within float rounding (see :class:`whiten.SPlus`; here the momentum and the update).
+            within float rounding (see :class:`whiten.SPlus`; here the grafting and the update).
         batched: process same-shape matrix and vector blocks of a group as stacks: batched factor updates, root
             computations and ``torch.bmm`` preconditioning (default True). False does each block alone; blocks of
             order 3 or more always go one by one.
