@@ -40,9 +40,8 @@ def test_ordinary_step_syncs_and_kernels_do_not_grow(name):
 # compiled=True with sync_free=True: the non-finite check on the device and the masked writes fused into the compiled
 # kernels (one call counts as one kernel). optimizer -> (host syncs, other kernels at 16 blocks / at 4) where not 0
 # and flat: Muon's and Scion's Newton-Schulz reads its norm's overflow test on a CPU only (an accelerator recomputes
-# in float64 instead); K-FAC's and EKFAC's concatenation of each layer's weight and bias gradients is still one
-# launch per layer. SpecGD and M-FAC have no sync-free step (docs/performance.md).
-COMPILED_SYNC_FREE = {"Muon": (1, FLAT), "Scion": (1, FLAT), "KFAC": (0, 1.27), "EKFAC": (0, 1.26)}
+# in float64 instead). SpecGD and M-FAC have no sync-free step (docs/performance.md).
+COMPILED_SYNC_FREE = {"Muon": (1, FLAT), "Scion": (1, FLAT)}
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in ("SpecGD", "MFAC")])

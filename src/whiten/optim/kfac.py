@@ -305,8 +305,9 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
             state = self._layer_state(layer, view, group_of[id(layer.weight)])
             dtype = state_dtype(layer.weight)  # the arithmetic's (state_dtype may store momenta, inverses lower)
             grads = [q.grad if id(q) in with_grad else None for _, q in pairs]
-            M = layer.matrix(grads[0], grads[1] if len(grads) > 1 else None, dtype)
-            layers.append((layer, pairs, state, M))
+            layers.append((layer, pairs, state, grads, dtype))
+        layers = [(layer, pairs, state, M)
+                  for (layer, pairs, state, _, _), M in zip(layers, _gradient_matrices(layers))]
         preconditioned = iter(self._precondition_all([(layer, state, M, group_of[id(layer.weight)])
                                                       for layer, _, state, M in layers if state["refreshes"]]))
         for layer, pairs, state, M in layers:
@@ -467,6 +468,29 @@ class KFAC(LayerHooksMixin, FisherMixin, WhitenOptimizer):
         if layer.diagonal_a:
             return (inv_g @ M) * inv_a
         return inv_g @ M @ inv_a
+
+
+def _gradient_matrices(layers: list) -> list[torch.Tensor]:
+    """Each layer's (d_out, d_in) gradient matrix (:meth:`Layer.matrix`), from (layer, pairs, state, gradients,
+    dtype). Under ``compiled=True`` the weight-and-bias concatenations of the layers that have both gradients in
+    their state's dtype are one kernel (the same copies, exact), instead of one launch per layer."""
+    out = [None] * len(layers)
+    joined = [i for i, (layer, _, _, grads, dtype) in enumerate(layers)
+              if layer.kind != "embedding" and len(grads) == 2 and all(g is not None and g.dtype == dtype
+                                                                       for g in grads)]
+    if joined and kernels.active([layers[i][3][0] for i in joined], [layers[i][3][1] for i in joined]):
+        for i, M in zip(joined, _join_kernel([layers[i][3][0] for i in joined], [layers[i][3][1] for i in joined])):
+            out[i] = M
+    for i, (layer, _, _, grads, dtype) in enumerate(layers):
+        if out[i] is None:
+            out[i] = layer.matrix(grads[0], grads[1] if len(grads) > 1 else None, dtype)
+    return out
+
+
+@kernels.kernel
+def _join_kernel(weights, biases):
+    """[W | b] for each layer: the weight's gradient as (d_out, d_in) and the bias's as a last column."""
+    return [torch.cat([w.reshape(w.shape[0], -1), b.reshape(-1, 1)], dim=1) for w, b in zip(weights, biases)]
 
 
 @kernels.kernel
