@@ -147,6 +147,14 @@ def _equal_to_one_process_with(rank, world, mode, cases):
     return out
 
 
+def _assert_equal_to_one_process(mode: str, world: int, cases: list) -> None:
+    """Each case run under ``mode`` on ``world`` ranks ends bit for bit as on one process (every rank)."""
+    results = launch(_equal_to_one_process_with, world, mode, cases)
+    for rank, res in enumerate(results):
+        for (name, kw, *_), differ in zip(cases, res):
+            assert differ == [], f"{name} {kw}, {mode} on {world} ranks, rank {rank}: {differ} differ"
+
+
 # issue 23's state options (tests/test_state_options.py): bfloat16 momenta and bases, quantized bases
 OPTION_CASES = [("SPlus", {"state_dtype": "bf16"}), ("SOAP", {"state_dtype": "bf16"}),
                 ("SPlus", {"basis_bits": 8}), ("SOAP", {"basis_bits": 4}),
@@ -158,10 +166,7 @@ OPTION_CASES = [("SPlus", {"state_dtype": "bf16"}), ("SOAP", {"state_dtype": "bf
 
 @pytest.mark.parametrize("mode,world", [("ddp", 2), ("fsdp", 3)])
 def test_state_options_bit_identical_to_one_process(mode, world):
-    results = launch(_equal_to_one_process_with, world, mode, OPTION_CASES)
-    for rank, res in enumerate(results):
-        for (name, kw), differ in zip(OPTION_CASES, res):
-            assert differ == [], f"{name} {kw}, {mode} on {world} ranks, rank {rank}: {differ} differ"
+    _assert_equal_to_one_process(mode, world, OPTION_CASES)
 
 
 # sync_free=True: one process decides the non-finite check on the device (masked writes, read one step later); a
@@ -177,10 +182,7 @@ SYNC_FREE_CASES = [(name, {"sync_free": True}, *([{}] if name in ROUNDING else [
 @pytest.mark.parametrize("mode,world", [("ddp", 2), ("fsdp", 3)])
 def test_sync_free_bit_identical_to_one_process(mode, world):
     assert len(SYNC_FREE_CASES) >= 9
-    results = launch(_equal_to_one_process_with, world, mode, SYNC_FREE_CASES)
-    for rank, res in enumerate(results):
-        for (name, kw, *_), differ in zip(SYNC_FREE_CASES, res):
-            assert differ == [], f"{name} {kw}, {mode} on {world} ranks, rank {rank}: {differ} differ"
+    _assert_equal_to_one_process(mode, world, SYNC_FREE_CASES)
 
 
 # compiled=True (whiten.optim.kernels): each owner runs the same kernels on its parameters (DDP) or its blocks of the
@@ -191,10 +193,7 @@ COMPILED_CASES = [(name, {"compiled": True}) for name in ("SPlus", "SOAP", "Muon
 
 @pytest.mark.parametrize("mode,world", [("ddp", 2), ("fsdp", 3)])
 def test_compiled_mode_bit_identical_to_one_process(mode, world):
-    results = launch(_equal_to_one_process_with, world, mode, COMPILED_CASES)
-    for rank, res in enumerate(results):
-        for (name, kw), differ in zip(COMPILED_CASES, res):
-            assert differ == [], f"{name} {kw}, {mode} on {world} ranks, rank {rank}: {differ} differ"
+    _assert_equal_to_one_process(mode, world, COMPILED_CASES)
 
 
 def test_bf16_parameters_with_fp32_state_under_fsdp():

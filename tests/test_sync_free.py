@@ -127,6 +127,13 @@ def _assert_same_state(a: dict, b: dict, rtol: float | None = None) -> None:
                 assert v == w, (i, k)
 
 
+def _assert_same_run(net_a, opt_a, net_b, opt_b, rtol: float | None = None) -> None:
+    """Two runs end equal: the parameters and the whole state dict (see :func:`_assert_same_state`)."""
+    for p, q in zip(net_a.parameters(), net_b.parameters()):
+        assert _close(p.detach(), q.detach(), rtol)
+    _assert_same_state(opt_a.state_dict(), opt_b.state_dict(), rtol)
+
+
 # Sync-free steps that compute on the device a number the default path computes in Python floats: K-FAC's and
 # EKFAC's KL clip ν (the same float64 ν, from the same sum, but applied by a multiply and then the momentum's add
 # where the default path passes it as the add's Python alpha: one rounding more), Prodigy's D (float64 device
@@ -163,10 +170,7 @@ def test_sync_free_equals_the_default_path_bit_for_bit(name, config):
     huge = {} if name == "TNT" or kw.get("grafting", "adam") is None or kw.get("kl_clip", 1) is None else HUGE
     net_a, opt_a, counters_a, warned_a = _run(False, BAD, name=name, huge=huge, **kw)
     net_b, opt_b, counters_b, warned_b = _run(True, BAD, name=name, huge=huge, **kw)
-    rtol = _tolerance(name, kw)  # None: bit for bit
-    for p, q in zip(net_a.parameters(), net_b.parameters()):
-        assert _close(p.detach(), q.detach(), rtol)
-    _assert_same_state(opt_a.state_dict(), opt_b.state_dict(), rtol)
+    _assert_same_run(net_a, opt_a, net_b, opt_b, _tolerance(name, kw))  # (None: bit for bit)
     assert counters_a == counters_b and counters_a["skipped_steps"] == len(BAD)
     assert len(warned_a) == len(warned_b) == len(BAD)
     if getattr(whiten, name).SECOND_MOMENT_KEY and kw.get("dtype") != torch.float64:
@@ -233,9 +237,7 @@ def test_sampled_curvature_and_skipped_steps_match_the_default_path(name):
         return net, opt
 
     (net_a, opt_a), (net_b, opt_b) = run(False), run(True)
-    for p, q in zip(net_a.parameters(), net_b.parameters()):
-        assert torch.equal(p, q)
-    _assert_same_state(opt_a.state_dict(), opt_b.state_dict())
+    _assert_same_run(net_a, opt_a, net_b, opt_b)
     assert opt_b.fisher_steps == 17 and opt_b.counters["skipped_steps"] == 3
 
 
@@ -302,9 +304,7 @@ def test_a_scheduler_lr_written_after_a_skipped_step_is_kept():
         return net, opt
 
     (net_a, opt_a), (net_b, opt_b) = run(False), run(True)
-    for p, q in zip(net_a.parameters(), net_b.parameters()):
-        assert torch.equal(p, q)
-    _assert_same_state(opt_a.state_dict(), opt_b.state_dict())
+    _assert_same_run(net_a, opt_a, net_b, opt_b)
 
 
 # a deferred (ordinary) step of each, where the resume tests put their bad gradient

@@ -454,9 +454,9 @@ class Prodigy(WhitenOptimizer):
                 shrink = decay * dlr  # the reference's θ - λ·d·lr·θ before the step
                 same = [i for i, p in enumerate(params) if p.dtype == exp_avg_sqs[i].dtype]
                 if len(same) == len(params) and kernels.active(params, numerators, exp_avg_sqs):
-                    shrinks = [shrink if decay != 0 and decays(p, group) else 0.0 for p in params]
-                    values = kernels.step_values([d * group["eps"], value] + shrinks, params[0].device)
-                    _update_kernel(params, numerators, exp_avg_sqs, values)
+                    shrinking = tuple(decay != 0 and decays(p, group) for p in params)
+                    values = kernels.step_values([d * group["eps"], value, -shrink], params[0].device)
+                    _update_kernel(params, numerators, exp_avg_sqs, values, shrinking, None)
                     continue
                 denoms = self.foreach_new("sqrt", exp_avg_sqs)
                 torch._foreach_add_(denoms, d * group["eps"])
@@ -542,7 +542,7 @@ class Prodigy(WhitenOptimizer):
         shrinking = tuple(neg_shrink is not None and decays(p, group) for p in params)
         if kernels.active(params, numerators, exp_avg_sqs):
             shrink_value = eps if neg_shrink is None else neg_shrink  # (a placeholder where nothing shrinks)
-            _device_update_kernel(params, numerators, exp_avg_sqs, torch.stack([eps, value, shrink_value]),
+            _update_kernel(params, numerators, exp_avg_sqs, torch.stack([eps, value, shrink_value]),
                                   shrinking, ok)
             return
         denoms = torch._foreach_sqrt(exp_avg_sqs)
@@ -612,23 +612,11 @@ class Prodigy(WhitenOptimizer):
 
 
 @kernels.kernel
-def _update_kernel(params, numerators, exp_avg_sqs, values):
-    """The parameter update of a host-checked step (compiled=True, whiten.optim.kernels): θ ← θ − shrink·θ, then
-    θ ← θ + value·num / (√v + D·ε); ``values`` = D·ε, value, then each parameter's shrink (0: no decay)."""
-    n = len(params)
-    denoms = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denoms, values[0])
-    new = torch._foreach_sub(params, torch._foreach_mul(params, [values[2 + i] for i in range(n)]))
-    torch._foreach_add_(new, torch._foreach_mul(torch._foreach_div(numerators, denoms), values[1]))
-    torch._foreach_copy_(params, new)
-
-
-@kernels.kernel
-def _device_update_kernel(params, numerators, exp_avg_sqs, values, shrinking, ok):
-    """:meth:`Prodigy._device_update` as one kernel (compiled=True): ``values`` = D·ε, value, −shrink (float64 device
-    tensors, not host numbers: a sync-free step's D lives on the device); ``shrinking``: which parameters decay; a
-    low-precision parameter computed in its state's dtype and rounded once by the copy back; the writes masked by
-    ``ok``."""
+def _update_kernel(params, numerators, exp_avg_sqs, values, shrinking, ok):
+    """The parameter update θ ← θ − shrink·θ + value·num / (√v + D·ε) as one kernel (compiled=True), of a host step
+    and of :meth:`Prodigy._device_update`: ``values`` = D·ε, value, −shrink (float64 device tensors: a sync-free
+    step's D lives on the device); ``shrinking``: which parameters decay; a low-precision parameter computed in its
+    state's dtype and rounded once by the copy back; the writes masked by ``ok`` (None: a host step)."""
     denoms = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denoms, values[0])
     steps = torch._foreach_mul(torch._foreach_div(numerators, denoms), values[1])
